@@ -65,7 +65,7 @@ _WGRAD_CONFIGS = _INTERPRETER_WGRAD_CONFIGS if INTERPRETER else _GPU_WGRAD_CONFI
 # Routing kernels are elementwise over [tokens, experts, D-chunk]: fixed small tiles.
 _ROUTE_BLOCK_T = 16
 _ROUTE_BLOCK_D = 32 if INTERPRETER else 64
-_PERMUTE_BLOCK = 64 if INTERPRETER else 1024
+_PERMUTE_BLOCK = 64 if INTERPRETER else 256
 
 _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -198,25 +198,24 @@ def _permute_kernel(keys_ptr, sorted_ptr, offsets_ptr, N, E,
     """Stable counting sort of N keys in [0, E) in one program: pass 1 histograms,
     an exclusive scan gives offsets, pass 2 places each item at offset + running rank."""
     e_idx = tl.arange(0, BLOCK_E)
-    counts = tl.zeros([BLOCK_E], dtype=tl.int64)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
     for s0 in range(0, N, BLOCK):
         s_idx = s0 + tl.arange(0, BLOCK)
         key = tl.load(keys_ptr + s_idx, mask=s_idx < N, other=BLOCK_E)
-        onehot = (key[:, None] == e_idx[None, :]).to(tl.int64)
-        counts += tl.sum(onehot, axis=0)
+        counts += tl.sum((key[:, None] == e_idx[None, :]).to(tl.int32), axis=0)
     ends = tl.cumsum(counts, 0)
     starts = ends - counts
-    tl.store(offsets_ptr + e_idx, starts, mask=e_idx < E)
-    tl.store(offsets_ptr + E, tl.sum(counts, 0))
+    tl.store(offsets_ptr + e_idx, starts.to(tl.int64), mask=e_idx < E)
+    tl.store(offsets_ptr + E, tl.sum(counts, 0).to(tl.int64))
 
-    placed = tl.zeros([BLOCK_E], dtype=tl.int64)
+    placed = starts  # next free position of each key
     for s0 in range(0, N, BLOCK):
         s_idx = s0 + tl.arange(0, BLOCK)
         s_mask = s_idx < N
         key = tl.load(keys_ptr + s_idx, mask=s_mask, other=BLOCK_E)
-        onehot = (key[:, None] == e_idx[None, :]).to(tl.int64)
-        rank_in_block = tl.cumsum(onehot, 0) - onehot  # earlier items of the same key
-        dest = tl.sum(onehot * (starts + placed)[None, :] + onehot * rank_in_block, axis=1)
+        onehot = (key[:, None] == e_idx[None, :]).to(tl.int32)
+        earlier_same_key = tl.cumsum(onehot, 0) - onehot
+        dest = tl.sum(onehot * (placed[None, :] + earlier_same_key), axis=1)
         tl.store(sorted_ptr + dest, s_idx.to(tl.int64), mask=s_mask)
         placed += tl.sum(onehot, axis=0)
 

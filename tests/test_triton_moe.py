@@ -1,0 +1,337 @@
+"""Backend "triton" (m2dino_kernels.triton_moe) against an independent PyTorch oracle.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py), so shapes stay small.
+The oracle below is deliberately written another way than the kernels: a loop over experts
+with boolean masks and index_add (no sorting), differentiated by autograd in fp32. Every
+protocol output of the four backend functions is checked, and every gradient.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+from m2dino_kernels import triton_moe  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------
+# Oracle
+# ---------------------------------------------------------------------------------------
+def oracle_route(x, task_ids, gate_weight, gate_bias, top_k):
+    """fp32 logits / probs; top-k by a stable descending sort (ties -> lower expert)."""
+    logits = torch.einsum("ted,td->te", gate_weight.float()[task_ids], x.float())
+    if gate_bias is not None:
+        logits = logits + gate_bias.float()[task_ids]
+    probs = logits.softmax(dim=-1)
+    order = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices
+    experts = order[:, :top_k]
+    top_p = probs.gather(1, experts)
+    weights = top_p / top_p.sum(dim=-1, keepdim=True)
+    return logits, probs, weights, experts
+
+
+def oracle_experts(x, weights, experts, fc1_w, fc1_b, fc2_w, fc2_b, activation):
+    """y[t] = sum_j weights[t,j] * MLP_{experts[t,j]}(x[t]), looping over experts."""
+    x = x.float()
+    y = torch.zeros_like(x)
+    for e in range(fc1_w.shape[0]):
+        token, j = (experts == e).nonzero(as_tuple=True)
+        if token.numel() == 0:
+            continue
+        h = F.linear(x[token], fc1_w[e].float(), fc1_b[e].float())
+        if activation == "gelu":
+            hidden = F.gelu(h)
+        else:
+            a, b = h.chunk(2, dim=-1)
+            hidden = F.silu(a) * b
+        out = F.linear(hidden, fc2_w[e].float(), fc2_b[e].float())
+        y = y.index_add(0, token, weights[token, j, None] * out)
+    return y
+
+
+def make_problem(T, D, H, E, k, NT, activation, dtype, *, device=DEVICE, unused_task=None,
+                 starved_expert=None, seed=0):
+    """Random MoE inputs. `unused_task`: no token gets this task id. `starved_expert`: its
+    gate bias is so low that no token routes to it (when k < E)."""
+    g = torch.Generator().manual_seed(seed)
+    H1 = 2 * H if activation == "swiglu" else H
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    task_choices = [n for n in range(NT) if n != unused_task]
+    task_ids = torch.tensor(task_choices)[torch.randint(len(task_choices), (T,), generator=g)]
+    gate_bias = torch.randn(NT, E, generator=g) * 0.5
+    if starved_expert is not None:
+        gate_bias[:, starved_expert] = -40.0
+    return dict(
+        x=rnd(T, D),
+        task_ids=task_ids.to(device),
+        gate_weight=rnd(NT, E, D, scale=D ** -0.5),
+        gate_bias=gate_bias.to(device=device, dtype=dtype),
+        fc1_w=rnd(E, H1, D, scale=D ** -0.5),
+        fc1_b=rnd(E, H1, scale=0.1),
+        fc2_w=rnd(E, D, H, scale=H ** -0.5),
+        fc2_b=rnd(E, D, scale=0.1),
+        top_k=k,
+        activation=activation,
+    )
+
+
+def run_triton(p, grad_y, grad_logits, grad_probs):
+    """Forward and backward through the four backend functions, as moe.py chains them."""
+    logits, probs, weights, experts, counts, sorted_slots, offsets = triton_moe.route_forward(
+        p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], p["top_k"])
+    y, h_pre, expert_out = triton_moe.experts_forward(
+        p["x"], weights, experts, sorted_slots, offsets, p["fc1_w"], p["fc1_b"], p["fc2_w"],
+        p["fc2_b"], p["activation"])
+    gx_e, grad_weights, g1w, g1b, g2w, g2b = triton_moe.experts_backward(
+        grad_y, p["x"], weights, experts, sorted_slots, offsets, p["fc1_w"], p["fc1_b"],
+        p["fc2_w"], p["fc2_b"], p["activation"], h_pre, expert_out)
+    gx_r, ggw, ggb = triton_moe.route_backward(
+        grad_logits, grad_probs, grad_weights, p["x"], p["task_ids"], p["gate_weight"],
+        p["gate_bias"] is not None, probs, weights, experts)
+    fwd = dict(logits=logits, probs=probs, weights=weights, experts=experts, counts=counts,
+               sorted_slots=sorted_slots, offsets=offsets, y=y, h_pre=h_pre,
+               expert_out=expert_out)
+    grads = dict(x=gx_e.float() + gx_r.float(), gate_weight=ggw, gate_bias=ggb, fc1_w=g1w,
+                 fc1_b=g1b, fc2_w=g2w, fc2_b=g2b)
+    return fwd, grads
+
+
+def run_oracle(p, grad_y, grad_logits, grad_probs):
+    names = ["x", "gate_weight", "gate_bias", "fc1_w", "fc1_b", "fc2_w", "fc2_b"]
+    if p["gate_bias"] is None:
+        names.remove("gate_bias")
+    leaves = {n: p[n].detach().float().clone().requires_grad_() for n in names}
+    logits, probs, weights, experts = oracle_route(
+        leaves["x"], p["task_ids"], leaves["gate_weight"], leaves.get("gate_bias"), p["top_k"])
+    y = oracle_experts(leaves["x"], weights, experts, leaves["fc1_w"], leaves["fc1_b"],
+                       leaves["fc2_w"], leaves["fc2_b"], p["activation"])
+    loss = (y * grad_y.float()).sum() + (logits * grad_logits).sum() + (probs * grad_probs).sum()
+    grads = dict(zip(names, torch.autograd.grad(loss, [leaves[n] for n in names])))
+    fwd = dict(logits=logits.detach(), probs=probs.detach(), weights=weights.detach(),
+               experts=experts, y=y.detach())
+    return fwd, grads
+
+
+def assert_close(name, got, want, dtype):
+    got, want = got.float().cpu(), want.float().cpu()
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    scale = want.abs().max().item() if want.numel() else 0.0
+    tol = {torch.float32: 2e-5, torch.float16: 1.5e-2, torch.bfloat16: 4e-2}[dtype]
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    assert err <= tol * max(scale, 1.0), f"{name}: max abs err {err:.3g} (scale {scale:.3g})"
+
+
+def check_against_oracle(p, dtype):
+    T, D = p["x"].shape
+    E = p["gate_weight"].shape[1]
+    dev = p["x"].device
+    g = torch.Generator().manual_seed(1)
+    grad_y = torch.randn(T, D, generator=g).to(device=dev, dtype=dtype)
+    grad_logits = torch.randn(T, E, generator=g).to(dev) * 0.1
+    grad_probs = torch.randn(T, E, generator=g).to(dev)
+    fwd, grads = run_triton(p, grad_y, grad_logits, grad_probs)
+    ofwd, ograds = run_oracle(p, grad_y, grad_logits, grad_probs)
+
+    k = p["top_k"]
+    assert fwd["experts"].dtype == torch.int64 and fwd["weights"].dtype == torch.float32
+    assert torch.equal(fwd["experts"].cpu(), ofwd["experts"].cpu()), "top-k experts differ"
+    for name in ("logits", "probs", "weights"):
+        assert fwd[name].dtype == torch.float32, name
+        assert_close(name, fwd[name], ofwd[name], torch.float32 if dtype != torch.float16
+                     else torch.float16)
+    assert fwd["y"].dtype == dtype
+    assert_close("y", fwd["y"], ofwd["y"], dtype)
+
+    # The permutation: slots stably sorted by expert, offsets and counts.
+    flat = fwd["experts"].reshape(-1).cpu()
+    want_slots = torch.sort(flat, stable=True).indices
+    assert torch.equal(fwd["sorted_slots"].cpu(), want_slots)
+    want_counts = torch.bincount(flat, minlength=E)
+    assert torch.equal(fwd["counts"].cpu(), want_counts)
+    assert torch.equal(fwd["offsets"].cpu(), F.pad(want_counts.cumsum(0), (1, 0)))
+    assert fwd["h_pre"].shape == (T * k, p["fc1_w"].shape[1])
+    assert fwd["expert_out"].shape == (T * k, D)
+
+    # Rows of h_pre / expert_out are in sorted-slot order and unweighted.
+    token = want_slots // k
+    row_expert = flat[want_slots]
+    x32 = p["x"].float().cpu()
+    h_want = torch.einsum("rhd,rd->rh", p["fc1_w"].float().cpu()[row_expert], x32[token])
+    h_want += p["fc1_b"].float().cpu()[row_expert]
+    assert_close("h_pre", fwd["h_pre"], h_want, dtype)
+
+    for name in ograds:
+        assert grads[name].dtype == (torch.float32 if name == "x" else p[name].dtype), name
+        assert_close(f"grad {name}", grads[name], ograds[name], dtype)
+    return fwd, grads
+
+
+# ---------------------------------------------------------------------------------------
+# Interpreter (CPU) / any device: small shapes covering the edge cases
+# ---------------------------------------------------------------------------------------
+CASES = [
+    # T, D, H, E, k, NT, activation, dtype, extra
+    (1, 16, 32, 1, 1, 1, "gelu", torch.float32, {}),
+    (7, 24, 40, 3, 2, 4, "swiglu", torch.float32, {"unused_task": 2}),
+    (33, 16, 32, 4, 4, 2, "gelu", torch.float32, {}),
+    (33, 24, 40, 4, 2, 3, "swiglu", torch.float32, {"starved_expert": 3, "unused_task": 0}),
+    (33, 24, 32, 4, 1, 27, "gelu", torch.float32, {"starved_expert": 0}),
+    (33, 24, 40, 4, 2, 3, "gelu", torch.float16, {"starved_expert": 1}),
+    (7, 16, 32, 3, 3, 2, "swiglu", torch.float16, {}),
+    (33, 16, 40, 3, 1, 2, "swiglu", torch.float16, {"unused_task": 1}),
+]
+
+
+@pytest.mark.parametrize("T,D,H,E,k,NT,activation,dtype,extra", CASES,
+                         ids=[f"T{c[0]}-D{c[1]}-H{c[2]}-E{c[3]}-k{c[4]}-NT{c[5]}-{c[6]}-"
+                              f"{str(c[7])[6:]}" + "".join(f"-{n}" for n in c[8])
+                              for c in CASES])
+def test_forward_and_gradients_match_oracle(T, D, H, E, k, NT, activation, dtype, extra):
+    p = make_problem(T, D, H, E, k, NT, activation, dtype, **extra)
+    fwd, grads = check_against_oracle(p, dtype)
+    if "starved_expert" in extra:
+        e = extra["starved_expert"]
+        assert fwd["counts"][e].item() == 0, "the test meant this expert to get no token"
+        assert grads["fc1_w"][e].abs().max().item() == 0.0
+        assert grads["fc2_b"][e].abs().max().item() == 0.0
+    if "unused_task" in extra:
+        n = extra["unused_task"]
+        assert grads["gate_weight"][n].abs().max().item() == 0.0
+        assert grads["gate_bias"][n].abs().max().item() == 0.0
+
+
+def test_all_tokens_on_one_expert_and_no_gate_bias():
+    p = make_problem(7, 16, 32, 4, 1, 2, "gelu", torch.float32)
+    p["gate_weight"] = p["gate_weight"] * 0.01
+    p["gate_weight"][:, 2] += 1.0 / 16  # expert 2 wins every token (x . 1/16 is small)
+    p["x"] = p["x"].abs() + 1.0
+    p["gate_bias"] = None
+    fwd, grads = check_against_oracle(p, torch.float32)
+    assert fwd["counts"].tolist() == [0, 0, 7, 0]
+    assert grads["gate_bias"] is None
+
+
+def test_ties_go_to_the_lower_expert_index():
+    T, D, E, NT = 5, 16, 6, 2
+    x = torch.randn(T, D, device=DEVICE)
+    task_ids = torch.tensor([0, 1, 0, 1, 1], device=DEVICE)
+    gate_weight = torch.zeros(NT, E, D, device=DEVICE)
+    # Task 0: experts 1, 2 and 4 tie for first; task 1: all six tie.
+    gate_bias = torch.tensor([[0.0, 2.0, 2.0, 1.0, 2.0, 1.0], [0.5] * 6], device=DEVICE)
+    _, probs, weights, experts, counts, sorted_slots, offsets = triton_moe.route_forward(
+        x, task_ids, gate_weight, gate_bias, 3)
+    assert experts[0].tolist() == [1, 2, 4] and experts[2].tolist() == [1, 2, 4]
+    assert experts[1].tolist() == [0, 1, 2]
+    assert torch.allclose(weights, torch.full_like(weights, 1 / 3))
+    assert counts.tolist() == [3, 5, 5, 0, 2, 0]
+    assert offsets.tolist() == [0, 3, 8, 13, 13, 15, 15]
+    # Stable: within an expert, slots ascend.
+    assert sorted_slots[:3].tolist() == [3, 9, 12]
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered")  # numpy, in the interpreter
+def test_nan_token_keeps_experts_in_range():
+    p = make_problem(7, 16, 32, 4, 2, 2, "gelu", torch.float32)
+    x = p["x"].clone()
+    x[3, 5] = float("nan")
+    logits, probs, weights, experts, counts, sorted_slots, offsets = triton_moe.route_forward(
+        x, p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
+    assert torch.isnan(logits[3]).all() and torch.isnan(weights[3]).all()
+    assert ((experts >= 0) & (experts < 4)).all()
+    assert experts[3, 0] != experts[3, 1]
+    assert offsets[-1].item() == 14 and counts.sum().item() == 14
+    assert sorted(sorted_slots.tolist()) == list(range(14))
+    assert not torch.isnan(logits[torch.arange(7) != 3]).any()
+
+
+def test_missing_upstream_gradients_count_as_zero():
+    p = make_problem(7, 16, 32, 3, 2, 2, "gelu", torch.float32)
+    _, probs, weights, experts, *_ = triton_moe.route_forward(
+        p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
+    grad_w = torch.randn(7, 2)
+    zeros = torch.zeros(7, 3)
+    with_zeros = triton_moe.route_backward(zeros, zeros, grad_w, p["x"], p["task_ids"],
+                                           p["gate_weight"], True, probs, weights, experts)
+    with_none = triton_moe.route_backward(None, None, grad_w, p["x"], p["task_ids"],
+                                          p["gate_weight"], True, probs, weights, experts)
+    for a, b in zip(with_zeros, with_none):
+        assert torch.equal(a, b)
+    assert with_zeros[0].abs().max() > 0
+
+
+def test_unknown_activation_is_a_clear_error():
+    p = make_problem(7, 16, 32, 3, 2, 2, "gelu", torch.float32)
+    _, _, weights, experts, _, slots, offsets = triton_moe.route_forward(
+        p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        triton_moe.experts_forward(p["x"], weights, experts, slots, offsets, p["fc1_w"],
+                                   p["fc1_b"], p["fc2_w"], p["fc2_b"], "relu")
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA: real compiled kernels, larger shapes, bf16 too
+# ---------------------------------------------------------------------------------------
+GPU_CASES = [
+    (512, 256, 512, 8, 2, 27, "gelu", torch.bfloat16),
+    (512, 256, 512, 8, 2, 27, "swiglu", torch.float16),
+    (300, 192, 384, 8, 2, 5, "gelu", torch.float32),
+    (1000, 384, 1536, 8, 2, 27, "swiglu", torch.bfloat16),
+    (64, 128, 256, 16, 16, 3, "gelu", torch.float16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,D,H,E,k,NT,activation,dtype", GPU_CASES)
+def test_cuda_matches_oracle(T, D, H, E, k, NT, activation, dtype):
+    p = make_problem(T, D, H, E, k, NT, activation, dtype, device="cuda", starved_expert=E - 1
+                     if k < E else None)
+    check_against_oracle(p, dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_has_no_host_sync():
+    p = make_problem(256, 128, 256, 8, 2, 27, "gelu", torch.bfloat16, device="cuda")
+    grad_y = torch.randn_like(p["x"])
+    zeros = torch.zeros(256, 8, device="cuda")
+    run_triton(p, grad_y, zeros, zeros)  # compile and autotune first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_triton(p, grad_y, zeros, zeros)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_activation_math_over_a_wide_range():
+    """The kernels' erf/exp GELU and SiLU (no libdevice) against torch for h in [-8, 8]:
+    x = identity and fc2 = identity, so y = act(h_pre) and grad_x = act'(h) @ fc1_w."""
+    n = 16
+    x = torch.eye(n)
+    fc1 = torch.linspace(-8, 8, 2 * n * n).reshape(1, 2 * n, n)
+    ones_k = dict(weights=torch.ones(n, 1), experts=torch.zeros(n, 1, dtype=torch.int64),
+                  sorted_slots=torch.arange(n), offsets=torch.tensor([0, n]))
+    for activation, fc1_w in (("gelu", fc1[:, :n].contiguous()), ("swiglu", fc1)):
+        fc1_b = torch.zeros(1, fc1_w.shape[1])
+        fc2_w, fc2_b = torch.eye(n).reshape(1, n, n), torch.zeros(1, n)
+        y, h_pre, expert_out = triton_moe.experts_forward(
+            x, *ones_k.values(), fc1_w, fc1_b, fc2_w, fc2_b, activation)
+        h = (x @ fc1_w[0].t()).requires_grad_()
+        if activation == "gelu":
+            act = F.gelu(h)
+        else:
+            a, b = h.chunk(2, dim=-1)
+            act = F.silu(a) * b
+        assert torch.allclose(h_pre, h.detach(), atol=1e-6)
+        assert torch.allclose(y, act.detach(), atol=1e-5, rtol=1e-5)
+        grad_h = torch.autograd.grad(act.sum(), h)[0]
+        grad_x = triton_moe.experts_backward(
+            torch.ones(n, n), x, *ones_k.values(), fc1_w, fc1_b, fc2_w, fc2_b, activation,
+            h_pre, expert_out)[0]
+        assert torch.allclose(grad_x, grad_h @ fc1_w[0], atol=1e-4, rtol=1e-5)
