@@ -67,8 +67,8 @@ _ROUTE_BLOCK_T = 16
 _ROUTE_BLOCK_D = 32 if INTERPRETER else 64
 _PERMUTE_BLOCK = 64 if INTERPRETER else 256
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,10 +353,10 @@ def _fc1_kernel(
                      mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         wk_mask = k_mask[:, None] & col_mask[None, :]
         wa = tl.load(w1 + cols[None, :] * D + kk[:, None], mask=wk_mask, other=0.0)
-        acc_a = tl.dot(xa, wa, acc_a, input_precision=PREC)
+        acc_a = tl.dot(xa, wa.to(xa.dtype), acc_a, input_precision=PREC)
         if ACT == 2:
             wb = tl.load(w1 + (cols[None, :] + H) * D + kk[:, None], mask=wk_mask, other=0.0)
-            acc_b = tl.dot(xa, wb, acc_b, input_precision=PREC)
+            acc_b = tl.dot(xa, wb.to(xa.dtype), acc_b, input_precision=PREC)
 
     out_mask = row_mask[:, None] & col_mask[None, :]
     b1 = b1_ptr + expert.to(tl.int64) * H1
@@ -407,7 +407,7 @@ def _grouped_scatter_kernel(
                      mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         bv = tl.load(w + kk[:, None] * stride_wk + cols[None, :] * stride_wn,
                      mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(av, bv, acc, input_precision=PREC)
+        acc = tl.dot(av, bv.to(av.dtype), acc, input_precision=PREC)
     out_mask = row_mask[:, None] & col_mask[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert.to(tl.int64) * N + cols, mask=col_mask,
@@ -453,10 +453,10 @@ def _dhidden_kernel(
         k_mask = kk < D
         gy = tl.load(grad_y_ptr + token[:, None] * D + kk[None, :],
                      mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        gy = (gy.to(tl.float32) * route_w[:, None]).to(w2_ptr.dtype.element_ty)
+        gy = (gy.to(tl.float32) * route_w[:, None]).to(grad_y_ptr.dtype.element_ty)
         wv = tl.load(w2 + kk[:, None] * H + cols[None, :],
                      mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(gy, wv, acc, input_precision=PREC)
+        acc = tl.dot(gy, wv.to(gy.dtype), acc, input_precision=PREC)
     out_mask = row_mask[:, None] & col_mask[None, :]
     h_row = rows[:, None].to(tl.int64) * H1
     a = tl.load(h_pre_ptr + h_row + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
@@ -545,7 +545,7 @@ def _weight_grad_kernel(
             acc = tl.dot(tl.trans(gv.to(tl.float32)), av.to(tl.float32), acc,
                          input_precision=PREC)
         else:
-            acc = tl.dot(tl.trans(gv), av, acc, input_precision=PREC)
+            acc = tl.dot(tl.trans(gv), av.to(gv.dtype), acc, input_precision=PREC)
         if HAS_BIAS:
             bias_acc += tl.sum(gv.to(tl.float32), axis=0)
     e64 = pid_e.to(tl.int64)

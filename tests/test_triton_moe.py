@@ -185,6 +185,8 @@ CASES = [
     (33, 24, 40, 4, 2, 3, "gelu", torch.float16, {"starved_expert": 1}),
     (7, 16, 32, 3, 3, 2, "swiglu", torch.float16, {}),
     (33, 16, 40, 3, 1, 2, "swiglu", torch.float16, {"unused_task": 1}),
+    (1, 24, 40, 3, 2, 3, "swiglu", torch.float16, {}),
+    (7, 24, 32, 1, 1, 2, "swiglu", torch.float32, {}),
 ]
 
 
