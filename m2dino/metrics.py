@@ -1,0 +1,344 @@
+"""FM_UIA challenge metrics, computed the way the challenge's evaluator computes them.
+
+Conventions (see also the README's evaluation section):
+
+* Segmentation, per image and per class c on the binary masks ``pred == c`` / ``gt == c``:
+  Dice = 2|P∩G| / (|P| + |G|), 1.0 when both are empty. Hausdorff distance (HD) is the full
+  maximum (not HD95) symmetric distance between the two sets of *all foreground pixels*
+  (the challenge uses SimpleITK's HausdorffDistanceImageFilter, which measures from every
+  non-zero pixel of one mask to the nearest non-zero pixel of the other, not between
+  extracted surfaces); 0 when both are empty, the image diagonal when exactly one is empty.
+  A prediction of another size is resized to the ground truth with OpenCV-style nearest
+  neighbour. Task score: per-class mean over images, then mean over the non-background
+  classes.
+* Classification: accuracy; F1 macro and weighted and the Matthews correlation from
+  scikit-learn over the labels present in the ground truth or the predictions (as the
+  challenge calls them, zero_division=0). AUC: two classes, ROC-AUC of the class-1
+  probability; more classes, macro one-vs-rest ROC-AUC. Rule for classes absent from the
+  ground truth (where the challenge's call raises and it records 0.0): the one-vs-rest
+  average runs over the classes present in the ground truth only, which equals the
+  challenge's value whenever every class is present; with fewer than two classes present
+  AUC is undefined and reported as NaN.
+* Detection: IoU of the predicted and ground-truth boxes (xyxy pixels), mean over images;
+  inverted boxes count as empty; a zero union gives 0.
+* Regression: mean radial error, the mean Euclidean distance per point in original-image
+  pixels, averaged over images.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
+
+TASK_TYPES = ("segmentation", "classification", "detection", "regression")
+METRIC_NAMES = {
+    "segmentation": ("dice", "hd"),
+    "classification": ("accuracy", "auc", "f1_macro", "f1_weighted", "mcc"),
+    "detection": ("iou",),
+    "regression": ("mre",),
+}
+PRIMARY_METRICS = {"segmentation": "dice", "classification": "f1_macro", "detection": "iou", "regression": "mre"}
+LOWER_IS_BETTER = frozenset({"hd", "mre"})
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
+# ----------------------------------------------------------------------------- segmentation
+def resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize with OpenCV's INTER_NEAREST sampling (src = floor(dst * src/dst)).
+
+    PIL's NEAREST samples pixel centres and picks different pixels; the challenge uses cv2.
+    """
+    mask = np.asarray(mask)
+    height, width = int(shape[0]), int(shape[1])
+    if mask.shape[:2] == (height, width):
+        return mask
+
+    def source_index(dst: int, src: int) -> np.ndarray:
+        inverse_scale = 1.0 / (dst / src)  # cv2 computes the inverse of the scale factor
+        return np.minimum(np.floor(np.arange(dst) * inverse_scale).astype(np.int64), src - 1)
+
+    return mask[source_index(height, mask.shape[0])][:, source_index(width, mask.shape[1])]
+
+
+def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two binary masks; 1.0 when both are empty."""
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    total = int(pred.sum()) + int(gt.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(pred, gt).sum()) / total
+
+
+def hausdorff_distance(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Maximum symmetric Hausdorff distance in pixels between the foreground pixel sets.
+
+    0 when both masks are empty, the image diagonal when exactly one is empty.
+    """
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"hausdorff_distance: masks differ in shape, {pred.shape} vs {gt.shape}")
+    has_pred, has_gt = bool(pred.any()), bool(gt.any())
+    if not has_pred and not has_gt:
+        return 0.0
+    if has_pred != has_gt:
+        return float(math.hypot(*gt.shape))
+    # Exact Euclidean distance of every pixel to the nearest foreground pixel of the other mask.
+    to_gt = ndimage.distance_transform_edt(~gt)
+    to_pred = ndimage.distance_transform_edt(~pred)
+    return float(max(to_gt[pred].max(), to_pred[gt].max()))
+
+
+def segmentation_image_scores(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> tuple[list[float], list[float]]:
+    """Per-class (background included) Dice and HD of one index-mask prediction."""
+    gt = np.asarray(gt)
+    if gt.ndim != 2:
+        raise ValueError(f"ground-truth mask must be 2-D (H, W), got shape {gt.shape}")
+    pred = np.asarray(pred)
+    if pred.ndim != 2:
+        raise ValueError(f"predicted mask must be 2-D (H, W), got shape {pred.shape}")
+    pred = resize_nearest(pred, gt.shape)
+    dice, hd = [], []
+    for c in range(num_classes):
+        pred_c, gt_c = pred == c, gt == c
+        dice.append(dice_score(pred_c, gt_c))
+        hd.append(hausdorff_distance(pred_c, gt_c))
+    return dice, hd
+
+
+def segmentation_metrics(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], num_classes: int) -> dict[str, float]:
+    """Task score: per-class mean over images, then mean over non-background classes."""
+    _check_pairs(preds, gts, "segmentation")
+    if num_classes < 2:
+        raise ValueError(f"segmentation needs num_classes >= 2 (background included), got {num_classes}")
+    dice_sum = np.zeros(num_classes)
+    hd_sum = np.zeros(num_classes)
+    for pred, gt in zip(preds, gts):
+        dice, hd = segmentation_image_scores(pred, gt, num_classes)
+        dice_sum += dice
+        hd_sum += hd
+    n = len(gts)
+    return {"dice": float((dice_sum[1:] / n).mean()), "hd": float((hd_sum[1:] / n).mean())}
+
+
+# --------------------------------------------------------------------------- classification
+def classification_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """ROC-AUC: class-1 probability for 2 classes, macro one-vs-rest over present classes otherwise."""
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    present = np.unique(labels)
+    if present.size < 2:
+        return float("nan")
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(labels, probs[:, 1]))
+    return float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present]))
+
+
+def classification_metrics(labels: Sequence[int], predicted: Sequence[int], probs, num_classes: int) -> dict[str, float]:
+    """accuracy, auc, f1_macro, f1_weighted, mcc of one task."""
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    predicted = np.asarray(predicted, dtype=np.int64).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64)
+    if labels.size == 0:
+        raise ValueError("classification_metrics: no samples")
+    if predicted.shape != labels.shape:
+        raise ValueError(f"classification_metrics: {predicted.size} predictions for {labels.size} labels")
+    if probs.shape != (labels.size, num_classes):
+        raise ValueError(f"classification_metrics: probabilities of shape {probs.shape}, expected {(labels.size, num_classes)}")
+    for name, values in (("label", labels), ("predicted class", predicted)):
+        bad = (values < 0) | (values >= num_classes)
+        if bad.any():
+            raise ValueError(f"classification_metrics: {name} {values[bad][0]} outside [0, {num_classes})")
+    return {
+        "accuracy": float(np.mean(labels == predicted)),
+        "auc": classification_auc(labels, probs),
+        "f1_macro": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+        "f1_weighted": float(f1_score(labels, predicted, average="weighted", zero_division=0)),
+        "mcc": float(matthews_corrcoef(labels, predicted)),
+    }
+
+
+# -------------------------------------------------------------------------------- detection
+def box_iou(pred: Sequence[float], gt: Sequence[float]) -> float:
+    """IoU of two xyxy boxes; a zero union gives 0."""
+    px0, py0, px1, py1 = (float(v) for v in pred)
+    gx0, gy0, gx1, gy1 = (float(v) for v in gt)
+    inter = max(0.0, min(px1, gx1) - max(px0, gx0)) * max(0.0, min(py1, gy1) - max(py0, gy0))
+    area_pred = max(0.0, px1 - px0) * max(0.0, py1 - py0)
+    area_gt = max(0.0, gx1 - gx0) * max(0.0, gy1 - gy0)
+    union = area_pred + area_gt - inter
+    return inter / union if union > 0 else 0.0
+
+
+def detection_metrics(pred_boxes, gt_boxes) -> dict[str, float]:
+    _check_pairs(pred_boxes, gt_boxes, "detection")
+    return {"iou": float(np.mean([box_iou(p, g) for p, g in zip(pred_boxes, gt_boxes)]))}
+
+
+# ------------------------------------------------------------------------------- regression
+def radial_error(pred_points, gt_points) -> float:
+    """Mean Euclidean distance over the K points of one image (pixels)."""
+    pred = np.asarray(pred_points, dtype=np.float64).reshape(-1, 2)
+    gt = np.asarray(gt_points, dtype=np.float64).reshape(-1, 2)
+    if pred.shape != gt.shape:
+        raise ValueError(f"radial_error: {pred.shape[0]} predicted points for {gt.shape[0]} ground-truth points")
+    return float(np.linalg.norm(pred - gt, axis=1).mean())
+
+
+def regression_metrics(pred_points, gt_points) -> dict[str, float]:
+    _check_pairs(pred_points, gt_points, "regression")
+    return {"mre": float(np.mean([radial_error(p, g) for p, g in zip(pred_points, gt_points)]))}
+
+
+def _check_pairs(preds, gts, kind: str) -> None:
+    if len(preds) != len(gts):
+        raise ValueError(f"{kind}: {len(preds)} predictions for {len(gts)} ground-truth samples")
+    if len(gts) == 0:
+        raise ValueError(f"{kind}: no samples to score")
+
+
+# ------------------------------------------------------------------ per-sample task scoring
+def _task_table(tasks) -> dict:
+    """task_id -> TaskSpec-like (task_type, num_classes) from a list, a mapping or the registry."""
+    if tasks is None:
+        from m2dino.tasks import TASKS
+
+        return dict(TASKS)
+    if isinstance(tasks, Mapping):
+        return dict(tasks)
+    table = {}
+    for spec in tasks:
+        if isinstance(spec, str):
+            from m2dino.tasks import get_task
+
+            spec = get_task(spec)
+        table[spec.task_id] = spec
+    return table
+
+
+def score_task(task_type: str, num_classes: int, predictions: Sequence[Mapping], ground_truth: Sequence[Mapping]) -> dict[str, float]:
+    """Score one task from per-sample prediction and ground-truth dicts (pixel units).
+
+    predictions: `model.postprocess` dicts ({"mask"} | {"probs", "predicted_class"} |
+    {"bbox_pixels", ...} | {"points_pixels", ...}); ground truth: {"mask": ndarray[H, W]} |
+    {"label": int} | {"box": xyxy pixels} | {"points": [K, 2] pixels}.
+    """
+    if task_type == "segmentation":
+        return segmentation_metrics([p["mask"] for p in predictions], [g["mask"] for g in ground_truth], num_classes)
+    if task_type == "classification":
+        return classification_metrics(
+            [int(g["label"]) for g in ground_truth],
+            [int(p["predicted_class"]) for p in predictions],
+            np.stack([np.asarray(p["probs"], dtype=np.float64).reshape(-1) for p in predictions]),
+            num_classes,
+        )
+    if task_type == "detection":
+        return detection_metrics([p["bbox_pixels"] for p in predictions], [g["box"] for g in ground_truth])
+    if task_type == "regression":
+        return regression_metrics([p["points_pixels"] for p in predictions], [g["points"] for g in ground_truth])
+    raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+
+
+def evaluate_predictions(predictions: Sequence[Mapping], ground_truth: Sequence[Mapping], tasks=None) -> dict[str, dict[str, float]]:
+    """{task_id: {metric: value}} from parallel lists of per-sample predictions and ground truth.
+
+    Every ground-truth dict names its task under "task" (predictions may too; they must
+    agree). `tasks`: TaskSpecs (list or {task_id: spec}); default the registry.
+    """
+    if len(predictions) != len(ground_truth):
+        raise ValueError(f"evaluate_predictions: {len(predictions)} predictions for {len(ground_truth)} ground-truth samples")
+    table = _task_table(tasks)
+    by_task: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for i, (pred, gt) in enumerate(zip(predictions, ground_truth)):
+        task_id = gt["task"]
+        if "task" in pred and pred["task"] != task_id:
+            raise ValueError(f"evaluate_predictions: sample {i} predicted for task {pred['task']!r} but its ground truth is {task_id!r}")
+        by_task[task_id][0].append(pred)
+        by_task[task_id][1].append(gt)
+    results = {}
+    for task_id, (preds, gts) in by_task.items():
+        if task_id not in table:
+            raise KeyError(f"evaluate_predictions: unknown task {task_id!r}; pass its TaskSpec in tasks=")
+        spec = table[task_id]
+        results[task_id] = score_task(spec.task_type, spec.num_classes, preds, gts)
+    return results
+
+
+def average_by_task_type(task_metrics: Mapping[str, Mapping[str, float]], tasks=None) -> dict[str, dict[str, float]]:
+    """Per task type, each metric averaged over its tasks (NaN-tolerant: NaN tasks are skipped)."""
+    table = _task_table(tasks)
+    grouped: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for task_id, metrics in task_metrics.items():
+        for name, value in metrics.items():
+            grouped[table[task_id].task_type][name].append(float(value))
+    return {
+        task_type: {name: _nanmean(values) for name, values in metrics.items()} for task_type, metrics in grouped.items()
+    }
+
+
+def _nanmean(values: Iterable[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+# --------------------------------------------------------------------------- trivial baselines
+def baseline_predictions(task_type: str, num_classes: int, train_truth: Sequence[Mapping], sample: Mapping) -> dict:
+    """The trivial prediction for one ground-truth sample, learnt from the training ground truth.
+
+    Majority class (its one-hot probabilities, so AUC is 0.5), the empty mask, the training-mean
+    box and the training-mean points (both averaged in normalised coordinates, so images of
+    different sizes contribute alike, then scaled to this image's size).
+    Ground-truth dicts need "orig_size" (H, W) for detection and regression.
+    """
+    if task_type == "segmentation":
+        return {"mask": np.zeros(np.asarray(sample["mask"]).shape, dtype=np.uint8)}
+    if task_type == "classification":
+        counts = Counter(int(g["label"]) for g in train_truth)
+        majority = min(counts, key=lambda c: (-counts[c], c))  # ties to the lower class index
+        probs = np.zeros(num_classes)
+        probs[majority] = 1.0
+        return {"probs": probs, "predicted_class": majority}
+    height, width = sample["orig_size"]
+    if task_type == "detection":
+        mean_box = np.mean([_normalise(g["box"], g["orig_size"]) for g in train_truth], axis=0)
+        box = (mean_box * [width, height, width, height]).tolist()
+        return {"bbox_pixels": box, "bbox_normalized": mean_box.tolist(), "score": 1.0}
+    if task_type == "regression":
+        mean_points = np.mean([_normalise(g["points"], g["orig_size"]) for g in train_truth], axis=0)
+        return {"points_pixels": mean_points * [width, height], "points_normalized": mean_points}
+    raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+
+
+def _normalise(pixels, orig_size) -> np.ndarray:
+    height, width = orig_size
+    values = np.asarray(pixels, dtype=np.float64)
+    if values.ndim == 1:  # xyxy box
+        return values / [width, height, width, height]
+    return values / [width, height]
+
+
+def trivial_baselines(train_truth: Sequence[Mapping], val_truth: Sequence[Mapping], tasks=None) -> dict[str, dict[str, float]]:
+    """{task_id: {metric: value}} of the trivial baselines on the validation ground truth.
+
+    Both arguments are ground-truth dicts as for `evaluate_predictions` ("task", the target in
+    pixels, "orig_size"). Tasks without training samples are skipped for the learnt baselines
+    (majority class, mean box, mean points); the empty-mask baseline needs none.
+    """
+    table = _task_table(tasks)
+    train_by_task: dict[str, list] = defaultdict(list)
+    for g in train_truth:
+        train_by_task[g["task"]].append(g)
+    preds, gts = [], []
+    for g in val_truth:
+        spec = table[g["task"]]
+        if spec.task_type != "segmentation" and not train_by_task[g["task"]]:
+            continue
+        preds.append(baseline_predictions(spec.task_type, spec.num_classes, train_by_task[g["task"]], g))
+        gts.append(g)
+    return evaluate_predictions(preds, gts, table)
