@@ -2,3 +2,18 @@
 
 Every op has a plain PyTorch reference (the oracle) and faster backends behind one API.
 """
+from m2dino_kernels.aux_losses import MoEAuxLosses, moe_aux_losses
+from m2dino_kernels.backends import available_backends, get_backend, set_backend, use_backend
+from m2dino_kernels.moe import Routing, expert_mlp, task_topk_route
+
+__all__ = [
+    "MoEAuxLosses",
+    "Routing",
+    "available_backends",
+    "expert_mlp",
+    "get_backend",
+    "moe_aux_losses",
+    "set_backend",
+    "task_topk_route",
+    "use_backend",
+]
