@@ -1,0 +1,181 @@
+"""The transfer report recomputed from hand-built run directories with known numbers."""
+import csv
+import json
+import math
+
+import pytest
+
+from m2dino import report as R
+
+# task: (type, group, train_size, primary metric, {paradigm: primary value}, baseline)
+TASKS = {
+    "segA": ("segmentation", "G1", 100, "dice", {"ts": 0.8, "cg": 0.6, "au": 0.84}, 0.1),
+    "clsB": ("classification", "G1", 20, "f1_macro", {"ts": 0.5, "cg": 0.55, "au": 0.45}, 0.3),
+    "detC": ("detection", "G2", 50, "iou", {"ts": 0.6, "cg": 0.6, "au": 0.3}, 0.2),
+    "regD": ("regression", "G2", 10, "mre", {"ts": 20.0, "cg": 25.0, "au": 10.0}, 40.0),
+}
+HD = {"ts": 10.0, "cg": 12.0, "au": 8.0}
+MODELS = {"ts": lambda t, g: t, "cg": lambda t, g: g, "au": lambda t, g: "all"}
+
+
+def write_paradigm(run_dir, paradigm, overrides=None, routing=None):
+    overrides = overrides or {}
+    tasks = {}
+    models = {}
+    for task_id, (task_type, group, size, metric, values, baseline) in TASKS.items():
+        metrics = {metric: overrides.get(task_id, values[paradigm])}
+        base = {metric: baseline}
+        if task_type == "segmentation":
+            metrics["hd"] = HD[paradigm]
+            base["hd"] = 50.0
+        model = MODELS[paradigm](task_id, group)
+        models.setdefault(model, []).append(task_id)
+        tasks[task_id] = {"task_type": task_type, "group": group, "train_size": size, "model": model,
+                          "metrics": metrics, "baseline": base}
+    folder = run_dir / paradigm
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"paradigm": paradigm, "models": models, "tasks": tasks}))
+    if routing is not None:
+        (folder / "all").mkdir()
+        (folder / "all" / "routing.json").write_text(json.dumps(routing))
+
+
+ROUTING = {
+    "tasks": ["segA", "clsB", "detC"],
+    "num_experts": 2,
+    "layers": {
+        "10": [[10, 0], [0, 5], [1, 1]],
+        "11": [[3, 1], [3, 1], [2, 0]],
+    },
+}
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "run"
+    for paradigm in ("ts", "cg"):
+        write_paradigm(run, paradigm)
+    write_paradigm(run, "au", routing=ROUTING)
+    return run
+
+
+def test_per_task_changes_and_flags(run_dir):
+    rep = R.build_report([run_dir])
+    assert rep["paradigms"] == ["ts", "cg", "au"]
+    seg = rep["tasks"]["segA"]["paradigms"]
+    assert seg["cg"]["change_vs_ts"]["dice"] == pytest.approx(-0.25)
+    assert seg["au"]["change_vs_ts"]["dice"] == pytest.approx(0.05)
+    # HD: lower is better, so 12 vs 10 is -20% and 8 vs 10 is +20%
+    assert seg["cg"]["change_vs_ts"]["hd"] == pytest.approx(-0.2)
+    assert seg["au"]["change_vs_ts"]["hd"] == pytest.approx(0.2)
+    reg = rep["tasks"]["regD"]["paradigms"]
+    assert reg["cg"]["change_vs_ts"]["mre"] == pytest.approx(-0.25)
+    assert reg["au"]["change_vs_ts"]["mre"] == pytest.approx(0.5)
+    assert reg["au"]["beats_baseline"] is True  # MRE 10 < 40
+    assert "change_vs_ts" not in seg["ts"]
+    flagged = {(n["task_id"], n["paradigm"]) for n in rep["negative_transfer"]}
+    assert flagged == {("segA", "cg"), ("clsB", "au"), ("detC", "au"), ("regD", "cg")}
+    stricter = R.build_report([run_dir], negative_threshold=0.2)
+    assert {(n["task_id"], n["paradigm"]) for n in stricter["negative_transfer"]} == {
+        ("segA", "cg"), ("detC", "au"), ("regD", "cg")}
+
+
+def test_averages_by_group_type_and_scale(run_dir):
+    rep = R.build_report([run_dir])
+    assert rep["settings"]["scale_threshold"] == 35.0  # median of 100, 20, 50, 10
+    assert rep["tasks"]["detC"]["scale"] == "data-rich" and rep["tasks"]["clsB"]["scale"] == "data-scarce"
+    scale = rep["averages"]["by_scale"]
+    assert scale["data-rich"]["cg"]["primary_change_vs_ts"] == pytest.approx((-0.25 + 0.0) / 2)
+    assert scale["data-rich"]["au"]["primary_change_vs_ts"] == pytest.approx((0.05 - 0.5) / 2)
+    assert scale["data-scarce"]["cg"]["primary_change_vs_ts"] == pytest.approx((0.1 - 0.25) / 2)
+    assert scale["data-scarce"]["au"]["primary_change_vs_ts"] == pytest.approx((-0.1 + 0.5) / 2)
+    group = rep["averages"]["by_group"]
+    assert group["G1"]["cg"]["primary_change_vs_ts"] == pytest.approx((-0.25 + 0.1) / 2)
+    assert group["G2"]["au"]["primary_change_vs_ts"] == pytest.approx(0.0)
+    assert group["G2"]["au"]["negative_transfer_tasks"] == 1
+    by_type = rep["averages"]["by_task_type"]
+    assert by_type["segmentation"]["au"]["metrics"] == {"dice": 0.84, "hd": 8.0}
+    assert by_type["segmentation"]["au"]["change_vs_ts"]["hd"] == pytest.approx(0.2)
+    overall = rep["averages"]["overall"]["all"]["au"]["primary_change_vs_ts"]
+    assert overall == pytest.approx((0.05 - 0.1 - 0.5 + 0.5) / 4)
+    custom = R.build_report([run_dir], scale_threshold=20)
+    assert custom["tasks"]["clsB"]["scale"] == "data-rich"  # >= threshold is data-rich
+    assert custom["settings"]["scale_threshold_rule"] == "given"
+
+
+def test_routing_shares_and_affinity(run_dir):
+    rep = R.build_report([run_dir])
+    routing = rep["routing"]["au"]["all"]
+    assert routing["shares"]["10"] == [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]
+    assert routing["shares"]["11"][2] == [1.0, 0.0]
+    affinity = routing["affinity"]
+    # segA vs clsB: disjoint in block 10 (JSD 1 -> 0), identical in block 11 (-> 1)
+    assert affinity[0][1] == pytest.approx(0.5)
+    # segA vs detC: block 10 (1,0) vs (.5,.5) and block 11 (.75,.25) vs (1,0)
+    def jsd(p, q):
+        m = [(a + b) / 2 for a, b in zip(p, q)]
+        kl = lambda x: sum(a * math.log2(a / c) for a, c in zip(x, m) if a > 0)
+        return (kl(p) + kl(q)) / 2
+    expected = ((1 - jsd([1, 0], [0.5, 0.5])) + (1 - jsd([0.75, 0.25], [1, 0]))) / 2
+    assert affinity[0][2] == pytest.approx(expected)
+    assert affinity[1][1] == pytest.approx(1.0)
+
+
+def test_replicates_are_averaged(run_dir, tmp_path):
+    other = tmp_path / "seed2"
+    write_paradigm(other, "au", overrides={"segA": 0.76})
+    rep = R.build_report([run_dir, other])
+    au = rep["tasks"]["segA"]["paradigms"]["au"]
+    assert au["runs"] == 2
+    assert au["metrics"]["dice"] == pytest.approx(0.8)
+    assert au["change_vs_ts"]["dice"] == pytest.approx(0.0)
+
+
+def test_written_files_recompute(run_dir, tmp_path):
+    out = tmp_path / "report"
+    assert R.main([str(run_dir), "--out", str(out)]) == 0
+    for name in ("report.md", "report.csv", "report.json", "change_vs_ts.png", "averages.png",
+                 "routing_au_all.png", "affinity_au_all.png"):
+        assert (out / name).stat().st_size > 0, name
+    with open(out / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 5  # 3 paradigms x (4 primary metrics + hd)
+    for row in rows:
+        if row["paradigm"] == "ts":
+            assert row["change_vs_ts"] == ""
+            continue
+        value, ts_value = float(row["value"]), float(row["ts_value"])
+        sign = -1 if row["metric"] in ("hd", "mre") else 1
+        assert float(row["change_vs_ts"]) == pytest.approx(sign * (value - ts_value) / abs(ts_value))
+    flagged = {(r["task_id"], r["paradigm"]) for r in rows if r["negative_transfer"] == "True"}
+    assert flagged == {("segA", "cg"), ("clsB", "au"), ("detC", "au"), ("regD", "cg")}
+    data = json.loads((out / "report.json").read_text())
+    assert data["tasks"]["segA"]["paradigms"]["cg"]["change_vs_ts"]["dice"] == pytest.approx(-0.25)
+    markdown = (out / "report.md").read_text()
+    assert "| segA | segmentation | G1 | 100 | data-rich | dice | 0.8000 | 0.6000 (-25.0%) ! | 0.8400 (+5.0%) | 0.1000 |" in markdown
+
+
+def test_undefined_change_is_null_in_json(tmp_path):
+    run = tmp_path / "run"
+    write_paradigm(run, "ts", overrides={"detC": 0.0})
+    write_paradigm(run, "au")
+    rep = R.build_report([run])
+    assert math.isnan(rep["tasks"]["detC"]["paradigms"]["au"]["change_vs_ts"]["iou"])
+    R.write_report(rep, tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["tasks"]["detC"]["paradigms"]["au"]["change_vs_ts"]["iou"] is None
+
+
+def test_bad_input_errors(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        R.build_report([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no <paradigm>/metrics.json"):
+        R.build_report([tmp_path / "empty"])
+    bad = tmp_path / "bad" / "au"
+    bad.mkdir(parents=True)
+    (bad / "metrics.json").write_text('{"paradigm": "au", "tasks": {"x": {"metrics": {}}}}')
+    with pytest.raises(ValueError, match=r"metrics.json: task 'x' has no 'task_type'"):
+        R.build_report([tmp_path / "bad"])
+    assert R.main([str(tmp_path / "bad"), "--out", str(tmp_path / "o")]) == 2
+    assert "task 'x'" in capsys.readouterr().err
