@@ -1,0 +1,594 @@
+"""FM_UIA reader: CSV rows -> validated `Record`s, the train/val split, and the bad-sample policy.
+
+Layout (see docs of the challenge): a data root holds `csv_files/*.csv`; each row names an
+image by a path relative to `csv_files/` (so it starts with `../`). A challenge release has
+`train/` and `val/` roots of that shape under one folder.
+
+Validation reports every problem at once, each as `Problem(csv, row, problem)` with the csv
+path relative to the root given by the user and the 0-based data row (header excluded,
+blank lines skipped). A path that resolves outside the data root (through `../`, an
+absolute path or a symlink) is refused before anything is opened.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from m2dino.tasks import TASKS, TaskSpec, make_task, task_type_from_name
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
+SPLIT_FILE = "split.json"
+SKIPPED_FILE = "skipped_rows.json"
+POLICIES = ("error", "skip")
+
+
+@dataclass(frozen=True)
+class Problem:
+    csv: str  # csv path relative to the user's root, e.g. "train/csv_files/Seg-Two.lung.csv"
+    row: int  # 0-based data row
+    problem: str
+
+    def to_dict(self) -> dict:
+        return {"csv": self.csv, "row": self.row, "problem": self.problem}
+
+    def __str__(self) -> str:
+        return f"{self.csv} row {self.row}: {self.problem}"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One CSV row: one image for one task, with its annotation in original pixels."""
+
+    task_id: str
+    task_type: str
+    image_path: str  # the CSV string, verbatim
+    image_file: str  # resolved absolute path (inside the root)
+    csv: str
+    row: int
+    split: str = "train"
+    mask_path: str | None = None
+    mask_file: str | None = None
+    label: int | None = None
+    box: tuple | None = None  # (x_min, y_min, x_max, y_max) pixels
+    points: tuple | None = None  # ((x, y), ...) pixels
+
+    @property
+    def key(self) -> tuple:
+        return (self.csv, self.row)
+
+
+class DataValidationError(ValueError):
+    """Raised under policy "error" when the data have problems; `.problems` lists them all."""
+
+    def __init__(self, problems: list[Problem], root=None):
+        self.problems = list(problems)
+        head = f"{len(self.problems)} data problem(s)" + (f" under {root}" if root else "")
+        lines = [str(p) for p in self.problems[:50]]
+        more = len(self.problems) - len(lines)
+        if more > 0:
+            lines.append(f"... and {more} more (run `python -m m2dino.data.check ROOT` for all)")
+        super().__init__(
+            head + ":\n  " + "\n  ".join(lines)
+            + "\nFix them, or pass policy='skip' (--on-bad-sample skip) to train without these rows."
+        )
+
+
+# ----------------------------------------------------------------------------- roots
+
+
+def split_roots(root) -> list[tuple[str, Path]]:
+    """[(split, data_root)]: [("train", root/train), ("val", root/val)] for a challenge
+    release, else [("all", root)]. Each data_root holds csv_files/."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} does not exist or is not a directory")
+    if (root / "train" / "csv_files").is_dir() and (root / "val" / "csv_files").is_dir():
+        return [("train", root / "train"), ("val", root / "val")]
+    if (root / "csv_files").is_dir():
+        return [("all", root)]
+    raise FileNotFoundError(
+        f"{root}: no csv_files/ folder (expected ROOT/csv_files/*.csv, or ROOT/train/csv_files "
+        f"and ROOT/val/csv_files)"
+    )
+
+
+def _inside(path: Path, root_resolved: Path) -> bool:
+    try:
+        path.relative_to(root_resolved)
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_inside(csv_dir: Path, rel: str, root_resolved: Path) -> Path | None:
+    """The real path of `rel` (relative to `csv_dir`) if it stays inside the root, else None.
+
+    `Path.resolve` follows every symlink (it reads links, it opens no file), so a link inside
+    the root that points outside is caught here, before any open."""
+    candidate = (csv_dir / rel).resolve()
+    return candidate if _inside(candidate, root_resolved) else None
+
+
+# ----------------------------------------------------------------------------- CSV parsing
+
+
+def _parse_float(text: str) -> float:
+    return float(str(text).strip())
+
+
+def _parse_int_label(text: str) -> int:
+    value = float(str(text).strip())
+    if not math.isfinite(value) or value != int(value):
+        raise ValueError(f"class label {text!r} is not an integer")
+    return int(value)
+
+
+def parse_point(text: str) -> tuple[float, float]:
+    """A JSON "[x, y]" point string (NaN/Infinity allowed by JSON, caught by validation)."""
+    value = json.loads(text)
+    if not isinstance(value, list) or len(value) != 2 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        raise ValueError(f"point {text!r} is not a JSON [x, y] pair")
+    return float(value[0]), float(value[1])
+
+
+def _point_columns(fieldnames) -> list[str]:
+    cols = [c for c in fieldnames if c.startswith("point_") and c.endswith("_xy")]
+    return sorted(cols, key=lambda c: int(c[len("point_"):-len("_xy")]) if c[6:-3].isdigit() else 10**9)
+
+
+def _read_csv_rows(csv_file: Path):
+    """(fieldnames, [(row_index, dict)]) with 0-based data rows, blank lines skipped."""
+    with open(csv_file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return [], []
+        header = [h.strip() for h in header]
+        rows = []
+        for values in reader:
+            if not values or all(not v.strip() for v in values):
+                continue
+            rows.append((len(rows), dict(zip(header, (v.strip() for v in values)))))
+    return header, rows
+
+
+@dataclass
+class Scan:
+    """Everything the reader found under a root."""
+
+    root: Path
+    records: list[Record] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    tasks: dict[str, TaskSpec] = field(default_factory=dict)
+    csv_files: list[str] = field(default_factory=list)
+
+    def task_counts(self, exclude_bad: bool = False) -> dict[str, int]:
+        bad = {(p.csv, p.row) for p in self.problems} if exclude_bad else set()
+        counts = Counter(r.task_id for r in self.records if r.key not in bad)
+        return {t: counts.get(t, 0) for t in sorted(self.tasks)}
+
+    @property
+    def bad_keys(self) -> set:
+        return {(p.csv, p.row) for p in self.problems}
+
+
+def _extra_task_spec(task_id, task_type, rows, fieldnames, overrides) -> TaskSpec:
+    """A TaskSpec for a task outside the registry, from its CSV rows (then `overrides`)."""
+    nc_values = Counter(r.get("num_classes", "") for r in rows)
+    if task_type == "detection":
+        n = 1
+    elif task_type == "regression":
+        n = len([c for c in _point_columns(fieldnames) if rows and rows[0].get(c, "")])
+    else:
+        n = int(float(nc_values.most_common(1)[0][0])) if nc_values else 0
+    fields = dict(overrides or {})
+    n = int(fields.pop("num_classes", n))
+    return make_task(task_id, task_type, n, **fields)
+
+
+def read_csvs(root, task_overrides: dict | None = None) -> Scan:
+    """Parse every csv_files/*.csv under `root` into records, with every problem found
+    without opening images (columns, values, paths, duplicates, task consistency).
+
+    `task_overrides`: {task_id: {field: value}} for TaskSpec fields (also how an extra task's
+    num_classes, organ, group, hflip... are set)."""
+    root = Path(root)
+    root_resolved = root.resolve()
+    task_overrides = task_overrides or {}
+    scan = Scan(root=root)
+    parsed = []  # (split, csv_rel, csv_dir, fieldnames, row_index, row)
+
+    for split, data_root in split_roots(root):
+        csv_dir = data_root / "csv_files"
+        files = sorted(p for p in csv_dir.iterdir() if p.suffix.lower() == ".csv")
+        for csv_file in files:
+            csv_rel = csv_file.relative_to(root).as_posix()
+            scan.csv_files.append(csv_rel)
+            if resolve_inside(csv_dir, csv_file.name, root_resolved) is None:
+                scan.problems.append(Problem(csv_rel, -1, "csv file resolves outside the data root; not read"))
+                continue
+            try:
+                fieldnames, rows = _read_csv_rows(csv_file)
+            except (OSError, UnicodeDecodeError, csv.Error) as e:
+                scan.problems.append(Problem(csv_rel, -1, f"cannot read csv: {e}"))
+                continue
+            missing = [c for c in ("image_path", "task_id", "task_name") if c not in fieldnames]
+            if missing:
+                scan.problems.append(Problem(csv_rel, -1, f"csv lacks column(s) {missing}"))
+                continue
+            for i, row in rows:
+                parsed.append((split, csv_rel, csv_dir, fieldnames, i, row))
+
+    # Task types and specs: registry first, then extra tasks from their CSV rows.
+    rows_by_task = defaultdict(list)
+    type_by_task = {}
+    for split, csv_rel, csv_dir, fieldnames, i, row in parsed:
+        try:
+            ttype = task_type_from_name(row.get("task_name", ""))
+        except ValueError as e:
+            scan.problems.append(Problem(csv_rel, i, str(e)))
+            continue
+        tid = row.get("task_id", "")
+        if not tid:
+            scan.problems.append(Problem(csv_rel, i, "empty task_id"))
+            continue
+        known = TASKS.get(tid)
+        expected = known.task_type if known else type_by_task.setdefault(tid, ttype)
+        if ttype != expected:
+            scan.problems.append(
+                Problem(csv_rel, i, f"task_name {row['task_name']!r} disagrees with task {tid!r} ({expected})")
+            )
+            continue
+        rows_by_task[tid].append((split, csv_rel, csv_dir, fieldnames, i, row))
+
+    for tid, items in rows_by_task.items():
+        if tid in TASKS:
+            spec = TASKS[tid]
+            if tid in task_overrides:
+                spec = replace(spec, **task_overrides[tid])
+        else:
+            try:
+                spec = _extra_task_spec(
+                    tid, type_by_task[tid], [r for *_, r in items], items[0][3], task_overrides.get(tid)
+                )
+            except (ValueError, TypeError) as e:
+                first = items[0]
+                scan.problems.append(Problem(first[1], first[4], f"cannot define extra task {tid!r}: {e}"))
+                continue
+        scan.tasks[tid] = spec
+        # num_classes must agree within the task (and with the spec for seg / cls).
+        nc_counts = Counter(r.get("num_classes", "") for *_, r in items)
+        majority = nc_counts.most_common(1)[0][0] if nc_counts else ""
+        seen = {}
+        for split, csv_rel, csv_dir, fieldnames, i, row in items:
+            nc = row.get("num_classes", "")
+            if nc != majority:
+                scan.problems.append(Problem(
+                    csv_rel, i, f"num_classes {nc!r} inconsistent within task {tid!r} (most rows: {majority!r})"))
+                continue
+            if spec.task_type in ("segmentation", "classification") and nc != "":
+                try:
+                    ok = int(float(nc)) == spec.num_classes
+                except ValueError:
+                    ok = False
+                if not ok:
+                    scan.problems.append(Problem(
+                        csv_rel, i, f"num_classes {nc!r} disagrees with task {tid!r} ({spec.num_classes})"))
+                    continue
+            dup_key = (split, tid, row["image_path"])
+            if dup_key in seen:
+                c0, r0 = seen[dup_key]
+                scan.problems.append(Problem(csv_rel, i, f"duplicated row: same task and image_path as {c0} row {r0}"))
+                continue
+            seen[dup_key] = (csv_rel, i)
+            rec, problem = _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resolved)
+            if problem:
+                scan.problems.append(Problem(csv_rel, i, problem))
+            else:
+                scan.records.append(rec)
+    scan.problems.sort(key=lambda p: (p.csv, p.row))
+    return scan
+
+
+def _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resolved):
+    """(Record, None) or (None, problem text). Checks values; opens nothing."""
+    image_path = row.get("image_path", "")
+    if not image_path:
+        return None, "empty image_path"
+    image_file = resolve_inside(csv_dir, image_path, root_resolved)
+    if image_file is None:
+        return None, f"image_path {image_path!r} resolves outside the data root; refused, not read"
+    if image_file.suffix.lower() not in IMAGE_SUFFIXES:
+        return None, f"image_path {image_path!r}: unsupported file type (expected {IMAGE_SUFFIXES})"
+    if not image_file.is_file():
+        return None, f"image file missing: {image_path!r}"
+    fields = dict(task_id=spec.task_id, task_type=spec.task_type, image_path=image_path,
+                  image_file=str(image_file), csv=csv_rel, row=i, split=split)
+    t = spec.task_type
+    if t == "segmentation":
+        mask_path = row.get("mask_path", "")
+        if not mask_path:
+            return None, "segmentation row without mask_path"
+        mask_file = resolve_inside(csv_dir, mask_path, root_resolved)
+        if mask_file is None:
+            return None, f"mask_path {mask_path!r} resolves outside the data root; refused, not read"
+        if not mask_file.is_file():
+            return None, f"mask file missing: {mask_path!r}"
+        fields.update(mask_path=mask_path, mask_file=str(mask_file))
+    elif t == "classification":
+        text = row.get("mask", "")
+        if text == "":
+            return None, "classification row without a label in column 'mask'"
+        try:
+            label = _parse_int_label(text)
+        except ValueError:
+            return None, f"class label {text!r} is not an integer"
+        if not 0 <= label < spec.num_classes:
+            return None, f"class label {label} out of range [0, {spec.num_classes})"
+        fields.update(label=label)
+    elif t == "detection":
+        try:
+            box = tuple(_parse_float(row[c]) for c in BOX_COLUMNS)
+        except KeyError as e:
+            return None, f"detection row lacks column {e.args[0]!r}"
+        except ValueError:
+            return None, f"box {[row.get(c) for c in BOX_COLUMNS]} is not numeric"
+        if not all(math.isfinite(v) for v in box):
+            return None, f"box {list(box)} has non-finite coordinates"
+        if box[2] <= box[0] or box[3] <= box[1]:
+            return None, f"box {list(box)} has zero or negative area (x_max <= x_min or y_max <= y_min)"
+        fields.update(box=box)
+    else:  # regression
+        pts = []
+        for k in range(1, spec.num_points + 1):
+            col = f"point_{k}_xy"
+            text = row.get(col, "")
+            if not text:
+                return None, f"regression row lacks {col} (task has {spec.num_points} points)"
+            try:
+                x, y = parse_point(text)
+            except (ValueError, json.JSONDecodeError):
+                return None, f"{col} {text!r} is not a JSON [x, y] pair"
+            if not (math.isfinite(x) and math.isfinite(y)):
+                return None, f"{col} {text!r} is not finite"
+            pts.append((x, y))
+        fields.update(points=tuple(pts))
+    return Record(**fields), None
+
+
+# ----------------------------------------------------------------------------- pixel checks
+
+
+def image_size(path) -> tuple[int, int]:
+    """(H, W) from the header only."""
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
+def load_image_array(path) -> np.ndarray:
+    """uint8 [H, W, 3] (grayscale replicated, RGBA/palette converted)."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def load_mask_array(path) -> np.ndarray:
+    """Class-index mask [H, W] (int64). An RGB mask is accepted only when its channels agree."""
+    with Image.open(path) as im:
+        if im.mode in ("L", "P", "1"):
+            a = np.asarray(im.convert("L") if im.mode == "1" else im)
+        elif im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            a = np.asarray(im)
+        else:
+            rgb = np.asarray(im.convert("RGB"))
+            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+                raise ValueError(f"mask is {im.mode} with differing channels, not a class-index image")
+            a = rgb[..., 0]
+    if a.dtype.kind == "f":
+        if not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
+            raise ValueError("mask has non-integer values")
+    return a.astype(np.int64)
+
+
+def _check_pixels(rec: Record, spec: TaskSpec) -> str | None:
+    """Decode the image (and mask) fully and check the annotation against the image size."""
+    try:
+        with Image.open(rec.image_file) as im:
+            im.load()  # full decode: a truncated file raises here
+            w, h = im.size
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return f"image {rec.image_path!r} cannot be decoded: {type(e).__name__}: {e}"
+    if rec.task_type == "segmentation":
+        try:
+            m = load_mask_array(rec.mask_file)
+        except Exception as e:
+            return f"mask {rec.mask_path!r} cannot be decoded: {type(e).__name__}: {e}"
+        if m.shape != (h, w):
+            return f"mask size {m.shape[1]}x{m.shape[0]} differs from image size {w}x{h}"
+        top = int(m.max()) if m.size else 0
+        if top >= spec.num_classes or int(m.min()) < 0:
+            return f"mask value {top} >= num_classes {spec.num_classes}" if top >= spec.num_classes \
+                else f"mask has negative value {int(m.min())}"
+    elif rec.task_type == "detection":
+        x0, y0, x1, y1 = rec.box
+        if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+            return f"box {list(rec.box)} is not inside the image ({w}x{h})"
+    elif rec.task_type == "regression":
+        for k, (x, y) in enumerate(rec.points, 1):
+            if not (0 <= x <= w and 0 <= y <= h):
+                return f"point_{k}_xy [{x}, {y}] is outside the image ({w}x{h})"
+    return None
+
+
+def check_pixels(records, tasks, workers: int | None = None) -> list[Problem]:
+    """Decode every image/mask (threads: PIL releases the GIL while decoding)."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda r: _check_pixels(r, tasks[r.task_id]), records, chunksize=16))
+    return [Problem(r.csv, r.row, p) for r, p in zip(records, results) if p]
+
+
+def scan_dataset(root, task_overrides: dict | None = None, decode: bool = True) -> Scan:
+    """Read and fully validate a root: CSV-level checks, then pixel-level checks of the rows
+    that passed them (decode=False skips decoding; much faster, misses corrupt files)."""
+    scan = read_csvs(root, task_overrides=task_overrides)
+    if decode:
+        scan.problems.extend(check_pixels(scan.records, scan.tasks))
+        scan.problems.sort(key=lambda p: (p.csv, p.row))
+    return scan
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def _hash_unit(seed: int, task_id: str, image_path: str) -> float:
+    """A number in [0, 1) fixed by (seed, task, image_path): stable when files are added."""
+    digest = hashlib.sha1(f"{seed}\0{task_id}\0{image_path}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def make_split(records, val_fraction: float = 0.2, seed: int = 0, min_val: int = 1) -> dict:
+    """Deterministic per-task split for a root without train/ and val/.
+
+    A row goes to val when the hash of (seed, task_id, image_path) is below val_fraction, so
+    adding files never moves existing ones. A task with at least 2 rows gets at least
+    `min_val` val rows (its lowest hashes). Returns {"seed", "val_fraction", "val": {task_id:
+    sorted [image_path]}}, the JSON that `write_split` stores in the run directory."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    by_task = defaultdict(list)
+    for r in records:
+        by_task[r.task_id].append((_hash_unit(seed, r.task_id, r.image_path), r.image_path))
+    val = {}
+    for tid, items in sorted(by_task.items()):
+        items.sort()
+        chosen = [p for h, p in items if h < val_fraction]
+        if val_fraction > 0 and len(chosen) < min_val and len(items) >= 2:
+            chosen = [p for _, p in items[: min(min_val, len(items) - 1)]]
+        val[tid] = sorted(chosen)
+    return {"seed": seed, "val_fraction": val_fraction, "val": val}
+
+
+def write_split(split: dict, run_dir) -> Path:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / SPLIT_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(split, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def read_split(run_dir) -> dict | None:
+    path = Path(run_dir) / SPLIT_FILE
+    if not path.is_file():
+        return None
+    split = json.loads(path.read_text())
+    if not isinstance(split.get("val"), dict):
+        raise ValueError(f"{path}: not a split file (no 'val' mapping)")
+    return split
+
+
+def apply_split(records, split: dict) -> list[Record]:
+    """Records with split "train"/"val" set from a split mapping (rows of a train/ val/ root
+    keep their folder's split)."""
+    val = {(t, p) for t, paths in split["val"].items() for p in paths}
+    out = []
+    for r in records:
+        if r.split == "all":
+            r = replace(r, split="val" if (r.task_id, r.image_path) in val else "train")
+        out.append(r)
+    return out
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class FMUIAData:
+    """What training needs: records per split, the task specs, and what was excluded."""
+
+    root: Path
+    train: list[Record]
+    val: list[Record]
+    tasks: dict[str, TaskSpec]
+    problems: list[Problem]
+    skipped: list[Problem]
+    split: dict | None = None  # the generated split (None for a train/ val/ root)
+
+    def task_counts(self, split: str = "train") -> dict[str, int]:
+        counts = Counter(r.task_id for r in (self.train if split == "train" else self.val))
+        return {t: counts.get(t, 0) for t in sorted(self.tasks)}
+
+
+def write_skipped(problems, run_dir) -> Path:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / SKIPPED_FILE
+    path.write_text(json.dumps([p.to_dict() for p in problems], indent=1))
+    return path
+
+
+def load_fmuia(root, policy: str = "error", run_dir=None, tasks=None, task_overrides: dict | None = None,
+               val_fraction: float = 0.2, seed: int = 0, decode: bool = True) -> FMUIAData:
+    """Read, validate and split an FM_UIA root for training.
+
+    policy "error": any problem raises DataValidationError listing them all (nothing trains).
+    policy "skip": problem rows are excluded and listed in run_dir/skipped_rows.json.
+    tasks: optional list of task ids to keep (others are ignored, their problems included).
+    Without train/ and val/, the per-task split comes from run_dir/split.json when it exists
+    (resume) and is otherwise made by `make_split` and written there.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy (--on-bad-sample) must be one of {POLICIES}, got {policy!r}")
+    scan = scan_dataset(root, task_overrides=task_overrides, decode=decode)
+    keep = None if tasks is None else {t.task_id if isinstance(t, TaskSpec) else t for t in tasks}
+    if keep is not None:
+        missing = keep - set(scan.tasks)
+        if missing:
+            raise ValueError(f"{root}: requested task(s) {sorted(missing)} have no rows; found {sorted(scan.tasks)}")
+        ids = {(r.csv, r.row) for r in scan.records if r.task_id not in keep}
+        scan.records = [r for r in scan.records if r.task_id in keep]
+        scan.problems = [p for p in scan.problems if (p.csv, p.row) not in ids]
+        scan.tasks = {t: s for t, s in scan.tasks.items() if t in keep}
+    problems = scan.problems
+    if problems and policy == "error":
+        raise DataValidationError(problems, root)
+    bad = scan.bad_keys
+    records = [r for r in scan.records if r.key not in bad]
+    skipped = list(problems)
+    if run_dir is not None and policy == "skip":
+        write_skipped(skipped, run_dir)
+    split = None
+    if any(r.split == "all" for r in records):
+        split = read_split(run_dir) if run_dir is not None else None
+        if split is None:
+            split = make_split(records, val_fraction=val_fraction, seed=seed)
+        else:  # rows added since: placed by the same hash rule, existing ones do not move
+            fresh = make_split(records, val_fraction=split.get("val_fraction", val_fraction),
+                               seed=split.get("seed", seed), min_val=0)
+            listed = {(t, p) for t, ps in split["val"].items() for p in ps}
+            known = set(listed)
+            for t, ps in fresh["val"].items():
+                for p in ps:
+                    if (t, p) not in known:
+                        split["val"].setdefault(t, []).append(p)
+        if run_dir is not None:
+            write_split(split, run_dir)
+        records = apply_split(records, split)
+    train = [r for r in records if r.split == "train"]
+    val = [r for r in records if r.split == "val"]
+    return FMUIAData(root=Path(root), train=train, val=val, tasks=scan.tasks,
+                     problems=problems, skipped=skipped if policy == "skip" else [], split=split)
