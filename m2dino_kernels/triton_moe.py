@@ -117,9 +117,38 @@ def _num_row_tiles(num_rows, num_experts, block_m):
     return triton.cdiv(num_rows, block_m) + num_experts
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: exact fp32 products like torch's default matmul (no TF32).
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _dot_mode(dtype: torch.dtype, device: torch.device):
+    """(input_precision, upcast_to_fp32) for tl.dot. fp32 inputs: exact fp32 products like
+    torch's default matmul (no TF32). bf16 under the interpreter: upcast, because its bf16
+    dot is wrong there; the products of two bf16 values are exact in fp32, so the result is
+    what a GPU's bf16 dot with fp32 accumulation gives."""
+    if dtype == torch.float32:
+        return "ieee", False
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        return "ieee", True
+    return "tf32", False
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; b is brought to a's dtype (or both to fp32)."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+    return tl.dot(a, b.to(a.dtype), acc, input_precision=PREC)
+
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_dtypes(function: str, **tensors) -> None:
+    """fp16/bf16/fp32 only (fp32 accumulation throughout)."""
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if tensor.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"triton backend {function}: {name} has dtype {tensor.dtype}; "
+                            "supported: float16, bfloat16, float32 (use the 'torch' or "
+                            "'cpp' backend for float64)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,6 +260,7 @@ def _stable_sort_by_key(keys: torch.Tensor, num_keys: int):
 
 
 def route_forward(x, task_ids, gate_weight, gate_bias, top_k):
+    _check_dtypes("route_forward", x=x, gate_weight=gate_weight, gate_bias=gate_bias)
     T, D = x.shape
     E = gate_weight.shape[1]
     dev = x.device
@@ -326,7 +356,8 @@ def _route_backward_kernel(
 def _fc1_kernel(
     x_ptr, slots_ptr, offsets_ptr, w1_ptr, b1_ptr, h_pre_ptr, act_ptr,
     E, D, H,
-    TOP_K: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, BLOCK_E: tl.constexpr,
+    TOP_K: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """h_pre[r] = W1[e] x[slot_r // k] + b1[e]; act[r] = gelu(h_pre) or silu(a) * b.
@@ -353,10 +384,10 @@ def _fc1_kernel(
                      mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         wk_mask = k_mask[:, None] & col_mask[None, :]
         wa = tl.load(w1 + cols[None, :] * D + kk[:, None], mask=wk_mask, other=0.0)
-        acc_a = tl.dot(xa, wa.to(xa.dtype), acc_a, input_precision=PREC)
+        acc_a = _dot(xa, wa, acc_a, PREC, DOT_FP32)
         if ACT == 2:
             wb = tl.load(w1 + (cols[None, :] + H) * D + kk[:, None], mask=wk_mask, other=0.0)
-            acc_b = tl.dot(xa, wb.to(xa.dtype), acc_b, input_precision=PREC)
+            acc_b = _dot(xa, wb, acc_b, PREC, DOT_FP32)
 
     out_mask = row_mask[:, None] & col_mask[None, :]
     b1 = b1_ptr + expert.to(tl.int64) * H1
@@ -382,7 +413,7 @@ def _grouped_scatter_kernel(
     out_grouped_ptr, out_slots_ptr,
     E, N, KDIM, stride_we, stride_wk, stride_wn,
     HAS_BIAS: tl.constexpr, STORE_GROUPED: tl.constexpr, SCALE_BY_ROUTE: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_E: tl.constexpr,
+    PREC: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """C[r] = A[r] @ B[e] (+ bias[e]) over grouped rows; optionally store C grouped, and
@@ -407,7 +438,7 @@ def _grouped_scatter_kernel(
                      mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         bv = tl.load(w + kk[:, None] * stride_wk + cols[None, :] * stride_wn,
                      mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(av, bv.to(av.dtype), acc, input_precision=PREC)
+        acc = _dot(av, bv, acc, PREC, DOT_FP32)
     out_mask = row_mask[:, None] & col_mask[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert.to(tl.int64) * N + cols, mask=col_mask,
@@ -428,7 +459,8 @@ def _grouped_scatter_kernel(
 def _dhidden_kernel(
     grad_y_ptr, slots_ptr, offsets_ptr, route_w_ptr, w2_ptr, h_pre_ptr, dh_ptr,
     E, D, H,
-    TOP_K: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, BLOCK_E: tl.constexpr,
+    TOP_K: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dAct[r] = (w[slot_r] * grad_y[slot_r // k]) @ W2[e], times the activation
@@ -456,7 +488,7 @@ def _dhidden_kernel(
         gy = (gy.to(tl.float32) * route_w[:, None]).to(grad_y_ptr.dtype.element_ty)
         wv = tl.load(w2 + kk[:, None] * H + cols[None, :],
                      mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(gy, wv.to(gy.dtype), acc, input_precision=PREC)
+        acc = _dot(gy, wv, acc, PREC, DOT_FP32)
     out_mask = row_mask[:, None] & col_mask[None, :]
     h_row = rows[:, None].to(tl.int64) * H1
     a = tl.load(h_pre_ptr + h_row + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
@@ -541,11 +573,7 @@ def _weight_grad_kernel(
                          mask=a_mask, other=0.0).to(tl.float32)
             af = av.to(tl.float32)
             av = (af * _sigmoid(af) * bv).to(a_ptr.dtype.element_ty)
-        if DOT_FP32:
-            acc = tl.dot(tl.trans(gv.to(tl.float32)), av.to(tl.float32), acc,
-                         input_precision=PREC)
-        else:
-            acc = tl.dot(tl.trans(gv), av.to(gv.dtype), acc, input_precision=PREC)
+        acc = _dot(tl.trans(gv), av, acc, PREC, DOT_FP32)
         if HAS_BIAS:
             bias_acc += tl.sum(gv.to(tl.float32), axis=0)
     e64 = pid_e.to(tl.int64)
@@ -564,7 +592,9 @@ def _weight_grad(g, a, index, g_scale, offsets, num_groups, M, N, *, a_stride, a
     dev = g.device
     dw = torch.empty(num_groups, M, N, dtype=dw_dtype, device=dev)
     db = torch.empty(num_groups, M, dtype=db_dtype, device=dev) if with_bias else None
-    prec = "ieee" if dot_fp32 else _dot_precision(a.dtype)
+    prec, upcast = _dot_mode(a.dtype, a.device)
+    if dot_fp32 or upcast:
+        prec, dot_fp32 = "ieee", True
     grid = lambda meta: (num_groups, triton.cdiv(M, meta["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(N, meta["BLOCK_N"]))
     _weight_grad_kernel[grid](
@@ -578,6 +608,7 @@ def _weight_grad(g, a, index, g_scale, offsets, num_groups, M, N, *, a_stride, a
 
 def route_backward(grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight, has_bias,
                    probs, weights, experts):
+    _check_dtypes("route_backward", x=x, gate_weight=gate_weight)
     T, D = x.shape
     NT, E, _ = gate_weight.shape
     top_k = experts.shape[1]
@@ -622,6 +653,7 @@ def _row_tile_grid(num_rows, num_experts, n_cols):
 def experts_forward(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b,
                     activation):
     act_code = _act_code(activation)
+    _check_dtypes("experts_forward", x=x, fc1_w=fc1_w, fc1_b=fc1_b, fc2_w=fc2_w, fc2_b=fc2_b)
     T, D = x.shape
     top_k = experts.shape[1]
     E, H1, _ = fc1_w.shape
@@ -634,16 +666,16 @@ def experts_forward(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc
     y_slots = torch.empty(R, D, dtype=torch.float32, device=dev)
     if R > 0:
         block_e = triton.next_power_of_2(E)
-        prec = _dot_precision(x.dtype)
+        prec, dot_fp32 = _dot_mode(x.dtype, x.device)
         _fc1_kernel[_row_tile_grid(R, E, H)](
             x, sorted_slots, offsets, fc1_w, fc1_b, h_pre, hidden, E, D, H,
-            TOP_K=top_k, ACT=act_code, PREC=prec, BLOCK_E=block_e,
+            TOP_K=top_k, ACT=act_code, PREC=prec, DOT_FP32=dot_fp32, BLOCK_E=block_e,
         )
         _grouped_scatter_kernel[_row_tile_grid(R, E, D)](
             hidden, sorted_slots, offsets, fc2_w, fc2_b, weights, expert_out, y_slots,
             E, D, H, D * H, 1, H,
             HAS_BIAS=True, STORE_GROUPED=True, SCALE_BY_ROUTE=True, PREC=prec,
-            BLOCK_E=block_e,
+            DOT_FP32=dot_fp32,            BLOCK_E=block_e,
         )
     # Each token's k weighted contributions, summed in fp32 (slot t*k+j is row t, column j).
     y = y_slots.view(T, top_k, D).sum(dim=1).to(x.dtype)
@@ -653,6 +685,7 @@ def experts_forward(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc
 def experts_backward(grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w,
                      fc2_b, activation, h_pre, expert_out):
     act_code = _act_code(activation)
+    _check_dtypes("experts_backward", grad_y=grad_y, x=x, fc1_w=fc1_w, fc2_w=fc2_w)
     T, D = x.shape
     top_k = experts.shape[1]
     E, H1, _ = fc1_w.shape
@@ -664,7 +697,7 @@ def experts_backward(grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, 
     d_hidden = torch.empty(R, H1, dtype=x.dtype, device=dev)
     dx_slots = torch.empty(R, D, dtype=torch.float32, device=dev)
     block_e = triton.next_power_of_2(E)
-    prec = _dot_precision(x.dtype)
+    prec, dot_fp32 = _dot_mode(x.dtype, x.device)
     if R > 0:
         _route_weight_grad_kernel[(triton.cdiv(R, 16),)](
             grad_y, expert_out, sorted_slots, grad_weights, R, D,
@@ -672,13 +705,13 @@ def experts_backward(grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, 
         )
         _dhidden_kernel[_row_tile_grid(R, E, H)](
             grad_y, sorted_slots, offsets, weights, fc2_w, h_pre, d_hidden, E, D, H,
-            TOP_K=top_k, ACT=act_code, PREC=prec, BLOCK_E=block_e,
+            TOP_K=top_k, ACT=act_code, PREC=prec, DOT_FP32=dot_fp32, BLOCK_E=block_e,
         )
         _grouped_scatter_kernel[_row_tile_grid(R, E, D)](
             d_hidden, sorted_slots, offsets, fc1_w, fc1_b, weights, d_hidden, dx_slots,
             E, D, H1, H1 * D, D, 1,
             HAS_BIAS=False, STORE_GROUPED=False, SCALE_BY_ROUTE=False, PREC=prec,
-            BLOCK_E=block_e,
+            DOT_FP32=dot_fp32,            BLOCK_E=block_e,
         )
     grad_x = dx_slots.view(T, top_k, D).sum(dim=1).to(x.dtype)
     # dW2[e] = sum_r (w * grad_y[token])^T act(h_pre[r]); dW1[e] = sum_r dH1[r]^T x[token].

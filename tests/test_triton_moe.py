@@ -232,6 +232,9 @@ CASES = [
     (33, 16, 40, 3, 1, 2, "swiglu", torch.float16, {"unused_task": 1}),
     (1, 24, 40, 3, 2, 3, "swiglu", torch.float16, {}),
     (7, 24, 32, 1, 1, 2, "swiglu", torch.float32, {}),
+    # bf16: on CPU the kernels upcast their dots (the interpreter's bf16 dot is wrong).
+    (33, 24, 40, 4, 2, 3, "gelu", torch.bfloat16, {"starved_expert": 0}),
+    (7, 16, 32, 3, 3, 2, "swiglu", torch.bfloat16, {"unused_task": 1}),
 ]
 
 
@@ -251,6 +254,52 @@ def test_forward_and_gradients_match_oracle(T, D, H, E, k, NT, activation, dtype
         n = extra["unused_task"]
         assert grads["gate_weight"][n].abs().max().item() == 0.0
         assert grads["gate_bias"][n].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("activation,dtype", [("gelu", torch.float32),
+                                              ("swiglu", torch.float16)])
+def test_protocol_outputs_match_the_torch_backend(activation, dtype):
+    """Output for output, the four protocol functions against backend "torch"."""
+    reference = pytest.importorskip("m2dino_kernels.reference")
+    p = make_problem(33, 24, 40, 4, 2, 5, activation, dtype, starved_expert=2, unused_task=4)
+    args = (p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
+    got_route = triton_moe.route_forward(*args)
+    want_route = reference.route_forward(*args)
+    names = ["logits", "probs", "weights", "experts", "counts", "sorted_slots", "offsets"]
+    for name, got, want in zip(names, got_route, want_route):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        if got.dtype == torch.int64:
+            assert torch.equal(got, want), name
+        else:
+            assert_close(name, got, want, torch.float32 if dtype == torch.float32
+                         else torch.float16)
+    _, probs, weights, experts, _, slots, offsets = want_route
+    mlp = (p["fc1_w"], p["fc1_b"], p["fc2_w"], p["fc2_b"], activation)
+    got_fwd = triton_moe.experts_forward(p["x"], weights, experts, slots, offsets, *mlp)
+    want_fwd = reference.experts_forward(p["x"], weights, experts, slots, offsets, *mlp)
+    for name, got, want in zip(["y", "h_pre", "expert_out"], got_fwd, want_fwd):
+        assert got.dtype == want.dtype, name
+        assert_close(name, got, want, dtype)
+
+    grad_y = torch.randn_like(p["x"])
+    _, h_pre, expert_out = want_fwd
+    bwd_args = (grad_y, p["x"], weights, experts, slots, offsets, *mlp, h_pre, expert_out)
+    got_bwd = triton_moe.experts_backward(*bwd_args)
+    want_bwd = reference.experts_backward(*bwd_args)
+    names = ["grad_x", "grad_weights", "grad_fc1_w", "grad_fc1_b", "grad_fc2_w", "grad_fc2_b"]
+    for name, got, want in zip(names, got_bwd, want_bwd):
+        assert got.dtype == want.dtype, name
+        assert_close(name, got, want, dtype)
+
+    grad_logits, grad_probs = torch.randn_like(probs), torch.randn_like(probs)
+    route_bwd_args = (grad_logits, grad_probs, want_bwd[1], p["x"], p["task_ids"],
+                      p["gate_weight"], True, probs, weights, experts)
+    got_rb = triton_moe.route_backward(*route_bwd_args)
+    want_rb = reference.route_backward(*route_bwd_args)
+    for name, got, want in zip(["grad_x", "grad_gate_weight", "grad_gate_bias"], got_rb,
+                               want_rb):
+        assert got.dtype == want.dtype, name
+        assert_close(name, got, want, dtype)
 
 
 def test_all_tokens_on_one_expert_and_no_gate_bias():
@@ -319,6 +368,18 @@ def test_unknown_activation_is_a_clear_error():
     with pytest.raises(ValueError, match="activation must be one of"):
         triton_moe.experts_forward(p["x"], weights, experts, slots, offsets, p["fc1_w"],
                                    p["fc1_b"], p["fc2_w"], p["fc2_b"], "relu")
+
+
+def test_unsupported_dtypes_are_clear_errors():
+    p = make_problem(7, 16, 32, 3, 2, 2, "gelu", torch.float32)
+    with pytest.raises(TypeError, match="x has dtype torch.float64"):
+        triton_moe.route_forward(p["x"].double(), p["task_ids"], p["gate_weight"],
+                                 p["gate_bias"], 2)
+    _, _, weights, experts, _, slots, offsets = triton_moe.route_forward(
+        p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
+    with pytest.raises(TypeError, match="fc2_w has dtype torch.float64"):
+        triton_moe.experts_forward(p["x"], weights, experts, slots, offsets, p["fc1_w"],
+                                   p["fc1_b"], p["fc2_w"].double(), p["fc2_b"], "gelu")
 
 
 # ---------------------------------------------------------------------------------------
@@ -409,7 +470,7 @@ def compile_kernel(kernel, types, consts, arch, num_warps=4):
 dt, arch = sys.argv[1], int(sys.argv[2])
 p = "*" + dt
 prec = "ieee" if dt == "fp32" else "tf32"
-gemm = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, PREC=prec)
+gemm = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, PREC=prec, DOT_FP32=False)
 jobs = [
     (tm._route_kernel, dict(x_ptr=p, task_ptr="*i64", gate_w_ptr=p, gate_b_ptr=p,
      logits_ptr="*fp32", probs_ptr="*fp32", weights_ptr="*fp32", experts_ptr="*i64",
@@ -433,7 +494,7 @@ jobs = [
      g_scale_ptr="*fp32", offsets_ptr="*i64", dw_ptr=p, db_ptr=p, M="i32", N="i32",
      A_STRIDE="i32", A_HALF="i32"),
      dict(INDEX_DIV=1, GATHER_G=True, SCALE_G=False, GATHER_A=True, ACT_A=0, HAS_BIAS=True,
-          DOT_FP32=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, PREC="ieee")),
+          BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, PREC="ieee", DOT_FP32=True)),
 ]
 for act in (1, 2):
     jobs += [
@@ -447,7 +508,7 @@ for act in (1, 2):
          offsets_ptr="*i64", dw_ptr=p, db_ptr=p, M="i32", N="i32", A_STRIDE="i32",
          A_HALF="i32"),
          dict(INDEX_DIV=2, GATHER_G=True, SCALE_G=True, GATHER_A=False, ACT_A=act,
-              HAS_BIAS=True, DOT_FP32=False, **gemm)),
+              HAS_BIAS=True, **gemm)),
     ]
 for kernel, types, consts in jobs:
     compile_kernel(kernel, types, consts, arch)
