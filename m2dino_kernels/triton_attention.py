@@ -1,0 +1,409 @@
+"""Triton flash attention with DINOv3's rotate-half RoPE fused into the q/k tile loads.
+
+`attention_forward` and `attention_backward` are called by m2dino_kernels.attention (which
+validates the inputs and wraps them in a torch.library custom op with autograd); nothing here
+re-checks shapes.
+
+Layout of the work:
+- Every q/k tile is loaded as its two halves over head_dim, x1 = x[:, :d/2], x2 = x[:, d/2:],
+  so rotate_half needs no in-register permutation:
+      x1' = x1 * cos1 - x2 * sin1,   x2' = x2 * cos2 + x1 * sin2       (in fp32)
+  and q'k'^T = q1' k1'^T + q2' k2'^T (two dots). Rows of the first `P` (prefix) tokens get
+  cos = 1, sin = 0, i.e. they are not rotated. Rotated tiles are cast back to the input dtype
+  before the dots, exactly like the PyTorch backends do before calling SDPA.
+- Forward: one program per (query block, batch*head); online softmax over key blocks in the
+  log2 domain; writes the output and the row logsumexp (log2 domain) for the backward.
+- Backward: delta = rowsum(o * do); one kernel per key block accumulates dk', dv over all
+  query blocks, one kernel per query block accumulates dq'; both recompute the probabilities
+  from the saved logsumexp instead of storing them. The rotation's transpose maps dx' back to
+  dx:  dx1 = dx1' * cos1 + dx2' * sin2,  dx2 = dx2' * cos2 - dx1' * sin1.
+- Keys and queries past N (N not a multiple of the block) are masked: loads give zeros,
+  scores of missing keys are -inf, probabilities of missing rows/columns are zero.
+
+Runs on CUDA (fp32/fp16/bf16, fp32 accumulation) and, under TRITON_INTERPRET=1, on CPU tensors
+(fp32/fp16; the interpreter's bf16 dot is wrong). head_dim must be 32, 64 or 128. The
+interpreter gets one small config; CUDA gets autotuned configs tuned for an H100.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+_LOG2E = 1.4426950408889634
+
+# ---------------------------------------------------------------------------------------
+# Tile configurations. The interpreter runs one program at a time with numpy and cannot
+# autotune over several configs, so it gets one small config (small blocks also exercise the
+# multi-block loops and the tail masking on short test sequences). GPUs (tuned for H100/H200)
+# get a small autotuned set; configs that do not fit shared memory are skipped by the
+# autotuner. BLOCK_M tiles queries, BLOCK_N tiles keys.
+# ---------------------------------------------------------------------------------------
+_INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+
+GPU_FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+]
+# dk/dv: a program owns BLOCK_N keys and walks all queries in BLOCK_M steps.
+GPU_BACKWARD_DKDV_CONFIGS = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+]
+# dq: a program owns BLOCK_M queries and walks all keys in BLOCK_N steps.
+GPU_BACKWARD_DQ_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+]
+_FORWARD_CONFIGS = _INTERPRETER_CONFIGS if INTERPRETER else GPU_FORWARD_CONFIGS
+_DKDV_CONFIGS = _INTERPRETER_CONFIGS if INTERPRETER else GPU_BACKWARD_DKDV_CONFIGS
+_DQ_CONFIGS = _INTERPRETER_CONFIGS if INTERPRETER else GPU_BACKWARD_DQ_CONFIGS
+_DELTA_BLOCK = 16 if INTERPRETER else 64
+
+# Retune when the sequence length, head size, rope presence or dtype changes.
+_TUNE_KEY = ["N", "HEAD_DIM", "HAS_ROPE", "PREC"]
+
+
+@triton.jit
+def _load_rope_halves(sin_base, cos_base, stride_sn, rows, row_mask, P, half_cols,
+                      HALF: tl.constexpr):
+    """sin/cos halves for token rows; prefix rows (and rows past N) get sin 0, cos 1."""
+    rotated = row_mask & (rows >= P)
+    offs = (rows - P)[:, None] * stride_sn + half_cols[None, :]
+    sin1 = tl.load(sin_base + offs, mask=rotated[:, None], other=0.0)
+    sin2 = tl.load(sin_base + offs + HALF, mask=rotated[:, None], other=0.0)
+    cos1 = tl.load(cos_base + offs, mask=rotated[:, None], other=1.0)
+    cos2 = tl.load(cos_base + offs + HALF, mask=rotated[:, None], other=1.0)
+    return sin1, sin2, cos1, cos2
+
+
+@triton.jit
+def _load_rotated_halves(x_base, stride_n, rows, row_mask, half_cols, sin_base, cos_base,
+                         stride_sn, P, HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """Load rows of x as two halves over head_dim and apply the rotation in fp32."""
+    ptrs = x_base + rows[:, None] * stride_n + half_cols[None, :]
+    x1 = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+    x2 = tl.load(ptrs + HALF, mask=row_mask[:, None], other=0.0)
+    if HAS_ROPE:
+        sin1, sin2, cos1, cos2 = _load_rope_halves(sin_base, cos_base, stride_sn, rows,
+                                                   row_mask, P, half_cols, HALF)
+        x1f = x1.to(tl.float32)
+        x2f = x2.to(tl.float32)
+        y1 = x1f * cos1 - x2f * sin1
+        y2 = x2f * cos2 + x1f * sin2
+        x1 = y1.to(x_base.dtype.element_ty)
+        x2 = y2.to(x_base.dtype.element_ty)
+    return x1, x2
+
+
+@triton.jit
+def _store_unrotated_halves(out_base, stride_n, rows, row_mask, half_cols, g1, g2, sin_base,
+                            cos_base, stride_sn, P, HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """Store the gradient w.r.t. x given the fp32 gradient w.r.t. the rotated x'
+    (the rotation's transpose: dx1 = g1*cos1 + g2*sin2, dx2 = g2*cos2 - g1*sin1)."""
+    if HAS_ROPE:
+        sin1, sin2, cos1, cos2 = _load_rope_halves(sin_base, cos_base, stride_sn, rows,
+                                                   row_mask, P, half_cols, HALF)
+        r1 = g1 * cos1 + g2 * sin2
+        r2 = g2 * cos2 - g1 * sin1
+    else:
+        r1 = g1
+        r2 = g2
+    ptrs = out_base + rows[:, None] * stride_n + half_cols[None, :]
+    tl.store(ptrs, r1.to(out_base.dtype.element_ty), mask=row_mask[:, None])
+    tl.store(ptrs + HALF, r2.to(out_base.dtype.element_ty), mask=row_mask[:, None])
+
+
+@triton.autotune(configs=_FORWARD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attention_forward_kernel(
+        q_ptr, k_ptr, v_ptr, sin_ptr, cos_ptr, o_ptr, lse_ptr,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+        stride_sb, stride_sn, H, N, P, qk_scale,
+        HAS_ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    sin_base = sin_ptr + b * stride_sb
+    cos_base = cos_ptr + b * stride_sb
+
+    half_cols = tl.arange(0, HALF)
+    dim_cols = tl.arange(0, HEAD_DIM)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    q1, q2 = _load_rotated_halves(q_base, stride_qn, rows, row_mask, half_cols, sin_base,
+                                  cos_base, stride_sn, P, HALF, HAS_ROPE)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        k1, k2 = _load_rotated_halves(k_base, stride_kn, cols, col_mask, half_cols, sin_base,
+                                      cos_base, stride_sn, P, HALF, HAS_ROPE)
+        s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
+        s = tl.dot(q2, tl.trans(k2), s, input_precision=PREC)
+        s = tl.where(col_mask[None, :], s * qk_scale, float("-inf"))  # log2 domain
+        # Every key block holds at least one real key, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + dim_cols[None, :],
+                    mask=col_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_base = o_ptr + b * stride_ob + h * stride_oh
+    tl.store(o_base + rows[:, None] * stride_on + dim_cols[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_mask[:, None])
+    tl.store(lse_ptr + pid_bh * N + rows, m_i + tl.log2(l_i), mask=row_mask)
+
+
+@triton.jit
+def _attention_backward_delta_kernel(
+        o_ptr, do_ptr, delta_ptr, stride_ob, stride_oh, stride_on,
+        stride_dob, stride_doh, stride_don, H, N,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[row] = sum_d o[row, d] * do[row, d] in fp32 (the softmax backward's row term)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    dim_cols = tl.arange(0, HEAD_DIM)
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
+                + dim_cols[None, :], mask=row_mask[:, None], other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_don
+                 + dim_cols[None, :], mask=row_mask[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + pid_bh * N + rows, delta, mask=row_mask)
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attention_backward_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, sin_ptr, cos_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+        stride_gb, stride_gh, stride_gn, stride_sb, stride_sn, H, N, P, qk_scale, sm_scale,
+        HAS_ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dk and dv for one block of keys; dk/dv share strides (stride_g*), both contiguous."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    do_base = do_ptr + b * stride_dob + h * stride_doh
+    sin_base = sin_ptr + b * stride_sb
+    cos_base = cos_ptr + b * stride_sb
+
+    half_cols = tl.arange(0, HALF)
+    dim_cols = tl.arange(0, HEAD_DIM)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    k1, k2 = _load_rotated_halves(k_base, stride_kn, cols, col_mask, half_cols, sin_base,
+                                  cos_base, stride_sn, P, HALF, HAS_ROPE)
+    v = tl.load(v_base + cols[:, None] * stride_vn + dim_cols[None, :],
+                mask=col_mask[:, None], other=0.0)
+
+    dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
+    dk2 = tl.zeros([BLOCK_N, HALF], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_mask = rows < N
+        q1, q2 = _load_rotated_halves(q_base, stride_qn, rows, row_mask, half_cols, sin_base,
+                                      cos_base, stride_sn, P, HALF, HAS_ROPE)
+        do = tl.load(do_base + rows[:, None] * stride_don + dim_cols[None, :],
+                     mask=row_mask[:, None], other=0.0)
+        lse = tl.load(lse_ptr + pid_bh * N + rows, mask=row_mask, other=0.0)
+        delta = tl.load(delta_ptr + pid_bh * N + rows, mask=row_mask, other=0.0)
+        # Transposed scores: keys on rows, queries on columns.
+        s_t = tl.dot(k1, tl.trans(q1), input_precision=PREC)
+        s_t = tl.dot(k2, tl.trans(q2), s_t, input_precision=PREC)
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :])
+        p_t = tl.where(row_mask[None, :] & col_mask[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q1.dtype)
+        dk1 = tl.dot(ds_t, q1, dk1, input_precision=PREC)
+        dk2 = tl.dot(ds_t, q2, dk2, input_precision=PREC)
+
+    g_off = b * stride_gb + h * stride_gh
+    tl.store(dv_ptr + g_off + cols[:, None] * stride_gn + dim_cols[None, :],
+             dv.to(dv_ptr.dtype.element_ty), mask=col_mask[:, None])
+    _store_unrotated_halves(dk_ptr + g_off, stride_gn, cols, col_mask, half_cols,
+                            dk1 * sm_scale, dk2 * sm_scale, sin_base, cos_base, stride_sn, P,
+                            HALF, HAS_ROPE)
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attention_backward_dq_kernel(
+        q_ptr, k_ptr, v_ptr, sin_ptr, cos_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
+        stride_gb, stride_gh, stride_gn, stride_sb, stride_sn, H, N, P, qk_scale, sm_scale,
+        HAS_ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq for one block of queries."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    do_base = do_ptr + b * stride_dob + h * stride_doh
+    sin_base = sin_ptr + b * stride_sb
+    cos_base = cos_ptr + b * stride_sb
+
+    half_cols = tl.arange(0, HALF)
+    dim_cols = tl.arange(0, HEAD_DIM)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    q1, q2 = _load_rotated_halves(q_base, stride_qn, rows, row_mask, half_cols, sin_base,
+                                  cos_base, stride_sn, P, HALF, HAS_ROPE)
+    do = tl.load(do_base + rows[:, None] * stride_don + dim_cols[None, :],
+                 mask=row_mask[:, None], other=0.0)
+    lse = tl.load(lse_ptr + pid_bh * N + rows, mask=row_mask, other=0.0)
+    delta = tl.load(delta_ptr + pid_bh * N + rows, mask=row_mask, other=0.0)
+
+    dq1 = tl.zeros([BLOCK_M, HALF], tl.float32)
+    dq2 = tl.zeros([BLOCK_M, HALF], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        k1, k2 = _load_rotated_halves(k_base, stride_kn, cols, col_mask, half_cols, sin_base,
+                                      cos_base, stride_sn, P, HALF, HAS_ROPE)
+        v = tl.load(v_base + cols[:, None] * stride_vn + dim_cols[None, :],
+                    mask=col_mask[:, None], other=0.0)
+        s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
+        s = tl.dot(q2, tl.trans(k2), s, input_precision=PREC)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        p = tl.where(row_mask[:, None] & col_mask[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = (p * (dp - delta[:, None])).to(k1.dtype)
+        dq1 = tl.dot(ds, k1, dq1, input_precision=PREC)
+        dq2 = tl.dot(ds, k2, dq2, input_precision=PREC)
+
+    _store_unrotated_halves(dq_ptr + b * stride_gb + h * stride_gh, stride_gn, rows, row_mask,
+                            half_cols, dq1 * sm_scale, dq2 * sm_scale, sin_base, cos_base,
+                            stride_sn, P, HALF, HAS_ROPE)
+
+
+# ---------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """Kernels take any batch/head/token strides but need unit stride over head_dim."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 dots unless the user allowed TF32 for matmuls.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _rope_args(sin, cos, like: torch.Tensor):
+    """(sin, cos, batch stride, token stride, has_rope); sin/cos are fp32 [1 or B, L, d]."""
+    if sin is None:
+        dummy = like.new_empty(1, dtype=torch.float32)
+        return dummy, dummy, 0, 0, False
+    batch_stride = 0 if sin.shape[0] == 1 else sin.stride(0)
+    return sin, cos, batch_stride, sin.stride(1), True
+
+
+def _strides(x: torch.Tensor):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def attention_forward(q, k, v, sin, cos, num_prefix_tokens: int):
+    """Forward: (out [B,H,N,d] contiguous, lse [B,H,N] fp32 in the log2 domain).
+
+    q, k, v: [B, H, N, d] of one dtype and device, d in SUPPORTED_HEAD_DIMS; sin/cos: None or
+    contiguous fp32 [1 or B, N - num_prefix_tokens, d]."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    batch, heads, n, head_dim = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    sin, cos, stride_sb, stride_sn, has_rope = _rope_args(sin, cos, q)
+    qk_scale = _LOG2E / math.sqrt(head_dim)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_M"]), batch * heads)
+
+    _attention_forward_kernel[grid](
+        q, k, v, sin, cos, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        stride_sb, stride_sn, heads, n, num_prefix_tokens, qk_scale,
+        HAS_ROPE=has_rope, HEAD_DIM=head_dim, PREC=_precision(q.dtype))
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, sin, cos, out, lse, num_prefix_tokens: int):
+    """Backward of `attention_forward`: (dq, dk, dv), contiguous, in q's dtype."""
+    grad_out, q, k, v = (_last_dim_contiguous(t) for t in (grad_out, q, k, v))
+    batch, heads, n, head_dim = q.shape
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    if dq.numel() == 0:
+        return dq, dk, dv
+    sin, cos, stride_sb, stride_sn, has_rope = _rope_args(sin, cos, q)
+    sm_scale = 1.0 / math.sqrt(head_dim)
+    qk_scale = sm_scale * _LOG2E
+    prec = _precision(q.dtype)
+
+    delta = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
+    _attention_backward_delta_kernel[(triton.cdiv(n, _DELTA_BLOCK), batch * heads)](
+        out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, n,
+        HEAD_DIM=head_dim, BLOCK_M=_DELTA_BLOCK)
+
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+              stride_sb, stride_sn, heads, n, num_prefix_tokens, qk_scale, sm_scale)
+
+    def grid_keys(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
+
+    def grid_queries(meta):
+        return (triton.cdiv(n, meta["BLOCK_M"]), batch * heads)
+
+    _attention_backward_dkdv_kernel[grid_keys](
+        q, k, v, sin, cos, grad_out, lse, delta, dk, dv, *common,
+        HAS_ROPE=has_rope, HEAD_DIM=head_dim, PREC=prec)
+    _attention_backward_dq_kernel[grid_queries](
+        q, k, v, sin, cos, grad_out, lse, delta, dq, *common,
+        HAS_ROPE=has_rope, HEAD_DIM=head_dim, PREC=prec)
+    return dq, dk, dv
