@@ -65,7 +65,7 @@ _WGRAD_CONFIGS = _INTERPRETER_WGRAD_CONFIGS if INTERPRETER else _GPU_WGRAD_CONFI
 # Routing kernels are elementwise over [tokens, experts, D-chunk]: fixed small tiles.
 _ROUTE_BLOCK_T = 16
 _ROUTE_BLOCK_D = 32 if INTERPRETER else 64
-_PERMUTE_BLOCK = 64 if INTERPRETER else 256
+_PERMUTE_BLOCK = 64 if INTERPRETER else 256  # keys per program of the counting sort
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -222,40 +222,55 @@ def _route_kernel(
 
 
 @triton.jit
-def _permute_kernel(keys_ptr, sorted_ptr, offsets_ptr, N, E,
-                    BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Stable counting sort of N keys in [0, E) in one program: pass 1 histograms,
-    an exclusive scan gives offsets, pass 2 places each item at offset + running rank."""
+def _block_histogram_kernel(keys_ptr, block_counts_ptr, N, E,
+                            BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """block_counts[b, e] = how many of keys[b*BLOCK : (b+1)*BLOCK] equal e."""
+    pid = tl.program_id(0)
+    s_idx = pid * BLOCK + tl.arange(0, BLOCK)
     e_idx = tl.arange(0, BLOCK_E)
-    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
-    for s0 in range(0, N, BLOCK):
-        s_idx = s0 + tl.arange(0, BLOCK)
-        key = tl.load(keys_ptr + s_idx, mask=s_idx < N, other=BLOCK_E)
-        counts += tl.sum((key[:, None] == e_idx[None, :]).to(tl.int32), axis=0)
-    ends = tl.cumsum(counts, 0)
-    starts = ends - counts
-    tl.store(offsets_ptr + e_idx, starts.to(tl.int64), mask=e_idx < E)
-    tl.store(offsets_ptr + E, tl.sum(counts, 0).to(tl.int64))
+    key = tl.load(keys_ptr + s_idx, mask=s_idx < N, other=BLOCK_E)
+    counts = tl.sum((key[:, None] == e_idx[None, :]).to(tl.int32), axis=0)
+    tl.store(block_counts_ptr + pid * E + e_idx, counts, mask=e_idx < E)
 
-    placed = starts  # next free position of each key
-    for s0 in range(0, N, BLOCK):
-        s_idx = s0 + tl.arange(0, BLOCK)
-        s_mask = s_idx < N
-        key = tl.load(keys_ptr + s_idx, mask=s_mask, other=BLOCK_E)
-        onehot = (key[:, None] == e_idx[None, :]).to(tl.int32)
-        earlier_same_key = tl.cumsum(onehot, 0) - onehot
-        dest = tl.sum(onehot * (placed[None, :] + earlier_same_key), axis=1)
-        tl.store(sorted_ptr + dest, s_idx.to(tl.int64), mask=s_mask)
-        placed += tl.sum(onehot, axis=0)
+
+@triton.jit
+def _block_place_kernel(keys_ptr, block_base_ptr, sorted_ptr, N, E,
+                        BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Stable placement: item s of block b goes to block_base[b, key] + the number of
+    earlier items of its block with the same key."""
+    pid = tl.program_id(0)
+    s_idx = pid * BLOCK + tl.arange(0, BLOCK)
+    s_mask = s_idx < N
+    e_idx = tl.arange(0, BLOCK_E)
+    key = tl.load(keys_ptr + s_idx, mask=s_mask, other=BLOCK_E)
+    onehot = (key[:, None] == e_idx[None, :]).to(tl.int32)
+    earlier_same_key = tl.cumsum(onehot, 0) - onehot
+    base = tl.load(block_base_ptr + pid * E + e_idx, mask=e_idx < E, other=0)
+    dest = tl.sum(onehot.to(tl.int64) * (base[None, :] + earlier_same_key), axis=1)
+    tl.store(sorted_ptr + dest, s_idx.to(tl.int64), mask=s_mask)
 
 
 def _stable_sort_by_key(keys: torch.Tensor, num_keys: int):
-    """keys [N] int64 in [0, num_keys) -> (order [N] int64, offsets [num_keys+1] int64)."""
+    """Stable counting sort on the device, parallel over blocks of keys (no host sync).
+    keys [N] int64 in [0, num_keys) -> (order [N] int64, offsets [num_keys+1] int64)."""
     n = keys.numel()
-    order = torch.empty(n, dtype=torch.int64, device=keys.device)
-    offsets = torch.empty(num_keys + 1, dtype=torch.int64, device=keys.device)
-    _permute_kernel[(1,)](keys, order, offsets, n, num_keys,
-                          BLOCK=_PERMUTE_BLOCK, BLOCK_E=triton.next_power_of_2(num_keys))
+    dev = keys.device
+    num_blocks = triton.cdiv(n, _PERMUTE_BLOCK)
+    block_e = triton.next_power_of_2(num_keys)
+    block_counts = torch.empty(num_blocks, num_keys, dtype=torch.int32, device=dev)
+    offsets = torch.zeros(num_keys + 1, dtype=torch.int64, device=dev)
+    order = torch.empty(n, dtype=torch.int64, device=dev)
+    if n == 0:
+        return order, offsets
+    _block_histogram_kernel[(num_blocks,)](keys, block_counts, n, num_keys,
+                                           BLOCK=_PERMUTE_BLOCK, BLOCK_E=block_e)
+    # Exclusive scans: over keys (where each key starts) and over blocks (where each
+    # block's items of a key start). Tiny [num_blocks, E] tensors.
+    block_counts = block_counts.to(torch.int64)
+    torch.cumsum(block_counts.sum(dim=0), dim=0, out=offsets[1:])
+    block_base = offsets[:-1] + block_counts.cumsum(dim=0) - block_counts
+    _block_place_kernel[(num_blocks,)](keys, block_base, order, n, num_keys,
+                                       BLOCK=_PERMUTE_BLOCK, BLOCK_E=block_e)
     return order, offsets
 
 
