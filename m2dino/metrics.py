@@ -323,14 +323,68 @@ def _normalise(pixels, orig_size) -> np.ndarray:
     return values / [width, height]
 
 
-def trivial_baselines(train_truth: Sequence[Mapping], val_truth: Sequence[Mapping], tasks=None) -> dict[str, dict[str, float]]:
+def ground_truth_from_record(record, with_mask: bool = True) -> dict:
+    """A data-reader `Record` as a ground-truth dict in original pixels (+ "orig_size").
+
+    Segmentation masks are read from `record.mask_file` (skipped with with_mask=False).
+    """
+    from m2dino.data.reader import image_size, load_mask_array
+
+    truth = {"task": record.task_id, "image_path": record.image_path, "orig_size": image_size(record.image_file)}
+    if record.task_type == "segmentation":
+        if with_mask:
+            truth["mask"] = load_mask_array(record.mask_file)
+    elif record.task_type == "classification":
+        truth["label"] = int(record.label)
+    elif record.task_type == "detection":
+        truth["box"] = [float(v) for v in record.box]
+    else:
+        truth["points"] = np.asarray(record.points, dtype=np.float64)
+    return truth
+
+
+def ground_truth_from_target(task: str, target: Mapping, orig_size) -> dict:
+    """A dataset item's target (resized mask, normalised box / points) as a ground-truth dict.
+
+    Boxes and points are scaled back to original pixels exactly; the mask is the resized one
+    (S x S), so predictions are scored against it after a nearest resize to S x S: Dice and HD
+    then approximate the original-resolution values (use `ground_truth_from_record` for the
+    challenge-exact numbers).
+    """
+    height, width = (int(v) for v in orig_size)
+    truth = {"task": task, "orig_size": (height, width)}
+    if "mask" in target:
+        truth["mask"] = _to_numpy(target["mask"]).astype(np.int64)
+    elif "label" in target:
+        truth["label"] = int(_to_numpy(target["label"]))
+    elif "box" in target:
+        truth["box"] = (_to_numpy(target["box"]).astype(np.float64) * [width, height, width, height]).tolist()
+    elif "points" in target:
+        truth["points"] = _to_numpy(target["points"]).astype(np.float64).reshape(-1, 2) * [width, height]
+    else:
+        raise ValueError(f"ground_truth_from_target: task {task!r} target has none of mask/label/box/points: {sorted(target)}")
+    return truth
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def trivial_baselines(train_truth: Sequence, val_truth: Sequence, tasks=None) -> dict[str, dict[str, float]]:
     """{task_id: {metric: value}} of the trivial baselines on the validation ground truth.
 
-    Both arguments are ground-truth dicts as for `evaluate_predictions` ("task", the target in
-    pixels, "orig_size"). Tasks without training samples are skipped for the learnt baselines
-    (majority class, mean box, mean points); the empty-mask baseline needs none.
+    Both arguments are data-reader `Record`s or ground-truth dicts as for
+    `evaluate_predictions` ("task", the target in pixels, "orig_size"). Tasks without training
+    samples are skipped for the learnt baselines (majority class, mean box, mean points); the
+    empty-mask baseline needs none (and no training masks are read).
     """
     table = _task_table(tasks)
+    train_truth = [
+        ground_truth_from_record(g, with_mask=False) if hasattr(g, "task_id") else g for g in train_truth
+    ]
+    val_truth = [ground_truth_from_record(g) if hasattr(g, "task_id") else g for g in val_truth]
     train_by_task: dict[str, list] = defaultdict(list)
     for g in train_truth:
         train_by_task[g["task"]].append(g)

@@ -237,3 +237,15 @@ def test_trivial_baselines_hand_computed():
     # predicted [0,0,60,30] vs gt [0,0,40,40]: inter 40*30, union 1800 + 1600 - 1200
     assert out["det"]["iou"] == pytest.approx(1200 / 2200)
     assert out["reg"]["mre"] == pytest.approx((3 + 4) / 2)
+
+
+def test_ground_truth_from_target_scales_to_pixels():
+    import torch
+
+    box = M.ground_truth_from_target("det", {"box": torch.tensor([0.25, 0.5, 0.5, 1.0])}, (10, 20))
+    assert box["box"] == [5.0, 5.0, 10.0, 10.0]
+    points = M.ground_truth_from_target("reg", {"points": torch.tensor([[0.5, 0.1], [1.0, 0.0]])}, (10, 20))
+    np.testing.assert_allclose(points["points"], [[10.0, 1.0], [20.0, 0.0]])
+    assert M.ground_truth_from_target("cls", {"label": torch.tensor(3)}, (4, 4))["label"] == 3
+    with pytest.raises(ValueError, match="none of mask/label/box/points"):
+        M.ground_truth_from_target("x", {"other": 1}, (4, 4))

@@ -151,3 +151,19 @@ def test_prediction_mask_relpath():
     assert str(E.prediction_mask_relpath("Segmentation/m.png")) == "Segmentation/m.png"
     with pytest.raises(E.EvaluationError, match="cannot be placed"):
         E.prediction_mask_relpath("../a/../../etc/passwd")
+
+
+def test_trivial_baselines_from_reader_records(hand_root):
+    from m2dino import metrics
+    from m2dino.data.reader import read_csvs
+
+    scan = read_csvs(hand_root)
+    out = metrics.trivial_baselines(scan.records, scan.records, scan.tasks)
+    # empty mask: image a (class 1 present) Dice 0 / HD 10, image b (empty) Dice 1 / HD 0
+    assert out["lung"] == {"dice": pytest.approx(0.5), "hd": pytest.approx(5.0)}
+    # labels 0,0,1,1: the tie goes to class 0; F1 class 0 = 2*2/(2*2+2), class 1 = 0
+    assert out["lung_2cls"]["accuracy"] == pytest.approx(0.5)
+    assert out["lung_2cls"]["f1_macro"] == pytest.approx(1 / 3)
+    # mean box [.5, .5, 2.5, 2.5] overlaps each GT box by 1.5 x 1.5 of a 4 + 4 - 2.25 union
+    assert out["thyroid_nodule_det"]["iou"] == pytest.approx(2.25 / 5.75)
+    assert out["fetal_femur"]["mre"] == pytest.approx(0.0)
