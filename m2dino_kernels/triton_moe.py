@@ -137,7 +137,7 @@ def _dot(a, b, acc, PREC: tl.constexpr, DOT_FP32: tl.constexpr):
     return tl.dot(a, b.to(a.dtype), acc, input_precision=PREC)
 
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_dtypes(function: str, **tensors) -> None:
@@ -145,7 +145,7 @@ def _check_dtypes(function: str, **tensors) -> None:
     for name, tensor in tensors.items():
         if tensor is None:
             continue
-        if tensor.dtype not in _SUPPORTED_DTYPES:
+        if tensor.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"triton backend {function}: {name} has dtype {tensor.dtype}; "
                             "supported: float16, bfloat16, float32 (use the 'torch' or "
                             "'cpp' backend for float64)")

@@ -302,6 +302,38 @@ def test_protocol_outputs_match_the_torch_backend(activation, dtype):
         assert_close(name, got, want, dtype)
 
 
+@pytest.mark.parametrize("activation,dtype", [("swiglu", torch.float32),
+                                              ("gelu", torch.float16)])
+def test_public_api_with_triton_backend_matches_torch_backend(activation, dtype):
+    """task_topk_route + expert_mlp through m2dino_kernels' custom ops and autograd."""
+    m2k = pytest.importorskip("m2dino_kernels.moe")
+    from m2dino_kernels import backends
+
+    backends.refresh_available_backends()
+    if "triton" not in backends.available_backends(DEVICE):
+        pytest.skip(f"triton backend unavailable on {DEVICE}")
+    p = make_problem(33, 24, 40, 4, 2, 3, activation, dtype)
+    names = ["x", "gate_weight", "gate_bias", "fc1_w", "fc1_b", "fc2_w", "fc2_b"]
+    results = {}
+    for backend in ("torch", "triton"):
+        leaves = {n: p[n].detach().clone().requires_grad_() for n in names}
+        with backends.use_backend(backend):
+            routing = m2k.task_topk_route(leaves["x"], p["task_ids"], leaves["gate_weight"],
+                                          leaves["gate_bias"], top_k=2)
+            y = m2k.expert_mlp(leaves["x"], routing, leaves["fc1_w"], leaves["fc1_b"],
+                               leaves["fc2_w"], leaves["fc2_b"], activation=activation)
+        loss = (y.float() ** 2).sum() + (routing.probs * torch.arange(4.0)).sum()
+        loss.backward()
+        results[backend] = (y.detach(), routing, {n: leaves[n].grad for n in names})
+    y_t, r_t, g_t = results["triton"]
+    y_r, r_r, g_r = results["torch"]
+    assert torch.equal(r_t.experts, r_r.experts)
+    assert torch.equal(r_t.sorted_slots, r_r.sorted_slots)
+    assert_close("y", y_t, y_r, dtype)
+    for n in names:
+        assert_close(f"grad {n}", g_t[n], g_r[n], dtype)
+
+
 def test_all_tokens_on_one_expert_and_no_gate_bias():
     p = make_problem(7, 16, 32, 4, 1, 2, "gelu", torch.float32)
     p["gate_weight"] = p["gate_weight"] * 0.01
