@@ -461,6 +461,13 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
         for metric in METRIC_NAMES.get(task_type, ()):
             cells = [_fmt(per_paradigm.get(p, {}).get("metrics", {}).get(metric)) for p in paradigms]
             lines.append(f"| {task_type} | {metric} | " + " | ".join(cells) + " |")
+    lines += ["", "## All metrics per task and paradigm", "", "| task | paradigm | model | metrics | baseline |",
+              "|---|---|---|---|---|"]
+    for task_id, task in report["tasks"].items():
+        for paradigm, result in task["paradigms"].items():
+            values = ", ".join(f"{m} {_fmt(v)}" for m, v in result["metrics"].items())
+            baseline = ", ".join(f"{m} {_fmt(v)}" for m, v in result["baseline"].items()) or "-"
+            lines.append(f"| {task_id} | {PARADIGM_LABELS.get(paradigm, paradigm)} | {result['model']} | {values} | {baseline} |")
     lines += ["", "## Negative transfer", ""]
     if report["negative_transfer"]:
         for item in report["negative_transfer"]:
