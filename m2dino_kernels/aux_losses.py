@@ -52,7 +52,11 @@ def _validate(routing, task_ids, num_tasks):
     if task_ids.device != routing.probs.device:
         raise ValueError(f"task_ids is on {task_ids.device} but routing is on "
                          f"{routing.probs.device}")
-    if num_tokens and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):
+    # The value check reads the ids on the host: eager only (under torch.compile it would
+    # break the graph; task_topk_route has already range-checked the same ids in its op).
+    if torch.compiler.is_compiling() or num_tokens == 0:
+        return
+    if int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks:
         raise ValueError(f"task_ids must be in [0, num_tasks) = [0, {num_tasks}), got values "
                          f"in [{int(task_ids.min())}, {int(task_ids.max())}]")
 

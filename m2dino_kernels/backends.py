@@ -34,6 +34,17 @@ _BACKEND_MODULES = {
     "triton": "m2dino_kernels.triton_moe",
 }
 
+_HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+# Input dtypes each concrete backend accepts (float64 only in the reference: gradcheck).
+# Kept here rather than in the backend modules so that checking it never imports one
+# (an import inside a torch.compile'd call would be a graph break).
+BACKEND_DTYPES = {
+    "torch": _HALF_AND_FLOAT + (torch.float64,),
+    "cpp": _HALF_AND_FLOAT,
+    "cuda": _HALF_AND_FLOAT,
+    "triton": _HALF_AND_FLOAT,
+}
+
 
 def _validate_name(name, source: str) -> str:
     if not isinstance(name, str) or name not in BACKEND_NAMES:

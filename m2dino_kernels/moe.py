@@ -32,7 +32,6 @@ from m2dino_kernels import backends
 
 ACTIVATIONS = ("gelu", "swiglu")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_DEFAULT_BACKEND_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Routing(NamedTuple):
@@ -75,8 +74,7 @@ def _require_same(tensor, name, ref, ref_name):
 
 
 def _check_backend_dtype(backend, dtype):
-    supported = getattr(backends.backend_module(backend), "SUPPORTED_DTYPES",
-                        _DEFAULT_BACKEND_DTYPES)
+    supported = backends.BACKEND_DTYPES[backend]
     if dtype not in supported:
         raise TypeError(f"kernel backend {backend!r} does not support {dtype}; it supports "
                         f"{', '.join(str(d) for d in supported)} (backend 'torch' supports "

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = ("gelu", "swiglu")
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
