@@ -456,3 +456,89 @@ def test_torch_compile_fullgraph_matches_eager():
            if node.op == "call_function"]
     assert sum("m2dino.task_topk_route" in op for op in ops) == 1
     assert sum("m2dino.expert_mlp" in op for op in ops) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Auxiliary losses (hand-computed)
+# ---------------------------------------------------------------------------------------
+def _routing_from(probs, experts, logits):
+    probs = torch.tensor(probs, dtype=torch.float32)
+    experts = torch.tensor(experts)
+    weights = torch.gather(probs, 1, experts)
+    weights = weights / weights.sum(-1, keepdim=True)
+    E, k = probs.shape[1], experts.shape[1]
+    counts = torch.bincount(experts.reshape(-1), minlength=E)
+    return mk.Routing(torch.tensor(logits, dtype=torch.float32), probs, weights, experts, counts,
+                      torch.sort(experts.reshape(-1), stable=True).indices,
+                      torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]), k)
+
+
+def test_aux_losses_hand_computed():
+    probs = [[0.75, 0.25], [0.5, 0.5], [0.2, 0.8], [0.6, 0.4]]
+    shifts = [1.0, 0.0, 2.0, -1.0]  # logsumexp of each row of logits
+    logits = [[math.log(p) + c for p in row] for row, c in zip(probs, shifts)]
+    routing = _routing_from(probs, [[0], [0], [1], [0]], logits)
+    task_ids = torch.tensor([0, 0, 1, 2])  # task 3 has no token
+    aux = mk.moe_aux_losses(routing, task_ids, num_tasks=4)
+    # task 0: f = [1, 0], P = [0.625, 0.375] -> 2 * 0.625; task 1: 2 * 0.8; task 2: 2 * 0.6
+    assert aux.load_balance.item() == pytest.approx((1.25 + 1.6 + 1.2) / 3, rel=1e-6)
+    assert aux.z_loss.item() == pytest.approx((1 + 0 + 4 + 1) / 4, rel=1e-5)
+    joint = [[0.3125, 0.1875], [0.05, 0.2], [0.15, 0.1]]  # summed probs / 4 tokens
+    p_task = [0.5, 0.25, 0.25]
+    p_expert = [0.5125, 0.4875]
+    mi = sum(joint[t][e] * math.log(joint[t][e] / (p_task[t] * p_expert[e]))
+             for t in range(3) for e in range(2))
+    assert aux.mutual_information.item() == pytest.approx(-mi, rel=1e-5)
+
+
+def test_aux_losses_extremes():
+    # two tasks (2 and 1 tokens), each on its own expert with certainty: expert determines
+    # task, so MI = H(task) = 2/3 ln(3/2) + 1/3 ln 3; load_balance = E for each task
+    routing = _routing_from([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [[0], [0], [1]],
+                            [[0.0, -50.0], [0.0, -50.0], [-50.0, 0.0]])
+    aux = mk.moe_aux_losses(routing, torch.tensor([0, 0, 1]), num_tasks=2)
+    assert aux.load_balance.item() == pytest.approx(2.0)
+    entropy = 2 / 3 * math.log(3 / 2) + 1 / 3 * math.log(3)
+    assert aux.mutual_information.item() == pytest.approx(-entropy, rel=1e-6)
+    # uniform router: balanced (loss 1) and no task information (MI 0)
+    routing = _routing_from([[0.5, 0.5]] * 4, [[0, 1], [1, 0], [0, 1], [1, 0]], [[0.0, 0.0]] * 4)
+    aux = mk.moe_aux_losses(routing, torch.tensor([0, 1, 0, 1]), num_tasks=3)
+    assert aux.load_balance.item() == pytest.approx(1.0)
+    assert aux.mutual_information.item() == pytest.approx(0.0, abs=1e-7)
+    assert aux.z_loss.item() == pytest.approx(math.log(2) ** 2, rel=1e-6)
+
+
+def test_aux_losses_gradients_finite_with_idle_tasks():
+    params, task_ids = make_problem(10, 6, 5, 4, 6, 2, task_pool=[1, 4])
+    leaves = {n: t.clone().requires_grad_(True) for n, t in params.items()}
+    with mk.use_backend("torch"):
+        routing = mk.task_topk_route(leaves["x"], task_ids, leaves["gate_weight"],
+                                     leaves["gate_bias"], top_k=2)
+    aux = mk.moe_aux_losses(routing, task_ids, num_tasks=6)
+    sum(aux).backward()
+    assert all(torch.isfinite(v) for v in aux)
+    assert torch.isfinite(leaves["gate_weight"].grad).all()
+    assert leaves["gate_weight"].grad[[0, 2, 3, 5]].abs().sum() == 0  # idle tasks untouched
+    assert leaves["gate_weight"].grad[[1, 4]].abs().sum() > 0
+
+
+def test_aux_losses_empty_batch_is_zero():
+    with mk.use_backend("torch"):
+        routing = mk.task_topk_route(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
+                                     torch.randn(2, 3, 4), None, top_k=2)
+    aux = mk.moe_aux_losses(routing, torch.zeros(0, dtype=torch.long), num_tasks=2)
+    assert [v.item() for v in aux] == [0.0, 0.0, 0.0]
+
+
+def test_aux_losses_reject_bad_arguments():
+    routing = _routing_from([[0.5, 0.5]] * 3, [[0], [1], [0]], [[0.0, 0.0]] * 3)
+    with pytest.raises(ValueError, match=r"task_ids must have shape \[T\] = \[3\]"):
+        mk.moe_aux_losses(routing, torch.tensor([0, 1]), 2)
+    with pytest.raises(ValueError, match=r"task_ids must be in \[0, num_tasks\) = \[0, 2\)"):
+        mk.moe_aux_losses(routing, torch.tensor([0, 1, 2]), 2)
+    with pytest.raises(ValueError, match="num_tasks must be a positive int"):
+        mk.moe_aux_losses(routing, torch.tensor([0, 1, 0]), 0)
+    with pytest.raises(TypeError, match="task_ids must be an integer tensor"):
+        mk.moe_aux_losses(routing, torch.tensor([0.0, 1.0, 0.0]), 2)
+    with pytest.raises(TypeError, match="routing must be the Routing"):
+        mk.moe_aux_losses((1, 2), torch.tensor([0, 1, 0]), 2)

@@ -1,0 +1,127 @@
+"""Backend registry: availability per device, selection, the environment override, the
+one-time warning when the extension is missing, and auto resolution."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import m2dino_kernels as mk
+from m2dino_kernels import backends
+
+HAS_C = importlib.util.find_spec("m2dino_kernels._C") is not None
+
+
+def _python(code, **env):
+    """Run code in a fresh interpreter (import-time behaviour), return the completed run."""
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("M2DINO_KERNELS_BACKEND", "TRITON_INTERPRET")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_torch_is_always_available_and_first():
+    assert mk.available_backends("cpu")[0] == "torch"
+    assert mk.available_backends(torch.device("cpu")) == mk.available_backends("cpu")
+    assert mk.available_backends(torch.zeros(1)) == mk.available_backends("cpu")
+
+
+def test_cpu_availability_matches_what_is_installed():
+    names = mk.available_backends("cpu")
+    assert ("cpp" in names) == (backends._C is not None)
+    assert "cuda" not in names  # CUDA kernels never run on CPU tensors
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    has_triton = importlib.util.find_spec("triton") is not None
+    assert ("triton" in names) == (interpreted and has_triton)
+
+
+def test_set_get_and_use_backend_restore():
+    start = mk.get_backend()
+    with mk.use_backend("torch"):
+        assert mk.get_backend() == "torch"
+        with pytest.raises(RuntimeError, match="inner failure"), mk.use_backend("auto"):
+            assert mk.get_backend() == "auto"
+            raise RuntimeError("inner failure")
+        assert mk.get_backend() == "torch"  # restored even after an exception
+    assert mk.get_backend() == start
+    mk.set_backend("torch")
+    try:
+        assert mk.get_backend() == "torch"
+    finally:
+        mk.set_backend(start)
+
+
+@pytest.mark.parametrize("bad", ["numpy", "", "Torch", None, 3])
+def test_unknown_backend_names_are_rejected(bad):
+    with pytest.raises(ValueError, match=r"unknown kernel backend .*expected one of auto, torch, cpp, cuda, triton"):
+        mk.set_backend(bad)
+    with pytest.raises(ValueError, match="unknown kernel backend"), mk.use_backend(bad):
+        pass
+
+
+def test_auto_resolution_on_cpu():
+    expected = "cpp" if "cpp" in mk.available_backends("cpu") else "torch"
+    assert backends.resolve_backend("cpu", "auto") == expected
+    with mk.use_backend("auto"):
+        assert backends.resolve_backend(torch.zeros(2)) == expected
+
+
+def test_auto_rule_per_device_type():
+    assert backends._auto_backend("cpu", ("torch", "cpp", "triton")) == "cpp"
+    assert backends._auto_backend("cpu", ("torch", "triton")) == "torch"
+    assert backends._auto_backend("cuda", ("torch", "cuda", "triton")) == "cuda"
+    assert backends._auto_backend("cuda", ("torch", "triton")) == "triton"
+    assert backends._auto_backend("cuda", ("torch",)) == "torch"
+
+
+def test_unrunnable_backend_lists_those_that_can():
+    available = ", ".join(mk.available_backends("cpu"))
+    with pytest.raises(ValueError, match=f"'cuda' cannot run on cpu tensors; available there: {available}"):
+        backends.resolve_backend("cpu", "cuda")
+    x = torch.randn(3, 4)
+    with mk.use_backend("cuda"), pytest.raises(ValueError, match="available there"):
+        mk.task_topk_route(x, torch.zeros(3, dtype=torch.long), torch.randn(1, 2, 4), top_k=1)
+
+
+def test_backend_modules_expose_the_protocol():
+    for name in mk.available_backends("cpu"):
+        module = backends.backend_module(name)
+        for fn in ("route_forward", "route_backward", "experts_forward", "experts_backward"):
+            assert callable(getattr(module, fn)), f"{name} lacks {fn}"
+    with pytest.raises(ValueError, match="unknown concrete kernel backend 'auto'"):
+        backends.backend_module("auto")
+
+
+def test_environment_variable_sets_the_default_and_is_validated():
+    run = _python("import m2dino_kernels as mk; print(mk.get_backend())",
+                  M2DINO_KERNELS_BACKEND="torch")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "torch"
+    run = _python("import m2dino_kernels", M2DINO_KERNELS_BACKEND="fastest")
+    assert run.returncode != 0
+    assert "environment variable M2DINO_KERNELS_BACKEND: unknown kernel backend 'fastest'" in run.stderr
+
+
+def test_triton_on_cpu_needs_the_interpreter():
+    code = "import m2dino_kernels as mk; print(','.join(mk.available_backends('cpu')))"
+    assert "triton" not in _python(code).stdout.strip().split(",")
+    if importlib.util.find_spec("triton") is not None:
+        assert "triton" in _python(code, TRITON_INTERPRET="1").stdout.strip().split(",")
+
+
+@pytest.mark.skipif(HAS_C, reason="the extension is built: there is no missing-extension warning")
+def test_missing_extension_warns_once_and_falls_back():
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "import m2dino_kernels, m2dino_kernels.backends, m2dino_kernels.moe\n"
+            "import importlib; importlib.reload(m2dino_kernels)\n"
+            "from m2dino_kernels.backends import resolve_backend; print(resolve_backend('cpu'))")
+    run = _python(code)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "torch"
+    assert run.stderr.count("m2dino_kernels._C could not be imported") == 1
+    assert "'torch' is used instead" in run.stderr
