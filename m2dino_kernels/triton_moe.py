@@ -6,9 +6,9 @@ contiguous before calling them, so nothing here re-checks shapes.
 
 Layout of the work:
 - Routing: one kernel per block of tokens gathers each token's task gate rows, computes fp32
-  logits, softmax, top-k (descending, ties to the lower expert) and renormalises. A second,
-  single-program kernel builds the expert-sorted permutation on the device (histogram,
-  exclusive scan, stable placement), so there is never a device-to-host sync.
+  logits, softmax, top-k (descending, ties to the lower expert) and renormalises. The
+  expert-sorted permutation is a block-parallel stable counting sort on the device (block
+  histograms, two tiny exclusive scans, stable placement): no device-to-host sync.
 - Expert MLP: grouped GEMMs over the expert-sorted rows. A program owns one (row tile,
   column tile); the row tile's expert is found from `offsets` inside the kernel (each
   expert's rows are cut into tiles; experts are never mixed inside a tile). GEMM1 gathers
@@ -20,9 +20,11 @@ Layout of the work:
   gradients per expert by one kernel that walks the expert's rows; the gate GEMM backward
   reuses that kernel over tokens sorted by task.
 
-Runs on CUDA (fp32/fp16/bf16, fp32 accumulation) and, under TRITON_INTERPRET=1, on CPU
-tensors (fp32/fp16: the interpreter's bf16 dot is wrong). The interpreter gets a single
-small config; CUDA gets autotuned configs (`_GPU_GEMM_CONFIGS`).
+Runs on CUDA (fp32/fp16/bf16, fp32 accumulation; fp32 matmuls follow
+torch.get_float32_matmul_precision(): exact unless the user allows TF32) and, under
+TRITON_INTERPRET=1, on CPU tensors (bf16 dots are upcast there: the interpreter's bf16 dot
+is wrong). The interpreter gets a single small tile config; CUDA gets autotuned configs
+(`_GPU_GEMM_CONFIGS`, `_GPU_WGRAD_CONFIGS`).
 """
 from __future__ import annotations
 
@@ -119,11 +121,12 @@ def _num_row_tiles(num_rows, num_experts, block_m):
 
 def _dot_mode(dtype: torch.dtype, device: torch.device):
     """(input_precision, upcast_to_fp32) for tl.dot. fp32 inputs: exact fp32 products like
-    torch's default matmul (no TF32). bf16 under the interpreter: upcast, because its bf16
-    dot is wrong there; the products of two bf16 values are exact in fp32, so the result is
-    what a GPU's bf16 dot with fp32 accumulation gives."""
+    torch's default matmul, TF32 only where the user allowed it for torch matmuls. bf16
+    under the interpreter: upcast, because its bf16 dot is wrong there; the products of two
+    bf16 values are exact in fp32, so the result is what a GPU's bf16 dot gives."""
     if dtype == torch.float32:
-        return "ieee", False
+        allow_tf32 = device.type == "cuda" and torch.get_float32_matmul_precision() != "highest"
+        return ("tf32" if allow_tf32 else "ieee"), False
     if dtype == torch.bfloat16 and device.type == "cpu":
         return "ieee", True
     return "tf32", False
