@@ -1,0 +1,541 @@
+"""DINOv3 ViT with the official state-dict keys and semantics, presets, and safe weight loading.
+
+Read top to bottom: presets, RoPE, attention, MLPs, block, the ViT, then weight loading.
+
+Faithful to facebookresearch/dinov3 (checked against timm's independent port in the tests):
+tokens are `[cls, 4 storage, H*W patches]`; LayerNorm eps 1e-5; LayerScale `ls1`/`ls2`; the
+qkv bias is multiplied by the saved `bias_mask` buffer (ones for q and v, zeros for k); axial
+rotate-half RoPE with the `rope_embed.periods` buffer taken from the checkpoint as is (the
+released values are bf16-rounded, so they are never recomputed), applied to patch tokens only;
+GELU MLP (`fc1`, `fc2`) or SwiGLU (`w1`, `w2`, `w3`). Inputs of any size work; sizes that are
+not a multiple of the patch are floor-cropped by the stride-`patch` convolution, as upstream.
+
+RoPE coordinate rescale: the official pretraining multiplies the patch coordinates, in train()
+mode only, by a random log-uniform factor in [1/R, R] (R = 2). Here it is an option,
+`rope_rescale_coords`, OFF by default: fine-tuning on fixed-size ultrasound images wants the
+same geometry in training and evaluation, and the augmentation was there to make the
+pretrained features scale-robust, which they already are. eval() is always deterministic.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+try:  # the fused attention op (m2dino_kernels.attention); the fallback below is the same math
+    from m2dino_kernels.attention import attention as _kernel_attention
+except ImportError:  # pragma: no cover - only while the kernels package lacks attention.py
+    _kernel_attention = None
+
+NUM_STORAGE_TOKENS = 4
+NUM_PREFIX_TOKENS = 1 + NUM_STORAGE_TOKENS
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DinoV3Config:
+    name: str
+    patch_size: int = 16
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    ffn: str = "mlp"               # "mlp" (GELU) or "swiglu"
+    rope_base: float = 100.0       # only used to initialise `periods` before a checkpoint loads
+    layerscale_init: float = 1e-5
+    norm_eps: float = 1e-5
+    official: bool = True          # False for our own CPU preset
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        hidden = int(self.embed_dim * self.mlp_ratio)
+        if self.ffn == "swiglu":  # official SwiGLUFFN: 2/3 of the ratio, rounded up to 8
+            hidden = int(hidden * 2 / 3)
+            hidden = (hidden + 7) // 8 * 8
+        return hidden
+
+
+PRESETS: dict[str, DinoV3Config] = {
+    "dinov3_vits16": DinoV3Config("dinov3_vits16", embed_dim=384, depth=12, num_heads=6),
+    "dinov3_vits16plus": DinoV3Config("dinov3_vits16plus", embed_dim=384, depth=12, num_heads=6,
+                                      mlp_ratio=6.0, ffn="swiglu"),
+    "dinov3_vitb16": DinoV3Config("dinov3_vitb16", embed_dim=768, depth=12, num_heads=12),
+    "dinov3_vitl16": DinoV3Config("dinov3_vitl16", embed_dim=1024, depth=24, num_heads=16),
+    "dinov3_vith16plus": DinoV3Config("dinov3_vith16plus", embed_dim=1280, depth=32,
+                                      num_heads=20, mlp_ratio=6.0, ffn="swiglu"),
+    # timm's distilled tiny DINOv3 (vit_tiny_patch16_dinov3_qkvb): a fast timm parity check.
+    "dinov3_vitt16": DinoV3Config("dinov3_vitt16", embed_dim=192, depth=12, num_heads=3),
+    # OURS, not an official model: the CPU preset for tests and the default small run.
+    "dinov3_tiny": DinoV3Config("dinov3_tiny", patch_size=8, embed_dim=96, depth=6, num_heads=3,
+                                official=False),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# RoPE
+# ---------------------------------------------------------------------------------------
+class RopePositionEmbedding(nn.Module):
+    """Axial RoPE over patch-centre coordinates in [-1, 1]; returns (sin, cos), [H*W, hd] fp32."""
+
+    def __init__(self, head_dim: int, base: float = 100.0, rescale_coords: Optional[float] = None):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"RoPE needs head_dim divisible by 4, got {head_dim}")
+        self.head_dim = head_dim
+        self.rescale_coords = rescale_coords
+        quarter = head_dim // 4
+        periods = base ** (2 * torch.arange(quarter, dtype=torch.float32) / (head_dim // 2))
+        self.register_buffer("periods", periods, persistent=True)
+
+    def forward(self, height: int, width: int) -> tuple[Tensor, Tensor]:
+        device = self.periods.device
+        coords_h = torch.arange(0.5, height, device=device, dtype=torch.float32) / height
+        coords_w = torch.arange(0.5, width, device=device, dtype=torch.float32) / width
+        coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1)
+        coords = 2.0 * coords.flatten(0, 1) - 1.0                                # [HW, 2]
+        if self.training and self.rescale_coords is not None:
+            log_r = math.log(self.rescale_coords)
+            factor = torch.empty(1, device=device).uniform_(-log_r, log_r).exp()
+            coords = coords * factor
+        angles = 2 * math.pi * coords[:, :, None] / self.periods.float()[None, None, :]
+        angles = angles.flatten(1).tile(2)                                       # [HW, hd]
+        return angles.sin(), angles.cos()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, sin: Tensor, cos: Tensor, num_prefix_tokens: int) -> Tensor:
+    """Rotate the patch tokens of x [B, heads, N, hd] in fp32; prefix tokens pass unchanged."""
+    prefix, patches = x[:, :, :num_prefix_tokens], x[:, :, num_prefix_tokens:]
+    rotated = patches.float() * cos + _rotate_half(patches.float()) * sin
+    return torch.cat((prefix, rotated.to(x.dtype)), dim=2)
+
+
+def rope_attention(q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor],
+                   num_prefix_tokens: int) -> Tensor:
+    """softmax(rope(q) rope(k)^T / sqrt(hd)) v with RoPE on patch tokens only."""
+    if _kernel_attention is not None:
+        return _kernel_attention(q, k, v, rope=rope, num_prefix_tokens=num_prefix_tokens)
+    sin, cos = rope
+    q = apply_rope(q, sin, cos, num_prefix_tokens)
+    k = apply_rope(k, sin, cos, num_prefix_tokens)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------
+class LinearKMaskedBias(nn.Linear):
+    """qkv projection whose effective bias is `bias * bias_mask` (the k part masked to 0)."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, 3 * dim, bias=True)
+        self.register_buffer("bias_mask", torch.cat(
+            [torch.ones(dim), torch.zeros(dim), torch.ones(dim)]), persistent=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias * self.bias_mask.to(self.bias.dtype))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = LinearKMaskedBias(dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                   # [B, heads, N, hd]
+        out = rope_attention(q, k, v, rope, NUM_PREFIX_TOKENS)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    activation = "gelu"
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLUFFN(nn.Module):
+    activation = "swiglu"
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(dim, hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class Block(nn.Module):
+    """x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
+
+    `mlp` may be replaced by a task-conditioned MoE (m2dino.moe.TaskMoE); such a module says
+    so with `task_conditioned = True` and receives the per-image task ids.
+    """
+
+    def __init__(self, config: DinoV3Config):
+        super().__init__()
+        dim = config.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.attn = SelfAttention(dim, config.num_heads)
+        self.ls1 = LayerScale(dim, config.layerscale_init)
+        self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps)
+        ffn = SwiGLUFFN if config.ffn == "swiglu" else Mlp
+        self.mlp = ffn(dim, config.mlp_hidden)
+        self.ls2 = LayerScale(dim, config.layerscale_init)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor],
+                task_ids: Optional[Tensor] = None) -> Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), rope))
+        hidden = self.norm2(x)
+        if getattr(self.mlp, "task_conditioned", False):
+            if task_ids is None:
+                raise ValueError("this block's MLP is a task-conditioned MoE: pass task_ids "
+                                 "(LongTensor[B], one task index per image)")
+            hidden = self.mlp(hidden, task_ids)
+        else:
+            hidden = self.mlp(hidden)
+        return x + self.ls2(hidden)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)  # [B, D, H/p, W/p]; the stride floor-crops any remainder
+
+
+# ---------------------------------------------------------------------------------------
+# The ViT
+# ---------------------------------------------------------------------------------------
+class DinoV3ViT(nn.Module):
+    def __init__(self, config: DinoV3Config, rope_rescale_coords: Optional[float] = None):
+        super().__init__()
+        if config.ffn not in ("mlp", "swiglu"):
+            raise ValueError(f"config.ffn must be 'mlp' or 'swiglu', got {config.ffn!r}")
+        if config.embed_dim % config.num_heads:
+            raise ValueError(f"embed_dim {config.embed_dim} is not divisible by num_heads "
+                             f"{config.num_heads}")
+        self.config = config
+        self.embed_dim = dim = config.embed_dim
+        self.patch_size = config.patch_size
+        self.num_prefix_tokens = NUM_PREFIX_TOKENS
+        self.n_storage_tokens = NUM_STORAGE_TOKENS
+        self.grad_checkpointing = False
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.storage_tokens = nn.Parameter(torch.zeros(1, NUM_STORAGE_TOKENS, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))
+        self.patch_embed = PatchEmbed(config.patch_size, dim)
+        self.rope_embed = RopePositionEmbedding(config.head_dim, config.rope_base,
+                                                rope_rescale_coords)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self._init_weights()
+
+    def _init_weights(self):
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.storage_tokens, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute each block in the backward pass (less memory, ~30% more compute)."""
+        self.grad_checkpointing = enable
+
+    def prepare_tokens(self, x: Tensor, masks: Optional[Tensor] = None):
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"images must have shape [B, 3, H, W], got {list(x.shape)}")
+        if x.shape[2] < self.patch_size or x.shape[3] < self.patch_size:
+            raise ValueError(f"images of {x.shape[2]}x{x.shape[3]} px are smaller than one "
+                             f"{self.patch_size} px patch")
+        patches = self.patch_embed(x)
+        height, width = patches.shape[-2:]
+        patches = patches.flatten(2).transpose(1, 2)                          # [B, HW, D]
+        if masks is not None:
+            patches = torch.where(masks[..., None], self.mask_token.to(patches.dtype), patches)
+            cls_token = self.cls_token
+        else:
+            # As upstream: keeps mask_token in the graph (DDP without unused parameters).
+            cls_token = self.cls_token + 0 * self.mask_token
+        batch = patches.shape[0]
+        tokens = torch.cat([cls_token.expand(batch, -1, -1),
+                            self.storage_tokens.expand(batch, -1, -1), patches], dim=1)
+        return tokens, (height, width)
+
+    def _run_block(self, block: Block, x: Tensor, rope, task_ids):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, rope, task_ids, use_reentrant=False)
+        return block(x, rope, task_ids)
+
+    def _blocks_forward(self, x: Tensor, task_ids: Optional[Tensor], keep=()):
+        tokens, (height, width) = self.prepare_tokens(x)
+        rope = self.rope_embed(height, width)
+        kept = []
+        for index, block in enumerate(self.blocks):
+            tokens = self._run_block(block, tokens, rope, task_ids)
+            if index in keep:
+                kept.append(tokens)
+        return tokens, kept, (height, width)
+
+    def forward_features(self, x: Tensor, masks: Optional[Tensor] = None,
+                         task_ids: Optional[Tensor] = None) -> dict:
+        """Official output dict. task_ids [B] are needed only once MoE blocks are installed."""
+        tokens, (height, width) = self.prepare_tokens(x, masks)
+        rope = self.rope_embed(height, width)
+        for block in self.blocks:
+            tokens = self._run_block(block, tokens, rope, task_ids)
+        normed = self.norm(tokens)
+        return {
+            "x_norm_clstoken": normed[:, 0],
+            "x_storage_tokens": normed[:, 1:NUM_PREFIX_TOKENS],
+            "x_norm_patchtokens": normed[:, NUM_PREFIX_TOKENS:],
+            "x_prenorm": tokens,
+            "masks": masks,
+        }
+
+    def get_intermediate_layers(self, x: Tensor, n=1, reshape: bool = False,
+                                return_class_token: bool = False, norm: bool = True,
+                                return_extra_tokens: bool = False,
+                                task_ids: Optional[Tensor] = None):
+        """Outputs of blocks: int n = the last n, a list = those indices. Prefix tokens are
+        stripped; reshape=True gives [B, D, H/p, W/p]. Returns a tuple per block of the patch
+        tokens, plus the class token and/or the storage tokens when asked (upstream order)."""
+        depth = len(self.blocks)
+        if isinstance(n, int):
+            if not 1 <= n <= depth:
+                raise ValueError(f"n must be in [1, depth={depth}], got {n}")
+            take = list(range(depth - n, depth))
+        else:
+            take = [int(i) for i in n]
+            bad = [i for i in take if not 0 <= i < depth]
+            if bad:
+                raise ValueError(f"block indices {bad} out of range [0, {depth})")
+        _, kept, (height, width) = self._blocks_forward(x, task_ids, keep=set(take))
+        by_index = dict(zip(sorted(set(take)), kept))
+        outputs = [by_index[i] for i in take]
+        if norm:
+            outputs = [self.norm(out) for out in outputs]
+        class_tokens = [out[:, 0] for out in outputs]
+        extra_tokens = [out[:, 1:NUM_PREFIX_TOKENS] for out in outputs]
+        outputs = [out[:, NUM_PREFIX_TOKENS:] for out in outputs]
+        if reshape:
+            batch = x.shape[0]
+            outputs = [out.reshape(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()
+                       for out in outputs]
+        if return_class_token and return_extra_tokens:
+            return tuple(zip(outputs, class_tokens, extra_tokens))
+        if return_class_token:
+            return tuple(zip(outputs, class_tokens))
+        if return_extra_tokens:
+            return tuple(zip(outputs, extra_tokens))
+        return tuple(outputs)
+
+    def forward(self, x: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
+        return self.forward_features(x, task_ids=task_ids)["x_norm_clstoken"]
+
+
+# ---------------------------------------------------------------------------------------
+# Weight loading
+# ---------------------------------------------------------------------------------------
+class WeightsError(ValueError):
+    """A weights file that cannot be loaded; the message names the file and the problem."""
+
+
+def read_state_dict(path) -> dict[str, Tensor]:
+    """Tensors of a .safetensors or .pth/.pt file. Never runs code: torch.load(weights_only=True)
+    refuses pickles of arbitrary objects. Containers {"model"|"state_dict"|"teacher": sd}
+    are unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise WeightsError(f"weights file {path} is not a readable safetensors file "
+                               f"(truncated or corrupt?): {err}") from err
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise WeightsError(
+            f"refusing to load {path}: it is a pickle holding Python objects that could run "
+            f"code when loaded (torch.load(weights_only=True) rejected it). Save the weights "
+            f"as a plain state dict of tensors or as .safetensors. Detail: "
+            f"{str(err).splitlines()[0]}") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise WeightsError(f"weights file {path} could not be read (truncated or corrupt?): "
+                           f"{str(err).splitlines()[0]}") from err
+    if isinstance(state, dict):
+        for key in ("model", "state_dict", "teacher"):
+            if isinstance(state.get(key), dict) and not isinstance(state.get(key), Tensor):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsError(f"weights file {path} does not hold a state dict of tensors")
+    # Upstream training checkpoints prefix their keys; the hub files do not.
+    for prefix in ("backbone.", "module."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def is_timm_state_dict(state: dict) -> bool:
+    return "reg_token" in state or any(k.endswith(".gamma_1") for k in state)
+
+
+def convert_timm_state_dict(state: dict, config: DinoV3Config) -> dict[str, Tensor]:
+    """timm Eva (vit_*_patch16_dinov3*) keys -> official DINOv3 keys.
+
+    timm drops `periods`, `bias_mask` and `mask_token`: periods are rebuilt from the formula
+    (timm computes them the same way, in fp32), bias_mask is [1, 0, 1], mask_token zeros.
+    """
+    out = {}
+    dim = config.embed_dim
+    for key, value in state.items():
+        if key.endswith((".q_bias", ".v_bias")):
+            continue
+        new = key.replace("reg_token", "storage_tokens")
+        new = new.replace(".gamma_1", ".ls1.gamma").replace(".gamma_2", ".ls2.gamma")
+        new = (new.replace(".mlp.fc1_g.", ".mlp.w1.").replace(".mlp.fc1_x.", ".mlp.w2."))
+        if config.ffn == "swiglu":
+            new = new.replace(".mlp.fc2.", ".mlp.w3.")
+        out[new] = value
+    for index in range(config.depth):
+        prefix = f"blocks.{index}.attn.qkv."
+        if prefix + "weight" not in out:
+            continue
+        q_bias = state.get(f"blocks.{index}.attn.q_bias")
+        v_bias = state.get(f"blocks.{index}.attn.v_bias")
+        if prefix + "bias" not in out:
+            if q_bias is None:
+                q_bias = v_bias = torch.zeros(dim)
+            out[prefix + "bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+        out[prefix + "bias_mask"] = torch.cat([torch.ones(dim), torch.zeros(dim),
+                                               torch.ones(dim)])
+    out.setdefault("mask_token", torch.zeros(1, dim))
+    out.setdefault("rope_embed.periods", RopePositionEmbedding(config.head_dim,
+                                                               config.rope_base).periods)
+    return out
+
+
+def _expected_shapes(config: DinoV3Config) -> dict[str, tuple]:
+    with torch.device("meta"):
+        model = DinoV3ViT(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def presets_fitting(state: dict) -> list[str]:
+    """Names of the presets whose every key and shape match the state dict."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    return [name for name, cfg in PRESETS.items() if _expected_shapes(cfg) == shapes]
+
+
+def load_weights(model: DinoV3ViT, path) -> DinoV3ViT:
+    """Strictly load official, timm-format or safetensors weights into a dense backbone."""
+    state = read_state_dict(path)
+    if is_timm_state_dict(state):
+        state = convert_timm_state_dict(state, model.config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(f"{k}: file {list(state[k].shape)} vs model {list(expected[k])}"
+                         for k in set(expected) & set(state)
+                         if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong_shape:
+        fits = presets_fitting(state)
+        hint = (f"the file fits preset(s) {fits}" if fits
+                else "no preset fits the file's keys and shapes")
+
+        def listed(keys):
+            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+        parts = [f"weights file {path} does not match preset {model.config.name!r} "
+                 f"({hint})."]
+        if missing:
+            parts.append(f"missing keys: {listed(missing)}.")
+        if unexpected:
+            parts.append(f"unexpected keys: {listed(unexpected)}.")
+        if wrong_shape:
+            parts.append(f"wrong shapes: {listed(wrong_shape)}.")
+        raise WeightsError(" ".join(parts))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def build_backbone(name: str, weights=None, rope_rescale_coords: Optional[float] = None,
+                   **overrides) -> DinoV3ViT:
+    """A preset by name (`PRESETS`), optionally with config overrides and weights."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown backbone preset {name!r}; choose one of {sorted(PRESETS)}")
+    config = PRESETS[name]
+    if overrides:
+        config = DinoV3Config(**{**asdict(config), **overrides})
+    model = DinoV3ViT(config, rope_rescale_coords=rope_rescale_coords)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def _preset_builder(name: str):
+    def build(weights=None, rope_rescale_coords: Optional[float] = None, **overrides):
+        return build_backbone(name, weights=weights, rope_rescale_coords=rope_rescale_coords,
+                              **overrides)
+    build.__name__ = name
+    build.__doc__ = f"DINOv3 preset {name} ({PRESETS[name]}); weights=PATH loads a file."
+    return build
+
+
+dinov3_vits16 = _preset_builder("dinov3_vits16")
+dinov3_vits16plus = _preset_builder("dinov3_vits16plus")
+dinov3_vitb16 = _preset_builder("dinov3_vitb16")
+dinov3_vitl16 = _preset_builder("dinov3_vitl16")
+dinov3_vith16plus = _preset_builder("dinov3_vith16plus")
+dinov3_vitt16 = _preset_builder("dinov3_vitt16")
+dinov3_tiny = _preset_builder("dinov3_tiny")
