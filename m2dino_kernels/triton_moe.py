@@ -166,6 +166,8 @@ def _route_kernel(
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """Per block of BLOCK_T tokens: task-selected gate logits (fp32), softmax, top-k and
+    renormalised weights. BLOCK_E / BLOCK_K are E / top_k rounded up to powers of two."""
     pid = tl.program_id(0)
     t_idx = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     e_idx = tl.arange(0, BLOCK_E)
