@@ -174,11 +174,15 @@ class Scan:
     problems: list[Problem] = field(default_factory=list)
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
     csv_files: list[str] = field(default_factory=list)
+    row_counts: Counter = field(default_factory=Counter)  # every CSV row, good or bad, per task_id
 
-    def task_counts(self, exclude_bad: bool = False) -> dict[str, int]:
-        bad = {(p.csv, p.row) for p in self.problems} if exclude_bad else set()
+    def task_counts(self, clean: bool = False) -> dict[str, int]:
+        """Rows per task_id: all of them, or (clean=True) those without a problem."""
+        if not clean:
+            return dict(sorted(self.row_counts.items()))
+        bad = self.bad_keys
         counts = Counter(r.task_id for r in self.records if r.key not in bad)
-        return {t: counts.get(t, 0) for t in sorted(self.tasks)}
+        return {t: counts.get(t, 0) for t in sorted(self.row_counts)}
 
     @property
     def bad_keys(self) -> set:
@@ -231,6 +235,8 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
                 continue
             for i, row in rows:
                 parsed.append((split, csv_rel, csv_dir, fieldnames, i, row))
+                if row.get("task_id"):
+                    scan.row_counts[row["task_id"]] += 1
 
     # Task types and specs: registry first, then extra tasks from their CSV rows.
     rows_by_task = defaultdict(list)

@@ -1,0 +1,56 @@
+"""Validate an FM_UIA data root before training.
+
+    python -m m2dino.data.check ROOT [--json] [--no-decode]
+
+Prints the rows per task and every problem (csv file, 0-based data row, what is wrong).
+Exit code 0 only when the data are clean, 1 when there are problems. `--json` prints
+{"tasks": {task_id: rows}, "problems": [{"csv", "row", "problem"}]} instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from m2dino.data.reader import scan_dataset
+
+
+def check(root, decode: bool = True):
+    """(the JSON-ready dict the CLI prints with --json, the full Scan)."""
+    scan = scan_dataset(root, decode=decode)
+    return {"tasks": scan.task_counts(), "problems": [p.to_dict() for p in scan.problems]}, scan
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m m2dino.data.check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="data root (with csv_files/, or with train/ and val/)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--no-decode", action="store_true",
+                        help="skip decoding images and masks (fast; misses corrupt files and size checks)")
+    args = parser.parse_args(argv)
+    try:
+        result, scan = check(args.root, decode=not args.no_decode)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        clean = scan.task_counts(clean=True)
+        print(f"{args.root}: {len(scan.csv_files)} csv file(s), {sum(result['tasks'].values())} rows, "
+              f"{len(result['tasks'])} task(s)")
+        for tid, n in result["tasks"].items():
+            spec = scan.tasks.get(tid)
+            kind = f"{spec.task_type}, {spec.num_classes}" if spec else "undefined task"
+            print(f"  {tid:<26} {n:>6} rows  {clean.get(tid, 0):>6} clean  ({kind})")
+        if result["problems"]:
+            print(f"{len(result['problems'])} problem(s):")
+            for p in scan.problems:
+                print(f"  {p}")
+        else:
+            print("no problems found")
+    return 1 if result["problems"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
