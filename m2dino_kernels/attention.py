@@ -180,11 +180,12 @@ _rope_flash_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _triton_attention(q, k, v, rope, num_prefix_tokens):
-    if rope is None:
+    if rope is None or num_prefix_tokens == q.shape[2]:  # nothing to rotate
         sin = cos = None
     else:
         # fp32 [1 or B, L, d], contiguous: the layout the kernels index.
-        sin, cos = (t.detach().float().reshape(-1, *t.shape[-2:]).contiguous() for t in rope)
+        sin, cos = ((t if t.dim() == 3 else t[None]).detach().float().contiguous()
+                    for t in rope)
     out, _ = _rope_flash_attention(q, k, v, sin, cos, num_prefix_tokens)
     return out
 

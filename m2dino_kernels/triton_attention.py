@@ -41,11 +41,12 @@ _LOG2E = 1.4426950408889634
 # ---------------------------------------------------------------------------------------
 # Tile configurations. The interpreter runs one program at a time with numpy and cannot
 # autotune over several configs, so it gets one small config (small blocks also exercise the
-# multi-block loops and the tail masking on short test sequences). GPUs (tuned for H100/H200)
+# multi-block loops and the tail masking on short test sequences; BLOCK_M != BLOCK_N so a
+# mix-up of the two shows). GPUs (tuned for H100/H200)
 # get a small autotuned set; configs that do not fit shared memory are skipped by the
 # autotuner. BLOCK_M tiles queries, BLOCK_N tiles keys.
 # ---------------------------------------------------------------------------------------
-_INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+_INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
 
 GPU_FORWARD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
