@@ -52,7 +52,9 @@ def test_training_checkpoint_container_is_unwrapped(tmp_path):
 
 
 def test_timm_format_file_is_converted(tmp_path):
-    reference = timm.create_model("vit_small_plus_patch16_dinov3_qkvb", pretrained=False).eval()
+    # two blocks keep the file small; the key mapping is per block
+    reference = timm.create_model("vit_small_plus_patch16_dinov3_qkvb", pretrained=False,
+                                  depth=2).eval()
     with torch.no_grad():
         for name, param in reference.named_parameters():
             if "gamma" in name:
@@ -61,9 +63,10 @@ def test_timm_format_file_is_converted(tmp_path):
                 param.normal_(0.0, 0.1)
     path = tmp_path / "timm_splus.pth"
     torch.save(reference.state_dict(), path)
-    ours = bb.dinov3_vits16plus(weights=path).eval()
-    assert torch.equal(ours.blocks[3].mlp.w1.weight, reference.blocks[3].mlp.fc1_g.weight)
-    assert torch.equal(ours.blocks[3].mlp.w3.weight, reference.blocks[3].mlp.fc2.weight)
+    ours = bb.dinov3_vits16plus(weights=path, depth=2).eval()
+    assert torch.equal(ours.blocks[1].mlp.w1.weight, reference.blocks[1].mlp.fc1_g.weight)
+    assert torch.equal(ours.blocks[1].mlp.w2.weight, reference.blocks[1].mlp.fc1_x.weight)
+    assert torch.equal(ours.blocks[1].mlp.w3.weight, reference.blocks[1].mlp.fc2.weight)
     images = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
         expected = reference.forward_features(images)[:, 5:]
