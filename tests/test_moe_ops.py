@@ -542,3 +542,62 @@ def test_aux_losses_reject_bad_arguments():
         mk.moe_aux_losses(routing, torch.tensor([0.0, 1.0, 0.0]), 2)
     with pytest.raises(TypeError, match="routing must be the Routing"):
         mk.moe_aux_losses((1, 2), torch.tensor([0, 1, 0]), 2)
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU; run by benchmarks/gpu_check.sh on a GPU machine)
+# ---------------------------------------------------------------------------------------
+CUDA_BACKENDS = mk.available_backends("cuda") if torch.cuda.is_available() else []
+
+
+def _to_cuda(params, task_ids, dtype=None):
+    return ({n: t.to("cuda", dtype or t.dtype) for n, t in params.items()}, task_ids.cuda())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_cuda_backend_matches_reference(backend, activation):
+    params, task_ids = _to_cuda(*make_problem(300, 64, 96, 8, 27, 2, activation))
+    got, got_grads = _backend_run(backend, params, task_ids, 2, activation)
+    want, want_grads = _backend_run("torch", params, task_ids, 2, activation)
+    assert_close_all(got, want, 1e-4, 1e-3, f"cuda {backend}/{activation}")
+    assert_close_all(got_grads, want_grads, 1e-3, 1e-3, f"cuda {backend} grads/{activation}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_forward(backend, dtype):
+    params, task_ids = make_problem(256, 64, 96, 8, 27, 2, dtype=dtype)
+    half, tids = _to_cuda(params, task_ids)
+    full, _ = _to_cuda(params, task_ids, torch.float32)
+    with mk.use_backend(backend):
+        y, _, probs, _, experts, _ = run_api(half, tids, 2, "gelu")
+    with mk.use_backend("torch"):
+        y32, _, probs32, _, experts32, _ = run_api(full, tids, 2, "gelu")
+    assert y.dtype == dtype
+    torch.testing.assert_close(probs, probs32, atol=1e-4, rtol=1e-3)
+    agree = (experts == experts32).all(dim=1)  # near-ties may flip with another sum order
+    assert agree.float().mean() > 0.98
+    torch.testing.assert_close(y[agree].float(), y32[agree], atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_routing_has_no_host_sync(backend):
+    params, task_ids = _to_cuda(*make_problem(128, 32, 16, 8, 27, 2))
+    module = mk.backends.backend_module(backend)
+    module.route_forward(params["x"], task_ids, params["gate_weight"], params["gate_bias"], 2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        module.route_forward(params["x"], task_ids, params["gate_weight"], params["gate_bias"], 2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_cuda_auto_resolution():
+    expected = "cuda" if "cuda" in CUDA_BACKENDS else ("triton" if "triton" in CUDA_BACKENDS else "torch")
+    assert mk.backends.resolve_backend("cuda", "auto") == expected
