@@ -1,0 +1,205 @@
+"""Atomic training checkpoints and exact resume.
+
+A training checkpoint is a directory `last/` holding
+    model.safetensors + model.json   the weights (m2dino.model.save_model, stem "model")
+    train_state.pt                   optimizer, scheduler, sampler position, RNG states, step,
+                                     counters; torch.save of tensors and plain types only,
+                                     read back with weights_only=True (never runs code)
+
+Atomicity. The new checkpoint is written completely into a fresh temporary directory
+(`.last.tmp-*`) and fsynced; then `last` is renamed to `.last.old-*`, the temporary directory
+renamed to `last`, and the old one removed. A kill at any moment leaves either a complete
+`last/` or (between the two renames) a complete `.last.old-*`; `find_checkpoint` returns
+whichever is complete, newest step first, and temporary directories are never read.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TRAIN_STATE = "train_state.pt"
+MODEL_STEM = "model"
+LAST = "last"
+_TMP_PREFIX = ".last.tmp-"
+_OLD_PREFIX = ".last.old-"
+# Test hook: seconds to sleep in the middle of a checkpoint write (after the weights, before
+# the training state), so a test can SIGKILL a run while a checkpoint is being written.
+SLOW_WRITE_ENV = "M2DINO_TEST_CHECKPOINT_SLEEP"
+
+
+class CheckpointError(RuntimeError):
+    """A training checkpoint that cannot be used (missing file, truncated, wrong model)."""
+
+
+# ------------------------------------------------------------------ RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training step may touch, as tensors and plain types."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate(_python_state_from_plain(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_plain(state):
+    version, internal, gauss = state
+    return {"version": version, "internal": list(internal), "gauss": gauss}
+
+
+def _python_state_from_plain(plain):
+    return plain["version"], tuple(plain["internal"]), plain["gauss"]
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def save_checkpoint(model_dir, model, train_state: dict[str, Any]) -> Path:
+    """Write `model_dir/last/` atomically (see the module docstring); returns its path.
+
+    train_state: tensors and plain Python types only (it is loaded with weights_only=True).
+    """
+    from m2dino.model import save_model
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=model_dir))
+    try:
+        save_model(_unwrap(model), tmp / MODEL_STEM)
+        delay = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
+        if delay > 0:
+            time.sleep(delay)
+        torch.save(train_state, tmp / TRAIN_STATE)
+        _fsync_tree(tmp)
+        final = model_dir / LAST
+        old = None
+        if final.exists():
+            old = model_dir / f"{_OLD_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(model_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    cleanup_stale(model_dir)
+    return final
+
+
+def cleanup_stale(model_dir) -> None:
+    """Remove temporary directories of interrupted writes (never the checkpoint in use)."""
+    model_dir = Path(model_dir)
+    keep = find_checkpoint(model_dir)
+    for d in model_dir.glob(".last.*"):
+        if d.is_dir() and d != keep and (d.name.startswith(_TMP_PREFIX) or keep is not None):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+# ------------------------------------------------------------------ reading
+
+
+def read_train_state(ckpt_dir) -> dict[str, Any]:
+    """train_state.pt of a checkpoint directory, loaded with weights_only=True."""
+    path = Path(ckpt_dir) / TRAIN_STATE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a complete training checkpoint)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read as a training state ({type(e).__name__}: {e})") from e
+
+
+def _is_complete(ckpt_dir: Path) -> bool:
+    return all((ckpt_dir / name).is_file() for name in (TRAIN_STATE, MODEL_STEM + ".safetensors", MODEL_STEM + ".json"))
+
+
+def find_checkpoint(model_dir) -> Path | None:
+    """The usable training checkpoint of a model directory: `last/` when complete, else a
+    complete `.last.old-*` left by a kill between the two renames; None when there is none."""
+    model_dir = Path(model_dir)
+    candidates = [model_dir / LAST] + sorted(model_dir.glob(_OLD_PREFIX + "*"))
+    for c in candidates:
+        if c.is_dir() and _is_complete(c):
+            return c
+    return None
+
+
+def load_checkpoint(ckpt_dir, model) -> dict[str, Any]:
+    """Load the weights into `model` (strict: names and shapes must match) and return the
+    training state. Errors name the file and the problem."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    weights = ckpt_dir / (MODEL_STEM + ".safetensors")
+    state = read_train_state(ckpt_dir)
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: cannot be read ({e})") from e
+    target = _unwrap(model)
+    own = target.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = sorted(k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape))
+    if missing or unexpected or wrong:
+        details = []
+        if missing:
+            details.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            details.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong:
+            details.append("wrong shape " + ", ".join(
+                f"{k}: saved {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:5]))
+        raise CheckpointError(f"{weights}: does not fit this model ({'; '.join(details)})")
+    target.load_state_dict(tensors, strict=True)
+    return state

@@ -1,0 +1,334 @@
+"""Training configuration: defaults, YAML config files, command-line parsing, the resolved
+config saved in the run.
+
+Precedence: built-in defaults < `--config FILE` (YAML mapping, keys are the option names with
+`_` or `-`) < options given on the command line. The resolved config (every option) is saved
+as OUT/config.yaml.
+
+The defaults are the embedded default run: the cached synthetic suite, the `dinov3_tiny`
+preset (patch 8) at 64 px with 4 experts, top-2, MoE in the last 2 of 6 blocks, sized so that
+`python -m m2dino.train` trains TS, CG and AU and writes the report within 10 minutes on a
+2-core CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARADIGMS = ("ts", "cg", "au")
+AUX_LOSS_NAMES = ("load_balance", "z_loss", "mutual_information")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "synthetic"               # "synthetic" (the cached suite) or an FM_UIA root
+    synthetic_scale: float = 0.03         # fraction of the real FM_UIA sizes for the synthetic suite
+    on_bad_sample: str = "error"          # error | skip (bad rows are excluded and listed)
+    val_fraction: float = 0.2             # per-task validation share when the root has no val/
+    tasks: list[str] | None = None        # task ids to train (default: every task in the data)
+    groups: str | None = None             # clinical groups file (YAML/JSON); default: the built-in groups
+    # study
+    paradigm: str = "all"                 # ts | cg | au | all
+    # model
+    model: str = "dinov3_tiny"
+    pretrained: str | None = None
+    num_experts: int = 4
+    top_k: int = 2
+    moe_layers: int = 2
+    img_size: int = 64
+    # schedule
+    epochs: int = 12
+    steps: int | None = None              # overrides epochs (then exposure is not equal across paradigms)
+    batch_size: int = 16                  # per process
+    lr: float = 1e-3
+    head_lr_mult: float = 3.0             # heads (and neck) learn at lr * head_lr_mult
+    weight_decay: float = 0.05
+    warmup: float = 0.05                  # fraction of the total steps (< 1) or a number of steps (>= 1)
+    grad_clip: float = 1.0                # max global gradient norm (0 disables)
+    batching: str = "mixed"               # mixed | single
+    task_alpha: float = 1.0               # task sampling weight n_t ** alpha (1 = every sample once per epoch)
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    aux_weights: dict[str, float] = field(default_factory=lambda: {
+        "load_balance": 0.01, "z_loss": 0.001, "mutual_information": 0.0})
+    # numerics / hardware
+    amp: str = "bf16"                     # bf16 | fp16 | off (autocast is used on GPU only)
+    grad_checkpointing: bool = False
+    freeze_backbone: bool = False
+    seed: int = 0
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    workers: int = 0
+    max_bad_steps: int = 5                # stop after this many non-finite steps in a row
+    # output
+    out: str = "runs/default"
+    resume: bool = False
+    eval_every: int = 0                   # validate every N epochs (0: only at the end of training)
+    log_every: int = 10                   # metrics.jsonl line every N steps
+    checkpoint_every: int = 0             # training checkpoint every N steps (0: every epoch)
+    progress: bool = True                 # tqdm progress bar
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the option for any impossible value."""
+        def bad(name, why):
+            raise ValueError(f"--{name.replace('_', '-')}: {why}")
+
+        if self.paradigm not in (*PARADIGMS, "all"):
+            bad("paradigm", f"must be one of ts, cg, au, all, got {self.paradigm!r}")
+        if self.batching not in ("mixed", "single"):
+            bad("batching", f"must be mixed or single, got {self.batching!r}")
+        if self.amp not in ("bf16", "fp16", "off"):
+            bad("amp", f"must be bf16, fp16 or off, got {self.amp!r}")
+        if self.on_bad_sample not in ("error", "skip"):
+            bad("on_bad_sample", f"must be error or skip, got {self.on_bad_sample!r}")
+        for name in ("num_experts", "top_k", "img_size", "epochs", "batch_size", "max_bad_steps", "log_every"):
+            if int(getattr(self, name)) < 1:
+                bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.top_k > self.num_experts:
+            bad("top_k", f"must be <= --num-experts ({self.num_experts}), got {self.top_k}")
+        if self.moe_layers < 0:
+            bad("moe_layers", f"must be >= 0, got {self.moe_layers}")
+        if self.steps is not None and self.steps < 1:
+            bad("steps", f"must be >= 1, got {self.steps}")
+        for name in ("lr", "head_lr_mult"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                bad(name, f"must be a positive number, got {getattr(self, name)}")
+        for name in ("weight_decay", "warmup", "grad_clip", "task_alpha"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                bad(name, f"must be a number >= 0, got {getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            bad("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        if self.synthetic_scale <= 0:
+            bad("synthetic_scale", f"must be > 0, got {self.synthetic_scale}")
+        for name in ("workers", "eval_every", "checkpoint_every"):
+            if int(getattr(self, name)) < 0:
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
+        unknown = set(self.aux_weights) - set(AUX_LOSS_NAMES)
+        if unknown:
+            bad("aux_weights", f"unknown aux loss(es) {sorted(unknown)}; known: {list(AUX_LOSS_NAMES)}")
+        for name in ("loss_weights", "aux_weights"):
+            for k, v in getattr(self, name).items():
+                if not (math.isfinite(v) and v >= 0):
+                    bad(name, f"weight of {k!r} must be a finite number >= 0, got {v}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+
+
+# ------------------------------------------------------------------ value parsing
+
+
+def parse_weights(text, option: str) -> dict[str, float]:
+    """`name=w,name=w` (or a mapping from YAML) -> {name: float}; errors name the option."""
+    if text is None:
+        return {}
+    if isinstance(text, dict):
+        items = list(text.items())
+    else:
+        items = []
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise ValueError(f"--{option}: expected name=weight pairs separated by commas, got {part!r}")
+            k, v = part.split("=", 1)
+            items.append((k.strip(), v.strip()))
+    out = {}
+    for k, v in items:
+        try:
+            out[str(k)] = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"--{option}: weight of {k!r} is not a number: {v!r}") from None
+    return out
+
+
+def _parse_tasks(value) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split() if v]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"--tasks: expected task ids (a list or a comma-separated string), got {value!r}")
+    return list(value) or None
+
+
+_CASTS = {
+    "tasks": _parse_tasks,
+    "loss_weights": lambda v: parse_weights(v, "loss-weights"),
+    "aux_weights": lambda v: parse_weights(v, "aux-weights"),
+}
+
+
+def _coerce(name: str, value):
+    """A YAML or CLI value -> the field's type, with an error naming the option."""
+    if name in _CASTS:
+        return _CASTS[name](value)
+    default = getattr(TrainConfig(), name)
+    if value is None:
+        return None
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+                    raise ValueError(value)
+                return low in ("true", "yes", "1", "on")
+            return bool(value)
+        if name == "steps":
+            return int(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--{name.replace('_', '-')}: cannot use {value!r} "
+                         f"(expected {type(default).__name__})") from None
+
+
+def load_yaml_config(path) -> dict[str, Any]:
+    """A YAML config file -> {field: value}; unknown keys raise an error naming the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise FileNotFoundError(f"--config {path}: cannot read: {e}") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELD_NAMES:
+            raise ValueError(f"--config {path}: unknown option {key!r}; known: {', '.join(FIELD_NAMES)}")
+        try:
+            out[name] = _coerce(name, value)
+        except ValueError as e:
+            raise ValueError(f"--config {path}: {e}") from None
+    return out
+
+
+# ------------------------------------------------------------------ the command line
+
+_HELP = {
+    "data": "'synthetic' (the cached synthetic suite) or an FM_UIA root (CSV layout, train/ and val/ or one split)",
+    "synthetic_scale": "size of the synthetic suite as a fraction of the real FM_UIA sizes",
+    "on_bad_sample": "bad rows: 'error' refuses to train and lists them all, 'skip' trains without them",
+    "val_fraction": "per-task validation share when the root has no val/ split",
+    "tasks": "task ids to train (space or comma separated; default every task in the data)",
+    "groups": "clinical groups file (YAML/JSON {group: [task ids]}) for the CG paradigm",
+    "paradigm": "ts: one model per task, cg: one per clinical group, au: one for all, all: the three + report",
+    "model": "backbone preset (dinov3_tiny, dinov3_vits16, ...)",
+    "pretrained": "official DINOv3 weights (.pth or .safetensors) for the backbone",
+    "num_experts": "experts per MoE layer",
+    "top_k": "experts per token",
+    "moe_layers": "how many of the last blocks get a task-conditioned MoE MLP",
+    "img_size": "input resolution (images are resized to S x S)",
+    "epochs": "training epochs per model (each sample is seen epochs times in every paradigm)",
+    "steps": "training steps per model instead of epochs (exposure then differs across paradigms)",
+    "batch_size": "images per step per process",
+    "lr": "peak learning rate of the backbone (AdamW)",
+    "head_lr_mult": "heads learn at lr x this",
+    "weight_decay": "AdamW weight decay (not applied to biases, norms and tokens)",
+    "warmup": "linear warmup: a fraction of the total steps (< 1) or a number of steps (>= 1)",
+    "grad_clip": "clip the global gradient norm to this (0: off)",
+    "batching": "mixed: batches mix tasks, single: one task per batch",
+    "task_alpha": "task sampling weights n_t^alpha (1: every sample exactly once per epoch)",
+    "loss_weights": "per-task loss weights, task=w,task=w (default 1)",
+    "aux_weights": "MoE auxiliary loss weights, load_balance=w,z_loss=w,mutual_information=w",
+    "amp": "autocast dtype on GPU (CPU always runs fp32)",
+    "grad_checkpointing": "recompute block activations in the backward pass (less memory)",
+    "freeze_backbone": "train only the MoE layers' routers/experts, neck and heads",
+    "seed": "seed of the model init, the split, the sampler and the augmentation",
+    "device": "auto, cpu, cuda or cuda:N (under torchrun each process takes cuda:LOCAL_RANK)",
+    "workers": "DataLoader worker processes",
+    "max_bad_steps": "stop after this many non-finite (NaN/Inf) steps in a row",
+    "out": "run directory",
+    "resume": "continue from the run directory's last checkpoints (finished models are kept)",
+    "eval_every": "validate every N epochs for the best checkpoint (0: at the end of training only)",
+    "log_every": "write a metrics.jsonl line every N steps",
+    "checkpoint_every": "training checkpoint every N steps (0: at the end of every epoch)",
+    "progress": "show a progress bar",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m m2dino.train",
+        description="Train M2DINO under the TS / CG / AU paradigms, evaluate, and write the transfer report. "
+                    "With no arguments: the embedded default run on the cached synthetic suite.",
+        argument_default=argparse.SUPPRESS)  # only options actually given override the config file
+    p.add_argument("--config", help="YAML file of options (names as below, with - or _)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = f"{_HELP[f.name]} (default: {default})"
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.name == "tasks":
+            p.add_argument(flag, dest=f.name, nargs="+", metavar="TASK", help=help_text)
+        else:
+            p.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=help_text)
+    return p
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Command line (+ --config YAML) -> a validated TrainConfig."""
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    config_file = args.pop("config", None)
+    if config_file:
+        values.update(load_yaml_config(config_file))
+    for name, value in args.items():
+        if name == "tasks":
+            value = " ".join(value)
+        values[name] = _coerce(name, value)
+    return TrainConfig(**values).validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """A saved config.yaml mapping -> TrainConfig (unknown keys raise)."""
+    unknown = set(data) - set(FIELD_NAMES)
+    if unknown:
+        raise ValueError(f"config: unknown option(s) {sorted(unknown)}")
+    return TrainConfig(**{k: _coerce(k, v) for k, v in data.items()}).validate()
+
+
+def save_config(config: TrainConfig, path) -> Path:
+    """Write the resolved config as YAML, atomically (temp file then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_config(path) -> TrainConfig:
+    return config_from_dict(load_yaml_config(path))
