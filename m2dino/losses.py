@@ -1,0 +1,206 @@
+"""Per-task-type losses and the total multi-task loss.
+
+- segmentation: cross-entropy + soft Dice (softmax probabilities, per image and class,
+  smoothed by 1 so that a class absent from both prediction and mask costs nothing),
+  averaged over images and classes (background included).
+- classification: cross-entropy with optional label smoothing.
+- regression (landmarks): L1 between soft-argmax points and targets, normalised xy.
+- detection: CenterNet penalty-reduced focal loss on the centre heatmap (Gaussian target
+  around the box centre's cell, alpha 2, beta 4, normalised by the number of boxes), plus L1
+  on the size and on the in-cell offset read at the centre cell, plus GIoU loss (1 - GIoU) of
+  the box decoded at the centre cell.
+
+`total_loss` = sum_t lambda_t L_t + sum_a w_a aux_a, with L_t the mean over task t's samples
+in the batch, lambda_t from `loss_weights` (keys: task ids or task types; a task id wins;
+default 1), and w_a from `aux_weights` (DEFAULT_AUX_WEIGHTS otherwise).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from m2dino.heads import boxes_from_maps
+
+DEFAULT_AUX_WEIGHTS = {"load_balance": 0.01, "z_loss": 0.001, "mutual_information": 0.01}
+FOCAL_ALPHA, FOCAL_BETA = 2.0, 4.0
+
+
+# ---------------------------------------------------------------------------------------
+# Segmentation
+# ---------------------------------------------------------------------------------------
+def dice_loss(logits: Tensor, masks: Tensor, smooth: float = 1.0) -> Tensor:
+    """1 - mean over (image, class) of (2|P∩G| + s) / (|P| + |G| + s), P = softmax."""
+    num_classes = logits.shape[1]
+    probs = logits.float().softmax(dim=1)
+    onehot = F.one_hot(masks, num_classes).permute(0, 3, 1, 2).float()
+    intersection = (probs * onehot).sum(dim=(2, 3))
+    total = probs.sum(dim=(2, 3)) + onehot.sum(dim=(2, 3))
+    return 1.0 - ((2 * intersection + smooth) / (total + smooth)).mean()
+
+
+def segmentation_loss(logits: Tensor, masks: Tensor) -> Tensor:
+    """logits [n, C, H, W], masks [n, H, W] (class indices)."""
+    if masks.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"segmentation masks {list(masks.shape)} do not match logits "
+                         f"{list(logits.shape)} (expected [n, H, W])")
+    masks = masks.long()
+    return F.cross_entropy(logits.float(), masks) + dice_loss(logits, masks)
+
+
+# ---------------------------------------------------------------------------------------
+# Classification and landmarks
+# ---------------------------------------------------------------------------------------
+def classification_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    return F.cross_entropy(logits.float(), labels.long(), label_smoothing=label_smoothing)
+
+
+def landmark_loss(points: Tensor, target_points: Tensor) -> Tensor:
+    if points.shape != target_points.shape:
+        raise ValueError(f"target points {list(target_points.shape)} do not match predicted "
+                         f"{list(points.shape)} (expected [n, K, 2])")
+    return F.l1_loss(points.float(), target_points.float())
+
+
+# ---------------------------------------------------------------------------------------
+# Detection
+# ---------------------------------------------------------------------------------------
+def generalized_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
+    """Row-wise GIoU of xyxy boxes [n, 4]."""
+    area_a = (boxes_a[:, 2] - boxes_a[:, 0]).clamp_min(0) * (boxes_a[:, 3] - boxes_a[:, 1]).clamp_min(0)
+    area_b = (boxes_b[:, 2] - boxes_b[:, 0]).clamp_min(0) * (boxes_b[:, 3] - boxes_b[:, 1]).clamp_min(0)
+    top_left = torch.maximum(boxes_a[:, :2], boxes_b[:, :2])
+    bottom_right = torch.minimum(boxes_a[:, 2:], boxes_b[:, 2:])
+    inter = (bottom_right - top_left).clamp_min(0).prod(dim=1)
+    union = area_a + area_b - inter
+    iou = inter / union.clamp_min(1e-9)
+    hull = (torch.maximum(boxes_a[:, 2:], boxes_b[:, 2:])
+            - torch.minimum(boxes_a[:, :2], boxes_b[:, :2])).clamp_min(0).prod(dim=1)
+    return iou - (hull - union) / hull.clamp_min(1e-9)
+
+
+def centre_targets(boxes: Tensor, height: int, width: int):
+    """Gaussian centre heatmaps [n, 1, h, w] (1 at the centre cell), the centre cells
+    (rows, cols) and the in-cell offsets [n, 2] of normalised xyxy boxes [n, 4]."""
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2 * width
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2 * height
+    cols = cx.floor().clamp(0, width - 1).long()
+    rows = cy.floor().clamp(0, height - 1).long()
+    offsets = torch.stack([cx - cols, cy - rows], dim=1)
+    sigma_x = ((boxes[:, 2] - boxes[:, 0]) * width / 6).clamp_min(0.5)
+    sigma_y = ((boxes[:, 3] - boxes[:, 1]) * height / 6).clamp_min(0.5)
+    xs = torch.arange(width, device=boxes.device, dtype=torch.float32)
+    ys = torch.arange(height, device=boxes.device, dtype=torch.float32)
+    gx = ((xs[None] - cols[:, None]) ** 2) / (2 * sigma_x[:, None] ** 2)      # [n, w]
+    gy = ((ys[None] - rows[:, None]) ** 2) / (2 * sigma_y[:, None] ** 2)      # [n, h]
+    heat = torch.exp(-(gy[:, :, None] + gx[:, None, :]))[:, None]
+    return heat, rows, cols, offsets
+
+
+def focal_loss(heatmap_logits: Tensor, target: Tensor) -> Tensor:
+    """CenterNet focal loss; positives are the cells where target == 1; / number of them."""
+    logits = heatmap_logits.float()
+    log_p, log_not_p = F.logsigmoid(logits), F.logsigmoid(-logits)
+    p = logits.sigmoid()
+    positive = target == 1
+    pos = -((1 - p) ** FOCAL_ALPHA) * log_p
+    neg = -((1 - target) ** FOCAL_BETA) * (p ** FOCAL_ALPHA) * log_not_p
+    loss = torch.where(positive, pos, neg).sum()
+    return loss / positive.sum().clamp_min(1)
+
+
+def detection_loss(heatmap: Tensor, size: Tensor, offset: Tensor, boxes: Tensor,
+                   return_parts: bool = False):
+    """heatmap logits [n,1,h,w], size/offset [n,2,h,w], target boxes [n,4] normalised xyxy."""
+    if boxes.shape != (heatmap.shape[0], 4):
+        raise ValueError(f"target boxes must have shape [n, 4] = [{heatmap.shape[0]}, 4], "
+                         f"got {list(boxes.shape)}")
+    boxes = boxes.float()
+    height, width = heatmap.shape[-2:]
+    target_heat, rows, cols, target_offset = centre_targets(boxes, height, width)
+    batch = torch.arange(boxes.shape[0], device=boxes.device)
+    target_size = boxes[:, 2:] - boxes[:, :2]
+    parts = {
+        "focal": focal_loss(heatmap, target_heat),
+        "size": F.l1_loss(size[batch, :, rows, cols].float(), target_size),
+        "offset": F.l1_loss(offset[batch, :, rows, cols].float(), target_offset),
+        "giou": (1 - generalized_iou(boxes_from_maps(size.float(), offset.float(), rows, cols),
+                                     boxes)).mean(),
+    }
+    loss = sum(parts.values())
+    return (loss, parts) if return_parts else loss
+
+
+# ---------------------------------------------------------------------------------------
+# Total
+# ---------------------------------------------------------------------------------------
+def _stack_targets(targets: list, rows: Tensor, key: str, task_id: str, device) -> Tensor:
+    values = []
+    for row in rows.tolist():
+        target = targets[row]
+        if not isinstance(target, dict) or key not in target:
+            raise ValueError(f"target of batch row {row} (task {task_id!r}) has no {key!r}; "
+                             f"got {sorted(target) if isinstance(target, dict) else target!r}")
+        values.append(torch.as_tensor(target[key]))
+    return torch.stack(values).to(device)
+
+
+def task_loss(task, head_outputs: dict, targets: list, label_smoothing: float = 0.0) -> Tensor:
+    """L_t of one task: the head outputs of its rows against targets[row]."""
+    rows = head_outputs["indices"]
+    kind = task.task_type
+    if kind == "segmentation":
+        logits = head_outputs["logits"]
+        return segmentation_loss(logits, _stack_targets(targets, rows, "mask", task.task_id,
+                                                        logits.device))
+    if kind == "classification":
+        logits = head_outputs["logits"]
+        return classification_loss(logits, _stack_targets(targets, rows, "label", task.task_id,
+                                                          logits.device), label_smoothing)
+    if kind == "regression":
+        points = head_outputs["points"]
+        return landmark_loss(points, _stack_targets(targets, rows, "points", task.task_id,
+                                                    points.device))
+    if kind == "detection":
+        heat = head_outputs["heatmap"]
+        return detection_loss(heat, head_outputs["size"], head_outputs["offset"],
+                              _stack_targets(targets, rows, "box", task.task_id, heat.device))
+    raise ValueError(f"task {task.task_id!r} has unknown task_type {kind!r}")
+
+
+def _task_weight(task, loss_weights: Optional[dict]) -> float:
+    if not loss_weights:
+        return 1.0
+    if task.task_id in loss_weights:
+        return float(loss_weights[task.task_id])
+    return float(loss_weights.get(task.task_type, 1.0))
+
+
+def total_loss(outputs: dict, targets: list, tasks, loss_weights: Optional[dict] = None,
+               aux_weights: Optional[dict] = None, label_smoothing: float = 0.0):
+    """(loss, {task_id: L_t, "aux/<name>": aux value}) for a model forward's outputs.
+
+    targets: the batch's target dicts in batch order (collate's "targets"); tasks: the
+    model's TaskSpecs (or any list containing the tasks present in outputs).
+    """
+    specs = {getattr(t, "task_id", None): t for t in tasks}
+    weights = dict(DEFAULT_AUX_WEIGHTS if aux_weights is None else aux_weights)
+    unknown = set(weights) - set(DEFAULT_AUX_WEIGHTS)
+    if unknown:
+        raise ValueError(f"unknown aux_weights keys {sorted(unknown)}; expected "
+                         f"{sorted(DEFAULT_AUX_WEIGHTS)}")
+    loss = outputs.get("unused_anchor")
+    loss = torch.zeros(()) if loss is None else loss
+    logged = {}
+    for task_id, head_outputs in outputs["tasks"].items():
+        if task_id not in specs:
+            raise ValueError(f"outputs have task {task_id!r}, which is not in `tasks`")
+        value = task_loss(specs[task_id], head_outputs, targets, label_smoothing)
+        loss = loss.to(value.device) + _task_weight(specs[task_id], loss_weights) * value
+        logged[task_id] = value.detach()
+    for name, value in outputs.get("aux", {}).items():
+        loss = loss + weights.get(name, 0.0) * value
+        logged[f"aux/{name}"] = value.detach()
+    return loss, logged

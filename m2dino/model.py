@@ -1,0 +1,298 @@
+"""M2DINO: a DINOv3 backbone with task-conditioned MoE blocks, a shared neck and task heads.
+
+    model = create_model("dinov3_tiny", ["fetal_head_seg", "breast_cls"], moe_layers=3)
+    out = model(images, model.task_index(batch["tasks"]))
+    loss, logs = m2dino.losses.total_loss(out, batch["targets"], model.tasks)
+    predictions = model.postprocess(out, batch["orig_sizes"])
+
+One backbone pass serves a mixed-task batch: each token is routed by its image's task. The
+neck turns four intermediate layers into shared maps at strides 4, 8 and 16; each task's head
+sees only its own rows of the batch.
+
+DDP: every MoE parameter is always in the graph (see m2dino.moe). Heads of tasks absent from
+a batch (and the neck, when only classification tasks are present) would be unused, so in
+training the forward adds `unused_anchor` = 0 * (sum of those parameters) to the outputs,
+which total_loss adds to the loss: DistributedDataParallel runs with
+find_unused_parameters=False.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from m2dino.backbone import PRESETS, WeightsError, build_backbone
+from m2dino.heads import DPTNeck, build_head, default_neck_layers
+from m2dino.moe import moe_modules, upcycle_backbone
+from m2dino.tasks import TaskSpec, get_task
+
+FORMAT_VERSION = 1
+AUX_NAMES = ("load_balance", "z_loss", "mutual_information")
+SPATIAL_TYPES = ("segmentation", "regression", "detection")
+
+
+def _as_task_specs(tasks) -> list[TaskSpec]:
+    if isinstance(tasks, (str, TaskSpec)):
+        tasks = [tasks]
+    specs = [task if isinstance(task, TaskSpec) else get_task(task) for task in tasks]
+    if not specs:
+        raise ValueError("create_model needs at least one task")
+    ids = [spec.task_id for spec in specs]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"tasks are listed twice: {duplicates}")
+    bad = [i for i in ids if "." in i]
+    if bad:
+        raise ValueError(f"task ids may not contain '.': {bad}")
+    return specs
+
+
+class M2DINO(nn.Module):
+    def __init__(self, name: str, tasks, num_experts: int = 8, top_k: int = 2,
+                 moe_layers: int = 6, img_size: Optional[int] = None, neck_channels: int = 64,
+                 neck_layers: Optional[Sequence[int]] = None, router_init_std: float = 0.02,
+                 rope_rescale_coords: Optional[float] = None,
+                 backbone_overrides: Optional[dict] = None, pretrained=None):
+        super().__init__()
+        self.tasks = _as_task_specs(tasks)
+        self.backbone = build_backbone(name, weights=pretrained,
+                                       rope_rescale_coords=rope_rescale_coords,
+                                       **(backbone_overrides or {}))
+        depth = len(self.backbone.blocks)
+        self.moe_layer_indices = upcycle_backbone(self.backbone, len(self.tasks), num_experts,
+                                                  top_k, moe_layers, router_init_std)
+        self.neck_layers = list(neck_layers) if neck_layers is not None else default_neck_layers(depth)
+        if len(self.neck_layers) != 4 or not all(0 <= i < depth for i in self.neck_layers):
+            raise ValueError(f"neck_layers must be 4 block indices in [0, {depth}), "
+                             f"got {self.neck_layers}")
+        embed_dim = self.backbone.embed_dim
+        self.neck = DPTNeck(embed_dim, self.backbone.patch_size, neck_channels)
+        self.heads = nn.ModuleDict({t.task_id: build_head(t, embed_dim, neck_channels)
+                                    for t in self.tasks})
+        self.img_size = img_size if img_size is not None else (64 if name == "dinov3_tiny" else 224)
+        self.config = {
+            "format_version": FORMAT_VERSION, "name": name,
+            "tasks": [asdict(t) for t in self.tasks], "num_experts": num_experts,
+            "top_k": top_k, "moe_layers": moe_layers, "img_size": self.img_size,
+            "neck_channels": neck_channels, "neck_layers": self.neck_layers,
+            "router_init_std": router_init_std, "rope_rescale_coords": rope_rescale_coords,
+            "backbone_overrides": dict(backbone_overrides or {}),
+        }
+        self._usage: dict[int, Tensor] = {}
+
+    # ----- tasks --------------------------------------------------------------------------
+    @property
+    def task_ids(self) -> list[str]:
+        return [t.task_id for t in self.tasks]
+
+    def task_index(self, task_names) -> Tensor:
+        """LongTensor of indices into model.tasks for a list of task_id strings."""
+        lookup = {tid: i for i, tid in enumerate(self.task_ids)}
+        unknown = sorted({str(name) for name in task_names if name not in lookup})
+        if unknown:
+            raise ValueError(f"tasks {unknown} are not tasks of this model ({self.task_ids})")
+        return torch.tensor([lookup[name] for name in task_names], dtype=torch.int64)
+
+    def _check_task_ids(self, images: Tensor, task_ids: Tensor) -> Tensor:
+        if not isinstance(task_ids, Tensor) or task_ids.dtype.is_floating_point:
+            raise TypeError("task_ids must be an integer tensor of task indices "
+                            "(use model.task_index(list_of_task_names))")
+        if task_ids.shape != (images.shape[0],):
+            raise ValueError(f"task_ids must have shape [B] = [{images.shape[0]}], "
+                             f"got {list(task_ids.shape)}")
+        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= len(self.tasks)):
+            raise ValueError(f"task_ids must be in [0, {len(self.tasks)}), got values in "
+                             f"[{int(task_ids.min())}, {int(task_ids.max())}]")
+        return task_ids.to(device=images.device, dtype=torch.int64)
+
+    # ----- forward ------------------------------------------------------------------------
+    def forward_features(self, images: Tensor, task_ids: Tensor) -> dict:
+        task_ids = self._check_task_ids(images, task_ids)
+        return self.backbone.forward_features(images, task_ids=task_ids)
+
+    def forward(self, images: Tensor, task_ids: Tensor) -> dict:
+        task_ids = self._check_task_ids(images, task_ids)
+        depth = len(self.backbone.blocks)
+        wanted = sorted(set(self.neck_layers) | {depth - 1})
+        layers = self.backbone.get_intermediate_layers(images, n=wanted, reshape=True,
+                                                       return_class_token=True, norm=True,
+                                                       task_ids=task_ids)
+        by_index = dict(zip(wanted, layers))
+        final_map, cls_token = by_index[depth - 1]
+        patch_tokens = final_map.flatten(2).transpose(1, 2)
+        image_size = tuple(images.shape[-2:])
+
+        present = [i for i in range(len(self.tasks)) if bool((task_ids == i).any())]
+        needs_neck = any(self.tasks[i].task_type in SPATIAL_TYPES for i in present)
+        features = (self.neck([by_index[i][0] for i in self.neck_layers]) if needs_neck
+                    else None)
+        outputs = {}
+        for i in present:
+            task = self.tasks[i]
+            rows = (task_ids == i).nonzero(as_tuple=True)[0]
+            task_features = (None if features is None
+                             else {s: f.index_select(0, rows) for s, f in features.items()})
+            head_out = self.heads[task.task_id](task_features, cls_token.index_select(0, rows),
+                                                patch_tokens.index_select(0, rows), image_size)
+            outputs[task.task_id] = {"indices": rows, **head_out}
+        result = {"tasks": outputs, "aux": self._collect_moe_state(images)}
+        if self.training and torch.is_grad_enabled():
+            unused = [p for i in range(len(self.tasks)) if i not in present
+                      for p in self.heads[self.tasks[i].task_id].parameters()]
+            if not needs_neck:
+                unused += list(self.neck.parameters())
+            if unused:
+                result["unused_anchor"] = sum(p.sum() for p in unused) * 0.0
+        return result
+
+    def _collect_moe_state(self, images: Tensor) -> dict:
+        """Mean of the MoE layers' aux losses; usage counts accumulated per layer."""
+        layers = moe_modules(self.backbone)
+        if not layers:
+            zero = images.new_zeros((), dtype=torch.float32)
+            return {name: zero for name in AUX_NAMES}
+        aux = {name: torch.stack([getattr(m.last_aux, name) for m in layers.values()]).mean()
+               for name in AUX_NAMES}
+        for index, module in layers.items():
+            counts = module.last_counts
+            if index in self._usage:
+                self._usage[index] = self._usage[index] + counts.to(self._usage[index].device)
+            else:
+                self._usage[index] = counts.clone()
+        return aux
+
+    def expert_usage(self) -> dict[int, Tensor]:
+        """{block index: LongTensor[num_tasks, E]} top-k assignments since the last reset."""
+        return {index: counts.clone() for index, counts in sorted(self._usage.items())}
+
+    def reset_expert_usage(self):
+        self._usage = {}
+
+    # ----- predictions --------------------------------------------------------------------
+    @torch.no_grad()
+    def postprocess(self, outputs: dict, orig_sizes) -> list:
+        """Raw outputs -> task-native predictions in original pixels, in batch order."""
+        batch = sum(int(o["indices"].numel()) for o in outputs["tasks"].values())
+        if len(orig_sizes) != batch:
+            raise ValueError(f"orig_sizes has {len(orig_sizes)} entries for a batch of {batch}")
+        results = [None] * batch
+        specs = {t.task_id: t for t in self.tasks}
+        for task_id, out in outputs["tasks"].items():
+            kind = specs[task_id].task_type
+            for j, row in enumerate(out["indices"].tolist()):
+                height, width = (int(v) for v in orig_sizes[row])
+                if kind == "segmentation":
+                    logits = F.interpolate(out["logits"][j:j + 1].float(), size=(height, width),
+                                           mode="bilinear", align_corners=False)
+                    mask = logits[0].argmax(dim=0).cpu().numpy().astype(np.uint8)
+                    results[row] = {"mask": mask}
+                elif kind == "classification":
+                    probs = out["logits"][j].float().softmax(-1).cpu().numpy()
+                    results[row] = {"probs": probs, "predicted_class": int(probs.argmax())}
+                elif kind == "detection":
+                    box = out["boxes"][j].float().cpu().numpy()
+                    scale = np.array([width, height, width, height], dtype=np.float32)
+                    results[row] = {"bbox_pixels": (box * scale).tolist(),
+                                    "bbox_normalized": box.tolist(),
+                                    "score": float(out["scores"][j])}
+                else:
+                    points = out["points"][j].float().cpu().numpy()
+                    results[row] = {"points_pixels": points * np.array([width, height],
+                                                                       dtype=np.float32),
+                                    "points_normalized": points}
+        return results
+
+
+def create_model(name: str, tasks, pretrained=None, num_experts: int = 8, top_k: int = 2,
+                 moe_layers: int = 6, img_size: Optional[int] = None, **kwargs) -> M2DINO:
+    """M2DINO over backbone preset `name` (m2dino.backbone.PRESETS) for `tasks` (TaskSpecs or
+    task ids of the registry). `pretrained`: a DINOv3 weights file for the dense backbone,
+    loaded strictly before upcycling. Other keyword arguments: neck_channels, neck_layers,
+    router_init_std, rope_rescale_coords, backbone_overrides (e.g. {"depth": 4})."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown backbone preset {name!r}; choose one of {sorted(PRESETS)}")
+    return M2DINO(name, tasks, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
+                  img_size=img_size, pretrained=pretrained, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Save / load: <stem>.safetensors + <stem>.json, each written to a temp file then renamed
+# ---------------------------------------------------------------------------------------
+def _stem(path) -> Path:
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+
+
+def _atomic_write(target: Path, write):
+    temp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        write(temp)
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    finally:
+        if temp.exists():
+            temp.unlink()
+
+
+def save_model(model: M2DINO, path_stem) -> tuple[Path, Path]:
+    """Write <stem>.safetensors (weights) and <stem>.json (config), each atomically."""
+    from safetensors.torch import save_file
+    stem = _stem(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    weights_path, config_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(weights_path, lambda p: save_file(state, str(p),
+                                                    metadata={"format": "m2dino"}))
+    text = json.dumps(model.config, indent=2)
+    _atomic_write(config_path, lambda p: p.write_text(text))
+    return weights_path, config_path
+
+
+def load_model(path, map_location="cpu") -> M2DINO:
+    """Rebuild a model saved by save_model (path: the stem, .safetensors or .json)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    stem = _stem(path)
+    weights_path, config_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    for file in (weights_path, config_path):
+        if not file.is_file():
+            raise WeightsError(f"checkpoint file {file} does not exist")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"checkpoint config {config_path} is not valid JSON: {err}") from err
+    if config.get("format_version") != FORMAT_VERSION:
+        raise WeightsError(f"checkpoint config {config_path} has format_version "
+                           f"{config.get('format_version')!r}, expected {FORMAT_VERSION}")
+    known = {f.name for f in fields(TaskSpec)}
+    tasks = [TaskSpec(**{k: v for k, v in t.items() if k in known}) for t in config["tasks"]]
+    model = M2DINO(config["name"], tasks, num_experts=config["num_experts"],
+                   top_k=config["top_k"], moe_layers=config["moe_layers"],
+                   img_size=config["img_size"], neck_channels=config["neck_channels"],
+                   neck_layers=config["neck_layers"], router_init_std=config["router_init_std"],
+                   rope_rescale_coords=config["rope_rescale_coords"],
+                   backbone_overrides=config["backbone_overrides"])
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"checkpoint weights {weights_path} are not readable (truncated or "
+                           f"corrupt?): {err}") from err
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}"
+                   for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        raise WeightsError(f"checkpoint weights {weights_path} do not match its config "
+                           f"{config_path}: missing {missing[:8]}, unexpected {unexpected[:8]}, "
+                           f"wrong shapes {wrong[:8]}")
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location)
