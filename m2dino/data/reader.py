@@ -280,61 +280,52 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
         majority = nc_counts.most_common(1)[0][0] if nc_counts else ""
         seen = {}
         for split, csv_rel, csv_dir, fieldnames, i, row in items:
+            row_problems = []
             nc = row.get("num_classes", "")
             if nc != majority:
-                scan.problems.append(Problem(
-                    csv_rel, i, f"num_classes {nc!r} inconsistent within task {tid!r} (most rows: {majority!r})"))
-                continue
-            if spec.task_type in ("segmentation", "classification") and nc != "":
+                row_problems.append(f"num_classes {nc!r} inconsistent within task {tid!r} (most rows: {majority!r})")
+            elif spec.task_type in ("segmentation", "classification") and nc != "":
                 try:
                     ok = int(float(nc)) == spec.num_classes
                 except ValueError:
                     ok = False
                 if not ok:
-                    scan.problems.append(Problem(
-                        csv_rel, i, f"num_classes {nc!r} disagrees with task {tid!r} ({spec.num_classes})"))
-                    continue
+                    row_problems.append(f"num_classes {nc!r} disagrees with task {tid!r} ({spec.num_classes})")
             dup_key = (split, tid, row["image_path"])
             if dup_key in seen:
                 c0, r0 = seen[dup_key]
-                scan.problems.append(Problem(csv_rel, i, f"duplicated row: same task and image_path as {c0} row {r0}"))
-                continue
-            seen[dup_key] = (csv_rel, i)
-            rec, problem = _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resolved)
-            if problem:
-                scan.problems.append(Problem(csv_rel, i, problem))
+                row_problems.append(f"duplicated row: same task and image_path as {c0} row {r0}")
+            else:
+                seen[dup_key] = (csv_rel, i)
+            rec, more = _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resolved)
+            row_problems += more
+            if row_problems:
+                scan.problems.extend(Problem(csv_rel, i, text) for text in row_problems)
             else:
                 scan.records.append(rec)
     scan.problems.sort(key=lambda p: (p.csv, p.row))
     return scan
 
 
-def _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resolved):
-    """(Record, None) or (None, problem text). Checks values; opens nothing."""
-    image_path = row.get("image_path", "")
-    if not image_path:
-        return None, "empty image_path"
-    image_file = resolve_inside(csv_dir, image_path, root_resolved)
-    if image_file is None:
-        return None, f"image_path {image_path!r} resolves outside the data root; refused, not read"
-    if image_file.suffix.lower() not in IMAGE_SUFFIXES:
-        return None, f"image_path {image_path!r}: unsupported file type (expected {IMAGE_SUFFIXES})"
-    if not image_file.is_file():
-        return None, f"image file missing: {image_path!r}"
-    fields = dict(task_id=spec.task_id, task_type=spec.task_type, image_path=image_path,
-                  image_file=str(image_file), csv=csv_rel, row=i, split=split)
+def _file_problem(csv_dir, rel, what, root_resolved, suffixes=None):
+    """(resolved path, None) or (None, problem). Containment is checked before anything else."""
+    if not rel:
+        return None, f"empty {what}"
+    resolved = resolve_inside(csv_dir, rel, root_resolved)
+    if resolved is None:
+        return None, f"{what} {rel!r} resolves outside the data root; refused, not read"
+    if suffixes and resolved.suffix.lower() not in suffixes:
+        return None, f"{what} {rel!r}: unsupported file type (expected one of {suffixes})"
+    if not resolved.is_file():
+        kind = "image" if what == "image_path" else "mask"
+        return None, f"{kind} file missing: {rel!r}"
+    return resolved, None
+
+
+def _annotation(spec, row):
+    """(fields, None) or (None, problem) for the label / box / points of a row."""
     t = spec.task_type
-    if t == "segmentation":
-        mask_path = row.get("mask_path", "")
-        if not mask_path:
-            return None, "segmentation row without mask_path"
-        mask_file = resolve_inside(csv_dir, mask_path, root_resolved)
-        if mask_file is None:
-            return None, f"mask_path {mask_path!r} resolves outside the data root; refused, not read"
-        if not mask_file.is_file():
-            return None, f"mask file missing: {mask_path!r}"
-        fields.update(mask_path=mask_path, mask_file=str(mask_file))
-    elif t == "classification":
+    if t == "classification":
         text = row.get("mask", "")
         if text == "":
             return None, "classification row without a label in column 'mask'"
@@ -344,8 +335,8 @@ def _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resol
             return None, f"class label {text!r} is not an integer"
         if not 0 <= label < spec.num_classes:
             return None, f"class label {label} out of range [0, {spec.num_classes})"
-        fields.update(label=label)
-    elif t == "detection":
+        return {"label": label}, None
+    if t == "detection":
         try:
             box = tuple(_parse_float(row[c]) for c in BOX_COLUMNS)
         except KeyError as e:
@@ -356,8 +347,8 @@ def _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resol
             return None, f"box {list(box)} has non-finite coordinates"
         if box[2] <= box[0] or box[3] <= box[1]:
             return None, f"box {list(box)} has zero or negative area (x_max <= x_min or y_max <= y_min)"
-        fields.update(box=box)
-    else:  # regression
+        return {"box": box}, None
+    if t == "regression":
         pts = []
         for k in range(1, spec.num_points + 1):
             col = f"point_{k}_xy"
@@ -371,8 +362,35 @@ def _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resol
             if not (math.isfinite(x) and math.isfinite(y)):
                 return None, f"{col} {text!r} is not finite"
             pts.append((x, y))
-        fields.update(points=tuple(pts))
-    return Record(**fields), None
+        return {"points": tuple(pts)}, None
+    return {}, None
+
+
+def _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resolved):
+    """(Record, []) or (None, [problem texts]): every problem of the row; opens nothing."""
+    image_path = row.get("image_path", "")
+    problems = []
+    image_file, p = _file_problem(csv_dir, image_path, "image_path", root_resolved, IMAGE_SUFFIXES)
+    if p:
+        problems.append(p)
+    fields = {}
+    if spec.task_type == "segmentation":
+        mask_path = row.get("mask_path", "")
+        mask_file, p = _file_problem(csv_dir, mask_path, "mask_path", root_resolved)
+        if p:
+            problems.append(p)
+        else:
+            fields.update(mask_path=mask_path, mask_file=str(mask_file))
+    else:
+        ann, p = _annotation(spec, row)
+        if p:
+            problems.append(p)
+        else:
+            fields.update(ann)
+    if problems:
+        return None, problems
+    return Record(task_id=spec.task_id, task_type=spec.task_type, image_path=image_path,
+                  image_file=str(image_file), csv=csv_rel, row=i, split=split, **fields), []
 
 
 # ----------------------------------------------------------------------------- pixel checks
