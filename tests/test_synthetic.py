@@ -1,0 +1,146 @@
+"""The synthetic FM_UIA suite: layout, sizes, validity of every task's annotations,
+determinism, the atomic cache, and that the class labels are learnable from the pixels."""
+import hashlib
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from m2dino.data.reader import scan_dataset
+from m2dino.data.synthetic import (
+    DIFFICULTY,
+    build,
+    default_cache_root,
+    ensure_synthetic,
+    main,
+    task_sizes,
+    write_suite,
+)
+from m2dino.tasks import TASKS
+
+SMALL = ["fetal_head", "cardiac_multi", "fetal_head_pos_cls", "thyroid_nodule_det", "IUGC", "FUGC"]
+
+
+def tiny(out, seed=0, tasks=SMALL):
+    return write_suite(out, tasks=tasks, seed=seed, scale=1e-4, min_train=3, min_val=2, workers=1)
+
+
+def digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != "synthetic.json":
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_default_sizes_suit_a_ten_minute_cpu_study():
+    sizes = task_sizes()
+    assert set(sizes) == set(TASKS) and set(DIFFICULTY) == set(TASKS)
+    train = sum(n for n, _ in sizes.values())
+    val = sum(v for _, v in sizes.values())
+    assert 2000 <= train <= 3000
+    assert 0.17 <= val / train <= 0.25
+    assert min(n for n, _ in sizes.values()) >= 40 and min(v for _, v in sizes.values()) >= 12
+    # data-rich and data-scarce tasks as in the real release
+    assert sizes["fetal_plane_cls"][0] > 8 * sizes["fetal_heart"][0]
+    assert task_sizes(scale=0.5)["fetal_plane_cls"] == (3700, 740)
+    with pytest.raises(ValueError, match="scale"):
+        task_sizes(scale=0)
+
+
+@pytest.mark.parametrize("task_id", list(TASKS))
+def test_every_task_builds_valid_annotations(task_id):
+    spec = TASKS[task_id]
+    for i in range(2):
+        rng = np.random.default_rng([5, i])
+        img, ann = build(task_id, rng, (100 + 40 * i, 150 - 30 * i))
+        h, w = img.shape
+        assert img.dtype == np.uint8 and img.std() > 10  # a real image, not blank
+        if spec.task_type == "segmentation":
+            m = ann["mask"]
+            assert m.shape == (h, w) and m.max() < spec.num_classes
+            assert set(np.unique(m)) == set(range(spec.num_classes))  # every class present
+        elif spec.task_type == "classification":
+            assert 0 <= ann["label"] < spec.num_classes
+        elif spec.task_type == "detection":
+            x0, y0, x1, y1 = ann["box"]
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        else:
+            pts = np.asarray(ann["points"])
+            assert pts.shape == (spec.num_points, 2)
+            assert (pts >= 0).all() and (pts[:, 0] <= w).all() and (pts[:, 1] <= h).all()
+
+
+def test_layout_matches_fmuia_and_reads_clean(tmp_path):
+    summary = tiny(tmp_path)
+    assert summary["total_train"] == 3 * len(SMALL)
+    for split, n in (("train", 3), ("val", 2)):
+        names = sorted(p.name for p in (tmp_path / split / "csv_files").iterdir())
+        assert "Seg-Four_2.cardiac_multi.csv" in names and "Reg-Three_26.IUGC.csv" in names
+        assert "Det_23.thyroid_nodule_det.csv" in names and "Cls-Eight_15.fetal_head_pos_cls.csv" in names
+    text = (tmp_path / "train/csv_files/Reg-Three_26.IUGC.csv").read_text().splitlines()
+    assert text[0] == "image_path,task_id,task_name,num_classes,point_1_xy,point_2_xy,point_3_xy"
+    assert text[1].startswith("../Regression/Three/IUGC/") and ",IUGC,Regression,3," in text[1]
+    assert re.search(r'"\[[\d.]+, [\d.]+\]"', text[1])
+    seg = (tmp_path / "train/csv_files/Seg-Four_2.cardiac_multi.csv").read_text().splitlines()[1]
+    assert "../Segmentation/Four/cardiac_multi/images/" in seg and "../Segmentation/Four/cardiac_multi/masks/" in seg
+    masks = list((tmp_path / "train/Segmentation").rglob("masks/*.png"))
+    assert masks and all(Image.open(p).mode == "L" for p in masks)
+    suffixes = {p.suffix for p in tmp_path.rglob("*") if p.is_file() and "masks" not in p.parts} - {".csv", ".json"}
+    assert len(suffixes) >= 2
+    scan = scan_dataset(tmp_path)
+    assert scan.problems == []
+    assert {t: n for t, n in scan.task_counts().items()} == {t: 5 for t in SMALL}
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    tiny(tmp_path / "a", seed=1)
+    tiny(tmp_path / "b", seed=1)
+    tiny(tmp_path / "c", seed=2)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert digest(tmp_path / "a") != digest(tmp_path / "c")
+
+
+def test_cache_writes_once_atomically_and_reuses(tmp_path, monkeypatch):
+    monkeypatch.setenv("M2DINO_CACHE", str(tmp_path / "cache"))
+    assert default_cache_root(0.06, 0) == tmp_path / "cache" / "synthetic-0.06-0"
+    root = tmp_path / "cache" / "s"
+    kw = dict(tasks=["lung_2cls"], min_train=3, min_val=2, workers=1)
+    assert ensure_synthetic(root, scale=1e-4, seed=0, **kw) == root
+    stamp = (root / "synthetic.json").stat().st_mtime_ns
+    assert ensure_synthetic(root, scale=1e-4, seed=0, **kw) == root
+    assert (root / "synthetic.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in root.parent.iterdir()] == ["s"]  # no temp dir left behind
+    assert json.loads((root / "synthetic.json").read_text())["sizes"] == {"lung_2cls": {"train": 3, "val": 2}}
+
+
+def test_cli_refuses_a_non_empty_out(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "x"), "--scale", "1e-4", "--min-train", "2", "--min-val", "1",
+                 "--tasks", "organ_cls", "--workers", "1"]) == 0
+    assert "wrote 2 train + 1 val images" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x")])
+
+
+@pytest.mark.slow
+def test_class_labels_are_learnable_from_pixels():
+    """A linear classifier on 20x20 thumbnails beats the majority class by a wide margin on
+    every classification task (the model has far more to work with)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    for task_id, spec in TASKS.items():
+        if spec.task_type != "classification":
+            continue
+        X, y = [], []
+        for i in range(24 * spec.num_classes):
+            img, ann = build(task_id, np.random.default_rng([11, i]), (100, 120))
+            X.append(np.asarray(Image.fromarray(img).resize((20, 20), Image.BILINEAR), np.float32).ravel() / 255)
+            y.append(ann["label"])
+        y = np.asarray(y)
+        acc = cross_val_score(LogisticRegression(C=0.5, max_iter=300), np.asarray(X), y, cv=3).mean()
+        majority = np.bincount(y).max() / len(y)
+        assert acc > majority + 0.25, (task_id, acc, majority)
