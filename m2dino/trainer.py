@@ -1,0 +1,528 @@
+"""The training loop for one model (one TS task, one CG group, or the AU model).
+
+`ModelTrainer(config, name, tasks, train_records, val_records, model_dir, ...).run()` trains
+with AdamW (backbone lr, heads lr x head_lr_mult; no decay on biases, norms and tokens),
+linear warmup then cosine decay, gradient clipping, bf16/fp16 autocast on GPU, optional
+gradient checkpointing and frozen backbone; validates on the challenge metrics, keeps the
+best checkpoint by the primary metrics, and writes `last/` training checkpoints atomically
+(m2dino.checkpoint) so that `--resume` continues exactly.
+
+Guarantees (issue 8):
+- a non-finite loss or gradient norm skips the step (no update, optimizer state untouched),
+  is counted and logged; `max_bad_steps` in a row end the run with `TrainingDiverged` after a
+  checkpoint of the last good state;
+- out of memory ends with `TrainingOOM` suggesting --batch-size / --grad-checkpointing; the
+  checkpoint on disk is the last complete one (nothing is written after the failure);
+- data-parallel under torchrun: the loss is normalised by the GLOBAL number of samples of
+  each task, so averaged gradients equal those of one process with the whole global batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from m2dino import checkpoint as ckpt
+from m2dino import distributed as dist_utils
+from m2dino.config import AUX_LOSS_NAMES, TrainConfig
+from m2dino.data import FMUIADataset, MultiTaskBatchSampler, collate
+from m2dino.metrics import evaluate_predictions, ground_truth_from_record, higher_is_better
+from m2dino.tasks import TaskSpec
+
+# Test hook for the crashed-rank test: "RANK:STEP" makes that rank os._exit(1) when it reaches
+# STEP on the first torchrun attempt (TORCHELASTIC_RESTART_COUNT == 0) only.
+CRASH_ENV = "M2DINO_TEST_CRASH_RANK_AT_STEP"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+class TrainingDiverged(TrainingError):
+    pass
+
+
+class TrainingOOM(TrainingError):
+    pass
+
+
+@dataclass
+class Progress:
+    """Where training is; saved in every checkpoint."""
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0          # batches trained in the current epoch
+    bad_in_row: int = 0
+    bad_total: int = 0
+    best_score: float = -math.inf
+    best_step: int = -1
+    finished: bool = False
+
+
+def primary_score(task_metrics: dict[str, dict[str, float]], tasks: dict[str, TaskSpec],
+                  baselines: dict[str, dict[str, float]]) -> float:
+    """One number to pick the best checkpoint: the mean over tasks of the primary metric
+    (dice, f1_macro, iou as they are; for mre, the share of the training-mean baseline's
+    error removed, 1 - mre / mre_baseline, so it is comparable with the others)."""
+    values = []
+    for task_id, spec in tasks.items():
+        metric = spec.primary_metric
+        value = task_metrics.get(task_id, {}).get(metric, float("nan"))
+        if not higher_is_better(metric):
+            base = baselines.get(task_id, {}).get(metric, float("nan"))
+            value = 1.0 - value / base if base and math.isfinite(base) and base > 0 else -value
+        values.append(value if math.isfinite(value) else 0.0)
+    return float(np.mean(values)) if values else 0.0
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """lr factor: linear warmup from ~0 to 1, then cosine to 0 at total_steps."""
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _to_device(value, device):
+    if torch.is_tensor(value):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line, appended and flushed) + TensorBoard if installed."""
+
+    def __init__(self, model_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = model_dir / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            model_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(model_dir / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self.writer = None
+
+    def write(self, event: str, **fields) -> None:
+        if not self.enabled:
+            return
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record, default=_json_default) + "\n")
+            fh.flush()
+        if self.writer is not None and "step" in fields:
+            for k, v in _flatten(fields).items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self.writer.add_scalar(f"{event}/{k}", v, fields["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if torch.is_tensor(value):
+        return value.tolist()
+    return str(value)
+
+
+def _finite_or_none(value: float):
+    return value if math.isfinite(value) else None
+
+
+class ModelTrainer:
+    """Train, validate and checkpoint one model on `tasks` (list of TaskSpec)."""
+
+    def __init__(self, config: TrainConfig, name: str, tasks: list[TaskSpec], train_records, val_records,
+                 model_dir, device: torch.device, baselines: dict[str, dict[str, float]] | None = None):
+        if not tasks:
+            raise ValueError(f"model {name!r}: no tasks to train")
+        self.config = config
+        self.name = name
+        self.tasks = list(tasks)
+        self.task_table = {t.task_id: t for t in self.tasks}
+        # a fixed order (the sampler's indices) whatever order the reader returned
+        order = lambda r: (r.task_id, r.csv, r.row)  # noqa: E731
+        self.train_records = sorted((r for r in train_records if r.task_id in self.task_table), key=order)
+        self.val_records = sorted((r for r in val_records if r.task_id in self.task_table), key=order)
+        empty = sorted(t for t in self.task_table if not any(r.task_id == t for r in self.train_records))
+        if empty:
+            raise ValueError(f"model {name!r}: task(s) {empty} have no training samples")
+        self.model_dir = Path(model_dir)
+        self.device = device
+        self.baselines = baselines or {}
+        self.is_main = dist_utils.is_main()
+        self.log = MetricsLog(self.model_dir, self.is_main)
+        self._val_truth = None
+
+    # ------------------------------------------------------------------ building
+
+    def build_model(self):
+        from m2dino.model import create_model
+
+        c = self.config
+        torch.manual_seed(c.seed)  # the same initial weights in every paradigm and on every rank
+        model = create_model(c.model, self.tasks, pretrained=c.pretrained, num_experts=c.num_experts,
+                             top_k=c.top_k, moe_layers=c.moe_layers, img_size=c.img_size)
+        if c.grad_checkpointing:
+            model.backbone.set_grad_checkpointing(True)
+        return model.to(self.device)
+
+    def param_groups(self, model) -> list[dict]:
+        """Backbone at lr, everything else (neck, heads) at lr x head_lr_mult; no weight decay
+        on 1-d parameters (biases, norms, LayerScale) and tokens. --freeze-backbone freezes
+        the dense backbone; the MoE layers (routers and experts) keep training."""
+        c = self.config
+        groups = {}
+        for name, p in model.named_parameters():
+            in_backbone = name.startswith("backbone.")
+            is_moe = ".mlp." in name and any(k in name for k in ("gate_", "fc1_", "fc2_"))
+            if c.freeze_backbone and in_backbone and not is_moe:
+                p.requires_grad_(False)
+            if not p.requires_grad:
+                continue
+            head = not in_backbone
+            no_decay = p.ndim <= 1 or "token" in name or name.endswith("periods")
+            key = (head, no_decay)
+            if key not in groups:
+                groups[key] = {"params": [], "lr": c.lr * (c.head_lr_mult if head else 1.0),
+                               "weight_decay": 0.0 if no_decay else c.weight_decay,
+                               "name": f"{'head' if head else 'backbone'}{'_no_decay' if no_decay else ''}"}
+            groups[key]["params"].append(p)
+        if not groups:
+            raise ValueError(f"model {self.name!r}: no trainable parameters")
+        return [groups[k] for k in sorted(groups)]
+
+    def build_data(self):
+        c = self.config
+        dataset = FMUIADataset(self.train_records, self.task_table, image_size=c.img_size, train=True, seed=c.seed)
+        sampler = MultiTaskBatchSampler(dataset.task_of_index, batch_size=c.batch_size, alpha=c.task_alpha,
+                                        mixed=c.batching == "mixed", seed=c.seed)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=c.workers,
+                            pin_memory=self.device.type == "cuda")
+        return dataset, sampler, loader
+
+    # ------------------------------------------------------------------ the loss
+
+    def compute_loss(self, model, outputs, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The step's loss, normalised by each task's GLOBAL sample count (see module doc)."""
+        from m2dino.losses import total_loss
+
+        c = self.config
+        tasks_in = sorted(outputs["tasks"])
+        _, parts = total_loss(outputs, batch["targets"], self.tasks, loss_weights=None,
+                              aux_weights={k: 0.0 for k in AUX_LOSS_NAMES})
+        local = torch.tensor([float(len(outputs["tasks"][t]["indices"])) if t in outputs["tasks"] else 0.0
+                              for t in self.task_table],
+                             dtype=torch.float64)
+        global_counts = dist_utils.all_reduce_sum(local.to(self.device)).cpu()
+        world = dist_utils.world_size()
+        loss = torch.zeros((), device=self.device)
+        logged = {}
+        for i, task_id in enumerate(self.task_table):
+            if task_id not in tasks_in:
+                continue
+            share = float(local[i] / global_counts[i]) * world
+            task_loss = parts[task_id]
+            loss = loss + c.loss_weights.get(task_id, 1.0) * share * task_loss.float()
+            logged[task_id] = float(task_loss.detach())
+        for name in AUX_LOSS_NAMES:
+            weight = c.aux_weights.get(name, 0.0)
+            value = outputs["aux"][name]
+            logged[f"aux/{name}"] = float(value.detach())
+            if weight:
+                loss = loss + weight * value.float()
+        return loss, logged
+
+    # ------------------------------------------------------------------ state
+
+    def train_state(self, optimizer, scheduler, sampler, progress: Progress) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "model_name": self.name,
+            "tasks": [t.task_id for t in self.tasks],
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state_dict(batches_done=progress.batches_done),
+            "rng": ckpt.rng_state(),
+            "progress": dict(progress.__dict__),
+            "world_size": dist_utils.world_size(),
+        }
+
+    def save_last(self, model, optimizer, scheduler, sampler, progress: Progress) -> None:
+        if self.is_main:
+            ckpt.save_checkpoint(self.model_dir, model, self.train_state(optimizer, scheduler, sampler, progress))
+        dist_utils.barrier()
+
+    def restore(self, model, optimizer, scheduler, sampler) -> Progress | None:
+        """Load the model directory's last checkpoint when there is one (else None)."""
+        found = ckpt.find_checkpoint(self.model_dir)
+        if found is None:
+            return None
+        state = ckpt.load_checkpoint(found, model)
+        if state.get("tasks") != [t.task_id for t in self.tasks]:
+            raise ckpt.CheckpointError(f"{found}: trained on tasks {state.get('tasks')}, this model has "
+                                       f"{[t.task_id for t in self.tasks]}")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        try:
+            sampler.load_state_dict(state["sampler"])
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"{found}: {e}") from None
+        ckpt.set_rng_state(state["rng"])
+        return Progress(**state["progress"])
+
+    # ------------------------------------------------------------------ validation
+
+    def val_truth(self) -> list[dict]:
+        if self._val_truth is None:
+            self._val_truth = [ground_truth_from_record(r) for r in self.val_records]
+        return self._val_truth
+
+    @torch.no_grad()
+    def validate(self, model) -> tuple[dict[str, dict[str, float]], dict[int, list]]:
+        """Challenge metrics of `model` on the validation rows (original resolution), and the
+        routing counts {block index: [[count per expert] per task]} on them."""
+        c = self.config
+        was_training = model.training
+        model.eval()
+        if hasattr(model, "reset_expert_usage"):
+            model.reset_expert_usage()
+        dataset = FMUIADataset(self.val_records, self.task_table, image_size=c.img_size, train=False)
+        loader = DataLoader(dataset, batch_size=max(1, c.batch_size), shuffle=False, collate_fn=collate,
+                            num_workers=c.workers)
+        predictions = []
+        for batch in loader:
+            images = batch["images"].to(self.device)
+            task_ids = model.task_index(batch["tasks"]).to(self.device)
+            with self.autocast():
+                outputs = model(images, task_ids)
+            predictions.extend(model.postprocess(outputs, batch["orig_sizes"]))
+        routing = {}
+        if hasattr(model, "expert_usage"):
+            routing = {int(k): v.cpu().tolist() for k, v in model.expert_usage().items()}
+        model.train(was_training)
+        metrics = evaluate_predictions(predictions, self.val_truth(), self.task_table)
+        return metrics, routing
+
+    # ------------------------------------------------------------------ helpers
+
+    def autocast(self):
+        c = self.config
+        if self.device.type != "cuda" or c.amp == "off":
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if c.amp == "bf16" else torch.float16)
+
+    def total_steps(self, sampler) -> int:
+        c = self.config
+        return int(c.steps) if c.steps is not None else int(c.epochs) * len(sampler)
+
+    def _crash_hook(self, step: int) -> None:
+        spec = os.environ.get(CRASH_ENV)
+        if not spec or dist_utils.restart_count() > 0:
+            return
+        crash_rank, crash_step = (int(v) for v in spec.split(":"))
+        if dist_utils.rank() == crash_rank and step == crash_step:
+            os._exit(1)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, Any]:
+        """Train (or resume), then validate the best checkpoint; returns
+        {"tasks": {task_id: {metric: value}}, "routing": {...}, "best_step": int}."""
+        c = self.config
+        model = self.build_model()
+        dist_utils.broadcast_parameters(model)
+        optimizer = torch.optim.AdamW(self.param_groups(model), lr=c.lr, weight_decay=c.weight_decay)
+        dataset, sampler, loader = self.build_data()
+        total = self.total_steps(sampler)
+        warmup = int(c.warmup * total) if c.warmup < 1 else int(c.warmup)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
+        scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and c.amp == "fp16")
+
+        progress = self.restore(model, optimizer, scheduler, sampler) if c.resume else None
+        if progress is None:
+            progress = Progress()
+            if self.is_main:
+                for stale in ("metrics.jsonl",):
+                    (self.model_dir / stale).unlink(missing_ok=True)
+            self.log.write("start", model=self.name, tasks=list(self.task_table), total_steps=total,
+                           train_size=len(self.train_records), val_size=len(self.val_records),
+                           world_size=dist_utils.world_size(), config=c.to_dict())
+        else:
+            self.log.write("resume", step=progress.step, epoch=progress.epoch, batches_done=progress.batches_done)
+
+        if not progress.finished:
+            try:
+                self._train(model, optimizer, scheduler, scaler, dataset, sampler, loader, progress, total)
+            except torch.OutOfMemoryError as e:
+                self.log.write("oom", step=progress.step, error=str(e)[:500])
+                raise TrainingOOM(
+                    f"model {self.name!r}: out of memory at step {progress.step} with --batch-size {c.batch_size} "
+                    f"at --img-size {c.img_size}: try a smaller --batch-size or --grad-checkpointing "
+                    f"(or --amp bf16 on GPU). The last complete checkpoint in {self.model_dir / ckpt.LAST} is "
+                    f"intact; --resume continues from it.") from e
+        return self._final_eval(model, progress)
+
+    def _train(self, model, optimizer, scheduler, scaler, dataset, sampler, loader, progress: Progress,
+               total: int) -> None:
+        c = self.config
+        model.train()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        bar = None
+        if self.is_main and c.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=progress.step, desc=self.name, leave=False, dynamic_ncols=True)
+        images_seen, t0 = 0, time.perf_counter()
+        while progress.step < total:
+            sampler.set_epoch(progress.epoch)
+            dataset.set_epoch(progress.epoch)
+            for batch in loader:
+                if progress.step >= total:
+                    break
+                self._crash_hook(progress.step)
+                logged = self._step(model, optimizer, scheduler, scaler, params, batch, progress)
+                progress.step += 1
+                progress.batches_done += 1
+                images_seen += len(batch["tasks"])
+                rate = images_seen * dist_utils.world_size() / max(1e-9, time.perf_counter() - t0)
+                if bar is not None:
+                    bar.update(1)
+                    if logged.get("loss") is not None:
+                        bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{rate:.0f}")
+                if progress.step % c.log_every == 0 or "bad" in logged:
+                    self.log.write("train", step=progress.step, epoch=progress.epoch, images_per_s=round(rate, 2),
+                                   lr=scheduler.get_last_lr()[0], **logged)
+                if logged.get("bad") and progress.bad_in_row >= c.max_bad_steps:
+                    self.save_last(model, optimizer, scheduler, sampler, progress)
+                    if bar is not None:
+                        bar.close()
+                    raise TrainingDiverged(
+                        f"model {self.name!r}: {progress.bad_in_row} training steps in a row had a non-finite "
+                        f"loss or gradient (last at step {progress.step}; {progress.bad_total} in all); stopped. "
+                        f"The last good state is saved in {self.model_dir / ckpt.LAST}. Try a lower --lr, "
+                        f"--amp off, or check the data (python -m m2dino.data.check).")
+                if c.checkpoint_every and progress.step % c.checkpoint_every == 0 and progress.step < total:
+                    self.save_last(model, optimizer, scheduler, sampler, progress)
+            else:  # the epoch is complete
+                progress.epoch += 1
+                progress.batches_done = 0
+                if c.eval_every and progress.epoch % c.eval_every == 0 and progress.step < total:
+                    self._evaluate_and_keep_best(model, progress)
+                if progress.step < total:
+                    self.save_last(model, optimizer, scheduler, sampler, progress)
+                continue
+            break  # --steps reached inside an epoch
+        if bar is not None:
+            bar.close()
+        self._evaluate_and_keep_best(model, progress)
+        progress.finished = True
+        self.save_last(model, optimizer, scheduler, sampler, progress)
+        self.log.write("finished", step=progress.step, bad_steps=progress.bad_total, best_step=progress.best_step,
+                       best_score=_finite_or_none(progress.best_score))
+
+    def _step(self, model, optimizer, scheduler, scaler, params, batch, progress: Progress) -> dict[str, Any]:
+        c = self.config
+        images = batch["images"].to(self.device, non_blocking=True)
+        task_ids = model.task_index(batch["tasks"]).to(self.device)
+        batch = {**batch, "targets": _to_device(batch["targets"], self.device)}
+        optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            outputs = model(images, task_ids)
+            loss, logged = self.compute_loss(model, outputs, batch)
+        loss_value = float(dist_utils.all_reduce_sum(loss.detach().reshape(1).double()).item()) / dist_utils.world_size()
+        bad_reason = None
+        if dist_utils.any_rank(not math.isfinite(float(loss.detach())), self.device):
+            bad_reason = "non-finite loss"
+        else:
+            scaler.scale(loss).backward()
+            dist_utils.all_reduce_gradients(params)
+            scaler.unscale_(optimizer)
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if not math.isfinite(grad_norm):
+                bad_reason = "non-finite gradient"
+                if scaler.is_enabled():
+                    scaler.update()  # fp16: lower the scale, as GradScaler does for inf/NaN
+            else:
+                if c.grad_clip > 0 and grads:
+                    torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], c.grad_clip,
+                                                         torch.tensor(grad_norm))
+                scaler.step(optimizer)
+                scaler.update()
+                logged["grad_norm"] = grad_norm
+        if bad_reason is not None:
+            optimizer.zero_grad(set_to_none=True)
+            progress.bad_in_row += 1
+            progress.bad_total += 1
+            scheduler.step()  # the schedule follows the step count, skipped or not
+            return {"bad": bad_reason, "bad_in_row": progress.bad_in_row, "bad_total": progress.bad_total,
+                    "loss": _finite_or_none(loss_value)}
+        progress.bad_in_row = 0
+        scheduler.step()
+        return {"loss": loss_value, "losses": logged}
+
+    # ------------------------------------------------------------------ best checkpoint and final eval
+
+    def _evaluate_and_keep_best(self, model, progress: Progress) -> None:
+        from m2dino.model import save_model
+
+        if self.is_main:
+            metrics, routing = self.validate(model)
+            score = primary_score(metrics, self.task_table, self.baselines)
+            improved = score > progress.best_score or progress.best_step < 0
+            self.log.write("eval", step=progress.step, epoch=progress.epoch, score=score, improved=improved,
+                           tasks=metrics)
+            if improved:
+                save_model(model, self.model_dir / "best")
+                self._write_json("eval.json", {"tasks": metrics, "step": progress.step, "score": score})
+                self._write_json("routing.json", {"tasks": list(self.task_table),
+                                                  "num_experts": self.config.num_experts,
+                                                  "layers": {str(k): v for k, v in routing.items()}})
+        else:
+            improved = False
+        state = dist_utils.broadcast_object((progress.best_score if not improved else score,
+                                             progress.step if improved else progress.best_step)
+                                            if self.is_main else None)
+        progress.best_score, progress.best_step = state
+
+    def _write_json(self, name: str, data) -> None:
+        path = self.model_dir / name
+        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, default=_json_default))
+        os.replace(tmp, path)
+
+    def _final_eval(self, model, progress: Progress) -> dict[str, Any]:
+        path = self.model_dir / "eval.json"
+        result = json.loads(path.read_text()) if self.is_main else {}
+        result = dist_utils.broadcast_object(result)
+        self.log.close()
+        return {"tasks": result.get("tasks", {}), "best_step": progress.best_step}
