@@ -267,12 +267,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="prediction device (with --checkpoint; default cuda if available)")
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    errors: tuple = (FileNotFoundError, EvaluationError)
+    if args.checkpoint:
+        from m2dino.backbone import WeightsError
+        from m2dino.predict import PredictionError, predict_folder
+
+        errors += (PredictionError, WeightsError)
     try:
         with tempfile.TemporaryDirectory(prefix="m2dino-predictions-") as scratch:
             predictions = args.predictions
             if args.checkpoint:
-                from m2dino.predict import predict_folder
-
                 predictions = predictions or scratch
                 written = predict_folder(args.checkpoint, args.data_root, predictions, split=args.split,
                                          batch_size=args.batch_size, device=args.device, tasks=tasks)
@@ -280,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif not predictions:
                 parser.error("--predictions is required without --checkpoint")
             results = evaluate_folder(args.data_root, predictions, split=args.split, tasks=tasks)
-    except (FileNotFoundError, EvaluationError) as e:
+    except errors as e:
         print(f"m2dino.evaluate: error: {e}", file=sys.stderr)
         return 2
     print(format_results(results))

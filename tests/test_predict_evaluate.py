@@ -167,3 +167,175 @@ def test_trivial_baselines_from_reader_records(hand_root):
     # mean box [.5, .5, 2.5, 2.5] overlaps each GT box by 1.5 x 1.5 of a 4 + 4 - 2.25 union
     assert out["thyroid_nodule_det"]["iou"] == pytest.approx(2.25 / 5.75)
     assert out["fetal_femur"]["mre"] == pytest.approx(0.0)
+
+
+def test_submission_entries_and_index_png(tmp_path):
+    from m2dino import predict as P
+
+    cls = P.submission_entry("classification", "lung_2cls", "../a.png", {"probs": np.array([1.0, 3.0]), "predicted_class": 1})
+    assert cls == {"image_path": "../a.png", "task_id": "lung_2cls", "predicted_class": 1, "predicted_probs": [0.25, 0.75]}
+    det = P.submission_entry("detection", "d", "../b.png", {"bbox_pixels": np.array([1, 2, 3, 4]),
+                                                          "bbox_normalized": np.array([.1, .2, .3, .4]), "score": .9})
+    assert det == {"image_path": "../b.png", "task_id": "d", "bbox_normalized": [.1, .2, .3, .4],
+                   "bbox_pixels": [1.0, 2.0, 3.0, 4.0]}
+    reg = P.submission_entry("regression", "r", "../c.png", {"points_pixels": np.array([[1, 2], [3, 4]]),
+                                                           "points_normalized": np.array([[.1, .2], [.3, .4]])})
+    assert reg["predicted_points_pixels"] == [1.0, 2.0, 3.0, 4.0]
+    assert reg["predicted_points_normalized"] == [.1, .2, .3, .4]
+    with pytest.raises(P.PredictionError, match="non-finite"):
+        P.submission_entry("detection", "d", "../b.png", {"bbox_pixels": [0, 0, np.nan, 1], "bbox_normalized": [0, 0, 0, 0]})
+    mask = np.array([[0, 1, 2], [2, 1, 0]])
+    P.write_index_png(tmp_path / "x" / "m.png", mask)
+    with Image.open(tmp_path / "x" / "m.png") as written:
+        assert written.mode == "L" and written.size == (3, 2)
+        np.testing.assert_array_equal(np.asarray(written), mask)
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["m.png"]  # no temporary left behind
+
+
+# ------------------------------------------------- predict + evaluate on a synthetic suite
+SUITE_TASKS = ["cervix_multi", "lung_disease_3cls", "thyroid_nodule_det", "fetal_femur"]
+
+
+@pytest.fixture(scope="module")
+def suite_and_checkpoint(tmp_path_factory):
+    from m2dino.data import write_suite
+    from m2dino.model import create_model, save_model
+
+    base = tmp_path_factory.mktemp("suite")
+    write_suite(base / "data", tasks=SUITE_TASKS, scale=1e-4, min_train=2, min_val=4, workers=1)
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = create_model("dinov3_tiny", SUITE_TASKS, num_experts=2, top_k=1, moe_layers=2, img_size=32)
+    save_model(model, base / "ckpt" / "best")
+    return base / "data", base / "ckpt" / "best.safetensors"
+
+
+def _independent_scores(root: Path, out: Path) -> dict:
+    """Metrics recomputed from the written files with numpy / scipy / sklearn only."""
+    from scipy.spatial.distance import directed_hausdorff
+    from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
+
+    rows = {}
+    for csv_file in sorted((root / "val" / "csv_files").glob("*.csv")):
+        with open(csv_file, newline="") as f:
+            for row in csv.DictReader(f):
+                rows.setdefault(row["task_id"], []).append(row)
+    scores = {}
+    # segmentation: per class mean over images, then mean over classes 1..C-1
+    dice, hd = {1: [], 2: []}, {1: [], 2: []}
+    for row in rows["cervix_multi"]:
+        gt = np.asarray(Image.open(root / "val" / row["mask_path"].replace("../", "", 1)))
+        pred = np.asarray(Image.open(out / row["mask_path"].replace("../", "", 1)))
+        assert pred.shape == gt.shape  # written at the original size
+        for c in (1, 2):
+            p, g = pred == c, gt == c
+            dice[c].append(1.0 if p.sum() + g.sum() == 0 else 2 * (p & g).sum() / (p.sum() + g.sum()))
+            if not p.any() and not g.any():
+                hd[c].append(0.0)
+            elif not p.any() or not g.any():
+                hd[c].append(math.hypot(*gt.shape))
+            else:
+                a, b = np.argwhere(p), np.argwhere(g)
+                hd[c].append(max(directed_hausdorff(a, b)[0], directed_hausdorff(b, a)[0]))
+    scores["cervix_multi"] = {"dice": np.mean([np.mean(dice[c]) for c in (1, 2)]),
+                              "hd": np.mean([np.mean(hd[c]) for c in (1, 2)])}
+    entries = {e["image_path"]: e for e in json.loads((out / "classification_predictions.json").read_text())}
+    labels = [int(r["mask"]) for r in rows["lung_disease_3cls"]]
+    preds = [entries[r["image_path"]]["predicted_class"] for r in rows["lung_disease_3cls"]]
+    probs = np.array([entries[r["image_path"]]["predicted_probs"] for r in rows["lung_disease_3cls"]])
+    cls = {"accuracy": np.mean(np.array(labels) == np.array(preds)),
+           "f1_macro": f1_score(labels, preds, average="macro", zero_division=0),
+           "f1_weighted": f1_score(labels, preds, average="weighted", zero_division=0),
+           "mcc": matthews_corrcoef(labels, preds)}
+    if len(set(labels)) == 3:
+        cls["auc"] = roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    scores["lung_disease_3cls"] = cls
+    entries = {e["image_path"]: e for e in json.loads((out / "detection_predictions.json").read_text())}
+    ious = []
+    for r in rows["thyroid_nodule_det"]:
+        p = entries[r["image_path"]]["bbox_pixels"]
+        g = [float(r[k]) for k in ("x_min", "y_min", "x_max", "y_max")]
+        iw = max(0.0, min(p[2], g[2]) - max(p[0], g[0]))
+        ih = max(0.0, min(p[3], g[3]) - max(p[1], g[1]))
+        union = (p[2] - p[0]) * (p[3] - p[1]) + (g[2] - g[0]) * (g[3] - g[1]) - iw * ih
+        ious.append(iw * ih / union)
+    scores["thyroid_nodule_det"] = {"iou": np.mean(ious)}
+    entries = {e["image_path"]: e for e in json.loads((out / "regression_predictions.json").read_text())}
+    errors = []
+    for r in rows["fetal_femur"]:
+        p = np.array(entries[r["image_path"]]["predicted_points_pixels"]).reshape(-1, 2)
+        g = np.array([json.loads(r["point_1_xy"]), json.loads(r["point_2_xy"])])
+        errors.append(np.linalg.norm(p - g, axis=1).mean())
+    scores["fetal_femur"] = {"mre": np.mean(errors)}
+    return scores
+
+
+def test_predict_then_evaluate_on_synthetic_suite(suite_and_checkpoint, tmp_path):
+    from m2dino import predict as P
+
+    root, checkpoint = suite_and_checkpoint
+    out = tmp_path / "submission"
+    assert P.main(["--checkpoint", str(checkpoint), "--data-root", str(root), "--out", str(out),
+                   "--split", "val", "--batch-size", "3", "--device", "cpu"]) == 0
+    val_csv = root / "val" / "csv_files"
+    n_rows = {}
+    sizes = {}
+    for csv_file in val_csv.glob("*.csv"):
+        with open(csv_file, newline="") as f:
+            for row in csv.DictReader(f):
+                n_rows[row["task_id"]] = n_rows.get(row["task_id"], 0) + 1
+                with Image.open(val_csv / row["image_path"]) as im:
+                    sizes[row["image_path"]] = im.size  # (W, H)
+
+    # the submission format, field by field
+    cls = json.loads((out / "classification_predictions.json").read_text())
+    assert len(cls) == n_rows["lung_disease_3cls"]
+    for e in cls:
+        assert set(e) == {"image_path", "task_id", "predicted_class", "predicted_probs"}
+        assert e["image_path"].startswith("../") and len(e["predicted_probs"]) == 3
+        assert sum(e["predicted_probs"]) == pytest.approx(1.0, abs=1e-9)
+    det = json.loads((out / "detection_predictions.json").read_text())
+    assert len(det) == n_rows["thyroid_nodule_det"]
+    for e in det:
+        assert set(e) == {"image_path", "task_id", "bbox_normalized", "bbox_pixels"}
+        w, h = sizes[e["image_path"]]
+        np.testing.assert_allclose(np.array(e["bbox_normalized"]) * [w, h, w, h], e["bbox_pixels"], rtol=1e-5, atol=1e-3)
+    reg = json.loads((out / "regression_predictions.json").read_text())
+    assert len(reg) == n_rows["fetal_femur"]
+    for e in reg:
+        assert set(e) == {"image_path", "task_id", "predicted_points_normalized", "predicted_points_pixels"}
+        w, h = sizes[e["image_path"]]
+        assert len(e["predicted_points_pixels"]) == 4
+        np.testing.assert_allclose(np.array(e["predicted_points_normalized"]) * [w, h, w, h],
+                                   e["predicted_points_pixels"], rtol=1e-5, atol=1e-3)
+    masks = sorted(out.rglob("*.png"))
+    assert len(masks) == n_rows["cervix_multi"]
+    for path in masks:
+        with Image.open(path) as im:
+            assert im.mode == "L" and np.asarray(im).max() < 3
+
+    results = E.evaluate_folder(root, out, split="val")
+    assert results["num_samples"] == n_rows
+    expected = _independent_scores(root, out)
+    for task_id, values in expected.items():
+        for metric, value in values.items():
+            assert results["tasks"][task_id][metric] == pytest.approx(value, rel=1e-9, abs=1e-9), (task_id, metric)
+
+    # --checkpoint predicts and scores in one go (one task here, to keep the test short)
+    json_path = tmp_path / "scores.json"
+    assert E.main(["--data-root", str(root), "--split", "val", "--checkpoint", str(checkpoint), "--tasks",
+                   "fetal_femur", "--json", str(json_path), "--device", "cpu"]) == 0
+    again = json.loads(json_path.read_text())
+    assert list(again["tasks"]) == ["fetal_femur"]
+    assert again["tasks"]["fetal_femur"]["mre"] == pytest.approx(results["tasks"]["fetal_femur"]["mre"])
+
+
+def test_predict_errors(suite_and_checkpoint, tmp_path, capsys):
+    from m2dino import predict as P
+
+    root, checkpoint = suite_and_checkpoint
+    with pytest.raises(P.PredictionError, match=r"no head for task\(s\) \['lung'\]"):
+        P.predict_folder(checkpoint, root, tmp_path / "o", split="val", tasks=["lung"])
+    assert P.main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--data-root", str(root),
+                   "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
