@@ -360,6 +360,7 @@ class ModelTrainer:
         {"tasks": {task_id: {metric: value}}, "routing": {...}, "best_step": int}."""
         c = self.config
         model = self.build_model()
+        self.model = model  # kept for callers (tests compare replicas)
         dist_utils.broadcast_parameters(model)
         optimizer = torch.optim.AdamW(self.param_groups(model), lr=c.lr, weight_decay=c.weight_decay)
         dataset, sampler, loader = self.build_data()
