@@ -339,3 +339,27 @@ def test_predict_errors(suite_and_checkpoint, tmp_path, capsys):
     assert P.main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--data-root", str(root),
                    "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_predict_unlabelled_test_csvs(suite_and_checkpoint, tmp_path):
+    """A test release has no labels, boxes, points or mask files: prediction still works."""
+    import shutil
+
+    from m2dino import predict as P
+
+    root, checkpoint = suite_and_checkpoint
+    test_root = tmp_path / "test"
+    shutil.copytree(root / "val", test_root)
+    for csv_file in (test_root / "csv_files").glob("*.csv"):
+        with open(csv_file, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            if row.get("mask_path"):
+                (test_root / "csv_files" / row["mask_path"]).resolve().unlink()
+        keep = [c for c in ("image_path", "task_id", "task_name", "num_classes", "mask_path") if c in rows[0]]
+        write_csv(csv_file, keep, [[row[c] for c in keep] for row in rows])
+    out = tmp_path / "submission"
+    result = P.predict_folder(checkpoint, test_root, out, tasks=["cervix_multi", "fetal_femur"], batch_size=4)
+    assert result["counts"] == {"cervix_multi": 4, "fetal_femur": 4}
+    assert len(list(out.rglob("*.png"))) == 4
+    assert len(json.loads((out / "regression_predictions.json").read_text())) == 4
