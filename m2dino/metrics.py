@@ -323,14 +323,17 @@ def _normalise(pixels, orig_size) -> np.ndarray:
     return values / [width, height]
 
 
-def ground_truth_from_record(record, with_mask: bool = True) -> dict:
+def ground_truth_from_record(record, with_mask: bool = True, with_size: bool = True) -> dict:
     """A data-reader `Record` as a ground-truth dict in original pixels (+ "orig_size").
 
-    Segmentation masks are read from `record.mask_file` (skipped with with_mask=False).
+    Segmentation masks are read from `record.mask_file` (skipped with with_mask=False); the
+    original size comes from the image header (skipped with with_size=False).
     """
     from m2dino.data.reader import image_size, load_mask_array
 
-    truth = {"task": record.task_id, "image_path": record.image_path, "orig_size": image_size(record.image_file)}
+    truth = {"task": record.task_id, "image_path": record.image_path}
+    if with_size:
+        truth["orig_size"] = image_size(record.image_file)
     if record.task_type == "segmentation":
         if with_mask:
             truth["mask"] = load_mask_array(record.mask_file)
@@ -381,8 +384,12 @@ def trivial_baselines(train_truth: Sequence, val_truth: Sequence, tasks=None) ->
     empty-mask baseline needs none (and no training masks are read).
     """
     table = _task_table(tasks)
+    # Training rows only feed the majority class, the mean box and the mean points: no masks are
+    # read, and image headers only where boxes and points are normalised.
     train_truth = [
-        ground_truth_from_record(g, with_mask=False) if hasattr(g, "task_id") else g for g in train_truth
+        ground_truth_from_record(g, with_mask=False, with_size=g.task_type in ("detection", "regression"))
+        if hasattr(g, "task_id") else g
+        for g in train_truth
     ]
     val_truth = [ground_truth_from_record(g) if hasattr(g, "task_id") else g for g in val_truth]
     train_by_task: dict[str, list] = defaultdict(list)
