@@ -486,7 +486,7 @@ def scene_liver(cv, rng, kind):
     r = cv.s * rng.uniform(0.08, 0.14)
     lesion = blob(cv, rng, lx, ly, r, irregular=0.08)
     if kind == 0:
-        paint(sc, lesion, rng.uniform(0.85, 0.95))
+        paint(sc, lesion, rng.uniform(1.0, 1.2))
     else:
         paint(sc, blob(cv, rng, lx, ly, r * 1.25, irregular=0.05), 0.85)
         paint(sc, lesion, rng.uniform(0.12, 0.22))
