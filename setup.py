@@ -59,13 +59,13 @@ def extensions():
 
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]  # torch >= 2.10 headers need C++20
     define_macros = []
     extra = {"cxx": cxx_flags}
     if build_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
         define_macros.append(("M2DINO_WITH_CUDA", "1"))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--threads", "2", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-std=c++20", "--threads", "2", "-lineinfo"]
         ext_cls = cpp_extension.CUDAExtension
         print(f"m2dino: building CPU + CUDA kernels (CUDA_HOME={cuda_home}, "
               f"archs {os.environ['TORCH_CUDA_ARCH_LIST']})")
