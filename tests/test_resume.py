@@ -1,0 +1,112 @@
+"""--resume continues exactly: the resumed run's losses and final weights equal the uninterrupted
+run's, bit for bit, on CPU (model, optimizer, scheduler, sampler position, RNG, step)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from m2dino import checkpoint as ckpt
+from m2dino.config import TrainConfig
+from m2dino.data import write_suite
+from m2dino.train import run
+from m2dino.trainer import ModelTrainer
+
+TASKS = ["breast_2cls", "fetal_femur"]
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    root = tmp_path_factory.mktemp("suite")
+    write_suite(root, scale=0.001, tasks=TASKS, min_train=12, min_val=4, workers=1)
+    return root
+
+
+def tiny_config(suite, out, **kw) -> TrainConfig:
+    base = dict(data=str(suite), out=str(out), paradigm="au", img_size=32, batch_size=4, epochs=2,
+                log_every=1, checkpoint_every=2, progress=False, warmup=2, lr=1e-3)
+    base.update(kw)
+    return TrainConfig(**base).validate()
+
+
+def step_losses(model_dir: Path) -> dict[int, float]:
+    """The last logged loss of every step (a resumed run re-logs the steps after its checkpoint)."""
+    out = {}
+    for line in (model_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["event"] == "train":
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(monkeypatch, step):
+    def hook(self, s):
+        if s == step:
+            raise Interrupt(f"interrupted at step {s}")
+    monkeypatch.setattr(ModelTrainer, "_crash_hook", hook)
+
+
+@pytest.mark.parametrize("stop_at", [9])  # mid-epoch of epoch 2, last checkpoint at step 8
+def test_resume_equals_uninterrupted(suite, tmp_path, monkeypatch, stop_at):
+    ref_cfg = tiny_config(suite, tmp_path / "ref")
+    run(ref_cfg)
+    ref_dir = tmp_path / "ref" / "au" / "all"
+    ref = step_losses(ref_dir)
+    assert sorted(ref) == list(range(1, 13))  # 24 samples / batch 4 = 6 steps x 2 epochs
+
+    cfg = tiny_config(suite, tmp_path / "cut")
+    interrupt_at(monkeypatch, stop_at)
+    with pytest.raises(Interrupt):
+        run(cfg)
+    cut_dir = tmp_path / "cut" / "au" / "all"
+    state = ckpt.read_train_state(ckpt.find_checkpoint(cut_dir))
+    assert state["progress"]["step"] == 8 and state["progress"]["batches_done"] == 2
+    assert state["sampler"]["epoch"] == 1 and state["sampler"]["batches_done"] == 2
+
+    monkeypatch.undo()
+    run(tiny_config(suite, tmp_path / "cut", resume=True))
+    resumed = step_losses(cut_dir)
+    assert sorted(resumed) == sorted(ref)
+    for s in ref:
+        assert resumed[s] == ref[s], f"step {s}: resumed loss {resumed[s]!r} != uninterrupted {ref[s]!r}"
+    a = load_file(str(ref_dir / "last" / "model.safetensors"))
+    b = load_file(str(cut_dir / "last" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((ref_dir / "eval.json").read_text()) == json.loads((cut_dir / "eval.json").read_text())
+    events = [json.loads(x)["event"] for x in (cut_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "resume" in events
+
+
+def test_resume_skips_finished_models(suite, tmp_path, monkeypatch):
+    cfg = tiny_config(suite, tmp_path / "run", epochs=1)
+    run(cfg)
+    model_dir = tmp_path / "run" / "au" / "all"
+    before = (model_dir / "metrics.jsonl").read_text()
+
+    def fail(*a, **k):
+        raise AssertionError("a finished model must not train again")
+    monkeypatch.setattr(ModelTrainer, "_train", fail)
+    result = run(tiny_config(suite, tmp_path / "run", epochs=1, resume=True))
+    assert set(result["au"]["tasks"]) == set(TASKS)
+    assert (model_dir / "metrics.jsonl").read_text().startswith(before)
+
+
+def test_checkpoint_errors_name_the_problem(suite, tmp_path):
+    cfg = tiny_config(suite, tmp_path / "run", steps=2, checkpoint_every=1)
+    run(cfg)
+    last = tmp_path / "run" / "au" / "all" / "last"
+    from m2dino.model import create_model
+    from m2dino.tasks import get_task
+    other = create_model("dinov3_tiny", [get_task("lung")], num_experts=4, top_k=2, moe_layers=2, img_size=32)
+    with pytest.raises(ckpt.CheckpointError, match="does not fit this model"):
+        ckpt.load_checkpoint(last, other)
+    data = (last / ckpt.TRAIN_STATE).read_bytes()
+    (last / ckpt.TRAIN_STATE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="train_state.pt"):
+        ckpt.read_train_state(last)
