@@ -48,7 +48,13 @@ def to_pil_image(path) -> Image.Image:
     """Open an image as PIL "L" (grayscale) or "RGB", fully decoded."""
     with Image.open(path) as im:
         im.load()
-        if im.mode in ("L", "RGB"):
+        if im.mode == "L":
+            return im.copy()
+        if im.mode == "RGB":
+            # grayscale stored as RGB (common in ultrasound exports): keep one channel, 3x less work
+            a = np.asarray(im)
+            if np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2]):
+                return Image.fromarray(np.ascontiguousarray(a[..., 0]), "L")
             return im.copy()
         if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             a = np.asarray(im, dtype=np.float32)
@@ -151,9 +157,10 @@ class SampleTransform:
                 if pts is not None:
                     pts = _apply(m, pts)
 
-        x = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
         if self.train:
-            x = self._photometric(x, rng)
+            x = self._photometric(np.asarray(img), rng)
+        else:
+            x = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
         if x.ndim == 2:  # grayscale -> 3 identical channels
             x = np.repeat(x[:, :, None], 3, axis=2)
         x = (x - self.mean) * self.inv_std
@@ -170,25 +177,28 @@ class SampleTransform:
             out["points"] = torch.tensor(pts / S, dtype=torch.float32)
         return tensor, out
 
-    def _photometric(self, x: np.ndarray, rng) -> np.ndarray:
+    def _photometric(self, u8: np.ndarray, rng) -> np.ndarray:
+        """uint8 image -> float32 in [0, 1] with contrast, brightness, gamma (one 256-entry
+        lookup table, they are pointwise) and multiplicative Rayleigh speckle."""
         aug = self.augment
-        if aug.speckle:
-            # multiplicative noise with Rayleigh amplitude (|complex Gaussian|), mean 1
-            shape = x.shape[:2]
-            n = np.hypot(rng.standard_normal(shape, dtype=np.float32), rng.standard_normal(shape, dtype=np.float32))
-            n *= 1.0 / 1.2533  # E|z| of a unit complex Gaussian is sqrt(pi/2)
-            k = rng.uniform(0, aug.speckle)
-            factor = (1 - k) + k * n
-            x = x * (factor[:, :, None] if x.ndim == 3 else factor)
+        v = np.arange(256, dtype=np.float32) / 255.0
+        mean = float(u8.mean()) / 255.0
         if aug.contrast:
-            c = rng.uniform(1 - aug.contrast, 1 + aug.contrast)
-            x = (x - x.mean()) * c + x.mean()
+            v = (v - mean) * rng.uniform(1 - aug.contrast, 1 + aug.contrast) + mean
         if aug.brightness:
-            x = x + rng.uniform(-aug.brightness, aug.brightness)
-        x = np.clip(x, 0.0, 1.0)
+            v = v + rng.uniform(-aug.brightness, aug.brightness)
+        v = np.clip(v, 0.0, 1.0)
         if aug.gamma:
-            x = x ** rng.uniform(*aug.gamma)
-        return x.astype(np.float32, copy=False)
+            v = v ** np.float32(rng.uniform(*aug.gamma))
+        x = v.astype(np.float32)[u8]
+        if aug.speckle:
+            # Rayleigh amplitude = sqrt(2 * Exp(1)) * sigma; sigma = sqrt(2/pi) gives mean 1
+            n = np.sqrt(rng.standard_exponential(u8.shape[:2], dtype=np.float32) * np.float32(4 / np.pi))
+            k = np.float32(rng.uniform(0, aug.speckle))
+            factor = (1 - k) + k * n
+            x *= factor[:, :, None] if x.ndim == 3 else factor
+            np.clip(x, 0.0, 1.0, out=x)
+        return x
 
 
 def denormalize(image: torch.Tensor, mean=IMAGE_MEAN, std=IMAGE_STD) -> torch.Tensor:
