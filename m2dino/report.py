@@ -480,6 +480,8 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
         lines += ["", "## Expert routing", "", f"Task affinity: {settings['affinity_definition']}.", ""]
         for paradigm, models in report["routing"].items():
             for model_name, data in models.items():
+                if len(data["tasks"]) < 2:
+                    continue
                 lines.append(f"- {PARADIGM_LABELS.get(paradigm, paradigm)} model `{model_name}`: "
                              f"{len(data['tasks'])} tasks, {data['num_experts']} experts, MoE layers "
                              f"{', '.join(data['shares'])}; most similar pairs: {_top_pairs(data)}")
@@ -546,7 +548,7 @@ def write_plots(report: dict, out_dir: Path) -> list[Path]:
         for model_name, data in models.items():
             stem = f"{paradigm}_{model_name}".replace(os.sep, "_").replace("@", "_")
             layers = list(data["shares"])
-            if not layers:
+            if not layers or len(data["tasks"]) < 2:  # single-task (TS) models: numbers in report.json only
                 continue
             fig, axes = plt.subplots(1, len(layers), figsize=(2.2 * len(layers) + 1, 0.25 * len(data["tasks"]) + 1.5),
                                      squeeze=False)
