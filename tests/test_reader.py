@@ -163,11 +163,13 @@ def test_extra_task_from_its_csv_and_overridable(tmp_path):
     assert scan.tasks["knee_points"].group == "MSK"
     # an extra task whose spec cannot be made (no num_classes) is reported on every row
     write_csv(tmp_path / "csv_files" / "Cls-X_97.extra.csv", [
-        {"image_path": f"../Regression/Two/knee/k.png", "task_id": "mystery", "task_name": "classification",
-         "num_classes": "", "mask": 0} for _ in range(2)])
+        {"image_path": path, "task_id": "mystery", "task_name": "classification", "num_classes": "", "mask": 0}
+        for path in ("../Regression/Two/knee/k.png", "../Segmentation/Three/kidney/a.png")])
     bad = scan_dataset(tmp_path).problems
     assert [(p.csv, p.row) for p in bad] == [("csv_files/Cls-X_97.extra.csv", 0), ("csv_files/Cls-X_97.extra.csv", 1)]
     assert "cannot define extra task 'mystery'" in bad[0].problem
+    fixed = scan_dataset(tmp_path, task_overrides={"mystery": {"num_classes": 2}})
+    assert fixed.problems == [] and fixed.tasks["mystery"].num_classes == 2
     (tmp_path / "csv_files" / "Cls-X_97.extra.csv").unlink()
     # overriding num_classes below the mask values makes the rows invalid, naming them
     scan = scan_dataset(tmp_path, task_overrides={"kidney_stone": {"num_classes": 2}})

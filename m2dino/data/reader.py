@@ -191,16 +191,29 @@ class Scan:
 
 def _extra_task_spec(task_id, task_type, rows, fieldnames, overrides) -> TaskSpec:
     """A TaskSpec for a task outside the registry, from its CSV rows (then `overrides`)."""
-    nc_values = Counter(r.get("num_classes", "") for r in rows)
-    if task_type == "detection":
+    fields = dict(overrides or {})
+    if "num_classes" in fields:
+        n = int(fields.pop("num_classes"))
+    elif task_type == "detection":
         n = 1
     elif task_type == "regression":
         n = len([c for c in _point_columns(fieldnames) if rows and rows[0].get(c, "")])
     else:
-        n = int(float(nc_values.most_common(1)[0][0])) if nc_values else 0
-    fields = dict(overrides or {})
-    n = int(fields.pop("num_classes", n))
+        text = Counter(_norm_count(r.get("num_classes", "")) for r in rows).most_common(1)[0][0]
+        try:
+            n = int(text)
+        except ValueError:
+            raise ValueError(f"num_classes {text!r} is not an integer (set it in the task overrides)") from None
     return make_task(task_id, task_type, n, **fields)
+
+
+def _norm_count(text: str) -> str:
+    """'4', '4.0' and ' 4' are the same count; anything else is compared verbatim."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return str(text)
+    return str(int(value)) if math.isfinite(value) and value == int(value) else str(text)
 
 
 def read_csvs(root, task_overrides: dict | None = None) -> Scan:
@@ -275,19 +288,16 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
                 continue
         scan.tasks[tid] = spec
         # num_classes must agree within the task (and with the spec for seg / cls).
-        nc_counts = Counter(r.get("num_classes", "") for *_, r in items)
+        nc_counts = Counter(_norm_count(r.get("num_classes", "")) for *_, r in items)
         majority = nc_counts.most_common(1)[0][0] if nc_counts else ""
         seen = {}
         for split, csv_rel, csv_dir, fieldnames, i, row in items:
             row_problems = []
-            nc = row.get("num_classes", "")
+            nc = _norm_count(row.get("num_classes", ""))
             if nc != majority:
                 row_problems.append(f"num_classes {nc!r} inconsistent within task {tid!r} (most rows: {majority!r})")
             elif spec.task_type in ("segmentation", "classification") and nc != "":
-                try:
-                    ok = int(float(nc)) == spec.num_classes
-                except ValueError:
-                    ok = False
+                ok = nc == str(spec.num_classes)
                 if not ok:
                     row_problems.append(f"num_classes {nc!r} disagrees with task {tid!r} ({spec.num_classes})")
             dup_key = (split, tid, row["image_path"])
