@@ -436,8 +436,11 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
             f"| {task_id} | {task['task_type']} | {task['group']} | {task['train_size']} | {task['scale']} | "
             f"{primary} | " + " | ".join(cells) + f" | {_fmt(baseline)} |"
         )
-    for title, key in (("clinical group", "by_group"), ("task type", "by_task_type"), ("data scale", "by_scale"),
-                       ("overall", "overall")):
+    compared = "ts" in paradigms and len(paradigms) > 1
+    if not compared:
+        lines += ["", "Changes against TS need a TS run and at least one CG or AU run; none are reported here."]
+    for title, key in ((("clinical group", "by_group"), ("task type", "by_task_type"), ("data scale", "by_scale"),
+                        ("overall", "overall")) if compared else ()):
         heading = "all tasks" if key == "overall" else f"by {title}"
         lines += ["", f"## Mean primary-metric change vs TS, {heading}", "",
                   "| " + title + " | tasks | " + " | ".join(labels[1:] if paradigms[:1] == ["ts"] else labels) + " |",

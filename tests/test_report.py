@@ -179,3 +179,14 @@ def test_bad_input_errors(tmp_path, capsys):
         R.build_report([tmp_path / "bad"])
     assert R.main([str(tmp_path / "bad"), "--out", str(tmp_path / "o")]) == 2
     assert "task 'x'" in capsys.readouterr().err
+
+
+def test_single_paradigm_report_has_no_changes(tmp_path):
+    run = tmp_path / "run"
+    write_paradigm(run, "au")
+    rep = R.build_report([run])
+    assert rep["negative_transfer"] == []
+    assert "change_vs_ts" not in rep["tasks"]["segA"]["paradigms"]["au"]
+    markdown = R.render_markdown(rep)
+    assert "Changes against TS need a TS run" in markdown
+    assert "Not assessed" in markdown
