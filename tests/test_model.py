@@ -202,14 +202,39 @@ def test_mixed_batch_overfits():
     net = create_model("dinov3_tiny", TASK_IDS, num_experts=4, moe_layers=3, neck_channels=16)
     images, task_ids, targets = _batch(order=(0, 1, 2, 3))
     targets[0] = {"mask": (torch.arange(SIZE)[None, :] >= 16).long().expand(SIZE, SIZE) * 2}
-    optimiser = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=3e-3)
     net.train()
     first = None
-    for _ in range(60):
+    for _ in range(30):
         loss, logs = losses.total_loss(net(images, task_ids), targets, net.tasks,
                                        aux_weights={})
         first = float(loss.detach()) if first is None else first
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    assert float(loss) < 0.2 * first, (first, {k: float(v) for k, v in logs.items()})
+    assert float(loss) < 0.3 * first, (first, {k: float(v) for k, v in logs.items()})
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    net = create_model("dinov3_tiny", TASK_IDS, num_experts=4, moe_layers=2, neck_channels=8)
+    images, task_ids, targets = _batch(order=(0, 1, 2, 3))
+    net.train()
+
+    def gradients():
+        net.zero_grad()
+        net.reset_expert_usage()
+        loss, _ = losses.total_loss(net(images, task_ids), targets, net.tasks)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    plain_loss, plain = gradients()
+    plain_usage = net.expert_usage()
+    net.backbone.set_grad_checkpointing(True)
+    ckpt_loss, ckpt = gradients()
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    for name, grad in plain.items():
+        torch.testing.assert_close(ckpt[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # recomputation in the backward pass does not count the tokens twice
+    for index, counts in net.expert_usage().items():
+        assert torch.equal(counts, plain_usage[index])
