@@ -234,12 +234,11 @@ class ModelTrainer:
 
     def compute_loss(self, model, outputs, batch) -> tuple[torch.Tensor, dict[str, float]]:
         """The step's loss, normalised by each task's GLOBAL sample count (see module doc)."""
-        from m2dino.losses import total_loss
+        from m2dino.losses import task_loss
 
         c = self.config
         tasks_in = sorted(outputs["tasks"])
-        _, parts = total_loss(outputs, batch["targets"], self.tasks, loss_weights=None,
-                              aux_weights={k: 0.0 for k in AUX_LOSS_NAMES})
+        parts = {t: task_loss(self.task_table[t], outputs["tasks"][t], batch["targets"]) for t in tasks_in}
         local = torch.tensor([float(len(outputs["tasks"][t]["indices"])) if t in outputs["tasks"] else 0.0
                               for t in self.task_table],
                              dtype=torch.float64)
@@ -251,9 +250,11 @@ class ModelTrainer:
             if task_id not in tasks_in:
                 continue
             share = float(local[i] / global_counts[i]) * world
-            task_loss = parts[task_id]
-            loss = loss + c.loss_weights.get(task_id, 1.0) * share * task_loss.float()
-            logged[task_id] = float(task_loss.detach())
+            value_t = parts[task_id]
+            # --loss-weights keys: task ids or task types (a task id wins), default 1
+            weight = c.loss_weights.get(task_id, c.loss_weights.get(self.task_table[task_id].task_type, 1.0))
+            loss = loss + weight * share * value_t.float()
+            logged[task_id] = float(value_t.detach())
         for name in AUX_LOSS_NAMES:
             weight = c.aux_weights.get(name, 0.0)
             value = outputs["aux"][name]
