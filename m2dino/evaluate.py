@@ -171,7 +171,8 @@ def _truth_of(record: Record) -> dict:
 # ------------------------------------------------------------------------------- evaluation
 def evaluate_folder(data_root, predictions_dir, split: str | None = None, tasks: Sequence[str] | None = None) -> dict:
     """{"tasks": {task_id: {metric: value}}, "task_types": {type: {metric: mean over tasks}},
-    "num_samples": {task_id: n}} for every ground-truth task (or only `tasks`)."""
+    "num_samples": {task_id: n}, "types": {task_id: task type}} for every ground-truth task
+    (or only `tasks`)."""
     split_root = resolve_split_root(data_root, split)
     predictions_dir = Path(predictions_dir)
     if not predictions_dir.is_dir():
@@ -212,17 +213,18 @@ def evaluate_folder(data_root, predictions_dir, split: str | None = None, tasks:
         "tasks": task_metrics,
         "task_types": metrics.average_by_task_type(task_metrics, specs),
         "num_samples": num_samples,
+        "types": {task_id: specs[task_id].task_type for task_id in task_metrics},
     }
 
 
 def format_results(results: dict) -> str:
+    """A plain-text table per task type, with the mean over its tasks."""
     lines = []
     for task_type in metrics.TASK_TYPES:
-        task_ids = [t for t in results["tasks"] if t in results["num_samples"]]
-        names = metrics.METRIC_NAMES[task_type]
-        rows = [t for t in task_ids if set(results["tasks"][t]) == set(names)]
+        rows = [t for t, kind in results["types"].items() if kind == task_type]
         if not rows:
             continue
+        names = metrics.METRIC_NAMES[task_type]
         lines.append(f"[{task_type}]")
         lines.append(f"  {'task':<24} {'n':>5} " + " ".join(f"{n:>11}" for n in names))
         for task_id in rows:
