@@ -100,7 +100,9 @@ class Canvas:
             self.ax = w / 2
             self.rmax = h - self.ay - 0.02 * h
             half = math.radians(rng.uniform(30, 40) if convex else rng.uniform(38, 45))
-            self.half = min(half, math.asin(min(1.0, 0.49 * w / self.rmax)) if self.rmax > 0.49 * w else half)
+            if self.rmax > 0.49 * w:  # keep the fan inside the image width
+                half = min(half, math.asin(0.49 * w / self.rmax))
+            self.half = half
             self.r = np.hypot(self.X - self.ax, self.Y - self.ay)
             self.th = np.arctan2(self.X - self.ax, self.Y - self.ay)
             self.fov = (self.r >= self.r0) & (self.r <= self.rmax) & (np.abs(self.th) <= self.half)
@@ -576,16 +578,12 @@ def scene_sacrum(cv, rng, direction):
 
 
 # ============================================================================ task builders
-# Each: (rng) -> (scene, probe) is split in two so the canvas (size, probe) is chosen first.
 
+# Probe per organ (anything else: convex sector): small parts linear, echo phased array.
 PROBES = {
     "breast": "linear", "thyroid": "linear", "carotid": "linear", "spine": "linear",
     "cardiac": "phased", "lung": "linear",
 }
-
-
-def _probe(organ, rng):
-    return PROBES.get(organ, "convex")
 
 
 def _labelmap(h, w, layers):
@@ -596,13 +594,14 @@ def _labelmap(h, w, layers):
 
 
 def build(task_id: str, rng: np.random.Generator, size: tuple[int, int]):
-    """One example of a task: (uint8 image [H, W], annotation dict)."""
+    """One example of a task: (uint8 image [H, W], annotation in original pixels:
+    {"mask": uint8 [H, W]} | {"label": int} | {"box": [x0, y0, x1, y1]} | {"points": [(x, y), ...]})."""
     h, w = size
     t = task_id
     label = None
 
     def canvas(organ):
-        return Canvas(h, w, _probe(organ, rng), rng)
+        return Canvas(h, w, PROBES.get(organ, "convex"), rng)
 
     if t in ("fetal_head",):
         sc, g = scene_fetal_head(canvas("fetal"), rng)
