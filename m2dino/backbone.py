@@ -79,8 +79,10 @@ PRESETS: dict[str, DinoV3Config] = {
     "dinov3_vitl16": DinoV3Config("dinov3_vitl16", embed_dim=1024, depth=24, num_heads=16),
     "dinov3_vith16plus": DinoV3Config("dinov3_vith16plus", embed_dim=1280, depth=32,
                                       num_heads=20, mlp_ratio=6.0, ffn="swiglu"),
-    # timm's distilled tiny DINOv3 (vit_tiny_patch16_dinov3_qkvb): a fast timm parity check.
-    "dinov3_vitt16": DinoV3Config("dinov3_vitt16", embed_dim=192, depth=12, num_heads=3),
+    # timm's distilled tiny DINOv3 (vit_tiny_patch16_dinov3_qkvb, not a Meta release): a fast
+    # timm parity check.
+    "dinov3_vitt16": DinoV3Config("dinov3_vitt16", embed_dim=192, depth=12, num_heads=3,
+                                  official=False),
     # OURS, not an official model: the CPU preset for tests and the default small run.
     "dinov3_tiny": DinoV3Config("dinov3_tiny", patch_size=8, embed_dim=96, depth=6, num_heads=3,
                                 official=False),
@@ -473,14 +475,19 @@ def _expected_shapes(config: DinoV3Config) -> dict[str, tuple]:
 
 
 def presets_fitting(state: dict) -> list[str]:
-    """Names of the presets whose every key and shape match the state dict."""
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    return [name for name, cfg in PRESETS.items() if _expected_shapes(cfg) == shapes]
+    """Names of the presets whose every key and shape match the (official or timm) state."""
+    fits = []
+    for name, cfg in PRESETS.items():
+        candidate = convert_timm_state_dict(state, cfg) if is_timm_state_dict(state) else state
+        shapes = {k: tuple(v.shape) for k, v in candidate.items()}
+        if _expected_shapes(cfg) == shapes:
+            fits.append(name)
+    return fits
 
 
 def load_weights(model: DinoV3ViT, path) -> DinoV3ViT:
     """Strictly load official, timm-format or safetensors weights into a dense backbone."""
-    state = read_state_dict(path)
+    raw = state = read_state_dict(path)
     if is_timm_state_dict(state):
         state = convert_timm_state_dict(state, model.config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -490,7 +497,7 @@ def load_weights(model: DinoV3ViT, path) -> DinoV3ViT:
                          for k in set(expected) & set(state)
                          if tuple(state[k].shape) != expected[k])
     if missing or unexpected or wrong_shape:
-        fits = presets_fitting(state)
+        fits = presets_fitting(raw)
         hint = (f"the file fits preset(s) {fits}" if fits
                 else "no preset fits the file's keys and shapes")
 

@@ -143,3 +143,11 @@ def test_missing_file(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown backbone preset 'dinov3_vitx'"):
         bb.build_backbone("dinov3_vitx")
+
+
+def test_timm_file_for_the_wrong_preset_names_the_right_one(tmp_path):
+    reference = timm.create_model("vit_tiny_patch16_dinov3_qkvb", pretrained=False)
+    path = tmp_path / "timm_tiny.pth"
+    torch.save(reference.state_dict(), path)
+    with pytest.raises(bb.WeightsError, match=r"fits preset\(s\) \['dinov3_vitt16'\]"):
+        bb.dinov3_vits16(weights=path)
