@@ -187,5 +187,8 @@ def test_policy_error_lists_everything_and_bad_policy_is_refused(tmp_path):
     assert len(e.value.problems) == 2
     assert "csv_files/Reg-Three_26.IUGC.csv row 1" in str(e.value)
     assert "csv_files/Det_23.thyroid_nodule_det.csv row 2" in str(e.value)
+    # a run restricted to other tasks is not blocked by these rows
+    part = load_fmuia(tmp_path, tasks=["cardiac_multi", "fetal_head_pos_cls"])
+    assert len(part.train) + len(part.val) == 8
     with pytest.raises(FileNotFoundError, match="csv_files"):
         scan_dataset(tmp_path / "Regression")

@@ -38,6 +38,7 @@ class Problem:
     csv: str  # csv path relative to the user's root, e.g. "train/csv_files/Seg-Two.lung.csv"
     row: int  # 0-based data row
     problem: str
+    task_id: str | None = field(default=None, compare=False)  # when the row names one (not in to_dict)
 
     def to_dict(self) -> dict:
         return {"csv": self.csv, "row": self.row, "problem": self.problem}
@@ -258,7 +259,7 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
         try:
             ttype = task_type_from_name(row.get("task_name", ""))
         except ValueError as e:
-            scan.problems.append(Problem(csv_rel, i, str(e)))
+            scan.problems.append(Problem(csv_rel, i, str(e), row.get("task_id") or None))
             continue
         tid = row.get("task_id", "")
         if not tid:
@@ -268,7 +269,7 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
         expected = known.task_type if known else type_by_task.setdefault(tid, ttype)
         if ttype != expected:
             scan.problems.append(
-                Problem(csv_rel, i, f"task_name {row['task_name']!r} disagrees with task {tid!r} ({expected})")
+                Problem(csv_rel, i, f"task_name {row['task_name']!r} disagrees with task {tid!r} ({expected})", tid)
             )
             continue
         rows_by_task[tid].append((split, csv_rel, csv_dir, fieldnames, i, row))
@@ -284,7 +285,7 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
                     tid, type_by_task[tid], [r for *_, r in items], items[0][3], task_overrides.get(tid)
                 )
             except (ValueError, TypeError) as e:  # every row of the task is unusable: say so for each
-                scan.problems.extend(Problem(it[1], it[4], f"cannot define extra task {tid!r}: {e}") for it in items)
+                scan.problems.extend(Problem(it[1], it[4], f"cannot define extra task {tid!r}: {e}", tid) for it in items)
                 continue
         scan.tasks[tid] = spec
         # num_classes must agree within the task (and with the spec for seg / cls).
@@ -309,7 +310,7 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
             rec, more = _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resolved)
             row_problems += more
             if row_problems:
-                scan.problems.extend(Problem(csv_rel, i, text) for text in row_problems)
+                scan.problems.extend(Problem(csv_rel, i, text, tid) for text in row_problems)
             else:
                 scan.records.append(rec)
     scan.problems.sort(key=lambda p: (p.csv, p.row))
@@ -470,7 +471,7 @@ def check_pixels(records, tasks, workers: int | None = None) -> list[Problem]:
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(lambda r: _check_pixels(r, tasks[r.task_id]), records, chunksize=16))
-    return [Problem(r.csv, r.row, p) for r, p in zip(records, results) if p]
+    return [Problem(r.csv, r.row, p, r.task_id) for r, p in zip(records, results) if p]
 
 
 def scan_dataset(root, task_overrides: dict | None = None, decode: bool = True) -> Scan:
@@ -580,7 +581,8 @@ def load_fmuia(root, policy: str = "error", run_dir=None, tasks=None, task_overr
 
     policy "error": any problem raises DataValidationError listing them all (nothing trains).
     policy "skip": problem rows are excluded and listed in run_dir/skipped_rows.json.
-    tasks: optional list of task ids to keep (others are ignored, their problems included).
+    tasks: optional list of task ids to keep (other tasks' rows are ignored, their problems too;
+    problems of rows with no task, e.g. an unreadable csv, always count).
     Without train/ and val/, the per-task split comes from run_dir/split.json when it exists
     (resume) and is otherwise made by `make_split` and written there.
     """
@@ -592,9 +594,9 @@ def load_fmuia(root, policy: str = "error", run_dir=None, tasks=None, task_overr
         missing = keep - set(scan.tasks)
         if missing:
             raise ValueError(f"{root}: requested task(s) {sorted(missing)} have no rows; found {sorted(scan.tasks)}")
-        ids = {(r.csv, r.row) for r in scan.records if r.task_id not in keep}
+        # problems of rows that belong to tasks not asked for do not block this run
         scan.records = [r for r in scan.records if r.task_id in keep]
-        scan.problems = [p for p in scan.problems if (p.csv, p.row) not in ids]
+        scan.problems = [p for p in scan.problems if p.task_id is None or p.task_id in keep]
         scan.tasks = {t: s for t, s in scan.tasks.items() if t in keep}
     problems = scan.problems
     if problems and policy == "error":
