@@ -601,3 +601,19 @@ def test_cuda_routing_has_no_host_sync(backend):
 def test_cuda_auto_resolution():
     expected = "cuda" if "cuda" in CUDA_BACKENDS else ("triton" if "triton" in CUDA_BACKENDS else "torch")
     assert mk.backends.resolve_backend("cuda", "auto") == expected
+
+
+def test_compiled_function_follows_a_backend_change():
+    # the selected backend is read at trace time: changing it must re-trace, not reuse
+    torch._dynamo.reset()
+    params, task_ids = make_problem(5, 4, 3, 3, 2, 2)
+
+    def route(x):
+        return mk.task_topk_route(x, task_ids, params["gate_weight"], None, top_k=2).weights
+
+    compiled = torch.compile(route, fullgraph=True, backend="aot_eager")
+    with mk.use_backend("torch"):
+        compiled(params["x"])
+    # under fullgraph dynamo re-raises our ValueError wrapped in its own exception type
+    with mk.use_backend("cuda"), pytest.raises(Exception, match="'cuda' cannot run on cpu"):
+        compiled(params["x"])
