@@ -23,6 +23,7 @@ out of bounds. Nothing is silently clamped or zeroed.
 """
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -81,6 +82,11 @@ def _check_backend_dtype(backend, dtype):
                         f"{', '.join(str(d) for d in _DTYPES)})")
 
 
+def _is_int(value) -> bool:
+    """Python or numpy integers (not bool, not float, not tensors)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _routing_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -115,7 +121,7 @@ def _validate_route(x, task_ids, gate_weight, gate_bias, top_k):
         _require_shape(gate_bias, "gate_bias", (num_tasks, num_experts),
                        f"[num_tasks, E] = [{num_tasks}, {num_experts}]")
         _require_same(gate_bias, "gate_bias", x, "x")
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
+    if not _is_int(top_k):
         raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, E] = [1, {num_experts}], got {top_k}")
@@ -164,7 +170,7 @@ def _validate_experts(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ac
         _require_same(fc2_bias, "fc2_bias", x, "x")
 
     top_k = routing.top_k
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+    if not _is_int(top_k) or not 1 <= top_k <= num_experts:
         raise ValueError(f"routing.top_k must be an int in [1, E] = [1, {num_experts}], "
                          f"got {top_k!r}")
     fields = {
@@ -369,8 +375,8 @@ def task_topk_route(x, task_ids, gate_weight, gate_bias=None, top_k=2) -> Routin
     _check_backend_dtype(backend, x.dtype)
     out = _route_op(x.contiguous(), task_ids.to(torch.int64).contiguous(),
                     gate_weight.contiguous(),
-                    None if gate_bias is None else gate_bias.contiguous(), top_k, backend)
-    return Routing(*out, top_k=top_k)
+                    None if gate_bias is None else gate_bias.contiguous(), int(top_k), backend)
+    return Routing(*out, top_k=int(top_k))
 
 
 def expert_mlp(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation="gelu"):
