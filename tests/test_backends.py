@@ -114,14 +114,30 @@ def test_triton_on_cpu_needs_the_interpreter():
         assert "triton" in _python(code, TRITON_INTERPRET="1").stdout.strip().split(",")
 
 
-@pytest.mark.skipif(HAS_C, reason="the extension is built: there is no missing-extension warning")
 def test_missing_extension_warns_once_and_falls_back():
-    code = ("import warnings; warnings.simplefilter('always')\n"
+    # simulate an unbuilt (or broken) extension by refusing its import
+    code = ("import sys, warnings; warnings.simplefilter('always')\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'm2dino_kernels._C':\n"
+            "            raise ImportError('simulated: extension not built')\n"
+            "sys.meta_path.insert(0, Block())\n"
             "import m2dino_kernels, m2dino_kernels.backends, m2dino_kernels.moe\n"
             "import importlib; importlib.reload(m2dino_kernels)\n"
-            "from m2dino_kernels.backends import resolve_backend; print(resolve_backend('cpu'))")
+            "from m2dino_kernels.backends import resolve_backend\n"
+            "print(resolve_backend('cpu'), ','.join(m2dino_kernels.available_backends('cpu')))")
     run = _python(code)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "torch"
+    assert run.stdout.split() == ["torch", "torch"]
     assert run.stderr.count("m2dino_kernels._C could not be imported") == 1
+    assert "simulated: extension not built" in run.stderr
     assert "'torch' is used instead" in run.stderr
+
+
+@pytest.mark.skipif(not HAS_C, reason="the extension is not built here")
+def test_built_extension_gives_no_warning_and_auto_picks_cpp():
+    run = _python("import warnings; warnings.simplefilter('error')\n"
+                  "import m2dino_kernels\n"
+                  "from m2dino_kernels.backends import resolve_backend; print(resolve_backend('cpu'))")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "cpp"
