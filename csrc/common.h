@@ -2,7 +2,9 @@
 // Every entry point TORCH_CHECKs what it assumes, so a misuse from Python raises a
 // RuntimeError naming the argument instead of reading out of bounds.
 #pragma once
-#include <torch/extension.h>
+// ATen only (not torch/extension.h): kernels.cu includes this too, and the pybind/Python
+// headers would slow nvcc down and warn.
+#include <ATen/ATen.h>
 
 #include <optional>
 #include <string>

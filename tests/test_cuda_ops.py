@@ -1,0 +1,160 @@
+"""The extension's CUDA kernels (backend "cuda") against the torch reference, in fp32, fp16
+and bf16. Needs a CUDA device and an extension built with CUDA: skipped otherwise (the
+`gpu` marker). Run with `python -m pytest tests/test_cuda_ops.py -q`.
+
+The reference runs on CPU on the same inputs upcast to float64 (fp32 for routing outputs),
+and with the routing the kernel chose, so that the expert checks do not depend on how a
+near-tie was broken in reduced precision."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import m2dino_kernels as mk
+from m2dino_kernels import backends
+from m2dino_kernels import reference as ref
+
+_C = backends._C
+HAS_CUDA_EXT = (_C is not None and bool(getattr(_C, "with_cuda", False))
+                and torch.cuda.is_available())
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not HAS_CUDA_EXT, reason="needs a GPU and _C built with CUDA")]
+if HAS_CUDA_EXT:
+    from m2dino_kernels import extension as ext
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (T, D, H, E, NT, k, gate bias boost or None, task pool or None)
+CASES = {
+    "single_token": (1, 8, 6, 4, 3, 2, None, None),
+    "odd_dims": (33, 7, 5, 3, 2, 2, None, None),
+    "one_expert": (6, 8, 6, 1, 2, 1, None, None),
+    "k_equals_E": (17, 6, 5, 3, 2, 3, None, None),
+    "idle_experts": (40, 8, 6, 6, 2, 2, [0, 0, 0, -30, -30, -30], None),
+    "idle_tasks": (41, 8, 6, 4, 5, 2, None, [0, 2]),
+    "all_on_one_expert": (300, 16, 8, 4, 3, 1, [0, 0, 30, 0], None),
+    "vit_s_like": (16 * 201, 384, 1536, 8, 27, 2, None, None),  # many blocks, long scans
+}
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 6e-2)}
+
+
+def make_inputs(T, D, H, E, NT, k, boost, pool, activation, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    H1 = 2 * H if activation == "swiglu" else H
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+    pool_t = torch.tensor(pool if pool is not None else list(range(NT)))
+    task_ids = pool_t[torch.randint(0, len(pool_t), (T,), generator=gen)]
+    gate_bias = rand(NT, E, scale=0.5)
+    if boost is not None:
+        gate_bias = gate_bias + torch.tensor(boost, dtype=dtype)
+    return dict(x=rand(T, D), task_ids=task_ids, gate_weight=rand(NT, E, D, scale=D ** -0.5),
+                gate_bias=gate_bias, fc1_w=rand(E, H1, D, scale=D ** -0.5),
+                fc1_b=rand(E, H1, scale=0.1), fc2_w=rand(E, D, H, scale=H ** -0.5),
+                fc2_b=rand(E, D, scale=0.1))
+
+
+def to(p, device, dtype=None):
+    return {n: (t.to(device, dtype) if (dtype is not None and t.is_floating_point())
+                else t.to(device)) for n, t in p.items()}
+
+
+def close(got, want, dtype, what):
+    atol, rtol = TOL[dtype]
+    scale = want.abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got.double().cpu(), want.double(), atol=atol * max(scale, 1.0),
+                               rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_protocol_matches_reference(case, dtype, activation):
+    T, D, H, E, NT, k, boost, pool = CASES[case]
+    p_cpu = make_inputs(T, D, H, E, NT, k, boost, pool, activation, dtype)
+    p = to(p_cpu, "cuda")
+    p64 = to(p_cpu, "cpu", torch.float64)
+
+    # routing: logits/probs/weights vs the reference in float64; the permutation must be
+    # the stable sort of the kernel's own expert choices, which must be a top-k of probs
+    route = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], k)
+    logits, probs, weights, experts, counts, sorted_slots, offsets = [t.cpu() for t in route]
+    want = ref.route_forward(p64["x"], p64["task_ids"], p64["gate_weight"], p64["gate_bias"], k)
+    assert logits.dtype == probs.dtype == weights.dtype == torch.float32
+    torch.testing.assert_close(logits.double(), want[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(probs.double(), want[1], atol=1e-5, rtol=1e-4)
+    assert ((experts >= 0) & (experts < E)).all()
+    chosen = torch.gather(want[1], 1, experts)
+    kth_best = want[1].sort(dim=1, descending=True).values[:, k - 1:k]
+    assert (chosen >= kth_best - 1e-5).all(), "an expert outside the top-k was chosen"
+    assert (chosen[:, :-1] >= chosen[:, 1:] - 1e-5).all(), "choices not by descending prob"
+    torch.testing.assert_close(weights.double(), chosen / chosen.sum(1, keepdim=True),
+                               atol=1e-5, rtol=1e-4)
+    flat = experts.reshape(-1)
+    assert torch.equal(sorted_slots, torch.sort(flat, stable=True).indices)
+    assert torch.equal(counts, torch.bincount(flat, minlength=E))
+    assert offsets[0] == 0 and torch.equal(offsets[1:], torch.cumsum(counts, 0))
+
+    # routing backward (same routing on both sides)
+    gen = torch.Generator().manual_seed(1)
+    g_logits, g_probs = (torch.randn(T, E, generator=gen) for _ in range(2))
+    g_weights = torch.randn(T, k, generator=gen)
+    got = ext.route_backward(g_logits.cuda(), g_probs.cuda(), g_weights.cuda(), p["x"],
+                             p["task_ids"], p["gate_weight"], True, route[1], route[2], route[3])
+    want = ref.route_backward(g_logits.double(), g_probs.double(), g_weights.double(), p64["x"],
+                              p64["task_ids"], p64["gate_weight"], True, probs.double(),
+                              weights.double(), experts)
+    for name, g, w in zip(("grad_x", "grad_gate_weight", "grad_gate_bias"), got, want):
+        assert g.dtype == dtype, name
+        close(g, w, dtype, f"route_backward {name}")
+
+    # experts forward/backward with the kernel's routing
+    args = (p["x"], route[2], route[3], route[5], route[6], p["fc1_w"], p["fc1_b"], p["fc2_w"],
+            p["fc2_b"], activation)
+    args64 = (p64["x"], weights.double(), experts, sorted_slots, offsets, p64["fc1_w"],
+              p64["fc1_b"], p64["fc2_w"], p64["fc2_b"], activation)
+    fwd = ext.experts_forward(*args)
+    fwd64 = ref.experts_forward(*args64)
+    for name, g, w in zip(("y", "h_pre", "expert_out"), fwd, fwd64):
+        assert g.dtype == dtype, name
+        close(g, w, dtype, f"experts_forward {name}")
+    grad_y = torch.randn(T, D, generator=gen).to(dtype)
+    bwd = ext.experts_backward(grad_y.cuda(), *args, *fwd[1:])
+    bwd64 = ref.experts_backward(grad_y.double(), *args64, *fwd64[1:])
+    names = ("grad_x", "grad_weights", "grad_fc1_w", "grad_fc1_b", "grad_fc2_w", "grad_fc2_b")
+    for name, g, w in zip(names, bwd, bwd64):
+        assert g.dtype == (torch.float32 if name == "grad_weights" else dtype), name
+        close(g, w, dtype, f"experts_backward {name}")
+
+
+def test_cuda_backend_public_api_and_no_oob_on_bad_task_ids():
+    p_cpu = make_inputs(64, 32, 24, 8, 5, 2, None, None, "gelu", torch.float32)
+    p = to(p_cpu, "cuda")
+    leaves = {n: t.clone().requires_grad_(True) for n, t in p.items() if t.is_floating_point()}
+    results = {}
+    for backend, params in (("cuda", leaves), ("torch", None)):
+        params = params if params is not None else {
+            n: t.detach().clone().requires_grad_(True) for n, t in leaves.items()}
+        with mk.use_backend(backend):
+            r = mk.task_topk_route(params["x"], p["task_ids"], params["gate_weight"],
+                                   params["gate_bias"], top_k=2)
+            y = mk.expert_mlp(params["x"], r, params["fc1_w"], params["fc1_b"],
+                              params["fc2_w"], params["fc2_b"])
+        (y.square().sum() + r.probs.sum() * 0.1).backward()
+        results[backend] = (y.detach(), {n: t.grad for n, t in params.items()})
+    torch.testing.assert_close(results["cuda"][0], results["torch"][0], atol=1e-4, rtol=1e-4)
+    for name in leaves:
+        torch.testing.assert_close(results["cuda"][1][name], results["torch"][1][name],
+                                   atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    # Straight into the extension (bypassing moe.py's range check): an out-of-range task id
+    # must not read out of bounds; that token gets NaN routing and valid experts.
+    bad = p["task_ids"].clone()
+    bad[3] = 1000
+    route = ext.route_forward(p["x"], bad, p["gate_weight"], p["gate_bias"], 2)
+    torch.cuda.synchronize()
+    experts = route[3].cpu()
+    assert ((experts >= 0) & (experts < 8)).all()
+    assert torch.isnan(route[1][3]).all() and torch.isfinite(route[1][torch.arange(64) != 3]).all()
+    with pytest.raises(RuntimeError, match="is on"):
+        ext.route_forward(p["x"], p["task_ids"].cpu(), p["gate_weight"], p["gate_bias"], 2)
