@@ -262,7 +262,7 @@ def _route_backward_op(grad_logits: Tensor, grad_probs: Tensor, grad_weights: Te
     grad_x, grad_gw, grad_gb = backends.backend_module(backend).route_backward(
         grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight, has_bias, probs,
         weights, experts)
-    if grad_gb is None:  # custom ops cannot return None: an empty stand-in, dropped later
+    if grad_gb is None:  # custom ops cannot return None: a zero stand-in, dropped in autograd
         grad_gb = gate_weight.new_zeros(gate_weight.shape[:2])
     return grad_x, grad_gw, grad_gb
 

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import m2dino_kernels as mk
 from m2dino_kernels import moe

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import m2dino_kernels as mk
-from test_moe_ops import GRAD_NAMES, assert_close_all, forward_backward, loop_oracle, run_api
+from test_moe_ops import assert_close_all, forward_backward, loop_oracle, run_api
 
 OTHER_CPU_BACKENDS = [b for b in mk.available_backends("cpu") if b != "torch"]
 SKEWS = ("none", "one_hot_expert", "idle_experts", "exact_ties", "sharp")
