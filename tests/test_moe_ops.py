@@ -413,18 +413,25 @@ def test_empty_batch():
 # ---------------------------------------------------------------------------------------
 # torch.library registration and torch.compile
 # ---------------------------------------------------------------------------------------
-def test_opcheck_custom_ops():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_custom_ops(backend):
+    # schema, fake (meta) implementation, autograd registration and AOT dispatch, on the
+    # real outputs of each backend (which must match the fake shapes/dtypes and not alias)
     params, task_ids = make_problem(7, 6, 5, 3, 2, 2)
     p = {n: t.requires_grad_(True) for n, t in params.items()}
-    route_args = (p["x"], task_ids, p["gate_weight"], p["gate_bias"], 2, "torch")
+    route_args = (p["x"], task_ids, p["gate_weight"], p["gate_bias"], 2, backend)
     torch.library.opcheck(torch.ops.m2dino.task_topk_route.default, route_args)
     torch.library.opcheck(torch.ops.m2dino.task_topk_route.default,
-                          (p["x"], task_ids, p["gate_weight"], None, 1, "torch"))
+                          (p["x"], task_ids, p["gate_weight"], None, 1, backend))
     out = torch.ops.m2dino.task_topk_route.default(*route_args)
     weights = out[2].detach().requires_grad_(True)
-    expert_args = (p["x"], weights, out[3], out[5], out[6], p["fc1_weight"], p["fc1_bias"],
-                   p["fc2_weight"], p["fc2_bias"], "gelu", "torch")
-    torch.library.opcheck(torch.ops.m2dino.expert_mlp.default, expert_args)
+    for activation in ("gelu", "swiglu"):
+        if activation == "swiglu":
+            p = {n: t.requires_grad_(True)
+                 for n, t in make_problem(7, 6, 5, 3, 2, 2, "swiglu")[0].items()}
+        expert_args = (p["x"], weights, out[3], out[5], out[6], p["fc1_weight"], p["fc1_bias"],
+                       p["fc2_weight"], p["fc2_bias"], activation, backend)
+        torch.library.opcheck(torch.ops.m2dino.expert_mlp.default, expert_args)
 
 
 def test_torch_compile_fullgraph_matches_eager():
