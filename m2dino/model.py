@@ -129,7 +129,7 @@ class M2DINO(nn.Module):
         patch_tokens = final_map.flatten(2).transpose(1, 2)
         image_size = tuple(images.shape[-2:])
 
-        present = [i for i in range(len(self.tasks)) if bool((task_ids == i).any())]
+        present = sorted(task_ids.unique().tolist())  # one host sync for the whole batch
         needs_neck = any(self.tasks[i].task_type in SPATIAL_TYPES for i in present)
         features = (self.neck([by_index[i][0] for i in self.neck_layers]) if needs_neck
                     else None)
