@@ -96,6 +96,19 @@ def test_round_trip_every_annotation_type_exactly(tmp_path):
             assert rec.points == truth[("IUGC", i)]
 
 
+def test_windows_separators_resolve_and_still_cannot_escape(tmp_path):
+    hand_root(tmp_path / "data", n=1)
+    csv_file = tmp_path / "data" / "csv_files" / "Cls-Eight_1.Head_Position.csv"
+    lines = csv_file.read_text().splitlines()
+    lines[1] = lines[1].replace("../Classification/Eight/Head_Position/0/", "..\\Classification\\Eight\\Head_Position\\0\\")
+    lines.append(lines[1].replace("..\\Classification", "..\\..\\..\\Classification").replace("h0", "h9"))
+    csv_file.write_text("\n".join(lines) + "\n")
+    scan = scan_dataset(tmp_path / "data")
+    assert [(p.row, "outside the data root" in p.problem) for p in scan.problems] == [(1, True)]
+    (rec,) = [r for r in scan.records if r.task_id == "fetal_head_pos_cls"]
+    assert rec.image_path.startswith("..\\") and rec.label == 0
+
+
 def test_split_is_seeded_per_task_and_stable_when_files_are_added(tmp_path):
     hand_root(tmp_path, n=30)
     recs = read_csvs(tmp_path).records

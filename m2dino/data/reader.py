@@ -117,6 +117,7 @@ def resolve_inside(csv_dir: Path, rel: str, root_resolved: Path) -> Path | None:
 
     `Path.resolve` follows every symlink (it reads links, it opens no file), so a link inside
     the root that points outside is caught here, before any open."""
+    rel = rel.replace("\\", "/")  # CSVs written on Windows use backslashes
     candidate = (csv_dir / rel).resolve()
     return candidate if _inside(candidate, root_resolved) else None
 
