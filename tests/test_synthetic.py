@@ -115,6 +115,18 @@ def test_cache_writes_once_atomically_and_reuses(tmp_path, monkeypatch):
     assert (root / "synthetic.json").stat().st_mtime_ns == stamp
     assert [p.name for p in root.parent.iterdir()] == ["s"]  # no temp dir left behind
     assert json.loads((root / "synthetic.json").read_text())["sizes"] == {"lung_2cls": {"train": 3, "val": 2}}
+    # a suite from an older generator is replaced (atomically), not reused
+    meta = json.loads((root / "synthetic.json").read_text())
+    (root / "synthetic.json").write_text(json.dumps({**meta, "version": -1}))
+    (root / "stale-marker").write_text("old")
+    assert ensure_synthetic(root, scale=1e-4, seed=0, **kw) == root
+    assert not (root / "stale-marker").exists() and (root / "train" / "csv_files").is_dir()
+    assert [p.name for p in root.parent.iterdir()] == ["s"]
+    # a foreign non-empty folder is never overwritten
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a synthetic suite"):
+        ensure_synthetic(tmp_path / "mine", scale=1e-4, seed=0, **kw)
 
 
 def test_cli_refuses_a_non_empty_out(tmp_path, capsys):

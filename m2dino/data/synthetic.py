@@ -37,6 +37,7 @@ from scipy import ndimage
 
 from m2dino.tasks import CSV_TASK_NAMES, TASKS
 
+GENERATOR_VERSION = 2  # bump whenever the images or labels change: cached suites are rebuilt
 DEFAULT_SCALE = 0.06
 DEFAULT_SEED = 0
 MIN_TRAIN = 40
@@ -832,7 +833,7 @@ def write_suite(out, scale: float = DEFAULT_SCALE, seed: int = DEFAULT_SEED, tas
             writer.writeheader()
             writer.writerows(rows)
     summary = {
-        "scale": scale, "seed": seed, "min_train": min_train, "min_val": min_val,
+        "version": GENERATOR_VERSION, "scale": scale, "seed": seed, "min_train": min_train, "min_val": min_val,
         "sizes": {t: {"train": sizes[t][0], "val": sizes[t][1]} for t in task_ids},
         "total_train": sum(s[0] for s in sizes.values()), "total_val": sum(s[1] for s in sizes.values()),
         "difficulty": {t: DIFFICULTY[t] for t in task_ids},
@@ -852,26 +853,46 @@ def default_cache_root(scale: float = DEFAULT_SCALE, seed: int = DEFAULT_SEED) -
     return Path(base) / f"synthetic-{scale:g}-{seed}"
 
 
+def _is_current(root: Path, scale: float, seed: int) -> bool:
+    """A finished suite written by this generator version for this scale and seed."""
+    try:
+        info = json.loads((root / "synthetic.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("version") == GENERATOR_VERSION and info.get("scale") == scale and info.get("seed") == seed
+
+
 def ensure_synthetic(root=None, scale: float = DEFAULT_SCALE, seed: int = DEFAULT_SEED, **kwargs) -> Path:
     """The synthetic suite's root, written once (into a temp dir, then renamed) and reused.
 
-    A finished suite is recognised by its synthetic.json; a crashed write leaves only a
-    temp dir, never a half suite at `root`."""
+    A finished suite is recognised by its synthetic.json; a crashed write leaves only a temp
+    dir, never a half suite at `root`. A suite from another generator version (or scale or
+    seed) is replaced, so a seed always means the same data."""
     root = Path(root) if root is not None else default_cache_root(scale, seed)
-    if (root / "synthetic.json").is_file():
+    if _is_current(root, scale, seed):
         return root
+    if root.exists() and any(root.iterdir()) and not (root / "synthetic.json").is_file():
+        raise FileExistsError(f"{root} exists and is not a synthetic suite; not overwriting it")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    stale = None
     try:
         write_suite(tmp, scale=scale, seed=seed, **kwargs)
+        if root.exists():  # an older suite: move it aside, then swap in the new one
+            stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.stale-", dir=root.parent))
+            try:
+                os.rename(root, stale / "old")
+            except OSError:
+                pass  # a concurrent writer moved it already
         try:
             os.rename(tmp, root)
         except OSError:
-            if not (root / "synthetic.json").is_file():  # not a concurrent writer's finished copy
+            if not _is_current(root, scale, seed):  # not a concurrent writer's finished copy
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, stale):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     return root
 
 
