@@ -105,6 +105,14 @@ class RopePositionEmbedding(nn.Module):
         periods = base ** (2 * torch.arange(quarter, dtype=torch.float32) / (head_dim // 2))
         self.register_buffer("periods", periods, persistent=True)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) / .half() must not round the periods: keep them fp32 (as loaded)
+        periods = self.periods
+        super()._apply(fn, recurse)
+        if self.periods.dtype != torch.float32:
+            self.periods = periods.to(device=self.periods.device, dtype=torch.float32)
+        return self
+
     def forward(self, height: int, width: int) -> tuple[Tensor, Tensor]:
         device = self.periods.device
         coords_h = torch.arange(0.5, height, device=device, dtype=torch.float32) / height

@@ -166,3 +166,17 @@ def test_swiglu_hidden_sizes_as_upstream():
     assert bb.PRESETS["dinov3_vits16plus"].mlp_hidden == 1536
     assert bb.PRESETS["dinov3_vith16plus"].mlp_hidden == 5120
     assert bb.PRESETS["dinov3_vitb16"].mlp_hidden == 3072
+
+
+def test_periods_stay_fp32_when_the_model_is_cast():
+    model = bb.dinov3_tiny()
+    with torch.no_grad():
+        model.rope_embed.periods.add_(1e-3)  # not representable in bf16
+    periods = model.rope_embed.periods.clone()
+    model.to(torch.bfloat16)
+    assert model.rope_embed.periods.dtype == torch.float32
+    assert torch.equal(model.rope_embed.periods, periods)
+    assert model.cls_token.dtype == torch.bfloat16
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(1, 3, 16, 16, dtype=torch.bfloat16))
+    assert feats["x_norm_clstoken"].dtype == torch.bfloat16

@@ -238,3 +238,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     # recomputation in the backward pass does not count the tokens twice
     for index, counts in net.expert_usage().items():
         assert torch.equal(counts, plain_usage[index])
+
+
+def test_bfloat16_model_close_to_fp32(model):
+    images, task_ids, _ = _batch(order=(0, 1, 2, 3))
+    model.eval()
+    with torch.no_grad():
+        reference = model(images, task_ids)
+        low = create_model("dinov3_tiny", TASK_IDS, num_experts=4, top_k=2, moe_layers=3,
+                           neck_channels=16)
+        low.load_state_dict(model.state_dict())
+        low = low.to(torch.bfloat16).eval()
+        out = low(images.bfloat16(), task_ids)
+    torch.testing.assert_close(out["tasks"]["breast_3cls"]["logits"].float(),
+                               reference["tasks"]["breast_3cls"]["logits"], atol=0.05, rtol=0.05)
+    torch.testing.assert_close(out["tasks"]["IUGC"]["points"].float(),
+                               reference["tasks"]["IUGC"]["points"], atol=0.01, rtol=0)
