@@ -2,6 +2,7 @@
 
 Every op has a plain PyTorch reference (the oracle) and faster backends behind one API.
 """
+from m2dino_kernels.attention import attention
 from m2dino_kernels.aux_losses import MoEAuxLosses, moe_aux_losses
 from m2dino_kernels.backends import available_backends, get_backend, set_backend, use_backend
 from m2dino_kernels.moe import Routing, expert_mlp, task_topk_route
@@ -9,6 +10,7 @@ from m2dino_kernels.moe import Routing, expert_mlp, task_topk_route
 __all__ = [
     "MoEAuxLosses",
     "Routing",
+    "attention",
     "available_backends",
     "expert_mlp",
     "get_backend",
