@@ -379,6 +379,8 @@ class ModelTrainer:
             self.log.write("start", model=self.name, tasks=list(self.task_table), total_steps=total,
                            train_size=len(self.train_records), val_size=len(self.val_records),
                            world_size=dist_utils.world_size(), config=c.to_dict())
+            # a loadable checkpoint exists from the first step on (a kill at any moment can resume)
+            self.save_last(model, optimizer, scheduler, sampler, progress)
         else:
             self.log.write("resume", step=progress.step, epoch=progress.epoch, batches_done=progress.batches_done)
 

@@ -1,0 +1,112 @@
+"""`python -m m2dino.train` end to end on a tiny suite: the run-directory contract, the three
+paradigms' model plans, the report, and the bad-sample policy."""
+import csv
+import json
+
+import pytest
+import yaml
+
+from m2dino.config import TrainConfig
+from m2dino.data import DataValidationError, write_suite
+from m2dino.train import main, plan_models, run
+
+TASKS = ["breast_2cls", "lung"]
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    root = tmp_path_factory.mktemp("suite")
+    write_suite(root, scale=0.001, tasks=TASKS, min_train=8, min_val=3, workers=1)
+    return root
+
+
+def test_plans_hold_every_task_exactly_once():
+    groups = {"A": ["t1", "t3", "zz"], "B": ["t2"]}
+    tasks = ["t1", "t2", "t3", "t4"]
+    assert plan_models("ts", tasks, groups) == {"t1": ["t1"], "t2": ["t2"], "t3": ["t3"], "t4": ["t4"]}
+    assert plan_models("cg", tasks, groups) == {"A": ["t1", "t3"], "B": ["t2"], "Other": ["t4"]}
+    assert plan_models("au", tasks, groups) == {"all": tasks}
+
+
+@pytest.mark.slow
+def test_paradigm_all_writes_the_run_directory_contract(suite, tmp_path, capsys):
+    groups = tmp_path / "groups.yaml"
+    groups.write_text(yaml.safe_dump({"Chest": ["breast_2cls", "lung"]}))
+    out = tmp_path / "run"
+    rc = main(["--data", str(suite), "--out", str(out), "--paradigm", "all", "--groups", str(groups),
+               "--img-size", "32", "--batch-size", "4", "--steps", "2", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "every task beats its trivial baseline" in printed and "report:" in printed
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["steps"] == 2 and config["groups"] == str(groups) and config["paradigm"] == "all"
+    expected_models = {"ts": {"breast_2cls", "lung"}, "cg": {"Chest"}, "au": {"all"}}
+    for paradigm, models in expected_models.items():
+        summary = json.loads((out / paradigm / "metrics.json").read_text())
+        assert summary["paradigm"] == paradigm and set(summary["models"]) == models
+        assert set(summary["tasks"]) == set(TASKS)
+        for task_id, entry in summary["tasks"].items():
+            assert {"task_type", "group", "train_size", "model", "metrics", "baseline"} <= set(entry)
+            assert entry["train_size"] == 8 and entry["group"] == "Chest"
+        assert set(summary["tasks"]["lung"]["metrics"]) >= {"dice", "hd"}
+        assert set(summary["tasks"]["breast_2cls"]["metrics"]) >= {"accuracy", "auc", "f1_macro", "f1_weighted", "mcc"}
+        # the trivial baselines: empty mask has Dice 0, a majority-class predictor has AUC 0.5
+        assert summary["tasks"]["lung"]["baseline"]["dice"] == 0.0
+        assert summary["tasks"]["breast_2cls"]["baseline"]["auc"] == 0.5
+        for model in models:
+            d = out / paradigm / model
+            for name in ("best.safetensors", "best.json", "metrics.jsonl", "eval.json", "routing.json",
+                         "last/model.safetensors", "last/model.json", "last/train_state.pt"):
+                assert (d / name).is_file(), d / name
+            routing = json.loads((d / "routing.json").read_text())
+            assert routing["num_experts"] == 4 and set(routing["layers"]) == {"4", "5"}  # last 2 of 6 blocks
+            for counts in routing["layers"].values():
+                assert len(counts) == len(routing["tasks"]) and all(len(row) == 4 for row in counts)
+            ev = json.loads((d / "eval.json").read_text())
+            assert set(ev["tasks"]) == set(summary["models"][model])
+    # the same metrics reach metrics.json and eval.json
+    au = json.loads((out / "au" / "metrics.json").read_text())
+    assert au["tasks"]["lung"]["metrics"] == json.loads((out / "au" / "all" / "eval.json").read_text())["tasks"]["lung"]
+    assert (out / "split.json").is_file() is False  # the suite has train/ and val/: no split made
+    for name in ("report.md", "report.csv", "report.json"):
+        assert (out / "report" / name).is_file()
+
+
+def _break_suite(root):
+    """A truncated image and an out-of-range label in the training CSVs."""
+    csv_dir = root / "train" / "csv_files"
+    cls_csv = next(csv_dir.glob("*breast_2cls.csv"))
+    rows = list(csv.reader(cls_csv.open()))
+    rows[3][4] = "7"  # data row 2: label 7 of a 2-class task
+    with cls_csv.open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    seg_csv = next(csv_dir.glob("*lung.csv"))
+    image_rel = list(csv.reader(seg_csv.open()))[1][0]
+    image = (csv_dir / image_rel).resolve()
+    image.write_bytes(image.read_bytes()[:100])  # data row 0: truncated image
+
+
+def test_bad_sample_policy(tmp_path):
+    root = tmp_path / "bad"
+    write_suite(root, scale=0.001, tasks=TASKS, min_train=8, min_val=3, workers=1)
+    _break_suite(root)
+    base = dict(data=str(root), paradigm="au", img_size=32, batch_size=4, steps=1, progress=False)
+    with pytest.raises(DataValidationError) as info:
+        run(TrainConfig(out=str(tmp_path / "refused"), **base).validate())
+    message = str(info.value)
+    assert "breast_2cls.csv row 2" in message and "lung.csv row 0" in message
+    assert not (tmp_path / "refused" / "au").exists()  # nothing trained
+
+    out = tmp_path / "skipped"
+    result = run(TrainConfig(out=str(out), on_bad_sample="skip", **base).validate())
+    excluded = json.loads((out / "excluded_rows.json").read_text())
+    assert sorted((p["csv"].split(".")[-2], p["row"]) for p in excluded) == [("breast_2cls", 2), ("lung", 0)]
+    assert result["au"]["tasks"]["lung"]["train_size"] == 7
+    assert result["au"]["tasks"]["breast_2cls"]["train_size"] == 7
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path, capsys):
+    rc = main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert rc == 1
+    assert "nowhere" in capsys.readouterr().err
