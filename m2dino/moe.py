@@ -92,12 +92,16 @@ class TaskMoE(nn.Module):
         if task_ids.shape != (batch,):
             raise ValueError(f"task_ids must have shape [B] = [{batch}] (one per image), "
                              f"got {list(task_ids.shape)}")
-        flat = x.reshape(batch * tokens, dim)
+        # Under autocast the experts run in the autocast dtype (LayerNorm hands us fp32), so
+        # the grouped GEMMs get bf16/fp16 tensor-core rates like the dense nn.Linear they replace.
+        dtype = (torch.get_autocast_dtype(x.device.type)
+                 if torch.is_autocast_enabled(x.device.type) else x.dtype)
+        flat = x.reshape(batch * tokens, dim).to(dtype)
         token_tasks = task_ids.to(device=x.device, dtype=torch.int64).repeat_interleave(tokens)
-        routing = task_topk_route(flat, token_tasks, self.gate_weight.to(x.dtype),
-                                  self.gate_bias.to(x.dtype), top_k=self.top_k)
-        out = expert_mlp(flat, routing, self.fc1_weight.to(x.dtype), self.fc1_bias.to(x.dtype),
-                         self.fc2_weight.to(x.dtype), self.fc2_bias.to(x.dtype),
+        routing = task_topk_route(flat, token_tasks, self.gate_weight.to(dtype),
+                                  self.gate_bias.to(dtype), top_k=self.top_k)
+        out = expert_mlp(flat, routing, self.fc1_weight.to(dtype), self.fc1_bias.to(dtype),
+                         self.fc2_weight.to(dtype), self.fc2_bias.to(dtype),
                          activation=self.activation)
         self.last_aux = moe_aux_losses(routing, token_tasks, self.num_tasks)
         with torch.no_grad():

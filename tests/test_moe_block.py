@@ -76,6 +76,20 @@ def test_task_moe_matches_naive_routing_by_image_task():
     assert not torch.allclose(swapped, got)
 
 
+def test_task_moe_runs_in_the_autocast_dtype():
+    """LayerNorm hands the MoE fp32 under autocast; the experts must still run in bf16 (the
+    dtype the dense MLP's nn.Linear would run in), with fp32-close results."""
+    moe = TaskMoE(dim=16, hidden=32, num_tasks=2, num_experts=4, top_k=2, router_init_std=0.5)
+    x = torch.randn(2, 6, 16)
+    task_ids = torch.tensor([1, 0])
+    with torch.no_grad():
+        full = moe(x, task_ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = moe(x, task_ids)
+    assert full.dtype == torch.float32 and mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.float(), full, atol=5e-2, rtol=5e-2)
+
+
 def test_usage_counts_by_hand_and_aux_losses():
     moe = TaskMoE(dim=4, hidden=8, num_tasks=3, num_experts=3, top_k=1, router_init_std=0.0)
     with torch.no_grad():
