@@ -110,3 +110,29 @@ def test_missing_data_root_is_a_clear_error(tmp_path, capsys):
     rc = main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
     assert rc == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_options_freeze_checkpointing_single_batching(suite, tmp_path):
+    """--freeze-backbone trains only MoE layers, neck and heads; --grad-checkpointing and
+    single-task batches run through the same loop."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    run(TrainConfig(data=str(suite), out=str(out), paradigm="au", img_size=32, batch_size=4, steps=2,
+                    progress=False, freeze_backbone=True, grad_checkpointing=True, batching="single",
+                    task_alpha=0.5, warmup=0, checkpoint_every=1).validate())
+    model_dir = out / "au" / "all"
+    # the trainer builds the model after torch.manual_seed(seed): rebuild the initial weights
+    from m2dino.model import create_model
+    from m2dino.tasks import get_task
+    torch.manual_seed(0)
+    fresh = create_model("dinov3_tiny", [get_task(t) for t in sorted(TASKS)], num_experts=4, top_k=2,
+                         moe_layers=2, img_size=32).state_dict()
+    trained = load_file(str(model_dir / "last" / "model.safetensors"))
+    changed = {k for k in fresh if not torch.equal(fresh[k], trained[k])}
+    assert any(k.startswith("heads.") for k in changed)
+    assert any(".mlp.gate_weight" in k or ".mlp.fc1_weight" in k for k in changed)  # MoE layers train
+    is_moe = lambda k: ".mlp." in k and any(s in k for s in ("gate_", "fc1_", "fc2_"))  # noqa: E731
+    frozen = [k for k in changed if k.startswith("backbone.") and not is_moe(k)]
+    assert not frozen, f"frozen backbone tensors changed: {frozen[:5]}"
