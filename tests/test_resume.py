@@ -51,6 +51,7 @@ def interrupt_at(monkeypatch, step):
     monkeypatch.setattr(ModelTrainer, "_crash_hook", hook)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [9])  # mid-epoch of epoch 2, last checkpoint at step 8
 def test_resume_equals_uninterrupted(suite, tmp_path, monkeypatch, stop_at):
     ref_cfg = tiny_config(suite, tmp_path / "ref")

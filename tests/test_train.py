@@ -28,7 +28,6 @@ def test_plans_hold_every_task_exactly_once():
     assert plan_models("au", tasks, groups) == {"all": tasks}
 
 
-@pytest.mark.slow
 def test_paradigm_all_writes_the_run_directory_contract(suite, tmp_path, capsys):
     groups = tmp_path / "groups.yaml"
     groups.write_text(yaml.safe_dump({"Chest": ["breast_2cls", "lung"]}))
