@@ -119,19 +119,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
   using namespace pybind11::literals;
-  m.def("route_forward", &m2dino::route_forward,
+  // The kernels touch no Python object: release the GIL while they run.
+  const auto no_gil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("route_forward", &m2dino::route_forward, no_gil,
         "Task-conditioned top-k routing: (logits, probs, weights, experts, counts, "
         "sorted_slots, offsets)",
         "x"_a, "task_ids"_a, "gate_weight"_a, "gate_bias"_a, "top_k"_a);
-  m.def("route_backward", &m2dino::route_backward,
+  m.def("route_backward", &m2dino::route_backward, no_gil,
         "Routing backward: (grad_x, grad_gate_weight, grad_gate_bias or None)",
         "grad_logits"_a, "grad_probs"_a, "grad_weights"_a, "x"_a, "task_ids"_a,
         "gate_weight"_a, "has_bias"_a, "probs"_a, "weights"_a, "experts"_a);
-  m.def("experts_forward", &m2dino::experts_forward,
+  m.def("experts_forward", &m2dino::experts_forward, no_gil,
         "Grouped expert MLP forward: (y, h_pre, expert_out)", "x"_a, "weights"_a, "experts"_a,
         "sorted_slots"_a, "offsets"_a, "fc1_w"_a, "fc1_b"_a, "fc2_w"_a, "fc2_b"_a,
         "activation"_a);
-  m.def("experts_backward", &m2dino::experts_backward,
+  m.def("experts_backward", &m2dino::experts_backward, no_gil,
         "Grouped expert MLP backward: (grad_x, grad_weights, grad_fc1_w, grad_fc1_b, "
         "grad_fc2_w, grad_fc2_b)",
         "grad_y"_a, "x"_a, "weights"_a, "experts"_a, "sorted_slots"_a, "offsets"_a, "fc1_w"_a,

@@ -5,7 +5,8 @@
 // own k slots (no atomics).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <cmath>
@@ -41,11 +42,14 @@ std::vector<int64_t> checked_offsets(const at::Tensor& offsets, int64_t num_rows
 template <typename Fn>
 void parallel_ranges(int64_t total, const Fn& fn) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
-  // ATen ops run on the worker threads: give them the caller's dispatch state (below
-  // autograd inside the custom op, grad mode, ...), which OpenMP threads do not inherit.
-  const at::ThreadLocalState caller_state;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard state_guard(caller_state);
+    // ATen ops run here on OpenMP worker threads, which do not inherit the caller's dispatch
+    // state: dispatch below autograd (these are a custom op's internals; out= ops would
+    // otherwise refuse inputs that require grad) and without autocast. Copying the caller's
+    // whole ThreadLocalState instead would also copy Python saved-tensor hooks (activation
+    // checkpointing), whose refcounting needs the GIL: a deadlock.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     for (int64_t c = begin; c < end; ++c) fn(total * c / chunks, total * (c + 1) / chunks);
   });
 }

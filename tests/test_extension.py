@@ -319,3 +319,39 @@ def test_backward_misuse_raises():
     with pytest.raises(RuntimeError, match="grad_probs must have shape"):
         _C.route_backward(torch.zeros_like(logits), torch.zeros(6, 2), torch.zeros_like(weights),
                           p["x"], p["task_ids"], p["gate_weight"], True, probs, weights, experts)
+
+
+# ---------------------------------------------------------------------------------------
+# Through the public API: frozen inputs, activation checkpointing, no_grad
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_public_api_frozen_input_and_checkpointing(checkpointed):
+    """x needing no grad while the experts do (a frozen backbone), and non-reentrant
+    activation checkpointing (Python saved-tensor hooks active while the kernels run their
+    worker threads: this once deadlocked), both equal to the torch backend."""
+    import m2dino_kernels as mk
+    from torch.utils.checkpoint import checkpoint
+
+    p = make_inputs(40, 16, 12, 4, 3, 2)
+    results = {}
+    for backend in ("torch", "cpp"):
+        experts = {n: p[n].clone().requires_grad_(True) for n in ("fc1_w", "fc1_b", "fc2_w", "fc2_b")}
+        x = p["x"].clone().requires_grad_(checkpointed)
+
+        def block(x):
+            r = mk.task_topk_route(x, p["task_ids"], p["gate_weight"], p["gate_bias"], top_k=2)
+            return mk.expert_mlp(x, r, experts["fc1_w"], experts["fc1_b"], experts["fc2_w"],
+                                 experts["fc2_b"])
+
+        with mk.use_backend(backend):
+            y = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
+            y.square().sum().backward()
+            with torch.no_grad():
+                torch.testing.assert_close(block(x), y.detach())
+        results[backend] = (y.detach(), {n: t.grad for n, t in experts.items()}, x.grad)
+    (y_c, g_c, gx_c), (y_t, g_t, gx_t) = results["cpp"], results["torch"]
+    torch.testing.assert_close(y_c, y_t, atol=1e-5, rtol=1e-5)
+    for name in g_t:
+        torch.testing.assert_close(g_c[name], g_t[name], atol=1e-4, rtol=1e-4)
+    if checkpointed:
+        torch.testing.assert_close(gx_c, gx_t, atol=1e-4, rtol=1e-4)
