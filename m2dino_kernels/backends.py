@@ -40,7 +40,7 @@ _HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 # (an import inside a torch.compile'd call would be a graph break).
 BACKEND_DTYPES = {
     "torch": _HALF_AND_FLOAT + (torch.float64,),
-    "cpp": _HALF_AND_FLOAT,
+    "cpp": _HALF_AND_FLOAT + (torch.float64,),  # float64 for gradcheck
     "cuda": _HALF_AND_FLOAT,
     "triton": _HALF_AND_FLOAT,
 }

@@ -279,6 +279,7 @@ def _route_setup_context(ctx, inputs, output):
     _, probs, weights, experts, _, _, _ = output
     ctx.has_bias = gate_bias is not None
     ctx.backend = backend
+    ctx.set_materialize_grads(False)  # unused outputs (counts, slots...) need no zero grads
     ctx.save_for_backward(x, task_ids, gate_weight, probs, weights, experts)
 
 
@@ -339,6 +340,9 @@ def _experts_setup_context(ctx, inputs, output):
     _, h_pre, expert_out = output
     ctx.activation = activation
     ctx.backend = backend
+    # h_pre and expert_out never receive gradients: without this autograd would allocate and
+    # zero-fill [T*k, H1] and [T*k, D] tensors for them on every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w,
                           fc2_b, h_pre, expert_out)
 

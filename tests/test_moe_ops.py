@@ -189,8 +189,11 @@ def test_naive_baseline_matches_reference():
     torch.testing.assert_close(y_naive, y_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpp") if b in mk.available_backends("cpu")])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_reference_gradcheck_float64(activation):
+def test_gradcheck_float64(backend, activation):
+    """float64 gradcheck of the whole public chain (routing + experts) for the reference and
+    the C++ extension, through the custom ops and their registered autograd."""
     params, task_ids = make_problem(6, 5, 3, 3, 2, 2, activation, dtype=torch.float64)
     names = list(params)
 
@@ -200,7 +203,7 @@ def test_reference_gradcheck_float64(activation):
         return y, logits, probs, weights
 
     inputs = tuple(t.clone().requires_grad_(True) for t in params.values())
-    with mk.use_backend("torch"):
+    with mk.use_backend(backend):
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 
 
