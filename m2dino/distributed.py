@@ -76,7 +76,16 @@ def setup(device: torch.device, timeout_s: float = 1800) -> bool:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # A store namespace per torchrun attempt: after a restart, the gloo mesh must not read the
+        # addresses the dead attempt's workers published (seen: "connectFullMesh ... Connection refused").
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        base = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"]),
+                             env_world_size(), is_master=not agent_store and int(os.environ["RANK"]) == 0,
+                             timeout=timeout)
+        store = dist.PrefixStore(f"m2dino/attempt-{restart_count()}", base)
+        dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=env_world_size(), timeout=timeout)
     return True
 
 

@@ -116,13 +116,22 @@ def test_sigkill_at_random_moments_then_resume_is_exact(suite, tmp_path):
 @pytest.mark.slow
 def test_crashed_rank_restarts_from_last_checkpoint(suite, tmp_path):
     out = tmp_path / "elastic"
-    env = {**os.environ, CRASH_ENV: "1:5", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, CRASH_ENV: "1:5", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+           "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "--max-restarts=1", "-m", "m2dino.train", "--data", str(suite), "--out", str(out),
            "--paradigm", "au", "--img-size", "32", "--batch-size", "2", "--epochs", "1", "--log-every", "1",
            "--checkpoint-every", "2", "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    # own session: on a timeout the agent AND its workers are killed, nothing is left behind
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log = proc.communicate(timeout=300)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log = proc.communicate()[0]
+        raise AssertionError(f"torchrun job did not finish in 300 s: {log[-4000:]}")
+    assert proc.returncode == 0, log[-4000:]
     model_dir = out / "au" / "all"
     events = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines()]
     resumes = [e for e in events if e["event"] == "resume"]
