@@ -118,15 +118,12 @@ def test_options_freeze_checkpointing_single_batching(suite, tmp_path, GC):
     import torch
     from safetensors.torch import load_file
 
-    from m2dino_kernels import use_backend
-
     out = tmp_path / "run"
-    # backend "torch": the cpp backend's expert_mlp fails when x needs no grad but the experts do
-    # (a frozen backbone before the MoE layers): reported to the kernels engineer
-    with use_backend("torch"):
-        run(TrainConfig(data=str(suite), out=str(out), paradigm="au", img_size=32, batch_size=4, steps=2,
-                        progress=False, freeze_backbone=True, grad_checkpointing=GC, batching="single",
-                        task_alpha=0.5, warmup=0, checkpoint_every=1).validate())
+    # the default kernel backend (cpp when built): a frozen backbone hands the MoE an x that
+    # needs no grad while the experts do, which once broke the extension
+    run(TrainConfig(data=str(suite), out=str(out), paradigm="au", img_size=32, batch_size=4, steps=2,
+                    progress=False, freeze_backbone=True, grad_checkpointing=GC, batching="single",
+                    task_alpha=0.5, warmup=0, checkpoint_every=1).validate())
     model_dir = out / "au" / "all"
     # the trainer builds the model after torch.manual_seed(seed): rebuild the initial weights
     from m2dino.model import create_model
