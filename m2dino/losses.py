@@ -183,7 +183,8 @@ def total_loss(outputs: dict, targets: list, tasks, loss_weights: Optional[dict]
     """(loss, {task_id: L_t, "aux/<name>": aux value}) for a model forward's outputs.
 
     targets: the batch's target dicts in batch order (collate's "targets"); tasks: the
-    model's TaskSpecs (or any list containing the tasks present in outputs).
+    model's TaskSpecs (or any list containing the tasks present in outputs). The returned
+    loss carries every gradient; the per-task dict is detached, for logging only.
     """
     specs = {getattr(t, "task_id", None): t for t in tasks}
     weights = dict(DEFAULT_AUX_WEIGHTS if aux_weights is None else aux_weights)
