@@ -129,3 +129,23 @@ def write_summary(terminalreporter):
         json.dump(payload, f, indent=1)
     os.replace(tmp, path)
     tr.write_line(f"saved {path}")
+
+
+def markdown_table(payload) -> str:
+    """The saved JSON summary as a Markdown table (for RESULTS.md)."""
+    lines = [f"Device: {payload['device']} · torch {payload['torch']} · commit {payload['commit']}",
+             "", "| case | variant | ms | × naive | / dense | TFLOP/s | % matmul | items/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in payload["rows"]:
+        share = r["share_of_matmul_peak"]
+        lines.append("| " + " | ".join([
+            r["case"], r["variant"], _fmt(r["ms"], "1.1f"), _fmt(r["speedup_vs_naive"], "1.2f"),
+            _fmt(r["ratio_to_dense_floor"], "1.3f"), _fmt(r["tflops"], "1.3f"),
+            _fmt(share and 100 * share, "1.0f"), _fmt(r["per_second"], "1.1f")]).replace("  ", " ") + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python benchmarks/harness.py benchmarks/results-cpu.json
+    import sys
+    with open(sys.argv[1]) as f:
+        print(markdown_table(json.load(f)))
