@@ -46,10 +46,10 @@ class TrainConfig:
     moe_layers: int = 2
     img_size: int = 64
     # schedule
-    epochs: int = 12
+    epochs: int = 9
     steps: int | None = None              # overrides epochs (then exposure is not equal across paradigms)
     batch_size: int = 16                  # per process
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     head_lr_mult: float = 3.0             # heads (and neck) learn at lr * head_lr_mult
     weight_decay: float = 0.05
     warmup: float = 0.05                  # fraction of the total steps (< 1) or a number of steps (>= 1)

@@ -155,6 +155,13 @@ def test_each_head_overfits_a_tiny_batch(task):
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+    if task.task_type == "regression":
+        # the loss adds a heatmap KL to a Gaussian target, which a 1x1 heatmap conv on fixed
+        # random features cannot match exactly: the points themselves must be overfitted
+        target = torch.stack([t["points"] for t in targets])
+        l1 = float(losses.landmark_loss(out["points"].detach(), target))
+        assert l1 < 0.02 and float(loss) < 0.2 * first and float(loss) < 0.1, (first, float(loss), l1)
+        return
     assert float(loss) < 0.1 * first and float(loss) < 0.1, (first, float(loss))
 
 

@@ -14,7 +14,9 @@ enhancement behind fluid (propagated along the beam), depth attenuation, correla
 multiplicative speckle with Rayleigh amplitude statistics, log compression.
 
 Every label is visible in the image; `DIFFICULTY` says how, per task. Task sizes are the
-real approximate training sizes times `scale`, at least `min_train`; val is about 20%.
+real approximate training sizes times `scale`, at least `min_train` (more for a few hard
+classification tasks, `MIN_TRAIN_FACTOR`); val is about 20%, at least `min_val`, and
+class-balanced for classification (every class present).
 Each image is seeded by (seed, task, split, index): the suite is deterministic and the
 order of generation does not matter.
 """
@@ -37,11 +39,16 @@ from scipy import ndimage
 
 from m2dino.tasks import CSV_TASK_NAMES, TASKS
 
-GENERATOR_VERSION = 2  # bump whenever the images or labels change: cached suites are rebuilt
+GENERATOR_VERSION = 3  # bump whenever the images or labels change: cached suites are rebuilt
 DEFAULT_SCALE = 0.06
 DEFAULT_SEED = 0
 MIN_TRAIN = 40
-MIN_VAL = 12
+MIN_VAL = 16
+# Tasks whose labels need more examples than MIN_TRAIN for a small model trained from scratch
+# (8-way orientation, lesion shape): their training minimum is min_train times this factor.
+MIN_TRAIN_FACTOR = {"fetal_sacral_pos_cls": 2.0, "breast_2cls": 1.4, "breast_3cls": 1.6}
+# Classification labels drawn freely in train; val is class-balanced (example i has class
+# i % num_classes) so every class is present and the majority-class baseline is never 0.
 VAL_FRACTION = 0.2
 SIZE_RANGE = (96, 192)
 
@@ -59,11 +66,11 @@ DIFFICULTY = {
     "lung": "medium: lung field below the pleural line, between rib shadows",
     "ovary_tumor": "medium: large cystic/solid mass among small anechoic follicles",
     "thyroid_nodule": "medium: nodule (hypoechoic, or isoechoic with a dark halo) in the thyroid lobe",
-    "breast_2cls": "medium: benign = oval, wider than tall, posterior enhancement; malignant = spiculated, taller, shadowing",
+    "breast_2cls": "medium: benign = anechoic oval, wider than tall, strong posterior enhancement; malignant = spiculated, taller, dense posterior shadowing",
     "breast_3cls": "medium: as breast_2cls, plus normal = no lesion",
-    "fetal_head_pos_cls": "medium: 8 positions = direction (45 degree steps) of a bright occiput marker inside the head; not flip-invariant",
+    "fetal_head_pos_cls": "medium: 8 positions = direction (45 degree steps) of a large bright occiput marker (shadowing behind it) inside the head; not flip-invariant",
     "fetal_plane_cls": "easy: 6 planes drawn by different scenes (abdomen, brain, femur, thorax, cervix, other)",
-    "fetal_sacral_pos_cls": "medium: 8 positions = direction of the bright sacrum arc in the fetal pelvis; not flip-invariant",
+    "fetal_sacral_pos_cls": "medium: 8 positions = direction of the thick bright sacrum arc in the dark fetal pelvis; not flip-invariant",
     "liver_lesion_2cls": "easy: benign = hyperechoic well-defined lesion; malignant = hypoechoic lesion with a bright halo",
     "lung_2cls": "medium: normal = horizontal A-lines; abnormal = vertical B-lines",
     "lung_disease_3cls": "medium: A-lines / B-lines / subpleural consolidation with bright air bronchograms",
@@ -72,7 +79,7 @@ DIFFICULTY = {
     "thyroid_nodule_det": "medium: box of the thyroid nodule",
     "uterine_fibroid_det": "medium: box of the round whorled fibroid in the uterus",
     "FUGC": "medium: the two ends of the cervical canal (point 1 nearer the probe)",
-    "IUGC": "medium: the symphysis ends (upper, lower) and the tangent point on the fetal head",
+    "IUGC": "medium: the symphysis ends (upper, lower; a bright bar) and the tangent point on the fetal head",
     "fetal_femur": "easy: the two ends of the bright femur, ordered left to right (so not flipped)",
 }
 
@@ -250,7 +257,7 @@ def _head(sc, rng, cx, cy, a, b, angle, marker_dir=None):
     if marker_dir is not None:
         phi = marker_dir * math.pi / 4  # 0 = right of screen, counter-clockwise in image space
         mx, my = cx + 0.55 * b * math.cos(phi), cy - 0.55 * b * math.sin(phi)
-        paint(sc, ellipse(cv, mx, my, 0.28 * b, 0.28 * b), 1.0)
+        paint(sc, ellipse(cv, mx, my, 0.34 * b, 0.34 * b), 1.0, bright=0.5)
     return outer
 
 
@@ -272,7 +279,7 @@ def scene_intrapartum(cv, rng, marker_dir=None):
     half = np.array([math.cos(ang), math.sin(ang)]) * length / 2
     p_up, p_low = (sx - half[0], sy - half[1]), (sx + half[0], sy + half[1])
     sym = ellipse(cv, sx, sy, length / 2, cv.s * rng.uniform(0.045, 0.065), ang)
-    paint(sc, sym, rng.uniform(0.75, 0.9), bright=0.3)
+    paint(sc, sym, rng.uniform(0.9, 1.0), bright=0.3)
     a = cv.s * rng.uniform(0.2, 0.26)
     b = a * rng.uniform(0.9, 1.0)
     hx, hy = cv.point(rng.uniform(0.58, 0.68), rng.uniform(0.05, 0.3))
@@ -412,14 +419,14 @@ def scene_breast(cv, rng, kind):
     lesion = np.zeros((cv.h, cv.w), bool)
     if kind != 2:
         lx, ly = cv.point(rng.uniform(0.4, 0.55), rng.uniform(-0.4, 0.4))
-        r = cv.s * rng.uniform(0.1, 0.16)
-        if kind == 0:
-            lesion = blob(cv, rng, lx, ly, r, irregular=0.05, aspect=rng.uniform(0.55, 0.75))
-            paint(sc, lesion, rng.uniform(0.08, 0.16), fluid=0.6)
-        else:
-            lesion = blob(cv, rng, lx, ly, r * 0.85, irregular=0.15, spikes=0.45,
+        r = cv.s * rng.uniform(0.12, 0.18)
+        if kind == 0:  # anechoic, wider than tall, strong posterior enhancement
+            lesion = blob(cv, rng, lx, ly, r, irregular=0.05, aspect=rng.uniform(0.5, 0.7))
+            paint(sc, lesion, rng.uniform(0.02, 0.08), fluid=0.9)
+        else:  # hypoechoic, spiculated, taller than wide, dense posterior shadow
+            lesion = blob(cv, rng, lx, ly, r * 0.85, irregular=0.15, spikes=0.6,
                           angle=math.pi / 2, aspect=rng.uniform(0.65, 0.9))
-            paint(sc, lesion, rng.uniform(0.08, 0.16), bright=0.55)
+            paint(sc, lesion, rng.uniform(0.14, 0.22), bright=0.9)
     return sc, {"lesion": lesion}
 
 
@@ -569,12 +576,12 @@ def scene_sacrum(cv, rng, direction):
     sc = new_scene(cv, rng)
     cx, cy = cv.point(rng.uniform(0.42, 0.55), rng.uniform(-0.15, 0.15))
     r = cv.s * rng.uniform(0.24, 0.3)
-    paint(sc, ellipse(cv, cx, cy, r, r * rng.uniform(0.9, 1.0)), rng.uniform(0.35, 0.45))
+    paint(sc, ellipse(cv, cx, cy, r, r * rng.uniform(0.9, 1.0)), rng.uniform(0.15, 0.25))
     phi = direction * math.pi / 4
     theta = np.arctan2(-(cv.Y - cy), cv.X - cx)
     dist = np.hypot(cv.X - cx, cv.Y - cy)
     dphi = np.angle(np.exp(1j * (theta - phi)))
-    arc = (np.abs(dist - 0.75 * r) < 0.09 * r) & (np.abs(dphi) < 0.55)
+    arc = (np.abs(dist - 0.7 * r) < 0.16 * r) & (np.abs(dphi) < 0.5)
     paint(sc, arc, 1.0, bright=0.8)
     return sc, {}
 
@@ -595,12 +602,18 @@ def _labelmap(h, w, layers):
     return out
 
 
-def build(task_id: str, rng: np.random.Generator, size: tuple[int, int]):
+def build(task_id: str, rng: np.random.Generator, size: tuple[int, int], label: int | None = None):
     """One example of a task: (uint8 image [H, W], annotation in original pixels:
-    {"mask": uint8 [H, W]} | {"label": int} | {"box": [x0, y0, x1, y1]} | {"points": [(x, y), ...]})."""
+    {"mask": uint8 [H, W]} | {"label": int} | {"box": [x0, y0, x1, y1]} | {"points": [(x, y), ...]}).
+    `label` forces the class of a classification example (class-balanced val); default: drawn."""
     h, w = size
     t = task_id
-    label = None
+    forced = label
+
+    def draw(k, p=None):
+        if forced is not None:
+            return int(forced)
+        return int(rng.choice(k, p=p)) if p is not None else int(rng.integers(k))
 
     def canvas(organ):
         return Canvas(h, w, PROBES.get(organ, "convex"), rng)
@@ -609,7 +622,7 @@ def build(task_id: str, rng: np.random.Generator, size: tuple[int, int]):
         sc, g = scene_fetal_head(canvas("fetal"), rng)
         ann = {"mask": _labelmap(h, w, [(1, g["head"])])}
     elif t == "fetal_head_pos_cls":
-        label = int(rng.integers(8))
+        label = draw(8)
         sc, g = scene_intrapartum(canvas("fetal"), rng, marker_dir=label)
         ann = {"label": label}
     elif t == "head_symphysis_multi":
@@ -636,13 +649,13 @@ def build(task_id: str, rng: np.random.Generator, size: tuple[int, int]):
         else:
             ann = {"points": g["points"]}
     elif t == "fetal_plane_cls":
-        label = int(rng.choice(6, p=[0.22, 0.22, 0.18, 0.16, 0.12, 0.10]))
+        label = draw(6, p=[0.22, 0.22, 0.18, 0.16, 0.12, 0.10])
         scene = [scene_fetal_abdomen, scene_fetal_head, scene_fetal_femur, scene_fetal_thorax,
                  scene_cervix, scene_other][label]
         sc, g = scene(canvas("cervix" if label == 4 else "fetal"), rng)
         ann = {"label": label}
     elif t == "fetal_sacral_pos_cls":
-        label = int(rng.integers(8))
+        label = draw(8)
         sc, g = scene_sacrum(canvas("fetal"), rng, label)
         ann = {"label": label}
     elif t == "cardiac_multi":
@@ -652,22 +665,22 @@ def build(task_id: str, rng: np.random.Generator, size: tuple[int, int]):
         sc, g = scene_carotid(canvas("carotid"), rng)
         ann = {"mask": _labelmap(h, w, [(1, g["carotid"])])}
     elif t in ("breast_lesion", "breast_2cls", "breast_3cls"):
-        kind = int(rng.integers(3 if t == "breast_3cls" else 2))
+        kind = draw(3 if t == "breast_3cls" else 2) if t != "breast_lesion" else int(rng.integers(2))
         sc, g = scene_breast(canvas("breast"), rng, kind)
         ann = {"mask": _labelmap(h, w, [(1, g["lesion"])])} if t == "breast_lesion" else {"label": kind}
     elif t in ("thyroid_nodule", "thyroid_nodule_det"):
         sc, g = scene_thyroid(canvas("thyroid"), rng)
         ann = {"mask": _labelmap(h, w, [(1, g["nodule"])])} if t == "thyroid_nodule" else {"box": bbox_of(g["nodule"])}
     elif t in ("lung", "lung_2cls", "lung_disease_3cls"):
-        kind = int(rng.integers(3 if t == "lung_disease_3cls" else 2)) if t != "lung" else int(rng.integers(3))
+        kind = draw(3 if t == "lung_disease_3cls" else 2) if t != "lung" else int(rng.integers(3))
         sc, g = scene_lung(canvas("lung"), rng, kind)
         ann = {"mask": _labelmap(h, w, [(1, g["lung"])])} if t == "lung" else {"label": kind}
     elif t == "liver_lesion_2cls":
-        label = int(rng.integers(2))
+        label = draw(2)
         sc, g = scene_liver(canvas("liver"), rng, label)
         ann = {"label": label}
     elif t == "organ_cls":
-        label = int(rng.integers(6))
+        label = draw(6)
         organ = ["breast", "thyroid", "liver", "lung", "cardiac", "carotid"][label]
         cv = canvas(organ)
         sc, g = {
@@ -733,7 +746,7 @@ def task_sizes(scale: float = DEFAULT_SCALE, min_train: int = MIN_TRAIN, min_val
         raise ValueError(f"--scale must be > 0, got {scale}")
     out = {}
     for tid in tasks or TASKS:
-        n = max(min_train, int(round(TASKS[tid].train_size * scale)))
+        n = max(min_train, int(math.ceil(min_train * MIN_TRAIN_FACTOR.get(tid, 1.0))), int(round(TASKS[tid].train_size * scale)))
         out[tid] = (n, max(min_val, int(round(n * val_fraction))))
     return out
 
@@ -757,7 +770,8 @@ def write_task(out: Path, split: str, spec, n: int, seed: int, task_index: int) 
     stored_rgb = (task_index % 3) == 0  # some tasks store grayscale as RGB, as in the wild
     for i in range(n):
         rng = np.random.default_rng([seed, task_index, split_code, i])
-        img, ann = build(spec.task_id, rng, _image_size(rng))
+        balanced = split != "train" and spec.task_type == "classification"
+        img, ann = build(spec.task_id, rng, _image_size(rng), label=i % spec.num_classes if balanced else None)
         ext = _ext(spec.task_id, i)
         name = f"{spec.task_id}_{split}_{i:05d}{ext}"
         if spec.task_type == "classification":
