@@ -31,7 +31,7 @@ AUX_LOSS_NAMES = ("load_balance", "z_loss", "mutual_information")
 class TrainConfig:
     # data
     data: str = "synthetic"               # "synthetic" (the cached suite) or an FM_UIA root
-    synthetic_scale: float = 0.025        # fraction of the real FM_UIA sizes for the synthetic suite
+    synthetic_scale: float = 0.03         # fraction of the real FM_UIA sizes for the synthetic suite
     on_bad_sample: str = "error"          # error | skip (bad rows are excluded and listed)
     val_fraction: float = 0.2             # per-task validation share when the root has no val/
     tasks: list[str] | None = None        # task ids to train (default: every task in the data)
@@ -46,10 +46,10 @@ class TrainConfig:
     moe_layers: int = 2
     img_size: int = 64
     # schedule
-    epochs: int = 10
+    epochs: int = 9
     steps: int | None = None              # overrides epochs (then exposure is not equal across paradigms)
     batch_size: int = 16                  # per process
-    lr: float = 1.2e-3
+    lr: float = 1.5e-3
     head_lr_mult: float = 3.0             # heads (and neck) learn at lr * head_lr_mult
     weight_decay: float = 0.05
     warmup: float = 0.05                  # fraction of the total steps (< 1) or a number of steps (>= 1)
