@@ -2,14 +2,12 @@
 paradigms' model plans, the report, and the bad-sample policy."""
 import csv
 import json
-import math
 
 import pytest
 import yaml
 
 from m2dino.config import TrainConfig
 from m2dino.data import DataValidationError, write_suite
-from m2dino.data.synthetic import MIN_TRAIN_FACTOR
 from m2dino.train import main, plan_models, run
 
 TASKS = ["breast_2cls", "lung"]
@@ -49,9 +47,7 @@ def test_paradigm_all_writes_the_run_directory_contract(suite, tmp_path, capsys)
         assert set(summary["tasks"]) == set(TASKS)
         for task_id, entry in summary["tasks"].items():
             assert {"task_type", "group", "train_size", "model", "metrics", "baseline"} <= set(entry)
-            # min_train 8, times the per-task factor of the few hard classification tasks
-            assert entry["train_size"] == math.ceil(8 * MIN_TRAIN_FACTOR.get(task_id, 1.0))
-            assert entry["group"] == "Chest"
+            assert entry["train_size"] == 8 and entry["group"] == "Chest"  # explicit min_train is exact
         assert set(summary["tasks"]["lung"]["metrics"]) >= {"dice", "hd"}
         assert set(summary["tasks"]["breast_2cls"]["metrics"]) >= {"accuracy", "auc", "f1_macro", "f1_weighted", "mcc"}
         # the trivial baselines: empty mask has Dice 0, a majority-class predictor has AUC 0.5
@@ -106,7 +102,7 @@ def test_bad_sample_policy(tmp_path):
     excluded = json.loads((out / "excluded_rows.json").read_text())
     assert sorted((p["csv"].split(".")[-2], p["row"]) for p in excluded) == [("breast_2cls", 2), ("lung", 0)]
     assert result["au"]["tasks"]["lung"]["train_size"] == 7
-    assert result["au"]["tasks"]["breast_2cls"]["train_size"] == math.ceil(8 * MIN_TRAIN_FACTOR["breast_2cls"]) - 1
+    assert result["au"]["tasks"]["breast_2cls"]["train_size"] == 7
 
 
 def test_missing_data_root_is_a_clear_error(tmp_path, capsys):

@@ -739,14 +739,18 @@ def csv_name(spec, index: int) -> str:
     return f"{prefix}-{_COUNT_WORDS.get(spec.num_classes, str(spec.num_classes))}_{index}.{spec.task_id}.csv"
 
 
-def task_sizes(scale: float = DEFAULT_SCALE, min_train: int = MIN_TRAIN, min_val: int = MIN_VAL,
+def task_sizes(scale: float = DEFAULT_SCALE, min_train: int | None = None, min_val: int = MIN_VAL,
                val_fraction: float = VAL_FRACTION, tasks=None) -> dict[str, tuple[int, int]]:
-    """{task_id: (n_train, n_val)}: real size x scale (at least min_train), val ~ val_fraction."""
+    """{task_id: (n_train, n_val)}: real size x scale (at least the training minimum), val ~
+    val_fraction. The default minimum is MIN_TRAIN, raised for the hard tasks by
+    MIN_TRAIN_FACTOR; an explicit `min_train` is the same exact minimum for every task."""
     if scale <= 0:
         raise ValueError(f"--scale must be > 0, got {scale}")
     out = {}
     for tid in tasks or TASKS:
-        n = max(min_train, int(math.ceil(min_train * MIN_TRAIN_FACTOR.get(tid, 1.0))), int(round(TASKS[tid].train_size * scale)))
+        minimum = (int(math.ceil(MIN_TRAIN * MIN_TRAIN_FACTOR.get(tid, 1.0)))
+                   if min_train is None else min_train)
+        n = max(minimum, int(round(TASKS[tid].train_size * scale)))
         out[tid] = (n, max(min_val, int(round(n * val_fraction))))
     return out
 
@@ -818,7 +822,7 @@ def _columns(spec) -> list[str]:
 
 
 def write_suite(out, scale: float = DEFAULT_SCALE, seed: int = DEFAULT_SEED, tasks=None,
-                min_train: int = MIN_TRAIN, min_val: int = MIN_VAL, workers: int | None = None) -> dict:
+                min_train: int | None = None, min_val: int = MIN_VAL, workers: int | None = None) -> dict:
     """Write the synthetic suite under `out` (train/ and val/). Returns its summary, also
     written to out/synthetic.json. `tasks` restricts it to some task ids (tests)."""
     out = Path(out)
@@ -916,7 +920,8 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=float, default=DEFAULT_SCALE,
                    help=f"fraction of the real FM_UIA training sizes (default {DEFAULT_SCALE}: ~2.6k training images)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p.add_argument("--min-train", type=int, default=MIN_TRAIN)
+    p.add_argument("--min-train", type=int, default=None,
+                   help=f"training minimum per task (default {MIN_TRAIN}, more for the hard tasks)")
     p.add_argument("--min-val", type=int, default=MIN_VAL)
     p.add_argument("--tasks", nargs="*", default=None, help="only these task ids")
     p.add_argument("--workers", type=int, default=None)
