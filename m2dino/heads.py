@@ -120,13 +120,40 @@ def soft_argmax_2d(heatmaps: Tensor) -> Tensor:
 
 
 class LandmarkHead(nn.Module):
+    """Heatmap logits = features + a learnable per-point prior map (`prior` [K, 16, 16],
+    bilinearly resampled to the heatmap's size). The prior is zero at construction;
+    `set_point_prior` starts it at a Gaussian around the training-mean points. Why: a conv's
+    bias is the same at every cell, so without a prior the head starts from the image centre
+    (soft-argmax of a flat map), and with few steps it can end worse than simply predicting
+    the mean. With it, the head starts where the trivial baseline is and the features learn how
+    each image departs from it (a data-dependent start, like the detection head's prior bias)."""
+
+    PRIOR_GRID = 16
+    PRIOR_SIGMA = 0.1  # image fractions
+
     def __init__(self, channels: int, num_points: int):
         super().__init__()
         self.block = _conv_block(channels, channels)
         self.heatmap = nn.Conv2d(channels, num_points, 1)
+        self.prior = nn.Parameter(torch.zeros(num_points, self.PRIOR_GRID, self.PRIOR_GRID))
+
+    @torch.no_grad()
+    def set_point_prior(self, mean_points) -> None:
+        """Prior logits -d^2 / (2 PRIOR_SIGMA^2) around mean_points [K, 2] (normalised xy)."""
+        mean = torch.as_tensor(mean_points, dtype=torch.float32).reshape(-1, 2)
+        if mean.shape[0] != self.prior.shape[0]:
+            raise ValueError(f"mean_points has {mean.shape[0]} points, the head predicts {self.prior.shape[0]}")
+        centres = (torch.arange(self.PRIOR_GRID, dtype=torch.float32) + 0.5) / self.PRIOR_GRID
+        dx = (centres.view(1, 1, -1) - mean[:, 0].view(-1, 1, 1)) ** 2
+        dy = (centres.view(1, -1, 1) - mean[:, 1].view(-1, 1, 1)) ** 2
+        self.prior.copy_(-(dx + dy) / (2 * self.PRIOR_SIGMA ** 2))
 
     def forward(self, features, cls_token, patch_tokens, image_size) -> dict[str, Tensor]:
         heatmaps = self.heatmap(self.block(features[4]))
+        prior = self.prior
+        if prior.shape[-2:] != heatmaps.shape[-2:]:
+            prior = F.interpolate(prior[None], size=heatmaps.shape[-2:], mode="bilinear", align_corners=False)[0]
+        heatmaps = heatmaps + prior.to(heatmaps.dtype)
         return {"heatmaps": heatmaps, "points": soft_argmax_2d(heatmaps)}
 
 

@@ -306,13 +306,19 @@ def baseline_predictions(task_type: str, num_classes: int, train_truth: Sequence
         return {"probs": probs, "predicted_class": majority}
     height, width = sample["orig_size"]
     if task_type == "detection":
-        mean_box = np.mean([_normalise(g["box"], g["orig_size"]) for g in train_truth], axis=0)
+        mean_box = training_mean(train_truth, "box")
         box = (mean_box * [width, height, width, height]).tolist()
         return {"bbox_pixels": box, "bbox_normalized": mean_box.tolist(), "score": 1.0}
     if task_type == "regression":
-        mean_points = np.mean([_normalise(g["points"], g["orig_size"]) for g in train_truth], axis=0)
+        mean_points = training_mean(train_truth, "points")
         return {"points_pixels": mean_points * [width, height], "points_normalized": mean_points}
     raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+
+
+def training_mean(train_truth: Sequence[Mapping], key: str) -> np.ndarray:
+    """Mean "box" or "points" of ground-truth dicts in normalised coordinates (the trivial
+    baseline's prediction; also where landmark heads start)."""
+    return np.mean([_normalise(g[key], g["orig_size"]) for g in train_truth], axis=0)
 
 
 def _normalise(pixels, orig_size) -> np.ndarray:

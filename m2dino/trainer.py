@@ -34,7 +34,7 @@ from m2dino import checkpoint as ckpt
 from m2dino import distributed as dist_utils
 from m2dino.config import AUX_LOSS_NAMES, TrainConfig
 from m2dino.data import FMUIADataset, MultiTaskBatchSampler, collate
-from m2dino.metrics import evaluate_predictions, ground_truth_from_record, higher_is_better
+from m2dino.metrics import evaluate_predictions, ground_truth_from_record, higher_is_better, training_mean
 from m2dino.tasks import TaskSpec
 
 # Test hook for the crashed-rank test: "RANK:STEP" makes that rank os._exit(1) when it reaches
@@ -194,7 +194,17 @@ class ModelTrainer:
                              top_k=c.top_k, moe_layers=c.moe_layers, img_size=c.img_size)
         if c.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
+        self.start_landmarks_at_training_mean(model)
         return model.to(self.device)
+
+    def start_landmarks_at_training_mean(self, model) -> None:
+        """Each landmark head starts at its task's training-mean points (a resumed run then
+        loads its own prior); see LandmarkHead.set_point_prior."""
+        for task_id, spec in self.task_table.items():
+            if spec.task_type == "regression":
+                truth = [ground_truth_from_record(r, with_mask=False)
+                         for r in self.train_records if r.task_id == task_id]
+                model.heads[task_id].set_point_prior(training_mean(truth, "points"))
 
     def param_groups(self, model) -> list[dict]:
         """Backbone at lr, everything else (neck, heads) at lr x head_lr_mult; no weight decay

@@ -43,6 +43,26 @@ def test_soft_argmax_and_landmark_loss_by_hand():
     torch.testing.assert_close(losses.landmark_loss(points, target), torch.tensor(0.15))
 
 
+def test_landmark_prior_starts_the_head_at_the_mean_points():
+    torch.manual_seed(0)
+    head = heads.LandmarkHead(channels=8, num_points=2)
+    features = {4: torch.randn(3, 8, 16, 16)}
+    plain = heads.soft_argmax_2d(head.heatmap(head.block(features[4])))
+    torch.testing.assert_close(head(features, None, None, 64)["points"], plain)  # zero prior: no change
+    mean = torch.tensor([[0.2, 0.3], [0.7, 0.8]])
+    head.set_point_prior(mean)
+    # the prior is a Gaussian of the distance to the mean, peaked at the cell holding it
+    assert head.prior[0].flatten().argmax().item() == 4 * 16 + 3  # row 0.3 -> 4, column 0.2 -> 3
+    with torch.no_grad():  # features silent: the head predicts the mean (to the grid's symmetry)
+        head.heatmap.weight.zero_()
+        head.heatmap.bias.zero_()
+        for size in (16, 8, 32):  # the prior is resampled to other heatmap sizes
+            points = head({4: torch.randn(2, 8, size, size)}, None, None, 4 * size)["points"]
+            torch.testing.assert_close(points, mean.expand(2, 2, 2), atol=0.02, rtol=0)
+    with pytest.raises(ValueError, match="mean_points has 3 points, the head predicts 2"):
+        head.set_point_prior(torch.zeros(3, 2))
+
+
 def test_generalized_iou_by_hand():
     a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
     b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 1.0, 1.0]])

@@ -1,9 +1,12 @@
 """`python -m m2dino.train` end to end on a tiny suite: the run-directory contract, the three
 paradigms' model plans, the report, and the bad-sample policy."""
 import csv
+import importlib.util
 import json
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from m2dino.config import TrainConfig
@@ -33,7 +36,7 @@ def test_paradigm_all_writes_the_run_directory_contract(suite, tmp_path, capsys)
     groups.write_text(yaml.safe_dump({"Chest": ["breast_2cls", "lung"]}))
     out = tmp_path / "run"
     rc = main(["--data", str(suite), "--out", str(out), "--paradigm", "all", "--groups", str(groups),
-               "--img-size", "32", "--batch-size", "4", "--steps", "2", "--no-progress"])
+               "--img-size", "32", "--batch-size", "4", "--steps", "2", "--log-every", "1", "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "every task beats its trivial baseline" in printed and "report:" in printed
@@ -70,6 +73,15 @@ def test_paradigm_all_writes_the_run_directory_contract(suite, tmp_path, capsys)
     assert (out / "split.json").is_file() is False  # the suite has train/ and val/: no split made
     for name in ("report.md", "report.csv", "report.json"):
         assert (out / "report" / name).is_file()
+    if importlib.util.find_spec("tensorboard") is not None:  # TensorBoard events beside the JSON lines
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(str(out / "au" / "all" / "tensorboard"))
+        events.Reload()
+        scalars = events.Tags()["scalars"]
+        assert "train/loss" in scalars and "eval/score" in scalars, scalars
+        losses = [e.value for e in events.Scalars("train/loss")]
+        jsonl = [json.loads(line) for line in (out / "au" / "all" / "metrics.jsonl").read_text().splitlines()]
+        assert losses == pytest.approx([r["loss"] for r in jsonl if r["event"] == "train"])
 
 
 def _break_suite(root):
@@ -138,3 +150,27 @@ def test_options_freeze_checkpointing_single_batching(suite, tmp_path, GC):
     is_moe = lambda k: ".mlp." in k and any(s in k for s in ("gate_", "fc1_", "fc2_"))  # noqa: E731
     frozen = [k for k in changed if k.startswith("backbone.") and not is_moe(k)]
     assert not frozen, f"frozen backbone tensors changed: {frozen[:5]}"
+
+
+def test_landmark_heads_start_at_the_training_mean_points(tmp_path):
+    from PIL import Image
+
+    from m2dino.train import load_data
+    from m2dino.trainer import ModelTrainer
+
+    root = tmp_path / "suite"
+    write_suite(root, scale=0.001, tasks=["fetal_femur"], min_train=6, min_val=2, workers=1)
+    config = TrainConfig(data=str(root), out=str(tmp_path / "run"), paradigm="au", img_size=32,
+                         progress=False).validate()
+    _, data = load_data(config, tmp_path / "run")
+    specs = list(data.tasks.values())
+    trainer = ModelTrainer(config, "all", specs, data.train, data.val, tmp_path / "run" / "au" / "all",
+                           torch.device("cpu"))
+    model = trainer.build_model()
+    sizes = [Image.open(r.image_file).size for r in trainer.train_records]
+    mean = np.mean([np.asarray(r.points) / size for r, size in zip(trainer.train_records, sizes)], axis=0)
+    prior = model.heads["fetal_femur"].prior.detach()
+    grid = prior.shape[-1]
+    for k in range(2):  # the prior peaks at the grid cell holding the mean point
+        row, col = divmod(prior[k].flatten().argmax().item(), grid)
+        assert (col, row) == tuple(np.floor(mean[k] * grid).astype(int)), (k, mean[k])
