@@ -201,12 +201,20 @@ def experts_backward(grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, 
 # The naive baseline (benchmarks only)
 # ---------------------------------------------------------------------------------------
 def naive_task_moe(x, task_ids, gate_weight, gate_bias, top_k, fc1_weight, fc1_bias,
-                   fc2_weight, fc2_bias, activation="gelu"):
+                   fc2_weight, fc2_bias, activation="gelu", split_experts=False):
     """Task-conditioned top-k MoE as public task-MoE code writes it: a Python loop over the
     tasks present, then over experts, with boolean masks and index_add. Differentiable
-    through plain autograd. Returns y [T, D]. Slow on purpose: the benchmarks' baseline."""
+    through plain autograd. Returns y [T, D]. Slow on purpose: the benchmarks' baseline.
+
+    The experts are indexed in the stacked [E, ...] weights, so autograd gives every
+    (task, expert) pair a full-size zero-filled weight gradient; `split_experts=True` splits
+    the weights once into per-expert tensors (as an nn.ModuleList of experts holds them),
+    the cheaper way to write the same loop."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if split_experts:
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = (
+            w.unbind(0) for w in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
     num_experts = gate_weight.shape[1]
     y = torch.zeros_like(x)
     for task in torch.unique(task_ids).tolist():

@@ -179,14 +179,22 @@ def test_ties_go_to_the_lower_expert():
         torch.testing.assert_close(r.weights, torch.full((5, 3), 1 / 3))
 
 
-def test_naive_baseline_matches_reference():
+@pytest.mark.parametrize("split_experts", [False, True])
+def test_naive_baseline_matches_reference(split_experts):
     params, task_ids = make_problem(20, 8, 6, 4, 5, 2)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     with mk.use_backend("torch"):
-        y_ref = run_api(params, task_ids, 2, "gelu")[0]
-    y_naive = naive_task_moe(params["x"], task_ids, params["gate_weight"], params["gate_bias"], 2,
-                             params["fc1_weight"], params["fc1_bias"], params["fc2_weight"],
-                             params["fc2_bias"], activation="gelu")
+        y_ref = run_api(leaves, task_ids, 2, "gelu")[0]
+    y_ref.square().sum().backward()
+    expected = {k: v.grad for k, v in leaves.items()}
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    y_naive = naive_task_moe(leaves["x"], task_ids, leaves["gate_weight"], leaves["gate_bias"], 2,
+                             leaves["fc1_weight"], leaves["fc1_bias"], leaves["fc2_weight"],
+                             leaves["fc2_bias"], activation="gelu", split_experts=split_experts)
     torch.testing.assert_close(y_naive, y_ref, atol=1e-5, rtol=1e-5)
+    y_naive.square().sum().backward()
+    for name, grad in expected.items():
+        torch.testing.assert_close(leaves[name].grad, grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("backend", [b for b in ("torch", "cpp") if b in mk.available_backends("cpu")])
