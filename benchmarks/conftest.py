@@ -17,7 +17,7 @@ def measure(benchmark):
         benchmark.extra_info.update(case=case, variant=variant, flops=flops, items=items, **extra)
         benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
         RESULTS.setdefault(case, {})[variant] = Measurement(
-            case, variant, benchmark.stats.stats.median, flops, items, extra)
+            case, variant, benchmark.stats.stats.min, flops, items, extra)
 
     return run
 

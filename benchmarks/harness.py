@@ -23,7 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 class Measurement:
     case: str
     variant: str
-    seconds: float          # median over rounds
+    seconds: float          # fastest round: the least disturbed by other load on a shared machine
     flops: float = 0.0      # useful floating-point work of one call (0: not a FLOP-bound case)
     items: float = 0.0      # images or samples per call, for throughput cases
     extra: dict = field(default_factory=dict)
