@@ -13,6 +13,7 @@ import torch
 import m2dino_kernels as mk
 from m2dino_kernels import backends
 from m2dino_kernels import reference as ref
+from moe_inputs import random_moe_inputs
 
 _C = backends._C
 HAS_CUDA_EXT = (_C is not None and bool(getattr(_C, "with_cuda", False))
@@ -37,24 +38,6 @@ CASES = {
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 6e-2)}
 
 
-def make_inputs(T, D, H, E, NT, k, boost, pool, activation, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    H1 = 2 * H if activation == "swiglu" else H
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
-
-    pool_t = torch.tensor(pool if pool is not None else list(range(NT)))
-    task_ids = pool_t[torch.randint(0, len(pool_t), (T,), generator=gen)]
-    gate_bias = rand(NT, E, scale=0.5)
-    if boost is not None:
-        gate_bias = gate_bias + torch.tensor(boost, dtype=dtype)
-    return dict(x=rand(T, D), task_ids=task_ids, gate_weight=rand(NT, E, D, scale=D ** -0.5),
-                gate_bias=gate_bias, fc1_w=rand(E, H1, D, scale=D ** -0.5),
-                fc1_b=rand(E, H1, scale=0.1), fc2_w=rand(E, D, H, scale=H ** -0.5),
-                fc2_b=rand(E, D, scale=0.1))
-
-
 def to(p, device, dtype=None):
     return {n: (t.to(device, dtype) if (dtype is not None and t.is_floating_point())
                 else t.to(device)) for n, t in p.items()}
@@ -72,7 +55,7 @@ def close(got, want, dtype, what):
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_protocol_matches_reference(case, dtype, activation):
     T, D, H, E, NT, k, boost, pool = CASES[case]
-    p_cpu = make_inputs(T, D, H, E, NT, k, boost, pool, activation, dtype)
+    p_cpu = random_moe_inputs(T, D, H, E, NT, boost, pool, activation, dtype)
     p = to(p_cpu, "cuda")
     p64 = to(p_cpu, "cpu", torch.float64)
 
@@ -129,7 +112,7 @@ def test_cuda_protocol_matches_reference(case, dtype, activation):
 
 
 def test_cuda_backend_public_api_and_no_oob_on_bad_task_ids():
-    p_cpu = make_inputs(64, 32, 24, 8, 5, 2, None, None, "gelu", torch.float32)
+    p_cpu = random_moe_inputs(64, 32, 24, 8, 5, None, None, "gelu", torch.float32)
     p = to(p_cpu, "cuda")
     leaves = {n: t.clone().requires_grad_(True) for n, t in p.items() if t.is_floating_point()}
     results = {}

@@ -9,6 +9,7 @@ import torch
 
 from m2dino_kernels import backends
 from m2dino_kernels import reference as ref
+from moe_inputs import random_moe_inputs
 
 _C = backends._C
 pytestmark = pytest.mark.skipif(_C is None, reason="m2dino_kernels._C is not built")
@@ -34,28 +35,9 @@ CASES = {
 }
 
 
-def make_inputs(T, D, H, E, NT, k, boost=None, pool=None, activation="gelu",
-                dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    H1 = 2 * H if activation == "swiglu" else H
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
-
-    pool_t = torch.tensor(pool if pool is not None else list(range(NT)))
-    task_ids = pool_t[torch.randint(0, len(pool_t), (T,), generator=gen)]
-    gate_bias = rand(NT, E, scale=0.5)
-    if boost is not None:
-        gate_bias = gate_bias + torch.tensor(boost, dtype=dtype)
-    return dict(x=rand(T, D), task_ids=task_ids, gate_weight=rand(NT, E, D, scale=D ** -0.5),
-                gate_bias=gate_bias, fc1_w=rand(E, H1, D, scale=D ** -0.5),
-                fc1_b=rand(E, H1, scale=0.1), fc2_w=rand(E, D, H, scale=H ** -0.5),
-                fc2_b=rand(E, D, scale=0.1))
-
-
 def case_inputs(name, activation="gelu", dtype=torch.float32):
     T, D, H, E, NT, k, boost, pool = CASES[name]
-    return make_inputs(T, D, H, E, NT, k, boost, pool, activation, dtype), k
+    return random_moe_inputs(T, D, H, E, NT, boost, pool, activation, dtype), k
 
 
 def expert_args(p, route, activation):
@@ -116,7 +98,7 @@ def test_protocol_matches_reference(case, activation):
 
 def test_sorted_slots_are_a_stable_sort_and_ties_go_low():
     # identical router rows for experts 1 and 3 of every task: all probabilities tie pairwise
-    p = make_inputs(50, 6, 4, 5, 3, 2)
+    p = random_moe_inputs(50, 6, 4, 5, 3)
     p["gate_weight"][:, 3] = p["gate_weight"][:, 1]
     p["gate_bias"][:, 3] = p["gate_bias"][:, 1]
     out = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
@@ -133,7 +115,7 @@ def test_sorted_slots_are_a_stable_sort_and_ties_go_low():
 
 
 def test_empty_batch():
-    p = make_inputs(0, 6, 5, 3, 2, 2)
+    p = random_moe_inputs(0, 6, 5, 3, 2)
     route = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
     assert route[6].tolist() == [0, 0, 0, 0] and route[5].numel() == 0
     y, h_pre, expert_out = ext.experts_forward(*expert_args(p, route, "gelu"))
@@ -144,7 +126,7 @@ def test_empty_batch():
 
 
 def test_nan_propagates_and_experts_stay_in_range():
-    p = make_inputs(8, 6, 5, 4, 2, 2)
+    p = random_moe_inputs(8, 6, 5, 4, 2)
     p["x"][3, 2] = float("nan")
     route = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
     experts = route[3]
@@ -187,7 +169,7 @@ class _CppMoE(torch.autograd.Function):
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_gradcheck_float64(activation):
-    p = make_inputs(7, 5, 3, 4, 3, 2, activation=activation, dtype=torch.float64)
+    p = random_moe_inputs(7, 5, 3, 4, 3, activation=activation, dtype=torch.float64)
     names = ("x", "gate_weight", "gate_bias", "fc1_w", "fc1_b", "fc2_w", "fc2_b")
     inputs = tuple(p[n].clone().requires_grad_(True) for n in names)
 
@@ -230,7 +212,7 @@ def test_half_precision_matches_fp32_reference(dtype, activation):
 # Misuse raises RuntimeError (never a crash)
 # ---------------------------------------------------------------------------------------
 def _route_args(**override):
-    p = make_inputs(6, 4, 3, 3, 2, 2)
+    p = random_moe_inputs(6, 4, 3, 3, 2)
     args = dict(x=p["x"], task_ids=p["task_ids"], gate_weight=p["gate_weight"],
                 gate_bias=p["gate_bias"], top_k=2)
     args.update(override)
@@ -261,7 +243,7 @@ def test_route_forward_misuse_raises(override, message):
 
 
 def _expert_args(activation="gelu", **override):
-    p = make_inputs(6, 4, 3, 3, 2, 2, activation=activation)
+    p = random_moe_inputs(6, 4, 3, 3, 2, activation=activation)
     route = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
     names = ("x", "weights", "experts", "sorted_slots", "offsets", "fc1_w", "fc1_b", "fc2_w",
              "fc2_b", "activation")
@@ -307,7 +289,7 @@ def test_backward_misuse_raises():
         _C.experts_backward(torch.ones_like(y), *args.values(), h_pre[:-1].contiguous(), expert_out)
     with pytest.raises(RuntimeError, match="grad_y must have shape"):
         _C.experts_backward(torch.ones(5, 4), *args.values(), h_pre, expert_out)
-    p = make_inputs(6, 4, 3, 3, 2, 2)
+    p = random_moe_inputs(6, 4, 3, 3, 2)
     route = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
     logits, probs, weights, experts = route[:4]
     bad_experts = experts.clone()
@@ -332,7 +314,7 @@ def test_public_api_frozen_input_and_checkpointing(checkpointed):
     import m2dino_kernels as mk
     from torch.utils.checkpoint import checkpoint
 
-    p = make_inputs(40, 16, 12, 4, 3, 2)
+    p = random_moe_inputs(40, 16, 12, 4, 3)
     results = {}
     for backend in ("torch", "cpp"):
         experts = {n: p[n].clone().requires_grad_(True) for n in ("fc1_w", "fc1_b", "fc2_w", "fc2_b")}

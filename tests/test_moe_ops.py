@@ -11,6 +11,7 @@ import torch
 import m2dino_kernels as mk
 from m2dino_kernels import moe
 from m2dino_kernels.reference import naive_task_moe
+from moe_inputs import random_moe_inputs
 
 CPU_BACKENDS = mk.available_backends("cpu")
 
@@ -20,25 +21,12 @@ CPU_BACKENDS = mk.available_backends("cpu")
 # ---------------------------------------------------------------------------------------
 def make_problem(T, D, H, E, NT, k, activation="gelu", dtype=torch.float32, task_pool=None,
                  bias_boost=None, seed=0):
-    """Random MoE inputs. task_pool: the task ids tokens may use. bias_boost: added to the
-    gate bias (one value per expert) to skew routing."""
-    gen = torch.Generator().manual_seed(seed)
-    H1 = 2 * H if activation == "swiglu" else H
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
-
-    pool = torch.tensor(task_pool if task_pool is not None else list(range(NT)))
-    task_ids = pool[torch.randint(0, len(pool), (T,), generator=gen)]
-    gate_bias = rand(NT, E, scale=0.5)
-    if bias_boost is not None:
-        gate_bias = gate_bias + torch.tensor(bias_boost, dtype=dtype)
-    params = dict(
-        x=rand(T, D), gate_weight=rand(NT, E, D, scale=D ** -0.5), gate_bias=gate_bias,
-        fc1_weight=rand(E, H1, D, scale=D ** -0.5), fc1_bias=rand(E, H1, scale=0.1),
-        fc2_weight=rand(E, D, H, scale=H ** -0.5), fc2_bias=rand(E, D, scale=0.1),
-    )
-    return params, task_ids
+    """Random MoE inputs under the public API's names -> (params, task_ids). task_pool: the
+    task ids tokens may use. bias_boost: added to the gate bias (one value per expert)."""
+    p = random_moe_inputs(T, D, H, E, NT, bias_boost, task_pool, activation, dtype, seed)
+    params = dict(x=p["x"], gate_weight=p["gate_weight"], gate_bias=p["gate_bias"],
+                  fc1_weight=p["fc1_w"], fc1_bias=p["fc1_b"], fc2_weight=p["fc2_w"], fc2_bias=p["fc2_b"])
+    return params, p["task_ids"]
 
 
 GRAD_NAMES = ("x", "gate_weight", "gate_bias", "fc1_weight", "fc1_bias", "fc2_weight",
