@@ -91,6 +91,39 @@ inline void check_expert_args(const at::Tensor& x, const at::Tensor& weights,
   }
 }
 
+// The incoming gradient and saved tensors of experts_backward on any device: grad_y [T, D],
+// h_pre [N, H1] and expert_out [N, D] (N = T*k), all in x's dtype on x's device.
+inline void check_expert_backward_args(const at::Tensor& x, const at::Tensor& grad_y,
+                                       const at::Tensor& h_pre, const at::Tensor& expert_out,
+                                       int64_t N, int64_t H1) {
+  const int64_t T = x.size(0), D = x.size(1);
+  const auto check_2d = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+    check_tensor(t, name, 2, x.device());
+    check_shape(t, name, shape);
+    check_dtype(t, name, x.scalar_type());
+  };
+  check_2d(grad_y, "grad_y", {T, D});
+  check_2d(h_pre, "h_pre", {N, H1});
+  check_2d(expert_out, "expert_out", {N, D});
+}
+
+// Host copy of the expert offsets [E+1] after checking that they partition [0, num_rows)
+// (on CUDA this is the expert path's one device-to-host sync: the per-expert GEMM loop
+// needs the row counts).
+inline std::vector<int64_t> host_expert_bounds(const at::Tensor& offsets, int64_t num_rows) {
+  const auto cpu = offsets.to(at::kCPU);
+  const int64_t* off = cpu.data_ptr<int64_t>();
+  std::vector<int64_t> bounds(off, off + cpu.numel());
+  TORCH_CHECK(bounds.front() == 0 && bounds.back() == num_rows,
+              "offsets must start at 0 and end at T*k = ", num_rows, ", got ", bounds.front(),
+              " and ", bounds.back());
+  for (size_t e = 0; e + 1 < bounds.size(); ++e) {
+    TORCH_CHECK(bounds[e] <= bounds[e + 1], "offsets must be non-decreasing, got offsets[", e,
+                "] = ", bounds[e], " > offsets[", e + 1, "] = ", bounds[e + 1]);
+  }
+  return bounds;
+}
+
 // The checks shared by route_forward on any device (task-id range is checked per device).
 inline void check_route_args(const at::Tensor& x, const at::Tensor& task_ids,
                              const at::Tensor& gate_weight,

@@ -19,20 +19,6 @@ namespace {
 
 constexpr int64_t kRowGrain = 64;
 
-// Host view of offsets after checking that they describe a partition of [0, num_rows).
-std::vector<int64_t> checked_offsets(const at::Tensor& offsets, int64_t num_rows) {
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  std::vector<int64_t> bounds(off, off + offsets.numel());
-  TORCH_CHECK(bounds.front() == 0 && bounds.back() == num_rows,
-              "offsets must start at 0 and end at T*k = ", num_rows, ", got ", bounds.front(),
-              " and ", bounds.back());
-  for (size_t e = 0; e + 1 < bounds.size(); ++e) {
-    TORCH_CHECK(bounds[e] <= bounds[e + 1], "offsets must be non-decreasing, got offsets[", e,
-                "] = ", bounds[e], " > offsets[", e + 1, "] = ", bounds[e + 1]);
-  }
-  return bounds;
-}
-
 // Splits [0, total) into one equal contiguous range per thread and runs fn(begin, end) on
 // each inside ONE parallel region. The expert GEMMs are issued from inside it, so each is
 // single-threaded: the FLOPs are balanced across threads whatever the expert sizes, and
@@ -222,7 +208,7 @@ std::vector<at::Tensor> experts_forward_cpu(const at::Tensor& x, const at::Tenso
   TORCH_CHECK(x.device().is_cpu(), "experts_forward_cpu needs CPU tensors, got ", x.device());
   const int64_t T = x.size(0), D = x.size(1), k = weights.size(1);
   const int64_t H1 = fc1_w.size(1), N = T * k;
-  const auto bounds = checked_offsets(offsets, N);
+  const auto bounds = host_expert_bounds(offsets, N);
   const auto row_of_slot = invert_slots(sorted_slots);
 
   const auto x_rows = gather_rows(x, sorted_slots, k);
@@ -255,16 +241,8 @@ std::vector<at::Tensor> experts_backward_cpu(
   TORCH_CHECK(x.device().is_cpu(), "experts_backward_cpu needs CPU tensors, got ", x.device());
   const int64_t T = x.size(0), D = x.size(1), k = weights.size(1);
   const int64_t E = fc1_w.size(0), H1 = fc1_w.size(1), N = T * k;
-  check_tensor(grad_y, "grad_y", 2, x.device());
-  check_shape(grad_y, "grad_y", {T, D});
-  check_dtype(grad_y, "grad_y", x.scalar_type());
-  check_tensor(h_pre, "h_pre", 2, x.device());
-  check_shape(h_pre, "h_pre", {N, H1});
-  check_dtype(h_pre, "h_pre", x.scalar_type());
-  check_tensor(expert_out, "expert_out", 2, x.device());
-  check_shape(expert_out, "expert_out", {N, D});
-  check_dtype(expert_out, "expert_out", x.scalar_type());
-  const auto bounds = checked_offsets(offsets, N);
+  check_expert_backward_args(x, grad_y, h_pre, expert_out, N, H1);
+  const auto bounds = host_expert_bounds(offsets, N);
   const auto row_of_slot = invert_slots(sorted_slots);
 
   // g_rows: gradient of each row's unweighted expert output; later reused for grad_x rows.

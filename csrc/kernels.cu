@@ -298,13 +298,6 @@ __global__ void scale_gather_grad_kernel(const scalar_t* __restrict__ grad_y, co
 #define M2DINO_CHECK_CUDA_INPUT(t) \
   TORCH_CHECK((t).device().is_cuda(), #t " must be a CUDA tensor, got ", (t).device())
 
-std::vector<int64_t> host_offsets(const at::Tensor& offsets) {
-  // The one host sync of the expert path: the per-expert GEMM loop needs the row counts.
-  const auto cpu = offsets.to(at::kCPU);
-  const int64_t* p = cpu.data_ptr<int64_t>();
-  return std::vector<int64_t>(p, p + cpu.numel());
-}
-
 at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& sorted_slots, int64_t k) {
   const int64_t N = sorted_slots.numel(), D = x.size(1);
   auto rows = at::empty({N, D}, x.options());
@@ -453,9 +446,7 @@ std::vector<at::Tensor> experts_forward_cuda(const at::Tensor& x, const at::Tens
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = x.size(0), D = x.size(1), k = weights.size(1);
   const int64_t E = fc1_w.size(0), H1 = fc1_w.size(1), N = T * k;
-  const auto bounds = host_offsets(offsets);
-  TORCH_CHECK(bounds.front() == 0 && bounds.back() == N, "offsets must run from 0 to T*k = ", N);
-  for (int64_t e = 0; e < E; ++e) TORCH_CHECK(bounds[e] <= bounds[e + 1], "offsets must be non-decreasing");
+  const auto bounds = host_expert_bounds(offsets, N);
 
   const auto x_rows = gather_rows(x, sorted_slots, k);
   auto h_pre = at::empty({N, H1}, x.options());
@@ -490,18 +481,8 @@ std::vector<at::Tensor> experts_backward_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = x.size(0), D = x.size(1), k = weights.size(1);
   const int64_t E = fc1_w.size(0), H1 = fc1_w.size(1), N = T * k;
-  check_tensor(grad_y, "grad_y", 2, x.device());
-  check_shape(grad_y, "grad_y", {T, D});
-  check_dtype(grad_y, "grad_y", x.scalar_type());
-  check_tensor(h_pre, "h_pre", 2, x.device());
-  check_shape(h_pre, "h_pre", {N, H1});
-  check_dtype(h_pre, "h_pre", x.scalar_type());
-  check_tensor(expert_out, "expert_out", 2, x.device());
-  check_shape(expert_out, "expert_out", {N, D});
-  check_dtype(expert_out, "expert_out", x.scalar_type());
-  const auto bounds = host_offsets(offsets);
-  TORCH_CHECK(bounds.front() == 0 && bounds.back() == N, "offsets must run from 0 to T*k = ", N);
-  for (int64_t e = 0; e < E; ++e) TORCH_CHECK(bounds[e] <= bounds[e + 1], "offsets must be non-decreasing");
+  check_expert_backward_args(x, grad_y, h_pre, expert_out, N, H1);
+  const auto bounds = host_expert_bounds(offsets, N);
 
   auto g_rows = at::empty({N, D}, x.options());
   auto grad_weights = at::empty({T, k}, weights.options());
@@ -519,32 +500,28 @@ std::vector<at::Tensor> experts_backward_cuda(
   auto grad_fc2_w = at::zeros_like(fc2_w);
   auto grad_fc2_b = at::zeros_like(fc2_b);
   const auto hidden = activate(h_pre, act);  // recomputed: only h_pre is saved
+  // One linear layer's backward over each expert's block of sorted rows: grad_w[e] = g^T in,
+  // grad_b[e] = sum of g, grad_in = g w[e] (experts without rows keep their zero gradients).
+  const auto linear_backward = [&](const at::Tensor& g, const at::Tensor& in, const at::Tensor& w,
+                                   at::Tensor& grad_w, at::Tensor& grad_b, at::Tensor& grad_in) {
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = bounds[e + 1] - bounds[e];
+      if (n == 0) continue;
+      const auto g_e = g.narrow(0, bounds[e], n);
+      auto gw = grad_w[e];
+      at::mm_out(gw, g_e.t(), in.narrow(0, bounds[e], n));
+      auto gb = grad_b[e];
+      at::sum_out(gb, g_e, 0);
+      auto gi = grad_in.narrow(0, bounds[e], n);
+      at::mm_out(gi, g_e, w[e]);
+    }
+  };
   auto grad_hidden = at::empty_like(hidden);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = bounds[e + 1] - bounds[e];
-    if (n == 0) continue;
-    const auto g = g_rows.narrow(0, bounds[e], n);
-    auto gw = grad_fc2_w[e];
-    at::mm_out(gw, g.t(), hidden.narrow(0, bounds[e], n));
-    auto gb = grad_fc2_b[e];
-    at::sum_out(gb, g, 0);
-    auto gh = grad_hidden.narrow(0, bounds[e], n);
-    at::mm_out(gh, g, fc2_w[e]);
-  }
+  linear_backward(g_rows, hidden, fc2_w, grad_fc2_w, grad_fc2_b, grad_hidden);
   const auto grad_h_pre = activate_backward(grad_hidden, h_pre, act);
   const auto x_rows = gather_rows(x, sorted_slots, k);
-  auto& grad_x_rows = g_rows;  // g_rows is no longer needed
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = bounds[e + 1] - bounds[e];
-    if (n == 0) continue;
-    const auto gh = grad_h_pre.narrow(0, bounds[e], n);
-    auto gw = grad_fc1_w[e];
-    at::mm_out(gw, gh.t(), x_rows.narrow(0, bounds[e], n));
-    auto gb = grad_fc1_b[e];
-    at::sum_out(gb, gh, 0);
-    auto gx = grad_x_rows.narrow(0, bounds[e], n);
-    at::mm_out(gx, gh, fc1_w[e]);
-  }
+  auto& grad_x_rows = g_rows;  // g_rows is no longer needed once grad_hidden is computed
+  linear_backward(grad_h_pre, x_rows, fc1_w, grad_fc1_w, grad_fc1_b, grad_x_rows);
   auto grad_x = at::empty_like(x);
   combine(grad_x_rows, invert_slots(sorted_slots), at::Tensor(), k, grad_x);
   return {grad_x, grad_weights, grad_fc1_w, grad_fc1_b, grad_fc2_w, grad_fc2_b};
