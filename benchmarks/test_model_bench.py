@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from harness import DEVICE, RESULTS, recorded
 
 from m2dino import create_model
-from m2dino.losses import total_loss
+from m2dino import total_loss
 from m2dino.tasks import TASKS
 
 E, K, MOE_LAYERS = 8, 2, 6

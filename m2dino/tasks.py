@@ -19,7 +19,7 @@ Horizontal flip (`hflip`) decisions, per task:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent

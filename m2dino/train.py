@@ -1,184 +1,15 @@
-"""`python -m m2dino.train`: train M2DINO under the TS / CG / AU paradigms, evaluate, report.
-
-With no arguments: the embedded default run (m2dino.config.TrainConfig defaults) on the cached
-synthetic suite, all three paradigms, then the transfer report under OUT/report/.
-
-Paradigms hold everything equal but which tasks share a model: TS trains one model per task,
-CG one per clinical group, AU one for all tasks; the backbone, resolution, augmentation,
-optimiser, schedule and seed are identical. Equal exposure: training is counted in epochs
-and, with --task-alpha 1 (the default), the sampler shows every training sample exactly once
-per epoch, so each sample is seen --epochs times in every paradigm (--steps, or alpha != 1,
-give up that equality on purpose).
-
-Run directory (the contract with predict / evaluate / report):
-    OUT/config.yaml, split.json, excluded_rows.json,
-    OUT/<paradigm>/<model>/{best.safetensors, best.json, last/, metrics.jsonl, eval.json, routing.json},
-    OUT/<paradigm>/metrics.json, OUT/report/.
-"""
+"""`python -m m2dino.train [options]`: the TS / CG / AU study (m2dino.training.study), with the
+options of m2dino.training.config. With no arguments: the embedded default run."""
 from __future__ import annotations
 
-import json
-import math
-import os
 import sys
-import time
-from pathlib import Path
 from typing import Sequence
 
-import torch
-
-from m2dino import distributed as dist_utils
-from m2dino.checkpoint import CheckpointError
-from m2dino.config import PARADIGMS, TrainConfig, parse_args, save_config
-from m2dino.metrics import higher_is_better
-from m2dino.tasks import apply_groups, load_groups
-from m2dino.trainer import ModelTrainer, TrainingError
-
-EXCLUDED_FILE = "excluded_rows.json"
-
-
-def log(message: str) -> None:
-    if dist_utils.is_main():
-        print(message, flush=True)
-
-
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def load_data(config: TrainConfig, out: Path):
-    """The FM_UIA data for this run (the cached synthetic suite by default); the split and the
-    excluded rows are written into the run directory by rank 0."""
-    from m2dino.data import ensure_synthetic, load_fmuia
-
-    with dist_utils.main_first():
-        if config.data == "synthetic":
-            root = ensure_synthetic(scale=config.synthetic_scale, seed=0)
-        else:
-            root = Path(config.data)
-            if not root.is_dir():
-                raise FileNotFoundError(f"--data {root}: not a directory (an FM_UIA root or 'synthetic')")
-        data = load_fmuia(root, policy=config.on_bad_sample, run_dir=out if dist_utils.is_main() else None,
-                          tasks=config.tasks, val_fraction=config.val_fraction, seed=config.seed)
-        if dist_utils.is_main() and config.on_bad_sample == "skip":
-            _write_json(out / EXCLUDED_FILE, [p.to_dict() for p in data.skipped])
-    # every rank must train on rank 0's split (which may come from an earlier run's split.json)
-    val_keys = dist_utils.broadcast_object(sorted((r.task_id, r.image_path) for r in data.val))
-    if not dist_utils.is_main():
-        wanted = set(val_keys)
-        rows = data.train + data.val
-        data.val = [r for r in rows if (r.task_id, r.image_path) in wanted]
-        data.train = [r for r in rows if (r.task_id, r.image_path) not in wanted]
-    return root, data
-
-
-def plan_models(paradigm: str, task_ids: list[str], groups: dict[str, list[str]]) -> dict[str, list[str]]:
-    """{model_name: [task ids]}: a model per task (ts), per clinical group (cg), one (au)."""
-    if paradigm == "ts":
-        return {t: [t] for t in task_ids}
-    if paradigm == "au":
-        return {"all": list(task_ids)}
-    if paradigm == "cg":
-        plan: dict[str, list[str]] = {}
-        wanted = set(task_ids)
-        for group, members in groups.items():
-            chosen = [t for t in members if t in wanted]
-            if chosen:
-                plan[group] = chosen
-        ungrouped = [t for t in task_ids if not any(t in m for m in plan.values())]
-        if ungrouped:
-            plan.setdefault("Other", []).extend(ungrouped)
-        return plan
-    raise ValueError(f"unknown paradigm {paradigm!r}")
-
-
-def run_paradigm(config: TrainConfig, paradigm: str, data, specs: dict, groups, baselines, device,
-                 out: Path) -> dict:
-    """Train every model of a paradigm; write and return OUT/<paradigm>/metrics.json's content."""
-    plan = plan_models(paradigm, sorted(specs), groups)
-    train_sizes = data.task_counts("train")
-    entries, models = {}, {}
-    for model_name, task_ids in plan.items():
-        t0 = time.perf_counter()
-        trainer = ModelTrainer(config, model_name, [specs[t] for t in task_ids], data.train, data.val,
-                               out / paradigm / model_name, device, baselines)
-        result = trainer.run()
-        models[model_name] = task_ids
-        for t in task_ids:
-            spec = specs[t]
-            entries[t] = {"task_type": spec.task_type, "group": spec.group, "train_size": train_sizes.get(t, 0),
-                          "primary_metric": spec.primary_metric, "model": model_name,
-                          "metrics": result["tasks"].get(t, {}), "baseline": baselines.get(t, {})}
-        log(f"[{paradigm}] {model_name}: {len(task_ids)} task(s) in {time.perf_counter() - t0:.1f} s")
-    summary = {"paradigm": paradigm, "models": models, "tasks": entries}
-    if dist_utils.is_main():
-        _write_json(out / paradigm / "metrics.json", summary)
-    return summary
-
-
-def baseline_table(summary: dict) -> tuple[str, bool]:
-    """The 'every task beats its trivial baseline' check of a paradigm, as a text table."""
-    lines = [f"{'task':<34} {'type':<15} {'metric':<9} {'model':>9} {'baseline':>9}  beats"]
-    all_beat = True
-    for task_id, e in sorted(summary["tasks"].items(), key=lambda kv: (kv[1]["task_type"], kv[0])):
-        metric = e["primary_metric"]
-        value = e["metrics"].get(metric, float("nan"))
-        base = e["baseline"].get(metric, float("nan"))
-        beats = (value > base) if higher_is_better(metric) else (value < base)
-        beats = bool(beats) and math.isfinite(value)
-        all_beat &= beats
-        lines.append(f"{task_id:<34} {e['task_type']:<15} {metric:<9} {value:>9.4f} {base:>9.4f}  "
-                     f"{'yes' if beats else 'NO'}")
-    return "\n".join(lines), all_beat
-
-
-def run(config: TrainConfig) -> dict:
-    """Run the study described by `config`; returns {paradigm: metrics.json content}."""
-    from m2dino.metrics import trivial_baselines
-
-    device = dist_utils.resolve_device(config.device)
-    distributed = dist_utils.setup(device)
-    if distributed and dist_utils.restart_count() > 0 and not config.resume:
-        # torchrun restarted the job after a crashed rank: continue from the last checkpoints
-        config.resume = True
-    out = Path(config.out)
-    if dist_utils.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-    t_start = time.perf_counter()
-    root, data = load_data(config, out)
-    groups = load_groups(config.groups)
-    specs = {s.task_id: s for s in apply_groups(list(data.tasks.values()), groups)}
-    missing_train = sorted(t for t, n in data.task_counts("train").items() if n == 0)
-    missing_val = sorted(t for t, n in data.task_counts("val").items() if n == 0)
-    if missing_train or missing_val:
-        raise ValueError(f"{root}: task(s) without training rows {missing_train} or validation rows "
-                         f"{missing_val}; drop them with --tasks")
-    log(f"data: {root} ({len(data.train)} train / {len(data.val)} val images, {len(specs)} tasks, "
-        f"{len(data.skipped)} bad rows skipped); device {device}, world size {dist_utils.world_size()}")
-    baselines = trivial_baselines(data.train, data.val, specs)
-    paradigms = list(PARADIGMS) if config.paradigm == "all" else [config.paradigm]
-    results = {}
-    for paradigm in paradigms:
-        t0 = time.perf_counter()
-        results[paradigm] = run_paradigm(config, paradigm, data, specs, groups, baselines, device, out)
-        log(f"[{paradigm}] done in {time.perf_counter() - t0:.1f} s")
-    if dist_utils.is_main():
-        check = "au" if "au" in results else paradigms[-1]
-        table, all_beat = baseline_table(results[check])
-        log(f"\n{check.upper()} model vs trivial baselines (primary metric; dice/f1_macro/iou higher, mre lower):")
-        log(table)
-        log(f"every task beats its trivial baseline: {'yes' if all_beat else 'NO'}")
-        if len(paradigms) > 1:
-            from m2dino.report import generate_report
-            generate_report([out], out / "report")
-            log(f"report: {(out / 'report' / 'report.md').resolve()}")
-        log(f"run directory: {out.resolve()} (total {time.perf_counter() - t_start:.1f} s)")
-    dist_utils.barrier()
-    return results
+from m2dino.training import distributed
+from m2dino.training.checkpoint import CheckpointError
+from m2dino.training.config import parse_args
+from m2dino.training.study import run
+from m2dino.training.trainer import TrainingError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"m2dino.train: error: {e}", file=sys.stderr)
         return 1
     finally:
-        dist_utils.cleanup()
+        distributed.cleanup()
     return 0
 
 

@@ -1,7 +1,13 @@
-"""Shared test setup.
+"""Shared test setup and fixtures.
 
 Triton kernels run on CPU tensors through the interpreter; the flag must be set before any
 module defining a `@triton.jit` kernel is imported, so it is set here, first.
+
+Fixtures for the training tests: `tiny_suite(tasks, min_train, min_val)` (a synthetic suite of a
+few tasks, written once per session and shape; tests must not modify it), `suite` (the tiny
+suite of the module's SUITE = dict(tasks=..., min_train=..., min_val=...)) and
+`tiny_config(suite, out, **options)` (a validated TrainConfig of a seconds-long AU run on it,
+with the module's RUN_OPTIONS, then `options`, over the shared base).
 """
 import os
 
@@ -24,3 +30,39 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_suite(tmp_path_factory):
+    from m2dino.data import write_suite
+
+    written = {}
+
+    def make(tasks, min_train: int, min_val: int):
+        key = (tuple(tasks), min_train, min_val)
+        if key not in written:
+            root = tmp_path_factory.mktemp("suite")
+            write_suite(root, scale=0.001, tasks=list(tasks), min_train=min_train, min_val=min_val, workers=1)
+            written[key] = root
+        return written[key]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def suite(tiny_suite, request):
+    return tiny_suite(**request.module.SUITE)
+
+
+@pytest.fixture
+def tiny_config(request):
+    from m2dino.training.config import TrainConfig
+
+    module_options = getattr(request.module, "RUN_OPTIONS", {})
+
+    def make(suite, out, **options):
+        base = dict(data=str(suite), out=str(out), paradigm="au", img_size=32, batch_size=4, log_every=1,
+                    progress=False)
+        return TrainConfig(**{**base, **module_options, **options}).validate()
+
+    return make

@@ -5,7 +5,9 @@ import pytest
 import timm
 import torch
 
-from m2dino import backbone as bb
+from m2dino.models import backbone as bb
+from m2dino.models import weights
+from m2dino_kernels.attention import apply_rope
 
 
 def _randomise(module):
@@ -23,8 +25,8 @@ def _randomise(module):
 
 def _timm_and_ours(timm_name, preset):
     reference = _randomise(timm.create_model(timm_name, pretrained=False)).eval()
-    ours = bb.build_backbone(preset)
-    ours.load_state_dict(bb.convert_timm_state_dict(reference.state_dict(), ours.config))
+    ours = weights.build_backbone(preset)
+    ours.load_state_dict(weights.convert_timm_state_dict(reference.state_dict(), ours.config))
     return reference, ours.eval()
 
 
@@ -74,7 +76,7 @@ def test_intermediate_layers_match_timm():
 
 
 def test_intermediate_layers_bad_index():
-    model = bb.dinov3_tiny()
+    model = weights.dinov3_tiny()
     with pytest.raises(ValueError, match="out of range"):
         model.get_intermediate_layers(torch.randn(1, 3, 16, 16), n=[6])
     with pytest.raises(ValueError, match="n must be in"):
@@ -93,7 +95,7 @@ def test_rope_periods_and_coordinates_by_hand():
 
 
 def test_periods_buffer_is_used_as_loaded():
-    model = _randomise(bb.dinov3_tiny()).eval()
+    model = _randomise(weights.dinov3_tiny()).eval()
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         before = model.forward_features(images)["x_norm_patchtokens"]
@@ -115,13 +117,13 @@ def test_prefix_tokens_are_not_rotated():
     torch.manual_seed(1)
     q = torch.randn(1, 1, 7, 8)
     sin, cos = bb.RopePositionEmbedding(8)(1, 2)
-    rotated = bb.apply_rope(q, sin, cos, num_prefix_tokens=5)
+    rotated = apply_rope(q, sin, cos, num_prefix_tokens=5)
     torch.testing.assert_close(rotated[:, :, :5], q[:, :, :5])
     assert not torch.allclose(rotated[:, :, 5:], q[:, :, 5:])
 
 
 def test_rope_rescale_option_train_only():
-    model = _randomise(bb.dinov3_tiny(rope_rescale_coords=2.0))
+    model = _randomise(weights.dinov3_tiny(rope_rescale_coords=2.0))
     images = torch.randn(1, 3, 32, 32)
     model.eval()
     with torch.no_grad():
@@ -132,12 +134,12 @@ def test_rope_rescale_option_train_only():
     sin_a, _ = model.rope_embed(4, 4)
     sin_b, _ = model.rope_embed(4, 4)
     assert not torch.allclose(sin_a, sin_b)
-    default = bb.dinov3_tiny().train()  # off by default: train mode is deterministic too
+    default = weights.dinov3_tiny().train()  # off by default: train mode is deterministic too
     torch.testing.assert_close(default.rope_embed(4, 4)[0], default.rope_embed(4, 4)[0])
 
 
 def test_tiny_preset_shapes_and_variable_size():
-    model = bb.dinov3_tiny().eval()
+    model = weights.dinov3_tiny().eval()
     assert (model.patch_size, model.embed_dim, len(model.blocks)) == (8, 96, 6)
     with torch.no_grad():
         feats = model.forward_features(torch.randn(2, 3, 40, 27))  # -> 5 x 3 patches
@@ -149,7 +151,7 @@ def test_tiny_preset_shapes_and_variable_size():
 
 
 def test_gradient_checkpointing_same_gradients():
-    model = bb.dinov3_tiny()
+    model = weights.dinov3_tiny()
     _randomise(model)
     images = torch.randn(2, 3, 32, 32)
     loss = model.forward_features(images)["x_norm_clstoken"].square().sum()
@@ -169,7 +171,7 @@ def test_swiglu_hidden_sizes_as_upstream():
 
 
 def test_periods_stay_fp32_when_the_model_is_cast():
-    model = bb.dinov3_tiny()
+    model = weights.dinov3_tiny()
     with torch.no_grad():
         model.rope_embed.periods.add_(1e-3)  # not representable in bf16
     periods = model.rope_embed.periods.clone()

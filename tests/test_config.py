@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from m2dino.config import TrainConfig, build_parser, parse_args, parse_weights, read_config, save_config
+from m2dino.training.config import TrainConfig, build_parser, parse_args, parse_weights, read_config, save_config
 
 
 def test_no_arguments_is_the_embedded_default():

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from m2dino.config import TrainConfig
-from m2dino.data import write_suite
+from m2dino.training.config import TrainConfig
 
 TASKS = ["breast_2cls", "fetal_femur", "uterine_fibroid_det"]
 
@@ -32,11 +31,11 @@ def _train(rank, world, port, suite, out, batch_size):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from m2dino import distributed as dist_utils
-    from m2dino.metrics import trivial_baselines
+    from m2dino.training import distributed as dist_utils
+    from m2dino.evaluation.baselines import trivial_baselines
     from m2dino.tasks import apply_groups, load_groups
-    from m2dino.train import load_data
-    from m2dino.trainer import ModelTrainer
+    from m2dino.training.study import load_data
+    from m2dino.training.trainer import ModelTrainer
 
     config = _config(suite, out, batch_size)
     device = torch.device("cpu")
@@ -58,9 +57,8 @@ def _losses(model_dir):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path):
-    suite = tmp_path / "suite"
-    write_suite(suite, scale=0.001, tasks=TASKS, min_train=8, min_val=3, workers=1)
+def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path, tiny_suite):
+    suite = tiny_suite(TASKS, min_train=8, min_val=3)
     mp.spawn(_train, args=(2, _free_port(), suite, tmp_path / "ddp", 4), nprocs=2, join=True)
     mp.spawn(_train, args=(1, _free_port(), suite, tmp_path / "one", 8), nprocs=1, join=True)
 

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from m2dino import heads, losses
+from m2dino.models import heads
+from m2dino.training import losses
 from m2dino.tasks import TaskSpec
 
 

@@ -12,37 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from m2dino import checkpoint as ckpt
-from m2dino.config import TrainConfig
-from m2dino.data import write_suite
-from m2dino.train import run
-from m2dino.trainer import CRASH_ENV
+from m2dino.training import checkpoint as ckpt
+from m2dino.training.config import TrainConfig
+from m2dino.training.study import run
+from m2dino.training.trainer import CRASH_ENV
+from run_logs import step_losses
 
 TASKS = ["breast_2cls", "fetal_femur"]
+SUITE = dict(tasks=TASKS, min_train=12, min_val=4)
 ARGS = ["--paradigm", "au", "--img-size", "32", "--batch-size", "4", "--epochs", "2", "--log-every", "1",
         "--checkpoint-every", "1", "--warmup", "2", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    root = tmp_path_factory.mktemp("suite")
-    write_suite(root, scale=0.001, tasks=TASKS, min_train=12, min_val=4, workers=1)
-    return root
-
-
-def step_losses(model_dir: Path) -> dict[int, float]:
-    out = {}
-    path = model_dir / "metrics.jsonl"
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by the kill
-            continue
-        if rec["event"] == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 def start(suite, out, resume: bool, env_extra=None) -> subprocess.Popen:
@@ -65,7 +44,7 @@ def wait_for(condition, proc, timeout=300.0):
 
 
 def assert_loadable(model_dir: Path):
-    from m2dino.model import create_model
+    from m2dino.models.m2dino import create_model
     from m2dino.tasks import get_task
 
     found = ckpt.find_checkpoint(model_dir)

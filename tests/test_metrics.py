@@ -7,7 +7,9 @@ import pytest
 from scipy.spatial.distance import directed_hausdorff
 from sklearn.metrics import roc_auc_score
 
-from m2dino import metrics as M
+from m2dino.evaluation import metrics as M
+from m2dino.evaluation.baselines import trivial_baselines
+from m2dino.evaluation.ground_truth import ground_truth_from_target
 
 
 def spec(task_id, task_type, num_classes):
@@ -226,7 +228,7 @@ def test_trivial_baselines_hand_computed():
         {"task": "det", "box": [0, 0, 40, 40], "orig_size": (40, 80)},  # mean box -> [0, 0, 60, 30]
         {"task": "reg", "points": [[0, 0], [0, 0]], "orig_size": (8, 6)},  # mean -> [[3, 0], [0, 4]]
     ]
-    out = M.trivial_baselines(train, val, TASKS)
+    out = trivial_baselines(train, val, TASKS)
     # empty mask: image 1 Dice 0 / HD diagonal sqrt(8); image 2 Dice 1 / HD 0
     assert out["seg"]["dice"] == pytest.approx(0.5)
     assert out["seg"]["hd"] == pytest.approx(math.sqrt(8) / 2)
@@ -242,10 +244,10 @@ def test_trivial_baselines_hand_computed():
 def test_ground_truth_from_target_scales_to_pixels():
     import torch
 
-    box = M.ground_truth_from_target("det", {"box": torch.tensor([0.25, 0.5, 0.5, 1.0])}, (10, 20))
+    box = ground_truth_from_target("det", {"box": torch.tensor([0.25, 0.5, 0.5, 1.0])}, (10, 20))
     assert box["box"] == [5.0, 5.0, 10.0, 10.0]
-    points = M.ground_truth_from_target("reg", {"points": torch.tensor([[0.5, 0.1], [1.0, 0.0]])}, (10, 20))
+    points = ground_truth_from_target("reg", {"points": torch.tensor([[0.5, 0.1], [1.0, 0.0]])}, (10, 20))
     np.testing.assert_allclose(points["points"], [[10.0, 1.0], [20.0, 0.0]])
-    assert M.ground_truth_from_target("cls", {"label": torch.tensor(3)}, (4, 4))["label"] == 3
+    assert ground_truth_from_target("cls", {"label": torch.tensor(3)}, (4, 4))["label"] == 3
     with pytest.raises(ValueError, match="none of mask/label/box/points"):
-        M.ground_truth_from_target("x", {"other": 1}, (4, 4))
+        ground_truth_from_target("x", {"other": 1}, (4, 4))

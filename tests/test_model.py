@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import m2dino
-from m2dino import losses
-from m2dino.model import create_model, load_model, save_model
+from m2dino.training import losses
+from m2dino.models.m2dino import create_model, load_model, save_model
 from m2dino.tasks import TaskSpec
 
 TASK_IDS = ["cardiac_multi", "breast_3cls", "IUGC", "thyroid_nodule_det"]

@@ -3,12 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2dino import backbone as bb
-from m2dino.moe import TaskMoE, moe_modules, upcycle_backbone
+from m2dino.models import weights
+from m2dino.models.moe import TaskMoE, moe_modules, upcycle_backbone
 
 
 def _randomised_tiny(**overrides):
-    model = bb.build_backbone("dinov3_tiny", **overrides)
+    model = weights.build_backbone("dinov3_tiny", **overrides)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "gamma" in name:
@@ -129,4 +129,4 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="top_k"):
         TaskMoE(dim=4, hidden=8, num_tasks=2, num_experts=2, top_k=3)
     with pytest.raises(ValueError, match="moe_layers"):
-        upcycle_backbone(bb.dinov3_tiny(), num_tasks=2, moe_layers=7)
+        upcycle_backbone(weights.dinov3_tiny(), num_tasks=2, moe_layers=7)

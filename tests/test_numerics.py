@@ -1,37 +1,20 @@
 """Non-finite loss / gradient steps are skipped, counted and logged; too many in a row stop the
 run with a clear message and a checkpoint of the last good state; an out-of-memory error ends
 with advice and leaves only complete checkpoints."""
-import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from m2dino import checkpoint as ckpt
-from m2dino.config import TrainConfig
-from m2dino.data import write_suite
-from m2dino.train import main, run
-from m2dino.trainer import ModelTrainer, TrainingDiverged, TrainingOOM
+from m2dino.training import checkpoint as ckpt
+from m2dino.train import main
+from m2dino.training.study import run
+from m2dino.training.trainer import ModelTrainer, TrainingDiverged, TrainingOOM
+from run_logs import events
 
 TASKS = ["breast_2cls", "lung"]
-
-
-@pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    root = tmp_path_factory.mktemp("suite")
-    write_suite(root, scale=0.001, tasks=TASKS, min_train=8, min_val=4, workers=1)
-    return root
-
-
-def tiny_config(suite, out, **kw) -> TrainConfig:
-    base = dict(data=str(suite), out=str(out), paradigm="au", img_size=32, batch_size=4, steps=6,
-                log_every=1, progress=False, warmup=0, max_bad_steps=3)
-    base.update(kw)
-    return TrainConfig(**base).validate()
-
-
-def events(model_dir):
-    return [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines()]
+SUITE = dict(tasks=TASKS, min_train=8, min_val=4)
+RUN_OPTIONS = dict(steps=6, warmup=0, max_bad_steps=3)
 
 
 class _NaNGrad(torch.autograd.Function):
@@ -62,7 +45,7 @@ def poison(monkeypatch, bad_steps: dict):
     monkeypatch.setattr(ModelTrainer, "compute_loss", compute_loss)
 
 
-def test_bad_steps_are_skipped_counted_and_logged(suite, tmp_path, monkeypatch):
+def test_bad_steps_are_skipped_counted_and_logged(suite, tmp_path, monkeypatch, tiny_config):
     poison(monkeypatch, {2: "loss", 4: "grad", 5: "grad"})
     params_seen = []
     original_step = ModelTrainer._step
@@ -85,7 +68,7 @@ def test_bad_steps_are_skipped_counted_and_logged(suite, tmp_path, monkeypatch):
     assert finished and finished[0]["bad_steps"] == 3
 
 
-def test_too_many_bad_steps_stop_with_last_good_state(suite, tmp_path, monkeypatch):
+def test_too_many_bad_steps_stop_with_last_good_state(suite, tmp_path, monkeypatch, tiny_config):
     poison(monkeypatch, {3: "loss", 4: "grad", 5: "loss"})
     good = {}
     original_step = ModelTrainer._step
@@ -116,7 +99,7 @@ def test_cli_reports_divergence_as_an_error(suite, tmp_path, monkeypatch, capsys
     assert "2 training steps in a row" in capsys.readouterr().err
 
 
-def test_out_of_memory_suggests_smaller_batch_and_keeps_checkpoints_complete(suite, tmp_path, monkeypatch):
+def test_out_of_memory_suggests_smaller_batch_and_keeps_checkpoints_complete(suite, tmp_path, monkeypatch, tiny_config):
     original_step = ModelTrainer._step
 
     def step(self, model, optimizer, scheduler, scaler, params, batch, progress):

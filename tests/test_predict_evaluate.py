@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m2dino import evaluate as E
+from m2dino import evaluate as evaluate_cli
+from m2dino import predict as predict_cli
+from m2dino.evaluation import evaluate as E
 
 H, W = 6, 8
 
@@ -101,7 +103,7 @@ def test_evaluate_folder_hand_computed(hand_root, tmp_path):
     assert results["tasks"]["fetal_femur"]["mre"] == pytest.approx((0 + 5) / 2)  # (5,5) -> (8,9) is 5 px
     assert results["task_types"]["segmentation"]["dice"] == pytest.approx(0.5)
     # the CLI writes the same numbers
-    assert E.main(["--data-root", str(hand_root), "--predictions", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    assert evaluate_cli.main(["--data-root", str(hand_root), "--predictions", str(out), "--json", str(tmp_path / "r.json")]) == 0
     written = json.loads((tmp_path / "r.json").read_text())
     assert written["tasks"]["lung"]["hd"] == pytest.approx(5.0)
     subset = E.evaluate_folder(hand_root, out, tasks=["fetal_femur"])
@@ -114,7 +116,7 @@ def test_evaluate_errors_name_the_culprit(hand_root, tmp_path, capsys):
     (out / "Segmentation/Two/lung/masks/b.png").unlink()
     with pytest.raises(E.EvaluationError, match=r"image_path '../Segmentation/Two/lung/images/b.png'"):
         E.evaluate_folder(hand_root, out)
-    assert E.main(["--data-root", str(hand_root), "--predictions", str(out)]) == 2
+    assert evaluate_cli.main(["--data-root", str(hand_root), "--predictions", str(out)]) == 2
     assert "images/b.png" in capsys.readouterr().err
 
     write_hand_predictions(out)
@@ -154,11 +156,11 @@ def test_prediction_mask_relpath():
 
 
 def test_trivial_baselines_from_reader_records(hand_root):
-    from m2dino import metrics
-    from m2dino.data.reader import read_csvs
+    from m2dino.data import read_csvs
+    from m2dino.evaluation.baselines import trivial_baselines
 
     scan = read_csvs(hand_root)
-    out = metrics.trivial_baselines(scan.records, scan.records, scan.tasks)
+    out = trivial_baselines(scan.records, scan.records, scan.tasks)
     # empty mask: image a (class 1 present) Dice 0 / HD 10, image b (empty) Dice 1 / HD 0
     assert out["lung"] == {"dice": pytest.approx(0.5), "hd": pytest.approx(5.0)}
     # labels 0,0,1,1: the tie goes to class 0; F1 class 0 = 2*2/(2*2+2), class 1 = 0
@@ -170,7 +172,7 @@ def test_trivial_baselines_from_reader_records(hand_root):
 
 
 def test_submission_entries_and_index_png(tmp_path):
-    from m2dino import predict as P
+    from m2dino.evaluation import submission as P
 
     cls = P.submission_entry("classification", "lung_2cls", "../a.png", {"probs": np.array([1.0, 3.0]), "predicted_class": 1})
     assert cls == {"image_path": "../a.png", "task_id": "lung_2cls", "predicted_class": 1, "predicted_probs": [0.25, 0.75]}
@@ -199,7 +201,7 @@ SUITE_TASKS = ["cervix_multi", "lung_disease_3cls", "thyroid_nodule_det", "fetal
 @pytest.fixture(scope="module")
 def suite_and_checkpoint(tmp_path_factory):
     from m2dino.data import write_suite
-    from m2dino.model import create_model, save_model
+    from m2dino.models.m2dino import create_model, save_model
 
     base = tmp_path_factory.mktemp("suite")
     write_suite(base / "data", tasks=SUITE_TASKS, scale=1e-4, min_train=2, min_val=4, workers=1)
@@ -271,11 +273,10 @@ def _independent_scores(root: Path, out: Path) -> dict:
 
 
 def test_predict_then_evaluate_on_synthetic_suite(suite_and_checkpoint, tmp_path):
-    from m2dino import predict as P
 
     root, checkpoint = suite_and_checkpoint
     out = tmp_path / "submission"
-    assert P.main(["--checkpoint", str(checkpoint), "--data-root", str(root), "--out", str(out),
+    assert predict_cli.main(["--checkpoint", str(checkpoint), "--data-root", str(root), "--out", str(out),
                    "--split", "val", "--batch-size", "3", "--device", "cpu"]) == 0
     val_csv = root / "val" / "csv_files"
     n_rows = {}
@@ -323,7 +324,7 @@ def test_predict_then_evaluate_on_synthetic_suite(suite_and_checkpoint, tmp_path
 
     # --checkpoint predicts and scores in one go (one task here, to keep the test short)
     json_path = tmp_path / "scores.json"
-    assert E.main(["--data-root", str(root), "--split", "val", "--checkpoint", str(checkpoint), "--tasks",
+    assert evaluate_cli.main(["--data-root", str(root), "--split", "val", "--checkpoint", str(checkpoint), "--tasks",
                    "fetal_femur", "--json", str(json_path), "--device", "cpu"]) == 0
     again = json.loads(json_path.read_text())
     assert list(again["tasks"]) == ["fetal_femur"]
@@ -331,12 +332,12 @@ def test_predict_then_evaluate_on_synthetic_suite(suite_and_checkpoint, tmp_path
 
 
 def test_predict_errors(suite_and_checkpoint, tmp_path, capsys):
-    from m2dino import predict as P
+    from m2dino.evaluation import predict as P
 
     root, checkpoint = suite_and_checkpoint
     with pytest.raises(P.PredictionError, match=r"no head for task\(s\) \['lung'\]"):
         P.predict_folder(checkpoint, root, tmp_path / "o", split="val", tasks=["lung"])
-    assert P.main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--data-root", str(root),
+    assert predict_cli.main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--data-root", str(root),
                    "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -345,7 +346,7 @@ def test_predict_unlabelled_test_csvs(suite_and_checkpoint, tmp_path):
     """A test release has no labels, boxes, points or mask files: prediction still works."""
     import shutil
 
-    from m2dino import predict as P
+    from m2dino.evaluation import predict as P
 
     root, checkpoint = suite_and_checkpoint
     test_root = tmp_path / "test"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m2dino.data.reader import (
+from m2dino.data import (
     DataValidationError,
     load_fmuia,
     make_split,

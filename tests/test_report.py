@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from m2dino import report as R
+from m2dino import report as report_cli
+from m2dino.evaluation import report as R
 
 # task: (type, group, train_size, primary metric, {paradigm: primary value}, baseline)
 TASKS = {
@@ -133,7 +134,7 @@ def test_replicates_are_averaged(run_dir, tmp_path):
 
 def test_written_files_recompute(run_dir, tmp_path):
     out = tmp_path / "report"
-    assert R.main([str(run_dir), "--out", str(out)]) == 0
+    assert report_cli.main([str(run_dir), "--out", str(out)]) == 0
     for name in ("report.md", "report.csv", "report.json", "change_vs_ts.png", "averages.png",
                  "routing_au_all.png", "affinity_au_all.png"):
         assert (out / name).stat().st_size > 0, name
@@ -177,7 +178,7 @@ def test_bad_input_errors(tmp_path, capsys):
     (bad / "metrics.json").write_text('{"paradigm": "au", "tasks": {"x": {"metrics": {}}}}')
     with pytest.raises(ValueError, match=r"metrics.json: task 'x' has no 'task_type'"):
         R.build_report([tmp_path / "bad"])
-    assert R.main([str(tmp_path / "bad"), "--out", str(tmp_path / "o")]) == 2
+    assert report_cli.main([str(tmp_path / "bad"), "--out", str(tmp_path / "o")]) == 2
     assert "task 'x'" in capsys.readouterr().err
 
 

@@ -1,43 +1,19 @@
 """--resume continues exactly: the resumed run's losses and final weights equal the uninterrupted
 run's, bit for bit, on CPU (model, optimizer, scheduler, sampler position, RNG, step)."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from m2dino import checkpoint as ckpt
-from m2dino.config import TrainConfig
-from m2dino.data import write_suite
-from m2dino.train import run
-from m2dino.trainer import ModelTrainer
+from m2dino.training import checkpoint as ckpt
+from m2dino.training.study import run
+from m2dino.training.trainer import ModelTrainer
+from run_logs import step_losses
 
 TASKS = ["breast_2cls", "fetal_femur"]
-
-
-@pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    root = tmp_path_factory.mktemp("suite")
-    write_suite(root, scale=0.001, tasks=TASKS, min_train=12, min_val=4, workers=1)
-    return root
-
-
-def tiny_config(suite, out, **kw) -> TrainConfig:
-    base = dict(data=str(suite), out=str(out), paradigm="au", img_size=32, batch_size=4, epochs=2,
-                log_every=1, checkpoint_every=2, progress=False, warmup=2, lr=1e-3)
-    base.update(kw)
-    return TrainConfig(**base).validate()
-
-
-def step_losses(model_dir: Path) -> dict[int, float]:
-    """The last logged loss of every step (a resumed run re-logs the steps after its checkpoint)."""
-    out = {}
-    for line in (model_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["event"] == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
+SUITE = dict(tasks=TASKS, min_train=12, min_val=4)
+RUN_OPTIONS = dict(epochs=2, checkpoint_every=2, warmup=2, lr=1e-3)
 
 
 class Interrupt(Exception):
@@ -53,7 +29,7 @@ def interrupt_at(monkeypatch, step):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [9])  # mid-epoch of epoch 2, last checkpoint at step 8
-def test_resume_equals_uninterrupted(suite, tmp_path, monkeypatch, stop_at):
+def test_resume_equals_uninterrupted(suite, tmp_path, monkeypatch, stop_at, tiny_config):
     ref_cfg = tiny_config(suite, tmp_path / "ref")
     run(ref_cfg)
     ref_dir = tmp_path / "ref" / "au" / "all"
@@ -84,7 +60,7 @@ def test_resume_equals_uninterrupted(suite, tmp_path, monkeypatch, stop_at):
     assert "resume" in events
 
 
-def test_resume_skips_finished_models(suite, tmp_path, monkeypatch):
+def test_resume_skips_finished_models(suite, tmp_path, monkeypatch, tiny_config):
     cfg = tiny_config(suite, tmp_path / "run", epochs=1)
     run(cfg)
     model_dir = tmp_path / "run" / "au" / "all"
@@ -98,11 +74,11 @@ def test_resume_skips_finished_models(suite, tmp_path, monkeypatch):
     assert (model_dir / "metrics.jsonl").read_text().startswith(before)
 
 
-def test_checkpoint_errors_name_the_problem(suite, tmp_path):
+def test_checkpoint_errors_name_the_problem(suite, tmp_path, tiny_config):
     cfg = tiny_config(suite, tmp_path / "run", steps=2, checkpoint_every=1)
     run(cfg)
     last = tmp_path / "run" / "au" / "all" / "last"
-    from m2dino.model import create_model
+    from m2dino.models.m2dino import create_model
     from m2dino.tasks import get_task
     other = create_model("dinov3_tiny", [get_task("lung")], num_experts=4, top_k=2, moe_layers=2, img_size=32)
     with pytest.raises(ckpt.CheckpointError, match="does not fit this model"):

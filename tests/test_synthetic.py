@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m2dino.data.reader import scan_dataset
+from m2dino.data import scan_dataset
 from m2dino.data.synthetic import (
     DIFFICULTY,
     build,

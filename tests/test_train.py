@@ -9,18 +9,13 @@ import pytest
 import torch
 import yaml
 
-from m2dino.config import TrainConfig
+from m2dino.training.config import TrainConfig
 from m2dino.data import DataValidationError, write_suite
-from m2dino.train import main, plan_models, run
+from m2dino.train import main
+from m2dino.training.study import plan_models, run
 
 TASKS = ["breast_2cls", "lung"]
-
-
-@pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    root = tmp_path_factory.mktemp("suite")
-    write_suite(root, scale=0.001, tasks=TASKS, min_train=8, min_val=3, workers=1)
-    return root
+SUITE = dict(tasks=TASKS, min_train=8, min_val=3)
 
 
 def test_plans_hold_every_task_exactly_once():
@@ -138,7 +133,7 @@ def test_options_freeze_checkpointing_single_batching(suite, tmp_path, GC):
                     task_alpha=0.5, warmup=0, checkpoint_every=1).validate())
     model_dir = out / "au" / "all"
     # the trainer builds the model after torch.manual_seed(seed): rebuild the initial weights
-    from m2dino.model import create_model
+    from m2dino.models.m2dino import create_model
     from m2dino.tasks import get_task
     torch.manual_seed(0)
     fresh = create_model("dinov3_tiny", [get_task(t) for t in sorted(TASKS)], num_experts=4, top_k=2,
@@ -152,14 +147,13 @@ def test_options_freeze_checkpointing_single_batching(suite, tmp_path, GC):
     assert not frozen, f"frozen backbone tensors changed: {frozen[:5]}"
 
 
-def test_landmark_heads_start_at_the_training_mean_points(tmp_path):
+def test_landmark_heads_start_at_the_training_mean_points(tmp_path, tiny_suite):
     from PIL import Image
 
-    from m2dino.train import load_data
-    from m2dino.trainer import ModelTrainer
+    from m2dino.training.study import load_data
+    from m2dino.training.trainer import ModelTrainer
 
-    root = tmp_path / "suite"
-    write_suite(root, scale=0.001, tasks=["fetal_femur"], min_train=6, min_val=2, workers=1)
+    root = tiny_suite(["fetal_femur"], min_train=6, min_val=2)
     config = TrainConfig(data=str(root), out=str(tmp_path / "run"), paradigm="au", img_size=32,
                          progress=False).validate()
     _, data = load_data(config, tmp_path / "run")

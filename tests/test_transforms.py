@@ -117,7 +117,7 @@ def test_photometric_augmentation_changes_only_intensities():
 
 def test_dataset_item_and_collate_follow_the_contract(tmp_path):
     from m2dino.data.dataset import FMUIADataset, collate
-    from m2dino.data.reader import load_fmuia
+    from m2dino.data import load_fmuia
     from m2dino.data.synthetic import write_suite
 
     tasks = ["fetal_head", "breast_2cls", "uterine_fibroid_det", "fetal_femur"]

@@ -4,11 +4,11 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from m2dino import backbone as bb
+from m2dino.models import weights
 
 
 def _random_tiny():
-    model = bb.dinov3_tiny()
+    model = weights.dinov3_tiny()
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.2)
@@ -35,7 +35,7 @@ def test_official_keys_round_trip(tmp_path, suffix):
         torch.save(state, path)
     else:
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    loaded = bb.dinov3_tiny(weights=path).eval()
+    loaded = weights.dinov3_tiny(weights=path).eval()
     # the periods buffer is taken from the file as is, not recomputed
     torch.testing.assert_close(loaded.rope_embed.periods, source.rope_embed.periods)
     images = torch.randn(1, 3, 32, 24)
@@ -47,7 +47,7 @@ def test_training_checkpoint_container_is_unwrapped(tmp_path):
     source = _random_tiny()
     path = tmp_path / "ckpt.pth"
     torch.save({"teacher": {f"backbone.{k}": v for k, v in source.state_dict().items()}}, path)
-    loaded = bb.dinov3_tiny(weights=path)
+    loaded = weights.dinov3_tiny(weights=path)
     torch.testing.assert_close(loaded.cls_token, source.cls_token)
 
 
@@ -63,7 +63,7 @@ def test_timm_format_file_is_converted(tmp_path):
                 param.normal_(0.0, 0.1)
     path = tmp_path / "timm_splus.pth"
     torch.save(reference.state_dict(), path)
-    ours = bb.dinov3_vits16plus(weights=path, depth=2).eval()
+    ours = weights.dinov3_vits16plus(weights=path, depth=2).eval()
     assert torch.equal(ours.blocks[1].mlp.w1.weight, reference.blocks[1].mlp.fc1_g.weight)
     assert torch.equal(ours.blocks[1].mlp.w2.weight, reference.blocks[1].mlp.fc1_x.weight)
     assert torch.equal(ours.blocks[1].mlp.w3.weight, reference.blocks[1].mlp.fc2.weight)
@@ -76,8 +76,8 @@ def test_timm_format_file_is_converted(tmp_path):
 def test_wrong_preset_names_missing_unexpected_and_fitting_preset(tmp_path):
     path = tmp_path / "tiny.pth"
     torch.save(_random_tiny().state_dict(), path)
-    with pytest.raises(bb.WeightsError) as info:
-        bb.dinov3_vits16(weights=path)
+    with pytest.raises(weights.WeightsError) as info:
+        weights.dinov3_vits16(weights=path)
     message = str(info.value)
     assert str(path) in message
     assert "'dinov3_vits16'" in message
@@ -93,9 +93,9 @@ def test_extra_and_missing_keys_listed(tmp_path):
     del state["norm.bias"]
     path = tmp_path / "odd.pth"
     torch.save(state, path)
-    with pytest.raises(bb.WeightsError, match=r"missing keys: norm\.bias\. unexpected keys: "
+    with pytest.raises(weights.WeightsError, match=r"missing keys: norm\.bias\. unexpected keys: "
                                               r"head\.weight") as info:
-        bb.dinov3_tiny(weights=path)
+        weights.dinov3_tiny(weights=path)
     assert "no preset fits" in str(info.value)
 
 
@@ -116,8 +116,8 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
     state["payload"] = _RunsCodeOnLoad(marker)
     torch.save(state, path)
     assert not marker.exists()
-    with pytest.raises(bb.WeightsError, match=r"refusing to load .*evil\.pth.*could run code"):
-        bb.dinov3_tiny(weights=path)
+    with pytest.raises(weights.WeightsError, match=r"refusing to load .*evil\.pth.*could run code"):
+        weights.dinov3_tiny(weights=path)
     assert not marker.exists()
 
 
@@ -131,23 +131,23 @@ def test_truncated_file_names_the_file(tmp_path, suffix):
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(bb.WeightsError, match=r"cut\.(pth|safetensors).*(truncated|corrupt)"):
-        bb.dinov3_tiny(weights=path)
+    with pytest.raises(weights.WeightsError, match=r"cut\.(pth|safetensors).*(truncated|corrupt)"):
+        weights.dinov3_tiny(weights=path)
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(bb.WeightsError, match="does not exist"):
-        bb.dinov3_tiny(weights=tmp_path / "nope.pth")
+    with pytest.raises(weights.WeightsError, match="does not exist"):
+        weights.dinov3_tiny(weights=tmp_path / "nope.pth")
 
 
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown backbone preset 'dinov3_vitx'"):
-        bb.build_backbone("dinov3_vitx")
+        weights.build_backbone("dinov3_vitx")
 
 
 def test_timm_file_for_the_wrong_preset_names_the_right_one(tmp_path):
     reference = timm.create_model("vit_tiny_patch16_dinov3_qkvb", pretrained=False)
     path = tmp_path / "timm_tiny.pth"
     torch.save(reference.state_dict(), path)
-    with pytest.raises(bb.WeightsError, match=r"fits preset\(s\) \['dinov3_vitt16'\]"):
-        bb.dinov3_vits16(weights=path)
+    with pytest.raises(weights.WeightsError, match=r"fits preset\(s\) \['dinov3_vitt16'\]"):
+        weights.dinov3_vits16(weights=path)

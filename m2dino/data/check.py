@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from m2dino.data.reader import scan_dataset
+from m2dino.data.validate import scan_dataset
 
 
 def check(root, decode: bool = True):

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from m2dino.data.reader import Record, load_mask_array
-from m2dino.data.transforms import Augment, SampleTransform, to_pil_image
+from m2dino.data.images import load_mask_array, to_pil_image
+from m2dino.data.reader import Record
+from m2dino.data.transforms import Augment, SampleTransform
 from m2dino.tasks import TaskSpec
 
 

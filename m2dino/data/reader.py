@@ -1,36 +1,28 @@
-"""FM_UIA reader: CSV rows -> validated `Record`s, the train/val split, and the bad-sample policy.
+"""FM_UIA reader: CSV rows -> `Record`s, with every CSV-level problem found at once.
 
 Layout (see docs of the challenge): a data root holds `csv_files/*.csv`; each row names an
 image by a path relative to `csv_files/` (so it starts with `../`). A challenge release has
 `train/` and `val/` roots of that shape under one folder.
 
-Validation reports every problem at once, each as `Problem(csv, row, problem)` with the csv
-path relative to the root given by the user and the 0-based data row (header excluded,
-blank lines skipped). A path that resolves outside the data root (through `../`, an
-absolute path or a symlink) is refused before anything is opened.
+Every problem is reported, each as `Problem(csv, row, problem)` with the csv path relative to
+the root given by the user and the 0-based data row (header excluded, blank lines skipped).
+A path that resolves outside the data root (through `../`, an absolute path or a symlink) is
+refused before anything is opened; nothing here opens an image (decoding checks:
+m2dino.data.validate; the split: m2dino.data.splits; the bad-row policy: m2dino.data.fmuia).
 """
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
-import os
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
 
 from m2dino.tasks import TASKS, TaskSpec, make_task, task_type_from_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
-SPLIT_FILE = "split.json"
-SKIPPED_FILE = "skipped_rows.json"
-POLICIES = ("error", "skip")
 
 
 @dataclass(frozen=True)
@@ -69,22 +61,6 @@ class Record:
         return (self.csv, self.row)
 
 
-class DataValidationError(ValueError):
-    """Raised under policy "error" when the data have problems; `.problems` lists them all."""
-
-    def __init__(self, problems: list[Problem], root=None):
-        self.problems = list(problems)
-        head = f"{len(self.problems)} data problem(s)" + (f" under {root}" if root else "")
-        lines = [str(p) for p in self.problems[:50]]
-        more = len(self.problems) - len(lines)
-        if more > 0:
-            lines.append(f"... and {more} more (run `python -m m2dino.data.check ROOT` for all)")
-        super().__init__(
-            head + ":\n  " + "\n  ".join(lines)
-            + "\nFix them, or pass policy='skip' (--on-bad-sample skip) to train without these rows."
-        )
-
-
 # ----------------------------------------------------------------------------- roots
 
 
@@ -120,6 +96,22 @@ def resolve_inside(csv_dir: Path, rel: str, root_resolved: Path) -> Path | None:
     rel = rel.replace("\\", "/")  # CSVs written on Windows use backslashes
     candidate = (csv_dir / rel).resolve()
     return candidate if _inside(candidate, root_resolved) else None
+
+
+def resolve_split_root(data_root, split: str | None = None) -> Path:
+    """The folder holding csv_files/ to predict or score: ROOT itself, ROOT/<split>, or
+    ROOT/val for a release with train/ and val/."""
+    root = Path(data_root)
+    if split:
+        candidate = root / split
+        if not (candidate / "csv_files").is_dir():
+            raise FileNotFoundError(f"{candidate} has no csv_files/ folder (--split {split})")
+        return candidate
+    if (root / "csv_files").is_dir():
+        return root
+    if (root / "val" / "csv_files").is_dir():
+        return root / "val"
+    raise FileNotFoundError(f"{root} has no csv_files/ folder (nor val/csv_files/)")
 
 
 # ----------------------------------------------------------------------------- CSV parsing
@@ -402,229 +394,3 @@ def _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resol
         return None, problems
     return Record(task_id=spec.task_id, task_type=spec.task_type, image_path=image_path,
                   image_file=str(image_file), csv=csv_rel, row=i, split=split, **fields), []
-
-
-# ----------------------------------------------------------------------------- pixel checks
-
-
-def image_size(path) -> tuple[int, int]:
-    """(H, W) from the header only."""
-    with Image.open(path) as im:
-        return im.size[1], im.size[0]
-
-
-def load_image_array(path) -> np.ndarray:
-    """uint8 [H, W, 3] (grayscale replicated, RGBA/palette converted)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def load_mask_array(path) -> np.ndarray:
-    """Class-index mask [H, W] (int64). An RGB mask is accepted only when its channels agree."""
-    with Image.open(path) as im:
-        if im.mode in ("L", "P", "1"):
-            a = np.asarray(im.convert("L") if im.mode == "1" else im)
-        elif im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            a = np.asarray(im)
-        else:
-            rgb = np.asarray(im.convert("RGB"))
-            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
-                raise ValueError(f"mask is {im.mode} with differing channels, not a class-index image")
-            a = rgb[..., 0]
-    if a.dtype.kind == "f":
-        if not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
-            raise ValueError("mask has non-integer values")
-    return a.astype(np.int64)
-
-
-def _check_pixels(rec: Record, spec: TaskSpec) -> str | None:
-    """Decode the image (and mask) fully and check the annotation against the image size."""
-    try:
-        with Image.open(rec.image_file) as im:
-            im.load()  # full decode: a truncated file raises here
-            w, h = im.size
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return f"image {rec.image_path!r} cannot be decoded: {type(e).__name__}: {e}"
-    if rec.task_type == "segmentation":
-        try:
-            m = load_mask_array(rec.mask_file)
-        except Exception as e:
-            return f"mask {rec.mask_path!r} cannot be decoded: {type(e).__name__}: {e}"
-        if m.shape != (h, w):
-            return f"mask size {m.shape[1]}x{m.shape[0]} differs from image size {w}x{h}"
-        top = int(m.max()) if m.size else 0
-        if top >= spec.num_classes or int(m.min()) < 0:
-            return f"mask value {top} >= num_classes {spec.num_classes}" if top >= spec.num_classes \
-                else f"mask has negative value {int(m.min())}"
-    elif rec.task_type == "detection":
-        x0, y0, x1, y1 = rec.box
-        if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-            return f"box {list(rec.box)} is not inside the image ({w}x{h})"
-    elif rec.task_type == "regression":
-        for k, (x, y) in enumerate(rec.points, 1):
-            if not (0 <= x <= w and 0 <= y <= h):
-                return f"point_{k}_xy [{x}, {y}] is outside the image ({w}x{h})"
-    return None
-
-
-def check_pixels(records, tasks, workers: int | None = None) -> list[Problem]:
-    """Decode every image/mask (threads: PIL releases the GIL while decoding)."""
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda r: _check_pixels(r, tasks[r.task_id]), records, chunksize=16))
-    return [Problem(r.csv, r.row, p, r.task_id) for r, p in zip(records, results) if p]
-
-
-def scan_dataset(root, task_overrides: dict | None = None, decode: bool = True) -> Scan:
-    """Read and fully validate a root: CSV-level checks, then pixel-level checks of the rows
-    that passed them (decode=False skips decoding; much faster, misses corrupt files)."""
-    scan = read_csvs(root, task_overrides=task_overrides)
-    if decode:
-        scan.problems.extend(check_pixels(scan.records, scan.tasks))
-        scan.problems.sort(key=lambda p: (p.csv, p.row))
-    return scan
-
-
-# ----------------------------------------------------------------------------- split
-
-
-def _hash_unit(seed: int, task_id: str, image_path: str) -> float:
-    """A number in [0, 1) fixed by (seed, task, image_path): stable when files are added."""
-    digest = hashlib.sha1(f"{seed}\0{task_id}\0{image_path}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def make_split(records, val_fraction: float = 0.2, seed: int = 0, min_val: int = 1) -> dict:
-    """Deterministic per-task split for a root without train/ and val/.
-
-    A row goes to val when the hash of (seed, task_id, image_path) is below val_fraction, so
-    adding files never moves existing ones. A task with at least 2 rows gets at least
-    `min_val` val rows (its lowest hashes). Returns {"seed", "val_fraction", "val": {task_id:
-    sorted [image_path]}}, the JSON that `write_split` stores in the run directory."""
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    by_task = defaultdict(list)
-    for r in records:
-        by_task[r.task_id].append((_hash_unit(seed, r.task_id, r.image_path), r.image_path))
-    val = {}
-    for tid, items in sorted(by_task.items()):
-        items.sort()
-        chosen = [p for h, p in items if h < val_fraction]
-        if val_fraction > 0 and len(chosen) < min_val and len(items) >= 2:
-            chosen = [p for _, p in items[: min(min_val, len(items) - 1)]]
-        val[tid] = sorted(chosen)
-    return {"seed": seed, "val_fraction": val_fraction, "val": val}
-
-
-def write_split(split: dict, run_dir) -> Path:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / SPLIT_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(split, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-    return path
-
-
-def read_split(run_dir) -> dict | None:
-    path = Path(run_dir) / SPLIT_FILE
-    if not path.is_file():
-        return None
-    split = json.loads(path.read_text())
-    if not isinstance(split.get("val"), dict):
-        raise ValueError(f"{path}: not a split file (no 'val' mapping)")
-    return split
-
-
-def apply_split(records, split: dict) -> list[Record]:
-    """Records with split "train"/"val" set from a split mapping (rows of a train/ val/ root
-    keep their folder's split)."""
-    val = {(t, p) for t, paths in split["val"].items() for p in paths}
-    out = []
-    for r in records:
-        if r.split == "all":
-            r = replace(r, split="val" if (r.task_id, r.image_path) in val else "train")
-        out.append(r)
-    return out
-
-
-# ----------------------------------------------------------------------------- entry point
-
-
-@dataclass
-class FMUIAData:
-    """What training needs: records per split, the task specs, and what was excluded."""
-
-    root: Path
-    train: list[Record]
-    val: list[Record]
-    tasks: dict[str, TaskSpec]
-    problems: list[Problem]
-    skipped: list[Problem]
-    split: dict | None = None  # the generated split (None for a train/ val/ root)
-
-    def task_counts(self, split: str = "train") -> dict[str, int]:
-        counts = Counter(r.task_id for r in (self.train if split == "train" else self.val))
-        return {t: counts.get(t, 0) for t in sorted(self.tasks)}
-
-
-def write_skipped(problems, run_dir) -> Path:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / SKIPPED_FILE
-    path.write_text(json.dumps([p.to_dict() for p in problems], indent=1))
-    return path
-
-
-def load_fmuia(root, policy: str = "error", run_dir=None, tasks=None, task_overrides: dict | None = None,
-               val_fraction: float = 0.2, seed: int = 0, decode: bool = True) -> FMUIAData:
-    """Read, validate and split an FM_UIA root for training.
-
-    policy "error": any problem raises DataValidationError listing them all (nothing trains).
-    policy "skip": problem rows are excluded and listed in run_dir/skipped_rows.json.
-    tasks: optional list of task ids to keep (other tasks' rows are ignored, their problems too;
-    problems of rows with no task, e.g. an unreadable csv, always count).
-    Without train/ and val/, the per-task split comes from run_dir/split.json when it exists
-    (resume) and is otherwise made by `make_split` and written there.
-    """
-    if policy not in POLICIES:
-        raise ValueError(f"policy (--on-bad-sample) must be one of {POLICIES}, got {policy!r}")
-    scan = scan_dataset(root, task_overrides=task_overrides, decode=decode)
-    keep = None if tasks is None else {t.task_id if isinstance(t, TaskSpec) else t for t in tasks}
-    if keep is not None:
-        missing = keep - set(scan.tasks)
-        if missing:
-            raise ValueError(f"{root}: requested task(s) {sorted(missing)} have no rows; found {sorted(scan.tasks)}")
-        # problems of rows that belong to tasks not asked for do not block this run
-        scan.records = [r for r in scan.records if r.task_id in keep]
-        scan.problems = [p for p in scan.problems if p.task_id is None or p.task_id in keep]
-        scan.tasks = {t: s for t, s in scan.tasks.items() if t in keep}
-    problems = scan.problems
-    if problems and policy == "error":
-        raise DataValidationError(problems, root)
-    bad = scan.bad_keys
-    records = [r for r in scan.records if r.key not in bad]
-    skipped = list(problems)
-    if run_dir is not None and policy == "skip":
-        write_skipped(skipped, run_dir)
-    split = None
-    if any(r.split == "all" for r in records):
-        split = read_split(run_dir) if run_dir is not None else None
-        if split is None:
-            split = make_split(records, val_fraction=val_fraction, seed=seed)
-        else:  # rows added since: placed by the same hash rule, existing ones do not move
-            fresh = make_split(records, val_fraction=split.get("val_fraction", val_fraction),
-                               seed=split.get("seed", seed), min_val=0)
-            listed = {(t, p) for t, ps in split["val"].items() for p in ps}
-            known = set(listed)
-            for t, ps in fresh["val"].items():
-                for p in ps:
-                    if (t, p) not in known:
-                        split["val"].setdefault(t, []).append(p)
-        if run_dir is not None:
-            write_split(split, run_dir)
-        records = apply_split(records, split)
-    train = [r for r in records if r.split == "train"]
-    val = [r for r in records if r.split == "val"]
-    return FMUIAData(root=Path(root), train=train, val=val, tasks=scan.tasks,
-                     problems=problems, skipped=skipped if policy == "skip" else [], split=split)

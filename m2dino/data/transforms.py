@@ -24,8 +24,6 @@ from PIL import Image
 # DINOv3 (LVD-1689M) normalisation = ImageNet mean / std.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
-_MEAN = np.asarray(IMAGE_MEAN, np.float32)
-_INV_STD = 1.0 / np.asarray(IMAGE_STD, np.float32)
 
 
 @dataclass(frozen=True)
@@ -42,27 +40,6 @@ class Augment:
     gamma: tuple = (0.75, 1.35)
     speckle: float = 0.15  # strength of multiplicative Rayleigh speckle
     max_tries: int = 5
-
-
-def to_pil_image(path) -> Image.Image:
-    """Open an image as PIL "L" (grayscale) or "RGB", fully decoded."""
-    with Image.open(path) as im:
-        im.load()
-        if im.mode == "L":
-            return im.copy()
-        if im.mode == "RGB":
-            # grayscale stored as RGB (common in ultrasound exports): keep one channel, 3x less work
-            a = np.asarray(im)
-            if np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2]):
-                return Image.fromarray(np.ascontiguousarray(a[..., 0]), "L")
-            return im.copy()
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            a = np.asarray(im, dtype=np.float32)
-            top = float(a.max()) or 1.0
-            return Image.fromarray(np.clip(a / top * 255.0, 0, 255).astype(np.uint8), "L")
-        if im.mode in ("1", "LA"):
-            return im.convert("L")
-        return im.convert("RGB")
 
 
 def _forward_affine(S, rng, aug: Augment, allow_flip: bool, allow_rotate: bool):

@@ -15,16 +15,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from m2dino import io
+from m2dino.training.losses import AUX_NAMES, DEFAULT_AUX_WEIGHTS
+
 PARADIGMS = ("ts", "cg", "au")
-AUX_LOSS_NAMES = ("load_balance", "z_loss", "mutual_information")
 
 
 @dataclass
@@ -57,8 +57,7 @@ class TrainConfig:
     batching: str = "mixed"               # mixed | single
     task_alpha: float = 1.0               # task sampling weight n_t ** alpha (1 = every sample once per epoch)
     loss_weights: dict[str, float] = field(default_factory=dict)
-    aux_weights: dict[str, float] = field(default_factory=lambda: {
-        "load_balance": 0.01, "z_loss": 0.001, "mutual_information": 0.0})
+    aux_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_AUX_WEIGHTS))
     # numerics / hardware
     amp: str = "bf16"                     # bf16 | fp16 | off (autocast is used on GPU only)
     grad_checkpointing: bool = False
@@ -110,9 +109,9 @@ class TrainConfig:
         for name in ("workers", "eval_every", "checkpoint_every"):
             if int(getattr(self, name)) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
-        unknown = set(self.aux_weights) - set(AUX_LOSS_NAMES)
+        unknown = set(self.aux_weights) - set(AUX_NAMES)
         if unknown:
-            bad("aux_weights", f"unknown aux loss(es) {sorted(unknown)}; known: {list(AUX_LOSS_NAMES)}")
+            bad("aux_weights", f"unknown aux loss(es) {sorted(unknown)}; known: {list(AUX_NAMES)}")
         for name in ("loss_weights", "aux_weights"):
             for k, v in getattr(self, name).items():
                 if not (math.isfinite(v) and v >= 0):
@@ -313,21 +312,8 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 
 def save_config(config: TrainConfig, path) -> Path:
-    """Write the resolved config as YAML, atomically (temp file then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write the resolved config as YAML, atomically."""
+    return io.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def read_config(path) -> TrainConfig:

@@ -28,7 +28,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from m2dino_kernels import expert_mlp, moe_aux_losses, task_topk_route
+from m2dino_kernels import MoEAuxLosses, expert_mlp, moe_aux_losses, task_topk_route
+
+# The auxiliary losses every MoE layer reports (their weights live in m2dino.training.losses).
+AUX_NAMES = MoEAuxLosses._fields
 
 
 class TaskMoE(nn.Module):

@@ -14,9 +14,13 @@
   on the size and on the in-cell offset read at the centre cell, plus GIoU loss (1 - GIoU) of
   the box decoded at the centre cell.
 
-`total_loss` = sum_t lambda_t L_t + sum_a w_a aux_a, with L_t the mean over task t's samples
-in the batch, lambda_t from `loss_weights` (keys: task ids or task types; a task id wins;
-default 1), and w_a from `aux_weights` (DEFAULT_AUX_WEIGHTS otherwise).
+`total_loss` = sum_t lambda_t s_t L_t + sum_a w_a aux_a, the one loss of training and of
+users' own loops: L_t the mean over task t's samples in the batch, lambda_t from
+`loss_weights` (keys: task ids or task types; a task id wins; default 1), s_t a per-task
+normaliser (`task_scales`, default 1: the trainer's data-parallel share of the global batch),
+and w_a from `aux_weights` (DEFAULT_AUX_WEIGHTS otherwise; the names are the MoE layers'
+AUX_NAMES). Aux terms of weight 0 are left out, not multiplied by 0 (a non-finite aux value
+then cannot poison the loss).
 """
 from __future__ import annotations
 
@@ -26,9 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from m2dino.heads import boxes_from_maps
+from m2dino.models.heads import boxes_from_maps
+from m2dino.models.moe import AUX_NAMES
 
-DEFAULT_AUX_WEIGHTS = {"load_balance": 0.01, "z_loss": 0.001, "mutual_information": 0.01}
+# The MoE auxiliary losses' weights when none are given (training's defaults too): the Switch
+# load balance and the router z-loss on, Mod-Squad's task-expert mutual information off.
+DEFAULT_AUX_WEIGHTS = {"load_balance": 0.01, "z_loss": 0.001, "mutual_information": 0.0}
 FOCAL_ALPHA, FOCAL_BETA = 2.0, 4.0
 
 
@@ -195,7 +202,8 @@ def task_loss(task, head_outputs: dict, targets: list, label_smoothing: float = 
     raise ValueError(f"task {task.task_id!r} has unknown task_type {kind!r}")
 
 
-def _task_weight(task, loss_weights: Optional[dict]) -> float:
+def task_weight(task, loss_weights: Optional[dict]) -> float:
+    """lambda_t: `loss_weights[task_id]`, else `loss_weights[task_type]`, else 1."""
     if not loss_weights:
         return 1.0
     if task.task_id in loss_weights:
@@ -203,30 +211,53 @@ def _task_weight(task, loss_weights: Optional[dict]) -> float:
     return float(loss_weights.get(task.task_type, 1.0))
 
 
+def check_aux_weights(aux_weights: Optional[dict]) -> dict:
+    """The aux weights to use (DEFAULT_AUX_WEIGHTS when None); unknown names raise."""
+    weights = dict(DEFAULT_AUX_WEIGHTS if aux_weights is None else aux_weights)
+    unknown = set(weights) - set(AUX_NAMES)
+    if unknown:
+        raise ValueError(f"unknown aux_weights keys {sorted(unknown)}; expected {sorted(AUX_NAMES)}")
+    return weights
+
+
 def total_loss(outputs: dict, targets: list, tasks, loss_weights: Optional[dict] = None,
-               aux_weights: Optional[dict] = None, label_smoothing: float = 0.0):
+               aux_weights: Optional[dict] = None, label_smoothing: float = 0.0,
+               task_scales: Optional[dict] = None, anchor_unused: bool = True):
     """(loss, {task_id: L_t, "aux/<name>": aux value}) for a model forward's outputs.
 
     targets: the batch's target dicts in batch order (collate's "targets"); tasks: the
-    model's TaskSpecs (or any list containing the tasks present in outputs). The returned
-    loss carries every gradient; the per-task dict is detached, for logging only.
+    model's TaskSpecs (or any list containing the tasks present in outputs); task_scales:
+    {task_id: s_t} (see the module docstring). anchor_unused: add the forward's
+    `unused_anchor` (0 x the parameters of heads absent from the batch), so that every
+    parameter gets a gradient, zeros for those, as DistributedDataParallel without
+    find_unused_parameters needs; False leaves them without a gradient (AdamW then leaves them
+    untouched). The returned loss carries every gradient; the dict is detached, for logging.
     """
     specs = {getattr(t, "task_id", None): t for t in tasks}
-    weights = dict(DEFAULT_AUX_WEIGHTS if aux_weights is None else aux_weights)
-    unknown = set(weights) - set(DEFAULT_AUX_WEIGHTS)
-    if unknown:
-        raise ValueError(f"unknown aux_weights keys {sorted(unknown)}; expected "
-                         f"{sorted(DEFAULT_AUX_WEIGHTS)}")
-    loss = outputs.get("unused_anchor")
-    loss = torch.zeros(()) if loss is None else loss
+    weights = check_aux_weights(aux_weights)
+    task_scales = task_scales or {}
+    loss = _zero_like_outputs(outputs)
+    if anchor_unused and outputs.get("unused_anchor") is not None:
+        loss = loss + outputs["unused_anchor"]
     logged = {}
     for task_id, head_outputs in outputs["tasks"].items():
         if task_id not in specs:
             raise ValueError(f"outputs have task {task_id!r}, which is not in `tasks`")
         value = task_loss(specs[task_id], head_outputs, targets, label_smoothing)
-        loss = loss.to(value.device) + _task_weight(specs[task_id], loss_weights) * value
+        scale = task_weight(specs[task_id], loss_weights) * float(task_scales.get(task_id, 1.0))
+        loss = loss + scale * value.float()
         logged[task_id] = value.detach()
     for name, value in outputs.get("aux", {}).items():
-        loss = loss + weights.get(name, 0.0) * value
+        if weights.get(name, 0.0):
+            loss = loss + weights[name] * value.float()
         logged[f"aux/{name}"] = value.detach()
     return loss, logged
+
+
+def _zero_like_outputs(outputs: dict) -> Tensor:
+    """A 0-d fp32 zero on the outputs' device (the sum's start)."""
+    for head_outputs in outputs["tasks"].values():
+        return torch.zeros((), device=head_outputs["indices"].device)
+    for value in outputs.get("aux", {}).values():
+        return torch.zeros((), device=value.device)
+    return torch.zeros(())

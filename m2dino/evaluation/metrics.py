@@ -27,26 +27,37 @@ Conventions (see also the README's evaluation section):
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
 
-TASK_TYPES = ("segmentation", "classification", "detection", "regression")
+from m2dino.tasks import TASK_TYPES, TASKS, TaskSpec, get_task
+
 METRIC_NAMES = {
     "segmentation": ("dice", "hd"),
     "classification": ("accuracy", "auc", "f1_macro", "f1_weighted", "mcc"),
     "detection": ("iou",),
     "regression": ("mre",),
 }
-PRIMARY_METRICS = {"segmentation": "dice", "classification": "f1_macro", "detection": "iou", "regression": "mre"}
 LOWER_IS_BETTER = frozenset({"hd", "mre"})
 
 
 def higher_is_better(metric: str) -> bool:
     return metric not in LOWER_IS_BETTER
+
+
+def as_float(value) -> float:
+    """A metric value read back from JSON (where NaN is null) as a float."""
+    return float("nan") if value is None else float(value)
+
+
+def nanmean(values: Iterable[float]) -> float:
+    """Mean of the values that are not NaN (NaN when there are none)."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 # ----------------------------------------------------------------------------- segmentation
@@ -204,20 +215,15 @@ def _check_pairs(preds, gts, kind: str) -> None:
 
 
 # ------------------------------------------------------------------ per-sample task scoring
-def _task_table(tasks) -> dict:
-    """task_id -> TaskSpec-like (task_type, num_classes) from a list, a mapping or the registry."""
+def task_table(tasks=None) -> dict[str, TaskSpec]:
+    """task_id -> TaskSpec from a list (of specs or registry ids), a mapping, or the registry."""
     if tasks is None:
-        from m2dino.tasks import TASKS
-
         return dict(TASKS)
     if isinstance(tasks, Mapping):
         return dict(tasks)
     table = {}
     for spec in tasks:
-        if isinstance(spec, str):
-            from m2dino.tasks import get_task
-
-            spec = get_task(spec)
+        spec = get_task(spec) if isinstance(spec, str) else spec
         table[spec.task_id] = spec
     return table
 
@@ -253,7 +259,7 @@ def evaluate_predictions(predictions: Sequence[Mapping], ground_truth: Sequence[
     """
     if len(predictions) != len(ground_truth):
         raise ValueError(f"evaluate_predictions: {len(predictions)} predictions for {len(ground_truth)} ground-truth samples")
-    table = _task_table(tasks)
+    table = task_table(tasks)
     by_task: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
     for i, (pred, gt) in enumerate(zip(predictions, ground_truth)):
         task_id = gt["task"]
@@ -272,140 +278,11 @@ def evaluate_predictions(predictions: Sequence[Mapping], ground_truth: Sequence[
 
 def average_by_task_type(task_metrics: Mapping[str, Mapping[str, float]], tasks=None) -> dict[str, dict[str, float]]:
     """Per task type, each metric averaged over its tasks (NaN-tolerant: NaN tasks are skipped)."""
-    table = _task_table(tasks)
+    table = task_table(tasks)
     grouped: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for task_id, metrics in task_metrics.items():
         for name, value in metrics.items():
             grouped[table[task_id].task_type][name].append(float(value))
     return {
-        task_type: {name: _nanmean(values) for name, values in metrics.items()} for task_type, metrics in grouped.items()
+        task_type: {name: nanmean(values) for name, values in metrics.items()} for task_type, metrics in grouped.items()
     }
-
-
-def _nanmean(values: Iterable[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
-# --------------------------------------------------------------------------- trivial baselines
-def baseline_predictions(task_type: str, num_classes: int, train_truth: Sequence[Mapping], sample: Mapping) -> dict:
-    """The trivial prediction for one ground-truth sample, learnt from the training ground truth.
-
-    Majority class (its one-hot probabilities, so AUC is 0.5), the empty mask, the training-mean
-    box and the training-mean points (both averaged in normalised coordinates, so images of
-    different sizes contribute alike, then scaled to this image's size).
-    Ground-truth dicts need "orig_size" (H, W) for detection and regression.
-    """
-    if task_type == "segmentation":
-        return {"mask": np.zeros(np.asarray(sample["mask"]).shape, dtype=np.uint8)}
-    if task_type == "classification":
-        counts = Counter(int(g["label"]) for g in train_truth)
-        majority = min(counts, key=lambda c: (-counts[c], c))  # ties to the lower class index
-        probs = np.zeros(num_classes)
-        probs[majority] = 1.0
-        return {"probs": probs, "predicted_class": majority}
-    height, width = sample["orig_size"]
-    if task_type == "detection":
-        mean_box = training_mean(train_truth, "box")
-        box = (mean_box * [width, height, width, height]).tolist()
-        return {"bbox_pixels": box, "bbox_normalized": mean_box.tolist(), "score": 1.0}
-    if task_type == "regression":
-        mean_points = training_mean(train_truth, "points")
-        return {"points_pixels": mean_points * [width, height], "points_normalized": mean_points}
-    raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
-
-
-def training_mean(train_truth: Sequence[Mapping], key: str) -> np.ndarray:
-    """Mean "box" or "points" of ground-truth dicts in normalised coordinates (the trivial
-    baseline's prediction; also where landmark heads start)."""
-    return np.mean([_normalise(g[key], g["orig_size"]) for g in train_truth], axis=0)
-
-
-def _normalise(pixels, orig_size) -> np.ndarray:
-    height, width = orig_size
-    values = np.asarray(pixels, dtype=np.float64)
-    if values.ndim == 1:  # xyxy box
-        return values / [width, height, width, height]
-    return values / [width, height]
-
-
-def ground_truth_from_record(record, with_mask: bool = True, with_size: bool = True) -> dict:
-    """A data-reader `Record` as a ground-truth dict in original pixels (+ "orig_size").
-
-    Segmentation masks are read from `record.mask_file` (skipped with with_mask=False); the
-    original size comes from the image header (skipped with with_size=False).
-    """
-    from m2dino.data.reader import image_size, load_mask_array
-
-    truth = {"task": record.task_id, "image_path": record.image_path}
-    if with_size:
-        truth["orig_size"] = image_size(record.image_file)
-    if record.task_type == "segmentation":
-        if with_mask:
-            truth["mask"] = load_mask_array(record.mask_file)
-    elif record.task_type == "classification":
-        truth["label"] = int(record.label)
-    elif record.task_type == "detection":
-        truth["box"] = [float(v) for v in record.box]
-    else:
-        truth["points"] = np.asarray(record.points, dtype=np.float64)
-    return truth
-
-
-def ground_truth_from_target(task: str, target: Mapping, orig_size) -> dict:
-    """A dataset item's target (resized mask, normalised box / points) as a ground-truth dict.
-
-    Boxes and points are scaled back to original pixels exactly; the mask is the resized one
-    (S x S), so predictions are scored against it after a nearest resize to S x S: Dice and HD
-    then approximate the original-resolution values (use `ground_truth_from_record` for the
-    challenge-exact numbers).
-    """
-    height, width = (int(v) for v in orig_size)
-    truth = {"task": task, "orig_size": (height, width)}
-    if "mask" in target:
-        truth["mask"] = _to_numpy(target["mask"]).astype(np.int64)
-    elif "label" in target:
-        truth["label"] = int(_to_numpy(target["label"]))
-    elif "box" in target:
-        truth["box"] = (_to_numpy(target["box"]).astype(np.float64) * [width, height, width, height]).tolist()
-    elif "points" in target:
-        truth["points"] = _to_numpy(target["points"]).astype(np.float64).reshape(-1, 2) * [width, height]
-    else:
-        raise ValueError(f"ground_truth_from_target: task {task!r} target has none of mask/label/box/points: {sorted(target)}")
-    return truth
-
-
-def _to_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
-def trivial_baselines(train_truth: Sequence, val_truth: Sequence, tasks=None) -> dict[str, dict[str, float]]:
-    """{task_id: {metric: value}} of the trivial baselines on the validation ground truth.
-
-    Both arguments are data-reader `Record`s or ground-truth dicts as for
-    `evaluate_predictions` ("task", the target in pixels, "orig_size"). Tasks without training
-    samples are skipped for the learnt baselines (majority class, mean box, mean points); the
-    empty-mask baseline needs none (and no training masks are read).
-    """
-    table = _task_table(tasks)
-    # Training rows only feed the majority class, the mean box and the mean points: no masks are
-    # read, and image headers only where boxes and points are normalised.
-    train_truth = [
-        ground_truth_from_record(g, with_mask=False, with_size=g.task_type in ("detection", "regression"))
-        if hasattr(g, "task_id") else g
-        for g in train_truth
-    ]
-    val_truth = [ground_truth_from_record(g) if hasattr(g, "task_id") else g for g in val_truth]
-    train_by_task: dict[str, list] = defaultdict(list)
-    for g in train_truth:
-        train_by_task[g["task"]].append(g)
-    preds, gts = [], []
-    for g in val_truth:
-        spec = table[g["task"]]
-        if spec.task_type != "segmentation" and not train_by_task[g["task"]]:
-            continue
-        preds.append(baseline_predictions(spec.task_type, spec.num_classes, train_by_task[g["task"]], g))
-        gts.append(g)
-    return evaluate_predictions(preds, gts, table)

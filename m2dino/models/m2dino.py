@@ -1,8 +1,8 @@
 """M2DINO: a DINOv3 backbone with task-conditioned MoE blocks, a shared neck and task heads.
 
-    model = create_model("dinov3_tiny", ["fetal_head_seg", "breast_cls"], moe_layers=3)
+    model = create_model("dinov3_tiny", ["fetal_head", "breast_3cls"], moe_layers=3)
     out = model(images, model.task_index(batch["tasks"]))
-    loss, logs = m2dino.losses.total_loss(out, batch["targets"], model.tasks)
+    loss, logs = m2dino.total_loss(out, batch["targets"], model.tasks)
     predictions = model.postprocess(out, batch["orig_sizes"])
 
 One backbone pass serves a mixed-task batch: each token is routed by its image's task. The
@@ -18,7 +18,6 @@ find_unused_parameters=False.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional, Sequence
@@ -28,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from m2dino.backbone import PRESETS, WeightsError, build_backbone
-from m2dino.heads import DPTNeck, build_head, default_neck_layers
-from m2dino.moe import moe_modules, upcycle_backbone
+from m2dino import io
+from m2dino.models.backbone import PRESETS
+from m2dino.models.heads import DPTNeck, build_head, default_neck_layers
+from m2dino.models.moe import AUX_NAMES, moe_modules, upcycle_backbone
+from m2dino.models.weights import WeightsError, build_backbone
 from m2dino.tasks import TaskSpec, get_task
 
 FORMAT_VERSION = 1
-AUX_NAMES = ("load_balance", "z_loss", "mutual_information")
 SPATIAL_TYPES = ("segmentation", "regression", "detection")
 
 
@@ -223,23 +223,11 @@ def create_model(name: str, tasks, pretrained=None, num_experts: int = 8, top_k:
 
 
 # ---------------------------------------------------------------------------------------
-# Save / load: <stem>.safetensors + <stem>.json, each written to a temp file then renamed
+# Save / load: <stem>.safetensors + <stem>.json, each written atomically (m2dino.io)
 # ---------------------------------------------------------------------------------------
 def _stem(path) -> Path:
     path = Path(path)
     return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-
-
-def _atomic_write(target: Path, write):
-    temp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        write(temp)
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    finally:
-        if temp.exists():
-            temp.unlink()
 
 
 def save_model(model: M2DINO, path_stem) -> tuple[Path, Path]:
@@ -249,10 +237,8 @@ def save_model(model: M2DINO, path_stem) -> tuple[Path, Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(weights_path, lambda p: save_file(state, str(p),
-                                                    metadata={"format": "m2dino"}))
-    text = json.dumps(model.config, indent=2)
-    _atomic_write(config_path, lambda p: p.write_text(text))
+    io.atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"format": "m2dino"}))
+    io.write_json(config_path, model.config, indent=2)
     return weights_path, config_path
 
 

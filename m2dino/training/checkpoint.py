@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from m2dino import io
+from m2dino.models.m2dino import save_model
+
 TRAIN_STATE = "train_state.pt"
 MODEL_STEM = "model"
 LAST = "last"
@@ -77,34 +80,11 @@ def _python_state_from_plain(plain):
 # ------------------------------------------------------------------ writing
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
-
-
 def save_checkpoint(model_dir, model, train_state: dict[str, Any]) -> Path:
     """Write `model_dir/last/` atomically (see the module docstring); returns its path.
 
     train_state: tensors and plain Python types only (it is loaded with weights_only=True).
     """
-    from m2dino.model import save_model
-
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=model_dir))
@@ -114,14 +94,14 @@ def save_checkpoint(model_dir, model, train_state: dict[str, Any]) -> Path:
         if delay > 0:
             time.sleep(delay)
         torch.save(train_state, tmp / TRAIN_STATE)
-        _fsync_tree(tmp)
+        io.fsync_tree(tmp)
         final = model_dir / LAST
         old = None
         if final.exists():
             old = model_dir / f"{_OLD_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(model_dir)
+        io.fsync_dir(model_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -5,7 +5,7 @@ with AdamW (backbone lr, heads lr x head_lr_mult; no decay on biases, norms and 
 linear warmup then cosine decay, gradient clipping, bf16/fp16 autocast on GPU, optional
 gradient checkpointing and frozen backbone; validates on the challenge metrics, keeps the
 best checkpoint by the primary metrics, and writes `last/` training checkpoints atomically
-(m2dino.checkpoint) so that `--resume` continues exactly.
+(m2dino.training.checkpoint) so that `--resume` continues exactly.
 
 Guarantees (issue 8):
 - a non-finite loss or gradient norm skips the step (no update, optimizer state untouched),
@@ -18,7 +18,6 @@ Guarantees (issue 8):
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -30,12 +29,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from m2dino import checkpoint as ckpt
-from m2dino import distributed as dist_utils
-from m2dino.config import AUX_LOSS_NAMES, TrainConfig
+from m2dino import io
 from m2dino.data import FMUIADataset, MultiTaskBatchSampler, collate
-from m2dino.metrics import evaluate_predictions, ground_truth_from_record, higher_is_better, training_mean
+from m2dino.evaluation.baselines import training_mean
+from m2dino.evaluation.ground_truth import ground_truth_from_record
+from m2dino.evaluation.metrics import evaluate_predictions, higher_is_better
+from m2dino.models.m2dino import create_model, save_model
 from m2dino.tasks import TaskSpec
+from m2dino.training import checkpoint as ckpt
+from m2dino.training import distributed as dist_utils
+from m2dino.training.config import TrainConfig
+from m2dino.training.losses import total_loss
 
 # Test hook for the crashed-rank test: "RANK:STEP" makes that rank os._exit(1) when it reaches
 # STEP on the first torchrun attempt (TORCHELASTIC_RESTART_COUNT == 0) only.
@@ -123,7 +127,7 @@ class MetricsLog:
             return
         record = {"event": event, "time": round(time.time(), 3), **fields}
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record, default=_json_default) + "\n")
+            fh.write(io.dumps(record, indent=None) + "\n")
             fh.flush()
         if self.writer is not None and "step" in fields:
             for k, v in _flatten(fields).items():
@@ -144,14 +148,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if torch.is_tensor(value):
-        return value.tolist()
-    return str(value)
 
 
 def _finite_or_none(value: float):
@@ -186,8 +182,6 @@ class ModelTrainer:
     # ------------------------------------------------------------------ building
 
     def build_model(self):
-        from m2dino.model import create_model
-
         c = self.config
         torch.manual_seed(c.seed)  # the same initial weights in every paradigm and on every rank
         model = create_model(c.model, self.tasks, pretrained=c.pretrained, num_experts=c.num_experts,
@@ -243,35 +237,20 @@ class ModelTrainer:
     # ------------------------------------------------------------------ the loss
 
     def compute_loss(self, model, outputs, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The step's loss, normalised by each task's GLOBAL sample count (see module doc)."""
-        from m2dino.losses import task_loss
-
+        """The step's loss (m2dino.training.losses.total_loss), each task normalised by its
+        GLOBAL sample count (see the module docstring)."""
         c = self.config
-        tasks_in = sorted(outputs["tasks"])
-        parts = {t: task_loss(self.task_table[t], outputs["tasks"][t], batch["targets"]) for t in tasks_in}
         local = torch.tensor([float(len(outputs["tasks"][t]["indices"])) if t in outputs["tasks"] else 0.0
-                              for t in self.task_table],
-                             dtype=torch.float64)
+                              for t in self.task_table], dtype=torch.float64)
         global_counts = dist_utils.all_reduce_sum(local.to(self.device)).cpu()
         world = dist_utils.world_size()
-        loss = torch.zeros((), device=self.device)
-        logged = {}
-        for i, task_id in enumerate(self.task_table):
-            if task_id not in tasks_in:
-                continue
-            share = float(local[i] / global_counts[i]) * world
-            value_t = parts[task_id]
-            # --loss-weights keys: task ids or task types (a task id wins), default 1
-            weight = c.loss_weights.get(task_id, c.loss_weights.get(self.task_table[task_id].task_type, 1.0))
-            loss = loss + weight * share * value_t.float()
-            logged[task_id] = float(value_t.detach())
-        for name in AUX_LOSS_NAMES:
-            weight = c.aux_weights.get(name, 0.0)
-            value = outputs["aux"][name]
-            logged[f"aux/{name}"] = float(value.detach())
-            if weight:
-                loss = loss + weight * value.float()
-        return loss, logged
+        scales = {t: float(local[i] / global_counts[i]) * world
+                  for i, t in enumerate(self.task_table) if t in outputs["tasks"]}
+        # Heads absent from a batch get no gradient (AdamW leaves them be); the gradient
+        # all-reduce handles parameters used on some ranks only (m2dino.training.distributed).
+        loss, logged = total_loss(outputs, batch["targets"], self.tasks, loss_weights=c.loss_weights,
+                                  aux_weights=c.aux_weights, task_scales=scales, anchor_unused=False)
+        return loss, {name: float(value) for name, value in logged.items()}
 
     # ------------------------------------------------------------------ state
 
@@ -510,8 +489,6 @@ class ModelTrainer:
     # ------------------------------------------------------------------ best checkpoint and final eval
 
     def _evaluate_and_keep_best(self, model, progress: Progress) -> None:
-        from m2dino.model import save_model
-
         if self.is_main:
             metrics, routing = self.validate(model)
             score = primary_score(metrics, self.task_table, self.baselines)
@@ -532,14 +509,10 @@ class ModelTrainer:
         progress.best_score, progress.best_step = state
 
     def _write_json(self, name: str, data) -> None:
-        path = self.model_dir / name
-        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-        os.replace(tmp, path)
+        io.write_json(self.model_dir / name, data)
 
     def _final_eval(self, model, progress: Progress) -> dict[str, Any]:
-        path = self.model_dir / "eval.json"
-        result = json.loads(path.read_text()) if self.is_main else {}
+        result = io.read_json(self.model_dir / "eval.json") if self.is_main else {}
         result = dist_utils.broadcast_object(result)
         self.log.close()
         return {"tasks": result.get("tasks", {}), "best_step": progress.best_step}

@@ -1,0 +1,208 @@
+"""Predict FM_UIA challenge submissions with a trained M2DINO checkpoint.
+
+`predict_folder(checkpoint, data_root, out_dir)` (and `python -m m2dino.predict`) predicts every
+row of every task the model knows (that ROOT's CSVs hold), batched, on CPU or GPU, and writes
+the challenge's submission format (m2dino.evaluation.submission) into out_dir.
+Annotations are not needed: a test set whose CSVs hold only image_path, task_id, task_name,
+num_classes (and mask_path, where the segmentation predictions go) is predicted as well.
+Images get the validation transform of training (m2dino.data.transforms.SampleTransform).
+"""
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from m2dino.data import collate
+from m2dino.data.images import to_pil_image
+from m2dino.data.reader import IMAGE_SUFFIXES, resolve_inside, resolve_split_root
+from m2dino.data.transforms import SampleTransform
+from m2dino.evaluation.metrics import resize_nearest
+from m2dino.evaluation.submission import (EvaluationError, PredictionError, prediction_mask_relpath,
+                                          submission_entry, write_index_png, write_prediction_files)
+from m2dino.models.m2dino import load_model
+from m2dino.tasks import task_type_from_name
+
+
+def default_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ------------------------------------------------------------------------- rows to predict
+@dataclass(frozen=True)
+class PredictionRow:
+    task_id: str
+    task_type: str
+    image_path: str  # the CSV string, verbatim
+    image_file: str  # resolved, inside the data root
+    mask_path: str | None
+    csv: str
+    row: int  # 0-based data row
+
+
+def read_prediction_rows(split_root: Path, specs: dict) -> list[PredictionRow]:
+    """The CSV rows of the tasks in `specs` (task_id -> TaskSpec); only what prediction needs
+    is read and checked, so unlabelled test CSVs work. Errors name the csv and row."""
+    csv_dir = split_root / "csv_files"
+    root_resolved = split_root.resolve()
+    csv_files = sorted(p for p in csv_dir.glob("*.csv"))
+    if not csv_files:
+        raise FileNotFoundError(f"no CSV files in {csv_dir}")
+    rows, problems, seen = [], [], {}
+    for csv_file in csv_files:
+        with open(csv_file, newline="", encoding="utf-8-sig") as f:
+            data_rows = [r for r in csv.DictReader(f) if any((v or "").strip() for v in r.values())]
+        for index, record in enumerate(data_rows):
+            where = f"{csv_file.name} row {index}"
+            task_id = (record.get("task_id") or "").strip()
+            if task_id not in specs:
+                continue
+            spec = specs[task_id]
+            try:
+                task_type = task_type_from_name(record.get("task_name", ""))
+            except ValueError as e:
+                problems.append(f"{where}: {e}")
+                continue
+            if task_type != spec.task_type:
+                problems.append(f"{where}: task_name {record.get('task_name')!r} but the model's {task_id!r} is {spec.task_type}")
+                continue
+            image_path = (record.get("image_path") or "").strip()
+            image_file = resolve_inside(csv_dir, image_path, root_resolved) if image_path else None
+            if image_file is None:
+                problems.append(f"{where}: image_path {image_path!r} is empty or resolves outside the data root")
+                continue
+            if image_file.suffix.lower() not in IMAGE_SUFFIXES or not image_file.is_file():
+                problems.append(f"{where}: image {image_path!r} is missing or not an image file {IMAGE_SUFFIXES}")
+                continue
+            num_classes = (record.get("num_classes") or "").strip()
+            if task_type in ("segmentation", "classification") and num_classes:
+                try:
+                    agrees = int(float(num_classes)) == spec.num_classes
+                except ValueError:
+                    agrees = False
+                if not agrees:
+                    problems.append(f"{where}: num_classes {num_classes!r} but the model's {task_id!r} head has "
+                                    f"{spec.num_classes}")
+                    continue
+            mask_path = (record.get("mask_path") or "").strip() or None
+            if task_type == "segmentation":
+                if mask_path is None:
+                    problems.append(f"{where}: segmentation row without mask_path (where its prediction goes)")
+                    continue
+                try:
+                    prediction_mask_relpath(mask_path)
+                except EvaluationError as e:
+                    problems.append(f"{where}: {e}")
+                    continue
+            key = (task_id, image_path)
+            if key in seen:
+                problems.append(f"{where}: same task and image_path as {seen[key]}")
+                continue
+            seen[key] = where
+            rows.append(PredictionRow(task_id, task_type, image_path, str(image_file), mask_path, csv_file.name, index))
+    if problems:
+        listed = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise PredictionError(f"{len(problems)} problem(s) in {csv_dir}:\n  {listed}{more}")
+    return rows
+
+
+class PredictionImages(Dataset):
+    """PredictionRows -> dataset items of DESIGN.md's shape (empty target), validation transform."""
+
+    def __init__(self, rows: Sequence[PredictionRow], image_size: int):
+        self.rows = list(rows)
+        self.transform = SampleTransform(image_size, train=False)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        try:
+            image = to_pil_image(row.image_file)
+        except OSError as e:
+            raise PredictionError(f"{row.csv} row {row.row}: cannot read image {row.image_path!r} ({e})") from e
+        tensor, _ = self.transform(image, {})
+        return {"image": tensor, "task": row.task_id, "target": {}, "orig_size": (image.size[1], image.size[0]),
+                "image_path": row.image_path, "mask_path": row.mask_path}
+
+
+def prediction_loader(rows: Sequence[PredictionRow], task_order: Sequence[str], image_size: int, batch_size: int,
+                      workers: int = 0) -> DataLoader:
+    """Batches in task order, so most batches hold a single task (one head call each)."""
+    rank = {task_id: i for i, task_id in enumerate(task_order)}
+    ordered = sorted(rows, key=lambda r: (rank[r.task_id], r.csv, r.row))
+    return DataLoader(PredictionImages(ordered, image_size), batch_size=batch_size, shuffle=False,
+                      num_workers=workers, collate_fn=collate)
+
+
+# ------------------------------------------------------------------------------ the run
+def predict_folder(checkpoint, data_root, out_dir, split: str | None = None, batch_size: int = 16,
+                   device: str | None = None, tasks: Sequence[str] | None = None, workers: int = 0,
+                   progress: bool = False) -> dict:
+    """Predict every row of every task the checkpoint knows under the data root; returns
+    {"tasks": [task ids predicted], "counts": {task_id: rows}, "out": out_dir}."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = default_device(device)
+    model = load_model(checkpoint)
+    model.to(device).eval()
+    model_specs = {spec.task_id: spec for spec in model.tasks}
+
+    split_root = resolve_split_root(data_root, split)
+    if tasks:
+        unknown = [t for t in tasks if t not in model_specs]
+        if unknown:
+            raise PredictionError(f"the checkpoint {checkpoint} has no head for task(s) {unknown}; "
+                                  f"it knows {sorted(model_specs)}")
+        model_specs = {t: model_specs[t] for t in tasks}
+    rows = read_prediction_rows(split_root, model_specs)
+    wanted = [t for t in model_specs if any(r.task_id == t for r in rows)]
+    if not wanted:
+        raise PredictionError(f"none of the tasks {sorted(model_specs)} has rows under {split_root / 'csv_files'}")
+    if tasks:
+        empty = [t for t in tasks if t not in wanted]
+        if empty:
+            raise PredictionError(f"task(s) {empty} have no rows under {split_root / 'csv_files'}")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    counts: Counter = Counter()
+    loader = prediction_loader(rows, wanted, model.img_size, batch_size, workers)
+    iterator = loader
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(loader, desc="predict", unit="batch")
+    with torch.inference_mode():
+        for batch in iterator:
+            images = batch["images"].to(device, non_blocking=True)
+            task_index = model.task_index(batch["tasks"]).to(device)
+            outputs = model(images, task_index)
+            predictions = model.postprocess(outputs, batch["orig_sizes"])
+            for i, prediction in enumerate(predictions):
+                task_id = batch["tasks"][i]
+                spec = model_specs[task_id]
+                orig_size = tuple(int(v) for v in batch["orig_sizes"][i])
+                if spec.task_type == "segmentation":
+                    mask = resize_nearest(np.asarray(prediction["mask"]), orig_size)
+                    write_index_png(out_dir / prediction_mask_relpath(batch["mask_paths"][i]), mask)
+                else:
+                    entries.setdefault(spec.task_type, []).append(
+                        submission_entry(spec.task_type, task_id, batch["image_paths"][i], prediction))
+                counts[task_id] += 1
+    write_prediction_files(out_dir, entries)
+    missing = {t: sum(r.task_id == t for r in rows) - counts[t] for t in wanted}
+    if any(missing.values()):
+        raise PredictionError(f"rows without a prediction: { {t: n for t, n in missing.items() if n} }")
+    return {"tasks": wanted, "counts": dict(counts), "out": str(out_dir)}

@@ -1,0 +1,41 @@
+"""The transfer report: TS / CG / AU compared task by task, by clinical group, task type and
+data scale, with the MoE routing of every multi-task model.
+
+`generate_report(run_dirs, out_dir)` (and `python -m m2dino.report RUN_DIR... --out DIR`)
+reads each run directory's `<paradigm>/metrics.json` (and `<paradigm>/<model>/routing.json`
+where present; runs.py), computes every number (compute.py, where the definitions are) and
+writes `report.md`, `report.csv` (render.py), `report.json` and PNG plots (plots.py) into DIR.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from m2dino import io
+from m2dino.evaluation.report.compute import DEFAULT_NEGATIVE_THRESHOLD, build_report
+from m2dino.evaluation.report.plots import write_plots
+from m2dino.evaluation.report.render import render_csv, render_markdown
+
+
+def write_report(report: dict, out_dir: os.PathLike) -> dict[str, Path]:
+    """Write report.md, report.csv, report.json and the PNG plots; returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(report, out_dir)
+    paths = {"json": out_dir / "report.json", "csv": out_dir / "report.csv", "markdown": out_dir / "report.md"}
+    io.write_json(paths["json"], report)
+    io.write_text(paths["csv"], render_csv(report))
+    io.write_text(paths["markdown"], render_markdown(report, [p.name for p in plots]))
+    return {**paths, "plots": plots}
+
+
+def generate_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, scale_threshold: float | None = None,
+                    negative_threshold: float = DEFAULT_NEGATIVE_THRESHOLD) -> dict:
+    """Build and write the report (what `m2dino.train --paradigm all` calls); returns the report dict."""
+    report = build_report(run_dirs, scale_threshold=scale_threshold, negative_threshold=negative_threshold)
+    write_report(report, out_dir)
+    return report
+
+
+__all__ = ["DEFAULT_NEGATIVE_THRESHOLD", "build_report", "generate_report", "render_markdown", "write_report"]
