@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from m2dino.data.synthetic.scenes import DIFFICULTY, build
+from m2dino.io import write_json
 from m2dino.tasks import CSV_TASK_NAMES, TASKS
 
 GENERATOR_VERSION = 4  # bump whenever canvas.py or scenes.py change an image or label: cached suites are rebuilt
@@ -188,7 +189,7 @@ def write_suite(out, scale: float = DEFAULT_SCALE, seed: int = DEFAULT_SEED, tas
         "difficulty": {t: DIFFICULTY[t] for t in task_ids},
         "seconds": round(time.perf_counter() - start, 2),
     }
-    (out / "synthetic.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "synthetic.json", summary)
     return summary
 
 
