@@ -3,6 +3,9 @@ determinism, the atomic cache, and that the class labels are learnable from the 
 import hashlib
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,6 +138,17 @@ def test_cli_refuses_a_non_empty_out(tmp_path, capsys):
     assert "wrote 2 train + 1 val images" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x")])
+
+
+def test_cli_runs_as_a_module():
+    """`python -m m2dino.data.synthetic` runs the package's __main__.py, and runpy does not
+    warn that it was imported before it ran (the package must not import it eagerly)."""
+    run = subprocess.run([sys.executable, "-m", "m2dino.data.synthetic", "--help"], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("usage: python -m m2dino.data.synthetic") and "--scale" in run.stdout
+    assert "FM_UIA suite" in run.stdout  # the description: the package docstring's first line
+    assert "found in sys.modules" not in run.stderr
 
 
 def _features(img):

@@ -1,0 +1,249 @@
+"""The suite on disk: task sizes, the FM_UIA layout, `write_suite`, and the cache `ensure_synthetic`.
+
+Task sizes are the real approximate training sizes times `scale`, at least `min_train`
+(more for a few hard classification tasks, `MIN_TRAIN_FACTOR`); val is about 20%, at least
+`min_val`, and class-balanced for classification (every class present).
+Each image is seeded by (seed, task, split, index): the suite is deterministic and the
+order of generation does not matter. `write_suite` writes `train/` and `val/` with their
+`csv_files/` and a summary, synthetic.json; `ensure_synthetic` writes a suite once into a
+temporary folder, swaps it in whole and reuses it while its version, scale and seed match.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from m2dino.data.synthetic.scenes import DIFFICULTY, build
+from m2dino.io import write_json
+from m2dino.tasks import CSV_TASK_NAMES, TASKS
+
+GENERATOR_VERSION = 4  # bump whenever canvas.py or scenes.py change an image or label: cached suites are rebuilt
+DEFAULT_SCALE = 0.06
+DEFAULT_SEED = 0
+MIN_TRAIN = 40
+MIN_VAL = 16
+# Tasks whose labels need more examples than MIN_TRAIN for a small model trained from scratch
+# (8-way orientation, lesion shape): their training minimum is min_train times this factor.
+MIN_TRAIN_FACTOR = {"fetal_sacral_pos_cls": 2.0, "breast_2cls": 1.4, "breast_3cls": 1.6}
+# Classification labels drawn freely in train; val is class-balanced (example i has class
+# i % num_classes) so every class is present and the majority-class baseline is never 0.
+VAL_FRACTION = 0.2
+SIZE_RANGE = (96, 192)
+
+
+# ============================================================================ layout and writing
+
+_COUNT_WORDS = {2: "Two", 3: "Three", 4: "Four", 5: "Five", 6: "Six", 8: "Eight"}
+_TYPE_FOLDERS = {"segmentation": "Segmentation", "classification": "Classification",
+                 "detection": "Detection", "regression": "Regression"}
+_CSV_PREFIX = {"segmentation": "Seg", "classification": "Cls", "detection": "Det", "regression": "Reg"}
+
+
+def _ext(task_id: str, i: int) -> str:
+    """File-type mix: tasks differ (as in the real release), a few tasks mix types."""
+    k = sum(map(ord, task_id))
+    kinds = [".png", ".jpg", ".png", ".bmp", ".jpeg"]
+    main = kinds[k % len(kinds)]
+    return [".png", ".jpg"][i % 2] if k % 7 == 0 else main
+
+
+def _task_folder(spec) -> str:
+    t = spec.task_type
+    if t in ("segmentation", "classification", "regression"):
+        return f"{_TYPE_FOLDERS[t]}/{_COUNT_WORDS.get(spec.num_classes, str(spec.num_classes))}/{spec.task_id}"
+    return f"{_TYPE_FOLDERS[t]}/{spec.task_id}"
+
+
+def csv_name(spec, index: int) -> str:
+    """Real-looking CSV names, e.g. `Cls-Eight_15.fetal_head_pos_cls.csv`, `Det_22.x.csv`."""
+    prefix = _CSV_PREFIX[spec.task_type]
+    if spec.task_type == "detection":
+        return f"{prefix}_{index}.{spec.task_id}.csv"
+    return f"{prefix}-{_COUNT_WORDS.get(spec.num_classes, str(spec.num_classes))}_{index}.{spec.task_id}.csv"
+
+
+def task_sizes(scale: float = DEFAULT_SCALE, min_train: int | None = None, min_val: int = MIN_VAL,
+               val_fraction: float = VAL_FRACTION, tasks=None) -> dict[str, tuple[int, int]]:
+    """{task_id: (n_train, n_val)}: real size x scale (at least the training minimum), val ~
+    val_fraction. The default minimum is MIN_TRAIN, raised for the hard tasks by
+    MIN_TRAIN_FACTOR; an explicit `min_train` is the same exact minimum for every task."""
+    if scale <= 0:
+        raise ValueError(f"--scale must be > 0, got {scale}")
+    out = {}
+    for tid in tasks or TASKS:
+        minimum = (int(math.ceil(MIN_TRAIN * MIN_TRAIN_FACTOR.get(tid, 1.0)))
+                   if min_train is None else min_train)
+        n = max(minimum, int(round(TASKS[tid].train_size * scale)))
+        out[tid] = (n, max(min_val, int(round(n * val_fraction))))
+    return out
+
+
+def _image_size(rng):
+    h = int(rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1))
+    w = int(np.clip(round(h * rng.uniform(0.85, 1.4)), SIZE_RANGE[0], SIZE_RANGE[1]))
+    return h, w
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.2f}"
+
+
+def write_task(out: Path, split: str, spec, n: int, seed: int, task_index: int) -> list[dict]:
+    """Write `n` examples of one task under out/<split>/ and return their CSV rows."""
+    root = out / split
+    folder = _task_folder(spec)
+    rows = []
+    split_code = 0 if split == "train" else 1
+    stored_rgb = (task_index % 3) == 0  # some tasks store grayscale as RGB, as in the wild
+    for i in range(n):
+        rng = np.random.default_rng([seed, task_index, split_code, i])
+        balanced = split != "train" and spec.task_type == "classification"
+        img, ann = build(spec.task_id, rng, _image_size(rng), label=i % spec.num_classes if balanced else None)
+        ext = _ext(spec.task_id, i)
+        name = f"{spec.task_id}_{split}_{i:05d}{ext}"
+        if spec.task_type == "classification":
+            rel = f"{folder}/{ann['label']}/{name}"
+        elif spec.task_type == "segmentation":
+            rel = f"{folder}/images/{name}"
+        else:
+            rel = f"{folder}/{name}"
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pil = Image.fromarray(img, mode="L")
+        if stored_rgb:
+            pil = pil.convert("RGB")
+        if ext in (".jpg", ".jpeg"):
+            pil.save(path, quality=92)
+        elif ext == ".png":
+            pil.save(path, compress_level=1)
+        else:
+            pil.save(path)
+        row = {"image_path": f"../{rel}", "task_id": spec.task_id,
+               "task_name": CSV_TASK_NAMES[spec.task_type], "num_classes": spec.num_classes}
+        if spec.task_type == "segmentation":
+            mrel = f"{folder}/masks/{Path(name).stem}.png"
+            (root / mrel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ann["mask"], mode="L").save(root / mrel, compress_level=1)
+            row["mask_path"] = f"../{mrel}"
+        elif spec.task_type == "classification":
+            row["mask"] = ann["label"]
+        elif spec.task_type == "detection":
+            row.update(zip(("x_min", "y_min", "x_max", "y_max"), map(_fmt, ann["box"])))
+        else:
+            for k, (x, y) in enumerate(ann["points"], 1):
+                row[f"point_{k}_xy"] = json.dumps([round(float(x), 2), round(float(y), 2)])
+        rows.append(row)
+    return rows
+
+
+def _columns(spec) -> list[str]:
+    base = ["image_path", "task_id", "task_name", "num_classes"]
+    extra = {"segmentation": ["mask_path"], "classification": ["mask"],
+             "detection": ["x_min", "y_min", "x_max", "y_max"],
+             "regression": [f"point_{k}_xy" for k in range(1, spec.num_points + 1)]}[spec.task_type]
+    return base + extra
+
+
+def write_suite(out, scale: float = DEFAULT_SCALE, seed: int = DEFAULT_SEED, tasks=None,
+                min_train: int | None = None, min_val: int = MIN_VAL, workers: int | None = None) -> dict:
+    """Write the synthetic suite under `out` (train/ and val/). Returns its summary, also
+    written to out/synthetic.json. `tasks` restricts it to some task ids (tests)."""
+    out = Path(out)
+    task_ids = list(tasks or TASKS)
+    unknown = [t for t in task_ids if t not in TASKS]
+    if unknown:
+        raise KeyError(f"unknown task id(s) {unknown}; the synthetic suite has the 27 FM_UIA tasks")
+    sizes = task_sizes(scale, min_train, min_val, tasks=task_ids)
+    order = list(TASKS)
+    jobs = [(split, tid, n) for tid in task_ids for split, n in zip(("train", "val"), sizes[tid])]
+    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    start = time.perf_counter()
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_job, [(str(out), s, t, n, seed, order.index(t)) for s, t, n in jobs]))
+    else:
+        results = [_job((str(out), s, t, n, seed, order.index(t))) for s, t, n in jobs]
+    for (split, tid, _), rows in zip(jobs, results):
+        spec = TASKS[tid]
+        csv_dir = out / split / "csv_files"
+        csv_dir.mkdir(parents=True, exist_ok=True)
+        with open(csv_dir / csv_name(spec, order.index(tid) + 1), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=_columns(spec))
+            writer.writeheader()
+            writer.writerows(rows)
+    summary = {
+        "version": GENERATOR_VERSION, "scale": scale, "seed": seed, "min_train": min_train, "min_val": min_val,
+        "sizes": {t: {"train": sizes[t][0], "val": sizes[t][1]} for t in task_ids},
+        "total_train": sum(s[0] for s in sizes.values()), "total_val": sum(s[1] for s in sizes.values()),
+        "difficulty": {t: DIFFICULTY[t] for t in task_ids},
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    write_json(out / "synthetic.json", summary)
+    return summary
+
+
+def _job(args):
+    out, split, tid, n, seed, index = args
+    return write_task(Path(out), split, TASKS[tid], n, seed, index)
+
+
+# ============================================================================ the cache
+
+
+def default_cache_root(scale: float = DEFAULT_SCALE, seed: int = DEFAULT_SEED) -> Path:
+    base = os.environ.get("M2DINO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "m2dino")
+    return Path(base) / f"synthetic-{scale:g}-{seed}"
+
+
+def _is_current(root: Path, scale: float, seed: int) -> bool:
+    """A finished suite written by this generator version for this scale and seed."""
+    try:
+        info = json.loads((root / "synthetic.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("version") == GENERATOR_VERSION and info.get("scale") == scale and info.get("seed") == seed
+
+
+def ensure_synthetic(root=None, scale: float = DEFAULT_SCALE, seed: int = DEFAULT_SEED, **kwargs) -> Path:
+    """The synthetic suite's root, written once (into a temp dir, then renamed) and reused.
+
+    A finished suite is recognised by its synthetic.json; a crashed write leaves only a temp
+    dir, never a half suite at `root`. A suite from another generator version (or scale or
+    seed) is replaced, so a seed always means the same data."""
+    root = Path(root) if root is not None else default_cache_root(scale, seed)
+    if _is_current(root, scale, seed):
+        return root
+    if root.exists() and any(root.iterdir()) and not (root / "synthetic.json").is_file():
+        raise FileExistsError(f"{root} exists and is not a synthetic suite; not overwriting it")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    stale = None
+    try:
+        write_suite(tmp, scale=scale, seed=seed, **kwargs)
+        if root.exists():  # an older suite: move it aside, then swap in the new one
+            stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.stale-", dir=root.parent))
+            try:
+                os.rename(root, stale / "old")
+            except OSError:
+                pass  # a concurrent writer moved it already
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not _is_current(root, scale, seed):  # not a concurrent writer's finished copy
+                raise
+    finally:
+        for leftover in (tmp, stale):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+    return root
