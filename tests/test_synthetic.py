@@ -17,10 +17,10 @@ from m2dino.data.synthetic import (
     build,
     default_cache_root,
     ensure_synthetic,
-    main,
     task_sizes,
     write_suite,
 )
+from m2dino.data.synthetic.__main__ import main
 from m2dino.tasks import TASKS
 
 SMALL = ["fetal_head", "cardiac_multi", "fetal_head_pos_cls", "thyroid_nodule_det", "IUGC", "FUGC"]

@@ -29,16 +29,7 @@ from m2dino.data.synthetic.suite import (
 
 __all__ = [
     "DEFAULT_SCALE", "DEFAULT_SEED", "DIFFICULTY", "GENERATOR_VERSION", "MIN_TRAIN", "MIN_TRAIN_FACTOR",
-    "MIN_VAL", "VAL_FRACTION", "build", "default_cache_root", "ensure_synthetic", "main", "task_sizes",
+    "MIN_VAL", "VAL_FRACTION", "build", "default_cache_root", "ensure_synthetic", "task_sizes",
     "write_suite",
 ]
 
-
-def __getattr__(name):
-    # `main` lives in __main__.py and is imported only when asked for: importing it here would
-    # make `python -m m2dino.data.synthetic` warn that __main__ was imported before it ran.
-    if name == "main":
-        from m2dino.data.synthetic.__main__ import main
-
-        return main
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
