@@ -87,13 +87,17 @@ def _sigmoid(a):
 
 
 # ---------------------------------------------------------------------------------------
-# Tile lookup: which expert and which rows a program's row tile covers.
+# Tile lookup: which expert, rows and columns a program of a row-tiled kernel covers.
 # ---------------------------------------------------------------------------------------
 @triton.jit
-def _expert_row_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Each expert's rows [offsets[e], offsets[e+1]) are cut into ceil(count / BLOCK_M)
-    tiles, numbered expert after expert. Returns (expert, row_start, row_end); expert == E
-    when pid_m is past the last tile (the grid is an upper bound: cdiv(T*k, BM) + E)."""
+def _expert_tile(offsets_ptr, E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_E: tl.constexpr):
+    """Grid axis 0 numbers row tiles, axis 1 tiles of the N output columns. Each expert's
+    rows [offsets[e], offsets[e+1]) are cut into ceil(count / BLOCK_M) tiles, numbered
+    expert after expert. Returns (expert, rows, row_mask, cols, col_mask); expert == E when
+    the row tile is past the last one (the grid is an upper bound: cdiv(T*k, BM) + E), and
+    the kernel then returns at once."""
+    pid_m = tl.program_id(0)
     e_idx = tl.arange(0, BLOCK_E)
     e_mask = e_idx < E
     starts = tl.load(offsets_ptr + e_idx, mask=e_mask, other=0)
@@ -105,7 +109,9 @@ def _expert_row_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.c
     first_tile = tl.sum(tl.where(mine, tiles_end - tiles, 0), 0)
     row_start = tl.sum(tl.where(mine, starts, 0), 0) + (pid_m - first_tile) * BLOCK_M
     row_end = tl.sum(tl.where(mine, ends, 0), 0)
-    return expert, row_start, row_end
+    rows = row_start + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, rows, rows < row_end, cols, cols < N
 
 
 def _num_row_tiles(num_rows, num_experts, block_m):
@@ -150,17 +156,12 @@ def _fc1_kernel(
 ):
     """h_pre[r] = W1[e] x[slot_r // k] + b1[e]; act[r] = gelu(h_pre) or silu(a) * b.
     ACT: 1 gelu (H1 = H), 2 swiglu (H1 = 2H, this program computes both halves)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert, row_start, row_end = _expert_row_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    expert, rows, row_mask, cols, col_mask = _expert_tile(offsets_ptr, E, H, BLOCK_M, BLOCK_N,
+                                                          BLOCK_E)
     if expert >= E:
         return
     H1 = H * ACT
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
     token = tl.load(slots_ptr + rows, mask=row_mask, other=0) // TOP_K
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < H
     w1 = w1_ptr + expert.to(tl.int64) * H1 * D
     acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -208,15 +209,10 @@ def _grouped_scatter_kernel(
     store C[r] (times the router weight of slot_r) at row slot_r of an fp32 slot-order
     buffer, which a sum over k turns into token order. B[e][kk, n] is read through strides
     so one kernel serves GEMM2 (B = W2[e]^T) and the dX GEMM (B = W1[e])."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert, row_start, row_end = _expert_row_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    expert, rows, row_mask, cols, col_mask = _expert_tile(offsets_ptr, E, N, BLOCK_M, BLOCK_N,
+                                                          BLOCK_E)
     if expert >= E:
         return
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
     w = w_ptr + expert.to(tl.int64) * stride_we
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, KDIM, BLOCK_K):
@@ -253,19 +249,14 @@ def _dhidden_kernel(
 ):
     """dAct[r] = (w[slot_r] * grad_y[slot_r // k]) @ W2[e], times the activation
     derivative at h_pre[r]: dH1 = [dAct * gelu'(h)] or [dA, dB] for swiglu."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert, row_start, row_end = _expert_row_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    expert, rows, row_mask, cols, col_mask = _expert_tile(offsets_ptr, E, H, BLOCK_M, BLOCK_N,
+                                                          BLOCK_E)
     if expert >= E:
         return
     H1 = H * ACT
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
     slot = tl.load(slots_ptr + rows, mask=row_mask, other=0)
     token = slot // TOP_K
     route_w = tl.load(route_w_ptr + slot, mask=row_mask, other=0.0)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < H
     w2 = w2_ptr + expert.to(tl.int64) * D * H
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
