@@ -364,6 +364,17 @@ def test_ties_go_to_the_lower_expert_index():
     assert sorted_slots[:3].tolist() == [3, 9, 12]
 
 
+def test_triton_subpackage_does_not_shadow_the_library():
+    """m2dino_kernels.triton holds our kernels; `import triton` in it is the library."""
+    import m2dino_kernels.triton as ours
+    from m2dino_kernels.triton import attention, grouped_gemm
+
+    assert ours.__name__ == "m2dino_kernels.triton" and triton is not ours
+    assert hasattr(triton, "jit") and "m2dino_kernels" not in triton.__file__
+    for module in (routing, grouped_gemm, attention):
+        assert module.triton is triton and module.tl is triton.language
+
+
 @pytest.mark.parametrize("n,num_keys", [(0, 3), (1, 1), (1000, 5), (257, 27)])
 def test_stable_counting_sort(n, num_keys):
     g = torch.Generator().manual_seed(n)
