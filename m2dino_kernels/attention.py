@@ -22,7 +22,7 @@ Backends:
   "xformers"   rotate in PyTorch, then xformers.ops.memory_efficient_attention; needs the
                optional `xformers` package and CUDA tensors
   "triton"     ours: flash attention with the rotation fused into the q/k tile loads
-               (m2dino_kernels.triton_attention); CUDA, or CPU under TRITON_INTERPRET=1
+               (m2dino_kernels.triton.attention); CUDA, or CPU under TRITON_INTERPRET=1
                (fp32/fp16 only there); head_dim 32, 64 or 128
   "auto"       CPU: "sdpa". CUDA: "triton" when head_dim is 32/64/128 and triton imports,
                else "sdpa" (the benchmark in benchmarks/test_attention_bench.py measures
@@ -132,7 +132,7 @@ def _xformers_attention(q, k, v, rope, num_prefix_tokens):
 def _rope_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           sin: Optional[torch.Tensor], cos: Optional[torch.Tensor],
                           num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from m2dino_kernels import triton_attention  # noqa: PLC0415 (imports triton lazily)
+    from m2dino_kernels.triton import attention as triton_attention  # noqa: PLC0415 (lazy)
 
     return triton_attention.attention_forward(q, k, v, sin, cos, num_prefix_tokens)
 
@@ -150,7 +150,7 @@ def _rope_flash_attention_backward(
         sin: Optional[torch.Tensor], cos: Optional[torch.Tensor], out: torch.Tensor,
         lse: torch.Tensor, num_prefix_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from m2dino_kernels import triton_attention  # noqa: PLC0415
+    from m2dino_kernels.triton import attention as triton_attention  # noqa: PLC0415
 
     return triton_attention.attention_backward(grad_out, q, k, v, sin, cos, out, lse,
                                                num_prefix_tokens)

@@ -4,7 +4,7 @@ Backends (each a module exposing DESIGN.md's four protocol functions, imported l
   "torch"   m2dino_kernels.reference   plain PyTorch, the oracle; runs everywhere
   "cpp"     m2dino_kernels.extension   the C++ extension m2dino_kernels._C, CPU tensors
   "cuda"    m2dino_kernels.extension   the same extension's CUDA kernels (built with CUDA)
-  "triton"  m2dino_kernels.triton_moe  Triton kernels: CUDA tensors, or CPU tensors when
+  "triton"  m2dino_kernels.triton.moe  Triton kernels: CUDA tensors, or CPU tensors when
                                        TRITON_INTERPRET=1 (slow; meant for tests)
 
 "auto" (the default) picks per device: on CPU "cpp" if the extension is built, else "torch";
@@ -31,7 +31,7 @@ _BACKEND_MODULES = {
     "torch": "m2dino_kernels.reference",
     "cpp": "m2dino_kernels.extension",
     "cuda": "m2dino_kernels.extension",
-    "triton": "m2dino_kernels.triton_moe",
+    "triton": "m2dino_kernels.triton.moe",
 }
 
 _HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)

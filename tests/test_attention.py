@@ -352,7 +352,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
-from m2dino_kernels import triton_attention as ta
+from m2dino_kernels.triton import attention as ta
 
 def compile_kernel(kernel, types, consts, arch, num_warps, num_stages):
     while not isinstance(kernel, JITFunction):  # unwrap @triton.autotune

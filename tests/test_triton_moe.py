@@ -1,4 +1,4 @@
-"""Backend "triton" (m2dino_kernels.triton_moe) against an independent PyTorch oracle.
+"""Backend "triton" (m2dino_kernels.triton.moe) against an independent PyTorch oracle.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py), so shapes stay small.
 The oracle below is deliberately written another way than the kernels: a loop over experts
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
-from m2dino_kernels import triton_moe  # noqa: E402
+from m2dino_kernels.triton import moe as triton_moe  # noqa: E402
+from m2dino_kernels.triton import routing  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -363,6 +364,17 @@ def test_ties_go_to_the_lower_expert_index():
     assert sorted_slots[:3].tolist() == [3, 9, 12]
 
 
+def test_triton_subpackage_does_not_shadow_the_library():
+    """m2dino_kernels.triton holds our kernels; `import triton` in it is the library."""
+    import m2dino_kernels.triton as ours
+    from m2dino_kernels.triton import attention, grouped_gemm
+
+    assert ours.__name__ == "m2dino_kernels.triton" and triton is not ours
+    assert hasattr(triton, "jit") and "m2dino_kernels" not in triton.__file__
+    for module in (routing, grouped_gemm, attention):
+        assert module.triton is triton and module.tl is triton.language
+
+
 @pytest.mark.parametrize("n,num_keys", [(0, 3), (1, 1), (1000, 5), (257, 27)])
 def test_stable_counting_sort(n, num_keys):
     g = torch.Generator().manual_seed(n)
@@ -370,7 +382,7 @@ def test_stable_counting_sort(n, num_keys):
     if num_keys > 2:
         keys[keys == 1] = 0  # a key with no item
     keys = keys.to(DEVICE)
-    order, offsets = triton_moe._stable_sort_by_key(keys, num_keys)
+    order, offsets = routing.stable_sort_by_key(keys, num_keys)
     assert torch.equal(order.cpu(), torch.sort(keys.cpu(), stable=True).indices)
     counts = torch.bincount(keys.cpu(), minlength=num_keys)
     assert torch.equal(offsets.cpu(), F.pad(counts.cumsum(0), (1, 0)))
@@ -502,7 +514,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
-from m2dino_kernels import triton_moe as tm
+from m2dino_kernels.triton import grouped_gemm as gg, routing as rt
 
 def compile_kernel(kernel, types, consts, arch, num_warps=4):
     while not isinstance(kernel, JITFunction):  # unwrap @triton.autotune
@@ -517,27 +529,27 @@ def jobs_for(dt):
     prec = "ieee" if dt == "fp32" else "tf32"
     gemm = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, PREC=prec, DOT_FP32=False)
     jobs = [
-        (tm._route_kernel, dict(x_ptr=p, task_ptr="*i64", gate_w_ptr=p, gate_b_ptr=p,
+        (rt._route_kernel, dict(x_ptr=p, task_ptr="*i64", gate_w_ptr=p, gate_b_ptr=p,
          logits_ptr="*fp32", probs_ptr="*fp32", weights_ptr="*fp32", experts_ptr="*i64",
          T="i32", E="i32", D="i32"),
          dict(HAS_BIAS=True, TOP_K=2, BLOCK_T=16, BLOCK_E=8, BLOCK_D=64, BLOCK_K=2)),
-        (tm._block_histogram_kernel, dict(keys_ptr="*i64", block_counts_ptr="*i32", N="i32",
+        (rt._block_histogram_kernel, dict(keys_ptr="*i64", block_counts_ptr="*i32", N="i32",
          E="i32"), dict(BLOCK=256, BLOCK_E=8)),
-        (tm._block_place_kernel, dict(keys_ptr="*i64", block_base_ptr="*i64", sorted_ptr="*i64",
+        (rt._block_place_kernel, dict(keys_ptr="*i64", block_base_ptr="*i64", sorted_ptr="*i64",
          N="i32", E="i32"), dict(BLOCK=256, BLOCK_E=8)),
-        (tm._route_backward_kernel, dict(grad_logits_ptr="*fp32", grad_probs_ptr="*fp32",
+        (rt._route_backward_kernel, dict(grad_logits_ptr="*fp32", grad_probs_ptr="*fp32",
          grad_weights_ptr="*fp32", probs_ptr="*fp32", weights_ptr="*fp32", experts_ptr="*i64",
          task_ptr="*i64", gate_w_ptr=p, grad_logits_total_ptr="*fp32", grad_x_ptr=p,
          T="i32", E="i32", D="i32"),
          dict(HAS_GRAD_LOGITS=True, HAS_GRAD_PROBS=True, HAS_GRAD_WEIGHTS=True, TOP_K=2,
               BLOCK_T=16, BLOCK_E=8, BLOCK_K=2, BLOCK_D=64)),
-        (tm._route_weight_grad_kernel, dict(grad_y_ptr=p, expert_out_ptr=p, slots_ptr="*i64",
+        (gg._route_weight_grad_kernel, dict(grad_y_ptr=p, expert_out_ptr=p, slots_ptr="*i64",
          grad_w_ptr="*fp32", R="i32", D="i32"), dict(TOP_K=2, BLOCK_M=16, BLOCK_D=64)),
-        (tm._grouped_scatter_kernel, dict(a_ptr=p, slots_ptr="*i64", offsets_ptr="*i64", w_ptr=p,
+        (gg._grouped_scatter_kernel, dict(a_ptr=p, slots_ptr="*i64", offsets_ptr="*i64", w_ptr=p,
          bias_ptr=p, route_w_ptr="*fp32", out_grouped_ptr=p, out_slots_ptr="*fp32", E="i32",
          N="i32", KDIM="i32", stride_we="i32", stride_wk="i32", stride_wn="i32"),
          dict(HAS_BIAS=True, STORE_GROUPED=True, SCALE_BY_ROUTE=True, BLOCK_E=8, **gemm)),
-        (tm._weight_grad_kernel, dict(g_ptr="*fp32", a_ptr=p, index_ptr="*i64",
+        (gg._weight_grad_kernel, dict(g_ptr="*fp32", a_ptr=p, index_ptr="*i64",
          g_scale_ptr="*fp32", offsets_ptr="*i64", dw_ptr=p, db_ptr=p, M="i32", N="i32",
          A_STRIDE="i32", A_HALF="i32"),
          dict(INDEX_DIV=1, GATHER_G=True, SCALE_G=False, GATHER_A=True, ACT_A=0, HAS_BIAS=True,
@@ -545,13 +557,13 @@ def jobs_for(dt):
     ]
     for act in (1, 2):
         jobs += [
-            (tm._fc1_kernel, dict(x_ptr=p, slots_ptr="*i64", offsets_ptr="*i64", w1_ptr=p,
+            (gg._fc1_kernel, dict(x_ptr=p, slots_ptr="*i64", offsets_ptr="*i64", w1_ptr=p,
              b1_ptr=p, h_pre_ptr=p, act_ptr=p, E="i32", D="i32", H="i32"),
              dict(TOP_K=2, ACT=act, BLOCK_E=8, **gemm)),
-            (tm._dhidden_kernel, dict(grad_y_ptr=p, slots_ptr="*i64", offsets_ptr="*i64",
+            (gg._dhidden_kernel, dict(grad_y_ptr=p, slots_ptr="*i64", offsets_ptr="*i64",
              route_w_ptr="*fp32", w2_ptr=p, h_pre_ptr=p, dh_ptr=p, E="i32", D="i32", H="i32"),
              dict(TOP_K=2, ACT=act, BLOCK_E=8, **gemm)),
-            (tm._weight_grad_kernel, dict(g_ptr=p, a_ptr=p, index_ptr="*i64", g_scale_ptr="*fp32",
+            (gg._weight_grad_kernel, dict(g_ptr=p, a_ptr=p, index_ptr="*i64", g_scale_ptr="*fp32",
              offsets_ptr="*i64", dw_ptr=p, db_ptr=p, M="i32", N="i32", A_STRIDE="i32",
              A_HALF="i32"),
              dict(INDEX_DIV=2, GATHER_G=True, SCALE_G=True, GATHER_A=False, ACT_A=act,

@@ -128,6 +128,53 @@ def _store_unrotated_halves(out_base, stride_n, rows, row_mask, half_cols, g1, g
     tl.store(ptrs + HALF, r2.to(out_base.dtype.element_ty), mask=row_mask[:, None])
 
 
+@triton.jit
+def _head_bases(H, q_ptr, k_ptr, v_ptr, x_ptr, sin_ptr, cos_ptr, stride_qb, stride_qh,
+                stride_kb, stride_kh, stride_vb, stride_vh, stride_xb, stride_xh, stride_sb):
+    """Grid axis 1 is batch * heads: (pid_bh, b, h) of this program and the bases of its
+    head's q, k, v and x (the output in the forward, its gradient in the backward) and of
+    its batch's sin/cos."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    x_base = x_ptr + b * stride_xb + h * stride_xh
+    sin_base = sin_ptr + b * stride_sb
+    cos_base = cos_ptr + b * stride_sb
+    return pid_bh, b, h, q_base, k_base, v_base, x_base, sin_base, cos_base
+
+
+@triton.jit
+def _load_key_block(k_base, v_base, stride_kn, stride_vn, cols, N, half_cols, dim_cols,
+                    sin_base, cos_base, stride_sn, P, HALF: tl.constexpr,
+                    HAS_ROPE: tl.constexpr):
+    """Keys `cols` for the backward: (col_mask, rotated k halves, v)."""
+    col_mask = cols < N
+    k1, k2 = _load_rotated_halves(k_base, stride_kn, cols, col_mask, half_cols, sin_base,
+                                  cos_base, stride_sn, P, HALF, HAS_ROPE)
+    v = tl.load(v_base + cols[:, None] * stride_vn + dim_cols[None, :],
+                mask=col_mask[:, None], other=0.0)
+    return col_mask, k1, k2, v
+
+
+@triton.jit
+def _load_query_block(q_base, do_base, lse_base, delta_base, stride_qn, stride_don, rows, N,
+                      half_cols, dim_cols, sin_base, cos_base, stride_sn, P,
+                      HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """Queries `rows` for the backward: (row_mask, rotated q halves, do, and the rows'
+    logsumexp and delta; lse_base/delta_base point at this head's rows)."""
+    row_mask = rows < N
+    q1, q2 = _load_rotated_halves(q_base, stride_qn, rows, row_mask, half_cols, sin_base,
+                                  cos_base, stride_sn, P, HALF, HAS_ROPE)
+    do = tl.load(do_base + rows[:, None] * stride_don + dim_cols[None, :],
+                 mask=row_mask[:, None], other=0.0)
+    lse = tl.load(lse_base + rows, mask=row_mask, other=0.0)
+    delta = tl.load(delta_base + rows, mask=row_mask, other=0.0)
+    return row_mask, q1, q2, do, lse, delta
+
+
 @triton.autotune(configs=_FORWARD_CONFIGS, key=_TUNE_KEY)
 @triton.jit
 def _attention_forward_kernel(
@@ -139,14 +186,9 @@ def _attention_forward_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    sin_base = sin_ptr + b * stride_sb
-    cos_base = cos_ptr + b * stride_sb
+    pid_bh, b, h, q_base, k_base, v_base, o_base, sin_base, cos_base = _head_bases(
+        H, q_ptr, k_ptr, v_ptr, o_ptr, sin_ptr, cos_ptr, stride_qb, stride_qh, stride_kb,
+        stride_kh, stride_vb, stride_vh, stride_ob, stride_oh, stride_sb)
 
     half_cols = tl.arange(0, HALF)
     dim_cols = tl.arange(0, HEAD_DIM)
@@ -178,7 +220,6 @@ def _attention_forward_kernel(
         m_i = m_new
 
     out = acc / l_i[:, None]
-    o_base = o_ptr + b * stride_ob + h * stride_oh
     tl.store(o_base + rows[:, None] * stride_on + dim_cols[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_mask[:, None])
     tl.store(lse_ptr + pid_bh * N + rows, m_i + tl.log2(l_i), mask=row_mask)
@@ -217,37 +258,26 @@ def _attention_backward_dkdv_kernel(
     """dk and dv for one block of keys; dk/dv share strides (stride_g*), both contiguous."""
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    do_base = do_ptr + b * stride_dob + h * stride_doh
-    sin_base = sin_ptr + b * stride_sb
-    cos_base = cos_ptr + b * stride_sb
+    pid_bh, b, h, q_base, k_base, v_base, do_base, sin_base, cos_base = _head_bases(
+        H, q_ptr, k_ptr, v_ptr, do_ptr, sin_ptr, cos_ptr, stride_qb, stride_qh, stride_kb,
+        stride_kh, stride_vb, stride_vh, stride_dob, stride_doh, stride_sb)
 
     half_cols = tl.arange(0, HALF)
     dim_cols = tl.arange(0, HEAD_DIM)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    k1, k2 = _load_rotated_halves(k_base, stride_kn, cols, col_mask, half_cols, sin_base,
-                                  cos_base, stride_sn, P, HALF, HAS_ROPE)
-    v = tl.load(v_base + cols[:, None] * stride_vn + dim_cols[None, :],
-                mask=col_mask[:, None], other=0.0)
+    col_mask, k1, k2, v = _load_key_block(k_base, v_base, stride_kn, stride_vn, cols, N,
+                                          half_cols, dim_cols, sin_base, cos_base, stride_sn,
+                                          P, HALF, HAS_ROPE)
 
     dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for start_m in range(0, N, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        row_mask = rows < N
-        q1, q2 = _load_rotated_halves(q_base, stride_qn, rows, row_mask, half_cols, sin_base,
-                                      cos_base, stride_sn, P, HALF, HAS_ROPE)
-        do = tl.load(do_base + rows[:, None] * stride_don + dim_cols[None, :],
-                     mask=row_mask[:, None], other=0.0)
-        lse = tl.load(lse_ptr + pid_bh * N + rows, mask=row_mask, other=0.0)
-        delta = tl.load(delta_ptr + pid_bh * N + rows, mask=row_mask, other=0.0)
+        row_mask, q1, q2, do, lse, delta = _load_query_block(
+            q_base, do_base, lse_ptr + pid_bh * N, delta_ptr + pid_bh * N, stride_qn,
+            stride_don, rows, N, half_cols, dim_cols, sin_base, cos_base, stride_sn, P, HALF,
+            HAS_ROPE)
         # Transposed scores: keys on rows, queries on columns.
         s_t = tl.dot(k1, tl.trans(q1), input_precision=PREC)
         s_t = tl.dot(k2, tl.trans(q2), s_t, input_precision=PREC)
@@ -279,36 +309,24 @@ def _attention_backward_dq_kernel(
     """dq for one block of queries."""
     HALF: tl.constexpr = HEAD_DIM // 2
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    do_base = do_ptr + b * stride_dob + h * stride_doh
-    sin_base = sin_ptr + b * stride_sb
-    cos_base = cos_ptr + b * stride_sb
+    pid_bh, b, h, q_base, k_base, v_base, do_base, sin_base, cos_base = _head_bases(
+        H, q_ptr, k_ptr, v_ptr, do_ptr, sin_ptr, cos_ptr, stride_qb, stride_qh, stride_kb,
+        stride_kh, stride_vb, stride_vh, stride_dob, stride_doh, stride_sb)
 
     half_cols = tl.arange(0, HALF)
     dim_cols = tl.arange(0, HEAD_DIM)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
-    q1, q2 = _load_rotated_halves(q_base, stride_qn, rows, row_mask, half_cols, sin_base,
-                                  cos_base, stride_sn, P, HALF, HAS_ROPE)
-    do = tl.load(do_base + rows[:, None] * stride_don + dim_cols[None, :],
-                 mask=row_mask[:, None], other=0.0)
-    lse = tl.load(lse_ptr + pid_bh * N + rows, mask=row_mask, other=0.0)
-    delta = tl.load(delta_ptr + pid_bh * N + rows, mask=row_mask, other=0.0)
+    row_mask, q1, q2, do, lse, delta = _load_query_block(
+        q_base, do_base, lse_ptr + pid_bh * N, delta_ptr + pid_bh * N, stride_qn, stride_don,
+        rows, N, half_cols, dim_cols, sin_base, cos_base, stride_sn, P, HALF, HAS_ROPE)
 
     dq1 = tl.zeros([BLOCK_M, HALF], tl.float32)
     dq2 = tl.zeros([BLOCK_M, HALF], tl.float32)
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
-        k1, k2 = _load_rotated_halves(k_base, stride_kn, cols, col_mask, half_cols, sin_base,
-                                      cos_base, stride_sn, P, HALF, HAS_ROPE)
-        v = tl.load(v_base + cols[:, None] * stride_vn + dim_cols[None, :],
-                    mask=col_mask[:, None], other=0.0)
+        col_mask, k1, k2, v = _load_key_block(k_base, v_base, stride_kn, stride_vn, cols, N,
+                                              half_cols, dim_cols, sin_base, cos_base,
+                                              stride_sn, P, HALF, HAS_ROPE)
         s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
         s = tl.dot(q2, tl.trans(k2), s, input_precision=PREC)
         p = tl.exp2(s * qk_scale - lse[:, None])
