@@ -36,7 +36,7 @@ def _plogp(p: Tensor) -> Tensor:
                        torch.zeros_like(p))
 
 
-def _validate(routing, task_ids, num_tasks):
+def _validate(routing, task_ids, num_tasks, check_task_ids):
     for name in ("probs", "logits", "experts"):
         if not isinstance(getattr(routing, name, None), Tensor):
             raise TypeError(f"routing must be the Routing returned by task_topk_route "
@@ -53,17 +53,20 @@ def _validate(routing, task_ids, num_tasks):
         raise ValueError(f"task_ids is on {task_ids.device} but routing is on "
                          f"{routing.probs.device}")
     # The value check reads the ids on the host: eager only (under torch.compile it would
-    # break the graph; task_topk_route has already range-checked the same ids in its op).
-    if torch.compiler.is_compiling() or num_tokens == 0:
+    # break the graph; task_topk_route has already range-checked the same ids in its op),
+    # and not for a caller that has checked them already.
+    if not check_task_ids or torch.compiler.is_compiling() or num_tokens == 0:
         return
     if int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks:
         raise ValueError(f"task_ids must be in [0, num_tasks) = [0, {num_tasks}), got values "
                          f"in [{int(task_ids.min())}, {int(task_ids.max())}]")
 
 
-def moe_aux_losses(routing, task_ids, num_tasks: int) -> MoEAuxLosses:
-    """Per-task load balancing, router z-loss and task-expert mutual information (fp32)."""
-    _validate(routing, task_ids, num_tasks)
+def moe_aux_losses(routing, task_ids, num_tasks: int, *, check_task_ids: bool = True) -> MoEAuxLosses:
+    """Per-task load balancing, router z-loss and task-expert mutual information (fp32).
+    check_task_ids=False skips the range check of the ids (a host read) for callers that
+    have validated them."""
+    _validate(routing, task_ids, num_tasks, check_task_ids)
     probs = routing.probs.float()
     logits = routing.logits.float()
     experts = routing.experts

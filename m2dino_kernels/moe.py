@@ -15,7 +15,10 @@ Dtypes: x and all weights share one dtype: float32, bfloat16, float16 (or float6
 Range checks: task ids are checked against the number of tasks inside the op, on the real
 tensors (one device-to-host sync per routing call on GPU: correctness beats that sync).
 Expert ids in a Routing are produced in range by task_topk_route; expert_mlp re-checks them
-on CPU tensors only (free there), and on CUDA checks only the shapes.
+on CPU tensors only (free there), and on CUDA checks only the shapes. A caller that has
+validated its task ids once for many calls (M2DINO checks the B per-image ids at its entry)
+passes `check_task_ids=False` / `check_routing=False` and the ops then read nothing back to
+the host: the shape, dtype and device checks always run.
 
 NaN policy: NaN/Inf in x or the gate weights propagate into logits, probs and outputs; the
 routing of such a token is undefined but its experts stay in [0, E), so nothing is ever read
@@ -232,15 +235,16 @@ _RouteOut = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 @torch.library.custom_op("m2dino::task_topk_route", mutates_args=())
 def _route_op(x: Tensor, task_ids: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor],
-              top_k: int, backend: str) -> _RouteOut:
-    _check_task_range(task_ids, gate_weight.shape[0])
+              top_k: int, backend: str, check_task_ids: bool = True) -> _RouteOut:
+    if check_task_ids:
+        _check_task_range(task_ids, gate_weight.shape[0])
     out = backends.backend_module(backend).route_forward(x, task_ids, gate_weight, gate_bias,
                                                          top_k)
     return tuple(out)
 
 
 @_route_op.register_fake
-def _route_fake(x, task_ids, gate_weight, gate_bias, top_k, backend):
+def _route_fake(x, task_ids, gate_weight, gate_bias, top_k, backend, check_task_ids=True):
     num_tokens = x.shape[0]
     num_experts = gate_weight.shape[1]
     fdt = _routing_dtype(x.dtype)
@@ -275,7 +279,7 @@ def _route_backward_fake(grad_logits, grad_probs, grad_weights, x, task_ids, gat
 
 
 def _route_setup_context(ctx, inputs, output):
-    x, task_ids, gate_weight, gate_bias, top_k, backend = inputs
+    x, task_ids, gate_weight, gate_bias, top_k, backend, _check = inputs
     _, probs, weights, experts, _, _, _ = output
     ctx.has_bias = gate_bias is not None
     ctx.backend = backend
@@ -289,7 +293,7 @@ def _route_backward(ctx, grad_logits, grad_probs, grad_weights, *_int_output_gra
         _zeros_if_none(grad_logits, probs), _zeros_if_none(grad_probs, probs),
         _zeros_if_none(grad_weights, weights), x, task_ids, gate_weight, ctx.has_bias, probs,
         weights, experts, ctx.backend)
-    return grad_x, None, grad_gw, grad_gb if ctx.has_bias else None, None, None
+    return grad_x, None, grad_gw, grad_gb if ctx.has_bias else None, None, None, None
 
 
 _route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
@@ -301,8 +305,9 @@ _route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
 @torch.library.custom_op("m2dino::expert_mlp", mutates_args=())
 def _experts_op(x: Tensor, weights: Tensor, experts: Tensor, sorted_slots: Tensor,
                 offsets: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor,
-                activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    _check_routing_values(experts, sorted_slots, offsets, fc1_w.shape[0])
+                activation: str, backend: str, check_routing: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    if check_routing:
+        _check_routing_values(experts, sorted_slots, offsets, fc1_w.shape[0])
     y, h_pre, expert_out = backends.backend_module(backend).experts_forward(
         x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b, activation)
     return y, h_pre, expert_out
@@ -310,7 +315,7 @@ def _experts_op(x: Tensor, weights: Tensor, experts: Tensor, sorted_slots: Tenso
 
 @_experts_op.register_fake
 def _experts_fake(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b,
-                  activation, backend):
+                  activation, backend, check_routing=True):
     num_rows = sorted_slots.shape[0]
     return (torch.empty_like(x), x.new_empty(num_rows, fc1_w.shape[1]),
             x.new_empty(num_rows, x.shape[1]))
@@ -336,7 +341,7 @@ def _experts_backward_fake(grad_y, x, weights, experts, sorted_slots, offsets, f
 
 
 def _experts_setup_context(ctx, inputs, output):
-    x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b, activation, backend = inputs
+    x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b, activation, backend, _check = inputs
     _, h_pre, expert_out = output
     ctx.activation = activation
     ctx.backend = backend
@@ -355,7 +360,7 @@ def _experts_backward(ctx, grad_y, _grad_h_pre, _grad_expert_out):
         _zeros_if_none(grad_y, x), x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b,
         fc2_w, fc2_b, ctx.activation, h_pre, expert_out, ctx.backend)
     return (grad_x, grad_weights, None, None, None, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b,
-            None, None)
+            None, None, None)
 
 
 _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup_context)
@@ -364,7 +369,8 @@ _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup_co
 # ---------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------
-def task_topk_route(x, task_ids, gate_weight, gate_bias=None, top_k=2) -> Routing:
+def task_topk_route(x, task_ids, gate_weight, gate_bias=None, top_k=2, *,
+                    check_task_ids: bool = True) -> Routing:
     """Route each token by the router of its own task.
 
     x [T, D], task_ids [T] (integer, in [0, num_tasks)), gate_weight [num_tasks, E, D]
@@ -372,24 +378,29 @@ def task_topk_route(x, task_ids, gate_weight, gate_bias=None, top_k=2) -> Routin
     x[t] + gate_bias[task_t] in fp32; probs = softmax(logits); the top_k experts by
     probability (descending, ties to the lower index); weights = their probabilities
     renormalised to sum to 1. Gradients reach x, gate_weight and gate_bias through
-    logits, probs and weights. No device-to-host sync except the task-id range check.
+    logits, probs and weights. No device-to-host sync except the task-id range check
+    (skipped with check_task_ids=False, for callers that validated the ids already).
     """
     _validate_route(x, task_ids, gate_weight, gate_bias, top_k)
     backend = backends.resolve_backend(x.device)
     _check_backend_dtype(backend, x.dtype)
     out = _route_op(x.contiguous(), task_ids.to(torch.int64).contiguous(),
                     gate_weight.contiguous(),
-                    None if gate_bias is None else gate_bias.contiguous(), int(top_k), backend)
+                    None if gate_bias is None else gate_bias.contiguous(), int(top_k), backend,
+                    bool(check_task_ids))
     return Routing(*out, top_k=int(top_k))
 
 
-def expert_mlp(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation="gelu"):
+def expert_mlp(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation="gelu", *,
+               check_routing: bool = True):
     """y[t] = sum_j routing.weights[t, j] * expert_{routing.experts[t, j]}(x[t]). Dropless.
 
     fc1_weight [E, H1, D], fc1_bias [E, H1], fc2_weight [E, D, H], fc2_bias [E, D]
     (biases may be None: zeros). activation "gelu" (exact erf, H1 = H) or "swiglu"
     (H1 = 2H, hidden = silu(a) * b with a, b = fc1(x).chunk(2)). Gradients reach x, every
-    weight and bias, and routing.weights.
+    weight and bias, and routing.weights. check_routing=False skips the index-range checks
+    of the routing (CPU only; they read values on the host) for a Routing straight from
+    task_topk_route.
     """
     _validate_experts(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation)
     backend = backends.resolve_backend(x.device)
@@ -403,5 +414,5 @@ def expert_mlp(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activatio
                           routing.experts.contiguous(), routing.sorted_slots.contiguous(),
                           routing.offsets.contiguous(), fc1_weight.contiguous(),
                           fc1_bias.contiguous(), fc2_weight.contiguous(), fc2_bias.contiguous(),
-                          activation, backend)
+                          activation, backend, bool(check_routing))
     return y
