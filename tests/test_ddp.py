@@ -1,5 +1,7 @@
-"""Data-parallel training with two CPU processes (gloo): the replicas stay identical, and the
-loss and weights match one process trained on the same global batch."""
+"""Data-parallel training with two CPU processes (gloo), through DDP and through FSDP2: the
+replicas (the gathered shards) stay identical, and the loss and weights match one process
+trained on the same global batch."""
+import copy
 import json
 import os
 import socket
@@ -19,15 +21,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(suite, out, batch_size) -> TrainConfig:
+def _config(suite, out, batch_size, fsdp=False) -> TrainConfig:
     # aux losses off: they are computed per process (the load-balance loss is not a mean over
     # samples), so only the task losses can equal the single-process ones
     return TrainConfig(data=str(suite), out=str(out), paradigm="au", img_size=32, batch_size=batch_size,
-                       steps=3, log_every=1, progress=False, warmup=0, lr=1e-3,
+                       steps=3, log_every=1, progress=False, warmup=0, lr=1e-3, fsdp=fsdp,
                        aux_weights={"load_balance": 0.0, "z_loss": 0.0, "mutual_information": 0.0}).validate()
 
 
-def _train(rank, world, port, suite, out, batch_size):
+def _train(rank, world, port, suite, out, batch_size, fsdp=False):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -37,7 +39,7 @@ def _train(rank, world, port, suite, out, batch_size):
     from m2dino.training.study import load_data
     from m2dino.training.trainer import ModelTrainer
 
-    config = _config(suite, out, batch_size)
+    config = _config(suite, out, batch_size, fsdp)
     device = torch.device("cpu")
     dist_utils.setup(device)
     try:
@@ -46,7 +48,12 @@ def _train(rank, world, port, suite, out, batch_size):
         trainer = ModelTrainer(config, "all", specs, data.train, data.val, out / "au" / "all", device,
                                trivial_baselines(data.train, data.val, specs))
         trainer.run()
-        torch.save(trainer.model.state_dict(), out / f"rank{rank}.pt")
+        if fsdp and world > 1:
+            assert dist_utils.is_sharded(trainer.train_model)
+        else:
+            assert isinstance(trainer.train_model, torch.nn.parallel.DistributedDataParallel) == (world > 1)
+        state, _ = dist_utils.full_state_dicts(trainer.train_model, trainer.optimizer)  # gathers shards
+        torch.save(state, out / f"rank{rank}.pt")
     finally:
         dist_utils.cleanup()
 
@@ -57,16 +64,20 @@ def _losses(model_dir):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path, tiny_suite):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path, tiny_suite, fsdp):
     suite = tiny_suite(TASKS, min_train=8, min_val=3)
-    mp.spawn(_train, args=(2, _free_port(), suite, tmp_path / "ddp", 4), nprocs=2, join=True)
+    mp.spawn(_train, args=(2, _free_port(), suite, tmp_path / "ddp", 4, fsdp), nprocs=2, join=True)
     mp.spawn(_train, args=(1, _free_port(), suite, tmp_path / "one", 8), nprocs=1, join=True)
 
     r0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=True)
     one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
-    for k in r0:
-        assert torch.equal(r0[k], r1[k]), f"{k} differs between the ranks"
+    if fsdp:  # each rank holds a shard; the gathered full state exists on rank 0 only
+        assert r1 == {} and set(r0) == set(one)
+    else:
+        for k in r0:
+            assert torch.equal(r0[k], r1[k]), f"{k} differs between the ranks"
     # only rank 0 writes the run directory
     assert not (tmp_path / "ddp" / "rank1").exists()
     ddp_losses = _losses(tmp_path / "ddp" / "au" / "all")
@@ -79,3 +90,56 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path, ti
     # move a weight by a visible part of one step (lr): bound the drift at a tenth of the
     # largest possible total update (3 steps x lr 1e-3); a wrong reduction moves weights by ~lr.
     assert worst < 0.1 * 3 * 1e-3, f"two processes drift from one process by {worst}"
+
+
+def _fsdp_resume(rank, world, port, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from m2dino import create_model, total_loss
+    from m2dino.training import distributed as dist_utils
+
+    device = torch.device("cpu")
+    dist_utils.setup(device)
+    try:
+        def build():
+            torch.manual_seed(0)
+            model = dist_utils.parallelize(create_model("dinov3_tiny", ["breast_2cls"], moe_layers=2, img_size=32),
+                                           device, fsdp=True)
+            return model, torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+
+        gen = torch.Generator().manual_seed(rank)
+        images = torch.randn(2, 3, 32, 32, generator=gen)
+        targets = [{"label": torch.tensor(i % 2)} for i in range(2)]
+
+        def step(model, optimizer):
+            optimizer.zero_grad()
+            loss, _ = total_loss(model(images, torch.zeros(2, dtype=torch.long)), targets, model.tasks)
+            loss.backward()
+            optimizer.step()
+
+        model, optimizer = build()
+        step(model, optimizer)
+        # what a checkpoint holds (rank 0; on CPU the gathered optimizer state may alias the live
+        # one, so copy it as writing it to disk does), then what every rank reads back
+        saved = dist_utils.broadcast_object(copy.deepcopy(dist_utils.full_state_dicts(model, optimizer)))
+        step(model, optimizer)
+        continued = dist_utils.full_state_dicts(model, optimizer)[0]
+
+        resumed, resumed_optimizer = build()
+        dist_utils.load_full_state_dicts(resumed, resumed_optimizer, *saved)
+        step(resumed, resumed_optimizer)
+        again = dist_utils.full_state_dicts(resumed, resumed_optimizer)[0]
+        if rank == 0:
+            torch.save({"continued": continued, "resumed": again}, out / "resume.pt")
+    finally:
+        dist_utils.cleanup()
+
+
+@pytest.mark.slow
+def test_fsdp2_state_gathered_and_scattered_back_resumes_exactly(tmp_path):
+    mp.spawn(_fsdp_resume, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    result = torch.load(tmp_path / "resume.pt", weights_only=True)
+    assert set(result["continued"]) == set(result["resumed"]) and result["continued"]
+    for k, v in result["continued"].items():
+        assert torch.equal(v, result["resumed"][k]), k

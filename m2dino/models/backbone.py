@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from m2dino.models.moe import validate_task_ids
 from m2dino_kernels import attention as rope_attention  # RoPE applied (or fused) inside
 
 NUM_STORAGE_TOKENS = 4
@@ -205,14 +206,14 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, config.layerscale_init)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor],
-                task_ids: Optional[Tensor] = None) -> Tensor:
+                task_ids: Optional[Tensor] = None, check_task_ids: bool = True) -> Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), rope))
         hidden = self.norm2(x)
         if getattr(self.mlp, "task_conditioned", False):
             if task_ids is None:
                 raise ValueError("this block's MLP is a task-conditioned MoE: pass task_ids "
                                  "(LongTensor[B], one task index per image)")
-            hidden = self.mlp(hidden, task_ids)
+            hidden = self.mlp(hidden, task_ids, check_task_ids)
         else:
             hidden = self.mlp(hidden)
         return x + self.ls2(hidden)
@@ -290,12 +291,19 @@ class DinoV3ViT(nn.Module):
         return tokens, (height, width)
 
     def _run_block(self, block: Block, x: Tensor, rope, task_ids):
+        # task_ids were checked once at the entry (_blocks_forward): the blocks skip the check
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, rope, task_ids, use_reentrant=False)
-        return block(x, rope, task_ids)
+            return checkpoint(block, x, rope, task_ids, False, use_reentrant=False)
+        return block(x, rope, task_ids, False)
 
-    def _blocks_forward(self, x: Tensor, task_ids: Optional[Tensor], keep=()):
-        tokens, (height, width) = self.prepare_tokens(x)
+    def _blocks_forward(self, x: Tensor, task_ids: Optional[Tensor], masks: Optional[Tensor] = None,
+                        keep=(), check_task_ids: bool = True):
+        tokens, (height, width) = self.prepare_tokens(x, masks)
+        if check_task_ids and task_ids is not None:
+            num_tasks = next((b.mlp.num_tasks for b in self.blocks
+                              if getattr(b.mlp, "task_conditioned", False)), None)
+            if num_tasks is not None:
+                validate_task_ids(task_ids, x.shape[0], num_tasks)
         rope = self.rope_embed(height, width)
         kept = []
         for index, block in enumerate(self.blocks):
@@ -305,12 +313,10 @@ class DinoV3ViT(nn.Module):
         return tokens, kept, (height, width)
 
     def forward_features(self, x: Tensor, masks: Optional[Tensor] = None,
-                         task_ids: Optional[Tensor] = None) -> dict:
-        """Official output dict. task_ids [B] are needed only once MoE blocks are installed."""
-        tokens, (height, width) = self.prepare_tokens(x, masks)
-        rope = self.rope_embed(height, width)
-        for block in self.blocks:
-            tokens = self._run_block(block, tokens, rope, task_ids)
+                         task_ids: Optional[Tensor] = None, check_task_ids: bool = True) -> dict:
+        """Official output dict. task_ids [B] are needed only once MoE blocks are installed;
+        check_task_ids=False when the caller has range-checked them (M2DINO does)."""
+        tokens, _, _ = self._blocks_forward(x, task_ids, masks, check_task_ids=check_task_ids)
         normed = self.norm(tokens)
         return {
             "x_norm_clstoken": normed[:, 0],
@@ -323,7 +329,7 @@ class DinoV3ViT(nn.Module):
     def get_intermediate_layers(self, x: Tensor, n=1, reshape: bool = False,
                                 return_class_token: bool = False, norm: bool = True,
                                 return_extra_tokens: bool = False,
-                                task_ids: Optional[Tensor] = None):
+                                task_ids: Optional[Tensor] = None, check_task_ids: bool = True):
         """Outputs of blocks: int n = the last n, a list = those indices. Prefix tokens are
         stripped; reshape=True gives [B, D, H/p, W/p]. Returns a tuple per block of the patch
         tokens, plus the class token and/or the storage tokens when asked (upstream order)."""
@@ -337,7 +343,8 @@ class DinoV3ViT(nn.Module):
             bad = [i for i in take if not 0 <= i < depth]
             if bad:
                 raise ValueError(f"block indices {bad} out of range [0, {depth})")
-        _, kept, (height, width) = self._blocks_forward(x, task_ids, keep=set(take))
+        _, kept, (height, width) = self._blocks_forward(x, task_ids, keep=set(take),
+                                                        check_task_ids=check_task_ids)
         by_index = dict(zip(sorted(set(take)), kept))
         outputs = [by_index[i] for i in take]
         if norm:

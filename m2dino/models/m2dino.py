@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from m2dino import io
 from m2dino.models.backbone import PRESETS
 from m2dino.models.heads import DPTNeck, build_head, default_neck_layers
-from m2dino.models.moe import AUX_NAMES, moe_modules, upcycle_backbone
+from m2dino.models.moe import AUX_NAMES, moe_modules, upcycle_backbone, validate_task_ids
 from m2dino.models.weights import WeightsError, build_backbone
 from m2dino.tasks import TaskSpec, get_task
 
@@ -100,47 +100,50 @@ class M2DINO(nn.Module):
             raise ValueError(f"tasks {unknown} are not tasks of this model ({self.task_ids})")
         return torch.tensor([lookup[name] for name in task_names], dtype=torch.int64)
 
-    def _check_task_ids(self, images: Tensor, task_ids: Tensor) -> Tensor:
-        if not isinstance(task_ids, Tensor) or task_ids.dtype.is_floating_point:
-            raise TypeError("task_ids must be an integer tensor of task indices "
-                            "(use model.task_index(list_of_task_names))")
-        if task_ids.shape != (images.shape[0],):
-            raise ValueError(f"task_ids must have shape [B] = [{images.shape[0]}], "
-                             f"got {list(task_ids.shape)}")
-        if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= len(self.tasks)):
-            raise ValueError(f"task_ids must be in [0, {len(self.tasks)}), got values in "
-                             f"[{int(task_ids.min())}, {int(task_ids.max())}]")
-        return task_ids.to(device=images.device, dtype=torch.int64)
+    def _split_by_task(self, images: Tensor, task_ids: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """(the task ids on the images' device, {task index: its rows of the batch}).
+
+        The ids are checked and split on the host, once per batch: one stable sort and one read
+        of the per-task counts (on B values, not B*N tokens). Ids made by `task_index` are on
+        the CPU already, so a GPU forward reads nothing back from the device; ids given on a
+        GPU are copied back once. The rows ("indices" in the outputs) stay host tensors: they
+        index the batch's targets and orig_sizes, which live on the host."""
+        host = task_ids.cpu() if isinstance(task_ids, Tensor) and task_ids.device.type != "cpu" else task_ids
+        validate_task_ids(host, images.shape[0], len(self.tasks))
+        host = host.to(torch.int64)
+        counts = torch.zeros(len(self.tasks), dtype=torch.int64).index_add_(0, host, torch.ones_like(host))
+        rows = torch.split(torch.argsort(host, stable=True), counts.tolist())
+        present = {i: r for i, r in enumerate(rows) if r.numel()}
+        return host.to(images.device, non_blocking=True), present
 
     # ----- forward ------------------------------------------------------------------------
     def forward_features(self, images: Tensor, task_ids: Tensor) -> dict:
-        task_ids = self._check_task_ids(images, task_ids)
-        return self.backbone.forward_features(images, task_ids=task_ids)
+        task_ids, _ = self._split_by_task(images, task_ids)
+        return self.backbone.forward_features(images, task_ids=task_ids, check_task_ids=False)
 
     def forward(self, images: Tensor, task_ids: Tensor) -> dict:
-        task_ids = self._check_task_ids(images, task_ids)
+        task_ids, present = self._split_by_task(images, task_ids)
         depth = len(self.backbone.blocks)
         wanted = sorted(set(self.neck_layers) | {depth - 1})
         layers = self.backbone.get_intermediate_layers(images, n=wanted, reshape=True,
                                                        return_class_token=True, norm=True,
-                                                       task_ids=task_ids)
+                                                       task_ids=task_ids, check_task_ids=False)
         by_index = dict(zip(wanted, layers))
         final_map, cls_token = by_index[depth - 1]
         patch_tokens = final_map.flatten(2).transpose(1, 2)
         image_size = tuple(images.shape[-2:])
 
-        present = sorted(task_ids.unique().tolist())  # one host sync for the whole batch
         needs_neck = any(self.tasks[i].task_type in SPATIAL_TYPES for i in present)
         features = (self.neck([by_index[i][0] for i in self.neck_layers]) if needs_neck
                     else None)
         outputs = {}
-        for i in present:
+        for i, rows in present.items():
             task = self.tasks[i]
-            rows = (task_ids == i).nonzero(as_tuple=True)[0]
+            index = rows.to(images.device, non_blocking=True)
             task_features = (None if features is None
-                             else {s: f.index_select(0, rows) for s, f in features.items()})
-            head_out = self.heads[task.task_id](task_features, cls_token.index_select(0, rows),
-                                                patch_tokens.index_select(0, rows), image_size)
+                             else {s: f.index_select(0, index) for s, f in features.items()})
+            head_out = self.heads[task.task_id](task_features, cls_token.index_select(0, index),
+                                                patch_tokens.index_select(0, index), image_size)
             outputs[task.task_id] = {"indices": rows, **head_out}
         result = {"tasks": outputs, "aux": self._collect_moe_state(images)}
         if self.training and torch.is_grad_enabled():
@@ -230,13 +233,15 @@ def _stem(path) -> Path:
     return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
 
 
-def save_model(model: M2DINO, path_stem) -> tuple[Path, Path]:
-    """Write <stem>.safetensors (weights) and <stem>.json (config), each atomically."""
+def save_model(model: M2DINO, path_stem, state_dict: Optional[dict] = None) -> tuple[Path, Path]:
+    """Write <stem>.safetensors (weights) and <stem>.json (config), each atomically.
+    state_dict: the weights to write when they are not the module's own (a sharded model's
+    gathered full state)."""
     from safetensors.torch import save_file
     stem = _stem(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     io.atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"format": "m2dino"}))
     io.write_json(config_path, model.config, indent=2)
     return weights_path, config_path

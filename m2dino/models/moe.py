@@ -13,6 +13,10 @@ random weights (`router_init_std`, default 0.02; 0 gives all-zero routers). Rand
 than zero: zero routers tie every token to experts 0 and 1, which then get identical
 gradients forever; small random routers spread the tokens, so the experts diverge.
 
+Task ids are checked once per forward, on the B per-image values, by whoever enters first
+(`validate_task_ids`: M2DINO on its host copy, else the backbone, else TaskMoE itself); the layers
+below run with the kernels' checks off and read nothing back to the host.
+
 Bookkeeping per forward (read by M2DINO after the backbone pass, so that gradient
 checkpointing's recomputation cannot double count):
 - `last_aux`: MoEAuxLosses(load_balance, z_loss, mutual_information) of this layer;
@@ -32,6 +36,21 @@ from m2dino_kernels import MoEAuxLosses, expert_mlp, moe_aux_losses, task_topk_r
 
 # The auxiliary losses every MoE layer reports (their weights live in m2dino.training.losses).
 AUX_NAMES = MoEAuxLosses._fields
+
+
+def validate_task_ids(task_ids: Tensor, batch: int, num_tasks: int) -> None:
+    """Raise naming the problem unless task_ids is an integer tensor [batch] with values in
+    [0, num_tasks). One host read (min and max together); none under torch.compile tracing."""
+    if not isinstance(task_ids, Tensor) or task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool:
+        raise TypeError("task_ids must be an integer tensor of task indices "
+                        "(use model.task_index(list_of_task_names))")
+    if tuple(task_ids.shape) != (batch,):
+        raise ValueError(f"task_ids must have shape [B] = [{batch}] (one per image), got {list(task_ids.shape)}")
+    if batch == 0 or torch.compiler.is_compiling():
+        return
+    low, high = torch.stack(torch.aminmax(task_ids)).tolist()
+    if low < 0 or high >= num_tasks:
+        raise ValueError(f"task_ids must be in [0, {num_tasks}), got values in [{low}, {high}]")
 
 
 class TaskMoE(nn.Module):
@@ -86,13 +105,16 @@ class TaskMoE(nn.Module):
             moe.fc2_bias.copy_(fc2_b.detach().expand(num_experts, -1))
         return moe
 
-    def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
-        """x [B, N, D]; task_ids [B] task indices, one per image (repeated over its tokens)."""
+    def forward(self, x: Tensor, task_ids: Tensor, check_task_ids: bool = True) -> Tensor:
+        """x [B, N, D]; task_ids [B] task indices, one per image (repeated over its tokens).
+        check_task_ids=False: the caller has range-checked task_ids (see the module doc)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"TaskMoE input must have shape [B, N, {self.dim}], "
                              f"got {list(x.shape)}")
         batch, tokens, dim = x.shape
-        if task_ids.shape != (batch,):
+        if check_task_ids:
+            validate_task_ids(task_ids, batch, self.num_tasks)
+        elif task_ids.shape != (batch,):
             raise ValueError(f"task_ids must have shape [B] = [{batch}] (one per image), "
                              f"got {list(task_ids.shape)}")
         # Under autocast the experts run in the autocast dtype (LayerNorm hands us fp32), so
@@ -101,12 +123,14 @@ class TaskMoE(nn.Module):
                  if torch.is_autocast_enabled(x.device.type) else x.dtype)
         flat = x.reshape(batch * tokens, dim).to(dtype)
         token_tasks = task_ids.to(device=x.device, dtype=torch.int64).repeat_interleave(tokens)
+        # the ids are checked above (or by the caller), the routing is the op's own: the kernels
+        # need not read anything back to the host
         routing = task_topk_route(flat, token_tasks, self.gate_weight.to(dtype),
-                                  self.gate_bias.to(dtype), top_k=self.top_k)
+                                  self.gate_bias.to(dtype), top_k=self.top_k, check_task_ids=False)
         out = expert_mlp(flat, routing, self.fc1_weight.to(dtype), self.fc1_bias.to(dtype),
                          self.fc2_weight.to(dtype), self.fc2_bias.to(dtype),
-                         activation=self.activation)
-        self.last_aux = moe_aux_losses(routing, token_tasks, self.num_tasks)
+                         activation=self.activation, check_routing=False)
+        self.last_aux = moe_aux_losses(routing, token_tasks, self.num_tasks, check_task_ids=False)
         with torch.no_grad():
             counts = torch.zeros(self.num_tasks, self.num_experts, dtype=torch.int64,
                                  device=x.device)
@@ -134,6 +158,12 @@ def upcycle_backbone(backbone: nn.Module, num_tasks: int, num_experts: int = 8, 
         block.mlp = TaskMoE.from_dense(block.mlp, num_tasks, num_experts, top_k,
                                        router_init_std)
     return indices
+
+
+def num_tasks_of(backbone: nn.Module) -> int | None:
+    """The task count of a backbone's MoE layers (None for a dense backbone)."""
+    layers = moe_modules(backbone)
+    return next(iter(layers.values())).num_tasks if layers else None
 
 
 def moe_modules(backbone: nn.Module) -> dict[int, TaskMoE]:

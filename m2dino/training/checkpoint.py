@@ -27,6 +27,7 @@ import torch
 
 from m2dino import io
 from m2dino.models.m2dino import save_model
+from m2dino.training.distributed import unwrap
 
 TRAIN_STATE = "train_state.pt"
 MODEL_STEM = "model"
@@ -80,16 +81,17 @@ def _python_state_from_plain(plain):
 # ------------------------------------------------------------------ writing
 
 
-def save_checkpoint(model_dir, model, train_state: dict[str, Any]) -> Path:
+def save_checkpoint(model_dir, model, train_state: dict[str, Any], model_state: dict | None = None) -> Path:
     """Write `model_dir/last/` atomically (see the module docstring); returns its path.
 
-    train_state: tensors and plain Python types only (it is loaded with weights_only=True).
+    train_state: tensors and plain Python types only (it is loaded with weights_only=True);
+    model_state: the full weights when `model` is sharded (m2dino.training.distributed).
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=model_dir))
     try:
-        save_model(_unwrap(model), tmp / MODEL_STEM)
+        save_model(unwrap(model), tmp / MODEL_STEM, state_dict=model_state)
         delay = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
         if delay > 0:
             time.sleep(delay)
@@ -118,10 +120,6 @@ def cleanup_stale(model_dir) -> None:
     for d in model_dir.glob(".last.*"):
         if d.is_dir() and d != keep and (d.name.startswith(_TMP_PREFIX) or keep is not None):
             shutil.rmtree(d, ignore_errors=True)
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)
 
 
 # ------------------------------------------------------------------ reading
@@ -153,9 +151,9 @@ def find_checkpoint(model_dir) -> Path | None:
     return None
 
 
-def load_checkpoint(ckpt_dir, model) -> dict[str, Any]:
-    """Load the weights into `model` (strict: names and shapes must match) and return the
-    training state. Errors name the file and the problem."""
+def read_checkpoint(ckpt_dir, model) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(the weights, the training state) of a checkpoint, the weights checked against `model`'s
+    names and shapes (strict). Errors name the file and the problem."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -166,11 +164,10 @@ def load_checkpoint(ckpt_dir, model) -> dict[str, Any]:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: cannot be read ({e})") from e
-    target = _unwrap(model)
-    own = target.state_dict()
+    own = {k: tuple(v.shape) for k, v in unwrap(model).state_dict().items()}
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
-    wrong = sorted(k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape))
+    wrong = sorted(k for k in set(own) & set(tensors) if own[k] != tuple(tensors[k].shape))
     if missing or unexpected or wrong:
         details = []
         if missing:
@@ -179,7 +176,14 @@ def load_checkpoint(ckpt_dir, model) -> dict[str, Any]:
             details.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
         if wrong:
             details.append("wrong shape " + ", ".join(
-                f"{k}: saved {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:5]))
+                f"{k}: saved {tuple(tensors[k].shape)} vs model {own[k]}" for k in wrong[:5]))
         raise CheckpointError(f"{weights}: does not fit this model ({'; '.join(details)})")
-    target.load_state_dict(tensors, strict=True)
+    return tensors, state
+
+
+def load_checkpoint(ckpt_dir, model) -> dict[str, Any]:
+    """Load the weights into `model` (strict: names and shapes must match) and return the
+    training state. Errors name the file and the problem."""
+    tensors, state = read_checkpoint(ckpt_dir, model)
+    unwrap(model).load_state_dict(tensors, strict=True)
     return state

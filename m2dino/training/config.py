@@ -62,6 +62,7 @@ class TrainConfig:
     amp: str = "bf16"                     # bf16 | fp16 | off (autocast is used on GPU only)
     grad_checkpointing: bool = False
     freeze_backbone: bool = False
+    fsdp: bool = False                    # under torchrun: FSDP2 (shard weights, grads, optimizer state) instead of DDP
     seed: int = 0
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     workers: int = 0
@@ -255,6 +256,8 @@ _HELP = {
     "amp": "autocast dtype on GPU (CPU always runs fp32)",
     "grad_checkpointing": "recompute block activations in the backward pass (less memory)",
     "freeze_backbone": "train only the MoE layers' routers/experts, neck and heads",
+    "fsdp": "under torchrun, shard the model with FSDP2 (fully_shard per block) instead of replicating it "
+            "with DDP: for the large presets",
     "seed": "seed of the model init, the split, the sampler and the augmentation",
     "device": "auto, cpu, cuda or cuda:N (under torchrun each process takes cuda:LOCAL_RANK)",
     "workers": "DataLoader worker processes",

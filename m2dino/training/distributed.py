@@ -1,18 +1,16 @@
 """torchrun / data-parallel helpers.
 
 `torchrun --nproc_per_node=N -m m2dino.train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; we
-initialise the process group (nccl on GPU, gloo on CPU) and train data-parallel: every
-process holds a full replica, takes its share of each global batch from the sampler, and the
-gradients are averaged with one all-reduce per step (`all_reduce_gradients`).
-
-Why not the DistributedDataParallel wrapper: with task-conditioned MoE and per-task heads,
-which parameters receive a gradient changes every step and differs between ranks (an expert
-or a head with no sample on one rank). We all-reduce a "has a gradient" flag per parameter
-first: a parameter used on any rank gets the averaged gradient on every rank (zeros where it
-was unused locally), and one unused on every rank keeps `grad=None` everywhere, exactly as
-in a single process with the whole global batch (AdamW then leaves it untouched). The
-result does not depend on the bucket order or on graph-traversal flags, and works
-unchanged with gradient checkpointing.
+initialise the process group (nccl on GPU, gloo on CPU) and train data-parallel:
+- `parallelize(model, device)` wraps the model in DistributedDataParallel: gradients are
+  averaged by bucketed all-reduces that overlap the backward pass. Every parameter is in every
+  step's graph (the MoE kernels return full-size gradients; heads absent from a batch are tied
+  in by the model's zero `unused_anchor`, which the loss adds), so DDP runs with
+  find_unused_parameters=False and no per-step graph walk.
+- `parallelize(model, device, fsdp=True)` shards it with FSDP2 instead (`fully_shard` per
+  transformer block, then the rest): for the large presets, whose weights, gradients and AdamW
+  state do not fit on one GPU several times over. Checkpoints gather the full state on rank 0
+  (`full_state_dicts`) and resume scatters it back (`load_full_state_dicts`).
 """
 from __future__ import annotations
 
@@ -108,35 +106,79 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Average gradients over ranks; see the module docstring for unused parameters."""
+def parallelize(model: torch.nn.Module, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
+    """The module to run training steps through (see the module docstring); the model itself
+    outside torchrun. Build the optimizer after this (FSDP2 replaces the parameters)."""
     if not is_distributed():
+        return model
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        broadcast_parameters(model)  # shards are cut from rank 0's full weights
+        mesh = init_device_mesh(device.type, (world_size(),))
+        for block in model.backbone.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False,  # our buffers are constants (RoPE periods, masks)
+                                   find_unused_parameters=False, gradient_as_bucket_view=True)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """(model state, optimizer state), complete: gathered onto rank 0's CPU when the model is
+    sharded (a collective: call it on all ranks; the other ranks get empty dicts), the plain
+    state dicts otherwise."""
+    if not is_sharded(model):
+        return unwrap(model).state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    if not optimizer.state:
+        # Nothing to gather before the first step, and get_optimizer_state_dict would make
+        # something: it initialises an empty state with a zero-gradient step(), which advances
+        # AdamW's step count (its bias correction) for the whole run.
+        return model_state, optimizer.state_dict()
+    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state_dicts(model: torch.nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """The inverse of full_state_dicts (every rank passes the same full states)."""
+    if not is_sharded(model):
+        unwrap(model).load_state_dict(model_state, strict=True)
+        optimizer.load_state_dict(optimizer_state)
         return
-    W = world_size()
-    device = params[0].device
-    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
-    dist.all_reduce(used)
-    live = [p for p, u in zip(params, used.tolist()) if u > 0]
-    for p in live:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if not live:
-        return
-    flat = torch.cat([p.grad.reshape(-1).float() for p in live])
-    dist.all_reduce(flat)
-    flat /= W
-    offset = 0
-    for p in live:
-        n = p.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-        offset += n
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    if optimizer_state.get("state"):  # an empty state (saved before the first step) is a fresh optimizer
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (FSDP2 shards in place)."""
+    return getattr(model, "module", model)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (a copy; identity without a process group)."""
+    """Sum a tensor over ranks (a copy); the tensor itself without a process group."""
+    if not is_distributed():
+        return values
     out = values.clone()
-    if is_distributed():
-        dist.all_reduce(out)
+    dist.all_reduce(out)
     return out
 
 
@@ -146,15 +188,6 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def any_rank(flag: bool, device: torch.device | None = None) -> bool:
-    """True on every rank when `flag` is True on any rank."""
-    if not is_distributed():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device or torch.device("cpu"))
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
 
 
 @contextmanager

@@ -13,8 +13,13 @@ Guarantees (issue 8):
   checkpoint of the last good state;
 - out of memory ends with `TrainingOOM` suggesting --batch-size / --grad-checkpointing; the
   checkpoint on disk is the last complete one (nothing is written after the failure);
-- data-parallel under torchrun: the loss is normalised by the GLOBAL number of samples of
-  each task, so averaged gradients equal those of one process with the whole global batch.
+- data-parallel under torchrun (DDP, or FSDP2 with --fsdp; m2dino.training.distributed): the
+  loss is normalised by the GLOBAL number of samples of each task, so averaged gradients equal
+  those of one process with the whole global batch.
+
+Host reads: a step reads its loss and gradient norm back once (whether to apply the step), and
+the per-task losses only when it logs (every --log-every steps and at the end of an epoch);
+the model reads nothing back from the device (its task ids come from the host).
 """
 from __future__ import annotations
 
@@ -154,6 +159,21 @@ def _finite_or_none(value: float):
     return value if math.isfinite(value) else None
 
 
+def host_values(*tensors: torch.Tensor) -> list[float]:
+    """The values of scalar tensors on the host, in one device-to-host read: the training
+    loop's only way of looking at device numbers."""
+    return torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()
+
+
+def _total_norm(grads: list, device) -> torch.Tensor:
+    """The global gradient norm as a (replicated) tensor; sharded gradients give the norm of
+    the whole."""
+    if not grads:
+        return torch.zeros((), device=device)
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 class ModelTrainer:
     """Train, validate and checkpoint one model on `tasks` (list of TaskSpec)."""
 
@@ -236,30 +256,30 @@ class ModelTrainer:
 
     # ------------------------------------------------------------------ the loss
 
-    def compute_loss(self, model, outputs, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, model, outputs, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The step's loss (m2dino.training.losses.total_loss), each task normalised by its
-        GLOBAL sample count (see the module docstring)."""
+        GLOBAL sample count (see the module docstring), and its parts (detached tensors)."""
         c = self.config
         local = torch.tensor([float(len(outputs["tasks"][t]["indices"])) if t in outputs["tasks"] else 0.0
                               for t in self.task_table], dtype=torch.float64)
-        global_counts = dist_utils.all_reduce_sum(local.to(self.device)).cpu()
+        global_counts = (dist_utils.all_reduce_sum(local.to(self.device)).cpu() if dist_utils.is_distributed()
+                         else local)
         world = dist_utils.world_size()
         scales = {t: float(local[i] / global_counts[i]) * world
                   for i, t in enumerate(self.task_table) if t in outputs["tasks"]}
-        # Heads absent from a batch get no gradient (AdamW leaves them be); the gradient
-        # all-reduce handles parameters used on some ranks only (m2dino.training.distributed).
-        loss, logged = total_loss(outputs, batch["targets"], self.tasks, loss_weights=c.loss_weights,
-                                  aux_weights=c.aux_weights, task_scales=scales, anchor_unused=False)
-        return loss, {name: float(value) for name, value in logged.items()}
+        # the unused-head anchor: heads absent from this batch get zero gradients, so every
+        # parameter is in every step's graph on every rank (DDP without find_unused_parameters)
+        return total_loss(outputs, batch["targets"], self.tasks, loss_weights=c.loss_weights,
+                          aux_weights=c.aux_weights, task_scales=scales, anchor_unused=True)
 
     # ------------------------------------------------------------------ state
 
-    def train_state(self, optimizer, scheduler, sampler, progress: Progress) -> dict[str, Any]:
+    def train_state(self, optimizer_state: dict, scheduler, sampler, progress: Progress) -> dict[str, Any]:
         return {
             "format": 1,
             "model_name": self.name,
             "tasks": [t.task_id for t in self.tasks],
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(batches_done=progress.batches_done),
             "rng": ckpt.rng_state(),
@@ -268,8 +288,11 @@ class ModelTrainer:
         }
 
     def save_last(self, model, optimizer, scheduler, sampler, progress: Progress) -> None:
+        """Write last/ (rank 0); under FSDP every rank takes part in gathering the state."""
+        model_state, optimizer_state = dist_utils.full_state_dicts(model, optimizer)
         if self.is_main:
-            ckpt.save_checkpoint(self.model_dir, model, self.train_state(optimizer, scheduler, sampler, progress))
+            ckpt.save_checkpoint(self.model_dir, self.model, self.train_state(optimizer_state, scheduler, sampler,
+                                                                              progress), model_state=model_state)
         dist_utils.barrier()
 
     def restore(self, model, optimizer, scheduler, sampler) -> Progress | None:
@@ -277,11 +300,11 @@ class ModelTrainer:
         found = ckpt.find_checkpoint(self.model_dir)
         if found is None:
             return None
-        state = ckpt.load_checkpoint(found, model)
+        tensors, state = ckpt.read_checkpoint(found, self.model)
         if state.get("tasks") != [t.task_id for t in self.tasks]:
             raise ckpt.CheckpointError(f"{found}: trained on tasks {state.get('tasks')}, this model has "
                                        f"{[t.task_id for t in self.tasks]}")
-        optimizer.load_state_dict(state["optimizer"])
+        dist_utils.load_full_state_dicts(model, optimizer, tensors, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         try:
             sampler.load_state_dict(state["sampler"])
@@ -304,21 +327,17 @@ class ModelTrainer:
         c = self.config
         was_training = model.training
         model.eval()
-        if hasattr(model, "reset_expert_usage"):
-            model.reset_expert_usage()
+        self.model.reset_expert_usage()
         dataset = FMUIADataset(self.val_records, self.task_table, image_size=c.img_size, train=False)
         loader = DataLoader(dataset, batch_size=max(1, c.batch_size), shuffle=False, collate_fn=collate,
                             num_workers=c.workers)
         predictions = []
         for batch in loader:
             images = batch["images"].to(self.device)
-            task_ids = model.task_index(batch["tasks"]).to(self.device)
             with self.autocast():
-                outputs = model(images, task_ids)
-            predictions.extend(model.postprocess(outputs, batch["orig_sizes"]))
-        routing = {}
-        if hasattr(model, "expert_usage"):
-            routing = {int(k): v.cpu().tolist() for k, v in model.expert_usage().items()}
+                outputs = model(images, self.model.task_index(batch["tasks"]))
+            predictions.extend(self.model.postprocess(outputs, batch["orig_sizes"]))
+        routing = {int(k): v.cpu().tolist() for k, v in self.model.expert_usage().items()}
         model.train(was_training)
         metrics = evaluate_predictions(predictions, self.val_truth(), self.task_table)
         return metrics, routing
@@ -349,13 +368,13 @@ class ModelTrainer:
         """Train (or resume), then validate the best checkpoint; returns
         {"tasks": {task_id: {metric: value}}, "routing": {...}, "best_step": int}."""
         c = self.config
-        model = self.build_model()
-        self.model = model  # kept for callers (tests compare replicas)
-        dist_utils.broadcast_parameters(model)
+        self.model = self.build_model()  # the M2DINO itself (predictions, checkpoints, tests)
+        # what training steps run through: DDP or FSDP2 under torchrun, the model otherwise
+        model = self.train_model = dist_utils.parallelize(self.model, self.device, fsdp=c.fsdp)
         # foreach: one multi-tensor update instead of a Python loop over every parameter (the
         # default on CPU), which cost a large share of a small model's step
-        optimizer = torch.optim.AdamW(self.param_groups(model), lr=c.lr, weight_decay=c.weight_decay,
-                                      foreach=True)
+        optimizer = self.optimizer = torch.optim.AdamW(self.param_groups(self.model), lr=c.lr,
+                                                       weight_decay=c.weight_decay, foreach=True)
         dataset, sampler, loader = self.build_data()
         total = self.total_steps(sampler)
         warmup = int(c.warmup * total) if c.warmup < 1 else int(c.warmup)
@@ -401,23 +420,25 @@ class ModelTrainer:
         while progress.step < total:
             sampler.set_epoch(progress.epoch)
             dataset.set_epoch(progress.epoch)
+            last_in_epoch = len(sampler) - 1
             for batch in loader:
                 if progress.step >= total:
                     break
                 self._crash_hook(progress.step)
-                logged = self._step(model, optimizer, scheduler, scaler, params, batch, progress)
+                outcome = self._step(model, optimizer, scheduler, scaler, params, batch, progress)
                 progress.step += 1
                 progress.batches_done += 1
                 images_seen += len(batch["tasks"])
                 rate = images_seen * dist_utils.world_size() / max(1e-9, time.perf_counter() - t0)
                 if bar is not None:
                     bar.update(1)
-                    if logged.get("loss") is not None:
-                        bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{rate:.0f}")
-                if progress.step % c.log_every == 0 or "bad" in logged:
+                    if outcome.get("loss") is not None:
+                        bar.set_postfix(loss=f"{outcome['loss']:.4f}", img_s=f"{rate:.0f}")
+                epoch_ends = progress.batches_done > last_in_epoch or progress.step >= total
+                if progress.step % c.log_every == 0 or "bad" in outcome or epoch_ends:
                     self.log.write("train", step=progress.step, epoch=progress.epoch, images_per_s=round(rate, 2),
-                                   lr=scheduler.get_last_lr()[0], **logged)
-                if logged.get("bad") and progress.bad_in_row >= c.max_bad_steps:
+                                   lr=scheduler.get_last_lr()[0], **self._logged(outcome))
+                if outcome.get("bad") and progress.bad_in_row >= c.max_bad_steps:
                     self.save_last(model, optimizer, scheduler, sampler, progress)
                     if bar is not None:
                         bar.close()
@@ -446,67 +467,82 @@ class ModelTrainer:
                        best_score=_finite_or_none(progress.best_score))
 
     def _step(self, model, optimizer, scheduler, scaler, params, batch, progress: Progress) -> dict[str, Any]:
+        """One optimizer step, or a skipped one when the loss or the gradient is not finite.
+
+        Returns {"loss": the local loss, "parts": {name: detached tensor}} and, for a skipped
+        step, "bad" (the reason) with the counters. The loss and the gradient norm come back to
+        the host in one read; the parts stay on the device until a log line wants them."""
         c = self.config
         images = batch["images"].to(self.device, non_blocking=True)
-        task_ids = model.task_index(batch["tasks"]).to(self.device)
         batch = {**batch, "targets": _to_device(batch["targets"], self.device)}
         optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            outputs = model(images, task_ids)
-            loss, logged = self.compute_loss(model, outputs, batch)
-        loss_value = float(dist_utils.all_reduce_sum(loss.detach().reshape(1).double()).item()) / dist_utils.world_size()
+            outputs = model(images, self.model.task_index(batch["tasks"]))
+            loss, parts = self.compute_loss(model, outputs, batch)
+        # A non-finite loss gives non-finite gradients, which every rank then sees after the
+        # all-reduce: the skip decision below agrees across ranks without another collective.
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = _total_norm(grads, self.device)
+        loss_value, norm_value = host_values(loss, grad_norm)
         bad_reason = None
-        if dist_utils.any_rank(not math.isfinite(float(loss.detach())), self.device):
+        if not math.isfinite(loss_value):
             bad_reason = "non-finite loss"
-        else:
-            scaler.scale(loss).backward()
-            dist_utils.all_reduce_gradients(params)
-            scaler.unscale_(optimizer)
-            grads = [p.grad for p in params if p.grad is not None]
-            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-            if not math.isfinite(grad_norm):
-                bad_reason = "non-finite gradient"
-                if scaler.is_enabled():
-                    scaler.update()  # fp16: lower the scale, as GradScaler does for inf/NaN
-            else:
-                if c.grad_clip > 0 and grads:
-                    torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], c.grad_clip,
-                                                         torch.tensor(grad_norm))
-                scaler.step(optimizer)
-                scaler.update()
-                logged["grad_norm"] = grad_norm
+        elif not math.isfinite(norm_value):
+            bad_reason = "non-finite gradient"
         if bad_reason is not None:
+            if scaler.is_enabled():
+                scaler.update()  # fp16: lower the scale, as GradScaler does for inf/NaN
             optimizer.zero_grad(set_to_none=True)
             progress.bad_in_row += 1
             progress.bad_total += 1
             scheduler.step()  # the schedule follows the step count, skipped or not
             return {"bad": bad_reason, "bad_in_row": progress.bad_in_row, "bad_total": progress.bad_total,
-                    "loss": _finite_or_none(loss_value)}
+                    "loss": _finite_or_none(loss_value), "local_loss": loss.detach()}
+        if c.grad_clip > 0 and grads:
+            torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], c.grad_clip, grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
         progress.bad_in_row = 0
         scheduler.step()
-        return {"loss": loss_value, "losses": logged}
+        return {"loss": loss_value, "grad_norm": norm_value, "parts": parts, "local_loss": loss.detach()}
+
+    def _logged(self, outcome: dict) -> dict[str, Any]:
+        """The fields of a "train" log line: the loss averaged over ranks, the step's parts."""
+        fields = {k: v for k, v in outcome.items() if k not in ("parts", "local_loss")}
+        if dist_utils.is_distributed():
+            total = dist_utils.all_reduce_sum(outcome["local_loss"].reshape(1).double())
+            fields["loss"] = _finite_or_none(host_values(total)[0] / dist_utils.world_size())
+        if "parts" in outcome:
+            names = list(outcome["parts"])
+            fields["losses"] = dict(zip(names, host_values(*outcome["parts"].values()))) if names else {}
+        return fields
 
     # ------------------------------------------------------------------ best checkpoint and final eval
 
     def _evaluate_and_keep_best(self, model, progress: Progress) -> None:
-        if self.is_main:
-            metrics, routing = self.validate(model)
+        # A sharded model needs every rank in its forward: then all ranks validate (the same
+        # rows) and rank 0 keeps the numbers; otherwise rank 0 validates alone.
+        sharded = dist_utils.is_sharded(model)
+        improved, score = False, None
+        if self.is_main or sharded:
+            metrics, routing = self.validate(model if sharded else self.model)
             score = primary_score(metrics, self.task_table, self.baselines)
             improved = score > progress.best_score or progress.best_step < 0
+        improved, score = dist_utils.broadcast_object((improved, score) if self.is_main else None)
+        model_state = dist_utils.full_state_dicts(model, self.optimizer)[0] if improved and sharded else None
+        if self.is_main:
             self.log.write("eval", step=progress.step, epoch=progress.epoch, score=score, improved=improved,
                            tasks=metrics)
             if improved:
-                save_model(model, self.model_dir / "best")
+                save_model(self.model, self.model_dir / "best", state_dict=model_state)
                 self._write_json("eval.json", {"tasks": metrics, "step": progress.step, "score": score})
                 self._write_json("routing.json", {"tasks": list(self.task_table),
                                                   "num_experts": self.config.num_experts,
                                                   "layers": {str(k): v for k, v in routing.items()}})
-        else:
-            improved = False
-        state = dist_utils.broadcast_object((progress.best_score if not improved else score,
-                                             progress.step if improved else progress.best_step)
-                                            if self.is_main else None)
-        progress.best_score, progress.best_step = state
+        if improved:
+            progress.best_score, progress.best_step = score, progress.step
 
     def _write_json(self, name: str, data) -> None:
         io.write_json(self.model_dir / name, data)
