@@ -10,9 +10,7 @@ import tempfile
 from typing import Sequence
 
 from m2dino.evaluation.evaluate import evaluate_folder, format_results, write_json
-from m2dino.evaluation.predict import predict_folder
-from m2dino.evaluation.submission import EvaluationError, PredictionError
-from m2dino.models.weights import WeightsError
+from m2dino.evaluation.predict import PREDICTION_ERRORS, predict_folder
 from m2dino.predict import task_list
 
 
@@ -40,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif not predictions:
                 parser.error("--predictions is required without --checkpoint")
             results = evaluate_folder(args.data_root, predictions, split=args.split, tasks=tasks)
-    except (FileNotFoundError, EvaluationError, PredictionError, WeightsError) as e:
+    except PREDICTION_ERRORS as e:
         print(f"m2dino.evaluate: error: {e}", file=sys.stderr)
         return 2
     print(format_results(results))

@@ -5,8 +5,8 @@ folder as `path`, fsyncs it, renames it over `path` and fsyncs the folder. A rea
 run killed at any moment) sees the old file or the new one, never a part of one; two writers
 never share a temporary name; a failed write leaves `path` as it was and no temporary file.
 Every file m2dino writes goes through it (`write_text`, `write_json`, a PNG, a safetensors
-file); the multi-file training checkpoint swaps whole directories (m2dino.training.checkpoint)
-with the same fsync helpers.
+file); a folder of several files (the training checkpoint, an exported predictor) is written
+complete under a temporary name and swapped in whole by `replace_directory`.
 
 JSON: `json_ready` turns NaN and infinities into null (JSON has no NaN; Python's `json` would
 write the invalid token `NaN`), numpy scalars and arrays and tensors into plain numbers and
@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,6 +67,25 @@ def atomic_write(path, write: Callable[[Path], Any]) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def replace_directory(tmp, final) -> Path:
+    """Put the complete directory `tmp` at `final` (same filesystem), replacing what is there.
+
+    `final` is first renamed to `.<name>.old-<pid>-<ns>`, then `tmp` renamed to `final`, the
+    parent fsynced and the old directory removed: a kill at any moment leaves the new
+    directory at `final`, or the complete old one (at `final` or under its .old name). The
+    caller fsyncs `tmp`'s files before (atomic_write does) and removes `tmp` on failure."""
+    tmp, final = Path(tmp), Path(final)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def write_bytes(path, data: bytes) -> Path:

@@ -4,12 +4,9 @@ M2DINO checkpoint (m2dino.evaluation.predict)."""
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
-from m2dino.evaluation.predict import predict_folder
-from m2dino.evaluation.submission import EvaluationError, PredictionError
-from m2dino.models.weights import WeightsError
+from m2dino.evaluation.predict import AMP_DTYPES, predict_folder, run_prediction
 
 
 def task_list(text: str | None) -> list[str] | None:
@@ -27,18 +24,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast dtype on CUDA (off)")
+    parser.add_argument("--tta", action="store_true",
+                        help="average each flip-safe task (TaskSpec.hflip) over the image and its horizontal mirror")
     args = parser.parse_args(argv)
-    try:
-        result = predict_folder(args.checkpoint, args.data_root, args.out, split=args.split,
-                                batch_size=args.batch_size, device=args.device, tasks=task_list(args.tasks),
-                                workers=args.workers, progress=True)
-    except (FileNotFoundError, EvaluationError, PredictionError, WeightsError) as e:
-        print(f"m2dino.predict: error: {e}", file=sys.stderr)
-        return 2
-    for task_id, n in sorted(result["counts"].items()):
-        print(f"  {task_id:<24} {n:>6} rows")
-    print(f"predictions written to {result['out']}")
-    return 0
+    return run_prediction(lambda: predict_folder(
+        args.checkpoint, args.data_root, args.out, split=args.split, batch_size=args.batch_size, device=args.device,
+        tasks=task_list(args.tasks), workers=args.workers, progress=True, amp=args.amp, tta=args.tta), "m2dino.predict")
 
 
 if __name__ == "__main__":

@@ -364,3 +364,145 @@ def test_predict_unlabelled_test_csvs(suite_and_checkpoint, tmp_path):
     assert result["counts"] == {"cervix_multi": 4, "fetal_femur": 4}
     assert len(list(out.rglob("*.png"))) == 4
     assert len(json.loads((out / "regression_predictions.json").read_text())) == 4
+
+
+# ------------------------------------------------------------- test-time flip averaging
+TTA_TASKS = ["cervix_multi", "fetal_head_pos_cls", "thyroid_nodule_det", "IUGC", "lung_disease_3cls"]
+
+
+class FlipEquivariantStub:
+    """Outputs in the model's format that are exactly flip-equivariant functions of the image
+    (pointwise maps, pooling with symmetric windows, an x offset from a horizontal derivative,
+    which changes sign under the mirror, so the offset maps to 1 - o at the mirrored cell): the
+    un-flipped mirrored view must equal the plain view, so TTA must return the plain outputs."""
+
+    def __init__(self, tasks):
+        from m2dino.tasks import get_task
+
+        self.tasks = [get_task(t) for t in tasks]
+
+    def __call__(self, images, task_ids):
+        import torch
+        import torch.nn.functional as F
+
+        from m2dino.models.heads import decode_boxes, soft_argmax_2d
+
+        outputs = {}
+        for i, spec in enumerate(self.tasks):
+            rows = (task_ids == i).nonzero(as_tuple=True)[0]
+            if not rows.numel():
+                continue
+            x = images.index_select(0, rows)
+            pooled = F.avg_pool2d(x, 4)  # [n, 3, S/4, S/4]
+            if spec.task_type == "segmentation":
+                out = {"logits": x[:, :1].repeat(1, spec.num_classes, 1, 1) * torch.arange(1.0, spec.num_classes + 1).view(1, -1, 1, 1)}
+            elif spec.task_type == "classification":
+                out = {"logits": x.mean((2, 3))[:, :1] * torch.arange(1.0, spec.num_classes + 1)}
+            elif spec.task_type == "regression":
+                heatmaps = pooled[:, [0, 1, 2][: spec.num_points]] * 3
+                out = {"heatmaps": heatmaps, "points": soft_argmax_2d(heatmaps)}
+            else:
+                padded = F.pad(pooled[:, :1], (1, 1))
+                g = padded[..., 2:] - padded[..., :-2]  # d/dx: g'(w-1-c) = -g(c) for the mirror
+                heatmap, size = pooled[:, :1] * 4, pooled[:, 1:3].sigmoid()
+                offset = torch.cat([g.sigmoid(), pooled[:, 2:3].sigmoid()], dim=1)
+                boxes, scores = decode_boxes(heatmap, size, offset)
+                out = {"heatmap": heatmap, "size": size, "offset": offset, "boxes": boxes[:, 0], "scores": scores[:, 0]}
+            outputs[spec.task_id] = {"indices": rows, **out}
+        return {"tasks": outputs, "aux": {}}
+
+
+def test_tta_unflips_every_output_exactly():
+    import torch
+
+    from m2dino.evaluation.tta import hflip_tta
+
+    stub = FlipEquivariantStub(TTA_TASKS)
+    images = torch.randn(10, 3, 32, 32)
+    task_ids = torch.arange(10) % len(TTA_TASKS)
+    plain, tta = stub(images, task_ids), hflip_tta(stub, images, task_ids)
+    for task_id, out in plain["tasks"].items():
+        merged = tta["tasks"][task_id]
+        assert torch.equal(merged["indices"], out["indices"])
+        if task_id == "fetal_head_pos_cls":  # a position class: never flipped, the plain outputs exactly
+            assert torch.equal(merged["logits"], out["logits"])
+            continue
+        kind = {s.task_id: s.task_type for s in stub.tasks}[task_id]
+        if kind in ("segmentation", "classification"):  # log of the mean probability == log_softmax
+            torch.testing.assert_close(merged["logits"], out["logits"].log_softmax(1), atol=1e-5, rtol=0)
+        elif kind == "regression":
+            torch.testing.assert_close(merged["points"], out["points"], atol=1e-6, rtol=0)
+        else:
+            for key in ("boxes", "scores", "size", "offset", "heatmap"):
+                torch.testing.assert_close(merged[key], out[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_tta_on_a_mirror_symmetric_image():
+    """A mirror-symmetric image is its own flip: TTA masks are symmetric, boxes centred on the
+    axis, landmarks on it (x = 0.5, each point averaged with its own mirror: the order is kept),
+    flip-safe class probabilities unchanged, and position classes untouched."""
+    import torch
+
+    from m2dino.evaluation.tta import hflip_tta
+    from m2dino.models.m2dino import create_model
+
+    torch.manual_seed(0)
+    model = create_model("dinov3_tiny", TTA_TASKS, num_experts=2, top_k=1, moe_layers=2, img_size=32).eval()
+    half = torch.randn(len(TTA_TASKS), 3, 32, 32)
+    images = half + half.flip(-1)
+    task_ids = model.task_index(TTA_TASKS)
+    with torch.inference_mode():
+        plain = model.postprocess(model(images, task_ids), [(40, 60)] * len(TTA_TASKS))
+        tta = model.postprocess(hflip_tta(model, images, task_ids), [(40, 60)] * len(TTA_TASKS))
+    seg, pos, det, reg, cls = tta
+    np.testing.assert_array_equal(seg["mask"], seg["mask"][:, ::-1])
+    np.testing.assert_array_equal(pos["probs"], plain[1]["probs"])
+    box = np.asarray(det["bbox_normalized"])
+    assert box[0] + box[2] == pytest.approx(1.0, abs=1e-5) and box[[1, 3]] == pytest.approx(np.asarray(plain[2]["bbox_normalized"])[[1, 3]], abs=1e-5)
+    np.testing.assert_allclose(reg["points_normalized"][:, 0], 0.5, atol=1e-5)
+    np.testing.assert_allclose(reg["points_normalized"][:, 1], plain[3]["points_normalized"][:, 1], atol=1e-5)
+    np.testing.assert_allclose(cls["probs"], plain[4]["probs"], atol=1e-5)
+
+
+def test_predict_tta_keeps_unflippable_tasks(suite_and_checkpoint, tmp_path):
+    root, checkpoint = suite_and_checkpoint
+    outs = {}
+    for tta in (False, True):
+        outs[tta] = tmp_path / f"tta{tta}"
+        assert predict_cli.main(["--checkpoint", str(checkpoint), "--data-root", str(root), "--split", "val",
+                                 "--out", str(outs[tta]), "--batch-size", "4", "--device", "cpu"]
+                                + (["--tta"] if tta else [])) == 0
+    reg = [json.loads((outs[t] / "regression_predictions.json").read_text()) for t in (False, True)]
+    assert reg[0] == reg[1] and len(reg[0]) == 4  # fetal_femur: hflip False, untouched by TTA
+    det = [json.loads((outs[t] / "detection_predictions.json").read_text()) for t in (False, True)]
+    assert len(det[1]) == len(det[0]) and det[0] != det[1]  # flip-safe: averaged
+    assert len(list(outs[True].rglob("*.png"))) == len(list(outs[False].rglob("*.png")))
+
+
+def test_predict_skips_and_lists_rows_of_unknown_tasks(suite_and_checkpoint, tmp_path, capsys):
+    import shutil
+
+    from m2dino.evaluation import predict as P
+
+    root, checkpoint = suite_and_checkpoint
+    data = tmp_path / "data"
+    shutil.copytree(root / "val", data)
+    images = sorted(p for p in (data / "Detection").rglob("*") if p.is_file())[:3]
+    rels = ["../" + p.relative_to(data).as_posix() for p in images]
+    write_csv(data / "csv_files" / "Other.csv", ["image_path", "task_id", "task_name", "num_classes"],
+              [[rels[0], "lung_2cls", "classification", 2], [rels[1], "lung_2cls", "classification", 2],
+               [rels[2], "mystery", "whatever", 9]])
+    result = P.predict_folder(checkpoint, data, tmp_path / "out", batch_size=4, device="cpu")
+    err = capsys.readouterr().err
+    assert "skipped 3 row(s)" in err and "lung_2cls (2 rows)" in err and "mystery (1 row)" in err
+    assert result["counts"] == {t: 4 for t in SUITE_TASKS}  # every other row is predicted
+    listed = json.loads((tmp_path / "out" / "missing_tasks.json").read_text())
+    assert listed == [{"csv": "Other.csv", "row": 0, "task_id": "lung_2cls", "image_path": rels[0]},
+                      {"csv": "Other.csv", "row": 1, "task_id": "lung_2cls", "image_path": rels[1]},
+                      {"csv": "Other.csv", "row": 2, "task_id": "mystery", "image_path": rels[2]}]
+    # a clean run into the same folder drops the stale list
+    P.predict_folder(checkpoint, root / "val", tmp_path / "out", batch_size=4, device="cpu")
+    assert not (tmp_path / "out" / "missing_tasks.json").exists()
+    with pytest.raises(FileNotFoundError, match="has no csv_files"):
+        P.predict_folder(checkpoint, tmp_path / "nowhere", tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()

@@ -6,10 +6,16 @@ the challenge's submission format (m2dino.evaluation.submission) into out_dir.
 Annotations are not needed: a test set whose CSVs hold only image_path, task_id, task_name,
 num_classes (and mask_path, where the segmentation predictions go) is predicted as well.
 Images get the validation transform of training (m2dino.data.transforms.SampleTransform).
+
+Rows of tasks the checkpoint has no head for are skipped, not fatal: a warning names the task
+ids and row counts and `missing_tasks.json` in out_dir lists the rows (csv, row, task_id,
+image_path). `tta=True` averages each flip-safe task over the image and its mirror
+(m2dino.evaluation.tta); `amp` autocasts on CUDA (bf16 / fp16; CPU always runs fp32).
 """
 from __future__ import annotations
 
 import csv
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +30,35 @@ from m2dino.data.images import to_pil_image
 from m2dino.data.reader import IMAGE_SUFFIXES, resolve_inside, resolve_split_root
 from m2dino.data.transforms import SampleTransform
 from m2dino.evaluation.metrics import resize_nearest
+from m2dino import io
 from m2dino.evaluation.submission import (EvaluationError, PredictionError, prediction_mask_relpath,
                                           submission_entry, write_index_png, write_prediction_files)
-from m2dino.models.m2dino import load_model
+from m2dino.evaluation.tta import hflip_tta
+from m2dino.models.m2dino import M2DINO, load_model
+from m2dino.models.weights import WeightsError
 from m2dino.tasks import task_type_from_name
 
 
+MISSING_TASKS_FILE = "missing_tasks.json"
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+# What bad input raises (each names its file, row or task): a command prints it and exits 2.
+PREDICTION_ERRORS = (FileNotFoundError, EvaluationError, PredictionError, WeightsError)
+
+
 def default_device(device: str | None) -> torch.device:
-    if device:
+    """`device`, or cuda when available else cpu (for None, "" and "auto")."""
+    if device and device != "auto":
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, amp: str = "off"):
+    """Autocast in the `amp` dtype (bf16 | fp16) on CUDA; a disabled context otherwise."""
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+    if device.type != "cuda" or AMP_DTYPES[amp] is None:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type="cuda", dtype=AMP_DTYPES[amp])
 
 
 # ------------------------------------------------------------------------- rows to predict
@@ -48,21 +73,30 @@ class PredictionRow:
     row: int  # 0-based data row
 
 
-def read_prediction_rows(split_root: Path, specs: dict) -> list[PredictionRow]:
-    """The CSV rows of the tasks in `specs` (task_id -> TaskSpec); only what prediction needs
-    is read and checked, so unlabelled test CSVs work. Errors name the csv and row."""
+def read_prediction_rows(split_root: Path, specs: dict, known=None) -> tuple[list[PredictionRow], list[dict]]:
+    """(the CSV rows of the tasks in `specs` (task_id -> TaskSpec), the skipped rows).
+
+    Only what prediction needs is read and checked, so unlabelled test CSVs work; errors name
+    the csv and row. Rows of a task outside `known` (default: `specs`; the task ids the model
+    has a head for) are skipped and returned as {csv, row, task_id, image_path}; rows of a
+    known task outside `specs` (not asked for) are ignored."""
+    known = set(specs if known is None else known)
     csv_dir = split_root / "csv_files"
     root_resolved = split_root.resolve()
     csv_files = sorted(p for p in csv_dir.glob("*.csv"))
     if not csv_files:
         raise FileNotFoundError(f"no CSV files in {csv_dir}")
-    rows, problems, seen = [], [], {}
+    rows, skipped, problems, seen = [], [], [], {}
     for csv_file in csv_files:
         with open(csv_file, newline="", encoding="utf-8-sig") as f:
             data_rows = [r for r in csv.DictReader(f) if any((v or "").strip() for v in r.values())]
         for index, record in enumerate(data_rows):
             where = f"{csv_file.name} row {index}"
             task_id = (record.get("task_id") or "").strip()
+            if task_id not in known:
+                skipped.append({"csv": csv_file.name, "row": index, "task_id": task_id,
+                                "image_path": (record.get("image_path") or "").strip()})
+                continue
             if task_id not in specs:
                 continue
             spec = specs[task_id]
@@ -112,7 +146,21 @@ def read_prediction_rows(split_root: Path, specs: dict) -> list[PredictionRow]:
         listed = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise PredictionError(f"{len(problems)} problem(s) in {csv_dir}:\n  {listed}{more}")
-    return rows
+    return rows, skipped
+
+
+def report_skipped(skipped: list[dict], out_dir: Path) -> None:
+    """Warn about rows of tasks the checkpoint does not know (task ids and row counts) and
+    list them in out_dir/missing_tasks.json; a stale list from an earlier run is removed."""
+    listing = Path(out_dir) / MISSING_TASKS_FILE
+    if not skipped:
+        listing.unlink(missing_ok=True)
+        return
+    counts = Counter(r["task_id"] for r in skipped)
+    named = ", ".join(f"{t or '<empty task_id>'} ({n} row{'s' if n > 1 else ''})" for t, n in sorted(counts.items()))
+    print(f"m2dino: warning: skipped {len(skipped)} row(s) of task(s) the checkpoint has no head for: "
+          f"{named}; listed in {listing}", file=sys.stderr)
+    io.write_json(listing, skipped)
 
 
 class PredictionImages(Dataset):
@@ -148,27 +196,36 @@ def prediction_loader(rows: Sequence[PredictionRow], task_order: Sequence[str], 
 # ------------------------------------------------------------------------------ the run
 def predict_folder(checkpoint, data_root, out_dir, split: str | None = None, batch_size: int = 16,
                    device: str | None = None, tasks: Sequence[str] | None = None, workers: int = 0,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, amp: str = "off", tta: bool = False) -> dict:
     """Predict every row of every task the checkpoint knows under the data root; returns
-    {"tasks": [task ids predicted], "counts": {task_id: rows}, "out": out_dir}."""
+    {"tasks": [task ids predicted], "counts": {task_id: rows}, "skipped": [rows of unknown
+    tasks], "out": out_dir}. `checkpoint`: a checkpoint path or a loaded M2DINO."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
     device = default_device(device)
-    model = load_model(checkpoint)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PredictionError(f"device {device} was asked for, but torch sees no CUDA device (use cpu or auto)")
+    model = checkpoint if isinstance(checkpoint, M2DINO) else load_model(checkpoint)
+    source = "the model" if isinstance(checkpoint, M2DINO) else f"the checkpoint {checkpoint}"
     model.to(device).eval()
     model_specs = {spec.task_id: spec for spec in model.tasks}
+    known = set(model_specs)
 
     split_root = resolve_split_root(data_root, split)
     if tasks:
         unknown = [t for t in tasks if t not in model_specs]
         if unknown:
-            raise PredictionError(f"the checkpoint {checkpoint} has no head for task(s) {unknown}; "
+            raise PredictionError(f"{source} has no head for task(s) {unknown}; "
                                   f"it knows {sorted(model_specs)}")
         model_specs = {t: model_specs[t] for t in tasks}
-    rows = read_prediction_rows(split_root, model_specs)
+    rows, skipped = read_prediction_rows(split_root, model_specs, known)
     wanted = [t for t in model_specs if any(r.task_id == t for r in rows)]
     if not wanted:
-        raise PredictionError(f"none of the tasks {sorted(model_specs)} has rows under {split_root / 'csv_files'}")
+        raise PredictionError(f"none of the tasks {sorted(model_specs)} has rows under {split_root / 'csv_files'}"
+                              + (f" (its {len(skipped)} row(s) are of other tasks: "
+                                 f"{sorted({r['task_id'] for r in skipped})})" if skipped else ""))
     if tasks:
         empty = [t for t in tasks if t not in wanted]
         if empty:
@@ -176,6 +233,7 @@ def predict_folder(checkpoint, data_root, out_dir, split: str | None = None, bat
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    report_skipped(skipped, out_dir)
     entries = {}
     counts: Counter = Counter()
     loader = prediction_loader(rows, wanted, model.img_size, batch_size, workers)
@@ -188,7 +246,8 @@ def predict_folder(checkpoint, data_root, out_dir, split: str | None = None, bat
         for batch in iterator:
             images = batch["images"].to(device, non_blocking=True)
             task_index = model.task_index(batch["tasks"]).to(device)
-            outputs = model(images, task_index)
+            with autocast(device, amp):
+                outputs = hflip_tta(model, images, task_index) if tta else model(images, task_index)
             predictions = model.postprocess(outputs, batch["orig_sizes"])
             for i, prediction in enumerate(predictions):
                 task_id = batch["tasks"][i]
@@ -205,4 +264,20 @@ def predict_folder(checkpoint, data_root, out_dir, split: str | None = None, bat
     missing = {t: sum(r.task_id == t for r in rows) - counts[t] for t in wanted}
     if any(missing.values()):
         raise PredictionError(f"rows without a prediction: { {t: n for t, n in missing.items() if n} }")
-    return {"tasks": wanted, "counts": dict(counts), "out": str(out_dir)}
+    return {"tasks": wanted, "counts": dict(counts), "skipped": skipped, "out": str(out_dir)}
+
+
+def run_prediction(predict, prog: str) -> int:
+    """The command-line end of a prediction: `predict()` (returning predict_folder's result),
+    its rows per task and where they went printed; bad input printed as `prog: error: ...`
+    and exit status 2 (python -m m2dino.predict and the exported model.py)."""
+    try:
+        result = predict()
+    except PREDICTION_ERRORS as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    for task_id, n in sorted(result["counts"].items()):
+        print(f"  {task_id:<24} {n:>6} rows")
+    print(f"predictions written to {result['out']}")
+    return 0
+

@@ -97,18 +97,10 @@ def save_checkpoint(model_dir, model, train_state: dict[str, Any], model_state: 
             time.sleep(delay)
         torch.save(train_state, tmp / TRAIN_STATE)
         io.fsync_tree(tmp)
-        final = model_dir / LAST
-        old = None
-        if final.exists():
-            old = model_dir / f"{_OLD_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        io.fsync_dir(model_dir)
+        final = io.replace_directory(tmp, model_dir / LAST)  # the old one becomes .last.old-*
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     cleanup_stale(model_dir)
     return final
 
