@@ -176,6 +176,18 @@ def classification_auc(labels: np.ndarray, probs: np.ndarray) -> float:
 
 def classification_metrics(labels: Sequence[int], predicted: Sequence[int], probs, num_classes: int) -> dict[str, float]:
     """accuracy, auc, f1_macro, f1_weighted, mcc of one task."""
+    labels, predicted, probs = classification_arrays(labels, predicted, probs, num_classes)
+    return {
+        "accuracy": float(np.mean(labels == predicted)),
+        "auc": classification_auc(labels, probs),
+        "f1_macro": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+        "f1_weighted": float(f1_score(labels, predicted, average="weighted", zero_division=0)),
+        "mcc": float(matthews_corrcoef(labels, predicted)),
+    }
+
+
+def classification_arrays(labels, predicted, probs, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """labels [n] and predicted [n] int64, probs [n, C] float64, checked (n >= 1, classes in range)."""
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     predicted = np.asarray(predicted, dtype=np.int64).reshape(-1)
     probs = np.asarray(probs, dtype=np.float64)
@@ -189,13 +201,7 @@ def classification_metrics(labels: Sequence[int], predicted: Sequence[int], prob
         bad = (values < 0) | (values >= num_classes)
         if bad.any():
             raise ValueError(f"classification_metrics: {name} {values[bad][0]} outside [0, {num_classes})")
-    return {
-        "accuracy": float(np.mean(labels == predicted)),
-        "auc": classification_auc(labels, probs),
-        "f1_macro": float(f1_score(labels, predicted, average="macro", zero_division=0)),
-        "f1_weighted": float(f1_score(labels, predicted, average="weighted", zero_division=0)),
-        "mcc": float(matthews_corrcoef(labels, predicted)),
-    }
+    return labels, predicted, probs
 
 
 # -------------------------------------------------------------------------------- detection
@@ -317,7 +323,7 @@ def metrics_from_values(task_type: str, num_classes: int, values: Mapping) -> di
     if task_type == "segmentation":
         return segmentation_from_values(values, num_classes)
     if task_type == "classification":
-        return classification_metrics(values["label"], values["predicted"], _probs_table(values["probs"]), num_classes)
+        return classification_metrics(values["label"], values["predicted"], probs_table(values["probs"]), num_classes)
     if task_type == "detection":
         iou = np.asarray(values["iou"], dtype=np.float64)
         if iou.size == 0:
@@ -328,7 +334,8 @@ def metrics_from_values(task_type: str, num_classes: int, values: Mapping) -> di
     raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
 
 
-def _probs_table(probs) -> np.ndarray:
+def probs_table(probs) -> np.ndarray:
+    """Per-image probability lists as a float array [n, C] ([0, 0] for none)."""
     rows = [np.asarray(p, dtype=np.float64).reshape(-1) for p in probs]
     return np.stack(rows) if rows else np.zeros((0, 0))
 
