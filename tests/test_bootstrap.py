@@ -3,6 +3,7 @@ challenge's metrics, the vectorised resampled metrics equal score_task / scikit-
 resample, the intervals equal scipy.stats.bootstrap's, pairing narrows the interval of a
 change, a planted difference is flagged and a null one is not (at the stated rate), and the
 two-level pooling over seeds is what its docstring says."""
+import json
 import math
 import statistics
 import warnings
@@ -98,6 +99,7 @@ def test_per_image_values_follow_the_challenge_conventions():
     assert values["dice"] == [[0.0, 1.0, 0.0], [1.0, 1.0, 1.0]]   # both empty: Dice 1
     assert values["hd"] == [[10.0, 0.0, 10.0], [0.0, 0.0, 0.0]]   # one empty: the diagonal; both: 0
     assert values["image_path"] == ["a", "b"]
+    assert json.loads(json.dumps(values)) == values                # JSON-ready as they are
     cls = BS.per_image_values("classification", 2, [{"probs": [0.25, 0.75], "predicted_class": 1}], [{"label": 0}])
     assert cls == {"label": [0], "predicted": [1], "probs": [[0.25, 0.75]]}   # no paths: no image_path
     reg = BS.per_image_values("regression", 2, [{"points_pixels": [[3, 4], [0, 0]]}], [{"points": [[0, 0], [0, 1]]}])

@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import scipy.stats
