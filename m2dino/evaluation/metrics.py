@@ -23,6 +23,13 @@ Conventions (see also the README's evaluation section):
   inverted boxes count as empty; a zero union gives 0.
 * Regression: mean radial error, the mean Euclidean distance per point in original-image
   pixels, averaged over images.
+
+Every task score is computed in two steps, `metrics_from_values(per_image_values(...))`
+(that is `score_task`): first the per-image values the metric is built from (JSON-ready lists,
+one entry per image in the ground truth's order: per image and non-background class Dice and
+HD; label, predicted class and probabilities; box IoU; per-point errors), then the task's
+metrics from those values alone. The bootstrap (m2dino.evaluation.bootstrap) recomputes the
+metrics from the same values, so point values and intervals cannot disagree.
 """
 from __future__ import annotations
 
@@ -123,19 +130,35 @@ def segmentation_image_scores(pred: np.ndarray, gt: np.ndarray, num_classes: int
     return dice, hd
 
 
-def segmentation_metrics(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], num_classes: int) -> dict[str, float]:
-    """Task score: per-class mean over images, then mean over non-background classes."""
+def segmentation_values(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], num_classes: int) -> dict[str, list]:
+    """Per-image values: {"dice": [n][C-1], "hd": [n][C-1]} of the non-background classes."""
     _check_pairs(preds, gts, "segmentation")
     if num_classes < 2:
         raise ValueError(f"segmentation needs num_classes >= 2 (background included), got {num_classes}")
-    dice_sum = np.zeros(num_classes)
-    hd_sum = np.zeros(num_classes)
+    values = {"dice": [], "hd": []}
     for pred, gt in zip(preds, gts):
         dice, hd = segmentation_image_scores(pred, gt, num_classes)
-        dice_sum += dice
-        hd_sum += hd
-    n = len(gts)
-    return {"dice": float((dice_sum[1:] / n).mean()), "hd": float((hd_sum[1:] / n).mean())}
+        values["dice"].append(dice[1:])
+        values["hd"].append(hd[1:])
+    return values
+
+
+def segmentation_from_values(values: Mapping, num_classes: int) -> dict[str, float]:
+    """Task score: per-class mean over images, then mean over non-background classes."""
+    return {name: float(per_class_table(values, name, num_classes).mean(axis=0).mean()) for name in ("dice", "hd")}
+
+
+def per_class_table(values: Mapping, name: str, num_classes: int) -> np.ndarray:
+    """values[name] as a float array [n, C-1] (n >= 1), checked against num_classes."""
+    table = np.asarray(values[name], dtype=np.float64)
+    if table.ndim != 2 or table.shape[0] == 0 or table.shape[1] != num_classes - 1:
+        raise ValueError(f"segmentation: per-image {name} of shape {table.shape}, expected (n >= 1, {num_classes - 1})")
+    return table
+
+
+def segmentation_metrics(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], num_classes: int) -> dict[str, float]:
+    """Task score: per-class mean over images, then mean over non-background classes."""
+    return segmentation_from_values(segmentation_values(preds, gts, num_classes), num_classes)
 
 
 # --------------------------------------------------------------------------- classification
@@ -153,6 +176,18 @@ def classification_auc(labels: np.ndarray, probs: np.ndarray) -> float:
 
 def classification_metrics(labels: Sequence[int], predicted: Sequence[int], probs, num_classes: int) -> dict[str, float]:
     """accuracy, auc, f1_macro, f1_weighted, mcc of one task."""
+    labels, predicted, probs = classification_arrays(labels, predicted, probs, num_classes)
+    return {
+        "accuracy": float(np.mean(labels == predicted)),
+        "auc": classification_auc(labels, probs),
+        "f1_macro": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+        "f1_weighted": float(f1_score(labels, predicted, average="weighted", zero_division=0)),
+        "mcc": float(matthews_corrcoef(labels, predicted)),
+    }
+
+
+def classification_arrays(labels, predicted, probs, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """labels [n] and predicted [n] int64, probs [n, C] float64, checked (n >= 1, classes in range)."""
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     predicted = np.asarray(predicted, dtype=np.int64).reshape(-1)
     probs = np.asarray(probs, dtype=np.float64)
@@ -166,13 +201,7 @@ def classification_metrics(labels: Sequence[int], predicted: Sequence[int], prob
         bad = (values < 0) | (values >= num_classes)
         if bad.any():
             raise ValueError(f"classification_metrics: {name} {values[bad][0]} outside [0, {num_classes})")
-    return {
-        "accuracy": float(np.mean(labels == predicted)),
-        "auc": classification_auc(labels, probs),
-        "f1_macro": float(f1_score(labels, predicted, average="macro", zero_division=0)),
-        "f1_weighted": float(f1_score(labels, predicted, average="weighted", zero_division=0)),
-        "mcc": float(matthews_corrcoef(labels, predicted)),
-    }
+    return labels, predicted, probs
 
 
 # -------------------------------------------------------------------------------- detection
@@ -187,24 +216,46 @@ def box_iou(pred: Sequence[float], gt: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def detection_metrics(pred_boxes, gt_boxes) -> dict[str, float]:
+def detection_values(pred_boxes, gt_boxes) -> dict[str, list[float]]:
+    """Per-image values: {"iou": [n]}."""
     _check_pairs(pred_boxes, gt_boxes, "detection")
-    return {"iou": float(np.mean([box_iou(p, g) for p, g in zip(pred_boxes, gt_boxes)]))}
+    return {"iou": [box_iou(p, g) for p, g in zip(pred_boxes, gt_boxes)]}
+
+
+def detection_metrics(pred_boxes, gt_boxes) -> dict[str, float]:
+    return metrics_from_values("detection", 1, detection_values(pred_boxes, gt_boxes))
 
 
 # ------------------------------------------------------------------------------- regression
-def radial_error(pred_points, gt_points) -> float:
-    """Mean Euclidean distance over the K points of one image (pixels)."""
+def point_errors(pred_points, gt_points) -> np.ndarray:
+    """Euclidean distance of each of the K points of one image (pixels), [K]."""
     pred = np.asarray(pred_points, dtype=np.float64).reshape(-1, 2)
     gt = np.asarray(gt_points, dtype=np.float64).reshape(-1, 2)
     if pred.shape != gt.shape:
         raise ValueError(f"radial_error: {pred.shape[0]} predicted points for {gt.shape[0]} ground-truth points")
-    return float(np.linalg.norm(pred - gt, axis=1).mean())
+    return np.linalg.norm(pred - gt, axis=1)
+
+
+def radial_error(pred_points, gt_points) -> float:
+    """Mean Euclidean distance over the K points of one image (pixels)."""
+    return float(point_errors(pred_points, gt_points).mean())
+
+
+def regression_values(pred_points, gt_points) -> dict[str, list[list[float]]]:
+    """Per-image values: {"errors": [n][K]}, each point's distance in pixels."""
+    _check_pairs(pred_points, gt_points, "regression")
+    return {"errors": [point_errors(p, g).tolist() for p, g in zip(pred_points, gt_points)]}
+
+
+def image_radial_errors(errors) -> np.ndarray:
+    """Per-image radial error [n] (mean over the image's points) from per-point errors [n][K]."""
+    if len(errors) == 0:
+        raise ValueError("regression: no samples to score")
+    return np.array([np.asarray(row, dtype=np.float64).mean() for row in errors])
 
 
 def regression_metrics(pred_points, gt_points) -> dict[str, float]:
-    _check_pairs(pred_points, gt_points, "regression")
-    return {"mre": float(np.mean([radial_error(p, g) for p, g in zip(pred_points, gt_points)]))}
+    return metrics_from_values("regression", 0, regression_values(pred_points, gt_points))
 
 
 def _check_pairs(preds, gts, kind: str) -> None:
@@ -235,20 +286,58 @@ def score_task(task_type: str, num_classes: int, predictions: Sequence[Mapping],
     {"bbox_pixels", ...} | {"points_pixels", ...}); ground truth: {"mask": ndarray[H, W]} |
     {"label": int} | {"box": xyxy pixels} | {"points": [K, 2] pixels}.
     """
+    return metrics_from_values(task_type, num_classes, per_image_values(task_type, num_classes, predictions, ground_truth))
+
+
+def per_image_values(task_type: str, num_classes: int, predictions: Sequence[Mapping], ground_truth: Sequence[Mapping]) -> dict[str, list]:
+    """The per-image values every metric of the task is computed from, JSON-ready, in the ground
+    truth's order (same inputs as `score_task`):
+
+    segmentation {"dice": [n][C-1], "hd": [n][C-1]} (non-background classes) | classification
+    {"label": [n], "predicted": [n], "probs": [n][C]} | detection {"iou": [n]} | regression
+    {"errors": [n][K]} (per point, pixels); plus "image_path": [n] when every ground-truth dict
+    carries one (the key that pairs two models' values, see bootstrap.align).
+    """
     if task_type == "segmentation":
-        return segmentation_metrics([p["mask"] for p in predictions], [g["mask"] for g in ground_truth], num_classes)
+        values = segmentation_values([p["mask"] for p in predictions], [g["mask"] for g in ground_truth], num_classes)
+    elif task_type == "classification":
+        _check_pairs(predictions, ground_truth, "classification")
+        values = {
+            "label": [int(g["label"]) for g in ground_truth],
+            "predicted": [int(p["predicted_class"]) for p in predictions],
+            "probs": [np.asarray(p["probs"], dtype=np.float64).reshape(-1).tolist() for p in predictions],
+        }
+    elif task_type == "detection":
+        values = detection_values([p["bbox_pixels"] for p in predictions], [g["box"] for g in ground_truth])
+    elif task_type == "regression":
+        values = regression_values([p["points_pixels"] for p in predictions], [g["points"] for g in ground_truth])
+    else:
+        raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+    if ground_truth and all("image_path" in g for g in ground_truth):
+        values["image_path"] = [str(g["image_path"]) for g in ground_truth]
+    return values
+
+
+def metrics_from_values(task_type: str, num_classes: int, values: Mapping) -> dict[str, float]:
+    """The task's metrics (METRIC_NAMES[task_type]) from its `per_image_values`."""
+    if task_type == "segmentation":
+        return segmentation_from_values(values, num_classes)
     if task_type == "classification":
-        return classification_metrics(
-            [int(g["label"]) for g in ground_truth],
-            [int(p["predicted_class"]) for p in predictions],
-            np.stack([np.asarray(p["probs"], dtype=np.float64).reshape(-1) for p in predictions]),
-            num_classes,
-        )
+        return classification_metrics(values["label"], values["predicted"], probs_table(values["probs"]), num_classes)
     if task_type == "detection":
-        return detection_metrics([p["bbox_pixels"] for p in predictions], [g["box"] for g in ground_truth])
+        iou = np.asarray(values["iou"], dtype=np.float64)
+        if iou.size == 0:
+            raise ValueError("detection: no samples to score")
+        return {"iou": float(np.mean(iou))}
     if task_type == "regression":
-        return regression_metrics([p["points_pixels"] for p in predictions], [g["points"] for g in ground_truth])
+        return {"mre": float(np.mean(image_radial_errors(values["errors"])))}
     raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+
+
+def probs_table(probs) -> np.ndarray:
+    """Per-image probability lists as a float array [n, C] ([0, 0] for none)."""
+    rows = [np.asarray(p, dtype=np.float64).reshape(-1) for p in probs]
+    return np.stack(rows) if rows else np.zeros((0, 0))
 
 
 def evaluate_predictions(predictions: Sequence[Mapping], ground_truth: Sequence[Mapping], tasks=None) -> dict[str, dict[str, float]]:
