@@ -17,11 +17,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale-threshold", type=float, default=None,
                         help="training size from which a task counts as data-rich (default: the median)")
     parser.add_argument("--negative-threshold", type=float, default=DEFAULT_NEGATIVE_THRESHOLD,
-                        help="flag negative transfer when the primary-metric change vs TS is below minus this "
-                             "(default 0.05 = 5%%)")
+                        help="flag negative (positive) transfer when the primary-metric change vs TS is below minus "
+                             "this (above it) and its interval excludes 0 (default 0.05 = 5%%)")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples of the validation images for the 95%% intervals (0: none)")
     args = parser.parse_args(argv)
     try:
-        report = generate_report(args.run_dirs, args.out, args.scale_threshold, args.negative_threshold)
+        report = generate_report(args.run_dirs, args.out, args.scale_threshold, args.negative_threshold,
+                                 args.bootstrap)
     except (FileNotFoundError, ValueError) as e:
         print(f"m2dino.report: error: {e}", file=sys.stderr)
         return 2

@@ -191,3 +191,136 @@ def test_single_paradigm_report_has_no_changes(tmp_path):
     markdown = R.render_markdown(rep)
     assert "Changes against TS need a TS run" in markdown
     assert "Not assessed" in markdown
+
+
+# ------------------------------------------------------------ intervals, seeds and answers
+# Per-image IoU of a detection task under each paradigm: AU truly better than TS on every
+# image, CG the same as TS plus noise; two training seeds of each.
+IMAGES = [f"../Detection/d/{i:02d}.png" for i in range(30)]
+
+
+def write_detection_run(run_dir, seed, gains=None):
+    """A run directory whose only task is detection, with per-image values (eval_per_image.json)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0.3, 0.6, len(IMAGES))
+    gains = gains or {"ts": 0.0, "cg": 0.0, "au": 0.15}
+    for paradigm, gain in gains.items():
+        iou = np.clip(base + gain + rng.normal(0, 0.02, len(IMAGES)), 0, 1)
+        model = {"ts": "det", "cg": "Thyroid", "au": "all"}[paradigm]
+        folder = run_dir / paradigm
+        (folder / model).mkdir(parents=True)
+        entry = {"task_type": "detection", "group": "Thyroid", "train_size": 40, "num_classes": 1, "model": model,
+                 "metrics": {"iou": float(iou.mean())}, "baseline": {"iou": 0.2}}
+        (folder / "metrics.json").write_text(json.dumps({
+            "paradigm": paradigm, "models": {model: ["det"]}, "tasks": {"det": entry},
+            "training": {model: {"train_images": 40, "epochs": 9.0, "steps": 27, "samples_seen": 360, "seconds": 3.0}}}))
+        # stored in another image order than the other paradigms: the report aligns by image_path
+        order = rng.permutation(len(IMAGES)) if paradigm == "cg" else np.arange(len(IMAGES))
+        (folder / model / "eval_per_image.json").write_text(json.dumps({"tasks": {"det": {
+            "image_path": [IMAGES[i] for i in order], "iou": [float(iou[i]) for i in order]}}}))
+
+
+def test_intervals_paired_changes_and_evidence_flags(tmp_path):
+    write_detection_run(tmp_path / "seed-0", seed=0)
+    rep = R.build_report([tmp_path / "seed-0"], n_resamples=500)
+    det = rep["tasks"]["det"]["paradigms"]
+    lo, hi = det["au"]["ci"]["iou"]
+    assert lo < det["au"]["metrics"]["iou"] < hi
+    assert det["au"]["transfer"] == "positive" and det["au"]["change_ci"]["iou"][0] > 0
+    assert det["cg"]["transfer"] == "n.s." and det["cg"]["change_ci"]["iou"][0] < 0 < det["cg"]["change_ci"]["iou"][1]
+    # the paired change interval is the bootstrap's, recomputed here on the same resamples
+    from m2dino.evaluation import bootstrap as B
+
+    values = {p: json.loads((tmp_path / "seed-0" / p / m / "eval_per_image.json").read_text())["tasks"]["det"]
+              for p, m in (("ts", "det"), ("au", "all"))}
+    seed = B.task_seed(B.BOOTSTRAP_SEED, "det")
+    index = B.resample_indices(len(IMAGES), 500, seed)
+    by_path = {p: dict(zip(v["image_path"], v["iou"])) for p, v in values.items()}
+    ordered = {p: [by_path[p][path] for path in sorted(IMAGES)] for p in by_path}
+    change = [(sum(ordered["au"][i] for i in row) - sum(ordered["ts"][i] for i in row)) / sum(ordered["ts"][i] for i in row)
+              for row in index]
+    assert det["au"]["change_ci"]["iou"] == pytest.approx(list(B.percentile_interval(change)), rel=1e-9)
+    # without intervals the threshold alone flags, and the report says so
+    plain = R.build_report([tmp_path / "seed-0"], n_resamples=0)
+    assert plain["tasks"]["det"]["paradigms"]["au"]["ci"] == {}
+    assert "threshold alone" in plain["settings"]["transfer_rule"]
+
+
+def test_seeds_are_pooled_as_stated(tmp_path):
+    """Two seeds: value = mean of the seeds, spread = their std, interval = the two-level
+    bootstrap recomputed by hand from the per-image values."""
+    import numpy as np
+
+    from m2dino.evaluation import bootstrap as B
+
+    for seed in (0, 1):
+        write_detection_run(tmp_path / f"seed-{seed}", seed=seed)
+    rep = R.build_report([tmp_path / "seed-0", tmp_path / "seed-1"], n_resamples=300)
+    au = rep["tasks"]["det"]["paradigms"]["au"]
+    per_seed = [json.loads((tmp_path / f"seed-{s}" / "au" / "metrics.json").read_text())["tasks"]["det"]["metrics"]["iou"]
+                for s in (0, 1)]
+    assert au["runs"] == 2 and rep["replicates"] == ["seed-0", "seed-1"]
+    assert au["metrics"]["iou"] == pytest.approx(np.mean(per_seed))
+    assert au["spread"]["iou"] == pytest.approx(np.std(per_seed, ddof=1))
+    # by hand: the same image resamples for both seeds, then for each resample a draw of the seeds
+    index = B.resample_indices(len(IMAGES), 300, B.task_seed(B.BOOTSTRAP_SEED, "det"))
+    dists = []
+    for s in (0, 1):
+        values = json.loads((tmp_path / f"seed-{s}" / "au" / "all" / "eval_per_image.json").read_text())["tasks"]["det"]
+        by_path = dict(zip(values["image_path"], values["iou"]))
+        ordered = np.array([by_path[p] for p in sorted(IMAGES)])
+        dists.append(ordered[index].mean(axis=1))
+    draws = np.random.default_rng([B.task_seed(B.BOOTSTRAP_SEED, "det/iou"), 1]).integers(0, 2, (300, 1, 2))
+    pooled = np.stack(dists).T[np.arange(300)[:, None, None], draws].mean(axis=2).ravel()
+    assert au["ci"]["iou"] == pytest.approx(list(B.percentile_interval(pooled)), rel=1e-9)
+    assert "two-level bootstrap" in rep["settings"]["seed_method"]
+    assert rep["training"]["au"]["all"]["steps"] == 27
+
+
+def test_answers_are_recomputed_from_report_json(tmp_path):
+    for seed in (0, 1):
+        write_detection_run(tmp_path / f"seed-{seed}", seed=seed)
+    out = tmp_path / "report"
+    written = R.generate_report([tmp_path / "seed-0", tmp_path / "seed-1"], out, n_resamples=200)
+    data = json.loads((out / "report.json").read_text())
+    assert R.answers(data) == data["answers"] == written["answers"]
+    assert set(data["answers"]) == {"RQ1", "RQ2", "RQ3", "RQ4", "RQ5"}
+    # one task, one group: the scale, type and stability questions cannot be decided, and say why
+    assert data["answers"]["RQ2"]["verdict"] == "inconclusive" and "too few tasks" in data["answers"]["RQ2"]["answer"]
+    assert data["answers"]["RQ4"]["verdict"] == "inconclusive"
+    assert data["answers"]["RQ1"]["verdict"] == "answered" and "Thyroid: CG 1/1; AU 1/1" in data["answers"]["RQ1"]["answer"]
+    assert "train AU" in data["answers"]["RQ5"]["answer"]
+    markdown = (out / "report.md").read_text()
+    assert "## Answers" in markdown and "## Training length per model" in markdown
+
+
+def test_scale_split_is_stated_and_an_empty_side_said_in_words(run_dir):
+    rep = R.build_report([run_dir])
+    assert rep["settings"]["scale_counts"] == {"data-rich": 2, "data-scarce": 2}
+    markdown = R.render_markdown(rep)
+    assert "data-rich when its training size is >= 35 (median training size): 2 data-rich, 2 data-scarce" in markdown
+    one_sided = R.build_report([run_dir], scale_threshold=5)
+    text = R.render_markdown(one_sided)
+    assert "no data-scarce task" in text and "Not reported: every task is on one side" in text
+    assert one_sided["answers"]["RQ2"]["verdict"] == "inconclusive"
+
+
+def test_plots_grow_to_show_long_task_names(tmp_path):
+    from PIL import Image
+
+    def width(task_name, folder):
+        run = tmp_path / folder
+        for paradigm in ("ts", "au"):
+            write_paradigm(run, paradigm)
+        for paradigm in ("ts", "au"):
+            path = run / paradigm / "metrics.json"
+            data = json.loads(path.read_text())
+            data["tasks"][task_name] = data["tasks"].pop("segA")
+            path.write_text(json.dumps(data))
+        R.generate_report([run], tmp_path / f"out-{folder}")
+        with Image.open(tmp_path / f"out-{folder}" / "change_vs_ts.png") as image:
+            return image.size[0]
+
+    assert width("s", "short") < width("fetal_abdomen_multi_with_a_very_long_name_indeed", "long")

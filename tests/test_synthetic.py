@@ -39,17 +39,25 @@ def digest(root):
     return h.hexdigest()
 
 
-def test_default_sizes_suit_a_ten_minute_cpu_study():
-    sizes = task_sizes()
+def test_the_default_run_has_a_real_data_scale_split():
+    """The default run's suite spans at least 10x in training size, few tasks sit on the
+    minimum, and each side of the median (the report's default threshold) holds a third."""
+    from m2dino.training.config import TrainConfig
+
+    sizes = task_sizes(TrainConfig().synthetic_scale)
     assert set(sizes) == set(TASKS) and set(DIFFICULTY) == set(TASKS)
-    train = sum(n for n, _ in sizes.values())
+    train = np.array([n for n, _ in sizes.values()])
     val = sum(v for _, v in sizes.values())
-    assert 2000 <= train <= 3000
-    assert 0.17 <= val / train <= 0.25
-    assert min(n for n, _ in sizes.values()) >= 40 and min(v for _, v in sizes.values()) >= 12
-    # data-rich and data-scarce tasks as in the real release
-    assert sizes["fetal_plane_cls"][0] > 8 * sizes["fetal_heart"][0]
-    assert task_sizes(scale=0.5)["fetal_plane_cls"] == (3700, 740)
+    assert train.max() >= 10 * train.min()
+    assert (train == train.min()).sum() <= 3
+    threshold = np.median(train)
+    assert (train >= threshold).sum() >= len(train) / 3 and (train < threshold).sum() >= len(train) / 3
+    assert 1200 <= train.sum() <= 2200 and val / train.sum() >= 0.2
+    assert min(v for _, v in sizes.values()) >= 12
+    # the real order of sizes is kept: the largest and smallest real tasks stay so
+    assert max(sizes, key=lambda t: sizes[t][0]) == "fetal_plane_cls"
+    assert min(sizes, key=lambda t: sizes[t][0]) == "fetal_heart"
+    assert task_sizes(scale=0.5)["fetal_plane_cls"] == (3700, 740)  # the largest keeps scale x its size
     with pytest.raises(ValueError, match="scale"):
         task_sizes(scale=0)
 

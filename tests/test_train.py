@@ -62,9 +62,28 @@ def test_paradigm_all_writes_the_run_directory_contract(suite, tmp_path, capsys)
                 assert len(counts) == len(routing["tasks"]) and all(len(row) == 4 for row in counts)
             ev = json.loads((d / "eval.json").read_text())
             assert set(ev["tasks"]) == set(summary["models"][model])
+            # intervals for every metric, the per-image values they come from beside eval.json
+            assert ev["bootstrap"]["n_resamples"] == 1000
+            for task_id, metrics in ev["tasks"].items():
+                assert set(ev["ci"][task_id]) == set(metrics)
+                for metric, (low, high) in ev["ci"][task_id].items():
+                    assert low <= metrics[metric] + 1e-9 and metrics[metric] <= high + 1e-9, (task_id, metric)
+            per_image = json.loads((d / "eval_per_image.json").read_text())["tasks"]
+            assert set(per_image) == set(ev["tasks"])
+            for task_id, values in per_image.items():  # one entry per validation image (3 per task here)
+                assert {len(v) for v in values.values()} == {3}, (task_id, values)
+            # how much training each model had
+            length = summary["training"][model]
+            assert length["epochs"] == pytest.approx(length["samples_seen"] / length["train_images"])
+            assert length["steps"] == 2 and length["seconds"] > 0
     # the same metrics reach metrics.json and eval.json
     au = json.loads((out / "au" / "metrics.json").read_text())
-    assert au["tasks"]["lung"]["metrics"] == json.loads((out / "au" / "all" / "eval.json").read_text())["tasks"]["lung"]
+    au_eval = json.loads((out / "au" / "all" / "eval.json").read_text())
+    assert au["tasks"]["lung"]["metrics"] == au_eval["tasks"]["lung"]
+    assert au["tasks"]["lung"]["ci"] == au_eval["ci"]["lung"]
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["tasks"]["lung"]["paradigms"]["au"]["ci"]["dice"] == pytest.approx(au_eval["ci"]["lung"]["dice"])
+    assert set(report["answers"]) == {"RQ1", "RQ2", "RQ3", "RQ4", "RQ5"}
     assert (out / "split.json").is_file() is False  # the suite has train/ and val/: no split made
     for name in ("report.md", "report.csv", "report.json"):
         assert (out / "report" / name).is_file()
@@ -168,3 +187,25 @@ def test_landmark_heads_start_at_the_training_mean_points(tmp_path, tiny_suite):
     for k in range(2):  # the prior peaks at the grid cell holding the mean point
         row, col = divmod(prior[k].flatten().argmax().item(), grid)
         assert (col, row) == tuple(np.floor(mean[k] * grid).astype(int)), (k, mean[k])
+
+
+@pytest.mark.slow
+def test_seeds_train_every_paradigm_per_seed_and_pool_them(suite, tmp_path):
+    out = tmp_path / "run"
+    rc = main(["--data", str(suite), "--out", str(out), "--seeds", "0,1", "--img-size", "32", "--batch-size", "4",
+               "--steps", "1", "--bootstrap", "200", "--no-progress"])
+    assert rc == 0
+    for seed in (0, 1):
+        config = yaml.safe_load((out / f"seed-{seed}" / "config.yaml").read_text())
+        assert config["seed"] == seed and config["seeds"] is None
+        for paradigm in ("ts", "cg", "au"):
+            assert (out / f"seed-{seed}" / paradigm / "metrics.json").is_file()
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["replicates"] == ["seed-0", "seed-1"]
+    au = report["tasks"]["lung"]["paradigms"]["au"]
+    per_seed = [json.loads((out / f"seed-{s}" / "au" / "metrics.json").read_text())["tasks"]["lung"]["metrics"]["dice"]
+                for s in (0, 1)]
+    assert au["runs"] == 2 and au["metrics"]["dice"] == pytest.approx(np.mean(per_seed))
+    # different seeds train differently: the models are not copies of each other
+    a = (out / "seed-0" / "au" / "all" / "best.safetensors").read_bytes()
+    assert a != (out / "seed-1" / "au" / "all" / "best.safetensors").read_bytes()

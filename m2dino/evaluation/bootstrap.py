@@ -47,6 +47,8 @@ from m2dino.evaluation import metrics as M
 from m2dino.evaluation.metrics import LOWER_IS_BETTER, METRIC_NAMES, per_image_values  # noqa: F401 (re-export)
 
 DEFAULT_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0                    # the study's bootstrap seed: task t resamples with task_seed(0, t)
+PER_IMAGE_FILE = "eval_per_image.json"  # beside each model's eval.json: {"tasks": {task_id: per-image values}}
 DEFAULT_LEVEL = 0.95
 DEFAULT_THRESHOLD = 0.05
 # The key of each task type's values whose length is the number of images.
@@ -56,6 +58,12 @@ _SEED_DRAW_STREAM = 1     # pooled(): the seed draws come from default_rng([seed
 
 
 # ------------------------------------------------------------------------------ resampling
+def bootstrap_settings(n_resamples: int, level: float = DEFAULT_LEVEL) -> dict:
+    """How intervals were made, for the files that carry them."""
+    return {"n_resamples": int(n_resamples), "level": level, "seed": BOOTSTRAP_SEED,
+            "method": "percentile bootstrap over validation images; task t resamples with task_seed(seed, t)"}
+
+
 def resample_indices(n: int, n_resamples: int, seed) -> np.ndarray:
     """[B, n] int64 image indices, drawn with replacement: `default_rng(seed).integers(0, n, (B, n))`.
 

@@ -34,6 +34,7 @@ class TrainConfig:
     synthetic_scale: float = 0.03         # fraction of the real FM_UIA sizes for the synthetic suite
     on_bad_sample: str = "error"          # error | skip (bad rows are excluded and listed)
     val_fraction: float = 0.2             # per-task validation share when the root has no val/
+    split_seed: int | None = None         # seed of that split (default: --seed; --seeds keeps one split)
     tasks: list[str] | None = None        # task ids to train (default: every task in the data)
     groups: str | None = None             # clinical groups file (YAML/JSON); default: the built-in groups
     # study
@@ -64,6 +65,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     fsdp: bool = False                    # under torchrun: FSDP2 (shard weights, grads, optimizer state) instead of DDP
     seed: int = 0
+    seeds: list[int] | None = None        # train everything once per seed (OUT/seed-N/), one pooled report
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     workers: int = 0
     max_bad_steps: int = 5                # stop after this many non-finite steps in a row
@@ -73,6 +75,7 @@ class TrainConfig:
     eval_every: int = 0                   # validate every N epochs (0: only at the end of training)
     log_every: int = 10                   # metrics.jsonl line every N steps
     checkpoint_every: int = 0             # training checkpoint every N steps (0: every epoch)
+    bootstrap: int = 1000                 # bootstrap resamples for the confidence intervals (0: none)
     progress: bool = True                 # tqdm progress bar
 
     def validate(self) -> "TrainConfig":
@@ -107,7 +110,10 @@ class TrainConfig:
             bad("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         if self.synthetic_scale <= 0:
             bad("synthetic_scale", f"must be > 0, got {self.synthetic_scale}")
-        for name in ("workers", "eval_every", "checkpoint_every"):
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)
+                                       or any(s < 0 for s in self.seeds)):
+            bad("seeds", f"must be distinct integers >= 0, got {self.seeds}")
+        for name in ("workers", "eval_every", "checkpoint_every", "bootstrap"):
             if int(getattr(self, name)) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
         unknown = set(self.aux_weights) - set(AUX_NAMES)
@@ -154,6 +160,16 @@ def parse_weights(text, option: str) -> dict[str, float]:
     return out
 
 
+def _parse_seeds(value) -> list[int] | None:
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [v for v in str(value).replace(",", " ").split() if v]
+    try:
+        return [int(v) for v in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"--seeds: expected integers separated by commas (0,1,2), got {value!r}") from None
+
+
 def _parse_tasks(value) -> list[str] | None:
     if value is None:
         return None
@@ -166,6 +182,7 @@ def _parse_tasks(value) -> list[str] | None:
 
 _CASTS = {
     "tasks": _parse_tasks,
+    "seeds": _parse_seeds,
     "loss_weights": lambda v: parse_weights(v, "loss-weights"),
     "aux_weights": lambda v: parse_weights(v, "aux-weights"),
 }
@@ -232,6 +249,8 @@ _HELP = {
     "synthetic_scale": "size of the synthetic suite as a fraction of the real FM_UIA sizes",
     "on_bad_sample": "bad rows: 'error' refuses to train and lists them all, 'skip' trains without them",
     "val_fraction": "per-task validation share when the root has no val/ split",
+    "split_seed": "seed of the train/val split of a root without val/ (default: --seed; with --seeds every "
+                  "seed is validated on the same split, that of --seed)",
     "tasks": "task ids to train (space or comma separated; default every task in the data)",
     "groups": "clinical groups file (YAML/JSON {group: [task ids]}) for the CG paradigm",
     "paradigm": "ts: one model per task, cg: one per clinical group, au: one for all, all: the three + report",
@@ -259,6 +278,8 @@ _HELP = {
     "fsdp": "under torchrun, shard the model with FSDP2 (fully_shard per block) instead of replicating it "
             "with DDP: for the large presets",
     "seed": "seed of the model init, the split, the sampler and the augmentation",
+    "seeds": "train every paradigm once per seed (comma separated, e.g. 0,1,2) into OUT/seed-N/, then one "
+             "report pooling the seeds",
     "device": "auto, cpu, cuda or cuda:N (under torchrun each process takes cuda:LOCAL_RANK)",
     "workers": "DataLoader worker processes",
     "max_bad_steps": "stop after this many non-finite (NaN/Inf) steps in a row",
@@ -267,6 +288,7 @@ _HELP = {
     "eval_every": "validate every N epochs for the best checkpoint (0: at the end of training only)",
     "log_every": "write a metrics.jsonl line every N steps",
     "checkpoint_every": "training checkpoint every N steps (0: at the end of every epoch)",
+    "bootstrap": "bootstrap resamples of the validation images for the 95% confidence intervals (0: none)",
     "progress": "show a progress bar",
 }
 

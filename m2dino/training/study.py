@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from m2dino import io
@@ -51,7 +52,8 @@ def load_data(config: TrainConfig, out: Path):
             if not root.is_dir():
                 raise FileNotFoundError(f"--data {root}: not a directory (an FM_UIA root or 'synthetic')")
         data = load_fmuia(root, policy=config.on_bad_sample, run_dir=out if dist_utils.is_main() else None,
-                          tasks=config.tasks, val_fraction=config.val_fraction, seed=config.seed)
+                          tasks=config.tasks, val_fraction=config.val_fraction,
+                          seed=config.seed if config.split_seed is None else config.split_seed)
         if dist_utils.is_main() and config.on_bad_sample == "skip":
             io.write_json(out / EXCLUDED_FILE, [p.to_dict() for p in data.skipped])
     # every rank must train on rank 0's split (which may come from an earlier run's split.json)
@@ -89,20 +91,22 @@ def run_paradigm(config: TrainConfig, paradigm: str, data, specs: dict, groups, 
     """Train every model of a paradigm; write and return OUT/<paradigm>/metrics.json's content."""
     plan = plan_models(paradigm, sorted(specs), groups)
     train_sizes = data.task_counts("train")
-    entries, models = {}, {}
+    entries, models, training = {}, {}, {}
     for model_name, task_ids in plan.items():
         t0 = time.perf_counter()
         trainer = ModelTrainer(config, model_name, [specs[t] for t in task_ids], data.train, data.val,
                                out / paradigm / model_name, device, baselines)
         result = trainer.run()
         models[model_name] = task_ids
+        training[model_name] = result["training"]
         for t in task_ids:
             spec = specs[t]
             entries[t] = {"task_type": spec.task_type, "group": spec.group, "train_size": train_sizes.get(t, 0),
-                          "primary_metric": spec.primary_metric, "model": model_name,
-                          "metrics": result["tasks"].get(t, {}), "baseline": baselines.get(t, {})}
+                          "num_classes": spec.num_classes, "primary_metric": spec.primary_metric, "model": model_name,
+                          "metrics": result["tasks"].get(t, {}), "ci": result["ci"].get(t, {}),
+                          "baseline": baselines.get(t, {})}
         log(f"[{paradigm}] {model_name}: {len(task_ids)} task(s) in {time.perf_counter() - t0:.1f} s")
-    summary = {"paradigm": paradigm, "models": models, "tasks": entries}
+    summary = {"paradigm": paradigm, "models": models, "training": training, "tasks": entries}
     if dist_utils.is_main():
         io.write_json(out / paradigm / "metrics.json", summary)
     return summary
@@ -125,7 +129,10 @@ def baseline_table(summary: dict) -> tuple[str, bool]:
 
 
 def run(config: TrainConfig) -> dict:
-    """Run the study described by `config`; returns {paradigm: metrics.json content}."""
+    """Run the study described by `config`; returns {paradigm: metrics.json content} (with
+    --seeds: {seed: that}, each seed in OUT/seed-N/, and the pooled report in OUT/report/)."""
+    if config.seeds:
+        return run_seeds(config)
     device = dist_utils.resolve_device(config.device)
     distributed = dist_utils.setup(device)
     if distributed and dist_utils.restart_count() > 0 and not config.resume:
@@ -160,8 +167,28 @@ def run(config: TrainConfig) -> dict:
         log(table)
         log(f"every task beats its trivial baseline: {'yes' if all_beat else 'NO'}")
         if len(paradigms) > 1:
-            generate_report([out], out / "report")
+            generate_report([out], out / "report", n_resamples=config.bootstrap)
             log(f"report: {(out / 'report' / 'report.md').resolve()}")
         log(f"run directory: {out.resolve()} (total {time.perf_counter() - t_start:.1f} s)")
     dist_utils.barrier()
+    return results
+
+
+def run_seeds(config: TrainConfig) -> dict:
+    """Every paradigm once per seed, each a complete run directory OUT/seed-N/ (model init,
+    sampling and augmentation follow the seed; the data and, without a val/ split, the split
+    stay those of --seed), then one report pooling the seeds."""
+    out = Path(config.out)
+    if dist_utils.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    results, run_dirs = {}, []
+    for seed in config.seeds:
+        run_dir = out / f"seed-{seed}"
+        log(f"=== seed {seed}: {run_dir}")
+        results[seed] = run(replace(config, seed=seed, seeds=None, out=str(run_dir), split_seed=config.seed))
+        run_dirs.append(run_dir)
+    if dist_utils.is_main() and (config.paradigm == "all" or len(results) > 1):
+        generate_report(run_dirs, out / "report", n_resamples=config.bootstrap)
+        log(f"pooled report over seeds {config.seeds}: {(out / 'report' / 'report.md').resolve()}")
     return results

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,10 @@ from torch.utils.data import DataLoader
 from m2dino import io
 from m2dino.data import FMUIADataset, MultiTaskBatchSampler, collate
 from m2dino.evaluation.baselines import training_mean
+from m2dino.evaluation.bootstrap import (BOOTSTRAP_SEED, PER_IMAGE_FILE, bootstrap_settings, bootstrap_task,
+                                         metrics_from_values, per_image_values, task_seed)
 from m2dino.evaluation.ground_truth import ground_truth_from_record
-from m2dino.evaluation.metrics import evaluate_predictions, higher_is_better
+from m2dino.evaluation.metrics import higher_is_better
 from m2dino.models.m2dino import create_model, save_model
 from m2dino.tasks import TaskSpec
 from m2dino.training import checkpoint as ckpt
@@ -74,6 +77,8 @@ class Progress:
     best_score: float = -math.inf
     best_step: int = -1
     finished: bool = False
+    samples_seen: int = 0          # training samples over all ranks (batch size x world size per step)
+    train_seconds: float = 0.0     # wall time of the training loop, validations included, over resumes
 
 
 def primary_score(task_metrics: dict[str, dict[str, float]], tasks: dict[str, TaskSpec],
@@ -323,7 +328,8 @@ class ModelTrainer:
     @torch.no_grad()
     def validate(self, model) -> tuple[dict[str, dict[str, float]], dict[int, list]]:
         """Challenge metrics of `model` on the validation rows (original resolution), and the
-        routing counts {block index: [[count per expert] per task]} on them."""
+        routing counts {block index: [[count per expert] per task]} on them. The per-image values
+        the metrics are computed from stay in `self.last_values` for `uncertainty`."""
         c = self.config
         was_training = model.training
         model.eval()
@@ -339,8 +345,31 @@ class ModelTrainer:
             predictions.extend(self.model.postprocess(outputs, batch["orig_sizes"]))
         routing = {int(k): v.cpu().tolist() for k, v in self.model.expert_usage().items()}
         model.train(was_training)
-        metrics = evaluate_predictions(predictions, self.val_truth(), self.task_table)
+        by_task = defaultdict(lambda: ([], []))
+        for prediction, truth in zip(predictions, self.val_truth()):
+            by_task[truth["task"]][0].append(prediction)
+            by_task[truth["task"]][1].append(truth)
+        self.last_values, metrics = {}, {}
+        for task_id, (preds, truths) in sorted(by_task.items()):
+            spec = self.task_table[task_id]
+            values = per_image_values(spec.task_type, spec.num_classes, preds, truths)  # keyed by image_path
+            self.last_values[task_id] = values
+            metrics[task_id] = metrics_from_values(spec.task_type, spec.num_classes, values)
         return metrics, routing
+
+    def uncertainty(self, values: dict[str, dict]) -> dict[str, dict[str, list]]:
+        """{task_id: {metric: 95% bootstrap interval over the validation images}} from the
+        per-image values of a validation (none with --bootstrap 0). Each task resamples with a
+        seed of its own id, so every paradigm and training seed scoring it draws the same images."""
+        if not self.config.bootstrap:
+            return {}
+        intervals = {}
+        for task_id, task_values in values.items():
+            spec = self.task_table[task_id]
+            result = bootstrap_task(spec.task_type, spec.num_classes, task_values, n_resamples=self.config.bootstrap,
+                                    seed=task_seed(BOOTSTRAP_SEED, task_id))
+            intervals[task_id] = {metric: r["ci"] for metric, r in result.items()}
+        return intervals
 
     # ------------------------------------------------------------------ helpers
 
@@ -365,8 +394,9 @@ class ModelTrainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, Any]:
-        """Train (or resume), then validate the best checkpoint; returns
-        {"tasks": {task_id: {metric: value}}, "routing": {...}, "best_step": int}."""
+        """Train (or resume); returns the best checkpoint's validation {"tasks": {task_id:
+        {metric: value}}, "ci": {task_id: {metric: [low, high]}}, "best_step": int,
+        "training": training_length()}."""
         c = self.config
         self.model = self.build_model()  # the M2DINO itself (predictions, checkpoints, tests)
         # what training steps run through: DDP or FSDP2 under torchrun, the model otherwise
@@ -418,6 +448,7 @@ class ModelTrainer:
             from tqdm import tqdm
             bar = tqdm(total=total, initial=progress.step, desc=self.name, leave=False, dynamic_ncols=True)
         images_seen, t0 = 0, time.perf_counter()
+        clock = t0
         while progress.step < total:
             sampler.set_epoch(progress.epoch)
             dataset.set_epoch(progress.epoch)
@@ -430,6 +461,10 @@ class ModelTrainer:
                 progress.step += 1
                 progress.batches_done += 1
                 images_seen += len(batch["tasks"])
+                progress.samples_seen += len(batch["tasks"]) * dist_utils.world_size()
+                now = time.perf_counter()
+                progress.train_seconds += now - clock
+                clock = now
                 rate = images_seen * dist_utils.world_size() / max(1e-9, time.perf_counter() - t0)
                 if bar is not None:
                     bar.update(1)
@@ -538,7 +573,10 @@ class ModelTrainer:
                            tasks=metrics)
             if improved:
                 save_model(self.model, self.model_dir / "best", state_dict=model_state)
-                self._write_json("eval.json", {"tasks": metrics, "step": progress.step, "score": score})
+                intervals = self.uncertainty(self.last_values)
+                self._write_json(PER_IMAGE_FILE, {"tasks": self.last_values})
+                self._write_json("eval.json", {"tasks": metrics, "ci": intervals, "step": progress.step,
+                                               "score": score, "bootstrap": bootstrap_settings(self.config.bootstrap)})
                 self._write_json("routing.json", {"tasks": list(self.task_table),
                                                   "num_experts": self.config.num_experts,
                                                   "layers": {str(k): v for k, v in routing.items()}})
@@ -552,4 +590,12 @@ class ModelTrainer:
         result = io.read_json(self.model_dir / "eval.json") if self.is_main else {}
         result = dist_utils.broadcast_object(result)
         self.log.close()
-        return {"tasks": result.get("tasks", {}), "best_step": progress.best_step}
+        return {"tasks": result.get("tasks", {}), "ci": result.get("ci", {}), "best_step": progress.best_step,
+                "training": self.training_length(progress)}
+
+    def training_length(self, progress: Progress) -> dict[str, Any]:
+        """How much training this model had: what tells transfer from training length apart."""
+        images = len(self.train_records)
+        return {"train_images": images, "epochs": round(progress.samples_seen / max(1, images), 3),
+                "steps": progress.step, "samples_seen": progress.samples_seen,
+                "seconds": round(progress.train_seconds, 1)}

@@ -18,7 +18,7 @@ from m2dino.data.synthetic.suite import (
     DEFAULT_SEED,
     GENERATOR_VERSION,
     MIN_TRAIN,
-    MIN_TRAIN_FACTOR,
+    SIZE_EXPONENT,
     MIN_VAL,
     VAL_FRACTION,
     default_cache_root,
@@ -28,7 +28,7 @@ from m2dino.data.synthetic.suite import (
 )
 
 __all__ = [
-    "DEFAULT_SCALE", "DEFAULT_SEED", "DIFFICULTY", "GENERATOR_VERSION", "MIN_TRAIN", "MIN_TRAIN_FACTOR",
+    "DEFAULT_SCALE", "DEFAULT_SEED", "DIFFICULTY", "GENERATOR_VERSION", "MIN_TRAIN", "SIZE_EXPONENT",
     "MIN_VAL", "VAL_FRACTION", "build", "default_cache_root", "ensure_synthetic", "task_sizes",
     "write_suite",
 ]

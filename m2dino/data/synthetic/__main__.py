@@ -15,10 +15,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m m2dino.data.synthetic", description=synthetic.__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder to write (train/ and val/ go inside)")
     p.add_argument("--scale", type=float, default=DEFAULT_SCALE,
-                   help=f"fraction of the real FM_UIA training sizes (default {DEFAULT_SCALE}: ~2.6k training images)")
+                   help=f"the largest task's share of its real size; smaller tasks shrink less (see suite.py) "
+                        f"(default {DEFAULT_SCALE})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--min-train", type=int, default=None,
-                   help=f"training minimum per task (default {MIN_TRAIN}, more for the hard tasks)")
+                   help=f"training minimum per task (default {MIN_TRAIN})")
     p.add_argument("--min-val", type=int, default=MIN_VAL)
     p.add_argument("--tasks", nargs="*", default=None, help="only these task ids")
     p.add_argument("--workers", type=int, default=None)

@@ -1,7 +1,10 @@
 """The suite on disk: task sizes, the FM_UIA layout, `write_suite`, and the cache `ensure_synthetic`.
 
-Task sizes are the real approximate training sizes times `scale`, at least `min_train`
-(more for a few hard classification tasks, `MIN_TRAIN_FACTOR`); val is about 20%, at least
+Task sizes follow the real approximate training sizes N_t, compressed: n_t = scale x N_max x
+(N_t / N_max) ** SIZE_EXPONENT, at least `min_train`. The largest task keeps `scale` of its real
+size and the real 41x span between the smallest and the largest becomes ~11x: small tasks stay
+small (the data-scarce side the transfer question needs) but learnable, and the tasks spread
+over both sides of the median instead of piling up on the minimum. Val is about 20%, at least
 `min_val`, and class-balanced for classification (every class present).
 Each image is seeded by (seed, task, split, index): the suite is deterministic and the
 order of generation does not matter. `write_suite` writes `train/` and `val/` with their
@@ -12,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -26,14 +28,12 @@ from m2dino.data.synthetic.scenes import DIFFICULTY, build
 from m2dino.io import write_json
 from m2dino.tasks import CSV_TASK_NAMES, TASKS
 
-GENERATOR_VERSION = 4  # bump whenever canvas.py or scenes.py change an image or label: cached suites are rebuilt
+GENERATOR_VERSION = 5  # bump whenever canvas.py or scenes.py change an image or label: cached suites are rebuilt
 DEFAULT_SCALE = 0.06
 DEFAULT_SEED = 0
-MIN_TRAIN = 40
+MIN_TRAIN = 16
 MIN_VAL = 16
-# Tasks whose labels need more examples than MIN_TRAIN for a small model trained from scratch
-# (8-way orientation, lesion shape): their training minimum is min_train times this factor.
-MIN_TRAIN_FACTOR = {"fetal_sacral_pos_cls": 2.0, "breast_2cls": 1.4, "breast_3cls": 1.6}
+SIZE_EXPONENT = 0.65  # how much of the real size ratios the suite keeps (1: all, 0: none)
 # Classification labels drawn freely in train; val is class-balanced (example i has class
 # i % num_classes) so every class is present and the majority-class baseline is never 0.
 VAL_FRACTION = 0.2
@@ -73,16 +73,15 @@ def csv_name(spec, index: int) -> str:
 
 def task_sizes(scale: float = DEFAULT_SCALE, min_train: int | None = None, min_val: int = MIN_VAL,
                val_fraction: float = VAL_FRACTION, tasks=None) -> dict[str, tuple[int, int]]:
-    """{task_id: (n_train, n_val)}: real size x scale (at least the training minimum), val ~
-    val_fraction. The default minimum is MIN_TRAIN, raised for the hard tasks by
-    MIN_TRAIN_FACTOR; an explicit `min_train` is the same exact minimum for every task."""
+    """{task_id: (n_train, n_val)}: the compressed real sizes (module docstring), at least
+    `min_train` (default MIN_TRAIN), val ~ val_fraction, at least `min_val`."""
     if scale <= 0:
         raise ValueError(f"--scale must be > 0, got {scale}")
+    minimum = MIN_TRAIN if min_train is None else min_train
+    largest = max(spec.train_size for spec in TASKS.values())
     out = {}
     for tid in tasks or TASKS:
-        minimum = (int(math.ceil(MIN_TRAIN * MIN_TRAIN_FACTOR.get(tid, 1.0)))
-                   if min_train is None else min_train)
-        n = max(minimum, int(round(TASKS[tid].train_size * scale)))
+        n = max(minimum, int(round(scale * largest * (TASKS[tid].train_size / largest) ** SIZE_EXPONENT)))
         out[tid] = (n, max(min_val, int(round(n * val_fraction))))
     return out
 

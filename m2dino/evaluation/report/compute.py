@@ -1,16 +1,22 @@
-"""The numbers of the transfer report, as one JSON-ready dict (`build_report`).
+"""The numbers of the transfer report, as one JSON-ready dict (`compute_report`).
 
 Definitions (also stated in the report itself):
 
 * Change against TS, per task and metric: (value - TS) / |TS| for metrics where higher is
   better, (TS - value) / |TS| for HD and MRE, so a positive change is always an improvement.
   Undefined (NaN, JSON null) when TS is 0 or either value is missing.
+* Intervals: 95% percentile bootstrap over the validation images, every metric recomputed on
+  each resample, the same resamples for every paradigm and seed of a task, so that a change
+  against TS gets a paired interval (m2dino.evaluation.bootstrap). Several run directories are
+  seed replicates: a value is the mean over seeds, "spread" the standard deviation across
+  them, and the interval a two-level bootstrap over images and seeds (bootstrap.pooled).
+* Transfer: negative (positive) when the primary-metric change is below -threshold (above
+  +threshold, default 0.05) AND its interval lies entirely below (above) 0; otherwise "n.s.".
+  Without intervals (--bootstrap 0) the threshold alone decides, and the report says so.
 * Data scale: a task is data-rich when its training size is >= the threshold (default the
   median training size of the reported tasks), data-scarce otherwise.
-* Negative transfer: a CG or AU task whose primary-metric change against TS is below
-  -threshold (default 0.05, i.e. more than 5% worse than its task-specific model).
-* Averages over tasks skip NaN values. A paradigm found in several run directories (seed
-  replicates) is averaged over them per task and metric.
+* Averages over tasks skip NaN values; their intervals average the tasks' bootstrap
+  distributions resample by resample (tasks have disjoint images, resampled independently).
 * Routing: the share of each task's routed tokens that went to each expert, per MoE layer.
   Task affinity = 1 - Jensen-Shannon divergence (base 2, so in [0, 1]; 1 = identical
   routing) between two tasks' expert distributions, averaged over the MoE layers.
@@ -19,12 +25,15 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import defaultdict
 from typing import Sequence
 
 import numpy as np
 from scipy.spatial.distance import jensenshannon
 
+from m2dino.evaluation.bootstrap import (BOOTSTRAP_SEED, DEFAULT_LEVEL, bootstrap_task, change_vs_reference,
+                                         percentile_interval, pooled, select, significance, task_seed)
 from m2dino.evaluation.metrics import LOWER_IS_BETTER, METRIC_NAMES, as_float, nanmean
 from m2dino.evaluation.report.runs import load_runs
 
@@ -32,15 +41,11 @@ PARADIGM_ORDER = ("ts", "cg", "au")
 PARADIGM_LABELS = {"ts": "TS", "cg": "CG", "au": "AU"}
 DEFAULT_NEGATIVE_THRESHOLD = 0.05
 AFFINITY_DEFINITION = "1 - Jensen-Shannon divergence (base 2) of the tasks' expert-routing distributions, mean over MoE layers"
-
-
-def relative_change(value: float, reference: float, metric: str) -> float:
-    """Signed relative change against the reference; positive = better, also for HD and MRE."""
-    value, reference = as_float(value), as_float(reference)
-    if math.isnan(value) or math.isnan(reference) or reference == 0:
-        return float("nan")
-    delta = (reference - value) if metric in LOWER_IS_BETTER else (value - reference)
-    return delta / abs(reference)
+INTERVAL_METHOD = ("95% percentile bootstrap over the validation images (every metric recomputed on each of the "
+                   "{n} resamples; the same resamples under every paradigm and seed, so changes vs TS are paired)")
+SEED_METHOD = ("over {s} training seeds: the value is the mean of the seeds' values, spread their standard "
+               "deviation; the interval is a two-level bootstrap: each image resample is combined with a "
+               "resample of the seeds, so it reflects both the validation images and the training seeds")
 
 
 def routing_shares(counts) -> np.ndarray:
@@ -74,91 +79,203 @@ def task_affinity(layers: dict) -> np.ndarray:
     return np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
 
 
-def build_report(
+def compute_report(
     run_dirs: Sequence[os.PathLike],
     scale_threshold: float | None = None,
     negative_threshold: float = DEFAULT_NEGATIVE_THRESHOLD,
+    n_resamples: int = 1000,
+    level: float = DEFAULT_LEVEL,
 ) -> dict:
-    """All numbers of the report as one JSON-ready dict (NaN where undefined)."""
+    """All numbers of the report as one dict (NaN where undefined; null once written as JSON)."""
     if negative_threshold < 0:
         raise ValueError(f"negative_threshold must be >= 0, got {negative_threshold}")
-    by_paradigm, routing = load_runs(run_dirs)
-    paradigms = [p for p in PARADIGM_ORDER if p in by_paradigm] + sorted(set(by_paradigm) - set(PARADIGM_ORDER))
-    task_ids = sorted({t for tasks in by_paradigm.values() for t in tasks})
+    if n_resamples < 0:
+        raise ValueError(f"--bootstrap must be >= 0, got {n_resamples}")
+    runs, routing, training = load_runs(run_dirs)
+    paradigms = [p for p in PARADIGM_ORDER if p in runs] + sorted(set(runs) - set(PARADIGM_ORDER))
+    task_ids = sorted({t for tasks in runs.values() for t in tasks})
+    replicates = sorted({r for tasks in runs.values() for reps in tasks.values() for r in reps})
 
-    # Task facts from the TS entry when there is one (every paradigm trains on the same rows).
     facts = {}
     for task_id in task_ids:
-        source = next(by_paradigm[p][task_id] for p in paradigms if task_id in by_paradigm[p])
+        source = next(iter(next(runs[p][task_id] for p in paradigms if task_id in runs[p]).values()))
         facts[task_id] = {k: source[k] for k in ("task_type", "group", "train_size", "primary_metric")}
     # Report order: by task type (segmentation, classification, detection, regression), then id.
     type_order = {t: i for i, t in enumerate(METRIC_NAMES)}
     task_ids.sort(key=lambda t: (type_order[facts[t]["task_type"]], t))
-    sizes = [facts[t]["train_size"] for t in task_ids]
-    threshold_rule = "given"
-    if scale_threshold is None:
-        scale_threshold = float(np.median(sizes)) if sizes else 0.0
-        threshold_rule = "median training size"
+    scale = _scale_split([facts[t]["train_size"] for t in task_ids], scale_threshold)
 
-    tasks_out = {}
-    negatives = []
+    tasks_out, distributions = {}, {}
     for task_id in task_ids:
         fact = facts[task_id]
-        ts_entry = by_paradigm.get("ts", {}).get(task_id)
-        entry_out = {**fact, "scale": "data-rich" if fact["train_size"] >= scale_threshold else "data-scarce", "paradigms": {}}
-        for paradigm in paradigms:
-            entry = by_paradigm[paradigm].get(task_id)
-            if entry is None:
-                continue
-            primary = fact["primary_metric"]
-            result = {
-                "model": entry["model"],
-                "runs": entry["runs"],
-                "metrics": entry["metrics"],
-                "baseline": entry["baseline"],
-                "beats_baseline": _beats(entry["metrics"].get(primary), entry["baseline"].get(primary), primary),
-            }
-            if paradigm != "ts" and ts_entry is not None:
-                change = {m: relative_change(v, ts_entry["metrics"].get(m), m) for m, v in entry["metrics"].items()}
-                result["change_vs_ts"] = change
-                primary_change = change.get(primary, float("nan"))
-                result["negative_transfer"] = bool(primary_change < -negative_threshold)
-                if result["negative_transfer"]:
-                    negatives.append({"task_id": task_id, "paradigm": paradigm, "metric": primary, "change_vs_ts": primary_change})
+        by_paradigm = {p: runs[p][task_id] for p in paradigms if task_id in runs[p]}
+        scored = _score_task(task_id, fact, by_paradigm, n_resamples, level)
+        entry_out = {**fact, "scale": "data-rich" if fact["train_size"] >= scale["threshold"] else "data-scarce",
+                     "paradigms": {}}
+        for paradigm, reps in by_paradigm.items():
+            result = _paradigm_result(task_id, fact, reps, scored.get(paradigm), training.get(paradigm, {}))
+            if paradigm != "ts" and "ts" in by_paradigm:
+                change, change_dist = _change_vs_ts(fact, reps, by_paradigm["ts"], scored.get(paradigm),
+                                                    scored.get("ts"), level, task_id)
+                result.update(change)
+                distributions[(task_id, paradigm)] = change_dist
+                primary = fact["primary_metric"]
+                value, interval = change["change_vs_ts"].get(primary), change["change_ci"].get(primary)
+                result["transfer"] = (significance(interval, value, negative_threshold) if interval is not None
+                                      else _threshold_only(value, negative_threshold))
+                result["negative_transfer"] = result["transfer"] == "negative"
             entry_out["paradigms"][paradigm] = result
         tasks_out[task_id] = entry_out
 
     averages = {
-        "overall": _aggregate(tasks_out, paradigms, lambda t: "all"),
-        "by_group": _aggregate(tasks_out, paradigms, lambda t: t["group"]),
-        "by_task_type": _aggregate(tasks_out, paradigms, lambda t: t["task_type"]),
-        "by_scale": _aggregate(tasks_out, paradigms, lambda t: t["scale"]),
+        "overall": _aggregate(tasks_out, paradigms, lambda t: "all", distributions, level),
+        "by_group": _aggregate(tasks_out, paradigms, lambda t: t["group"], distributions, level),
+        "by_task_type": _aggregate(tasks_out, paradigms, lambda t: t["task_type"], distributions, level),
+        "by_scale": _aggregate(tasks_out, paradigms, lambda t: t["scale"], distributions, level),
     }
-    routing_out = {}
-    for paradigm, models in routing.items():
-        for model_name, data in models.items():
-            layers = {str(k): np.asarray(v, dtype=np.float64) for k, v in sorted(data["layers"].items(), key=lambda kv: int(kv[0]))}
-            routing_out.setdefault(paradigm, {})[model_name] = {
-                "tasks": list(data["tasks"]),
-                "num_experts": int(data["num_experts"]),
-                "shares": {layer: routing_shares(c).tolist() for layer, c in layers.items()},
-                "affinity": task_affinity(layers).tolist() if layers else [],
-            }
-    return {
+    comparisons = _comparisons(tasks_out, paradigms, distributions, level)
+    negatives = [{"task_id": t, "paradigm": p, "metric": task["primary_metric"],
+                  "change_vs_ts": r["change_vs_ts"].get(task["primary_metric"]),
+                  "change_ci": r["change_ci"].get(task["primary_metric"])}
+                 for t, task in tasks_out.items() for p, r in task["paradigms"].items() if r.get("negative_transfer")]
+    report = {
         "paradigms": paradigms,
+        "replicates": replicates,
         "settings": {
-            "scale_threshold": float(scale_threshold),
-            "scale_threshold_rule": threshold_rule,
+            "scale_threshold": float(scale["threshold"]),
+            "scale_threshold_rule": scale["rule"],
+            "scale_counts": scale["counts"],
             "data_rich_rule": "train_size >= scale_threshold",
             "negative_transfer_threshold": float(negative_threshold),
+            "transfer_rule": ("negative (positive): primary-metric change below -threshold (above +threshold) and its "
+                              "95% interval entirely below (above) 0; otherwise n.s."
+                              if n_resamples else "no intervals (--bootstrap 0): the threshold alone flags transfer"),
+            "bootstrap": {"n_resamples": int(n_resamples), "level": level, "seed": BOOTSTRAP_SEED},
+            "interval_method": INTERVAL_METHOD.format(n=n_resamples) if n_resamples else "none (--bootstrap 0)",
+            "seed_method": SEED_METHOD.format(s=len(replicates)) if len(replicates) > 1 else "one training seed",
             "change_definition": "(value - TS) / |TS|, sign flipped for hd and mre: positive is better",
             "affinity_definition": AFFINITY_DEFINITION,
         },
         "tasks": tasks_out,
         "averages": averages,
+        "comparisons": comparisons,
         "negative_transfer": negatives,
-        "routing": routing_out,
+        "training": _training_table(training),
+        "routing": _routing_out(routing),
     }
+    return report
+
+
+def relative_change(value: float, reference: float, metric: str) -> float:
+    """Signed relative change against the reference; positive = better, also for HD and MRE."""
+    return change_vs_reference(as_float(value), as_float(reference), metric)
+
+
+# ------------------------------------------------------------------------------ per task
+def _scale_split(sizes: list[int], threshold: float | None) -> dict:
+    rule = "given"
+    if threshold is None:
+        threshold = float(np.median(sizes)) if sizes else 0.0
+        rule = "median training size"
+    rich = sum(1 for n in sizes if n >= threshold)
+    return {"threshold": threshold, "rule": rule, "counts": {"data-rich": rich, "data-scarce": len(sizes) - rich}}
+
+
+def _score_task(task_id: str, fact: dict, by_paradigm: dict, n_resamples: int, level: float) -> dict:
+    """{paradigm: {replicate: bootstrap_task result}} on the images every run of the task
+    predicted, in one order (so the same resample is the same images everywhere); {} when
+    the bootstrap is off or a run has no per-image values."""
+    entries = [e for reps in by_paradigm.values() for e in reps.values()]
+    if not n_resamples or any(e.get("values") is None for e in entries):
+        return {}
+    common = sorted(set.intersection(*(set(e["values"]["image_path"]) for e in entries)))
+    if not common:
+        return {}
+    seed = task_seed(BOOTSTRAP_SEED, task_id)
+    out = {}
+    for paradigm, reps in by_paradigm.items():
+        out[paradigm] = {}
+        for rep, entry in reps.items():
+            position = {path: i for i, path in enumerate(entry["values"]["image_path"])}
+            values = select(entry["values"], [position[path] for path in common])
+            out[paradigm][rep] = bootstrap_task(fact["task_type"], _num_classes(fact["task_type"], entry, values), values,
+                                                n_resamples=n_resamples, seed=seed, level=level)
+    return out
+
+
+def _num_classes(task_type: str, entry: dict, values: dict) -> int:
+    """The entry's num_classes, else what the per-image values show (runs before it was stored)."""
+    if entry.get("num_classes"):
+        return int(entry["num_classes"])
+    if task_type == "classification":
+        return len(values["probs"][0])
+    if task_type == "segmentation":
+        return len(values["dice"][0]) + 1
+    return len(values["errors"][0]) if task_type == "regression" else 1
+
+
+def _paradigm_result(task_id: str, fact: dict, reps: dict, scored: dict | None, training: dict) -> dict:
+    """A task under one paradigm: metrics pooled over the seed replicates, with intervals."""
+    primary = fact["primary_metric"]
+    names = sorted({m for e in reps.values() for m in e["metrics"]})
+    metrics, spread, intervals = {}, {}, {}
+    for name in names:
+        values = [as_float(e["metrics"].get(name)) for e in reps.values()]
+        metrics[name] = nanmean(values)
+        if len(values) > 1:
+            spread[name] = float(np.nanstd(values, ddof=1))
+        if scored:
+            dists = [scored[rep][name]["distribution"] for rep in reps]
+            intervals[name] = (pooled(dists, values, seed=task_seed(BOOTSTRAP_SEED, f"{task_id}/{name}"))["ci"]
+                               if len(dists) > 1
+                               else scored[next(iter(reps))][name]["ci"])
+    baseline = {m: nanmean([as_float(e["baseline"].get(m)) for e in reps.values()])
+                for m in sorted({m for e in reps.values() for m in (e.get("baseline") or {})})}
+    model = next(iter(reps.values())).get("model", "")
+    lengths = [training.get(rep, {}).get(model) for rep in reps]
+    result = {"model": model, "runs": len(reps), "metrics": metrics, "ci": intervals, "baseline": baseline,
+              "beats_baseline": _beats(metrics.get(primary), baseline.get(primary), primary),
+              "training": _mean_training([t for t in lengths if t])}
+    if spread:
+        result["spread"] = spread
+    return result
+
+
+def _change_vs_ts(fact, reps, ts_reps, scored, ts_scored, level, task_id) -> tuple[dict, np.ndarray | None]:
+    """({"change_vs_ts", "change_ci"[, "change_spread"]}, the primary change's distribution).
+    Seed replicates are paired by name (seed N of a paradigm against seed N of TS); unless every
+    replicate has its TS partner, the change is that of the means over replicates, without interval."""
+    paired = [rep for rep in reps if rep in ts_reps]
+    if len(paired) != len(reps):
+        paired = []
+    change, intervals, spread, primary_dist = {}, {}, {}, None
+    for name in sorted(next(iter(reps.values()))["metrics"]):
+        if paired:
+            values = [relative_change(reps[r]["metrics"].get(name), ts_reps[r]["metrics"].get(name), name)
+                      for r in paired]
+        else:  # different seeds: the change of the means, no interval
+            values = [relative_change(nanmean([as_float(e["metrics"].get(name)) for e in reps.values()]),
+                                      nanmean([as_float(e["metrics"].get(name)) for e in ts_reps.values()]), name)]
+        change[name] = nanmean(values)
+        if len(values) > 1:
+            spread[name] = float(np.nanstd(values, ddof=1))
+        if scored and ts_scored and paired:
+            dists = [change_vs_reference(scored[r][name]["distribution"], ts_scored[r][name]["distribution"], name)
+                     for r in paired]
+            pool = pooled(dists, values, seed=task_seed(BOOTSTRAP_SEED, f"{task_id}/{name}"), level=level)
+            intervals[name] = pool["ci"]
+            if name == fact["primary_metric"]:
+                primary_dist = pool["distribution"]
+    out = {"change_vs_ts": change, "change_ci": intervals}
+    if spread:
+        out["change_spread"] = spread
+    return out, primary_dist
+
+
+def _threshold_only(change, threshold: float) -> str:
+    if change is None or not math.isfinite(change):
+        return "n.s."
+    return "negative" if change < -threshold else "positive" if change > threshold else "n.s."
 
 
 def _beats(value, baseline, metric) -> bool | None:
@@ -168,36 +285,143 @@ def _beats(value, baseline, metric) -> bool | None:
     return bool(value < baseline) if metric in LOWER_IS_BETTER else bool(value > baseline)
 
 
-def _aggregate(tasks_out: dict, paradigms: list[str], key_of) -> dict:
+# ------------------------------------------------------------------------------ over tasks
+def _interval(distributions: list, level: float):
+    """The interval of the mean over tasks: their distributions averaged resample by resample."""
+    if not distributions or any(d is None for d in distributions):
+        return None
+    length = min(len(d) for d in distributions)
+    with warnings.catch_warnings():  # a resample where every task's change is undefined is NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return list(percentile_interval(np.nanmean(np.stack([d[:length] for d in distributions]), axis=0), level))
+
+
+def _aggregate(tasks_out: dict, paradigms: list[str], key_of, distributions: dict, level: float) -> dict:
     """{key: {paradigm: {"n_tasks", "metrics": {m: mean}, "change_vs_ts": {m: mean},
-    "primary_change_vs_ts": mean}}}; metric means only over the tasks that have the metric."""
-    grouped: dict[str, list[dict]] = defaultdict(list)
-    for task in tasks_out.values():
-        grouped[key_of(task)].append(task)
+    "primary_change_vs_ts", "primary_change_ci", "significant_drops", "significant_gains"}}}."""
+    grouped: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+    for task_id, task in tasks_out.items():
+        grouped[key_of(task)].append((task_id, task))
     out = {}
     for key in sorted(grouped):
         out[key] = {}
         for paradigm in paradigms:
-            results = [(t, t["paradigms"][paradigm]) for t in grouped[key] if paradigm in t["paradigms"]]
+            results = [(tid, t, t["paradigms"][paradigm]) for tid, t in grouped[key] if paradigm in t["paradigms"]]
             if not results:
                 continue
-            metric_values, change_values, primary_changes = defaultdict(list), defaultdict(list), []
-            for task, result in results:
+            metric_values, change_values = defaultdict(list), defaultdict(list)
+            primary, dists = [], []
+            for task_id, task, result in results:
                 for m, v in result["metrics"].items():
                     metric_values[m].append(as_float(v))
                 for m, v in result.get("change_vs_ts", {}).items():
-                    change_values[m].append(v)
+                    change_values[m].append(as_float(v))
                 if "change_vs_ts" in result:
-                    primary_changes.append(result["change_vs_ts"].get(task["primary_metric"], float("nan")))
-            summary = {
-                "n_tasks": len(results),
-                "metrics": {m: nanmean(v) for m, v in sorted(metric_values.items())},
-            }
-            if paradigm != "ts" and primary_changes:
+                    primary.append(as_float(result["change_vs_ts"].get(task["primary_metric"])))
+                    dists.append(distributions.get((task_id, paradigm)))
+            summary = {"n_tasks": len(results), "tasks": [tid for tid, _, _ in results],
+                       "metrics": {m: nanmean(v) for m, v in sorted(metric_values.items())}}
+            if paradigm != "ts" and primary:
                 summary["change_vs_ts"] = {m: nanmean(v) for m, v in sorted(change_values.items())}
-                summary["primary_change_vs_ts"] = nanmean(primary_changes)
-                summary["negative_transfer_tasks"] = sum(
-                    1 for _, r in results if r.get("negative_transfer")
-                )
+                summary["primary_change_vs_ts"] = nanmean(primary)
+                summary["primary_change_ci"] = _interval(dists, level)
+                summary["significant_drops"] = sum(1 for *_, r in results if r.get("transfer") == "negative")
+                summary["significant_gains"] = sum(1 for *_, r in results if r.get("transfer") == "positive")
+                summary["negative_transfer_tasks"] = summary["significant_drops"]
             out[key][paradigm] = summary
+    return out
+
+
+def _comparisons(tasks_out: dict, paradigms: list[str], distributions: dict, level: float) -> dict:
+    """The contrasts the answers need, each a value with its interval, per paradigm:
+    scarce_minus_rich (mean primary change of the data-scarce tasks minus the data-rich ones),
+    group_spread (standard deviation of the clinical-group mean changes), and
+    au_minus_cg_spread (AU's group spread minus CG's)."""
+    out = {}
+    for paradigm in paradigms:
+        if paradigm == "ts":
+            continue
+        by_scale, by_group = defaultdict(list), defaultdict(list)
+        for task_id, task in tasks_out.items():
+            result = task["paradigms"].get(paradigm)
+            if not result or "change_vs_ts" not in result:
+                continue
+            item = (as_float(result["change_vs_ts"].get(task["primary_metric"])), distributions.get((task_id, paradigm)))
+            by_scale[task["scale"]].append(item)
+            by_group[task["group"]].append(item)
+        entry = {}
+        if by_scale.get("data-scarce") and by_scale.get("data-rich"):
+            entry["scarce_minus_rich"] = _contrast(lambda side: side["data-scarce"] - side["data-rich"],
+                                                   {k: v for k, v in by_scale.items()}, level)
+            entry["scarce_minus_rich"]["n_tasks"] = {k: len(v) for k, v in by_scale.items()}
+        if len(by_group) >= 2:
+            entry["group_spread"] = _contrast(lambda side: _std(list(side.values())), dict(by_group), level)
+            entry["group_spread"]["n_groups"] = len(by_group)
+        out[paradigm] = entry
+    if "au" in out and "cg" in out and "group_spread" in out["au"] and "group_spread" in out["cg"]:
+        au, cg = out["au"]["group_spread"], out["cg"]["group_spread"]
+        value = au["value"] - cg["value"]
+        ci = None
+        if au.get("_distribution") is not None and cg.get("_distribution") is not None:
+            ci = list(percentile_interval(au["_distribution"] - cg["_distribution"], level))
+        out["au_minus_cg_spread"] = {"value": value, "ci": ci}
+    for entry in out.values():
+        for item in entry.values() if isinstance(entry, dict) else ():
+            if isinstance(item, dict):
+                item.pop("_distribution", None)
+    return out
+
+
+def _contrast(statistic, groups: dict[str, list], level: float) -> dict:
+    """statistic({group: mean}) on the point values and on every resample."""
+    means = {g: nanmean([v for v, _ in items]) for g, items in groups.items()}
+    result = {"value": float(statistic(means)), "ci": None, "_distribution": None}
+    if all(d is not None for items in groups.values() for _, d in items):
+        length = min(len(d) for items in groups.values() for _, d in items)
+        with warnings.catch_warnings():  # NaN resamples (undefined changes) stay NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            dist = {g: np.nanmean(np.stack([d[:length] for _, d in items]), axis=0) for g, items in groups.items()}
+            resampled = np.asarray(statistic(dist), dtype=np.float64)
+        result["_distribution"] = resampled
+        result["ci"] = list(percentile_interval(resampled, level))
+    return result
+
+
+def _std(columns: list):
+    """Standard deviation across groups (ddof 0) of floats or of resample arrays."""
+    stacked = np.stack([np.asarray(c, dtype=np.float64) for c in columns])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanstd(stacked, axis=0)
+
+
+# ------------------------------------------------------------------------------ training, routing
+def _mean_training(lengths: list[dict]) -> dict | None:
+    if not lengths:
+        return None
+    keys = ("train_images", "epochs", "steps", "samples_seen", "seconds")
+    return {k: nanmean([as_float(t.get(k)) for t in lengths]) for k in keys}
+
+
+def _training_table(training: dict) -> dict:
+    """{paradigm: {model: training length, the mean over seed replicates}}."""
+    out = {}
+    for paradigm, reps in training.items():
+        models = sorted({m for rep in reps.values() for m in rep})
+        out[paradigm] = {m: _mean_training([rep[m] for rep in reps.values() if m in rep]) for m in models}
+    return out
+
+
+def _routing_out(routing: dict) -> dict:
+    out = {}
+    for paradigm, models in routing.items():
+        for model_name, data in models.items():
+            layers = {str(k): np.asarray(v, dtype=np.float64)
+                      for k, v in sorted(data["layers"].items(), key=lambda kv: int(kv[0]))}
+            out.setdefault(paradigm, {})[model_name] = {
+                "tasks": list(data["tasks"]),
+                "num_experts": int(data["num_experts"]),
+                "shares": {layer: routing_shares(c).tolist() for layer, c in layers.items()},
+                "affinity": task_affinity(layers).tolist() if layers else [],
+            }
     return out

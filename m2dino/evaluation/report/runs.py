@@ -1,5 +1,6 @@
-"""Reading run directories: every `<paradigm>/metrics.json` and `<paradigm>/<model>/routing.json`
-under them, validated, with seed replicates of a paradigm merged."""
+"""Reading run directories: every `<paradigm>/metrics.json`, and beside it each model's
+`<paradigm>/<model>/routing.json` and per-image values (PER_IMAGE_FILE), validated. Each run
+directory is one replicate (a seed of `--seeds`); the report pools them."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,8 @@ from typing import Sequence
 import numpy as np
 
 from m2dino import io
-from m2dino.evaluation.metrics import METRIC_NAMES, as_float, nanmean
+from m2dino.evaluation.bootstrap import PER_IMAGE_FILE
+from m2dino.evaluation.metrics import METRIC_NAMES
 from m2dino.tasks import PRIMARY_METRICS
 
 
@@ -44,44 +46,56 @@ def _validate_paradigm_metrics(data: dict, path: Path) -> None:
             raise ValueError(f"{path}: task {task_id!r} has unknown task_type {entry['task_type']!r}")
 
 
-def load_runs(run_dirs: Sequence[os.PathLike]) -> tuple[dict, dict]:
-    """(paradigm -> task_id -> merged entry, paradigm -> model -> routing.json data).
+def load_runs(run_dirs: Sequence[os.PathLike]) -> tuple[dict, dict, dict]:
+    """(paradigm -> task_id -> {replicate: entry}, paradigm -> model -> routing.json data,
+    paradigm -> replicate -> model -> training length).
 
-    Replicates of one paradigm are averaged metric by metric; `runs` counts them.
+    A replicate is named by its run directory; an entry is the metrics.json entry (with
+    "primary_metric" filled in) plus "values": the model's per-image values of the task, or
+    None when the run has none (a run from before they were written: no intervals then).
     """
-    replicates: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    runs: dict[str, dict[str, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
     routing: dict[str, dict[str, dict]] = defaultdict(dict)
+    training: dict[str, dict[str, dict]] = defaultdict(dict)
     for path in find_paradigm_files(run_dirs):
         data = io.read_json(path)
         _validate_paradigm_metrics(data, path)
         paradigm = str(data["paradigm"]).lower()
+        replicate = path.parent.parent.name
+        if replicate in training[paradigm]:
+            raise ValueError(f"{path}: two run directories named {replicate!r} hold paradigm {paradigm!r}; "
+                             f"give each seed its own folder name")
+        training[paradigm][replicate] = dict(data.get("training") or {})
+        values = {}
         for task_id, entry in data["tasks"].items():
-            replicates[paradigm][task_id].append(entry)
+            model = entry.get("model", "")
+            if model not in values:
+                values[model] = _read_per_image(path.parent / model / PER_IMAGE_FILE)
+            runs[paradigm][task_id][replicate] = {
+                **entry, "primary_metric": entry.get("primary_metric") or PRIMARY_METRICS[entry["task_type"]],
+                "values": (values[model] or {}).get(task_id)}
         for routing_path in sorted(path.parent.glob("*/routing.json")):
             model_name = routing_path.parent.name
-            key = model_name if model_name not in routing[paradigm] else f"{model_name}@{path.parent.parent.name}"
+            key = model_name if model_name not in routing[paradigm] else f"{model_name}@{replicate}"
             routing[paradigm][key] = _read_routing(routing_path)
-    merged = {p: {t: _merge_replicates(entries) for t, entries in tasks.items()} for p, tasks in replicates.items()}
-    return merged, dict(routing)
+    return ({p: dict(t) for p, t in runs.items()}, dict(routing), dict(training))
 
 
-def _merge_replicates(entries: list[dict]) -> dict:
-    first = entries[0]
-
-    def mean_of(key):
-        names = {n for e in entries for n in (e.get(key) or {})}
-        return {n: nanmean([as_float((e.get(key) or {}).get(n)) for e in entries]) for n in sorted(names)}
-
-    return {
-        "task_type": first["task_type"],
-        "group": first.get("group", "Other"),
-        "train_size": int(first.get("train_size", 0) or 0),
-        "model": first.get("model", ""),
-        "primary_metric": first.get("primary_metric") or PRIMARY_METRICS[first["task_type"]],
-        "metrics": mean_of("metrics"),
-        "baseline": mean_of("baseline"),
-        "runs": len(entries),
-    }
+def _read_per_image(path: Path) -> dict | None:
+    """{task_id: per-image values} of a model, None when the file is absent."""
+    if not path.is_file():
+        return None
+    data = io.read_json(path)
+    if not isinstance(data.get("tasks"), dict):
+        raise ValueError(f"{path}: expected {{'tasks': {{task_id: per-image values}}}}")
+    for task_id, values in data["tasks"].items():
+        paths = values.get("image_path") if isinstance(values, dict) else None
+        if not isinstance(paths, list):
+            raise ValueError(f"{path}: task {task_id!r} has no image_path list")
+        lengths = {k: len(v) for k, v in values.items() if isinstance(v, list)}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"{path}: task {task_id!r} has per-image lists of different lengths {lengths}")
+    return data["tasks"]
 
 
 def _read_routing(path: Path) -> dict:
