@@ -288,7 +288,7 @@ _HELP = {
     "eval_every": "validate every N epochs for the best checkpoint (0: at the end of training only)",
     "log_every": "write a metrics.jsonl line every N steps",
     "checkpoint_every": "training checkpoint every N steps (0: at the end of every epoch)",
-    "bootstrap": "bootstrap resamples of the validation images for the 95% confidence intervals (0: none)",
+    "bootstrap": "bootstrap resamples of the validation images for the 95%% confidence intervals (0: none)",
     "progress": "show a progress bar",
 }
 
