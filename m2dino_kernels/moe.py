@@ -6,7 +6,10 @@ This module is the only door to the backends. It
 - exposes each op as a torch.library custom op in the `m2dino` namespace, with a fake (meta)
   implementation and autograd registered, and the concrete backend name passed as a string
   argument, so torch.compile traces one op per call with no graph break,
-- dispatches to the backend module chosen by m2dino_kernels.backends.
+- dispatches to the backend module chosen by m2dino_kernels.backends,
+- runs the backends with autocast off: a caller's autocast region (the model's) has already
+  fixed the dtype of the inputs, and the backends' fp32 accumulation and output dtypes must
+  not be recast by it inside the op.
 
 Dtypes: x and all weights share one dtype: float32, bfloat16, float16 (or float64 with the
 "torch" backend, for gradcheck). Routing outputs (logits, probs, weights) are float32
@@ -220,6 +223,11 @@ def _check_routing_values(experts, sorted_slots, offsets, num_experts):
         raise ValueError(f"routing.offsets must rise from 0 to T*k = {num_slots}")
 
 
+def _no_autocast(tensor):
+    """Autocast off for the backend call: the op's inputs already have their dtype."""
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
 def _zeros_if_none(grad, like, dtype=None):
     if grad is None:
         return torch.zeros(like.shape, dtype=like.dtype if dtype is None else dtype,
@@ -238,8 +246,9 @@ def _route_op(x: Tensor, task_ids: Tensor, gate_weight: Tensor, gate_bias: Optio
               top_k: int, backend: str, check_task_ids: bool = True) -> _RouteOut:
     if check_task_ids:
         _check_task_range(task_ids, gate_weight.shape[0])
-    out = backends.backend_module(backend).route_forward(x, task_ids, gate_weight, gate_bias,
-                                                         top_k)
+    with _no_autocast(x):
+        out = backends.backend_module(backend).route_forward(x, task_ids, gate_weight,
+                                                             gate_bias, top_k)
     return tuple(out)
 
 
@@ -263,9 +272,10 @@ def _route_backward_op(grad_logits: Tensor, grad_probs: Tensor, grad_weights: Te
                        x: Tensor, task_ids: Tensor, gate_weight: Tensor, has_bias: bool,
                        probs: Tensor, weights: Tensor, experts: Tensor,
                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    grad_x, grad_gw, grad_gb = backends.backend_module(backend).route_backward(
-        grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight, has_bias, probs,
-        weights, experts)
+    with _no_autocast(x):
+        grad_x, grad_gw, grad_gb = backends.backend_module(backend).route_backward(
+            grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight, has_bias, probs,
+            weights, experts)
     if grad_gb is None:  # custom ops cannot return None: a zero stand-in, dropped in autograd
         grad_gb = gate_weight.new_zeros(gate_weight.shape[:2])
     return grad_x, grad_gw, grad_gb
@@ -308,8 +318,9 @@ def _experts_op(x: Tensor, weights: Tensor, experts: Tensor, sorted_slots: Tenso
                 activation: str, backend: str, check_routing: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     if check_routing:
         _check_routing_values(experts, sorted_slots, offsets, fc1_w.shape[0])
-    y, h_pre, expert_out = backends.backend_module(backend).experts_forward(
-        x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b, activation)
+    with _no_autocast(x):
+        y, h_pre, expert_out = backends.backend_module(backend).experts_forward(
+            x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b, activation)
     return y, h_pre, expert_out
 
 
@@ -327,9 +338,10 @@ def _experts_backward_op(grad_y: Tensor, x: Tensor, weights: Tensor, experts: Te
                          fc2_w: Tensor, fc2_b: Tensor, activation: str, h_pre: Tensor,
                          expert_out: Tensor, backend: str
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out = backends.backend_module(backend).experts_backward(
-        grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b,
-        activation, h_pre, expert_out)
+    with _no_autocast(x):
+        out = backends.backend_module(backend).experts_backward(
+            grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b,
+            activation, h_pre, expert_out)
     return tuple(out)
 
 
@@ -382,12 +394,11 @@ def task_topk_route(x, task_ids, gate_weight, gate_bias=None, top_k=2, *,
     (skipped with check_task_ids=False, for callers that validated the ids already).
     """
     _validate_route(x, task_ids, gate_weight, gate_bias, top_k)
+    args = (x.contiguous(), task_ids.to(torch.int64).contiguous(), gate_weight.contiguous(),
+            None if gate_bias is None else gate_bias.contiguous(), int(top_k))
     backend = backends.resolve_backend(x.device)
     _check_backend_dtype(backend, x.dtype)
-    out = _route_op(x.contiguous(), task_ids.to(torch.int64).contiguous(),
-                    gate_weight.contiguous(),
-                    None if gate_bias is None else gate_bias.contiguous(), int(top_k), backend,
-                    bool(check_task_ids))
+    out = _route_op(*args, backend, bool(check_task_ids))
     return Routing(*out, top_k=int(top_k))
 
 
@@ -403,16 +414,16 @@ def expert_mlp(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activatio
     task_topk_route.
     """
     _validate_experts(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation)
-    backend = backends.resolve_backend(x.device)
-    _check_backend_dtype(backend, x.dtype)
     num_experts, hidden_in, dim = fc1_weight.shape
     if fc1_bias is None:
         fc1_bias = fc1_weight.new_zeros(num_experts, hidden_in)
     if fc2_bias is None:
         fc2_bias = fc2_weight.new_zeros(num_experts, dim)
-    y, _, _ = _experts_op(x.contiguous(), routing.weights.contiguous(),
-                          routing.experts.contiguous(), routing.sorted_slots.contiguous(),
-                          routing.offsets.contiguous(), fc1_weight.contiguous(),
-                          fc1_bias.contiguous(), fc2_weight.contiguous(), fc2_bias.contiguous(),
-                          activation, backend, bool(check_routing))
+    args = (x.contiguous(), routing.weights.contiguous(), routing.experts.contiguous(),
+            routing.sorted_slots.contiguous(), routing.offsets.contiguous(),
+            fc1_weight.contiguous(), fc1_bias.contiguous(), fc2_weight.contiguous(),
+            fc2_bias.contiguous())
+    backend = backends.resolve_backend(x.device)
+    _check_backend_dtype(backend, x.dtype)
+    y, _, _ = _experts_op(*args, activation, backend, bool(check_routing))
     return y
