@@ -13,7 +13,9 @@ storage tokens) are not. Then out = softmax(q' k'^T / sqrt(head_dim)) v, with fp
 accumulation, in the input dtype (fp32, fp16 or bf16).
 
 Gradients flow to q, k and v. sin/cos are treated as constants (they are fixed functions of
-the patch grid): no gradient flows to them, whichever backend runs.
+the patch grid): no gradient flows to them, whichever backend runs. Rotate-half RoPE turns
+each pair (i, i + d/2) by one angle, so the two halves of sin and of cos are equal (DINOv3's
+are tiled twice); the triton kernel reads only the first half (checked on CPU tensors).
 
 Backends:
   "reference"  explicit rotation, explicit fp32 softmax: the oracle (slow, O(N^2) memory)
@@ -183,9 +185,18 @@ def _triton_attention(q, k, v, rope, num_prefix_tokens):
     if rope is None or num_prefix_tokens == q.shape[2]:  # nothing to rotate
         sin = cos = None
     else:
-        # fp32 [1 or B, L, d], contiguous: the layout the kernels index.
+        # fp32 [1 or B, L, d], contiguous: the layout the kernels index (they read the first
+        # half of each row: the halves of a rotate-half table are equal).
         sin, cos = ((t if t.dim() == 3 else t[None]).detach().float().contiguous()
                     for t in rope)
+        half = q.shape[-1] // 2
+        # free on CPU (eager); on a GPU it would be a host sync, under tracing a graph break
+        if q.device.type == "cpu" and not torch.compiler.is_compiling():
+            for name, table in (("sin", sin), ("cos", cos)):
+                if not torch.equal(table[..., :half], table[..., half:]):
+                    raise ValueError(f"attention backend 'triton': the two halves of rope "
+                                     f"{name} differ; rotate-half RoPE rotates each pair "
+                                     "(i, i + d/2) by one angle, so they must be equal")
     out, _ = _rope_flash_attention(q, k, v, sin, cos, num_prefix_tokens)
     return out
 
@@ -272,6 +283,16 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _triton_refusal(q: torch.Tensor) -> Optional[str]:
+    """Why the triton kernel cannot take q (None when it can): head_dim, or int32 offsets."""
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        return (f"attention backend 'triton' supports head_dim {TRITON_HEAD_DIMS}, got "
+                f"{q.shape[-1]}; use 'sdpa'")
+    from m2dino_kernels.triton.attention import int32_offset_problem  # noqa: PLC0415
+
+    return int32_offset_problem(q.shape, q.stride())
+
+
 def _auto_backend(q: torch.Tensor) -> str:
     if q.device.type == "cuda" and q.shape[-1] in TRITON_HEAD_DIMS and _triton_importable():
         return "triton"
@@ -308,12 +329,9 @@ def _resolve_backend(backend, q: torch.Tensor) -> str:
         elif device_type != "cuda":
             raise RuntimeError(f"attention backend 'triton' runs on CUDA tensors, "
                                f"got {device_type}")
-        if q.shape[-1] not in TRITON_HEAD_DIMS:
-            raise ValueError(f"attention backend 'triton' supports head_dim "
-                             f"{TRITON_HEAD_DIMS}, got {q.shape[-1]}; use 'sdpa'")
-        if q.numel() >= 2**31:
-            raise ValueError(f"attention backend 'triton' indexes with int32; q has "
-                             f"{q.numel()} elements (>= 2**31); split the batch")
+        problem = _triton_refusal(q)
+        if problem:
+            raise ValueError(problem)
     return backend
 
 
