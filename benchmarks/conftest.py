@@ -1,7 +1,14 @@
 """pytest plumbing for the benchmarks; the harness itself is harness.py."""
 import pytest
 
-from harness import RESULTS, Measurement, synchronize, write_summary
+from harness import RESULTS, Measurement, between_cases, synchronize, write_summary
+
+
+@pytest.fixture(autouse=True)
+def _clean_slate():
+    """Every case starts from the same allocator state (see harness.py)."""
+    between_cases()
+    yield
 
 
 @pytest.fixture
