@@ -88,7 +88,9 @@ def between_cases() -> None:
         torch.cuda.empty_cache()
 
 
-ALLOCATOR_PINNED = pin_cpu_allocator() if DEVICE == "cpu" else False
+# M2DINO_BENCH_ALLOCATOR=default keeps glibc's own policy (to see the difference)
+ALLOCATOR_PINNED = (DEVICE == "cpu" and os.environ.get("M2DINO_BENCH_ALLOCATOR") != "default"
+                    and pin_cpu_allocator())
 
 
 def device_name():

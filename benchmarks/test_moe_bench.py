@@ -6,7 +6,9 @@ it), and the dense MLP of hidden k*H on the same tokens (the FLOP floor). E=8, k
 mixed: every token draws its task, so all 27 tasks are present in every case (the kernels
 issue's setup; with the task per image, 16 images could carry at most 16 tasks). The
 `_by_image` case gives every token of an image the image's task, as the model does, for
-comparison."""
+comparison. The backends, auto and dense of a case are timed round-robin (measure_peers): their
+ratios are what the targets assert, and sequential timing let a burst of other load on a
+shared machine land on one of them; the naive loops (seconds per call) are timed apart."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,14 +115,23 @@ def expert_flops(shape):
     return 2 * images * n * K * (d * h + h * d)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + AUTO)
+PEERS = BACKENDS + AUTO + ["dense"]  # timed round-robin within each case (measure_peers)
+
+
+def _record_choices(case, tuners):
+    for variant, tuner in tuners.items():
+        RESULTS[case][variant].extra.update(choices(tuner))
+
+
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_routing(measure, shape_name, backend):
+def test_routing(measure_peers, shape_name):
     x, task_ids, p, _ = make_problem(shape_name, requires_grad=False)
-    route, tuner = with_backend(backend, lambda: mk.task_topk_route(
-        x, task_ids, p["gate_weight"], p["gate_bias"], top_k=K))
-    measure(f"routing {shape_name}", backend, route, rounds=10)
-    RESULTS[f"routing {shape_name}"][backend].extra.update(choices(tuner))
+    fns, tuners = {}, {}
+    for backend in BACKENDS + AUTO:
+        fns[backend], tuners[backend] = with_backend(backend, lambda: mk.task_topk_route(
+            x, task_ids, p["gate_weight"], p["gate_bias"], top_k=K))
+    measure_peers(f"routing {shape_name}", fns, rounds=10)
+    _record_choices(f"routing {shape_name}", tuners)
 
 
 def _variant_step(variant, x, task_ids, p, dense):
@@ -131,23 +142,7 @@ def _variant_step(variant, x, task_ids, p, dense):
     return with_backend(variant, lambda: moe_forward(None, x, task_ids, p))
 
 
-@pytest.mark.parametrize("variant", BACKENDS + AUTO + NAIVE + ["dense"])
-@pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_moe_mlp_forward(measure, shape_name, variant):
-    x, task_ids, p, dense = make_problem(shape_name, requires_grad=False)
-    fn, tuner = _variant_step(variant, x, task_ids, p, dense)
-    with torch.no_grad():
-        measure(f"moe_mlp_fwd {shape_name}", variant, fn, flops=expert_flops(SHAPES[shape_name]),
-                rounds=5)
-    RESULTS[f"moe_mlp_fwd {shape_name}"][variant].extra.update(choices(tuner))
-
-
-@pytest.mark.parametrize("variant", BACKENDS + AUTO + NAIVE + ["dense"])
-@pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_moe_mlp_forward_backward(measure, shape_name, variant):
-    shape = SHAPES[shape_name]
-    x, task_ids, p, dense = make_problem(shape_name, requires_grad=True)
-    grad = torch.randn_like(x)
+def _forward_backward_step(variant, x, task_ids, p, dense, grad):
     leaves = [x, *p.values(), *dense.values()]
     forward, tuner = _variant_step(variant, x, task_ids, p, dense)
 
@@ -156,9 +151,49 @@ def test_moe_mlp_forward_backward(measure, shape_name, variant):
             t.grad = None
         forward().backward(grad)
 
-    measure(f"moe_mlp_fwdbwd {shape_name}", variant, step, flops=3 * expert_flops(shape),
-            rounds=5 if DEVICE == "cuda" or variant not in NAIVE else 3)
-    RESULTS[f"moe_mlp_fwdbwd {shape_name}"][variant].extra.update(choices(tuner))
+    return step, tuner
+
+
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_moe_mlp_forward(measure_peers, shape_name):
+    """Every backend, auto (GPU) and the dense floor, round-robin."""
+    x, task_ids, p, dense = make_problem(shape_name, requires_grad=False)
+    steps = {v: _variant_step(v, x, task_ids, p, dense) for v in PEERS}
+    case = f"moe_mlp_fwd {shape_name}"
+    with torch.no_grad():
+        measure_peers(case, {v: fn for v, (fn, _) in steps.items()},
+                      flops=expert_flops(SHAPES[shape_name]), rounds=10)
+    _record_choices(case, {v: tuner for v, (_, tuner) in steps.items()})
+
+
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_moe_mlp_forward_backward(measure_peers, shape_name):
+    x, task_ids, p, dense = make_problem(shape_name, requires_grad=True)
+    grad = torch.randn_like(x)
+    steps = {v: _forward_backward_step(v, x, task_ids, p, dense, grad) for v in PEERS}
+    case = f"moe_mlp_fwdbwd {shape_name}"
+    measure_peers(case, {v: fn for v, (fn, _) in steps.items()},
+                  flops=3 * expert_flops(SHAPES[shape_name]), rounds=8)
+    _record_choices(case, {v: tuner for v, (_, tuner) in steps.items()})
+
+
+@pytest.mark.parametrize("variant", NAIVE)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_naive_forward(measure, shape_name, variant):
+    x, task_ids, p, dense = make_problem(shape_name, requires_grad=False)
+    fn, _ = _variant_step(variant, x, task_ids, p, dense)
+    with torch.no_grad():
+        measure(f"moe_mlp_fwd {shape_name}", variant, fn, flops=expert_flops(SHAPES[shape_name]),
+                rounds=5)
+
+
+@pytest.mark.parametrize("variant", NAIVE)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_naive_forward_backward(measure, shape_name, variant):
+    x, task_ids, p, dense = make_problem(shape_name, requires_grad=True)
+    step, _ = _forward_backward_step(variant, x, task_ids, p, dense, torch.randn_like(x))
+    measure(f"moe_mlp_fwdbwd {shape_name}", variant, step,
+            flops=3 * expert_flops(SHAPES[shape_name]), rounds=5 if DEVICE == "cuda" else 3)
 
 
 def test_targets_moe():
