@@ -162,7 +162,7 @@ def test_moe_mlp_forward(measure_peers, shape_name):
     case = f"moe_mlp_fwd {shape_name}"
     with torch.no_grad():
         measure_peers(case, {v: fn for v, (fn, _) in steps.items()},
-                      flops=expert_flops(SHAPES[shape_name]), rounds=10)
+                      flops=expert_flops(SHAPES[shape_name]), rounds=20)
     _record_choices(case, {v: tuner for v, (_, tuner) in steps.items()})
 
 
@@ -173,7 +173,7 @@ def test_moe_mlp_forward_backward(measure_peers, shape_name):
     steps = {v: _forward_backward_step(v, x, task_ids, p, dense, grad) for v in PEERS}
     case = f"moe_mlp_fwdbwd {shape_name}"
     measure_peers(case, {v: fn for v, (fn, _) in steps.items()},
-                  flops=3 * expert_flops(SHAPES[shape_name]), rounds=8)
+                  flops=3 * expert_flops(SHAPES[shape_name]), rounds=10)
     _record_choices(case, {v: tuner for v, (_, tuner) in steps.items()})
 
 
