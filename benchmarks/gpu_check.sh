@@ -31,11 +31,11 @@ stages="$out/stages.tsv"
 stage() {
   local name=$1 limit=$2; shift 2
   local left=$((deadline - $(date +%s)))
-  (( left < limit )) && limit=$left
-  if (( limit < 10 )); then
+  if (( left < 10 )); then
     echo "== $name: skipped (out of time)"; printf '%s\t%s\t%s\t%s\n' "$name" 125 0 skipped >> "$stages"
     return
   fi
+  (( left < limit )) && limit=$left
   echo "== $name (limit ${limit}s)"
   local t0 rc
   t0=$(date +%s)
