@@ -4,7 +4,8 @@ toolkit and a CUDA build of torch are present (even without a GPU, so CI proves 
 Environment:
   M2DINO_BUILD_EXT=0     build no extension at all (the package then runs on its torch backend)
   M2DINO_BUILD_CUDA=0    skip the CUDA sources; =1 insists on them (fails if no toolkit)
-  TORCH_CUDA_ARCH_LIST   CUDA archs, default "8.0;9.0" (A100 and H100/H200)
+  TORCH_CUDA_ARCH_LIST   CUDA archs, default "8.0;9.0+PTX" (A100 and H100/H200 cubins, and
+                         PTX of the newest so that later GPUs JIT-compile it)
   CUDA_HOME              the toolkit root; found automatically otherwise
 """
 import glob
@@ -49,7 +50,7 @@ def extensions():
     cuda_home = find_cuda_home() if want_cuda != "0" else None
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # must be set before cpp_extension is imported
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     import torch
     from torch.utils import cpp_extension
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from harness import DEVICE, RESULTS, recorded
+from harness import DEVICE, RESULTS, autotuned, choices, recorded
 
 from m2dino_kernels.attention import attention
 
@@ -32,8 +32,8 @@ def _has_xformers():
         return False
 
 
-VARIANTS = list(SDPA) + ["reference"] + (["triton"] if DEVICE == "cuda" else []) + (
-    ["xformers"] if _has_xformers() else [])
+VARIANTS = list(SDPA) + ["reference"] + (["triton", "auto"] if DEVICE == "cuda" else []) + (
+    ["xformers"] if _has_xformers() else [])  # auto: the autotuner measuring afresh
 
 
 def rope_tables(n_patches, head_dim, device):
@@ -59,7 +59,7 @@ def test_attention_fwd_bwd(measure, shape, variant):
     grad = torch.randn(b, h, n, d, device=DEVICE, dtype=DTYPE)
     backend = "sdpa" if variant.startswith("sdpa") else variant
 
-    def step():
+    def plain_step():
         for t in (q, k, v):
             t.grad = None
         if variant in SDPA and SDPA[variant] is not None:
@@ -69,12 +69,14 @@ def test_attention_fwd_bwd(measure, shape, variant):
             out = attention(q, k, v, rope=rope, num_prefix_tokens=PREFIX, backend=backend)
         out.backward(grad)
 
+    step, tuner = autotuned(plain_step) if variant == "auto" else (plain_step, None)
     try:
         step()
     except RuntimeError as err:  # an SDPA backend this device or dtype does not offer
         pytest.skip(f"{variant} unavailable here: {str(err).splitlines()[0]}")
     flops = 3.5 * 4 * b * h * n * n * d  # forward 4BhN^2d; backward 2.5x forward
     measure(case_name(shape), variant, step, flops=flops, rounds=5 if DEVICE == "cuda" else 3)
+    RESULTS[case_name(shape)][variant].extra.update(choices(tuner))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[2]}")

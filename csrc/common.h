@@ -108,8 +108,8 @@ inline void check_expert_backward_args(const at::Tensor& x, const at::Tensor& gr
 }
 
 // Host copy of the expert offsets [E+1] after checking that they partition [0, num_rows)
-// (on CUDA this is the expert path's one device-to-host sync: the per-expert GEMM loop
-// needs the row counts).
+// (on CUDA this is the one device-to-host sync of the per-expert GEMM loop, the fallback
+// where at::_grouped_mm cannot take the offsets on the device).
 inline std::vector<int64_t> host_expert_bounds(const at::Tensor& offsets, int64_t num_rows) {
   const auto cpu = offsets.to(at::kCPU);
   const int64_t* off = cpu.data_ptr<int64_t>();

@@ -8,17 +8,28 @@
 // A task id out of range (which m2dino_kernels.moe rejects before calling in) never reads
 // out of bounds here: its token gets NaN logits/probs/weights and experts 0..k-1.
 //
-// Experts: gather kernel -> per-expert cuBLAS GEMMs (at::addmm_out / at::mm_out on the
-// contiguous slice of each expert's rows) -> activation kernel -> GEMM -> weighted combine
-// kernel (each token sums its own k rows, no atomics). The per-expert GEMM loop needs the
-// row counts on the host: offsets (E+1 int64) are copied to the host once per forward and
-// once per backward call; that is the only device-to-host sync in this file.
+// Experts: gather kernel -> expert GEMM -> bias + activation kernel -> expert GEMM ->
+// bias + weighted combine kernel (each token sums its own k rows, no atomics); the backward
+// mirrors it, with the bias gradients as per-expert column sums (one kernel, fp32). The
+// expert GEMMs (ExpertRows) run as ONE at::_grouped_mm over the experts' contiguous row
+// blocks with the offsets on the device (no host copy) wherever PyTorch runs it with device
+// offsets: bf16 on sm90/sm100 with 16-byte aligned rows (D, H multiples of 8). Elsewhere
+// (fp32/fp16, sm80, odd sizes, or M2DINO_CUDA_GROUPED_MM=0) they fall back to a loop of
+// cuBLAS calls on each expert's slice, which needs the row counts on the host: the offsets
+// (E+1 int64) are copied once per forward and once per backward call, the only
+// device-to-host sync in this file.
 // (Only c10 CUDA headers are included: ATen/cuda/CUDAContext.h would pull in cuBLAS and
 // cuSPARSE headers, which a pip-installed torch keeps outside the toolkit.)
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
+#include <cuda_runtime_api.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "common.h"
 
@@ -219,18 +230,35 @@ __global__ void invert_slots_kernel(const int64_t* __restrict__ sorted_slots, in
   if (i < N) row_of_slot[sorted_slots[i]] = i;
 }
 
-// act[i, h] = gelu(h_pre[i, h]) or silu(h_pre[i, h]) * h_pre[i, H + h]
+// h_pre[i, c] + bias[expert of row i, c], rounded to scalar_t and written back into h_pre
+// (bias == nullptr: h_pre as it is). The expert of row i is experts[sorted_slots[i]].
 template <typename scalar_t, typename acc_t>
-__global__ void activation_kernel(const scalar_t* __restrict__ h_pre, int64_t N, int64_t H, bool swiglu,
-                                  scalar_t* __restrict__ act) {
+__device__ __forceinline__ acc_t add_row_bias(scalar_t* __restrict__ h_pre, const scalar_t* __restrict__ bias,
+                                              const int64_t* __restrict__ experts,
+                                              const int64_t* __restrict__ sorted_slots, int64_t i,
+                                              int64_t width, int64_t c) {
+  if (bias == nullptr) return h_pre[i * width + c];
+  const int64_t e = experts[sorted_slots[i]];
+  const scalar_t h = static_cast<scalar_t>(acc_t(h_pre[i * width + c]) + acc_t(bias[e * width + c]));
+  h_pre[i * width + c] = h;
+  return h;
+}
+
+// act[i, h] = gelu(h_pre[i, h]) or silu(h_pre[i, h]) * h_pre[i, H + h], after adding the
+// fc1 bias of row i's expert into h_pre (bias == nullptr: h_pre already has it)
+template <typename scalar_t, typename acc_t>
+__global__ void activation_kernel(scalar_t* __restrict__ h_pre, const scalar_t* __restrict__ bias,
+                                  const int64_t* __restrict__ experts, const int64_t* __restrict__ sorted_slots,
+                                  int64_t N, int64_t H, bool swiglu, scalar_t* __restrict__ act) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= N * H) return;
+  const int64_t i = idx / H, c = idx % H;
   if (!swiglu) {
-    const acc_t h = h_pre[idx];
+    const acc_t h = add_row_bias<scalar_t, acc_t>(h_pre, bias, experts, sorted_slots, i, H, c);
     act[idx] = static_cast<scalar_t>(acc_t(0.5) * h * (acc_t(1) + dev_erf(h * acc_t(M_SQRT1_2))));
   } else {
-    const int64_t i = idx / H, c = idx % H;
-    const acc_t a = h_pre[i * 2 * H + c], b = h_pre[i * 2 * H + H + c];
+    const acc_t a = add_row_bias<scalar_t, acc_t>(h_pre, bias, experts, sorted_slots, i, 2 * H, c);
+    const acc_t b = add_row_bias<scalar_t, acc_t>(h_pre, bias, experts, sorted_slots, i, 2 * H, H + c);
     act[idx] = static_cast<scalar_t>(a / (acc_t(1) + dev_exp(-a)) * b);
   }
 }
@@ -256,20 +284,63 @@ __global__ void activation_backward_kernel(const scalar_t* __restrict__ grad_act
   }
 }
 
-// out[t, d] = sum_j w[t, j] * rows[row_of_slot[t*k + j], d] (w == nullptr: plain sum)
+// out[t, d] = sum_j w[t, j] * rows[row_of_slot[t*k + j], d] (w == nullptr: plain sum).
+// bias != nullptr: each row first gets the fc2 bias of its expert (experts[t*k + j]) added
+// and written back (every row belongs to exactly one slot, so to exactly one thread per d).
 template <typename scalar_t, typename acc_t>
-__global__ void combine_kernel(const scalar_t* __restrict__ rows, const int64_t* __restrict__ row_of_slot,
-                               const acc_t* __restrict__ w, int64_t T, int64_t D, int64_t k,
+__global__ void combine_kernel(scalar_t* __restrict__ rows, const int64_t* __restrict__ row_of_slot,
+                               const acc_t* __restrict__ w, const scalar_t* __restrict__ bias,
+                               const int64_t* __restrict__ experts, int64_t T, int64_t D, int64_t k,
                                scalar_t* __restrict__ out) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= T * D) return;
   const int64_t t = idx / D, d = idx % D;
   acc_t acc = 0;
   for (int64_t j = 0; j < k; ++j) {
-    const acc_t r = rows[row_of_slot[t * k + j] * D + d];
+    scalar_t* row = rows + row_of_slot[t * k + j] * D;
+    acc_t r = row[d];
+    if (bias != nullptr) {
+      const scalar_t biased = static_cast<scalar_t>(r + acc_t(bias[experts[t * k + j] * D + d]));
+      row[d] = biased;
+      r = biased;
+    }
     acc += w == nullptr ? r : w[t * k + j] * r;
   }
   out[idx] = static_cast<scalar_t>(acc);
+}
+
+// out[e, c] = sum of rows[r, c] over expert e's rows r in [offsets[e], offsets[e+1]),
+// accumulated in acc_t: the bias gradients, straight from the device offsets. Block: 32
+// columns (lanes) x 8 row phases (warps); grid: (column chunks, experts).
+template <typename scalar_t, typename acc_t>
+__global__ void expert_column_sums_kernel(const scalar_t* __restrict__ rows, const int64_t* __restrict__ offsets,
+                                          int64_t C, scalar_t* __restrict__ out) {
+  __shared__ acc_t partial[kWarpsPerBlock][kWarp];
+  const int64_t e = blockIdx.y;
+  const int lane = threadIdx.x % kWarp, phase = threadIdx.x / kWarp;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarp + lane;
+  acc_t acc = 0;
+  if (c < C) {
+    for (int64_t r = offsets[e] + phase; r < offsets[e + 1]; r += kWarpsPerBlock) acc += rows[r * C + c];
+  }
+  partial[phase][lane] = acc;
+  __syncthreads();
+  if (phase != 0 || c >= C) return;
+  for (int p = 1; p < kWarpsPerBlock; ++p) acc += partial[p][lane];
+  out[e * C + c] = static_cast<scalar_t>(acc);
+}
+
+// Exact zeros for the weight gradient of every expert without rows (whatever a grouped GEMM
+// writes for an empty group); busy experts are not touched.
+template <typename scalar_t>
+__global__ void zero_idle_experts_kernel(scalar_t* __restrict__ grads, const int64_t* __restrict__ offsets,
+                                         int64_t per_expert) {
+  const int64_t e = blockIdx.y;
+  if (offsets[e + 1] != offsets[e]) return;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < per_expert;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    grads[e * per_expert + i] = scalar_t(0);
+  }
 }
 
 // One warp per sorted row i (slot s, token t): grad_weights[s] = <grad_y[t], expert_out[i]>,
@@ -321,15 +392,21 @@ at::Tensor invert_slots(const at::Tensor& sorted_slots) {
   return inv;
 }
 
-at::Tensor activate(const at::Tensor& h_pre, Activation act) {
+// act(h_pre); with a bias [E, H1] (and the routing to find each row's expert) the bias is
+// first added into h_pre in place.
+at::Tensor activate(at::Tensor& h_pre, Activation act, const at::Tensor& bias = at::Tensor(),
+                    const at::Tensor& experts = at::Tensor(), const at::Tensor& sorted_slots = at::Tensor()) {
   const bool swiglu = act == Activation::kSwiglu;
   const int64_t N = h_pre.size(0), H = swiglu ? h_pre.size(1) / 2 : h_pre.size(1);
   auto out = at::empty({N, H}, h_pre.options());
   if (N * H == 0) return out;
+  const bool with_bias = bias.defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h_pre.scalar_type(), "activation_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     activation_kernel<scalar_t, acc_t><<<ceil_div(N * H, kBlock), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        h_pre.data_ptr<scalar_t>(), N, H, swiglu, out.data_ptr<scalar_t>());
+        h_pre.data_ptr<scalar_t>(), with_bias ? bias.data_ptr<scalar_t>() : nullptr,
+        with_bias ? experts.data_ptr<int64_t>() : nullptr,
+        with_bias ? sorted_slots.data_ptr<int64_t>() : nullptr, N, H, swiglu, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -349,17 +426,123 @@ at::Tensor activate_backward(const at::Tensor& grad_act, const at::Tensor& h_pre
   return grad_h;
 }
 
-void combine(const at::Tensor& rows, const at::Tensor& row_of_slot, const at::Tensor& weights,
-             int64_t k, at::Tensor& out) {
+// out = the (weighted) sum over each token's k rows; with a bias [E, D] (and experts [T, k])
+// every row first gets its expert's bias added in place.
+void combine(at::Tensor& rows, const at::Tensor& row_of_slot, const at::Tensor& weights,
+             int64_t k, at::Tensor& out, const at::Tensor& bias = at::Tensor(),
+             const at::Tensor& experts = at::Tensor()) {
   const int64_t T = out.size(0), D = out.size(1);
   if (T * D == 0) return;
+  const bool with_bias = bias.defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "combine_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     combine_kernel<scalar_t, acc_t><<<ceil_div(T * D, kBlock), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
         rows.data_ptr<scalar_t>(), row_of_slot.data_ptr<int64_t>(),
-        weights.defined() ? weights.data_ptr<acc_t>() : nullptr, T, D, k, out.data_ptr<scalar_t>());
+        weights.defined() ? weights.data_ptr<acc_t>() : nullptr,
+        with_bias ? bias.data_ptr<scalar_t>() : nullptr, with_bias ? experts.data_ptr<int64_t>() : nullptr,
+        T, D, k, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+// Per-expert column sums of expert-sorted rows [N, C] -> [E, C] (zeros for idle experts).
+at::Tensor expert_column_sums(const at::Tensor& rows, const at::Tensor& offsets) {
+  const int64_t E = offsets.numel() - 1, C = rows.size(1);
+  auto out = at::empty({E, C}, rows.options());
+  if (E * C == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "expert_column_sums_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const dim3 grid(static_cast<unsigned>(ceil_div(C, kWarp)), static_cast<unsigned>(E));
+    expert_column_sums_kernel<scalar_t, acc_t><<<grid, kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        rows.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(), C, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// How the expert GEMMs of one call run: one grouped GEMM with the offsets on the device, or
+// (the fallback) a loop over the experts' slices with the offsets copied to the host.
+struct ExpertRows {
+  int64_t N = 0;
+  at::Tensor offsets;            // [E+1] int64, on the device
+  bool grouped = false;
+  at::Tensor group_ends;         // grouped: offsets[1:] as int32 (what _grouped_mm takes)
+  std::vector<int64_t> bounds;   // loop: host copy of offsets (the one sync)
+};
+
+// Whether at::_grouped_mm runs its device-offset kernel (CUTLASS) for these operands: bf16,
+// compute capability 9.x or 10.x (PyTorch's own fast-path condition; elsewhere its fallback
+// copies the offsets to the host, like our loop), rows 16-byte aligned, and not disabled by
+// M2DINO_CUDA_GROUPED_MM=0.
+bool grouped_mm_runs_on_device(const at::Tensor& x, const at::Tensor& fc1_w, const at::Tensor& fc2_w,
+                               int64_t N) {
+  if (x.scalar_type() != at::kBFloat16 || N <= 0 || N > INT32_MAX) return false;
+  const char* env = std::getenv("M2DINO_CUDA_GROUPED_MM");
+  if (env != nullptr && std::string(env) == "0") return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()));
+  if (major != 9 && major != 10) return false;
+  const int64_t D = x.size(1), H1 = fc1_w.size(1), H = fc2_w.size(2);
+  const auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
+  return D % 8 == 0 && H1 % 8 == 0 && H % 8 == 0 && aligned(fc1_w) && aligned(fc2_w);
+}
+
+ExpertRows expert_rows(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& fc1_w,
+                       const at::Tensor& fc2_w, int64_t N) {
+  ExpertRows rows;
+  rows.N = N;
+  rows.offsets = offsets;
+  rows.grouped = grouped_mm_runs_on_device(x, fc1_w, fc2_w, N);
+  if (rows.grouped) {
+    rows.group_ends = offsets.narrow(0, 1, offsets.numel() - 1).to(at::kInt);
+  } else {
+    rows.bounds = host_expert_bounds(offsets, N);
+  }
+  return rows;
+}
+
+// out[rows of e] = a[rows of e] @ w[e]^T (transpose_w: nn.Linear's forward, w [E, M, K]) or
+// @ w[e] (its input gradient, w [E, K, M]); [N, M].
+at::Tensor expert_mm(const at::Tensor& a, const at::Tensor& w, bool transpose_w, const ExpertRows& rows) {
+  const auto wt = transpose_w ? w.transpose(1, 2) : w;
+  if (rows.grouped) return at::_grouped_mm(a, wt, rows.group_ends).contiguous();
+  auto out = at::empty({rows.N, wt.size(2)}, a.options());
+  for (size_t e = 0; e + 1 < rows.bounds.size(); ++e) {
+    const int64_t begin = rows.bounds[e], n = rows.bounds[e + 1] - begin;
+    if (n == 0) continue;
+    auto slice = out.narrow(0, begin, n);
+    at::mm_out(slice, a.narrow(0, begin, n), wt[e]);
+  }
+  return out;
+}
+
+// dW[e] = g[rows of e]^T @ in[rows of e] -> [E, G, I]; exact zeros for experts without rows.
+at::Tensor expert_weight_grad(const at::Tensor& g, const at::Tensor& in, const ExpertRows& rows) {
+  const int64_t E = rows.offsets.numel() - 1;
+  if (rows.grouped) {
+    auto grad = at::_grouped_mm(g.t(), in, rows.group_ends).contiguous();
+    const int64_t per_expert = grad.numel() / std::max<int64_t>(E, 1);
+    if (per_expert > 0) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "zero_idle_experts_cuda", [&] {
+        const dim3 grid(static_cast<unsigned>(std::min<int64_t>(ceil_div(per_expert, kBlock), 1024)),
+                        static_cast<unsigned>(E));
+        zero_idle_experts_kernel<scalar_t><<<grid, kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            grad.data_ptr<scalar_t>(), rows.offsets.data_ptr<int64_t>(), per_expert);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    return grad;
+  }
+  auto grad = at::zeros({E, g.size(1), in.size(1)}, g.options());
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t begin = rows.bounds[e], n = rows.bounds[e + 1] - begin;
+    if (n == 0) continue;
+    auto slice = grad[e];
+    at::mm_out(slice, g.narrow(0, begin, n).t(), in.narrow(0, begin, n));
+  }
+  return grad;
 }
 
 }  // namespace
@@ -444,28 +627,15 @@ std::vector<at::Tensor> experts_forward_cuda(const at::Tensor& x, const at::Tens
   check_expert_args(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b, act);
   M2DINO_CHECK_CUDA_INPUT(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t T = x.size(0), D = x.size(1), k = weights.size(1);
-  const int64_t E = fc1_w.size(0), H1 = fc1_w.size(1), N = T * k;
-  const auto bounds = host_expert_bounds(offsets, N);
+  const int64_t T = x.size(0), k = weights.size(1), N = T * k;
+  const auto rows = expert_rows(x, offsets, fc1_w, fc2_w, N);
 
   const auto x_rows = gather_rows(x, sorted_slots, k);
-  auto h_pre = at::empty({N, H1}, x.options());
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = bounds[e + 1] - bounds[e];
-    if (n == 0) continue;
-    auto out = h_pre.narrow(0, bounds[e], n);
-    at::addmm_out(out, fc1_b[e], x_rows.narrow(0, bounds[e], n), fc1_w[e].t());
-  }
-  const auto hidden = activate(h_pre, act);
-  auto expert_out = at::empty({N, D}, x.options());
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = bounds[e + 1] - bounds[e];
-    if (n == 0) continue;
-    auto out = expert_out.narrow(0, bounds[e], n);
-    at::addmm_out(out, fc2_b[e], hidden.narrow(0, bounds[e], n), fc2_w[e].t());
-  }
+  auto h_pre = expert_mm(x_rows, fc1_w, /*transpose_w=*/true, rows);
+  const auto hidden = activate(h_pre, act, fc1_b, experts, sorted_slots);  // + fc1 bias
+  auto expert_out = expert_mm(hidden, fc2_w, /*transpose_w=*/true, rows);
   auto y = at::empty_like(x);
-  combine(expert_out, invert_slots(sorted_slots), weights, k, y);
+  combine(expert_out, invert_slots(sorted_slots), weights, k, y, fc2_b, experts);  // + fc2 bias
   return {y, h_pre, expert_out};
 }
 
@@ -480,10 +650,11 @@ std::vector<at::Tensor> experts_backward_cuda(
   M2DINO_CHECK_CUDA_INPUT(x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = x.size(0), D = x.size(1), k = weights.size(1);
-  const int64_t E = fc1_w.size(0), H1 = fc1_w.size(1), N = T * k;
+  const int64_t H1 = fc1_w.size(1), N = T * k;
   check_expert_backward_args(x, grad_y, h_pre, expert_out, N, H1);
-  const auto bounds = host_expert_bounds(offsets, N);
+  const auto rows = expert_rows(x, offsets, fc1_w, fc2_w, N);
 
+  // g_rows: the gradient of each row's unweighted expert output
   auto g_rows = at::empty({N, D}, x.options());
   auto grad_weights = at::empty({T, k}, weights.options());
   if (N > 0) {
@@ -495,33 +666,18 @@ std::vector<at::Tensor> experts_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  auto grad_fc1_w = at::zeros_like(fc1_w);
-  auto grad_fc1_b = at::zeros_like(fc1_b);
-  auto grad_fc2_w = at::zeros_like(fc2_w);
-  auto grad_fc2_b = at::zeros_like(fc2_b);
-  const auto hidden = activate(h_pre, act);  // recomputed: only h_pre is saved
-  // One linear layer's backward over each expert's block of sorted rows: grad_w[e] = g^T in,
-  // grad_b[e] = sum of g, grad_in = g w[e] (experts without rows keep their zero gradients).
-  const auto linear_backward = [&](const at::Tensor& g, const at::Tensor& in, const at::Tensor& w,
-                                   at::Tensor& grad_w, at::Tensor& grad_b, at::Tensor& grad_in) {
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t n = bounds[e + 1] - bounds[e];
-      if (n == 0) continue;
-      const auto g_e = g.narrow(0, bounds[e], n);
-      auto gw = grad_w[e];
-      at::mm_out(gw, g_e.t(), in.narrow(0, bounds[e], n));
-      auto gb = grad_b[e];
-      at::sum_out(gb, g_e, 0);
-      auto gi = grad_in.narrow(0, bounds[e], n);
-      at::mm_out(gi, g_e, w[e]);
-    }
-  };
-  auto grad_hidden = at::empty_like(hidden);
-  linear_backward(g_rows, hidden, fc2_w, grad_fc2_w, grad_fc2_b, grad_hidden);
+  auto h_pre_copy = h_pre;  // activate() takes it mutable; without a bias it only reads it
+  const auto hidden = activate(h_pre_copy, act);  // recomputed: only h_pre is saved
+  // fc2: grad_w[e] = g^T hidden, grad_b[e] = column sums of g, grad_hidden = g w2[e]
+  auto grad_fc2_w = expert_weight_grad(g_rows, hidden, rows);
+  auto grad_fc2_b = expert_column_sums(g_rows, offsets);
+  const auto grad_hidden = expert_mm(g_rows, fc2_w, /*transpose_w=*/false, rows);
   const auto grad_h_pre = activate_backward(grad_hidden, h_pre, act);
+  // fc1: the same with x's rows
   const auto x_rows = gather_rows(x, sorted_slots, k);
-  auto& grad_x_rows = g_rows;  // g_rows is no longer needed once grad_hidden is computed
-  linear_backward(grad_h_pre, x_rows, fc1_w, grad_fc1_w, grad_fc1_b, grad_x_rows);
+  auto grad_fc1_w = expert_weight_grad(grad_h_pre, x_rows, rows);
+  auto grad_fc1_b = expert_column_sums(grad_h_pre, offsets);
+  auto grad_x_rows = expert_mm(grad_h_pre, fc1_w, /*transpose_w=*/false, rows);
   auto grad_x = at::empty_like(x);
   combine(grad_x_rows, invert_slots(sorted_slots), at::Tensor(), k, grad_x);
   return {grad_x, grad_weights, grad_fc1_w, grad_fc1_b, grad_fc2_w, grad_fc2_b};

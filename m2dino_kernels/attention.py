@@ -13,7 +13,9 @@ storage tokens) are not. Then out = softmax(q' k'^T / sqrt(head_dim)) v, with fp
 accumulation, in the input dtype (fp32, fp16 or bf16).
 
 Gradients flow to q, k and v. sin/cos are treated as constants (they are fixed functions of
-the patch grid): no gradient flows to them, whichever backend runs.
+the patch grid): no gradient flows to them, whichever backend runs. Rotate-half RoPE turns
+each pair (i, i + d/2) by one angle, so the two halves of sin and of cos are equal (DINOv3's
+are tiled twice); the triton kernel reads only the first half (checked on CPU tensors).
 
 Backends:
   "reference"  explicit rotation, explicit fp32 softmax: the oracle (slow, O(N^2) memory)
@@ -24,9 +26,11 @@ Backends:
   "triton"     ours: flash attention with the rotation fused into the q/k tile loads
                (m2dino_kernels.triton.attention); CUDA, or CPU under TRITON_INTERPRET=1
                (fp32/fp16 only there); head_dim 32, 64 or 128
-  "auto"       CPU: "sdpa". CUDA: "triton" when head_dim is 32/64/128 and triton imports,
-               else "sdpa" (the benchmark in benchmarks/test_attention_bench.py measures
-               the choice; retune `_auto_backend` if another backend wins on your card)
+  "auto"       CPU: "sdpa". CUDA: measured (m2dino_kernels.autotune): the first call of a
+               shape times "sdpa" and, where it can run, "triton" forward+backward on that
+               call's inputs, checks triton against sdpa and keeps the faster for the key
+               (device, dtype, batch bucket, heads, N, head_dim, RoPE); "sdpa" when not
+               measured (M2DINO_KERNELS_AUTOTUNE=0, or under torch.compile before a decision)
 
 backend=None follows the package-wide kernel backend (m2dino_kernels.set_backend): when it
 is "triton" attention uses "triton", otherwise "auto". (The package setting names the MoE
@@ -45,6 +49,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from m2dino_kernels import autotune
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "triton", "reference")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -183,9 +189,18 @@ def _triton_attention(q, k, v, rope, num_prefix_tokens):
     if rope is None or num_prefix_tokens == q.shape[2]:  # nothing to rotate
         sin = cos = None
     else:
-        # fp32 [1 or B, L, d], contiguous: the layout the kernels index.
+        # fp32 [1 or B, L, d], contiguous: the layout the kernels index (they read the first
+        # half of each row: the halves of a rotate-half table are equal).
         sin, cos = ((t if t.dim() == 3 else t[None]).detach().float().contiguous()
                     for t in rope)
+        half = q.shape[-1] // 2
+        # free on CPU (eager); on a GPU it would be a host sync, under tracing a graph break
+        if q.device.type == "cpu" and not torch.compiler.is_compiling():
+            for name, table in (("sin", sin), ("cos", cos)):
+                if not torch.equal(table[..., :half], table[..., half:]):
+                    raise ValueError(f"attention backend 'triton': the two halves of rope "
+                                     f"{name} differ; rotate-half RoPE rotates each pair "
+                                     "(i, i + d/2) by one angle, so they must be equal")
     out, _ = _rope_flash_attention(q, k, v, sin, cos, num_prefix_tokens)
     return out
 
@@ -272,20 +287,73 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _auto_backend(q: torch.Tensor) -> str:
-    if q.device.type == "cuda" and q.shape[-1] in TRITON_HEAD_DIMS and _triton_importable():
-        return "triton"
-    return "sdpa"
+def _triton_refusal(q: torch.Tensor) -> Optional[str]:
+    """Why the triton kernel cannot take q (None when it can): head_dim, or int32 offsets."""
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        return (f"attention backend 'triton' supports head_dim {TRITON_HEAD_DIMS}, got "
+                f"{q.shape[-1]}; use 'sdpa'")
+    from m2dino_kernels.triton.attention import int32_offset_problem  # noqa: PLC0415
+
+    return int32_offset_problem(q.shape, q.stride())
 
 
-def _resolve_backend(backend, q: torch.Tensor) -> str:
+def _triton_can_take(q: torch.Tensor) -> bool:
+    if not _triton_importable():
+        return False
+    if q.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1" or q.dtype == torch.bfloat16:
+            return False
+    elif q.device.type != "cuda":
+        return False
+    return _triton_refusal(q) is None
+
+
+def _attention_trial(q, k, v, rope, num_prefix_tokens):
+    """Forward + backward of an attention backend on copies of this call's inputs (same
+    strides; the caller's autocast applies, as in the real call)."""
+    with torch.inference_mode(False):
+        def copy(t):
+            out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+            return out.copy_(t.detach())
+
+        leaves = [copy(t).requires_grad_(True) for t in (q, k, v)]
+        tables = None if rope is None else tuple(t.detach().clone() for t in rope)
+        grad = torch.randn(q.shape, generator=torch.Generator(q.device).manual_seed(5),
+                           device=q.device, dtype=q.dtype)
+
+    def run(name):
+        with (torch.inference_mode(False), torch.enable_grad(),
+              torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)):
+            out = _BACKEND_FUNCTIONS[name](*leaves, tables, num_prefix_tokens)
+            return (out.detach(), *torch.autograd.grad(out, leaves, grad))
+
+    return autotune.Trial(run, ("out", "dq", "dk", "dv"), q.dtype, q.device)
+
+
+def _auto_backend(q: torch.Tensor, k=None, v=None, rope=None, num_prefix_tokens=0) -> str:
+    """sdpa, or where autotune measures (CUDA) the faster of sdpa and triton for the key."""
+    if k is None or q.numel() == 0 or not autotune.TUNER.applies_to(q.device.type):
+        return "sdpa"
+    # (under tracing only a remembered decision counts: no import, no probe of triton)
+    tracing = torch.compiler.is_compiling()
+    names = ["sdpa"] + (["triton"] if not tracing and _triton_can_take(q) else [])
+    batch, heads, n, head_dim = q.shape
+    fields = {"B": autotune.token_bucket(batch), "heads": heads, "N": n,
+              "head_dim": head_dim, "rope": rope is not None}
+    return autotune.decide("attention", q.device, q.dtype, fields, names, ("sdpa",),
+                           lambda: _attention_trial(q, k, v, rope, num_prefix_tokens),
+                           "sdpa")
+
+
+def _resolve_backend(backend, q: torch.Tensor, k=None, v=None, rope=None,
+                     num_prefix_tokens: int = 0) -> str:
     if backend is None:
         backend = "triton" if _package_backend() == "triton" else "auto"
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention: unknown backend {backend!r}; expected one of "
                          f"{', '.join(ATTENTION_BACKENDS)} or None")
     if backend == "auto":
-        return _auto_backend(q)
+        return _auto_backend(q, k, v, rope, num_prefix_tokens)
     device_type = q.device.type
     if backend == "xformers":
         if not xformers_available():
@@ -308,12 +376,9 @@ def _resolve_backend(backend, q: torch.Tensor) -> str:
         elif device_type != "cuda":
             raise RuntimeError(f"attention backend 'triton' runs on CUDA tensors, "
                                f"got {device_type}")
-        if q.shape[-1] not in TRITON_HEAD_DIMS:
-            raise ValueError(f"attention backend 'triton' supports head_dim "
-                             f"{TRITON_HEAD_DIMS}, got {q.shape[-1]}; use 'sdpa'")
-        if q.numel() >= 2**31:
-            raise ValueError(f"attention backend 'triton' indexes with int32; q has "
-                             f"{q.numel()} elements (>= 2**31); split the batch")
+        problem = _triton_refusal(q)
+        if problem:
+            raise ValueError(problem)
     return backend
 
 
@@ -334,5 +399,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope=None,
         [B, heads, N, head_dim] in q's dtype.
     """
     _validate(q, k, v, rope, num_prefix_tokens)
-    name = _resolve_backend(backend, q)
+    name = _resolve_backend(backend, q, k, v, rope, num_prefix_tokens)
     return _BACKEND_FUNCTIONS[name](q, k, v, rope, num_prefix_tokens)

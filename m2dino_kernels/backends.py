@@ -1,15 +1,19 @@
 """Backend registry: which implementation of the MoE ops runs, and on which devices it can.
 
 Backends (each a module exposing DESIGN.md's four protocol functions, imported lazily):
-  "torch"   m2dino_kernels.reference   plain PyTorch, the oracle; runs everywhere
-  "cpp"     m2dino_kernels.extension   the C++ extension m2dino_kernels._C, CPU tensors
-  "cuda"    m2dino_kernels.extension   the same extension's CUDA kernels (built with CUDA)
-  "triton"  m2dino_kernels.triton.moe  Triton kernels: CUDA tensors, or CPU tensors when
-                                       TRITON_INTERPRET=1 (slow; meant for tests)
+  "torch"       m2dino_kernels.reference   plain PyTorch, the oracle; runs everywhere
+  "cpp"         m2dino_kernels.extension   the C++ extension m2dino_kernels._C, CPU tensors
+  "cuda"        m2dino_kernels.extension   the same extension's CUDA kernels (built with CUDA)
+  "triton"      m2dino_kernels.triton.moe  Triton kernels: CUDA tensors, or CPU tensors when
+                                           TRITON_INTERPRET=1 (slow; meant for tests)
+  "grouped_mm"  m2dino_kernels.grouped_mm  the reference's routing, expert GEMMs through
+                                           torch.nn.functional.grouped_mm: the library floor;
+                                           CUDA (sm >= 80) and CPU where this torch runs it
 
 "auto" (the default) picks per device: on CPU "cpp" if the extension is built, else "torch";
-on CUDA "cuda" if the extension was built with CUDA, else "triton" if triton imports, else
-"torch". The environment variable M2DINO_KERNELS_BACKEND sets the initial choice.
+on CUDA the backend m2dino_kernels.autotune measured fastest for the call's shape (see there;
+with M2DINO_KERNELS_AUTOTUNE=0, or without a measurement under torch.compile: "grouped_mm",
+else "torch"). The environment variable M2DINO_KERNELS_BACKEND sets the initial choice.
 
 If the extension fails to import, one warning is given when this module is imported, and the
 "torch" backend is used instead.
@@ -24,7 +28,7 @@ import warnings
 
 import torch
 
-BACKEND_NAMES = ("auto", "torch", "cpp", "cuda", "triton")
+BACKEND_NAMES = ("auto", "torch", "cpp", "cuda", "triton", "grouped_mm")
 ENV_VAR = "M2DINO_KERNELS_BACKEND"
 
 _BACKEND_MODULES = {
@@ -32,6 +36,7 @@ _BACKEND_MODULES = {
     "cpp": "m2dino_kernels.extension",
     "cuda": "m2dino_kernels.extension",
     "triton": "m2dino_kernels.triton.moe",
+    "grouped_mm": "m2dino_kernels.grouped_mm",
 }
 
 _HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
@@ -43,6 +48,7 @@ BACKEND_DTYPES = {
     "cpp": _HALF_AND_FLOAT + (torch.float64,),  # float64 for gradcheck
     "cuda": _HALF_AND_FLOAT,
     "triton": _HALF_AND_FLOAT,
+    "grouped_mm": _HALF_AND_FLOAT,  # what torch.nn.functional.grouped_mm takes
 }
 
 
@@ -86,6 +92,8 @@ def _compute_available(device_type: str) -> tuple:
         names.append("cuda")
     if _triton_can_run(device_type):
         names.append("triton")
+    if importlib.import_module("m2dino_kernels.grouped_mm").runs_on(device_type):
+        names.append("grouped_mm")
     return tuple(names)
 
 
@@ -117,7 +125,8 @@ def refresh_available_backends() -> None:
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for all later calls: "auto", "torch", "cpp", "cuda" or "triton".
+    """Select the backend for all later calls: "auto", "torch", "cpp", "cuda", "triton" or
+    "grouped_mm".
 
     Whether it can run is checked at call time against the tensors' device."""
     _state["name"] = _validate_name(name, "set_backend")
@@ -139,18 +148,26 @@ def use_backend(name: str):
         _state["name"] = previous
 
 
-def _auto_backend(device_type: str, available) -> str:
-    if device_type == "cpu":
-        return "cpp" if "cpp" in available else "torch"
-    if device_type == "cuda":
-        for name in ("cuda", "triton"):
-            if name in available:
-                return name
+def library_backend(device_type: str, available, dtype=None) -> str:
+    """The library path on `device_type`: "grouped_mm" where it runs (and takes `dtype`),
+    else "torch". What `auto` uses on CUDA when nothing was measured."""
+    if "grouped_mm" in available and (dtype is None or dtype in BACKEND_DTYPES["grouped_mm"]):
+        return "grouped_mm"
     return "torch"
 
 
-def resolve_backend(device, name=None) -> str:
-    """The concrete backend that runs on `device` for `name` (default: the selected one).
+def _auto_backend(device_type: str, available, dtype=None) -> str:
+    """`auto` without a measurement: CPU "cpp" when built, else "torch"; elsewhere the
+    library path (m2dino_kernels.autotune measures on CUDA and may choose another)."""
+    if device_type == "cpu":
+        return "cpp" if "cpp" in available else "torch"
+    return library_backend(device_type, available, dtype)
+
+
+def resolve_backend(device, name=None, dtype=None) -> str:
+    """The concrete backend that runs on `device` for `name` (default: the selected one);
+    "auto" resolves to its unmeasured rule (see _auto_backend; moe.py asks
+    m2dino_kernels.autotune first on the devices it tunes).
 
     Raises ValueError, listing the backends that can run there, if `name` cannot."""
     name = _state["name"] if name is None else _validate_name(name, "backend")
@@ -159,7 +176,7 @@ def resolve_backend(device, name=None) -> str:
     if available is None:
         available = tuple(available_backends(device_type))
     if name == "auto":
-        return _auto_backend(device_type, available)
+        return _auto_backend(device_type, available, dtype)
     if name not in available:
         raise ValueError(f"kernel backend {name!r} cannot run on {device_type} tensors; "
                          f"available there: {', '.join(available)}")

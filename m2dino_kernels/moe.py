@@ -6,7 +6,11 @@ This module is the only door to the backends. It
 - exposes each op as a torch.library custom op in the `m2dino` namespace, with a fake (meta)
   implementation and autograd registered, and the concrete backend name passed as a string
   argument, so torch.compile traces one op per call with no graph break,
-- dispatches to the backend module chosen by m2dino_kernels.backends.
+- dispatches to the backend module chosen by m2dino_kernels.backends (for `auto` on the
+  devices it tunes, measured by m2dino_kernels.autotune on the call's inputs),
+- runs the backends with autocast off: a caller's autocast region (the model's) has already
+  fixed the dtype of the inputs, and the backends' fp32 accumulation and output dtypes must
+  not be recast by it inside the op.
 
 Dtypes: x and all weights share one dtype: float32, bfloat16, float16 (or float64 with the
 "torch" backend, for gradcheck). Routing outputs (logits, probs, weights) are float32
@@ -32,7 +36,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from m2dino_kernels import backends
+from m2dino_kernels import autotune, backends
 
 ACTIVATIONS = ("gelu", "swiglu")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -220,6 +224,11 @@ def _check_routing_values(experts, sorted_slots, offsets, num_experts):
         raise ValueError(f"routing.offsets must rise from 0 to T*k = {num_slots}")
 
 
+def _no_autocast(tensor):
+    """Autocast off for the backend call: the op's inputs already have their dtype."""
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
 def _zeros_if_none(grad, like, dtype=None):
     if grad is None:
         return torch.zeros(like.shape, dtype=like.dtype if dtype is None else dtype,
@@ -238,8 +247,9 @@ def _route_op(x: Tensor, task_ids: Tensor, gate_weight: Tensor, gate_bias: Optio
               top_k: int, backend: str, check_task_ids: bool = True) -> _RouteOut:
     if check_task_ids:
         _check_task_range(task_ids, gate_weight.shape[0])
-    out = backends.backend_module(backend).route_forward(x, task_ids, gate_weight, gate_bias,
-                                                         top_k)
+    with _no_autocast(x):
+        out = backends.backend_module(backend).route_forward(x, task_ids, gate_weight,
+                                                             gate_bias, top_k)
     return tuple(out)
 
 
@@ -263,9 +273,10 @@ def _route_backward_op(grad_logits: Tensor, grad_probs: Tensor, grad_weights: Te
                        x: Tensor, task_ids: Tensor, gate_weight: Tensor, has_bias: bool,
                        probs: Tensor, weights: Tensor, experts: Tensor,
                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    grad_x, grad_gw, grad_gb = backends.backend_module(backend).route_backward(
-        grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight, has_bias, probs,
-        weights, experts)
+    with _no_autocast(x):
+        grad_x, grad_gw, grad_gb = backends.backend_module(backend).route_backward(
+            grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight, has_bias, probs,
+            weights, experts)
     if grad_gb is None:  # custom ops cannot return None: a zero stand-in, dropped in autograd
         grad_gb = gate_weight.new_zeros(gate_weight.shape[:2])
     return grad_x, grad_gw, grad_gb
@@ -308,8 +319,9 @@ def _experts_op(x: Tensor, weights: Tensor, experts: Tensor, sorted_slots: Tenso
                 activation: str, backend: str, check_routing: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     if check_routing:
         _check_routing_values(experts, sorted_slots, offsets, fc1_w.shape[0])
-    y, h_pre, expert_out = backends.backend_module(backend).experts_forward(
-        x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b, activation)
+    with _no_autocast(x):
+        y, h_pre, expert_out = backends.backend_module(backend).experts_forward(
+            x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b, activation)
     return y, h_pre, expert_out
 
 
@@ -327,9 +339,10 @@ def _experts_backward_op(grad_y: Tensor, x: Tensor, weights: Tensor, experts: Te
                          fc2_w: Tensor, fc2_b: Tensor, activation: str, h_pre: Tensor,
                          expert_out: Tensor, backend: str
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out = backends.backend_module(backend).experts_backward(
-        grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b,
-        activation, h_pre, expert_out)
+    with _no_autocast(x):
+        out = backends.backend_module(backend).experts_backward(
+            grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b,
+            activation, h_pre, expert_out)
     return tuple(out)
 
 
@@ -367,6 +380,126 @@ _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup_co
 
 
 # ---------------------------------------------------------------------------------------
+# Choosing the backend (the measured `auto`)
+# ---------------------------------------------------------------------------------------
+EXPERT_TRIAL_NAMES = ("y", "h_pre", "expert_out", "grad_x", "grad_weights", "grad_fc1_w",
+                      "grad_fc1_b", "grad_fc2_w", "grad_fc2_b")
+
+
+def _choose_backend(op, x, fields, make_trial):
+    """The selected backend; for `auto` the measured one where autotune tunes x's device
+    (make_trial builds the measurement on this call's inputs, only when one is needed)."""
+    name = backends.get_backend()
+    if name != "auto":
+        return backends.resolve_backend(x.device, name)
+    default = backends.resolve_backend(x.device, "auto", x.dtype)
+    if x.shape[0] == 0:
+        return default
+    names = [b for b in backends.available_backends(x.device)
+             if x.dtype in backends.BACKEND_DTYPES[b]]
+    library = backends.library_backend(x.device.type, names, x.dtype)
+    fields = {**fields, "T": autotune.token_bucket(x.shape[0])}
+    return autotune.decide(op, x.device, x.dtype, fields, names, (library, "torch"),
+                           make_trial, default)
+
+
+def _random_like(shape, like, dtype, seed):
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(shape, generator=gen, device=like.device, dtype=dtype)
+
+
+def _route_trial(x, task_ids, gate_weight, gate_bias, top_k, check_task_ids):
+    """Routing forward + backward of a backend on this call's inputs. The backward runs on
+    the reference's routing (the first run), so that a near-tie another backend broke the
+    other way does not change the gradients compared."""
+    if check_task_ids:  # no backend runs on ids out of range
+        _check_task_range(task_ids, gate_weight.shape[0])
+    num_tokens, num_experts = x.shape[0], gate_weight.shape[1]
+    rdt = _routing_dtype(x.dtype)
+    upstream = (_random_like((num_tokens, num_experts), x, rdt, 1),
+                _random_like((num_tokens, num_experts), x, rdt, 2),
+                _random_like((num_tokens, top_k), x, rdt, 3))
+    fixed = {}
+
+    def run(name):
+        module = backends.backend_module(name)
+        with torch.no_grad(), _no_autocast(x):
+            out = tuple(module.route_forward(x, task_ids, gate_weight, gate_bias, top_k))
+            probs, weights, experts = fixed.setdefault("routing", out[1:4])
+            grads = module.route_backward(*upstream, x, task_ids, gate_weight,
+                                          gate_bias is not None, probs, weights, experts)
+        return out + tuple(grads)
+
+    def check(got, want):
+        return _route_mismatch(got, want, top_k, x.dtype)
+
+    return autotune.Trial(run, (), x.dtype, x.device, check=check)
+
+
+def _route_mismatch(got, want, top_k, dtype):
+    """None when a backend's routing agrees with the reference's: logits and probs within
+    tolerance; each chosen expert among the reference's top-k up to that tolerance (a
+    near-tie may go either way); weights equal where the choices are; the permutation the
+    stable sort of its own choices; the gradients within the dtype's tolerance."""
+    names = ("logits", "probs", "weights", "experts", "counts", "sorted_slots", "offsets")
+    got_r, want_r = dict(zip(names, got[:7])), dict(zip(names, want[:7]))
+    fp32 = _routing_dtype(dtype)
+    for name in ("logits", "probs"):
+        problem = autotune.mismatch(name, got_r[name], want_r[name], fp32)
+        if problem:
+            return problem
+    experts, probs = got_r["experts"], want_r["probs"]
+    if experts.shape != want_r["experts"].shape or experts.dtype != torch.int64:
+        return f"experts: shape {list(experts.shape)} / dtype {experts.dtype}"
+    if experts.numel():
+        num_experts = probs.shape[1]
+        if bool(((experts < 0) | (experts >= num_experts)).any()):
+            return "experts: out of range"
+        atol = autotune.TOLERANCE[torch.float32][0]
+        kth = probs.sort(dim=1, descending=True).values[:, top_k - 1:top_k]
+        chosen = probs.gather(1, experts)
+        finite = torch.isfinite(chosen).all(dim=1)
+        if bool((chosen[finite] < kth[finite] - atol).any()):
+            return "experts: an expert outside the reference's top-k was chosen"
+        same = (experts == want_r["experts"]).all(dim=1)
+        problem = autotune.mismatch("weights", got_r["weights"][same],
+                                    want_r["weights"][same], fp32)
+        if problem:
+            return problem
+    flat = experts.reshape(-1)
+    counts = torch.zeros(probs.shape[1], dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    if not torch.equal(got_r["sorted_slots"], torch.sort(flat, stable=True).indices):
+        return "sorted_slots: not the stable sort of its experts"
+    if not (torch.equal(got_r["counts"], counts)
+            and torch.equal(got_r["offsets"][1:], counts.cumsum(0))
+            and int(got_r["offsets"][0]) == 0):
+        return "counts/offsets: not those of its experts"
+    for name, g, w in zip(("grad_x", "grad_gate_weight", "grad_gate_bias"), got[7:], want[7:]):
+        problem = autotune.mismatch(name, g, w, dtype)
+        if problem:
+            return problem
+    return None
+
+
+def _experts_trial(args, activation, check_routing):
+    """Expert MLP forward + backward of a backend on this call's inputs and routing."""
+    x, _weights, experts, sorted_slots, offsets, fc1_w = args[:6]
+    if check_routing:  # no backend runs on a routing out of range
+        _check_routing_values(experts, sorted_slots, offsets, fc1_w.shape[0])
+    grad_y = _random_like(x.shape, x, x.dtype, 4)
+
+    def run(name):
+        module = backends.backend_module(name)
+        with torch.no_grad(), _no_autocast(x):
+            y, h_pre, expert_out = module.experts_forward(*args, activation)
+            grads = module.experts_backward(grad_y, *args, activation, h_pre, expert_out)
+        return (y, h_pre, expert_out, *grads)
+
+    return autotune.Trial(run, EXPERT_TRIAL_NAMES, x.dtype, x.device)
+
+
+# ---------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------
 def task_topk_route(x, task_ids, gate_weight, gate_bias=None, top_k=2, *,
@@ -382,12 +515,14 @@ def task_topk_route(x, task_ids, gate_weight, gate_bias=None, top_k=2, *,
     (skipped with check_task_ids=False, for callers that validated the ids already).
     """
     _validate_route(x, task_ids, gate_weight, gate_bias, top_k)
-    backend = backends.resolve_backend(x.device)
+    args = (x.contiguous(), task_ids.to(torch.int64).contiguous(), gate_weight.contiguous(),
+            None if gate_bias is None else gate_bias.contiguous(), int(top_k))
+    num_tasks, num_experts, dim = gate_weight.shape
+    backend = _choose_backend(
+        "task_topk_route", x, {"D": dim, "E": num_experts, "k": int(top_k), "tasks": num_tasks},
+        lambda: _route_trial(*args, check_task_ids))
     _check_backend_dtype(backend, x.dtype)
-    out = _route_op(x.contiguous(), task_ids.to(torch.int64).contiguous(),
-                    gate_weight.contiguous(),
-                    None if gate_bias is None else gate_bias.contiguous(), int(top_k), backend,
-                    bool(check_task_ids))
+    out = _route_op(*args, backend, bool(check_task_ids))
     return Routing(*out, top_k=int(top_k))
 
 
@@ -403,16 +538,19 @@ def expert_mlp(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activatio
     task_topk_route.
     """
     _validate_experts(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation)
-    backend = backends.resolve_backend(x.device)
-    _check_backend_dtype(backend, x.dtype)
     num_experts, hidden_in, dim = fc1_weight.shape
     if fc1_bias is None:
         fc1_bias = fc1_weight.new_zeros(num_experts, hidden_in)
     if fc2_bias is None:
         fc2_bias = fc2_weight.new_zeros(num_experts, dim)
-    y, _, _ = _experts_op(x.contiguous(), routing.weights.contiguous(),
-                          routing.experts.contiguous(), routing.sorted_slots.contiguous(),
-                          routing.offsets.contiguous(), fc1_weight.contiguous(),
-                          fc1_bias.contiguous(), fc2_weight.contiguous(), fc2_bias.contiguous(),
-                          activation, backend, bool(check_routing))
+    args = (x.contiguous(), routing.weights.contiguous(), routing.experts.contiguous(),
+            routing.sorted_slots.contiguous(), routing.offsets.contiguous(),
+            fc1_weight.contiguous(), fc1_bias.contiguous(), fc2_weight.contiguous(),
+            fc2_bias.contiguous())
+    backend = _choose_backend(
+        "expert_mlp", x, {"activation": activation, "D": dim, "H": fc2_weight.shape[2],
+                          "E": num_experts, "k": routing.top_k},
+        lambda: _experts_trial(args, activation, check_routing))
+    _check_backend_dtype(backend, x.dtype)
+    y, _, _ = _experts_op(*args, activation, backend, bool(check_routing))
     return y

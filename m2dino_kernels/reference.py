@@ -132,11 +132,27 @@ def _expert_ranges(offsets: torch.Tensor):
             if bounds[e + 1] > bounds[e]]
 
 
-def _row_of_slot(sorted_slots: torch.Tensor) -> torch.Tensor:
-    """Inverse of the permutation: row_of_slot[sorted_slots[i]] = i. Combining the k rows
+def invert_slots(sorted_slots: torch.Tensor) -> torch.Tensor:
+    """Inverse of the permutation, row_of_slot: row_of_slot[sorted_slots[i]] = i. Combining the k rows
     of a token is then a parallel gather instead of a serial index_add."""
     rows = torch.arange(sorted_slots.numel(), device=sorted_slots.device)
     return torch.empty_like(sorted_slots).scatter_(0, sorted_slots, rows)
+
+
+def combine_slots(rows, row_of_slot, weights, top_k, acc):
+    """out[t] = sum_j weights[t, j] * rows[row of slot t*k+j], in `acc` (weights None: the
+    plain sum over the k slots). rows [T*k, C] in expert-sorted order -> [T, C]."""
+    by_slot = rows[row_of_slot].to(acc).view(-1, top_k, rows.shape[1])
+    if weights is None:
+        return by_slot.sum(dim=1)
+    return torch.bmm(weights.to(acc).unsqueeze(1), by_slot).squeeze(1)
+
+
+def route_weight_grad(grad_y, expert_out, row_of_slot, top_k, acc):
+    """grad_weights[t, j] = <grad_y[t], expert_out[row of slot t*k+j]>, in `acc`."""
+    num_tokens, dim = grad_y.shape
+    out_by_slot = expert_out[row_of_slot].to(acc).view(num_tokens, top_k, dim)
+    return torch.bmm(out_by_slot, grad_y.to(acc).unsqueeze(2)).view(num_tokens, top_k)
 
 
 def experts_forward(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b,
@@ -154,9 +170,7 @@ def experts_forward(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc
                     out=h_pre[start:end])
         torch.addmm(fc2_b[e].to(acc), activate(h_pre[start:end], activation),
                     fc2_w[e].to(acc).t(), out=expert_out[start:end])
-    # y[t] = sum_j weights[t, j] * expert_out[row of slot t*k+j]
-    out_by_slot = expert_out[_row_of_slot(sorted_slots)].view(num_tokens, top_k, dim)
-    y = torch.bmm(weights.to(acc).unsqueeze(1), out_by_slot).squeeze(1)
+    y = combine_slots(expert_out, invert_slots(sorted_slots), weights, top_k, acc)
     return y.to(x.dtype), h_pre.to(x.dtype), expert_out.to(x.dtype)
 
 
@@ -166,13 +180,11 @@ def experts_backward(grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, 
     top_k = weights.shape[1]
     acc = _acc_dtype(x.dtype)
     token_of_row = sorted_slots // top_k
-    row_of_slot = _row_of_slot(sorted_slots)
+    row_of_slot = invert_slots(sorted_slots)
     x_rows = x[token_of_row].to(acc)
     grad_y = grad_y.to(acc)
 
-    # grad_weights[t, j] = <grad_y[t], expert_out[row of slot t*k+j]>
-    out_by_slot = expert_out[row_of_slot].to(acc).view(num_tokens, top_k, dim)
-    grad_weights = torch.bmm(out_by_slot, grad_y.unsqueeze(2)).view(num_tokens, top_k)
+    grad_weights = route_weight_grad(grad_y, expert_out, row_of_slot, top_k, acc)
 
     # gradient of each row's unweighted output: its token's grad_y times its router weight
     row_weight = weights.reshape(-1)[sorted_slots].to(acc)
@@ -191,7 +203,7 @@ def experts_backward(grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, 
         torch.mm(g_h.t(), x_rows[start:end], out=grad_fc1_w[e])
         torch.sum(g_h, dim=0, out=grad_fc1_b[e])
         torch.mm(g_h, fc1_w[e].to(acc), out=grad_x_rows[start:end])
-    grad_x = grad_x_rows[row_of_slot].view(num_tokens, top_k, dim).sum(dim=1)
+    grad_x = combine_slots(grad_x_rows, row_of_slot, None, top_k, acc)
     return (grad_x.to(x.dtype), grad_weights.to(weights.dtype),
             grad_fc1_w.to(fc1_w.dtype), grad_fc1_b.to(fc1_b.dtype),
             grad_fc2_w.to(fc2_w.dtype), grad_fc2_b.to(fc2_b.dtype))

@@ -291,7 +291,7 @@ def test_backend_none_follows_package_setting():
     from m2dino_kernels.backends import use_backend
 
     q = torch.randn(1, 1, 4, 32, device=DEVICE)
-    auto = "triton" if HAS_CUDA else "sdpa"
+    auto = "sdpa"  # unmeasured `auto` (no k, v to measure with here): the library path
     with use_backend("triton"):
         assert _resolve_backend(None, q) == "triton"
     with use_backend("torch"):
@@ -306,6 +306,67 @@ def test_triton_bf16_refused_under_interpreter():
     q, k, v = make_qkv(1, 1, 4, 32, torch.bfloat16)
     with pytest.raises(TypeError, match="interpreter"):
         attention(q, k, v, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------
+# Offsets past 2**31 and the rope tables' halves
+# ---------------------------------------------------------------------------------------
+VIT_L_1029 = (700, 16, 1029, 64)  # 700 images of ViT-L at 512 px: B*N*3*D > 2**31
+QKV_VIEW_STRIDES = (1029 * 3 * 16 * 64, 64, 3 * 16 * 64, 1)  # q as a view into qkv
+
+
+try:  # a probe of the kernels' own offset helpers (module level: @triton.jit globals)
+    import triton
+    import triton.language as tl
+
+    from m2dino_kernels.triton import attention as _ta
+
+    @triton.jit
+    def _head_offset_probe(out_ptr, H, stride_b, stride_h):
+        pid_bh, b, h = _ta._program_head(H)
+        tl.store(out_ptr + pid_bh, _ta._head_offset(b, h, stride_b, stride_h))
+except ImportError:
+    _head_offset_probe = None
+
+
+@pytest.mark.skipif(_head_offset_probe is None or not (HAS_CUDA or os.environ.get(
+    "TRITON_INTERPRET") == "1"), reason="needs triton with a GPU or its interpreter")
+def test_head_base_offsets_are_int64_past_2_31():
+    """The kernels' head base offsets (batch * batch stride + head * head stride), computed
+    by their own helpers for every program of a ViT-L / 1029-token batch of 700 images (q a
+    view into qkv): exact past 2**31, where int32 arithmetic wraps (checked: the same probe
+    without the int64 cast differs)."""
+    batch, heads, _, _ = VIT_L_1029
+    out = torch.zeros(batch * heads, dtype=torch.int64, device=DEVICE)
+    _head_offset_probe[(1, batch * heads)](out, heads, QKV_VIEW_STRIDES[0],
+                                           QKV_VIEW_STRIDES[1])
+    pid = torch.arange(batch * heads, device=DEVICE)
+    want = (pid // heads) * QKV_VIEW_STRIDES[0] + (pid % heads) * QKV_VIEW_STRIDES[1]
+    assert int(want.max()) == _ta.head_base_offset(VIT_L_1029, QKV_VIEW_STRIDES) > 2 ** 31
+    assert torch.equal(out, want)
+
+
+def test_int32_offsets_within_a_head_are_checked():
+    from m2dino_kernels.triton import attention as ta
+
+    # ViT-L at 1029 tokens, 700 images: the int64 head bases take it; one head spans 3.2M
+    assert ta.int32_offset_problem(VIT_L_1029, QKV_VIEW_STRIDES) is None
+    # one head spanning more than 2**31 elements (4M tokens of a q view into qkv) is refused
+    # with the shape named
+    huge = (1, 16, 2 ** 22, 64)
+    problem = ta.int32_offset_problem(huge, (2 ** 22 * 3072, 64, 3072, 1))
+    assert problem and "(1, 16, 4194304, 64)" in problem and ">= 2**31" in problem
+    assert "use 'sdpa'" in problem
+
+
+def test_triton_refuses_rope_tables_with_unequal_halves():
+    q, k, v = make_qkv(1, 2, 9, 32, torch.float32)
+    sin, cos = dinov3_rope(9, 32)
+    sin = sin.clone()
+    sin[:, 20] += 0.5  # not a rotation of the pair (4, 20) any more
+    with pytest.raises(ValueError, match="two halves of rope sin differ"):
+        attention(q, k, v, rope=(sin, cos), backend="triton")
+    assert torch.isfinite(attention(q, k, v, rope=(sin, cos), backend="sdpa")).all()
 
 
 # ---------------------------------------------------------------------------------------

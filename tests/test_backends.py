@@ -38,6 +38,9 @@ def test_cpu_availability_matches_what_is_installed():
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     has_triton = importlib.util.find_spec("triton") is not None
     assert ("triton" in names) == (interpreted and has_triton)
+    # the library floor: offered wherever this torch's grouped_mm runs (it does on CPU here)
+    assert ("grouped_mm" in names) == hasattr(torch.nn.functional, "grouped_mm")
+    assert backends.BACKEND_DTYPES["grouped_mm"] == (torch.float32, torch.bfloat16, torch.float16)
 
 
 def test_set_get_and_use_backend_restore():
@@ -58,7 +61,7 @@ def test_set_get_and_use_backend_restore():
 
 @pytest.mark.parametrize("bad", ["numpy", "", "Torch", None, 3])
 def test_unknown_backend_names_are_rejected(bad):
-    with pytest.raises(ValueError, match=r"unknown kernel backend .*expected one of auto, torch, cpp, cuda, triton"):
+    with pytest.raises(ValueError, match=r"unknown kernel backend .*expected one of auto, torch, cpp, cuda, triton, grouped_mm"):
         mk.set_backend(bad)
     with pytest.raises(ValueError, match="unknown kernel backend"), mk.use_backend(bad):
         pass
@@ -72,10 +75,14 @@ def test_auto_resolution_on_cpu():
 
 
 def test_auto_rule_per_device_type():
-    assert backends._auto_backend("cpu", ("torch", "cpp", "triton")) == "cpp"
+    """`auto` without a measurement: CPU keeps cpp (else torch); CUDA, where autotune measures
+    (or with M2DINO_KERNELS_AUTOTUNE=0, or under torch.compile before any measurement), takes
+    the library path grouped_mm, else torch."""
+    assert backends._auto_backend("cpu", ("torch", "cpp", "triton", "grouped_mm")) == "cpp"
     assert backends._auto_backend("cpu", ("torch", "triton")) == "torch"
-    assert backends._auto_backend("cuda", ("torch", "cuda", "triton")) == "cuda"
-    assert backends._auto_backend("cuda", ("torch", "triton")) == "triton"
+    assert backends._auto_backend("cuda", ("torch", "cuda", "triton", "grouped_mm")) == "grouped_mm"
+    assert backends._auto_backend("cuda", ("torch", "cuda", "triton")) == "torch"
+    assert backends._auto_backend("cuda", ("torch", "grouped_mm"), torch.float64) == "torch"
     assert backends._auto_backend("cuda", ("torch",)) == "torch"
 
 
@@ -128,7 +135,10 @@ def test_missing_extension_warns_once_and_falls_back():
             "print(resolve_backend('cpu'), ','.join(m2dino_kernels.available_backends('cpu')))")
     run = _python(code)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["torch", "torch"]
+    # the library floor needs no extension: only the extension's backends are gone
+    assert run.stdout.split()[0] == "torch"
+    assert "cpp" not in run.stdout.split()[1].split(",")
+    assert run.stdout.split()[1].split(",")[0] == "torch"
     assert run.stderr.count("m2dino_kernels._C could not be imported") == 1
     assert "simulated: extension not built" in run.stderr
     assert "'torch' is used instead" in run.stderr

@@ -1,6 +1,9 @@
-"""The extension's CUDA kernels (backend "cuda") against the torch reference, in fp32, fp16
-and bf16. Needs a CUDA device and an extension built with CUDA: skipped otherwise (the
-`gpu` marker). Run with `python -m pytest tests/test_cuda_ops.py -q`.
+"""The extension's CUDA kernels (backend "cuda", its expert GEMMs both through
+at::_grouped_mm with device offsets and through the per-expert fallback loop) and the library
+floor "grouped_mm" against the torch reference, in fp32, fp16 and bf16, and without a host
+sync where grouped_mm takes the offsets on the device. Needs a CUDA device (and for "cuda" an
+extension built with CUDA): skipped otherwise (the `gpu` marker). Run with
+`python -m pytest tests/test_cuda_ops.py -q`.
 
 The reference runs on CPU on the same inputs upcast to float64 (fp32 for routing outputs),
 and with the routing the kernel chose, so that the expert checks do not depend on how a
@@ -16,12 +19,24 @@ from m2dino_kernels import reference as ref
 from moe_inputs import random_moe_inputs
 
 _C = backends._C
-HAS_CUDA_EXT = (_C is not None and bool(getattr(_C, "with_cuda", False))
-                and torch.cuda.is_available())
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not HAS_CUDA_EXT, reason="needs a GPU and _C built with CUDA")]
+HAS_CUDA = torch.cuda.is_available()
+HAS_CUDA_EXT = (_C is not None and bool(getattr(_C, "with_cuda", False)) and HAS_CUDA)
+NEEDS_EXT = pytest.mark.skipif(not HAS_CUDA_EXT, reason="needs a GPU and _C built with CUDA")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
 if HAS_CUDA_EXT:
     from m2dino_kernels import extension as ext
+# (backend, M2DINO_CUDA_GROUPED_MM): the extension's grouped path (where the device takes it)
+# and its fallback loop, and the library floor
+PROTOCOL = [pytest.param("cuda", "1", id="cuda-grouped", marks=NEEDS_EXT),
+            pytest.param("cuda", "0", id="cuda-loop", marks=NEEDS_EXT),
+            pytest.param("grouped_mm", "1", id="grouped_mm", marks=pytest.mark.skipif(
+                not HAS_CUDA or "grouped_mm" not in backends.available_backends("cuda"),
+                reason="torch's grouped_mm does not run on this GPU"))]
+
+
+def grouped_mm_on_device():
+    """Whether grouped_mm takes the offsets on the device here (bf16, sm90/sm100)."""
+    return HAS_CUDA and torch.cuda.get_device_capability()[0] in (9, 10)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (T, D, H, E, NT, k, gate bias boost or None, task pool or None)
@@ -34,6 +49,9 @@ CASES = {
     "idle_tasks": (41, 8, 6, 4, 5, 2, None, [0, 2]),
     "all_on_one_expert": (300, 16, 8, 4, 3, 1, [0, 0, 30, 0], None),
     "vit_s_like": (16 * 201, 384, 1536, 8, 27, 2, None, None),  # many blocks, long scans
+    # aligned sizes (multiples of 8): the grouped GEMM path, with idle experts and tasks
+    "aligned_idle_experts": (300, 64, 32, 8, 27, 2, [0, 0, 0, 0, -30, -30, -30, -30], None),
+    "aligned_idle_tasks": (257, 32, 64, 4, 5, 1, None, [1, 3]),
 }
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 6e-2)}
 
@@ -50,10 +68,13 @@ def close(got, want, dtype, what):
                                rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("backend,grouped", PROTOCOL)
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES))
-def test_cuda_protocol_matches_reference(case, dtype, activation):
+def test_cuda_protocol_matches_reference(case, dtype, activation, backend, grouped, monkeypatch):
+    monkeypatch.setenv("M2DINO_CUDA_GROUPED_MM", grouped)
+    ext = backends.backend_module(backend)
     T, D, H, E, NT, k, boost, pool = CASES[case]
     p_cpu = random_moe_inputs(T, D, H, E, NT, boost, pool, activation, dtype)
     p = to(p_cpu, "cuda")
@@ -111,6 +132,45 @@ def test_cuda_protocol_matches_reference(case, dtype, activation):
         close(g, w, dtype, f"experts_backward {name}")
 
 
+@pytest.mark.parametrize("backend,grouped", PROTOCOL)
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_grouped_expert_gemms_make_no_host_sync(backend, grouped, activation, monkeypatch):
+    """bf16 on sm90/sm100 with aligned sizes: the expert forward and backward (grouped GEMMs
+    with device offsets) never wait for the device; the loop fallback does, once per call."""
+    if not grouped_mm_on_device():
+        pytest.skip("grouped_mm takes device offsets on sm90/sm100 only")
+    monkeypatch.setenv("M2DINO_CUDA_GROUPED_MM", grouped)
+    module = backends.backend_module(backend)
+    p = to(random_moe_inputs(512, 64, 128, 8, 27, [0] * 7 + [-30], None, activation,
+                             torch.bfloat16), "cuda")
+    route = module.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
+    args = (p["x"], route[2], route[3], route[5], route[6], p["fc1_w"], p["fc1_b"], p["fc2_w"],
+            p["fc2_b"], activation)
+    grad_y = torch.randn_like(p["x"])
+
+    def run():
+        fwd = module.experts_forward(*args)
+        return module.experts_backward(grad_y, *args, *fwd[1:])
+
+    run()
+    torch.cuda.synchronize()
+    if backend == "cuda" and grouped == "0":
+        with pytest.warns(UserWarning, match="synchroniz"):
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grads = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (grads[2][7] == 0).all() and (grads[4][7] == 0).all()  # the idle expert
+
+
+@NEEDS_EXT
 def test_cuda_backend_public_api_and_no_oob_on_bad_task_ids():
     p_cpu = random_moe_inputs(64, 32, 24, 8, 5, None, None, "gelu", torch.float32)
     p = to(p_cpu, "cuda")

@@ -1,7 +1,9 @@
-"""The C++ extension m2dino_kernels._C on CPU (backend "cpp"): every protocol function
-against the torch reference (m2dino_kernels.reference) at edge-case shapes, a float64
-gradcheck of the whole routing + expert chain through the extension, bf16/fp16, and the
-TORCH_CHECKs that turn misuse into a RuntimeError instead of a crash."""
+"""The C++ extension m2dino_kernels._C on CPU (backend "cpp") and the library floor
+"grouped_mm" (torch.nn.functional.grouped_mm) at the protocol level: every protocol function
+against the torch reference (m2dino_kernels.reference) at edge-case shapes, in fp32 and in
+bf16/fp16, the empty batch and the public API with a frozen input and checkpointing; for the
+extension also a float64 gradcheck of the whole routing + expert chain and the TORCH_CHECKs
+that turn misuse into a RuntimeError instead of a crash."""
 from __future__ import annotations
 
 import pytest
@@ -12,9 +14,14 @@ from m2dino_kernels import reference as ref
 from moe_inputs import random_moe_inputs
 
 _C = backends._C
-pytestmark = pytest.mark.skipif(_C is None, reason="m2dino_kernels._C is not built")
+NEEDS_C = pytest.mark.skipif(_C is None, reason="m2dino_kernels._C is not built")
 if _C is not None:
     from m2dino_kernels import extension as ext
+# the backends held to the reference protocol function by protocol here
+PROTOCOL_BACKENDS = [pytest.param("cpp", marks=NEEDS_C),
+                     pytest.param("grouped_mm", marks=pytest.mark.skipif(
+                         "grouped_mm" not in backends.available_backends("cpu"),
+                         reason="this torch's grouped_mm does not run on CPU"))]
 
 ROUTE_NAMES = ("logits", "probs", "weights", "experts", "counts", "sorted_slots", "offsets")
 EXPERT_GRAD_NAMES = ("grad_x", "grad_weights", "grad_fc1_w", "grad_fc1_b", "grad_fc2_w",
@@ -54,12 +61,14 @@ def random_like(tensors, seed):
 # ---------------------------------------------------------------------------------------
 # Every protocol function against the reference
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", PROTOCOL_BACKENDS)
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_protocol_matches_reference(case, activation):
+def test_protocol_matches_reference(case, activation, backend):
+    impl = backends.backend_module(backend)
     p, k = case_inputs(case, activation)
     route_args = (p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], k)
-    got_route = ext.route_forward(*route_args)
+    got_route = impl.route_forward(*route_args)
     want_route = ref.route_forward(*route_args)
     for name, got, want in zip(ROUTE_NAMES, got_route, want_route):
         assert got.dtype == want.dtype and got.shape == want.shape, name
@@ -76,26 +85,27 @@ def test_protocol_matches_reference(case, activation):
     logits, probs, weights, experts = got_route[:4]
     grads = random_like([logits, probs, weights], seed=1)
     back_args = (*grads, p["x"], p["task_ids"], p["gate_weight"], True, probs, weights, experts)
-    for got, want in zip(ext.route_backward(*back_args), ref.route_backward(*back_args)):
+    for got, want in zip(impl.route_backward(*back_args), ref.route_backward(*back_args)):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    no_bias = ext.route_backward(*back_args[:6], False, *back_args[7:])
+    no_bias = impl.route_backward(*back_args[:6], False, *back_args[7:])
     assert no_bias[2] is None
 
     args = expert_args(p, got_route, activation)
-    got_fwd = ext.experts_forward(*args)
+    got_fwd = impl.experts_forward(*args)
     want_fwd = ref.experts_forward(*args)
     for name, got, want in zip(("y", "h_pre", "expert_out"), got_fwd, want_fwd):
         assert got.dtype == want.dtype and got.shape == want.shape, name
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
     (grad_y,) = random_like([got_fwd[0]], seed=2)
-    got_bwd = ext.experts_backward(grad_y, *args, *got_fwd[1:])
+    got_bwd = impl.experts_backward(grad_y, *args, *got_fwd[1:])
     want_bwd = ref.experts_backward(grad_y, *args, *want_fwd[1:])
     for name, got, want in zip(EXPERT_GRAD_NAMES, got_bwd, want_bwd):
         assert got.dtype == want.dtype and got.shape == want.shape, name
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@NEEDS_C
 def test_sorted_slots_are_a_stable_sort_and_ties_go_low():
     # identical router rows for experts 1 and 3 of every task: all probabilities tie pairwise
     p = random_moe_inputs(50, 6, 4, 5, 3)
@@ -114,7 +124,9 @@ def test_sorted_slots_are_a_stable_sort_and_ties_go_low():
     assert torch.equal(offsets[1:], torch.cumsum(torch.bincount(flat, minlength=5), 0))
 
 
-def test_empty_batch():
+@pytest.mark.parametrize("backend", PROTOCOL_BACKENDS)
+def test_empty_batch(backend):
+    ext = backends.backend_module(backend)
     p = random_moe_inputs(0, 6, 5, 3, 2)
     route = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
     assert route[6].tolist() == [0, 0, 0, 0] and route[5].numel() == 0
@@ -125,6 +137,7 @@ def test_empty_batch():
     assert (grads[2] == 0).all() and (grads[5] == 0).all()
 
 
+@NEEDS_C
 def test_nan_propagates_and_experts_stay_in_range():
     p = random_moe_inputs(8, 6, 5, 4, 2)
     p["x"][3, 2] = float("nan")
@@ -167,6 +180,7 @@ class _CppMoE(torch.autograd.Function):
         return gx + rx, rgw, rgb, g1w, g1b, g2w, g2b, None, None, None
 
 
+@NEEDS_C
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_gradcheck_float64(activation):
     p = random_moe_inputs(7, 5, 3, 4, 3, activation=activation, dtype=torch.float64)
@@ -182,9 +196,11 @@ def test_gradcheck_float64(activation):
 # ---------------------------------------------------------------------------------------
 # Half precision (fp32 accumulation)
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", PROTOCOL_BACKENDS)
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_matches_fp32_reference(dtype, activation):
+def test_half_precision_matches_fp32_reference(dtype, activation, backend):
+    ext = backends.backend_module(backend)
     p, k = case_inputs("many_chunks", activation, dtype=dtype)
     p32 = {n: (t.float() if t.is_floating_point() else t) for n, t in p.items()}
     route = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], k)
@@ -235,6 +251,7 @@ ROUTE_MISUSE = [
 ]
 
 
+@NEEDS_C
 @pytest.mark.parametrize("override,message", ROUTE_MISUSE)
 def test_route_forward_misuse_raises(override, message):
     args = _route_args(**override)
@@ -268,6 +285,7 @@ EXPERT_MISUSE = [
 ]
 
 
+@NEEDS_C
 @pytest.mark.parametrize("override,message", EXPERT_MISUSE)
 def test_experts_misuse_raises(override, message):
     args = _expert_args(**override)
@@ -275,6 +293,7 @@ def test_experts_misuse_raises(override, message):
         _C.experts_forward(**args)
 
 
+@NEEDS_C
 def test_swiglu_needs_even_hidden():
     args = _expert_args()
     args["activation"] = "swiglu"  # fc1_w has H1 = 3 rows: odd
@@ -282,6 +301,7 @@ def test_swiglu_needs_even_hidden():
         _C.experts_forward(**args)
 
 
+@NEEDS_C
 def test_backward_misuse_raises():
     args = _expert_args()
     y, h_pre, expert_out = _C.experts_forward(**args)
@@ -306,8 +326,9 @@ def test_backward_misuse_raises():
 # ---------------------------------------------------------------------------------------
 # Through the public API: frozen inputs, activation checkpointing, no_grad
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", PROTOCOL_BACKENDS)
 @pytest.mark.parametrize("checkpointed", [False, True])
-def test_public_api_frozen_input_and_checkpointing(checkpointed):
+def test_public_api_frozen_input_and_checkpointing(checkpointed, backend):
     """x needing no grad while the experts do (a frozen backbone), and non-reentrant
     activation checkpointing (Python saved-tensor hooks active while the kernels run their
     worker threads: this once deadlocked), both equal to the torch backend."""
@@ -316,7 +337,7 @@ def test_public_api_frozen_input_and_checkpointing(checkpointed):
 
     p = random_moe_inputs(40, 16, 12, 4, 3)
     results = {}
-    for backend in ("torch", "cpp"):
+    for name in ("torch", backend):
         experts = {n: p[n].clone().requires_grad_(True) for n in ("fc1_w", "fc1_b", "fc2_w", "fc2_b")}
         x = p["x"].clone().requires_grad_(checkpointed)
 
@@ -325,13 +346,13 @@ def test_public_api_frozen_input_and_checkpointing(checkpointed):
             return mk.expert_mlp(x, r, experts["fc1_w"], experts["fc1_b"], experts["fc2_w"],
                                  experts["fc2_b"])
 
-        with mk.use_backend(backend):
+        with mk.use_backend(name):
             y = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
             y.square().sum().backward()
             with torch.no_grad():
                 torch.testing.assert_close(block(x), y.detach())
-        results[backend] = (y.detach(), {n: t.grad for n, t in experts.items()}, x.grad)
-    (y_c, g_c, gx_c), (y_t, g_t, gx_t) = results["cpp"], results["torch"]
+        results[name] = (y.detach(), {n: t.grad for n, t in experts.items()}, x.grad)
+    (y_c, g_c, gx_c), (y_t, g_t, gx_t) = results[backend], results["torch"]
     torch.testing.assert_close(y_c, y_t, atol=1e-5, rtol=1e-5)
     for name in g_t:
         torch.testing.assert_close(g_c[name], g_t[name], atol=1e-4, rtol=1e-4)

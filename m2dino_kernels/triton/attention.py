@@ -7,7 +7,10 @@ re-checks shapes.
 Layout of the work:
 - Every q/k tile is loaded as its two halves over head_dim, x1 = x[:, :d/2], x2 = x[:, d/2:],
   so rotate_half needs no in-register permutation:
-      x1' = x1 * cos1 - x2 * sin1,   x2' = x2 * cos2 + x1 * sin2       (in fp32)
+      x1' = x1 * cos - x2 * sin,   x2' = x2 * cos + x1 * sin       (in fp32)
+  with sin/cos the first half of each table: rotate-half RoPE turns the pair (i, i + d/2) by
+  one angle, so the tables' two halves are equal (DINOv3's are tiled twice) and each is read
+  once.
   and q'k'^T = q1' k1'^T + q2' k2'^T (two dots). Rows of the first `P` (prefix) tokens get
   cos = 1, sin = 0, i.e. they are not rotated. Rotated tiles are cast back to the input dtype
   before the dots, exactly like the PyTorch backends do before calling SDPA.
@@ -16,7 +19,12 @@ Layout of the work:
 - Backward: delta = rowsum(o * do); one kernel per key block accumulates dk', dv over all
   query blocks, one kernel per query block accumulates dq'; both recompute the probabilities
   from the saved logsumexp instead of storing them. The rotation's transpose maps dx' back to
-  dx:  dx1 = dx1' * cos1 + dx2' * sin2,  dx2 = dx2' * cos2 - dx1' * sin1.
+  dx:  dx1 = dx1' * cos + dx2' * sin,  dx2 = dx2' * cos - dx1' * sin.
+- Offsets: a program's base (batch * batch stride + head * head stride) is computed in int64
+  (a q view into a [B, N, 3, heads, d] qkv tensor has batch stride 3*N*heads*d, so B*N*3*D
+  passes 2**31 at ViT-L / 1029 tokens with a few hundred images); the offsets within one head
+  (tokens * token stride + columns) stay int32, which `int32_offset_problem` checks on the
+  host.
 - Keys and queries past N (N not a multiple of the block) are masked: loads give zeros,
   scores of missing keys are -inf, probabilities of missing rows/columns are zero.
 
@@ -79,16 +87,14 @@ _TUNE_KEY = ["N", "HEAD_DIM", "HAS_ROPE", "PREC"]
 
 
 @triton.jit
-def _load_rope_halves(sin_base, cos_base, stride_sn, rows, row_mask, P, half_cols,
-                      HALF: tl.constexpr):
-    """sin/cos halves for token rows; prefix rows (and rows past N) get sin 0, cos 1."""
+def _load_rope(sin_base, cos_base, stride_sn, rows, row_mask, P, half_cols):
+    """sin/cos (the first half of each table: both halves are equal) for token rows; prefix
+    rows (and rows past N) get sin 0, cos 1."""
     rotated = row_mask & (rows >= P)
     offs = (rows - P)[:, None] * stride_sn + half_cols[None, :]
-    sin1 = tl.load(sin_base + offs, mask=rotated[:, None], other=0.0)
-    sin2 = tl.load(sin_base + offs + HALF, mask=rotated[:, None], other=0.0)
-    cos1 = tl.load(cos_base + offs, mask=rotated[:, None], other=1.0)
-    cos2 = tl.load(cos_base + offs + HALF, mask=rotated[:, None], other=1.0)
-    return sin1, sin2, cos1, cos2
+    sin = tl.load(sin_base + offs, mask=rotated[:, None], other=0.0)
+    cos = tl.load(cos_base + offs, mask=rotated[:, None], other=1.0)
+    return sin, cos
 
 
 @triton.jit
@@ -99,12 +105,11 @@ def _load_rotated_halves(x_base, stride_n, rows, row_mask, half_cols, sin_base, 
     x1 = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
     x2 = tl.load(ptrs + HALF, mask=row_mask[:, None], other=0.0)
     if HAS_ROPE:
-        sin1, sin2, cos1, cos2 = _load_rope_halves(sin_base, cos_base, stride_sn, rows,
-                                                   row_mask, P, half_cols, HALF)
+        sin, cos = _load_rope(sin_base, cos_base, stride_sn, rows, row_mask, P, half_cols)
         x1f = x1.to(tl.float32)
         x2f = x2.to(tl.float32)
-        y1 = x1f * cos1 - x2f * sin1
-        y2 = x2f * cos2 + x1f * sin2
+        y1 = x1f * cos - x2f * sin
+        y2 = x2f * cos + x1f * sin
         x1 = y1.to(x_base.dtype.element_ty)
         x2 = y2.to(x_base.dtype.element_ty)
     return x1, x2
@@ -114,12 +119,11 @@ def _load_rotated_halves(x_base, stride_n, rows, row_mask, half_cols, sin_base, 
 def _store_unrotated_halves(out_base, stride_n, rows, row_mask, half_cols, g1, g2, sin_base,
                             cos_base, stride_sn, P, HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
     """Store the gradient w.r.t. x given the fp32 gradient w.r.t. the rotated x'
-    (the rotation's transpose: dx1 = g1*cos1 + g2*sin2, dx2 = g2*cos2 - g1*sin1)."""
+    (the rotation's transpose: dx1 = g1*cos + g2*sin, dx2 = g2*cos - g1*sin)."""
     if HAS_ROPE:
-        sin1, sin2, cos1, cos2 = _load_rope_halves(sin_base, cos_base, stride_sn, rows,
-                                                   row_mask, P, half_cols, HALF)
-        r1 = g1 * cos1 + g2 * sin2
-        r2 = g2 * cos2 - g1 * sin1
+        sin, cos = _load_rope(sin_base, cos_base, stride_sn, rows, row_mask, P, half_cols)
+        r1 = g1 * cos + g2 * sin
+        r2 = g2 * cos - g1 * sin
     else:
         r1 = g1
         r2 = g2
@@ -129,18 +133,30 @@ def _store_unrotated_halves(out_base, stride_n, rows, row_mask, half_cols, g1, g
 
 
 @triton.jit
+def _program_head(H):
+    """(pid_bh, b, h) of this program from grid axis 1 = batch * heads, in int64 so that the
+    products with the batch and head strides cannot wrap."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    return pid_bh, pid_bh // H, pid_bh % H
+
+
+@triton.jit
+def _head_offset(b, h, stride_b, stride_h):
+    """Element offset of head (b, h): int64 (b and h are)."""
+    return b * stride_b + h * stride_h
+
+
+@triton.jit
 def _head_bases(H, q_ptr, k_ptr, v_ptr, x_ptr, sin_ptr, cos_ptr, stride_qb, stride_qh,
                 stride_kb, stride_kh, stride_vb, stride_vh, stride_xb, stride_xh, stride_sb):
-    """Grid axis 1 is batch * heads: (pid_bh, b, h) of this program and the bases of its
-    head's q, k, v and x (the output in the forward, its gradient in the backward) and of
+    """Grid axis 1 is batch * heads: (pid_bh, b, h) of this program (int64) and the bases of
+    its head's q, k, v and x (the output in the forward, its gradient in the backward) and of
     its batch's sin/cos."""
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    x_base = x_ptr + b * stride_xb + h * stride_xh
+    pid_bh, b, h = _program_head(H)
+    q_base = q_ptr + _head_offset(b, h, stride_qb, stride_qh)
+    k_base = k_ptr + _head_offset(b, h, stride_kb, stride_kh)
+    v_base = v_ptr + _head_offset(b, h, stride_vb, stride_vh)
+    x_base = x_ptr + _head_offset(b, h, stride_xb, stride_xh)
     sin_base = sin_ptr + b * stride_sb
     cos_base = cos_ptr + b * stride_sb
     return pid_bh, b, h, q_base, k_base, v_base, x_base, sin_base, cos_base
@@ -232,16 +248,15 @@ def _attention_backward_delta_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta[row] = sum_d o[row, d] * do[row, d] in fp32 (the softmax backward's row term)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_bh, b, h = _program_head(H)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N
     dim_cols = tl.arange(0, HEAD_DIM)
-    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
+    o = tl.load(o_ptr + _head_offset(b, h, stride_ob, stride_oh) + rows[:, None] * stride_on
                 + dim_cols[None, :], mask=row_mask[:, None], other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_don
-                 + dim_cols[None, :], mask=row_mask[:, None], other=0.0)
+    do = tl.load(do_ptr + _head_offset(b, h, stride_dob, stride_doh)
+                 + rows[:, None] * stride_don + dim_cols[None, :], mask=row_mask[:, None],
+                 other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(delta_ptr + pid_bh * N + rows, delta, mask=row_mask)
 
@@ -289,7 +304,7 @@ def _attention_backward_dkdv_kernel(
         dk1 = tl.dot(ds_t, q1, dk1, input_precision=PREC)
         dk2 = tl.dot(ds_t, q2, dk2, input_precision=PREC)
 
-    g_off = b * stride_gb + h * stride_gh
+    g_off = _head_offset(b, h, stride_gb, stride_gh)
     tl.store(dv_ptr + g_off + cols[:, None] * stride_gn + dim_cols[None, :],
              dv.to(dv_ptr.dtype.element_ty), mask=col_mask[:, None])
     _store_unrotated_halves(dk_ptr + g_off, stride_gn, cols, col_mask, half_cols,
@@ -336,7 +351,7 @@ def _attention_backward_dq_kernel(
         dq1 = tl.dot(ds, k1, dq1, input_precision=PREC)
         dq2 = tl.dot(ds, k2, dq2, input_precision=PREC)
 
-    _store_unrotated_halves(dq_ptr + b * stride_gb + h * stride_gh, stride_gn, rows, row_mask,
+    _store_unrotated_halves(dq_ptr + _head_offset(b, h, stride_gb, stride_gh), stride_gn, rows, row_mask,
                             half_cols, dq1 * sm_scale, dq2 * sm_scale, sin_base, cos_base,
                             stride_sn, P, HALF, HAS_ROPE)
 
@@ -344,6 +359,36 @@ def _attention_backward_dq_kernel(
 # ---------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------
+INT32_LIMIT = 2 ** 31
+
+
+def int32_offset_problem(shape, *strides) -> "str | None":
+    """None when the offsets a program computes within one head fit int32 for tensors of
+    `shape` [B, heads, N, d] with the given strides (one tuple per tensor), else why not. The
+    head bases are int64 (see the module doc), so only one head's span matters:
+    (N - 1) * token stride + (d - 1) * column stride."""
+    _, _, n, d = shape
+    for stride in strides:
+        span = (n - 1) * stride[2] + (d - 1) * stride[3]
+        if span >= INT32_LIMIT:
+            return (f"attention backend 'triton' computes offsets within a head in int32: "
+                    f"shape {tuple(shape)} with strides {tuple(stride)} spans {span + 1} "
+                    f"elements per head (>= 2**31); use 'sdpa'")
+    return None
+
+
+def head_base_offset(shape, stride) -> int:
+    """The largest head base offset a program computes (in int64): (B-1)*batch stride +
+    (heads-1)*head stride."""
+    return (shape[0] - 1) * stride[0] + (shape[1] - 1) * stride[1]
+
+
+def _check_offsets(*tensors) -> None:
+    problem = int32_offset_problem(tensors[0].shape, *(t.stride() for t in tensors))
+    if problem:
+        raise ValueError(problem)
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     """Kernels take any batch/head/token strides but need unit stride over head_dim."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -375,6 +420,7 @@ def attention_forward(q, k, v, sin, cos, num_prefix_tokens: int):
     q, k, v: [B, H, N, d] of one dtype and device, d in SUPPORTED_HEAD_DIMS; sin/cos: None or
     contiguous fp32 [1 or B, N - num_prefix_tokens, d]."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    _check_offsets(q, k, v)
     batch, heads, n, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
@@ -396,6 +442,7 @@ def attention_forward(q, k, v, sin, cos, num_prefix_tokens: int):
 def attention_backward(grad_out, q, k, v, sin, cos, out, lse, num_prefix_tokens: int):
     """Backward of `attention_forward`: (dq, dk, dv), contiguous, in q's dtype."""
     grad_out, q, k, v = (_last_dim_contiguous(t) for t in (grad_out, q, k, v))
+    _check_offsets(q, k, v, grad_out)
     batch, heads, n, head_dim = q.shape
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     if dq.numel() == 0:

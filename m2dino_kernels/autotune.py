@@ -1,0 +1,338 @@
+"""The measured `auto` backend, like cuDNN's benchmark mode.
+
+On the device types it tunes (CUDA), the first call of an op for a key -- the device's name,
+the dtype, the op's sizes (MoE experts: activation, D, H, E, k; routing: D, E, k, tasks;
+attention: heads, N, head_dim, RoPE) and a power-of-two bucket of the token count (the batch
+for attention) -- runs every backend available for the device and dtype on that call's own
+inputs, forward and backward, compares each one's outputs and gradients with the library
+path's (grouped_mm for the MoE ops where it runs, else torch; sdpa for attention) within the
+dtype's tolerance, times forward+backward, and keeps the fastest that agrees for every later
+call with that key. A backend that raises or disagrees is excluded for that key with one
+warning naming it, the key and the error.
+
+Decisions live in memory and in `$M2DINO_CACHE/kernels-autotune.json` (default cache folder
+~/.cache/m2dino), written atomically (a temporary file in the same folder, then os.replace),
+merged with what other processes wrote meanwhile, and only read back when written by the same
+torch version. A file that cannot be parsed is ignored with a warning (and rewritten at the
+next decision).
+
+M2DINO_KERNELS_AUTOTUNE=0 turns measurement off: `auto` is then the library path. Under
+torch.compile tracing `auto` uses a decision already in memory, else the library path; it
+never measures there. Device types that are not tuned (CPU by default) keep backends.py's
+fixed rule. `TUNER` is the process's tuner; tests install their own (e.g. one that tunes CPU
+with a candidate list of their choosing).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+ENV_VAR = "M2DINO_KERNELS_AUTOTUNE"
+CACHE_NAME = "kernels-autotune.json"
+FORMAT = 1
+# (atol relative to the reference's largest magnitude, rtol) per dtype: what different
+# accumulation orders and roundings of a correct kernel stay within. fp32 allows for TF32.
+TOLERANCE = {
+    torch.float64: (1e-8, 1e-8),
+    torch.float32: (2e-3, 2e-3),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (6e-2, 6e-2),
+}
+
+
+def cache_dir() -> Path:
+    """$M2DINO_CACHE, default ~/.cache/m2dino (the same folder as m2dino's own cache)."""
+    return Path(os.environ.get("M2DINO_CACHE") or Path.home() / ".cache" / "m2dino")
+
+
+def token_bucket(n: int) -> int:
+    """The power of two at or above n (n >= 1): calls within a factor of two share a
+    decision."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+_DEVICE_NAMES: dict = {}
+
+
+def device_name(device: torch.device) -> str:
+    key = (device.type, device.index)
+    if key not in _DEVICE_NAMES:
+        _DEVICE_NAMES[key] = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                              else device.type)
+    return _DEVICE_NAMES[key]
+
+
+# ---------------------------------------------------------------------------------------
+# Comparing a candidate with the reference
+# ---------------------------------------------------------------------------------------
+def mismatch(name: str, got: Optional[torch.Tensor], want: Optional[torch.Tensor],
+             dtype: torch.dtype) -> Optional[str]:
+    """None when `got` agrees with `want` within the tolerance of `dtype`, else why not."""
+    if want is None or got is None:
+        return None if got is None and want is None else f"{name}: one side is missing"
+    if tuple(got.shape) != tuple(want.shape):
+        return f"{name}: shape {list(got.shape)}, expected {list(want.shape)}"
+    if got.dtype != want.dtype:
+        return f"{name}: dtype {got.dtype}, expected {want.dtype}"
+    if want.numel() == 0:
+        return None
+    if not want.is_floating_point():
+        return None if torch.equal(got, want) else f"{name}: integer values differ"
+    g, w = got.double(), want.double()
+    for what, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        if not torch.equal(test(g), test(w)):
+            return f"{name}: {what} in different places"
+    finite = torch.isfinite(w)
+    g, w = g[finite], w[finite]
+    if w.numel() == 0:
+        return None
+    atol, rtol = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
+    scale = max(float(w.abs().max()), 1.0)
+    diff = (g - w).abs()
+    if bool((diff > atol * scale + rtol * w.abs()).any()):
+        return (f"{name}: max |difference| {float(diff.max()):.3g} exceeds the {dtype} "
+                f"tolerance (atol {atol:g} x {scale:.3g} + rtol {rtol:g})")
+    return None
+
+
+class Trial:
+    """One timed, checked run per candidate on a call's inputs.
+
+    run(name) -> tuple of tensors (outputs then gradients; None entries allowed), the
+    forward+backward of backend `name`. check(name, got, want) -> None or a message (default:
+    every entry within the tolerance of `dtype`, `names` label them)."""
+
+    def __init__(self, run: Callable[[str], Sequence], names: Sequence[str], dtype,
+                 device: torch.device, check: Optional[Callable] = None):
+        self.run = run
+        self.names = tuple(names)
+        self.dtype = dtype
+        self.device = device
+        self._check = check
+
+    def check(self, name: str, got: Sequence, want: Sequence) -> Optional[str]:
+        if self._check is not None:
+            return self._check(got, want)
+        if len(got) != len(want):
+            return f"returned {len(got)} tensors, expected {len(want)}"
+        for label, g, w in zip(self.names, got, want):
+            problem = mismatch(label, g, w, self.dtype)
+            if problem:
+                return problem
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# The tuner
+# ---------------------------------------------------------------------------------------
+def _first_line(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".strip()
+    return text.splitlines()[0][:300]
+
+
+class Autotuner:
+    """Measured backend decisions per key, in memory and in the JSON cache file.
+
+    device_types: the device types whose `auto` is measured (default CUDA only).
+    candidates: None (every backend the caller lists) or callable(op, device_type, dtype,
+        names) -> the names to try (tests inject backends of their own here).
+    enabled: None reads M2DINO_KERNELS_AUTOTUNE (anything but "0" is on).
+    path: the cache file (default $M2DINO_CACHE/kernels-autotune.json, read when first
+        needed). repeats: timed runs per candidate after the checked one (the fastest counts).
+    """
+
+    def __init__(self, device_types=("cuda",), candidates=None, enabled=None, path=None,
+                 repeats: int = 3):
+        self.device_types = frozenset(device_types)
+        self.candidates = candidates
+        self.enabled = (os.environ.get(ENV_VAR, "1") != "0") if enabled is None else enabled
+        self._path = None if path is None else Path(path)
+        self.repeats = repeats
+        self._memory: dict = {}    # in-process key (tuple) -> backend name
+        self._entries: Optional[dict] = None  # file key (str) -> entry, loaded lazily
+        self._warned_write = False
+
+    # -- the cache file ---------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        return self._path if self._path is not None else cache_dir() / CACHE_NAME
+
+    def _read_file(self) -> dict:
+        path = self.path
+        try:
+            text = path.read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        except OSError as err:
+            warnings.warn(f"m2dino_kernels autotune: cannot read {path} ({err}); measuring "
+                          "again", RuntimeWarning, stacklevel=4)
+            return {}
+        try:
+            payload = json.loads(text)
+            if not isinstance(payload, dict) or not isinstance(payload.get("decisions"), dict):
+                raise ValueError("no 'decisions' table")
+            for key, entry in payload["decisions"].items():
+                if not isinstance(entry, dict) or not isinstance(entry.get("backend"), str):
+                    raise ValueError(f"entry {key!r} has no backend name")
+        except ValueError as err:  # json.JSONDecodeError is a ValueError
+            warnings.warn(f"m2dino_kernels autotune: ignoring the corrupt cache file {path} "
+                          f"({err}); it is rewritten at the next decision", RuntimeWarning,
+                          stacklevel=4)
+            return {}
+        if payload.get("format") != FORMAT or payload.get("torch") != torch.__version__:
+            return {}  # written by another version: its timings need not hold
+        return payload["decisions"]
+
+    def entries(self) -> dict:
+        """The decisions of the cache file (file key -> entry), read once."""
+        if self._entries is None:
+            self._entries = self._read_file()
+        return self._entries
+
+    def _save(self, file_key: str, entry: dict) -> None:
+        self.entries()[file_key] = entry
+        path = self.path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            merged = {**self._read_file_quietly(), **self._entries}
+            payload = {"format": FORMAT, "torch": torch.__version__, "decisions": merged}
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(payload, handle, indent=1, sort_keys=True)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as err:
+            if not self._warned_write:
+                self._warned_write = True
+                warnings.warn(f"m2dino_kernels autotune: cannot write {path} ({err}); "
+                              "decisions are kept in memory only", RuntimeWarning,
+                              stacklevel=4)
+
+    def _read_file_quietly(self) -> dict:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self._read_file()
+
+    def clear(self) -> None:
+        """Forget the in-memory decisions (the file stays)."""
+        self._memory.clear()
+        self._entries = None
+
+    # -- deciding ---------------------------------------------------------------------
+    def applies_to(self, device_type: str) -> bool:
+        return self.enabled and device_type in self.device_types
+
+    def remembered(self, key: tuple) -> Optional[str]:
+        """The in-memory decision for `key` (a plain dict read: safe under tracing)."""
+        return self._memory.get(key)
+
+    def choose(self, key: tuple, file_key: Callable[[], str], names: Sequence[str],
+               references: Sequence[str], make_trial: Callable[[], Trial],
+               default: str) -> str:
+        """The backend for `key`: remembered, else read from the cache file, else measured.
+
+        names: the candidates (backends available for the device and dtype); references:
+        the backends to compare with, in order of preference (the first that runs);
+        make_trial: builds the Trial on the call's inputs (only when measuring); default:
+        what to use when nothing can be measured."""
+        found = self._memory.get(key)
+        if found is not None:
+            return found
+        if torch.compiler.is_compiling():
+            return default
+        op, device_type, dtype = key[0], key[1], key[3]
+        names = list(names)
+        if self.candidates is not None:
+            names = list(self.candidates(op, device_type, dtype, names))
+        fkey = file_key()
+        entry = self.entries().get(fkey)
+        if entry is not None and entry["backend"] in names:
+            self._memory[key] = entry["backend"]
+            return entry["backend"]
+        entry = self._measure(fkey, names, references, make_trial())
+        if entry is None:
+            return default
+        self._memory[key] = entry["backend"]
+        self._save(fkey, entry)
+        return entry["backend"]
+
+    def _measure(self, fkey: str, names, references, trial: Trial) -> Optional[dict]:
+        want, reference = None, None
+        for ref in list(references) + [n for n in names if n not in references]:
+            try:
+                want = trial.run(ref)
+                reference = ref
+                break
+            except Exception as err:  # noqa: BLE001 (any failure excludes it)
+                warnings.warn(f"m2dino_kernels autotune: reference backend {ref!r} failed for "
+                              f"{fkey}: {_first_line(err)}", RuntimeWarning, stacklevel=5)
+        if reference is None:
+            return None
+        times, excluded = {}, {}
+        for name in names:
+            try:
+                got = want if name == reference else trial.run(name)
+                problem = None if name == reference else trial.check(name, got, want)
+                if problem is not None:
+                    raise AssertionError(f"disagrees with {reference!r}: {problem}")
+                times[name] = self._time(trial, name)
+            except Exception as err:  # noqa: BLE001
+                excluded[name] = _first_line(err)
+                warnings.warn(f"m2dino_kernels autotune: backend {name!r} excluded for {fkey}: "
+                              f"{excluded[name]}", RuntimeWarning, stacklevel=5)
+        if not times:
+            return None
+        best = min(times, key=times.get)
+        return {"backend": best, "reference": reference,
+                "ms": {n: round(t * 1e3, 4) for n, t in sorted(times.items())},
+                "excluded": excluded}
+
+    def _time(self, trial: Trial, name: str) -> float:
+        best = math.inf
+        for _ in range(max(1, self.repeats)):
+            synchronize(trial.device)
+            start = time.perf_counter()
+            trial.run(name)
+            synchronize(trial.device)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+
+TUNER = Autotuner()
+
+
+def format_key(op: str, device: torch.device, dtype: torch.dtype, fields: dict) -> str:
+    """The cache file's key: op, device name, dtype and the fields, as readable text."""
+    parts = [op, device_name(device), str(dtype).replace("torch.", "")]
+    parts += [f"{k}={v}" for k, v in fields.items()]
+    return "|".join(parts)
+
+
+def decide(op: str, device: torch.device, dtype: torch.dtype, fields: dict, names,
+           references, make_trial: Callable[[], Trial], default: str) -> str:
+    """The measured backend for this call (TUNER's decision; `default` where it does not
+    tune). fields: the key's sizes, in order, the token bucket included."""
+    tuner = TUNER
+    if not tuner.applies_to(device.type):
+        return default
+    key = (op, device.type, device.index, dtype, *fields.values())
+    return tuner.choose(key, lambda: format_key(op, device, dtype, fields), names, references,
+                        make_trial, default)

@@ -1,0 +1,295 @@
+"""The measured `auto` backend (m2dino_kernels.autotune), exercised on CPU: the process tuner
+measures CUDA only, so these tests install tuners that tune CPU over CPU backends. A
+deliberately wrong and a raising backend registered here are excluded with one warning each;
+decisions round-trip through the JSON cache file; a corrupt file is ignored with a warning;
+torch.compile tracing never measures; M2DINO_KERNELS_AUTOTUNE=0 and the CPU default keep the
+fixed rule. A GPU test measures on CUDA."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+import m2dino_kernels as mk
+from m2dino_kernels import autotune, backends
+from m2dino_kernels import reference as ref
+from m2dino_kernels.attention import attention
+from moe_inputs import random_moe_inputs
+
+CPU_MOE = [b for b in ("torch", "cpp", "grouped_mm") if b in mk.available_backends("cpu")]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """M2DINO_CACHE in a temporary folder; the path of the autotune file there."""
+    monkeypatch.setenv("M2DINO_CACHE", str(tmp_path))
+    return tmp_path / autotune.CACHE_NAME
+
+
+def install(monkeypatch, **options):
+    """A tuner measuring CPU calls (attention and MoE ops), installed as the process's."""
+    tuner = autotune.Autotuner(device_types=("cpu",), repeats=1, **options)
+    monkeypatch.setattr(autotune, "TUNER", tuner)
+    return tuner
+
+
+def moe_call(p, activation="gelu", top_k=2):
+    leaves = {n: t.clone().requires_grad_(True) for n, t in p.items() if t.is_floating_point()}
+    with mk.use_backend("auto"):
+        routing = mk.task_topk_route(leaves["x"], p["task_ids"], leaves["gate_weight"],
+                                     leaves["gate_bias"], top_k=top_k)
+        y = mk.expert_mlp(leaves["x"], routing, leaves["fc1_w"], leaves["fc1_b"],
+                          leaves["fc2_w"], leaves["fc2_b"], activation=activation)
+    y.square().sum().backward()
+    return y.detach(), {n: t.grad for n, t in leaves.items()}
+
+
+def _register(monkeypatch, name, module):
+    """A backend `name` implemented by `module`, for the duration of a test."""
+    monkeypatch.setitem(sys.modules, f"m2dino_test_backend_{name}", module)
+    monkeypatch.setitem(backends._BACKEND_MODULES, name, f"m2dino_test_backend_{name}")
+    monkeypatch.setitem(backends.BACKEND_DTYPES, name, (torch.float32,))
+
+
+def _wrong_module():
+    """The reference with experts that are 10% off: fast enough to be chosen if trusted."""
+    module = types.ModuleType("wrong")
+    module.route_forward = ref.route_forward
+    module.route_backward = ref.route_backward
+
+    def experts_forward(*args):
+        y, h_pre, expert_out = ref.experts_forward(*args)
+        return y * 1.1, h_pre, expert_out
+
+    module.experts_forward = experts_forward
+    module.experts_backward = ref.experts_backward
+    return module
+
+
+def _raising_module():
+    module = types.ModuleType("broken")
+    module.route_forward = ref.route_forward
+    module.route_backward = ref.route_backward
+
+    def experts_forward(*args):
+        raise RuntimeError("kernel exploded on purpose")
+
+    module.experts_forward = experts_forward
+    module.experts_backward = ref.experts_backward
+    return module
+
+
+def test_token_bucket_is_the_power_of_two_above():
+    assert [autotune.token_bucket(n) for n in (1, 2, 3, 4, 5, 12864, 16384)] == [
+        1, 2, 4, 4, 8, 16384, 16384]
+
+
+def test_default_tuner_measures_cuda_only_and_cpu_auto_is_unchanged():
+    tuner = autotune.Autotuner()
+    assert tuner.device_types == frozenset({"cuda"})
+    assert not tuner.applies_to("cpu")
+    expected = "cpp" if "cpp" in mk.available_backends("cpu") else "torch"
+    assert backends.resolve_backend("cpu", "auto") == expected
+
+
+def test_environment_variable_turns_measurement_off(monkeypatch):
+    monkeypatch.setenv(autotune.ENV_VAR, "0")
+    assert not autotune.Autotuner(device_types=("cpu",)).applies_to("cpu")
+    monkeypatch.setenv(autotune.ENV_VAR, "1")
+    assert autotune.Autotuner(device_types=("cpu",)).applies_to("cpu")
+
+
+def test_measures_once_per_key_and_uses_the_choice(cache, monkeypatch):
+    tuner = install(monkeypatch)
+    measured = []
+    original = tuner._measure
+    monkeypatch.setattr(tuner, "_measure", lambda *a: measured.append(a[0]) or original(*a))
+    p = random_moe_inputs(40, 16, 12, 4, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every CPU backend agrees: no warning
+        y, grads = moe_call(p)
+    assert len(measured) == 2  # one routing key, one expert key
+    assert measured[0].startswith("task_topk_route|cpu|float32|D=16|E=4|k=2|tasks=5|T=64")
+    assert measured[1] == "expert_mlp|cpu|float32|activation=gelu|D=16|H=12|E=4|k=2|T=64"
+    # same key (40 and 50 tokens share the bucket 64): no new measurement
+    moe_call(random_moe_inputs(50, 16, 12, 4, 5, seed=1))
+    assert len(measured) == 2
+    moe_call(random_moe_inputs(40, 16, 12, 4, 5, activation="swiglu"), activation="swiglu")
+    assert len(measured) == 3
+    # the result is the chosen backend's, which agrees with the reference
+    decisions = json.loads(cache.read_text())["decisions"]
+    chosen = decisions[measured[1]]["backend"]
+    assert chosen in mk.available_backends("cpu")
+    assert set(decisions[measured[1]]["ms"]) == set(mk.available_backends("cpu"))  # all measured
+    leaves = {n: t.clone().requires_grad_(True) for n, t in p.items() if t.is_floating_point()}
+    with mk.use_backend("torch"):
+        r = mk.task_topk_route(leaves["x"], p["task_ids"], leaves["gate_weight"],
+                               leaves["gate_bias"], top_k=2)
+        y_ref = mk.expert_mlp(leaves["x"], r, leaves["fc1_w"], leaves["fc1_b"],
+                              leaves["fc2_w"], leaves["fc2_b"])
+    torch.testing.assert_close(y, y_ref.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_wrong_and_raising_backends_are_excluded_with_one_warning(cache, monkeypatch):
+    _register(monkeypatch, "wrong", _wrong_module())
+    _register(monkeypatch, "broken", _raising_module())
+    install(monkeypatch, candidates=lambda op, device_type, dtype, names: [
+        *names, "wrong", "broken"])
+    p = random_moe_inputs(40, 16, 12, 4, 5)
+    key = "expert_mlp|cpu|float32|activation=gelu|D=16|H=12|E=4|k=2|T=64"
+    reference = "grouped_mm" if "grouped_mm" in CPU_MOE else "torch"
+    with pytest.warns(RuntimeWarning) as record:
+        y, _ = moe_call(p)
+    messages = [str(w.message) for w in record if "autotune" in str(w.message)]
+    assert len(messages) == 2, messages
+    assert any(f"backend 'wrong' excluded for {key}: AssertionError: disagrees with "
+               f"{reference!r}: y: max |difference|" in m for m in messages), messages
+    assert any(f"backend 'broken' excluded for {key}: RuntimeError: kernel exploded on "
+               "purpose" in m for m in messages), messages
+    entry = json.loads(cache.read_text())["decisions"][key]
+    assert entry["backend"] in mk.available_backends("cpu") and set(entry["excluded"]) == {"wrong", "broken"}
+    with warnings.catch_warnings():  # decided: no second warning, no second measurement
+        warnings.simplefilter("error")
+        y_again, _ = moe_call(p)
+    torch.testing.assert_close(y_again, y)
+
+
+def test_decisions_round_trip_through_the_cache_file(cache, monkeypatch):
+    install(monkeypatch)
+    p = random_moe_inputs(40, 16, 12, 4, 5)
+    moe_call(p)
+    payload = json.loads(cache.read_text())
+    assert payload["format"] == autotune.FORMAT and payload["torch"] == torch.__version__
+    assert not list(cache.parent.glob(".*.tmp"))  # written atomically, no leftovers
+    # a fresh process (a new tuner) reads the decisions instead of measuring; pin them to
+    # "torch" to see that the file is what decides
+    for entry in payload["decisions"].values():
+        entry["backend"] = "torch"
+    cache.write_text(json.dumps(payload))
+    tuner = install(monkeypatch)
+    monkeypatch.setattr(tuner, "_measure", lambda *a: pytest.fail("measured again"))
+    seen = []
+    real = backends.backend_module
+    monkeypatch.setattr(backends, "backend_module", lambda name: seen.append(name) or real(name))
+    moe_call(p)
+    assert set(seen) == {"torch"}
+    # a file from another torch version is not trusted: measured again
+    payload["torch"] = "0.0.0"
+    cache.write_text(json.dumps(payload))
+    tuner = install(monkeypatch)
+    assert tuner.entries() == {}
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": 1, "decisions": []}',
+                                     '{"decisions": {"k": {"ms": 1}}}'])
+def test_a_corrupt_cache_file_is_ignored_with_a_warning(cache, monkeypatch, content):
+    cache.write_text(content)
+    install(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="ignoring the corrupt cache file"):
+        moe_call(random_moe_inputs(40, 16, 12, 4, 5))
+    assert json.loads(cache.read_text())["decisions"]  # rewritten, valid
+
+
+def test_unwritable_cache_keeps_decisions_in_memory(tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    monkeypatch.setenv("M2DINO_CACHE", str(blocker))
+    tuner = install(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="decisions are kept in memory only"):
+        moe_call(random_moe_inputs(40, 16, 12, 4, 5))
+    assert len(tuner._memory) == 2
+
+
+def test_disabled_tuner_and_other_selections_keep_the_fixed_rule(cache, monkeypatch):
+    tuner = install(monkeypatch, enabled=False)
+    monkeypatch.setattr(tuner, "_measure", lambda *a: pytest.fail("measured while off"))
+    moe_call(random_moe_inputs(40, 16, 12, 4, 5))
+    tuner = install(monkeypatch)
+    monkeypatch.setattr(tuner, "_measure", lambda *a: pytest.fail("measured a fixed backend"))
+    p = random_moe_inputs(40, 16, 12, 4, 5)
+    with mk.use_backend("torch"):
+        mk.task_topk_route(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], top_k=2)
+    assert not cache.exists()
+
+
+def test_torch_compile_never_measures(cache, monkeypatch):
+    tuner = install(monkeypatch)
+    monkeypatch.setattr(tuner, "_measure", lambda *a: pytest.fail("measured while tracing"))
+    p = random_moe_inputs(12, 8, 6, 4, 3)
+    ops = []
+
+    def block(x):
+        r = mk.task_topk_route(x, p["task_ids"], p["gate_weight"], p["gate_bias"], top_k=2)
+        return mk.expert_mlp(x, r, p["fc1_w"], p["fc1_b"], p["fc2_w"], p["fc2_b"])
+
+    def spy(gm, example_inputs):
+        ops.extend(node.args for node in gm.graph.nodes if "m2dino" in str(node.target))
+        return gm
+
+    torch._dynamo.reset()
+    with mk.use_backend("auto"):
+        torch.compile(block, fullgraph=True, backend=spy)(p["x"])
+    default = backends.resolve_backend("cpu", "auto")
+    assert [args[-2] for args in ops] == [default, default]  # (backend, check flag) last
+    # a decision already in memory is used under tracing
+    tuner._memory[("expert_mlp", "cpu", None, torch.float32, "gelu", 8, 6, 4, 2, 16)] = "torch"
+    ops.clear()
+    torch._dynamo.reset()
+    with mk.use_backend("auto"):
+        torch.compile(block, fullgraph=True, backend=spy)(p["x"])
+    assert ops[-1][-2] == "torch"
+    assert ops[0][-2] == default  # the routing key was never decided
+
+
+def test_routing_near_ties_are_not_disagreements():
+    """A backend that breaks an exact tie the other way is still correct."""
+    p = random_moe_inputs(6, 4, 3, 4, 2)
+    gate = torch.zeros(2, 4, 4)  # every probability equal: any 2 experts are a top-2
+    out = ref.route_forward(p["x"], p["task_ids"], gate, None, 2)
+    flipped = list(out)
+    flipped[3] = out[3].flip(1).contiguous() + 2  # experts 2, 3 instead of 0, 1
+    counts, sorted_slots, offsets = ref.sort_slots_by_expert(flipped[3], 4)
+    flipped[4:7] = counts, sorted_slots, offsets
+    grads = ref.route_backward(torch.zeros(6, 4), torch.zeros(6, 4), torch.ones(6, 2),
+                               p["x"], p["task_ids"], gate, False, out[1], out[2], out[3])
+    from m2dino_kernels.moe import _route_mismatch
+
+    assert _route_mismatch(tuple(flipped) + grads, tuple(out) + grads, 2, torch.float32) is None
+    bad = list(flipped)
+    bad[5] = sorted_slots.flip(0)
+    assert "stable sort" in _route_mismatch(tuple(bad) + grads, tuple(out) + grads, 2,
+                                            torch.float32)
+
+
+def test_attention_auto_measures_sdpa_against_triton(cache, monkeypatch):
+    install(monkeypatch)
+    q, k, v = (torch.randn(2, 2, 13, 32) for _ in range(3))
+    out = attention(q, k, v, backend="auto")
+    entry = json.loads(cache.read_text())["decisions"]
+    (key, decision), = entry.items()
+    assert key == "attention|cpu|float32|B=2|heads=2|N=13|head_dim=32|rope=False"
+    expected = {"sdpa", "triton"} if "triton" in mk.available_backends("cpu") else {"sdpa"}
+    assert set(decision["ms"]) == expected and decision["reference"] == "sdpa"
+    torch.testing.assert_close(out, attention(q, k, v, backend="reference"), atol=1e-5,
+                               rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_auto_measures_every_backend(cache, monkeypatch, dtype):
+    tuner = autotune.Autotuner(repeats=2)
+    monkeypatch.setattr(autotune, "TUNER", tuner)
+    p = {n: t.cuda() for n, t in random_moe_inputs(2048, 64, 128, 8, 27, dtype=dtype).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every CUDA backend agrees with grouped_mm
+        moe_call(p)
+    decisions = json.loads(cache.read_text())["decisions"]
+    experts = next(e for k, e in decisions.items() if k.startswith("expert_mlp|"))
+    names = [b for b in mk.available_backends("cuda") if dtype in backends.BACKEND_DTYPES[b]]
+    assert set(experts["ms"]) == set(names) and not experts["excluded"]
+    assert experts["reference"] == ("grouped_mm" if "grouped_mm" in names else "torch")
