@@ -214,6 +214,13 @@ def _num_classes(task_type: str, entry: dict, values: dict) -> int:
     return len(values["errors"][0]) if task_type == "regression" else 1
 
 
+def _seed_spread(values) -> float:
+    """Standard deviation across seeds (ddof 1) of the finite values; NaN with fewer than two
+    (a metric undefined in some seeds, e.g. HD of an empty mask)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+
+
 def _paradigm_result(task_id: str, fact: dict, reps: dict, scored: dict | None, training: dict) -> dict:
     """A task under one paradigm: metrics pooled over the seed replicates, with intervals."""
     primary = fact["primary_metric"]
@@ -223,7 +230,7 @@ def _paradigm_result(task_id: str, fact: dict, reps: dict, scored: dict | None, 
         values = [as_float(e["metrics"].get(name)) for e in reps.values()]
         metrics[name] = nanmean(values)
         if len(values) > 1:
-            spread[name] = float(np.nanstd(values, ddof=1))
+            spread[name] = _seed_spread(values)
         if scored:
             dists = [scored[rep][name]["distribution"] for rep in reps]
             intervals[name] = (pooled(dists, values, seed=task_seed(BOOTSTRAP_SEED, f"{task_id}/{name}"))["ci"]
@@ -258,7 +265,7 @@ def _change_vs_ts(fact, reps, ts_reps, scored, ts_scored, level, task_id) -> tup
                                       nanmean([as_float(e["metrics"].get(name)) for e in ts_reps.values()]), name)]
         change[name] = nanmean(values)
         if len(values) > 1:
-            spread[name] = float(np.nanstd(values, ddof=1))
+            spread[name] = _seed_spread(values)
         if scored and ts_scored and paired:
             dists = [change_vs_reference(scored[r][name]["distribution"], ts_scored[r][name]["distribution"], name)
                      for r in paired]
