@@ -340,8 +340,8 @@ def probs_table(probs) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, 0))
 
 
-def evaluate_predictions(predictions: Sequence[Mapping], ground_truth: Sequence[Mapping], tasks=None) -> dict[str, dict[str, float]]:
-    """{task_id: {metric: value}} from parallel lists of per-sample predictions and ground truth.
+def values_by_task(predictions: Sequence[Mapping], ground_truth: Sequence[Mapping], tasks=None) -> dict[str, dict[str, list]]:
+    """{task_id: per_image_values} from parallel lists of per-sample predictions and ground truth.
 
     Every ground-truth dict names its task under "task" (predictions may too; they must
     agree). `tasks`: TaskSpecs (list or {task_id: spec}); default the registry.
@@ -356,13 +356,20 @@ def evaluate_predictions(predictions: Sequence[Mapping], ground_truth: Sequence[
             raise ValueError(f"evaluate_predictions: sample {i} predicted for task {pred['task']!r} but its ground truth is {task_id!r}")
         by_task[task_id][0].append(pred)
         by_task[task_id][1].append(gt)
-    results = {}
+    values = {}
     for task_id, (preds, gts) in by_task.items():
         if task_id not in table:
             raise KeyError(f"evaluate_predictions: unknown task {task_id!r}; pass its TaskSpec in tasks=")
         spec = table[task_id]
-        results[task_id] = score_task(spec.task_type, spec.num_classes, preds, gts)
-    return results
+        values[task_id] = per_image_values(spec.task_type, spec.num_classes, preds, gts)
+    return values
+
+
+def evaluate_predictions(predictions: Sequence[Mapping], ground_truth: Sequence[Mapping], tasks=None) -> dict[str, dict[str, float]]:
+    """{task_id: {metric: value}}: `metrics_from_values` of each task's `values_by_task`."""
+    table = task_table(tasks)
+    return {task_id: metrics_from_values(table[task_id].task_type, table[task_id].num_classes, values)
+            for task_id, values in values_by_task(predictions, ground_truth, table).items()}
 
 
 def average_by_task_type(task_metrics: Mapping[str, Mapping[str, float]], tasks=None) -> dict[str, dict[str, float]]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +37,9 @@ from torch.utils.data import DataLoader
 from m2dino import io
 from m2dino.data import FMUIADataset, MultiTaskBatchSampler, collate
 from m2dino.evaluation.baselines import training_mean
-from m2dino.evaluation.bootstrap import (BOOTSTRAP_SEED, PER_IMAGE_FILE, bootstrap_settings, bootstrap_task,
-                                         metrics_from_values, per_image_values, task_seed)
+from m2dino.evaluation.bootstrap import BOOTSTRAP_SEED, PER_IMAGE_FILE, bootstrap_settings, bootstrap_task, task_seed
 from m2dino.evaluation.ground_truth import ground_truth_from_record
-from m2dino.evaluation.metrics import higher_is_better
+from m2dino.evaluation.metrics import higher_is_better, metrics_from_values, values_by_task
 from m2dino.models.m2dino import create_model, save_model
 from m2dino.tasks import TaskSpec
 from m2dino.training import checkpoint as ckpt
@@ -345,16 +343,11 @@ class ModelTrainer:
             predictions.extend(self.model.postprocess(outputs, batch["orig_sizes"]))
         routing = {int(k): v.cpu().tolist() for k, v in self.model.expert_usage().items()}
         model.train(was_training)
-        by_task = defaultdict(lambda: ([], []))
-        for prediction, truth in zip(predictions, self.val_truth()):
-            by_task[truth["task"]][0].append(prediction)
-            by_task[truth["task"]][1].append(truth)
-        self.last_values, metrics = {}, {}
-        for task_id, (preds, truths) in sorted(by_task.items()):
-            spec = self.task_table[task_id]
-            values = per_image_values(spec.task_type, spec.num_classes, preds, truths)  # keyed by image_path
-            self.last_values[task_id] = values
-            metrics[task_id] = metrics_from_values(spec.task_type, spec.num_classes, values)
+        # per-image values keyed by image_path
+        self.last_values = dict(sorted(values_by_task(predictions, self.val_truth(), self.task_table).items()))
+        metrics = {task_id: metrics_from_values(self.task_table[task_id].task_type,
+                                                self.task_table[task_id].num_classes, values)
+                   for task_id, values in self.last_values.items()}
         return metrics, routing
 
     def uncertainty(self, values: dict[str, dict]) -> dict[str, dict[str, list]]:
@@ -465,7 +458,7 @@ class ModelTrainer:
                 now = time.perf_counter()
                 progress.train_seconds += now - clock
                 clock = now
-                rate = images_seen * dist_utils.world_size() / max(1e-9, time.perf_counter() - t0)
+                rate = images_seen * dist_utils.world_size() / max(1e-9, now - t0)
                 if bar is not None:
                     bar.update(1)
                     if outcome.get("loss") is not None:
@@ -519,7 +512,8 @@ class ModelTrainer:
         # all-reduce: the skip decision below agrees across ranks without another collective.
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        grads = [p.grad for p in params if p.grad is not None]
+        with_grad = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in with_grad]
         grad_norm = _total_norm(grads, self.device)
         loss_value, norm_value = host_values(loss, grad_norm)
         bad_reason = None
@@ -537,7 +531,7 @@ class ModelTrainer:
             return {"bad": bad_reason, "bad_in_row": progress.bad_in_row, "bad_total": progress.bad_total,
                     "loss": _finite_or_none(loss_value), "local_loss": loss.detach()}
         if c.grad_clip > 0 and grads:
-            torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], c.grad_clip, grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(with_grad, c.grad_clip, grad_norm)
         scaler.step(optimizer)
         scaler.update()
         progress.bad_in_row = 0
