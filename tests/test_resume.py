@@ -87,3 +87,21 @@ def test_checkpoint_errors_name_the_problem(suite, tmp_path, tiny_config):
     (last / ckpt.TRAIN_STATE).write_bytes(data[: len(data) // 2])
     with pytest.raises(ckpt.CheckpointError, match="train_state.pt"):
         ckpt.read_train_state(last)
+
+
+@pytest.mark.parametrize("seconds, saves", [(0, 4), (1e9, 2)])
+def test_epoch_checkpoints_follow_checkpoint_seconds(suite, tmp_path, monkeypatch, tiny_config, seconds, saves):
+    """3 epochs: --checkpoint-seconds 0 saves at the start, after epochs 1 and 2, and at the
+    end; a long interval leaves only the start and the end (the final state is always saved)."""
+    steps = []
+    real_save = ckpt.save_checkpoint
+
+    def counting_save(model_dir, model, state, **kwargs):
+        steps.append(state["progress"]["step"])
+        return real_save(model_dir, model, state, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", counting_save)
+    run(tiny_config(suite, tmp_path / "run", epochs=3, checkpoint_every=0, checkpoint_seconds=seconds))
+    assert len(steps) == saves and steps[0] == 0 and steps[-1] == 18  # 6 steps per epoch
+    if seconds == 0:
+        assert steps == [0, 6, 12, 18]

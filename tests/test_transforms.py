@@ -151,3 +151,30 @@ def test_dataset_item_and_collate_follow_the_contract(tmp_path):
     assert batch["images"].shape == (5, 3, 48, 48)
     assert batch["tasks"] == [it["task"] for it in items[:5]]
     assert set(batch) == {"images", "tasks", "targets", "orig_sizes", "image_paths", "mask_paths"}
+
+
+def test_dataset_cache_gives_the_same_items_and_keeps_to_its_budget(tmp_path):
+    from m2dino.data.dataset import FMUIADataset
+    from m2dino.data import load_fmuia
+    from m2dino.data.synthetic import write_suite
+
+    tasks = ["fetal_head", "breast_2cls", "uterine_fibroid_det", "fetal_femur"]
+    write_suite(tmp_path, tasks=tasks, scale=1e-4, min_train=3, min_val=1, workers=1)
+    data = load_fmuia(tmp_path)
+    plain = FMUIADataset(data.train, data.tasks, image_size=48, train=True, seed=3)
+    cached = FMUIADataset(data.train, data.tasks, image_size=48, train=True, seed=3, cache_bytes=2**30)
+    for epoch in (0, 1, 2):  # epoch 0 fills the cache, later epochs read it
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in range(len(plain)):
+            a, b = plain[i], cached[i]
+            assert torch.equal(a["image"], b["image"]) and a["orig_size"] == b["orig_size"]
+            assert a["target"].keys() == b["target"].keys()
+            assert all(torch.equal(a["target"][k], b["target"][k]) for k in a["target"])
+    assert len(cached._cache) == len(cached)
+    small = FMUIADataset(data.train, data.tasks, image_size=48, train=True, cache_bytes=30_000)
+    off = FMUIADataset(data.train, data.tasks, image_size=48, train=True)  # the default: no cache
+    for i in range(len(small)):
+        small[i], off[i]
+    assert 0 < small._cached_bytes <= 30_000 and len(small._cache) < len(small)
+    assert not off._cache

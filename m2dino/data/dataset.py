@@ -36,7 +36,7 @@ class FMUIADataset(Dataset):
     """Records -> samples. `tasks` maps task_id -> TaskSpec (for hflip)."""
 
     def __init__(self, records, tasks: dict[str, TaskSpec], image_size: int = 224, train: bool = False,
-                 augment: Augment | None = None, seed: int = 0):
+                 augment: Augment | None = None, seed: int = 0, cache_bytes: int = 0):
         self.records = list(records)
         missing = sorted({r.task_id for r in self.records} - set(tasks))
         if missing:
@@ -46,6 +46,11 @@ class FMUIADataset(Dataset):
         self.train = bool(train)
         self.seed = int(seed)
         self.epoch = 0
+        # decoded images and annotations kept for later epochs, up to cache_bytes (0: none);
+        # per process, so it helps with the loading in the training process (workers=0)
+        self.cache_bytes = int(cache_bytes)
+        self._cache: dict[int, tuple] = {}
+        self._cached_bytes = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -63,11 +68,7 @@ class FMUIADataset(Dataset):
         index, salt = (key if isinstance(key, tuple) else (key, 0))
         rec = self.records[index]
         spec = self.tasks[rec.task_id]
-        try:
-            image = to_pil_image(rec.image_file)
-            target = raw_target(rec)
-        except Exception as e:
-            raise RuntimeError(f"cannot load {rec.csv} row {rec.row} ({rec.image_path!r}): {e}") from e
+        image, target = self._decoded(index, rec)
         rng = np.random.default_rng([self.seed, self.epoch, int(index), int(salt)]) if self.train else None
         image_tensor, tgt = self.transform(image, target, rng, hflip=spec.hflip)
         return {
@@ -78,6 +79,24 @@ class FMUIADataset(Dataset):
             "image_path": rec.image_path,
             "mask_path": rec.mask_path,
         }
+
+
+    def _decoded(self, index: int, rec: Record):
+        """The record's decoded image and raw target, from the cache when it is there."""
+        if index in self._cache:
+            return self._cache[index]
+        try:
+            image = to_pil_image(rec.image_file)
+            target = raw_target(rec)
+        except Exception as e:
+            raise RuntimeError(f"cannot load {rec.csv} row {rec.row} ({rec.image_path!r}): {e}") from e
+        if "mask" in target and target["mask"].max(initial=0) < 256:
+            target = {"mask": target["mask"].astype(np.uint8)}  # the transform resizes it as uint8 anyway
+        size = image.width * image.height * len(image.getbands()) + getattr(target.get("mask"), "nbytes", 0)
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[index] = (image, target)
+            self._cached_bytes += size
+        return image, target
 
 
 def collate(samples: list[dict]) -> dict:

@@ -46,6 +46,7 @@ class TrainConfig:
     top_k: int = 2
     moe_layers: int = 2
     img_size: int = 64
+    neck_channels: int = 64               # channels of the shared neck and the heads' conv blocks
     # schedule
     epochs: int = 9
     steps: int | None = None              # overrides epochs (then exposure is not equal across paradigms)
@@ -68,13 +69,15 @@ class TrainConfig:
     seeds: list[int] | None = None        # train everything once per seed (OUT/seed-N/), one pooled report
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     workers: int = 0
+    jobs: int = 0                         # models trained side by side on the CPU (0: one per core)
     max_bad_steps: int = 5                # stop after this many non-finite steps in a row
     # output
     out: str = "runs/default"
     resume: bool = False
     eval_every: int = 0                   # validate every N epochs (0: only at the end of training)
     log_every: int = 10                   # metrics.jsonl line every N steps
-    checkpoint_every: int = 0             # training checkpoint every N steps (0: every epoch)
+    checkpoint_every: int = 0             # also a training checkpoint every N steps (0: only at epoch ends)
+    checkpoint_seconds: float = 60.0      # an epoch's end saves when the last save is at least this old
     bootstrap: int = 1000                 # bootstrap resamples for the confidence intervals (0: none)
     progress: bool = True                 # tqdm progress bar
 
@@ -91,7 +94,7 @@ class TrainConfig:
             bad("amp", f"must be bf16, fp16 or off, got {self.amp!r}")
         if self.on_bad_sample not in ("error", "skip"):
             bad("on_bad_sample", f"must be error or skip, got {self.on_bad_sample!r}")
-        for name in ("num_experts", "top_k", "img_size", "epochs", "batch_size", "max_bad_steps", "log_every"):
+        for name in ("num_experts", "top_k", "img_size", "neck_channels", "epochs", "batch_size", "max_bad_steps", "log_every"):
             if int(getattr(self, name)) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.top_k > self.num_experts:
@@ -103,7 +106,7 @@ class TrainConfig:
         for name in ("lr", "head_lr_mult"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 bad(name, f"must be a positive number, got {getattr(self, name)}")
-        for name in ("weight_decay", "warmup", "grad_clip", "task_alpha"):
+        for name in ("weight_decay", "warmup", "grad_clip", "task_alpha", "checkpoint_seconds"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 bad(name, f"must be a number >= 0, got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
@@ -113,7 +116,7 @@ class TrainConfig:
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)
                                        or any(s < 0 for s in self.seeds)):
             bad("seeds", f"must be distinct integers >= 0, got {self.seeds}")
-        for name in ("workers", "eval_every", "checkpoint_every", "bootstrap"):
+        for name in ("workers", "jobs", "eval_every", "checkpoint_every", "bootstrap"):
             if int(getattr(self, name)) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
         unknown = set(self.aux_weights) - set(AUX_NAMES)
@@ -260,6 +263,7 @@ _HELP = {
     "top_k": "experts per token",
     "moe_layers": "how many of the last blocks get a task-conditioned MoE MLP",
     "img_size": "input resolution (images are resized to S x S)",
+    "neck_channels": "channels of the shared spatial neck and of the heads' conv blocks",
     "epochs": "training epochs per model (each sample is seen epochs times in every paradigm)",
     "steps": "training steps per model instead of epochs (exposure then differs across paradigms)",
     "batch_size": "images per step per process",
@@ -282,12 +286,17 @@ _HELP = {
              "report pooling the seeds",
     "device": "auto, cpu, cuda or cuda:N (under torchrun each process takes cuda:LOCAL_RANK)",
     "workers": "DataLoader worker processes",
+    "jobs": "models trained at a time, each in its own process with cores/N threads (CPU only; 0: one per CPU "
+            "core; 1: one after another in this process)",
     "max_bad_steps": "stop after this many non-finite (NaN/Inf) steps in a row",
     "out": "run directory",
     "resume": "continue from the run directory's last checkpoints (finished models are kept)",
     "eval_every": "validate every N epochs for the best checkpoint (0: at the end of training only)",
     "log_every": "write a metrics.jsonl line every N steps",
-    "checkpoint_every": "training checkpoint every N steps (0: at the end of every epoch)",
+    "checkpoint_every": "also write a training checkpoint every N steps (0: only at the ends of epochs)",
+    "checkpoint_seconds": "the end of an epoch writes a training checkpoint when the last one is at least this many "
+                          "seconds old (0: every epoch), so short epochs do not each pay a write; a kill loses at most "
+                          "this long plus one epoch of training",
     "bootstrap": "bootstrap resamples of the validation images for the 95%% confidence intervals (0: none)",
     "progress": "show a progress bar",
 }

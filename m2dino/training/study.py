@@ -19,9 +19,12 @@ Run directory (the contract with predict / evaluate / report):
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from tqdm import tqdm
 
 from m2dino import io
 from m2dino.data import ensure_synthetic, load_fmuia
@@ -31,14 +34,15 @@ from m2dino.evaluation.report import generate_report
 from m2dino.tasks import apply_groups, load_groups
 from m2dino.training import distributed as dist_utils
 from m2dino.training.config import PARADIGMS, TrainConfig, save_config
-from m2dino.training.trainer import ModelTrainer
+from m2dino.training.jobs import ModelJob, StudyContext, resolve_jobs, threads_per_job, train_models
 
 EXCLUDED_FILE = "excluded_rows.json"
 
 
 def log(message: str) -> None:
     if dist_utils.is_main():
-        print(message, flush=True)
+        tqdm.write(message, file=sys.stdout)  # above any progress bar, not through it
+        sys.stdout.flush()
 
 
 def load_data(config: TrainConfig, out: Path):
@@ -86,30 +90,48 @@ def plan_models(paradigm: str, task_ids: list[str], groups: dict[str, list[str]]
     raise ValueError(f"unknown paradigm {paradigm!r}")
 
 
-def run_paradigm(config: TrainConfig, paradigm: str, data, specs: dict, groups, baselines, device,
-                 out: Path) -> dict:
-    """Train every model of a paradigm; write and return OUT/<paradigm>/metrics.json's content."""
-    plan = plan_models(paradigm, sorted(specs), groups)
+def paradigm_summary(paradigm: str, plan: dict[str, list[str]], results: dict[str, dict], data, specs: dict,
+                     baselines) -> dict:
+    """OUT/<paradigm>/metrics.json's content from its models' results ({model name: result})."""
     train_sizes = data.task_counts("train")
-    entries, models, training = {}, {}, {}
+    entries = {}
     for model_name, task_ids in plan.items():
-        t0 = time.perf_counter()
-        trainer = ModelTrainer(config, model_name, [specs[t] for t in task_ids], data.train, data.val,
-                               out / paradigm / model_name, device, baselines)
-        result = trainer.run()
-        models[model_name] = task_ids
-        training[model_name] = result["training"]
+        result = results[model_name]
         for t in task_ids:
             spec = specs[t]
             entries[t] = {"task_type": spec.task_type, "group": spec.group, "train_size": train_sizes.get(t, 0),
                           "num_classes": spec.num_classes, "primary_metric": spec.primary_metric, "model": model_name,
                           "metrics": result["tasks"].get(t, {}), "ci": result["ci"].get(t, {}),
                           "baseline": baselines.get(t, {})}
-        log(f"[{paradigm}] {model_name}: {len(task_ids)} task(s) in {time.perf_counter() - t0:.1f} s")
-    summary = {"paradigm": paradigm, "models": models, "training": training, "tasks": entries}
-    if dist_utils.is_main():
-        io.write_json(out / paradigm / "metrics.json", summary)
-    return summary
+    return {"paradigm": paradigm, "models": dict(plan),
+            "training": {name: results[name]["training"] for name in plan}, "tasks": entries}
+
+
+def run_paradigms(config: TrainConfig, paradigms: list[str], data, specs: dict, groups, baselines, device,
+                  out: Path) -> dict[str, dict]:
+    """Train every model of the paradigms (--jobs at a time on the CPU); each paradigm's
+    OUT/<paradigm>/metrics.json is written as soon as its last model is done."""
+    plans = {p: plan_models(p, sorted(specs), groups) for p in paradigms}
+    train_sizes = data.task_counts("train")
+    models = [ModelJob(p, name, tuple(task_ids), sum(train_sizes.get(t, 0) for t in task_ids))
+              for p, plan in plans.items() for name, task_ids in plan.items()]
+    n_jobs = resolve_jobs(config.jobs, device, len(models))
+    if n_jobs > 1:
+        log(f"training {len(models)} models {n_jobs} at a time, {threads_per_job(n_jobs)} thread(s) each")
+    context = StudyContext(config, data.train, data.val, specs, baselines, device, out)
+    done: dict[str, dict[str, dict]] = {p: {} for p in paradigms}
+    summaries = {}
+    t0 = time.perf_counter()
+    for job, result, seconds in train_models(context, models, n_jobs):
+        done[job.paradigm][job.name] = result
+        log(f"[{job.paradigm}] {job.name}: {len(job.task_ids)} task(s) in {seconds:.1f} s")
+        if len(done[job.paradigm]) == len(plans[job.paradigm]):
+            summary = paradigm_summary(job.paradigm, plans[job.paradigm], done[job.paradigm], data, specs, baselines)
+            if dist_utils.is_main():
+                io.write_json(out / job.paradigm / "metrics.json", summary)
+            summaries[job.paradigm] = summary
+            log(f"[{job.paradigm}] done ({time.perf_counter() - t0:.1f} s into training)")
+    return {p: summaries[p] for p in paradigms}
 
 
 def baseline_table(summary: dict) -> tuple[str, bool]:
@@ -155,11 +177,7 @@ def run(config: TrainConfig) -> dict:
         f"{len(data.skipped)} bad rows skipped); device {device}, world size {dist_utils.world_size()}")
     baselines = trivial_baselines(data.train, data.val, specs)
     paradigms = list(PARADIGMS) if config.paradigm == "all" else [config.paradigm]
-    results = {}
-    for paradigm in paradigms:
-        t0 = time.perf_counter()
-        results[paradigm] = run_paradigm(config, paradigm, data, specs, groups, baselines, device, out)
-        log(f"[{paradigm}] done in {time.perf_counter() - t0:.1f} s")
+    results = run_paradigms(config, paradigms, data, specs, groups, baselines, device, out)
     if dist_utils.is_main():
         check = "au" if "au" in results else paradigms[-1]
         table, all_beat = baseline_table(results[check])

@@ -50,6 +50,9 @@ from m2dino.training.losses import total_loss
 # Test hook for the crashed-rank test: "RANK:STEP" makes that rank os._exit(1) when it reaches
 # STEP on the first torchrun attempt (TORCHELASTIC_RESTART_COUNT == 0) only.
 CRASH_ENV = "M2DINO_TEST_CRASH_RANK_AT_STEP"
+# Decoded training images kept in memory after their first epoch (with --workers 0, where
+# decoding is part of every step's time): what the default run's whole suite needs, many times.
+TRAIN_CACHE_BYTES = 512 * 2**20
 
 
 class TrainingError(RuntimeError):
@@ -181,7 +184,8 @@ class ModelTrainer:
     """Train, validate and checkpoint one model on `tasks` (list of TaskSpec)."""
 
     def __init__(self, config: TrainConfig, name: str, tasks: list[TaskSpec], train_records, val_records,
-                 model_dir, device: torch.device, baselines: dict[str, dict[str, float]] | None = None):
+                 model_dir, device: torch.device, baselines: dict[str, dict[str, float]] | None = None,
+                 on_step=None):
         if not tasks:
             raise ValueError(f"model {name!r}: no tasks to train")
         self.config = config
@@ -201,6 +205,8 @@ class ModelTrainer:
         self.is_main = dist_utils.is_main()
         self.log = MetricsLog(self.model_dir, self.is_main)
         self._val_truth = None
+        self._last_save = -math.inf
+        self.on_step = on_step  # called with the batch's image count after every training step
 
     # ------------------------------------------------------------------ building
 
@@ -208,7 +214,8 @@ class ModelTrainer:
         c = self.config
         torch.manual_seed(c.seed)  # the same initial weights in every paradigm and on every rank
         model = create_model(c.model, self.tasks, pretrained=c.pretrained, num_experts=c.num_experts,
-                             top_k=c.top_k, moe_layers=c.moe_layers, img_size=c.img_size)
+                             top_k=c.top_k, moe_layers=c.moe_layers, img_size=c.img_size,
+                             neck_channels=c.neck_channels)
         if c.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
         self.start_landmarks_at_training_mean(model)
@@ -250,7 +257,8 @@ class ModelTrainer:
 
     def build_data(self):
         c = self.config
-        dataset = FMUIADataset(self.train_records, self.task_table, image_size=c.img_size, train=True, seed=c.seed)
+        dataset = FMUIADataset(self.train_records, self.task_table, image_size=c.img_size, train=True, seed=c.seed,
+                               cache_bytes=TRAIN_CACHE_BYTES if c.workers == 0 else 0)
         sampler = MultiTaskBatchSampler(dataset.task_of_index, batch_size=c.batch_size, alpha=c.task_alpha,
                                         mixed=c.batching == "mixed", seed=c.seed)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=c.workers,
@@ -292,11 +300,18 @@ class ModelTrainer:
 
     def save_last(self, model, optimizer, scheduler, sampler, progress: Progress) -> None:
         """Write last/ (rank 0); under FSDP every rank takes part in gathering the state."""
+        self._last_save = time.perf_counter()
         model_state, optimizer_state = dist_utils.full_state_dicts(model, optimizer)
         if self.is_main:
             ckpt.save_checkpoint(self.model_dir, self.model, self.train_state(optimizer_state, scheduler, sampler,
                                                                               progress), model_state=model_state)
         dist_utils.barrier()
+
+    def _epoch_checkpoint_due(self) -> bool:
+        """Whether this epoch's end saves (--checkpoint-seconds): a short epoch does not pay
+        a checkpoint write each time. Rank 0's clock decides for every rank."""
+        due = time.perf_counter() - self._last_save >= self.config.checkpoint_seconds
+        return bool(dist_utils.broadcast_object(due))
 
     def restore(self, model, optimizer, scheduler, sampler) -> Progress | None:
         """Load the model directory's last checkpoint when there is one (else None)."""
@@ -454,6 +469,8 @@ class ModelTrainer:
                 progress.step += 1
                 progress.batches_done += 1
                 images_seen += len(batch["tasks"])
+                if self.on_step is not None:
+                    self.on_step(len(batch["tasks"]))
                 progress.samples_seen += len(batch["tasks"]) * dist_utils.world_size()
                 now = time.perf_counter()
                 progress.train_seconds += now - clock
@@ -483,7 +500,7 @@ class ModelTrainer:
                 progress.batches_done = 0
                 if c.eval_every and progress.epoch % c.eval_every == 0 and progress.step < total:
                     self._evaluate_and_keep_best(model, progress)
-                if progress.step < total:
+                if progress.step < total and self._epoch_checkpoint_due():
                     self.save_last(model, optimizer, scheduler, sampler, progress)
                 continue
             break  # --steps reached inside an epoch

@@ -1,0 +1,209 @@
+"""Training a study's models: one after another, or side by side in worker processes.
+
+A study trains many independent models (one per task, one per clinical group, one for all).
+On a CPU, PyTorch's intra-op threads barely speed up a small model's step, while separate
+processes do not share anything: on the default 2-core machine one AU step took 245 ms with
+2 threads and 272 ms with 1, and two 1-thread processes side by side did 307 ms steps each,
+1.6x the steps per second of one 2-thread process. So on the CPU `--jobs N` trains N models
+at a time, each in its own process with cores/N threads, the largest first so that the last
+to finish is a small one. On a GPU or under torchrun the models train one after another in
+this process (a GPU is filled by one model; ranks train every model together).
+
+Workers are forked from a fork server that imported torch and m2dino before running anything
+else: quick to start, and never a fork of a process whose OpenMP threads are running. Every
+model writes only its own directory, so results do not depend on the number of jobs (with
+the same threads per model, they are bit-identical: tests/test_jobs.py).
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from m2dino.training import distributed as dist_utils
+from m2dino.training.config import TrainConfig
+from m2dino.training.trainer import ModelTrainer, TrainingError
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """One model of the study: which paradigm, its name there, its tasks, its training images."""
+    paradigm: str
+    name: str
+    task_ids: tuple[str, ...]
+    train_images: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.paradigm}/{self.name}"
+
+
+@dataclass
+class StudyContext:
+    """What every model's training needs besides its own job (sent once to each worker)."""
+    config: TrainConfig
+    train_records: list
+    val_records: list
+    specs: dict
+    baselines: dict
+    device: torch.device
+    out: Path
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_jobs(requested: int, device: torch.device, n_models: int) -> int:
+    """--jobs -> how many models train at a time (0: one per CPU core on the CPU, else 1)."""
+    side_by_side_possible = device.type == "cpu" and not dist_utils.is_distributed()
+    if requested == 0:
+        return max(1, min(cpu_cores(), n_models)) if side_by_side_possible else 1
+    if requested > 1 and not side_by_side_possible:
+        where = "under torchrun" if dist_utils.is_distributed() else f"on {device}"
+        raise ValueError(f"--jobs {requested}: models train side by side on the CPU only, this run trains {where} "
+                         f"(use --jobs 1, or 0 for the automatic choice)")
+    return max(1, min(requested, n_models))
+
+
+def threads_per_job(jobs: int) -> int:
+    """The CPU's cores shared out among the jobs (at least one thread each)."""
+    return max(1, cpu_cores() // jobs)
+
+
+def train_model(context: StudyContext, job: ModelJob, on_step=None) -> dict[str, Any]:
+    """Train (or resume) one model into OUT/<paradigm>/<name>/; ModelTrainer.run's result."""
+    specs = [context.specs[t] for t in job.task_ids]
+    trainer = ModelTrainer(context.config, job.name, specs, context.train_records, context.val_records,
+                           context.out / job.paradigm / job.name, context.device, context.baselines, on_step=on_step)
+    return trainer.run()
+
+
+def train_models(context: StudyContext, jobs: list[ModelJob], n_jobs: int) -> Iterator[tuple[ModelJob, dict, float]]:
+    """Train every job; yields (job, result, seconds) as each model finishes: in the given order
+    with n_jobs 1, else the largest first across n_jobs worker processes."""
+    if n_jobs <= 1:
+        for job in jobs:
+            t0 = time.perf_counter()
+            yield job, train_model(context, job), time.perf_counter() - t0
+        return
+    yield from _side_by_side(context, jobs, n_jobs)
+
+
+# ------------------------------------------------------------------ worker processes
+
+_worker: dict[str, Any] = {}
+
+
+def _start_worker(context: StudyContext, threads: int, images_done, environ: dict, study_pid: int) -> None:
+    # the fork server's environment is the one it started with; the study's may have changed
+    os.environ.clear()
+    os.environ.update(environ)
+    torch.set_num_threads(threads)
+    _worker.update(context=context, images_done=images_done, study_pid=study_pid)
+
+
+def _study_is_gone() -> bool:
+    try:
+        os.kill(_worker["study_pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # the pid was reused by another user's process
+        return True
+    return False
+
+
+def _count_images(n: int) -> None:
+    if _study_is_gone():
+        # the study process was killed: stop rather than train on unobserved (a later
+        # --resume would write the same model directory); the last checkpoint is intact
+        os._exit(1)
+    counter = _worker["images_done"]
+    with counter.get_lock():
+        counter.value += n
+
+
+def _train_in_worker(job: ModelJob) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    try:
+        result = train_model(_worker["context"], job, on_step=_count_images)
+    except Exception as e:  # sent back as text: not every exception survives pickling
+        raise _WorkerError(job.label, type(e).__name__, str(e), isinstance(e, TrainingError | ValueError | OSError),
+                           traceback.format_exc()) from None
+    return result, time.perf_counter() - t0
+
+
+class _WorkerError(Exception):
+    def __init__(self, label: str, kind: str, message: str, expected: bool, trace: str):
+        super().__init__(label, kind, message, expected, trace)
+        self.label, self.kind, self.message, self.expected, self.trace = label, kind, message, expected, trace
+
+    def as_training_error(self) -> TrainingError:
+        detail = self.message if self.expected else f"{self.kind}: {self.message}\n{self.trace}"
+        return TrainingError(f"model {self.label} (in a worker process): {detail}")
+
+
+def _side_by_side(context: StudyContext, jobs: list[ModelJob], n_jobs: int):
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    images_done = ctx.Value("q", 0)
+    config = context.config
+    worker_context = replace(context, config=replace(config, progress=False))  # one bar, here
+    # images the bar expects: every training image `epochs` times (the sampler's exposure with
+    # --task-alpha 1), or `steps` batches per model
+    expected = sum(config.steps * config.batch_size if config.steps is not None else config.epochs * job.train_images
+                   for job in jobs)
+    bar = None
+    if config.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=expected, desc=f"{len(jobs)} models, {n_jobs} at a time", unit="img", dynamic_ncols=True)
+    largest_first = sorted(jobs, key=lambda j: -j.train_images)
+    first_error = None
+    with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_start_worker,
+                             initargs=(worker_context, threads_per_job(n_jobs), images_done, dict(os.environ),
+                                       os.getpid())) as pool:
+        pending = {pool.submit(_train_in_worker, job): job for job in largest_first}
+        try:
+            while pending:
+                done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                if bar is not None:
+                    bar.update(min(images_done.value, expected) - bar.n)
+                for future in done:
+                    job = pending.pop(future)
+                    if future.cancelled():
+                        continue
+                    try:
+                        result, seconds = future.result()
+                    except _WorkerError as e:
+                        first_error = first_error or e.as_training_error()
+                        continue
+                    except BrokenProcessPool:
+                        first_error = first_error or TrainingError(
+                            f"model {job.label}: a worker process died (killed for memory?) while models trained "
+                            f"{n_jobs} at a time; finished models are kept, --resume continues the others "
+                            f"(with --jobs 1 they train one at a time in this process)")
+                        continue
+                    if first_error is None:
+                        yield job, result, seconds
+                if first_error is not None:
+                    # the models in flight finish (their checkpoints stay valid); no new ones start
+                    for future in pending:
+                        future.cancel()
+        finally:  # also when the caller stops early: nothing new starts
+            for future in pending:
+                future.cancel()
+            if bar is not None:
+                bar.close()
+    if first_error is not None:
+        raise first_error
