@@ -3,18 +3,21 @@ name the model, the choice of the job count, and no worker left training after t
 process is killed."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from m2dino.evaluation.bootstrap import PER_IMAGE_FILE
 from m2dino.training.config import TrainConfig
-from m2dino.training.jobs import cpu_cores, resolve_jobs, threads_per_job
-from m2dino.training.study import run
+from m2dino.tasks import apply_groups, load_groups
+from m2dino.training.jobs import ModelJob, StudyContext, cpu_cores, resolve_jobs, threads_per_job, train_models
+from m2dino.training.study import load_data, run
 from m2dino.training.trainer import CRASH_ENV, TrainingError
 
 TASKS = ["breast_2cls", "fetal_femur", "lung"]
@@ -65,6 +68,22 @@ def test_a_worker_that_dies_is_named_and_resume_finishes(suite, tmp_path, monkey
             assert events[-1] == "finished"
             resumed += "resume" in events
     assert resumed >= 1  # the models that died continued from their checkpoints
+
+
+def test_a_failing_model_is_named_with_its_error(suite, tmp_path):
+    root, out = tmp_path / "suite", tmp_path / "run"
+    shutil.copytree(suite, root)
+    out.mkdir()
+    config = TrainConfig(data=str(root), out=str(out), **RUN).validate()
+    _, data = load_data(config, out)
+    specs = {s.task_id: s for s in apply_groups(list(data.tasks.values()), load_groups())}
+    Path(next(r for r in data.train if r.task_id == "lung").image_file).unlink()  # gone after validation
+    context = StudyContext(config, data.train, data.val, specs, {}, torch.device("cpu"), out)
+    models = [ModelJob("ts", t, (t,), 8) for t in TASKS]
+    with pytest.raises(TrainingError, match=r"model ts/lung \(in a worker process\): RuntimeError: cannot load "
+                                            r".*lung.* row \d+"):
+        list(train_models(context, models, 2))
+    assert (out / "ts" / "fetal_femur" / "eval.json").is_file()  # the others still finished
 
 
 def test_job_count_rules():

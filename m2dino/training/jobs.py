@@ -17,6 +17,7 @@ the same threads per model, they are bit-identical: tests/test_jobs.py).
 from __future__ import annotations
 
 import multiprocessing
+from multiprocessing import forkserver
 import os
 import time
 import traceback
@@ -117,9 +118,7 @@ def _start_worker(context: StudyContext, threads: int, images_done, environ: dic
 def _study_is_gone() -> bool:
     try:
         os.kill(_worker["study_pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # the pid was reused by another user's process
+    except (ProcessLookupError, PermissionError):  # gone, or its pid reused by another user
         return True
     return False
 
@@ -154,9 +153,21 @@ class _WorkerError(Exception):
         return TrainingError(f"model {self.label} (in a worker process): {detail}")
 
 
-def _side_by_side(context: StudyContext, jobs: list[ModelJob], n_jobs: int):
+def _fork_server():
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def start_fork_server() -> None:
+    """Start the workers' fork server now (it imports torch and m2dino, seconds of one core),
+    so that it gets ready while the study loads its data."""
+    _fork_server()
+    forkserver.ensure_running()
+
+
+def _side_by_side(context: StudyContext, jobs: list[ModelJob], n_jobs: int):
+    ctx = _fork_server()
     images_done = ctx.Value("q", 0)
     config = context.config
     worker_context = replace(context, config=replace(config, progress=False))  # one bar, here
