@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
+import m2dino_kernels
 import torch
 
 from m2dino.training import distributed as dist_utils
@@ -107,10 +108,13 @@ def train_models(context: StudyContext, jobs: list[ModelJob], n_jobs: int) -> It
 _worker: dict[str, Any] = {}
 
 
-def _start_worker(context: StudyContext, threads: int, images_done, environ: dict, study_pid: int) -> None:
-    # the fork server's environment is the one it started with; the study's may have changed
+def _start_worker(context: StudyContext, threads: int, images_done, environ: dict, kernel_backend: str,
+                  study_pid: int) -> None:
+    # the fork server's environment and kernel backend are those it started with; the
+    # study's may have changed since
     os.environ.clear()
     os.environ.update(environ)
+    m2dino_kernels.set_backend(kernel_backend)
     torch.set_num_threads(threads)
     _worker.update(context=context, images_done=images_done, study_pid=study_pid)
 
@@ -183,7 +187,7 @@ def _side_by_side(context: StudyContext, jobs: list[ModelJob], n_jobs: int):
     first_error = None
     with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_start_worker,
                              initargs=(worker_context, threads_per_job(n_jobs), images_done, dict(os.environ),
-                                       os.getpid())) as pool:
+                                       m2dino_kernels.get_backend(), os.getpid())) as pool:
         pending = {pool.submit(_train_in_worker, job): job for job in largest_first}
         try:
             while pending:
