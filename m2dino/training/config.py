@@ -95,7 +95,8 @@ class TrainConfig:
             bad("amp", f"must be bf16, fp16 or off, got {self.amp!r}")
         if self.on_bad_sample not in ("error", "skip"):
             bad("on_bad_sample", f"must be error or skip, got {self.on_bad_sample!r}")
-        for name in ("num_experts", "top_k", "img_size", "neck_channels", "epochs", "batch_size", "max_bad_steps", "log_every"):
+        for name in ("num_experts", "top_k", "img_size", "neck_channels", "epochs", "batch_size", "max_bad_steps",
+                     "log_every"):
             if int(getattr(self, name)) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.top_k > self.num_experts:
