@@ -17,13 +17,13 @@ the same threads per model, they are bit-identical: tests/test_jobs.py).
 from __future__ import annotations
 
 import multiprocessing
-from multiprocessing import forkserver
 import os
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
+from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any, Iterator
 
