@@ -80,7 +80,6 @@ class FMUIADataset(Dataset):
             "mask_path": rec.mask_path,
         }
 
-
     def _decoded(self, index: int, rec: Record):
         """The record's decoded image and raw target, from the cache when it is there."""
         if index in self._cache:

@@ -365,11 +365,17 @@ def values_by_task(predictions: Sequence[Mapping], ground_truth: Sequence[Mappin
     return values
 
 
-def evaluate_predictions(predictions: Sequence[Mapping], ground_truth: Sequence[Mapping], tasks=None) -> dict[str, dict[str, float]]:
-    """{task_id: {metric: value}}: `metrics_from_values` of each task's `values_by_task`."""
+def metrics_by_task(values: Mapping[str, Mapping], tasks=None) -> dict[str, dict[str, float]]:
+    """{task_id: {metric: value}} from {task_id: per-image values} (`values_by_task`)."""
     table = task_table(tasks)
-    return {task_id: metrics_from_values(table[task_id].task_type, table[task_id].num_classes, values)
-            for task_id, values in values_by_task(predictions, ground_truth, table).items()}
+    return {task_id: metrics_from_values(table[task_id].task_type, table[task_id].num_classes, task_values)
+            for task_id, task_values in values.items()}
+
+
+def evaluate_predictions(predictions: Sequence[Mapping], ground_truth: Sequence[Mapping], tasks=None) -> dict[str, dict[str, float]]:
+    """{task_id: {metric: value}}: `metrics_by_task` of `values_by_task`."""
+    table = task_table(tasks)
+    return metrics_by_task(values_by_task(predictions, ground_truth, table), table)
 
 
 def average_by_task_type(task_metrics: Mapping[str, Mapping[str, float]], tasks=None) -> dict[str, dict[str, float]]:

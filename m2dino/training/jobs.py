@@ -67,12 +67,16 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def side_by_side_possible(device: torch.device) -> bool:
+    """Models can train in worker processes: on the CPU, outside torchrun."""
+    return device.type == "cpu" and not dist_utils.is_distributed()
+
+
 def resolve_jobs(requested: int, device: torch.device, n_models: int) -> int:
     """--jobs -> how many models train at a time (0: one per CPU core on the CPU, else 1)."""
-    side_by_side_possible = device.type == "cpu" and not dist_utils.is_distributed()
     if requested == 0:
-        return max(1, min(cpu_cores(), n_models)) if side_by_side_possible else 1
-    if requested > 1 and not side_by_side_possible:
+        return max(1, min(cpu_cores(), n_models)) if side_by_side_possible(device) else 1
+    if requested > 1 and not side_by_side_possible(device):
         where = "under torchrun" if dist_utils.is_distributed() else f"on {device}"
         raise ValueError(f"--jobs {requested}: models train side by side on the CPU only, this run trains {where} "
                          f"(use --jobs 1, or 0 for the automatic choice)")

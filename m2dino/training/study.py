@@ -34,8 +34,8 @@ from m2dino.evaluation.report import generate_report
 from m2dino.tasks import apply_groups, load_groups
 from m2dino.training import distributed as dist_utils
 from m2dino.training.config import PARADIGMS, TrainConfig, save_config
-from m2dino.training.jobs import (ModelJob, StudyContext, resolve_jobs, start_fork_server, threads_per_job,
-                                  train_models)
+from m2dino.training.jobs import (ModelJob, StudyContext, resolve_jobs, side_by_side_possible, start_fork_server,
+                                  threads_per_job, train_models)
 
 EXCLUDED_FILE = "excluded_rows.json"
 
@@ -166,8 +166,8 @@ def run(config: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
     t_start = time.perf_counter()
-    if config.jobs != 1 and device.type == "cpu" and not distributed:
-        start_fork_server()  # likely to train side by side: get the workers' server ready meanwhile
+    if config.jobs != 1 and config.paradigm != "au" and side_by_side_possible(device):
+        start_fork_server()  # several models to train side by side: get the workers' server ready meanwhile
     root, data = load_data(config, out)
     groups = load_groups(config.groups)
     specs = {s.task_id: s for s in apply_groups(list(data.tasks.values()), groups)}

@@ -39,7 +39,7 @@ from m2dino.data import FMUIADataset, MultiTaskBatchSampler, collate
 from m2dino.evaluation.baselines import training_mean
 from m2dino.evaluation.bootstrap import BOOTSTRAP_SEED, PER_IMAGE_FILE, bootstrap_settings, bootstrap_task, task_seed
 from m2dino.evaluation.ground_truth import ground_truth_from_record
-from m2dino.evaluation.metrics import higher_is_better, metrics_from_values, values_by_task
+from m2dino.evaluation.metrics import higher_is_better, metrics_by_task, values_by_task
 from m2dino.models.m2dino import create_model, save_model
 from m2dino.tasks import TaskSpec
 from m2dino.training import checkpoint as ckpt
@@ -360,10 +360,7 @@ class ModelTrainer:
         model.train(was_training)
         # per-image values keyed by image_path
         self.last_values = dict(sorted(values_by_task(predictions, self.val_truth(), self.task_table).items()))
-        metrics = {task_id: metrics_from_values(self.task_table[task_id].task_type,
-                                                self.task_table[task_id].num_classes, values)
-                   for task_id, values in self.last_values.items()}
-        return metrics, routing
+        return metrics_by_task(self.last_values, self.task_table), routing
 
     def uncertainty(self, values: dict[str, dict]) -> dict[str, dict[str, list]]:
         """{task_id: {metric: 95% bootstrap interval over the validation images}} from the
