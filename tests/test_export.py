@@ -234,7 +234,7 @@ def test_bad_input_is_refused_and_nothing_written(trained, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_real_wheel_build_installs_and_predicts(trained, tmp_path):
+def test_real_wheel_build_installs_and_predicts(trained, tmp_path, child_venv):
     """The wheel built from this checkout holds m2dino (pure Python), installs into a fresh
     environment and the exported Model runs on it, the checkout off the path."""
     suite, _, folder = trained
@@ -249,9 +249,11 @@ def test_real_wheel_build_installs_and_predicts(trained, tmp_path):
     assert not (ROOT / "build").exists() or (ROOT / "build").stat().st_mtime < wheel.stat().st_mtime  # built elsewhere
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
-    python = venv / "bin" / "python"
+    python = child_venv(venv)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([str(python), "-c", "import torch; print(torch.__file__)"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, f"the child environment cannot import torch:\n{probe.stderr}"
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(wheel)],
                    check=True, env=env, timeout=300)
     out = tmp_path / "predictions"
