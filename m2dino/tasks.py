@@ -1,4 +1,16 @@
-"""The FM_UIA task registry: one `TaskSpec` per task, and the clinical groups.
+"""The FM_UIA task registry: one `TaskSpec` per task, the task types, and the clinical groups.
+
+Task types are `TaskType`, a `str` Enum whose values are the words our files and JSON have
+always used: SEGMENTATION, CLASSIFICATION, DETECTION and LANDMARKS, whose value stays
+"regression" (the challenge's word, in metrics.json, checkpoints and exports). Each layer that
+does something per type keeps one `TaskTable` keyed by it (the heads, the losses, the metrics,
+TTA, the submission files, the baselines, ...): a new kind of task is one entry per table, and
+a table without an entry for a type says so, naming the table and the types it knows.
+
+A landmark task's point count is `num_points` (its `num_classes` is 0). The challenge's CSVs
+write it in their `num_classes` column, and checkpoints saved before `num_points` existed hold
+it in `num_classes` too: `TaskSpec.from_dict`, per-task overrides and `make_task` read that old
+spelling; the CSV's own spellings live in m2dino.data.reader.
 
 The 27 tasks of the FM_UIA 2026 challenge live in `fmuia_tasks.json` (type, class or point
 count, organ, approximate real training size, whether a horizontal flip keeps the label's

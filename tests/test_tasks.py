@@ -130,6 +130,7 @@ def test_task_table_accepts_either_spelling_and_names_unknown_types():
 
 
 def test_every_layer_has_one_entry_per_task_type():
+    from m2dino import tasks as tasks_module
     from m2dino.data import dataset, reader
     from m2dino.evaluation import baselines, bootstrap, metrics, submission, tta
     from m2dino.models import heads
@@ -138,7 +139,7 @@ def test_every_layer_has_one_entry_per_task_type():
     complete = [heads.HEADS, losses.LOSSES, metrics.METRIC_NAMES, metrics._PER_IMAGE_VALUES,
                 metrics._METRICS_FROM_VALUES, tta.TTA, baselines.BASELINES, bootstrap.IMAGE_KEY,
                 bootstrap._RESAMPLED, reader.CSV_TASK_NAMES, reader.CSV_COUNT_FIELDS, reader._ANNOTATIONS,
-                reader._EXTRA_TASK_COUNTS, dataset._RAW_TARGETS, PRIMARY_METRICS]
+                reader._EXTRA_TASK_COUNTS, dataset._RAW_TARGETS, PRIMARY_METRICS, tasks_module._COUNTS]
     for table in complete:
         assert set(table) == set(TaskType), table.name
     # segmentation predictions are PNG files, every other type has its JSON file
