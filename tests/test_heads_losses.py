@@ -137,7 +137,7 @@ def test_default_neck_layers():
 
 
 TASKS = [TaskSpec("seg", "segmentation", 3), TaskSpec("cls", "classification", 4),
-         TaskSpec("reg", "regression", 3), TaskSpec("det", "detection", 1)]
+         TaskSpec("reg", "regression", num_points=3), TaskSpec("det", "detection", 1)]
 
 
 def _fixed_features(n=2, dim=24, channels=16, size=16):
@@ -156,7 +156,7 @@ def _targets(task, n=2, size=16):
     if task.task_type == "classification":
         return [{"label": torch.tensor(i % task.num_classes)} for i in range(n)]
     if task.task_type == "regression":
-        return [{"points": torch.rand(task.num_classes, 2, generator=g) * 0.8 + 0.1}
+        return [{"points": torch.rand(task.num_points, 2, generator=g) * 0.8 + 0.1}
                 for _ in range(n)]
     return [{"box": torch.tensor([0.2, 0.3, 0.6, 0.8])}, {"box": torch.tensor([0.5, 0.1, 0.9, 0.4])}]
 

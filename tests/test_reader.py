@@ -16,6 +16,8 @@ from m2dino.data import (
     write_split,
 )
 from m2dino.data.dataset import raw_target
+from m2dino.data.reader import CSV_TASK_NAMES, csv_num_classes, task_type_from_name
+from m2dino.tasks import TaskType, get_task
 
 
 def write_csv(path, rows):
@@ -169,11 +171,17 @@ def test_extra_task_from_its_csv_and_overridable(tmp_path):
     assert scan.problems == []
     spec = scan.tasks["kidney_stone"]
     assert (spec.task_type, spec.num_classes, spec.primary_metric) == ("segmentation", 3, "dice")
-    assert scan.tasks["knee_points"].num_points == 2
+    knee = scan.tasks["knee_points"]
+    assert (knee.task_type, knee.num_points, knee.num_classes) == (TaskType.LANDMARKS, 2, 0)
+    assert csv_num_classes(knee) == 2 and csv_num_classes(spec) == 3
     scan = scan_dataset(tmp_path, task_overrides={"kidney_stone": {"organ": "kidney", "hflip": False},
                                                   "knee_points": {"group": "MSK"}})
     assert scan.tasks["kidney_stone"].organ == "kidney" and not scan.tasks["kidney_stone"].hflip
     assert scan.tasks["knee_points"].group == "MSK"
+    # a landmark task's count override, in the CSV's spelling (num_classes) or the TaskSpec's
+    for field in ("num_classes", "num_points"):
+        scan = scan_dataset(tmp_path, task_overrides={"knee_points": {field: 1}})
+        assert scan.tasks["knee_points"].num_points == 1 and scan.problems == []
     # an extra task whose spec cannot be made (no num_classes) is reported on every row
     write_csv(tmp_path / "csv_files" / "Cls-X_97.extra.csv", [
         {"image_path": path, "task_id": "mystery", "task_name": "classification", "num_classes": "", "mask": 0}
@@ -205,3 +213,13 @@ def test_policy_error_lists_everything_and_bad_policy_is_refused(tmp_path):
     assert len(part.train) + len(part.val) == 8
     with pytest.raises(FileNotFoundError, match="csv_files"):
         scan_dataset(tmp_path / "Regression")
+
+
+def test_task_name_spellings():
+    assert task_type_from_name("Regression") is TaskType.LANDMARKS
+    assert task_type_from_name(" REGRESSION ") == "regression"
+    assert task_type_from_name("segmentation") is TaskType.SEGMENTATION
+    with pytest.raises(ValueError, match="unknown task_name 'keypoints'"):
+        task_type_from_name("keypoints")
+    assert CSV_TASK_NAMES[TaskType.LANDMARKS] == "Regression"
+    assert csv_num_classes(get_task("IUGC")) == 3 and csv_num_classes(get_task("cardiac_multi")) == 4

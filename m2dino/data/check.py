@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from m2dino.data.reader import csv_num_classes
 from m2dino.data.validate import scan_dataset
 
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
               f"{len(result['tasks'])} task(s)")
         for tid, n in result["tasks"].items():
             spec = scan.tasks.get(tid)
-            kind = f"{spec.task_type}, {spec.num_classes}" if spec else "undefined task"
+            kind = f"{spec.task_type}, {csv_num_classes(spec)}" if spec else "undefined task"
             print(f"  {tid:<26} {n:>6} rows  {clean.get(tid, 0):>6} clean  ({kind})")
         if result["problems"]:
             print(f"{len(result['problems'])} problem(s):")

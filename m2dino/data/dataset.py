@@ -17,19 +17,20 @@ from torch.utils.data import Dataset
 from m2dino.data.images import load_mask_array, to_pil_image
 from m2dino.data.reader import Record
 from m2dino.data.transforms import Augment, SampleTransform
-from m2dino.tasks import TaskSpec
+from m2dino.tasks import TaskSpec, TaskTable, TaskType
+
+# A record's annotation in original pixels, per task type (segmentation reads the mask file).
+_RAW_TARGETS = TaskTable("raw targets", {
+    TaskType.SEGMENTATION: lambda record: {"mask": load_mask_array(record.mask_file)},
+    TaskType.CLASSIFICATION: lambda record: {"label": record.label},
+    TaskType.DETECTION: lambda record: {"box": record.box},
+    TaskType.LANDMARKS: lambda record: {"points": record.points},
+})
 
 
 def raw_target(record: Record) -> dict:
     """A record's annotation in original pixels (reads the mask file for segmentation)."""
-    t = record.task_type
-    if t == "segmentation":
-        return {"mask": load_mask_array(record.mask_file)}
-    if t == "classification":
-        return {"label": record.label}
-    if t == "detection":
-        return {"box": record.box}
-    return {"points": record.points}
+    return _RAW_TARGETS[record.task_type](record)
 
 
 class FMUIADataset(Dataset):

@@ -16,13 +16,41 @@ import csv
 import json
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from m2dino.tasks import TASKS, TaskSpec, make_task, task_type_from_name
+from m2dino.tasks import TASKS, TaskSpec, TaskTable, TaskType, make_task
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 BOX_COLUMNS = ("x_min", "y_min", "x_max", "y_max")
+# The CSV's `task_name` per task type, as the real release writes it (read case-insensitively).
+CSV_TASK_NAMES: TaskTable[str] = TaskTable("CSV task names", {
+    TaskType.SEGMENTATION: "segmentation",
+    TaskType.CLASSIFICATION: "classification",
+    TaskType.DETECTION: "detection",
+    TaskType.LANDMARKS: "Regression",
+})
+# Which TaskSpec count the CSV's `num_classes` column holds: a landmark task's is its point count.
+CSV_COUNT_FIELDS: TaskTable[str] = TaskTable("CSV num_classes column", {
+    TaskType.SEGMENTATION: "num_classes",
+    TaskType.CLASSIFICATION: "num_classes",
+    TaskType.DETECTION: "num_classes",
+    TaskType.LANDMARKS: "num_points",
+})
+
+
+def task_type_from_name(task_name: str) -> TaskType:
+    """Map a CSV `task_name` (case-insensitive) to a task type; ValueError when unknown."""
+    key = str(task_name).strip().lower()
+    for kind, name in CSV_TASK_NAMES.items():
+        if name.lower() == key:
+            return kind
+    raise ValueError(f"unknown task_name {task_name!r}; expected one of {sorted(CSV_TASK_NAMES.values())}")
+
+
+def csv_num_classes(spec: TaskSpec) -> int:
+    """The CSV's `num_classes` value for a task: its classes, or a landmark task's point count."""
+    return getattr(spec, CSV_COUNT_FIELDS[spec.task_type])
 
 
 @dataclass(frozen=True)
@@ -44,7 +72,7 @@ class Record:
     """One CSV row: one image for one task, with its annotation in original pixels."""
 
     task_id: str
-    task_type: str
+    task_type: TaskType
     image_path: str  # the CSV string, verbatim
     image_file: str  # resolved absolute path (inside the root)
     csv: str
@@ -55,6 +83,9 @@ class Record:
     label: int | None = None
     box: tuple | None = None  # (x_min, y_min, x_max, y_max) pixels
     points: tuple | None = None  # ((x, y), ...) pixels
+
+    def __post_init__(self):
+        object.__setattr__(self, "task_type", TaskType(self.task_type))
 
     @property
     def key(self) -> tuple:
@@ -186,19 +217,33 @@ class Scan:
 def _extra_task_spec(task_id, task_type, rows, fieldnames, overrides) -> TaskSpec:
     """A TaskSpec for a task outside the registry, from its CSV rows (then `overrides`)."""
     fields = dict(overrides or {})
-    if "num_classes" in fields:
-        n = int(fields.pop("num_classes"))
-    elif task_type == "detection":
-        n = 1
-    elif task_type == "regression":
-        n = len([c for c in _point_columns(fieldnames) if rows and rows[0].get(c, "")])
-    else:
-        text = Counter(_norm_count(r.get("num_classes", "")) for r in rows).most_common(1)[0][0]
-        try:
-            n = int(text)
-        except ValueError:
-            raise ValueError(f"num_classes {text!r} is not an integer (set it in the task overrides)") from None
-    return make_task(task_id, task_type, n, **fields)
+    counts = {name: int(fields.pop(name)) for name in ("num_classes", "num_points") if name in fields}
+    if not counts:
+        counts = _EXTRA_TASK_COUNTS[task_type](rows, fieldnames)
+    return make_task(task_id, task_type, **counts, **fields)
+
+
+def _class_count(rows, fieldnames) -> dict:
+    text = Counter(_norm_count(r.get("num_classes", "")) for r in rows).most_common(1)[0][0]
+    try:
+        return {"num_classes": int(text)}
+    except ValueError:
+        raise ValueError(f"num_classes {text!r} is not an integer (set it in the task overrides)") from None
+
+
+def _point_count(rows, fieldnames) -> dict:
+    return {"num_points": len([c for c in _point_columns(fieldnames) if rows and rows[0].get(c, "")])}
+
+
+# An extra task's counts, read from its rows when the overrides give none.
+_EXTRA_TASK_COUNTS = TaskTable("extra task counts", {
+    TaskType.SEGMENTATION: _class_count,
+    TaskType.CLASSIFICATION: _class_count,
+    TaskType.DETECTION: lambda rows, fieldnames: {"num_classes": 1},
+    TaskType.LANDMARKS: _point_count,
+})
+# Task types whose rows' num_classes column is checked against the task's (by predict too).
+COUNT_CHECKED_TYPES = frozenset({TaskType.SEGMENTATION, TaskType.CLASSIFICATION})
 
 
 def _norm_count(text: str) -> str:
@@ -271,7 +316,7 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
         if tid in TASKS:
             spec = TASKS[tid]
             if tid in task_overrides:
-                spec = replace(spec, **task_overrides[tid])
+                spec = spec.with_overrides(task_overrides[tid])
         else:
             try:
                 spec = _extra_task_spec(
@@ -290,7 +335,7 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
             nc = _norm_count(row.get("num_classes", ""))
             if nc != majority:
                 row_problems.append(f"num_classes {nc!r} inconsistent within task {tid!r} (most rows: {majority!r})")
-            elif spec.task_type in ("segmentation", "classification") and nc != "":
+            elif spec.task_type in COUNT_CHECKED_TYPES and nc != "":
                 ok = nc == str(spec.num_classes)
                 if not ok:
                     row_problems.append(f"num_classes {nc!r} disagrees with task {tid!r} ({spec.num_classes})")
@@ -325,48 +370,66 @@ def _file_problem(csv_dir, rel, what, root_resolved, suffixes=None):
     return resolved, None
 
 
-def _annotation(spec, row):
-    """(fields, None) or (None, problem) for the label / box / points of a row."""
-    t = spec.task_type
-    if t == "classification":
-        text = row.get("mask", "")
-        if text == "":
-            return None, "classification row without a label in column 'mask'"
+def _mask(spec, row, csv_dir, root_resolved):
+    """(fields, None) or (None, problem) for a segmentation row's mask file."""
+    mask_path = row.get("mask_path", "")
+    mask_file, p = _file_problem(csv_dir, mask_path, "mask_path", root_resolved)
+    if p:
+        return None, p
+    return {"mask_path": mask_path, "mask_file": str(mask_file)}, None
+
+
+def _label(spec, row, csv_dir, root_resolved):
+    text = row.get("mask", "")
+    if text == "":
+        return None, "classification row without a label in column 'mask'"
+    try:
+        label = _parse_int_label(text)
+    except ValueError:
+        return None, f"class label {text!r} is not an integer"
+    if not 0 <= label < spec.num_classes:
+        return None, f"class label {label} out of range [0, {spec.num_classes})"
+    return {"label": label}, None
+
+
+def _box(spec, row, csv_dir, root_resolved):
+    try:
+        box = tuple(_parse_float(row[c]) for c in BOX_COLUMNS)
+    except KeyError as e:
+        return None, f"detection row lacks column {e.args[0]!r}"
+    except ValueError:
+        return None, f"box {[row.get(c) for c in BOX_COLUMNS]} is not numeric"
+    if not all(math.isfinite(v) for v in box):
+        return None, f"box {list(box)} has non-finite coordinates"
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return None, f"box {list(box)} has zero or negative area (x_max <= x_min or y_max <= y_min)"
+    return {"box": box}, None
+
+
+def _points(spec, row, csv_dir, root_resolved):
+    pts = []
+    for k in range(1, spec.num_points + 1):
+        col = f"point_{k}_xy"
+        text = row.get(col, "")
+        if not text:
+            return None, f"regression row lacks {col} (task has {spec.num_points} points)"
         try:
-            label = _parse_int_label(text)
-        except ValueError:
-            return None, f"class label {text!r} is not an integer"
-        if not 0 <= label < spec.num_classes:
-            return None, f"class label {label} out of range [0, {spec.num_classes})"
-        return {"label": label}, None
-    if t == "detection":
-        try:
-            box = tuple(_parse_float(row[c]) for c in BOX_COLUMNS)
-        except KeyError as e:
-            return None, f"detection row lacks column {e.args[0]!r}"
-        except ValueError:
-            return None, f"box {[row.get(c) for c in BOX_COLUMNS]} is not numeric"
-        if not all(math.isfinite(v) for v in box):
-            return None, f"box {list(box)} has non-finite coordinates"
-        if box[2] <= box[0] or box[3] <= box[1]:
-            return None, f"box {list(box)} has zero or negative area (x_max <= x_min or y_max <= y_min)"
-        return {"box": box}, None
-    if t == "regression":
-        pts = []
-        for k in range(1, spec.num_points + 1):
-            col = f"point_{k}_xy"
-            text = row.get(col, "")
-            if not text:
-                return None, f"regression row lacks {col} (task has {spec.num_points} points)"
-            try:
-                x, y = parse_point(text)
-            except (ValueError, json.JSONDecodeError):
-                return None, f"{col} {text!r} is not a JSON [x, y] pair"
-            if not (math.isfinite(x) and math.isfinite(y)):
-                return None, f"{col} {text!r} is not finite"
-            pts.append((x, y))
-        return {"points": tuple(pts)}, None
-    return {}, None
+            x, y = parse_point(text)
+        except (ValueError, json.JSONDecodeError):
+            return None, f"{col} {text!r} is not a JSON [x, y] pair"
+        if not (math.isfinite(x) and math.isfinite(y)):
+            return None, f"{col} {text!r} is not finite"
+        pts.append((x, y))
+    return {"points": tuple(pts)}, None
+
+
+# A row's annotation per task type: (Record fields, None) or (None, problem); opens nothing.
+_ANNOTATIONS = TaskTable("CSV annotations", {
+    TaskType.SEGMENTATION: _mask,
+    TaskType.CLASSIFICATION: _label,
+    TaskType.DETECTION: _box,
+    TaskType.LANDMARKS: _points,
+})
 
 
 def _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resolved):
@@ -376,20 +439,9 @@ def _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resol
     image_file, p = _file_problem(csv_dir, image_path, "image_path", root_resolved, IMAGE_SUFFIXES)
     if p:
         problems.append(p)
-    fields = {}
-    if spec.task_type == "segmentation":
-        mask_path = row.get("mask_path", "")
-        mask_file, p = _file_problem(csv_dir, mask_path, "mask_path", root_resolved)
-        if p:
-            problems.append(p)
-        else:
-            fields.update(mask_path=mask_path, mask_file=str(mask_file))
-    else:
-        ann, p = _annotation(spec, row)
-        if p:
-            problems.append(p)
-        else:
-            fields.update(ann)
+    fields, p = _ANNOTATIONS[spec.task_type](spec, row, csv_dir, root_resolved)
+    if p:
+        problems.append(p)
     if problems:
         return None, problems
     return Record(task_id=spec.task_id, task_type=spec.task_type, image_path=image_path,

@@ -14,7 +14,7 @@ from PIL import Image
 
 from m2dino.data.images import load_mask_array
 from m2dino.data.reader import Problem, Record, Scan, read_csvs
-from m2dino.tasks import TaskSpec
+from m2dino.tasks import TaskSpec, TaskType
 
 
 def _check_pixels(rec: Record, spec: TaskSpec) -> str | None:
@@ -25,7 +25,7 @@ def _check_pixels(rec: Record, spec: TaskSpec) -> str | None:
             w, h = im.size
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         return f"image {rec.image_path!r} cannot be decoded: {type(e).__name__}: {e}"
-    if rec.task_type == "segmentation":
+    if rec.task_type is TaskType.SEGMENTATION:
         try:
             m = load_mask_array(rec.mask_file)
         except Exception as e:
@@ -36,11 +36,11 @@ def _check_pixels(rec: Record, spec: TaskSpec) -> str | None:
         if top >= spec.num_classes or int(m.min()) < 0:
             return f"mask value {top} >= num_classes {spec.num_classes}" if top >= spec.num_classes \
                 else f"mask has negative value {int(m.min())}"
-    elif rec.task_type == "detection":
+    elif rec.task_type is TaskType.DETECTION:
         x0, y0, x1, y1 = rec.box
         if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
             return f"box {list(rec.box)} is not inside the image ({w}x{h})"
-    elif rec.task_type == "regression":
+    elif rec.task_type is TaskType.LANDMARKS:
         for k, (x, y) in enumerate(rec.points, 1):
             if not (0 <= x <= w and 0 <= y <= h):
                 return f"point_{k}_xy [{x}, {y}] is outside the image ({w}x{h})"

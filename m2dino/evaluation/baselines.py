@@ -6,13 +6,13 @@ the validation rows exactly as a model is (m2dino.evaluation.metrics).
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from m2dino.evaluation.ground_truth import ground_truth_from_record
 from m2dino.evaluation.metrics import evaluate_predictions, task_table
-from m2dino.tasks import TASK_TYPES
+from m2dino.tasks import TaskTable, TaskType
 
 
 def baseline_predictions(task_type: str, num_classes: int, train_truth: Sequence[Mapping], sample: Mapping) -> dict:
@@ -23,23 +23,48 @@ def baseline_predictions(task_type: str, num_classes: int, train_truth: Sequence
     different sizes contribute alike, then scaled to this image's size).
     Ground-truth dicts need "orig_size" (H, W) for detection and regression.
     """
-    if task_type == "segmentation":
-        return {"mask": np.zeros(np.asarray(sample["mask"]).shape, dtype=np.uint8)}
-    if task_type == "classification":
-        counts = Counter(int(g["label"]) for g in train_truth)
-        majority = min(counts, key=lambda c: (-counts[c], c))  # ties to the lower class index
-        probs = np.zeros(num_classes)
-        probs[majority] = 1.0
-        return {"probs": probs, "predicted_class": majority}
+    return BASELINES[task_type].predict(num_classes, train_truth, sample)
+
+
+def _empty_mask(num_classes: int, train_truth: Sequence[Mapping], sample: Mapping) -> dict:
+    return {"mask": np.zeros(np.asarray(sample["mask"]).shape, dtype=np.uint8)}
+
+
+def _majority_class(num_classes: int, train_truth: Sequence[Mapping], sample: Mapping) -> dict:
+    counts = Counter(int(g["label"]) for g in train_truth)
+    majority = min(counts, key=lambda c: (-counts[c], c))  # ties to the lower class index
+    probs = np.zeros(num_classes)
+    probs[majority] = 1.0
+    return {"probs": probs, "predicted_class": majority}
+
+
+def _mean_box(num_classes: int, train_truth: Sequence[Mapping], sample: Mapping) -> dict:
     height, width = sample["orig_size"]
-    if task_type == "detection":
-        mean_box = training_mean(train_truth, "box")
-        box = (mean_box * [width, height, width, height]).tolist()
-        return {"bbox_pixels": box, "bbox_normalized": mean_box.tolist(), "score": 1.0}
-    if task_type == "regression":
-        mean_points = training_mean(train_truth, "points")
-        return {"points_pixels": mean_points * [width, height], "points_normalized": mean_points}
-    raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+    mean_box = training_mean(train_truth, "box")
+    box = (mean_box * [width, height, width, height]).tolist()
+    return {"bbox_pixels": box, "bbox_normalized": mean_box.tolist(), "score": 1.0}
+
+
+def _mean_points(num_classes: int, train_truth: Sequence[Mapping], sample: Mapping) -> dict:
+    height, width = sample["orig_size"]
+    mean_points = training_mean(train_truth, "points")
+    return {"points_pixels": mean_points * [width, height], "points_normalized": mean_points}
+
+
+class Baseline(NamedTuple):
+    """One task type's trivial baseline."""
+
+    predict: Callable[[int, Sequence[Mapping], Mapping], dict]  # (num_classes, train truth, sample) -> prediction
+    learnt: bool  # needs training samples (skipped for tasks without any)
+    normalised: bool  # learns in normalised coordinates: training images' sizes are read
+
+
+BASELINES = TaskTable("baselines", {
+    TaskType.SEGMENTATION: Baseline(_empty_mask, learnt=False, normalised=False),
+    TaskType.CLASSIFICATION: Baseline(_majority_class, learnt=True, normalised=False),
+    TaskType.DETECTION: Baseline(_mean_box, learnt=True, normalised=True),
+    TaskType.LANDMARKS: Baseline(_mean_points, learnt=True, normalised=True),
+})
 
 
 def training_mean(train_truth: Sequence[Mapping], key: str) -> np.ndarray:
@@ -68,7 +93,7 @@ def trivial_baselines(train_truth: Sequence, val_truth: Sequence, tasks=None) ->
     # Training rows only feed the majority class, the mean box and the mean points: no masks are
     # read, and image headers only where boxes and points are normalised.
     train_truth = [
-        ground_truth_from_record(g, with_mask=False, with_size=g.task_type in ("detection", "regression"))
+        ground_truth_from_record(g, with_mask=False, with_size=BASELINES[g.task_type].normalised)
         if hasattr(g, "task_id") else g
         for g in train_truth
     ]
@@ -79,7 +104,7 @@ def trivial_baselines(train_truth: Sequence, val_truth: Sequence, tasks=None) ->
     preds, gts = [], []
     for g in val_truth:
         spec = table[g["task"]]
-        if spec.task_type != "segmentation" and not train_by_task[g["task"]]:
+        if BASELINES[spec.task_type].learnt and not train_by_task[g["task"]]:
             continue
         preds.append(baseline_predictions(spec.task_type, spec.num_classes, train_by_task[g["task"]], g))
         gts.append(g)

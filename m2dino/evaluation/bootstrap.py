@@ -45,6 +45,7 @@ import scipy.stats
 
 from m2dino.evaluation import metrics as M
 from m2dino.evaluation.metrics import LOWER_IS_BETTER, METRIC_NAMES, per_image_values  # noqa: F401 (re-export)
+from m2dino.tasks import TaskTable, TaskType
 
 DEFAULT_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0                    # the study's bootstrap seed: task t resamples with task_seed(0, t)
@@ -52,7 +53,10 @@ PER_IMAGE_FILE = "eval_per_image.json"  # beside each model's eval.json: {"tasks
 DEFAULT_LEVEL = 0.95
 DEFAULT_THRESHOLD = 0.05
 # The key of each task type's values whose length is the number of images.
-IMAGE_KEY = {"segmentation": "dice", "classification": "label", "detection": "iou", "regression": "errors"}
+IMAGE_KEY = TaskTable("per-image value keys", {
+    TaskType.SEGMENTATION: "dice", TaskType.CLASSIFICATION: "label", TaskType.DETECTION: "iou",
+    TaskType.LANDMARKS: "errors",
+})
 _CHUNK_ELEMENTS = 1 << 22  # resamples are processed in blocks of about this many (resample, image) cells
 _SEED_DRAW_STREAM = 1     # pooled(): the seed draws come from default_rng([seed, 1]), apart from the images'
 
@@ -112,8 +116,6 @@ def _scalar(x):
 
 # ----------------------------------------------------------------------- values and images
 def num_images(task_type: str, values: Mapping) -> int:
-    if task_type not in IMAGE_KEY:
-        raise ValueError(f"unknown task type {task_type!r}; expected one of {tuple(IMAGE_KEY)}")
     return len(values[IMAGE_KEY[task_type]])
 
 
@@ -223,8 +225,10 @@ def _classification(values, num_classes):
     return compute
 
 
-_RESAMPLED = {"segmentation": _segmentation, "classification": _classification,
-              "detection": _detection, "regression": _regression}
+_RESAMPLED = TaskTable("bootstrap resampling", {
+    TaskType.SEGMENTATION: _segmentation, TaskType.CLASSIFICATION: _classification,
+    TaskType.DETECTION: _detection, TaskType.LANDMARKS: _regression,
+})
 
 
 def confusion_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:

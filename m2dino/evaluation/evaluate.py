@@ -26,7 +26,7 @@ from m2dino.evaluation import metrics
 from m2dino.evaluation.ground_truth import ground_truth_from_record
 from m2dino.evaluation.submission import (PREDICTION_FILES, EvaluationError, parse_entry,
                                           prediction_mask_relpath, read_prediction_file)
-from m2dino.tasks import TaskSpec
+from m2dino.tasks import TaskSpec, TaskType
 
 def read_ground_truth(split_root: Path, tasks: Sequence[str] | None = None) -> tuple[list[Record], dict[str, TaskSpec]]:
     """The validated CSV records of a split root (and the task specs), optionally only `tasks`.
@@ -76,7 +76,7 @@ def evaluate_folder(data_root, predictions_dir, split: str | None = None, tasks:
     per_task: dict[str, tuple[list, list]] = {}
     for record in records:
         spec = specs[record.task_id]
-        if spec.task_type == "segmentation":
+        if spec.task_type is TaskType.SEGMENTATION:
             pred_path = predictions_dir / prediction_mask_relpath(record.mask_path)
             if not pred_path.is_file():
                 raise EvaluationError(f"no segmentation prediction for task {record.task_id!r} image_path "
@@ -117,7 +117,7 @@ def evaluate_folder(data_root, predictions_dir, split: str | None = None, tasks:
 def format_results(results: dict) -> str:
     """A plain-text table per task type, with the mean over its tasks."""
     lines = []
-    for task_type in metrics.TASK_TYPES:
+    for task_type in TaskType:
         rows = [t for t, kind in results["types"].items() if kind == task_type]
         if not rows:
             continue

@@ -13,6 +13,15 @@ from typing import Mapping
 import numpy as np
 
 from m2dino.data.images import image_size, load_mask_array
+from m2dino.tasks import TaskTable, TaskType
+
+# A record's annotation as the metrics read it, per task type: (record, with_mask) -> fields.
+_RECORD_TRUTH = TaskTable("ground truth", {
+    TaskType.SEGMENTATION: lambda record, with_mask: {"mask": load_mask_array(record.mask_file)} if with_mask else {},
+    TaskType.CLASSIFICATION: lambda record, with_mask: {"label": int(record.label)},
+    TaskType.DETECTION: lambda record, with_mask: {"box": [float(v) for v in record.box]},
+    TaskType.LANDMARKS: lambda record, with_mask: {"points": np.asarray(record.points, dtype=np.float64)},
+})
 
 
 def ground_truth_from_record(record, with_mask: bool = True, with_size: bool = True) -> dict:
@@ -24,15 +33,7 @@ def ground_truth_from_record(record, with_mask: bool = True, with_size: bool = T
     truth = {"task": record.task_id, "image_path": record.image_path}
     if with_size:
         truth["orig_size"] = image_size(record.image_file)
-    if record.task_type == "segmentation":
-        if with_mask:
-            truth["mask"] = load_mask_array(record.mask_file)
-    elif record.task_type == "classification":
-        truth["label"] = int(record.label)
-    elif record.task_type == "detection":
-        truth["box"] = [float(v) for v in record.box]
-    else:
-        truth["points"] = np.asarray(record.points, dtype=np.float64)
+    truth.update(_RECORD_TRUTH[record.task_type](record, with_mask))
     return truth
 
 

@@ -41,14 +41,14 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
 
-from m2dino.tasks import TASK_TYPES, TASKS, TaskSpec, get_task
+from m2dino.tasks import TASKS, TaskSpec, TaskTable, TaskType, get_task
 
-METRIC_NAMES = {
-    "segmentation": ("dice", "hd"),
-    "classification": ("accuracy", "auc", "f1_macro", "f1_weighted", "mcc"),
-    "detection": ("iou",),
-    "regression": ("mre",),
-}
+METRIC_NAMES: TaskTable[tuple[str, ...]] = TaskTable("metric names", {
+    TaskType.SEGMENTATION: ("dice", "hd"),
+    TaskType.CLASSIFICATION: ("accuracy", "auc", "f1_macro", "f1_weighted", "mcc"),
+    TaskType.DETECTION: ("iou",),
+    TaskType.LANDMARKS: ("mre",),
+})
 LOWER_IS_BETTER = frozenset({"hd", "mre"})
 
 
@@ -132,7 +132,7 @@ def segmentation_image_scores(pred: np.ndarray, gt: np.ndarray, num_classes: int
 
 def segmentation_values(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], num_classes: int) -> dict[str, list]:
     """Per-image values: {"dice": [n][C-1], "hd": [n][C-1]} of the non-background classes."""
-    _check_pairs(preds, gts, "segmentation")
+    _check_pairs(preds, gts, TaskType.SEGMENTATION)
     if num_classes < 2:
         raise ValueError(f"segmentation needs num_classes >= 2 (background included), got {num_classes}")
     values = {"dice": [], "hd": []}
@@ -218,12 +218,12 @@ def box_iou(pred: Sequence[float], gt: Sequence[float]) -> float:
 
 def detection_values(pred_boxes, gt_boxes) -> dict[str, list[float]]:
     """Per-image values: {"iou": [n]}."""
-    _check_pairs(pred_boxes, gt_boxes, "detection")
+    _check_pairs(pred_boxes, gt_boxes, TaskType.DETECTION)
     return {"iou": [box_iou(p, g) for p, g in zip(pred_boxes, gt_boxes)]}
 
 
 def detection_metrics(pred_boxes, gt_boxes) -> dict[str, float]:
-    return metrics_from_values("detection", 1, detection_values(pred_boxes, gt_boxes))
+    return metrics_from_values(TaskType.DETECTION, 1, detection_values(pred_boxes, gt_boxes))
 
 
 # ------------------------------------------------------------------------------- regression
@@ -243,7 +243,7 @@ def radial_error(pred_points, gt_points) -> float:
 
 def regression_values(pred_points, gt_points) -> dict[str, list[list[float]]]:
     """Per-image values: {"errors": [n][K]}, each point's distance in pixels."""
-    _check_pairs(pred_points, gt_points, "regression")
+    _check_pairs(pred_points, gt_points, TaskType.LANDMARKS)
     return {"errors": [point_errors(p, g).tolist() for p, g in zip(pred_points, gt_points)]}
 
 
@@ -255,7 +255,7 @@ def image_radial_errors(errors) -> np.ndarray:
 
 
 def regression_metrics(pred_points, gt_points) -> dict[str, float]:
-    return metrics_from_values("regression", 0, regression_values(pred_points, gt_points))
+    return metrics_from_values(TaskType.LANDMARKS, 0, regression_values(pred_points, gt_points))
 
 
 def _check_pairs(preds, gts, kind: str) -> None:
@@ -298,40 +298,53 @@ def per_image_values(task_type: str, num_classes: int, predictions: Sequence[Map
     {"errors": [n][K]} (per point, pixels); plus "image_path": [n] when every ground-truth dict
     carries one (the key that pairs two models' values, see bootstrap.align).
     """
-    if task_type == "segmentation":
-        values = segmentation_values([p["mask"] for p in predictions], [g["mask"] for g in ground_truth], num_classes)
-    elif task_type == "classification":
-        _check_pairs(predictions, ground_truth, "classification")
-        values = {
-            "label": [int(g["label"]) for g in ground_truth],
-            "predicted": [int(p["predicted_class"]) for p in predictions],
-            "probs": [np.asarray(p["probs"], dtype=np.float64).reshape(-1).tolist() for p in predictions],
-        }
-    elif task_type == "detection":
-        values = detection_values([p["bbox_pixels"] for p in predictions], [g["box"] for g in ground_truth])
-    elif task_type == "regression":
-        values = regression_values([p["points_pixels"] for p in predictions], [g["points"] for g in ground_truth])
-    else:
-        raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+    values = _PER_IMAGE_VALUES[task_type](predictions, ground_truth, num_classes)
     if ground_truth and all("image_path" in g for g in ground_truth):
         values["image_path"] = [str(g["image_path"]) for g in ground_truth]
     return values
 
 
+def _classification_values(predictions, ground_truth, num_classes) -> dict[str, list]:
+    _check_pairs(predictions, ground_truth, TaskType.CLASSIFICATION)
+    return {
+        "label": [int(g["label"]) for g in ground_truth],
+        "predicted": [int(p["predicted_class"]) for p in predictions],
+        "probs": [np.asarray(p["probs"], dtype=np.float64).reshape(-1).tolist() for p in predictions],
+    }
+
+
+# Per task type: (predictions, ground truth, num_classes) -> per-image values.
+_PER_IMAGE_VALUES = TaskTable("per-image values", {
+    TaskType.SEGMENTATION: lambda predictions, ground_truth, num_classes: segmentation_values(
+        [p["mask"] for p in predictions], [g["mask"] for g in ground_truth], num_classes),
+    TaskType.CLASSIFICATION: _classification_values,
+    TaskType.DETECTION: lambda predictions, ground_truth, num_classes: detection_values(
+        [p["bbox_pixels"] for p in predictions], [g["box"] for g in ground_truth]),
+    TaskType.LANDMARKS: lambda predictions, ground_truth, num_classes: regression_values(
+        [p["points_pixels"] for p in predictions], [g["points"] for g in ground_truth]),
+})
+
+
 def metrics_from_values(task_type: str, num_classes: int, values: Mapping) -> dict[str, float]:
     """The task's metrics (METRIC_NAMES[task_type]) from its `per_image_values`."""
-    if task_type == "segmentation":
-        return segmentation_from_values(values, num_classes)
-    if task_type == "classification":
-        return classification_metrics(values["label"], values["predicted"], probs_table(values["probs"]), num_classes)
-    if task_type == "detection":
-        iou = np.asarray(values["iou"], dtype=np.float64)
-        if iou.size == 0:
-            raise ValueError("detection: no samples to score")
-        return {"iou": float(np.mean(iou))}
-    if task_type == "regression":
-        return {"mre": float(np.mean(image_radial_errors(values["errors"])))}
-    raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+    return _METRICS_FROM_VALUES[task_type](values, num_classes)
+
+
+def _detection_from_values(values: Mapping, num_classes: int) -> dict[str, float]:
+    iou = np.asarray(values["iou"], dtype=np.float64)
+    if iou.size == 0:
+        raise ValueError("detection: no samples to score")
+    return {"iou": float(np.mean(iou))}
+
+
+# Per task type: (per-image values, num_classes) -> {metric: value}, the names of METRIC_NAMES.
+_METRICS_FROM_VALUES = TaskTable("metrics", {
+    TaskType.SEGMENTATION: segmentation_from_values,
+    TaskType.CLASSIFICATION: lambda values, num_classes: classification_metrics(
+        values["label"], values["predicted"], probs_table(values["probs"]), num_classes),
+    TaskType.DETECTION: _detection_from_values,
+    TaskType.LANDMARKS: lambda values, num_classes: {"mre": float(np.mean(image_radial_errors(values["errors"])))},
+})
 
 
 def probs_table(probs) -> np.ndarray:

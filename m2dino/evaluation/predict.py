@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from m2dino.data import collate
 from m2dino.data.images import to_pil_image
-from m2dino.data.reader import IMAGE_SUFFIXES, resolve_inside, resolve_split_root
+from m2dino.data.reader import (COUNT_CHECKED_TYPES, IMAGE_SUFFIXES, resolve_inside, resolve_split_root,
+                                task_type_from_name)
 from m2dino.data.transforms import SampleTransform
 from m2dino.evaluation.metrics import resize_nearest
 from m2dino import io
@@ -36,7 +37,7 @@ from m2dino.evaluation.submission import (EvaluationError, PredictionError, pred
 from m2dino.evaluation.tta import hflip_tta
 from m2dino.models.m2dino import M2DINO, load_model
 from m2dino.models.weights import WeightsError
-from m2dino.tasks import task_type_from_name
+from m2dino.tasks import TaskType
 
 
 MISSING_TASKS_FILE = "missing_tasks.json"
@@ -117,7 +118,7 @@ def read_prediction_rows(split_root: Path, specs: dict, known=None) -> tuple[lis
                 problems.append(f"{where}: image {image_path!r} is missing or not an image file {IMAGE_SUFFIXES}")
                 continue
             num_classes = (record.get("num_classes") or "").strip()
-            if task_type in ("segmentation", "classification") and num_classes:
+            if task_type in COUNT_CHECKED_TYPES and num_classes:
                 try:
                     agrees = int(float(num_classes)) == spec.num_classes
                 except ValueError:
@@ -127,7 +128,7 @@ def read_prediction_rows(split_root: Path, specs: dict, known=None) -> tuple[lis
                                     f"{spec.num_classes}")
                     continue
             mask_path = (record.get("mask_path") or "").strip() or None
-            if task_type == "segmentation":
+            if task_type is TaskType.SEGMENTATION:
                 if mask_path is None:
                     problems.append(f"{where}: segmentation row without mask_path (where its prediction goes)")
                     continue
@@ -253,7 +254,7 @@ def predict_folder(checkpoint, data_root, out_dir, split: str | None = None, bat
                 task_id = batch["tasks"][i]
                 spec = model_specs[task_id]
                 orig_size = tuple(int(v) for v in batch["orig_sizes"][i])
-                if spec.task_type == "segmentation":
+                if spec.task_type is TaskType.SEGMENTATION:
                     mask = resize_nearest(np.asarray(prediction["mask"]), orig_size)
                     write_index_png(out_dir / prediction_mask_relpath(batch["mask_paths"][i]), mask)
                 else:

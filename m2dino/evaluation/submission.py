@@ -14,24 +14,13 @@ pixel fields. Every file is written atomically (m2dino.io).
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from m2dino import io
-from m2dino.tasks import TaskSpec
-
-PREDICTION_FILES = {
-    "classification": "classification_predictions.json",
-    "detection": "detection_predictions.json",
-    "regression": "regression_predictions.json",
-}
-# Fields each prediction entry must carry (the challenge reads the pixel fields).
-REQUIRED_FIELDS = {
-    "classification": ("image_path", "task_id", "predicted_class", "predicted_probs"),
-    "detection": ("image_path", "task_id", "bbox_pixels"),
-    "regression": ("image_path", "task_id", "predicted_points_pixels"),
-}
+from m2dino.tasks import TaskSpec, TaskTable, TaskType
 
 
 class PredictionError(ValueError):
@@ -67,30 +56,36 @@ def write_index_png(path: Path, mask: np.ndarray) -> None:
 
 def submission_entry(task_type: str, task_id: str, image_path: str, prediction: dict) -> dict:
     """The challenge's JSON entry for one classification / detection / regression prediction."""
-    entry = {"image_path": image_path, "task_id": task_id}
-    if task_type == "classification":
-        probs = np.asarray(prediction["probs"], dtype=np.float64).reshape(-1)
-        if not np.isfinite(probs).all() or probs.sum() <= 0:
-            raise PredictionError(f"{task_id} {image_path}: class probabilities {probs.tolist()} are not usable")
-        probs = probs / probs.sum()  # exactly summing to 1 in float64
-        entry["predicted_class"] = int(prediction["predicted_class"])
-        entry["predicted_probs"] = [float(p) for p in probs]
-    elif task_type == "detection":
-        pixels = np.asarray(prediction["bbox_pixels"], dtype=np.float64).reshape(4)
-        normalised = np.asarray(prediction["bbox_normalized"], dtype=np.float64).reshape(4)
-        entry["bbox_normalized"] = [float(v) for v in normalised]
-        entry["bbox_pixels"] = [float(v) for v in pixels]
-    elif task_type == "regression":
-        pixels = np.asarray(prediction["points_pixels"], dtype=np.float64).reshape(-1)
-        normalised = np.asarray(prediction["points_normalized"], dtype=np.float64).reshape(-1)
-        entry["predicted_points_normalized"] = [float(v) for v in normalised]
-        entry["predicted_points_pixels"] = [float(v) for v in pixels]
-    else:
-        raise PredictionError(f"no JSON entry for task type {task_type!r}")
+    try:
+        write = SUBMISSION[task_type].write
+    except KeyError as e:
+        raise PredictionError(f"no JSON entry for task type {task_type!r} ({e})") from None
+    entry = {"image_path": image_path, "task_id": task_id, **write(task_id, image_path, prediction)}
     for key, value in entry.items():
         if isinstance(value, list) and not all(np.isfinite(value)):
             raise PredictionError(f"{task_id} {image_path}: non-finite {key} {value}")
     return entry
+
+
+def _classification_entry(task_id: str, image_path: str, prediction: dict) -> dict:
+    probs = np.asarray(prediction["probs"], dtype=np.float64).reshape(-1)
+    if not np.isfinite(probs).all() or probs.sum() <= 0:
+        raise PredictionError(f"{task_id} {image_path}: class probabilities {probs.tolist()} are not usable")
+    probs = probs / probs.sum()  # exactly summing to 1 in float64
+    return {"predicted_class": int(prediction["predicted_class"]), "predicted_probs": [float(p) for p in probs]}
+
+
+def _detection_entry(task_id: str, image_path: str, prediction: dict) -> dict:
+    pixels = np.asarray(prediction["bbox_pixels"], dtype=np.float64).reshape(4)
+    normalised = np.asarray(prediction["bbox_normalized"], dtype=np.float64).reshape(4)
+    return {"bbox_normalized": [float(v) for v in normalised], "bbox_pixels": [float(v) for v in pixels]}
+
+
+def _landmark_entry(task_id: str, image_path: str, prediction: dict) -> dict:
+    pixels = np.asarray(prediction["points_pixels"], dtype=np.float64).reshape(-1)
+    normalised = np.asarray(prediction["points_normalized"], dtype=np.float64).reshape(-1)
+    return {"predicted_points_normalized": [float(v) for v in normalised],
+            "predicted_points_pixels": [float(v) for v in pixels]}
 
 
 def write_prediction_files(out_dir, entries: dict[str, list]) -> None:
@@ -126,23 +121,55 @@ def parse_entry(entry: dict, spec: TaskSpec, path: Path) -> dict:
     """One classification / detection / regression entry as the metrics read a prediction
     (m2dino.evaluation.metrics.score_task); malformed values raise EvaluationError."""
     try:
-        if spec.task_type == "classification":
-            probs = np.asarray(entry["predicted_probs"], dtype=np.float64).reshape(-1)
-            if probs.size != spec.num_classes or not np.isfinite(probs).all():
-                raise ValueError(f"predicted_probs must be {spec.num_classes} finite numbers, got {entry['predicted_probs']!r}")
-            predicted = entry["predicted_class"]
-            if isinstance(predicted, bool) or not isinstance(predicted, (int, np.integer)):
-                raise ValueError(f"predicted_class must be an integer, got {predicted!r}")
-            return {"probs": probs, "predicted_class": int(predicted)}
-        if spec.task_type == "detection":
-            box = np.asarray(entry["bbox_pixels"], dtype=np.float64).reshape(-1)
-            if box.size != 4 or not np.isfinite(box).all():
-                raise ValueError(f"bbox_pixels must be 4 finite numbers, got {entry['bbox_pixels']!r}")
-            return {"bbox_pixels": box.tolist()}
-        points = np.asarray(entry["predicted_points_pixels"], dtype=np.float64).reshape(-1)
-        if points.size != 2 * spec.num_points or not np.isfinite(points).all():
-            raise ValueError(f"predicted_points_pixels must be {2 * spec.num_points} finite numbers "
-                             f"(x1, y1, x2, y2, ...), got {entry['predicted_points_pixels']!r}")
-        return {"points_pixels": points.reshape(-1, 2)}
+        return SUBMISSION[spec.task_type].read(entry, spec)
     except (TypeError, ValueError) as e:
         raise EvaluationError(f"{path}: prediction for {entry.get('image_path')!r}: {e}") from e
+
+
+def _parse_classification(entry: dict, spec: TaskSpec) -> dict:
+    probs = np.asarray(entry["predicted_probs"], dtype=np.float64).reshape(-1)
+    if probs.size != spec.num_classes or not np.isfinite(probs).all():
+        raise ValueError(f"predicted_probs must be {spec.num_classes} finite numbers, got {entry['predicted_probs']!r}")
+    predicted = entry["predicted_class"]
+    if isinstance(predicted, bool) or not isinstance(predicted, (int, np.integer)):
+        raise ValueError(f"predicted_class must be an integer, got {predicted!r}")
+    return {"probs": probs, "predicted_class": int(predicted)}
+
+
+def _parse_detection(entry: dict, spec: TaskSpec) -> dict:
+    box = np.asarray(entry["bbox_pixels"], dtype=np.float64).reshape(-1)
+    if box.size != 4 or not np.isfinite(box).all():
+        raise ValueError(f"bbox_pixels must be 4 finite numbers, got {entry['bbox_pixels']!r}")
+    return {"bbox_pixels": box.tolist()}
+
+
+def _parse_landmarks(entry: dict, spec: TaskSpec) -> dict:
+    points = np.asarray(entry["predicted_points_pixels"], dtype=np.float64).reshape(-1)
+    if points.size != 2 * spec.num_points or not np.isfinite(points).all():
+        raise ValueError(f"predicted_points_pixels must be {2 * spec.num_points} finite numbers "
+                         f"(x1, y1, x2, y2, ...), got {entry['predicted_points_pixels']!r}")
+    return {"points_pixels": points.reshape(-1, 2)}
+
+
+class JsonFormat(NamedTuple):
+    """How one task type's predictions travel in the challenge's JSON files."""
+
+    filename: str
+    required_fields: tuple[str, ...]  # what each entry must carry (the challenge reads the pixel fields)
+    write: Callable[[str, str, dict], dict]  # (task_id, image_path, postprocessed prediction) -> entry fields
+    read: Callable[[dict, TaskSpec], dict]  # (entry, spec) -> the prediction as the metrics read it
+
+
+# The JSON-file task types (segmentation predictions are PNG files, see prediction_mask_relpath).
+SUBMISSION = TaskTable("submission JSON files", {
+    TaskType.CLASSIFICATION: JsonFormat("classification_predictions.json",
+                                        ("image_path", "task_id", "predicted_class", "predicted_probs"),
+                                        _classification_entry, _parse_classification),
+    TaskType.DETECTION: JsonFormat("detection_predictions.json", ("image_path", "task_id", "bbox_pixels"),
+                                   _detection_entry, _parse_detection),
+    TaskType.LANDMARKS: JsonFormat("regression_predictions.json",
+                                   ("image_path", "task_id", "predicted_points_pixels"),
+                                   _landmark_entry, _parse_landmarks),
+})
+PREDICTION_FILES = TaskTable("prediction files", {kind: f.filename for kind, f in SUBMISSION.items()})
+REQUIRED_FIELDS = TaskTable("prediction fields", {kind: f.required_fields for kind, f in SUBMISSION.items()})

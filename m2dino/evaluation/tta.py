@@ -42,26 +42,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from m2dino.tasks import TaskTable, TaskType
+
 LOG2 = math.log(2.0)
 
 
-def unflip(task_type: str, out: dict) -> dict:
-    """Raw head outputs of a mirrored image mapped back to the original frame."""
-    if task_type == "segmentation":
-        return {"logits": out["logits"].flip(-1)}
-    if task_type == "classification":
-        return {"logits": out["logits"]}
-    if task_type == "regression":
-        points = out["points"].clone()
-        points[..., 0] = 1.0 - points[..., 0]
-        return {"heatmaps": out["heatmaps"].flip(-1), "points": points}
-    if task_type == "detection":
-        offset = out["offset"].flip(-1).clone()
-        offset[:, 0] = 1.0 - offset[:, 0]
-        x0, y0, x1, y1 = out["boxes"].unbind(-1)
-        return {"heatmap": out["heatmap"].flip(-1), "size": out["size"].flip(-1), "offset": offset,
-                "boxes": torch.stack([1.0 - x1, y0, 1.0 - x0, y1], dim=-1), "scores": out["scores"]}
-    raise ValueError(f"no flip rule for task type {task_type!r}")
+def _unflip_segmentation(out: dict) -> dict:
+    return {"logits": out["logits"].flip(-1)}
+
+
+def _unflip_classification(out: dict) -> dict:
+    return {"logits": out["logits"]}
+
+
+def _unflip_landmarks(out: dict) -> dict:
+    points = out["points"].clone()
+    points[..., 0] = 1.0 - points[..., 0]
+    return {"heatmaps": out["heatmaps"].flip(-1), "points": points}
+
+
+def _unflip_detection(out: dict) -> dict:
+    offset = out["offset"].flip(-1).clone()
+    offset[:, 0] = 1.0 - offset[:, 0]
+    x0, y0, x1, y1 = out["boxes"].unbind(-1)
+    return {"heatmap": out["heatmap"].flip(-1), "size": out["size"].flip(-1), "offset": offset,
+            "boxes": torch.stack([1.0 - x1, y0, 1.0 - x0, y1], dim=-1), "scores": out["scores"]}
 
 
 def _mean_log_softmax(a: Tensor, b: Tensor, dim: int) -> Tensor:
@@ -69,21 +74,41 @@ def _mean_log_softmax(a: Tensor, b: Tensor, dim: int) -> Tensor:
     return torch.logaddexp(a.float().log_softmax(dim), b.float().log_softmax(dim)) - LOG2
 
 
+def _average_logits(a: dict, b: dict) -> dict:
+    return {"logits": _mean_log_softmax(a["logits"], b["logits"], dim=1)}
+
+
+def _average_landmarks(a: dict, b: dict) -> dict:
+    shape = a["heatmaps"].shape
+    heatmaps = _mean_log_softmax(a["heatmaps"].flatten(2), b["heatmaps"].flatten(2), dim=-1)
+    return {"heatmaps": heatmaps.view(shape), "points": (a["points"].float() + b["points"].float()) / 2}
+
+
+def _average_detection(a: dict, b: dict) -> dict:
+    ha, hb = a["heatmap"].float(), b["heatmap"].float()
+    log_p = torch.logaddexp(F.logsigmoid(ha), F.logsigmoid(hb)) - LOG2
+    log_not_p = torch.logaddexp(F.logsigmoid(-ha), F.logsigmoid(-hb)) - LOG2
+    return {"heatmap": log_p - log_not_p,
+            **{k: (a[k].float() + b[k].float()) / 2 for k in ("size", "offset", "boxes", "scores")}}
+
+
+# Per task type: (how a mirrored view's raw outputs map back, how two views' outputs average).
+TTA = TaskTable("test-time flip rules", {
+    TaskType.SEGMENTATION: (_unflip_segmentation, _average_logits),
+    TaskType.CLASSIFICATION: (_unflip_classification, _average_logits),
+    TaskType.LANDMARKS: (_unflip_landmarks, _average_landmarks),
+    TaskType.DETECTION: (_unflip_detection, _average_detection),
+})
+
+
+def unflip(task_type: str, out: dict) -> dict:
+    """Raw head outputs of a mirrored image mapped back to the original frame."""
+    return TTA[task_type][0](out)
+
+
 def average(task_type: str, a: dict, b: dict) -> dict:
     """The TTA output of two views' (already un-flipped) raw outputs, as in the module doc."""
-    if task_type in ("segmentation", "classification"):
-        return {"logits": _mean_log_softmax(a["logits"], b["logits"], dim=1)}
-    if task_type == "regression":
-        shape = a["heatmaps"].shape
-        heatmaps = _mean_log_softmax(a["heatmaps"].flatten(2), b["heatmaps"].flatten(2), dim=-1)
-        return {"heatmaps": heatmaps.view(shape), "points": (a["points"].float() + b["points"].float()) / 2}
-    if task_type == "detection":
-        ha, hb = a["heatmap"].float(), b["heatmap"].float()
-        log_p = torch.logaddexp(F.logsigmoid(ha), F.logsigmoid(hb)) - LOG2
-        log_not_p = torch.logaddexp(F.logsigmoid(-ha), F.logsigmoid(-hb)) - LOG2
-        return {"heatmap": log_p - log_not_p,
-                **{k: (a[k].float() + b[k].float()) / 2 for k in ("size", "offset", "boxes", "scores")}}
-    raise ValueError(f"no averaging rule for task type {task_type!r}")
+    return TTA[task_type][1](a, b)
 
 
 def hflip_tta(model, images: Tensor, task_ids: Tensor) -> dict:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from m2dino.tasks import TaskTable, TaskType
+
 NECK_STRIDES = (4, 8, 16)
 
 
@@ -204,14 +206,15 @@ class DetectionHead(nn.Module):
                 "boxes": boxes[:, 0], "scores": scores[:, 0]}
 
 
+# The head of each task type: (task, backbone embed_dim, neck channels) -> module.
+HEADS = TaskTable("heads", {
+    TaskType.SEGMENTATION: lambda task, embed_dim, channels: SegmentationHead(channels, task.num_classes),
+    TaskType.CLASSIFICATION: lambda task, embed_dim, channels: ClassificationHead(embed_dim, task.num_classes),
+    TaskType.LANDMARKS: lambda task, embed_dim, channels: LandmarkHead(channels, task.num_points),
+    TaskType.DETECTION: lambda task, embed_dim, channels: DetectionHead(channels),
+})
+
+
 def build_head(task, embed_dim: int, channels: int) -> nn.Module:
     """The head of a TaskSpec's type."""
-    if task.task_type == "segmentation":
-        return SegmentationHead(channels, task.num_classes)
-    if task.task_type == "classification":
-        return ClassificationHead(embed_dim, task.num_classes)
-    if task.task_type == "regression":
-        return LandmarkHead(channels, task.num_classes)
-    if task.task_type == "detection":
-        return DetectionHead(channels)
-    raise ValueError(f"task {task.task_id!r} has unknown task_type {task.task_type!r}")
+    return HEADS[task.task_type](task, embed_dim, channels)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from m2dino.models.heads import boxes_from_maps
 from m2dino.models.moe import AUX_NAMES
+from m2dino.tasks import TaskTable, TaskType
 
 # The MoE auxiliary losses' weights when none are given (training's defaults too): the Switch
 # load balance and the router z-loss on, Mod-Squad's task-expert mutual information off.
@@ -176,30 +177,45 @@ def _stack_targets(targets: list, rows: Tensor, key: str, task_id: str, device) 
     return torch.stack(values).to(device)
 
 
+def _segmentation_task_loss(task, head_outputs: dict, targets: list, label_smoothing: float) -> Tensor:
+    logits = head_outputs["logits"]
+    return segmentation_loss(logits, _stack_targets(targets, head_outputs["indices"], "mask", task.task_id,
+                                                    logits.device))
+
+
+def _classification_task_loss(task, head_outputs: dict, targets: list, label_smoothing: float) -> Tensor:
+    logits = head_outputs["logits"]
+    return classification_loss(logits, _stack_targets(targets, head_outputs["indices"], "label", task.task_id,
+                                                      logits.device), label_smoothing)
+
+
+def _landmark_task_loss(task, head_outputs: dict, targets: list, label_smoothing: float) -> Tensor:
+    points = head_outputs["points"]
+    target_points = _stack_targets(targets, head_outputs["indices"], "points", task.task_id, points.device)
+    loss = landmark_loss(points, target_points)
+    if head_outputs.get("heatmaps") is not None and HEATMAP_KL_WEIGHT > 0:
+        loss = loss + HEATMAP_KL_WEIGHT * heatmap_kl_loss(head_outputs["heatmaps"], target_points)
+    return loss
+
+
+def _detection_task_loss(task, head_outputs: dict, targets: list, label_smoothing: float) -> Tensor:
+    heat = head_outputs["heatmap"]
+    return detection_loss(heat, head_outputs["size"], head_outputs["offset"],
+                          _stack_targets(targets, head_outputs["indices"], "box", task.task_id, heat.device))
+
+
+# L_t per task type: (task, head outputs, batch targets, label_smoothing) -> scalar loss.
+LOSSES = TaskTable("losses", {
+    TaskType.SEGMENTATION: _segmentation_task_loss,
+    TaskType.CLASSIFICATION: _classification_task_loss,
+    TaskType.LANDMARKS: _landmark_task_loss,
+    TaskType.DETECTION: _detection_task_loss,
+})
+
+
 def task_loss(task, head_outputs: dict, targets: list, label_smoothing: float = 0.0) -> Tensor:
     """L_t of one task: the head outputs of its rows against targets[row]."""
-    rows = head_outputs["indices"]
-    kind = task.task_type
-    if kind == "segmentation":
-        logits = head_outputs["logits"]
-        return segmentation_loss(logits, _stack_targets(targets, rows, "mask", task.task_id,
-                                                        logits.device))
-    if kind == "classification":
-        logits = head_outputs["logits"]
-        return classification_loss(logits, _stack_targets(targets, rows, "label", task.task_id,
-                                                          logits.device), label_smoothing)
-    if kind == "regression":
-        points = head_outputs["points"]
-        target_points = _stack_targets(targets, rows, "points", task.task_id, points.device)
-        loss = landmark_loss(points, target_points)
-        if head_outputs.get("heatmaps") is not None and HEATMAP_KL_WEIGHT > 0:
-            loss = loss + HEATMAP_KL_WEIGHT * heatmap_kl_loss(head_outputs["heatmaps"], target_points)
-        return loss
-    if kind == "detection":
-        heat = head_outputs["heatmap"]
-        return detection_loss(heat, head_outputs["size"], head_outputs["offset"],
-                              _stack_targets(targets, rows, "box", task.task_id, heat.device))
-    raise ValueError(f"task {task.task_id!r} has unknown task_type {kind!r}")
+    return LOSSES[task.task_type](task, head_outputs, targets, label_smoothing)
 
 
 def task_weight(task, loss_weights: Optional[dict]) -> float:

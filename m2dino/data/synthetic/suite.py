@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from m2dino.data.reader import CSV_TASK_NAMES, csv_num_classes
 from m2dino.data.synthetic.scenes import DIFFICULTY, build
 from m2dino.io import write_json
-from m2dino.tasks import CSV_TASK_NAMES, TASKS
+from m2dino.tasks import TASKS, TaskTable, TaskType
 
 GENERATOR_VERSION = 5  # bump whenever canvas.py or scenes.py change an image or label: cached suites are rebuilt
 DEFAULT_SCALE = 0.06
@@ -43,9 +44,13 @@ SIZE_RANGE = (96, 192)
 # ============================================================================ layout and writing
 
 _COUNT_WORDS = {2: "Two", 3: "Three", 4: "Four", 5: "Five", 6: "Six", 8: "Eight"}
-_TYPE_FOLDERS = {"segmentation": "Segmentation", "classification": "Classification",
-                 "detection": "Detection", "regression": "Regression"}
-_CSV_PREFIX = {"segmentation": "Seg", "classification": "Cls", "detection": "Det", "regression": "Reg"}
+# Per task type: (image folder, CSV name prefix, whether the count is in both names), as in the release.
+_NAMING = TaskTable("synthetic suite naming", {
+    TaskType.SEGMENTATION: ("Segmentation", "Seg", True),
+    TaskType.CLASSIFICATION: ("Classification", "Cls", True),
+    TaskType.DETECTION: ("Detection", "Det", False),
+    TaskType.LANDMARKS: ("Regression", "Reg", True),
+})
 
 
 def _ext(task_id: str, i: int) -> str:
@@ -56,19 +61,24 @@ def _ext(task_id: str, i: int) -> str:
     return [".png", ".jpg"][i % 2] if k % 7 == 0 else main
 
 
+def _count_word(spec) -> str:
+    count = csv_num_classes(spec)
+    return _COUNT_WORDS.get(count, str(count))
+
+
 def _task_folder(spec) -> str:
-    t = spec.task_type
-    if t in ("segmentation", "classification", "regression"):
-        return f"{_TYPE_FOLDERS[t]}/{_COUNT_WORDS.get(spec.num_classes, str(spec.num_classes))}/{spec.task_id}"
-    return f"{_TYPE_FOLDERS[t]}/{spec.task_id}"
+    folder, _, counted = _NAMING[spec.task_type]
+    if counted:
+        return f"{folder}/{_count_word(spec)}/{spec.task_id}"
+    return f"{folder}/{spec.task_id}"
 
 
 def csv_name(spec, index: int) -> str:
     """Real-looking CSV names, e.g. `Cls-Eight_15.fetal_head_pos_cls.csv`, `Det_22.x.csv`."""
-    prefix = _CSV_PREFIX[spec.task_type]
-    if spec.task_type == "detection":
+    _, prefix, counted = _NAMING[spec.task_type]
+    if not counted:
         return f"{prefix}_{index}.{spec.task_id}.csv"
-    return f"{prefix}-{_COUNT_WORDS.get(spec.num_classes, str(spec.num_classes))}_{index}.{spec.task_id}.csv"
+    return f"{prefix}-{_count_word(spec)}_{index}.{spec.task_id}.csv"
 
 
 def task_sizes(scale: float = DEFAULT_SCALE, min_train: int | None = None, min_val: int = MIN_VAL,
@@ -105,13 +115,13 @@ def write_task(out: Path, split: str, spec, n: int, seed: int, task_index: int) 
     stored_rgb = (task_index % 3) == 0  # some tasks store grayscale as RGB, as in the wild
     for i in range(n):
         rng = np.random.default_rng([seed, task_index, split_code, i])
-        balanced = split != "train" and spec.task_type == "classification"
+        balanced = split != "train" and spec.task_type is TaskType.CLASSIFICATION
         img, ann = build(spec.task_id, rng, _image_size(rng), label=i % spec.num_classes if balanced else None)
         ext = _ext(spec.task_id, i)
         name = f"{spec.task_id}_{split}_{i:05d}{ext}"
-        if spec.task_type == "classification":
+        if spec.task_type is TaskType.CLASSIFICATION:
             rel = f"{folder}/{ann['label']}/{name}"
-        elif spec.task_type == "segmentation":
+        elif spec.task_type is TaskType.SEGMENTATION:
             rel = f"{folder}/images/{name}"
         else:
             rel = f"{folder}/{name}"
@@ -127,15 +137,15 @@ def write_task(out: Path, split: str, spec, n: int, seed: int, task_index: int) 
         else:
             pil.save(path)
         row = {"image_path": f"../{rel}", "task_id": spec.task_id,
-               "task_name": CSV_TASK_NAMES[spec.task_type], "num_classes": spec.num_classes}
-        if spec.task_type == "segmentation":
+               "task_name": CSV_TASK_NAMES[spec.task_type], "num_classes": csv_num_classes(spec)}
+        if spec.task_type is TaskType.SEGMENTATION:
             mrel = f"{folder}/masks/{Path(name).stem}.png"
             (root / mrel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(ann["mask"], mode="L").save(root / mrel, compress_level=1)
             row["mask_path"] = f"../{mrel}"
-        elif spec.task_type == "classification":
+        elif spec.task_type is TaskType.CLASSIFICATION:
             row["mask"] = ann["label"]
-        elif spec.task_type == "detection":
+        elif spec.task_type is TaskType.DETECTION:
             row.update(zip(("x_min", "y_min", "x_max", "y_max"), map(_fmt, ann["box"])))
         else:
             for k, (x, y) in enumerate(ann["points"], 1):
@@ -146,9 +156,9 @@ def write_task(out: Path, split: str, spec, n: int, seed: int, task_index: int) 
 
 def _columns(spec) -> list[str]:
     base = ["image_path", "task_id", "task_name", "num_classes"]
-    extra = {"segmentation": ["mask_path"], "classification": ["mask"],
-             "detection": ["x_min", "y_min", "x_max", "y_max"],
-             "regression": [f"point_{k}_xy" for k in range(1, spec.num_points + 1)]}[spec.task_type]
+    extra = {TaskType.SEGMENTATION: ["mask_path"], TaskType.CLASSIFICATION: ["mask"],
+             TaskType.DETECTION: ["x_min", "y_min", "x_max", "y_max"],
+             TaskType.LANDMARKS: [f"point_{k}_xy" for k in range(1, spec.num_points + 1)]}[spec.task_type]
     return base + extra
 
 
