@@ -144,7 +144,6 @@ def _validate_experts(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ac
                          f"equal D = {dim} of x {list(x.shape)}")
     if fc2_weight.dim() != 3:
         raise ValueError(f"fc2_weight must have shape [E, D, H], got {list(fc2_weight.shape)}")
-    hidden = fc2_weight.shape[2]
     if activation == "swiglu" and hidden_in % 2 != 0:
         raise ValueError(f"swiglu needs an even fc1 output size H1 = 2H, got fc1_weight "
                          f"{list(fc1_weight.shape)} (H1 = {hidden_in})")

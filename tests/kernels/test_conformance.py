@@ -1,14 +1,15 @@
 """The backend conformance suite: every MoE kernel backend held to the same contract.
 
 Each backend is one parameter of BACKENDS per device it may run on (CPU; CUDA, skipped
-without a GPU; a backend that cannot run on a device here is skipped there). Held against the reference backend: the public
-ops forward and every gradient at edge-case shapes (one token, one expert, k = E, idle
-experts, tasks with no tokens, every token on one expert, 27 tasks), the four protocol
-functions themselves (Routing fields exactly, saved activations, gradients), ties to the lower
-expert, the NaN policy, the empty batch, half precision, non-contiguous inputs, autocast, the
-torch.library registration (opcheck), a float64 gradcheck where the backend takes float64 (its
-refusal where it does not), and every misuse of the public API raising a clear error before a
-kernel runs. A new backend is one entry in BACKENDS.
+without a GPU; a backend that cannot run on a device here is skipped there). Held against
+the reference backend: the public ops forward and every gradient at edge-case shapes (one
+token, one expert, k = E, idle experts, tasks with no tokens, every token on one expert, 27
+tasks), the four protocol functions themselves (Routing fields exactly, saved activations,
+gradients), ties to the lower expert, the NaN policy, the empty batch, half precision,
+non-contiguous inputs, autocast, the torch.library registration (opcheck), a float64
+gradcheck where the backend takes float64 (its refusal where it does not), and every misuse
+of the public API raising a clear error before a kernel runs. A new backend is one entry in
+m2dino_kernels.backends' registry, and so one more parameter here.
 """
 from __future__ import annotations
 
