@@ -18,7 +18,8 @@ each pair (i, i + d/2) by one angle, so the two halves of sin and of cos are equ
 are tiled twice); the triton kernel reads only the first half (checked on CPU tensors).
 
 Backends:
-  "reference"  explicit rotation, explicit fp32 softmax: the oracle (slow, O(N^2) memory)
+  "reference"  explicit rotation, explicit fp32 softmax: the oracle (slow, O(N^2) memory);
+               "torch" is accepted for it, as for the MoE ops
   "sdpa"       rotate in PyTorch (fp32), then F.scaled_dot_product_attention, which picks
                its own kernel (flash / efficient / cuDNN / math; see torch.nn.attention)
   "xformers"   rotate in PyTorch, then xformers.ops.memory_efficient_attention; needs the
@@ -26,7 +27,7 @@ Backends:
   "triton"     ours: flash attention with the rotation fused into the q/k tile loads
                (m2dino_kernels.triton.attention); CUDA, or CPU under TRITON_INTERPRET=1
                (fp32/fp16 only there); head_dim 32, 64 or 128
-  "auto"       CPU: "sdpa". CUDA: measured (m2dino_kernels.autotune): the first call of a
+  "auto"       CPU: "sdpa". CUDA: measured (m2dino_kernels.selection): the first call of a
                shape times "sdpa" and, where it can run, "triton" forward+backward on that
                call's inputs, checks triton against sdpa and keeps the faster for the key
                (device, dtype, batch bucket, heads, N, head_dim, RoPE); "sdpa" when not
@@ -34,7 +35,7 @@ Backends:
 
 backend=None follows the package-wide kernel backend (m2dino_kernels.set_backend): when it
 is "triton" attention uses "triton", otherwise "auto". (The package setting names the MoE
-implementation, whose other names -- "torch", "cpp", "cuda" -- have no attention kernel.)
+implementation; m2dino_kernels.selection makes every choice of backend, this one included.)
 
 The triton path is the torch.library custom op `m2dino::rope_flash_attention` (with a fake
 implementation and autograd), so torch.compile traces it as one op without a graph break;
@@ -42,19 +43,19 @@ the other backends are plain PyTorch and trace through.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from m2dino_kernels import autotune
+from m2dino_kernels import selection
+from m2dino_kernels.selection import ATTENTION_BACKENDS, TRITON_HEAD_DIMS, xformers_available
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "triton", "reference")
+__all__ = ["ATTENTION_BACKENDS", "SUPPORTED_DTYPES", "TRITON_HEAD_DIMS", "apply_rope", "attention",
+           "attention_reference", "rotate_half", "xformers_available"]
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TRITON_HEAD_DIMS = (32, 64, 128)
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,11 +117,6 @@ def attention_reference(q, k, v, rope=None, num_prefix_tokens=0):
 def _sdpa_attention(q, k, v, rope, num_prefix_tokens):
     q_rot, k_rot = _rotate_qk(q, k, rope, num_prefix_tokens)
     return F.scaled_dot_product_attention(q_rot, k_rot, v)
-
-
-def xformers_available() -> bool:
-    """True when the optional xformers package is installed (it still needs CUDA tensors)."""
-    return importlib.util.find_spec("xformers") is not None
 
 
 def _xformers_attention(q, k, v, rope, num_prefix_tokens):
@@ -274,114 +270,6 @@ def _validate(q, k, v, rope, num_prefix_tokens):
                          f"cos shape {tuple(rope[1].shape)}")
 
 
-def _package_backend() -> str:
-    """The package-wide kernel backend, read defensively (backends.py may be absent)."""
-    try:
-        from m2dino_kernels.backends import get_backend  # noqa: PLC0415
-    except ImportError:
-        return "auto"
-    return get_backend()
-
-
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_refusal(q: torch.Tensor) -> Optional[str]:
-    """Why the triton kernel cannot take q (None when it can): head_dim, or int32 offsets."""
-    if q.shape[-1] not in TRITON_HEAD_DIMS:
-        return (f"attention backend 'triton' supports head_dim {TRITON_HEAD_DIMS}, got "
-                f"{q.shape[-1]}; use 'sdpa'")
-    from m2dino_kernels.triton.attention import int32_offset_problem  # noqa: PLC0415
-
-    return int32_offset_problem(q.shape, q.stride())
-
-
-def _triton_can_take(q: torch.Tensor) -> bool:
-    if not _triton_importable():
-        return False
-    if q.device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1" or q.dtype == torch.bfloat16:
-            return False
-    elif q.device.type != "cuda":
-        return False
-    return _triton_refusal(q) is None
-
-
-def _attention_trial(q, k, v, rope, num_prefix_tokens):
-    """Forward + backward of an attention backend on copies of this call's inputs (same
-    strides; the caller's autocast applies, as in the real call)."""
-    with torch.inference_mode(False):
-        def copy(t):
-            out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-            return out.copy_(t.detach())
-
-        leaves = [copy(t).requires_grad_(True) for t in (q, k, v)]
-        tables = None if rope is None else tuple(t.detach().clone() for t in rope)
-        grad = torch.randn(q.shape, generator=torch.Generator(q.device).manual_seed(5),
-                           device=q.device, dtype=q.dtype)
-
-    def run(name):
-        with (torch.inference_mode(False), torch.enable_grad(),
-              torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)):
-            out = _BACKEND_FUNCTIONS[name](*leaves, tables, num_prefix_tokens)
-            return (out.detach(), *torch.autograd.grad(out, leaves, grad))
-
-    return autotune.Trial(run, ("out", "dq", "dk", "dv"), q.dtype, q.device)
-
-
-def _auto_backend(q: torch.Tensor, k=None, v=None, rope=None, num_prefix_tokens=0) -> str:
-    """sdpa, or where autotune measures (CUDA) the faster of sdpa and triton for the key."""
-    if k is None or q.numel() == 0 or not autotune.TUNER.applies_to(q.device.type):
-        return "sdpa"
-    # (under tracing only a remembered decision counts: no import, no probe of triton)
-    tracing = torch.compiler.is_compiling()
-    names = ["sdpa"] + (["triton"] if not tracing and _triton_can_take(q) else [])
-    batch, heads, n, head_dim = q.shape
-    fields = {"B": autotune.token_bucket(batch), "heads": heads, "N": n,
-              "head_dim": head_dim, "rope": rope is not None}
-    return autotune.decide("attention", q.device, q.dtype, fields, names, ("sdpa",),
-                           lambda: _attention_trial(q, k, v, rope, num_prefix_tokens),
-                           "sdpa")
-
-
-def _resolve_backend(backend, q: torch.Tensor, k=None, v=None, rope=None,
-                     num_prefix_tokens: int = 0) -> str:
-    if backend is None:
-        backend = "triton" if _package_backend() == "triton" else "auto"
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention: unknown backend {backend!r}; expected one of "
-                         f"{', '.join(ATTENTION_BACKENDS)} or None")
-    if backend == "auto":
-        return _auto_backend(q, k, v, rope, num_prefix_tokens)
-    device_type = q.device.type
-    if backend == "xformers":
-        if not xformers_available():
-            raise RuntimeError("attention backend 'xformers' needs the optional xformers "
-                               "package (pip install xformers); it is not installed")
-        if device_type != "cuda":
-            raise RuntimeError(f"attention backend 'xformers' runs on CUDA tensors only, "
-                               f"got {device_type} tensors; use 'sdpa' there")
-    elif backend == "triton":
-        if not _triton_importable():
-            raise RuntimeError("attention backend 'triton' needs the triton package")
-        if device_type == "cpu":
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                raise RuntimeError("attention backend 'triton' on CPU tensors needs "
-                                   "TRITON_INTERPRET=1 set before m2dino_kernels is imported "
-                                   "(slow; meant for tests); use 'sdpa' on CPU")
-            if q.dtype == torch.bfloat16:
-                raise TypeError("attention backend 'triton' on CPU (Triton interpreter) "
-                                "supports float32 and float16; its bfloat16 dot is wrong")
-        elif device_type != "cuda":
-            raise RuntimeError(f"attention backend 'triton' runs on CUDA tensors, "
-                               f"got {device_type}")
-        problem = _triton_refusal(q)
-        if problem:
-            raise ValueError(problem)
-    return backend
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope=None,
               num_prefix_tokens: int = 0, backend: Optional[str] = None) -> torch.Tensor:
     """softmax(q' k'^T / sqrt(head_dim)) v with q', k' rotated by RoPE (see module doc).
@@ -392,12 +280,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope=None,
         rope: None, or (sin, cos), each [N - num_prefix_tokens, head_dim] or
             [B or 1, N - num_prefix_tokens, head_dim]. No gradient flows to them.
         num_prefix_tokens: leading tokens that are not rotated, 0 <= it <= N.
-        backend: "auto", "sdpa", "xformers", "triton", "reference", or None to follow the
-            package setting ("triton" if it is "triton", else "auto").
+        backend: "auto", "sdpa", "xformers", "triton", "reference" (alias "torch"), or None
+            to follow the package setting ("triton" if it is "triton", else "auto").
 
     Returns:
         [B, heads, N, head_dim] in q's dtype.
     """
     _validate(q, k, v, rope, num_prefix_tokens)
-    name = _resolve_backend(backend, q, k, v, rope, num_prefix_tokens)
+    name = selection.attention_backend(backend, _BACKEND_FUNCTIONS, q, k, v, rope,
+                                       num_prefix_tokens)
     return _BACKEND_FUNCTIONS[name](q, k, v, rope, num_prefix_tokens)

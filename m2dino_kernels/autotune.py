@@ -1,11 +1,13 @@
-"""The measured `auto` backend, like cuDNN's benchmark mode.
+"""The measuring behind `auto`, like cuDNN's benchmark mode: the tuner and its cache file.
 
-On the device types it tunes (CUDA), the first call of an op for a key -- the device's name,
+m2dino_kernels.selection decides which backend runs and builds the trials on each op's inputs;
+this module times and checks them and remembers the outcome. On the device types it tunes
+(CUDA), the first call of an op for a key -- the device's name,
 the dtype, the op's sizes (MoE experts: activation, D, H, E, k; routing: D, E, k, tasks;
 attention: heads, N, head_dim, RoPE) and a power-of-two bucket of the token count (the batch
 for attention) -- runs every backend available for the device and dtype on that call's own
 inputs, forward and backward, compares each one's outputs and gradients with the library
-path's (grouped_mm for the MoE ops where it runs, else torch; sdpa for attention) within the
+path's (grouped_mm for the MoE ops where it runs, else reference; sdpa for attention) within the
 dtype's tolerance, times forward+backward, and keeps the fastest that agrees for every later
 call with that key. A backend that raises or disagrees is excluded for that key with one
 warning naming it, the key and the error.
@@ -18,7 +20,7 @@ next decision).
 
 M2DINO_KERNELS_AUTOTUNE=0 turns measurement off: `auto` is then the library path. Under
 torch.compile tracing `auto` uses a decision already in memory, else the library path; it
-never measures there. Device types that are not tuned (CPU by default) keep backends.py's
+never measures there. Device types that are not tuned (CPU by default) keep selection.py's
 fixed rule. `TUNER` is the process's tuner; tests install their own (e.g. one that tunes CPU
 with a candidate list of their choosing).
 """
@@ -34,6 +36,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from m2dino_kernels.backends import BACKEND_ALIASES
 
 ENV_VAR = "M2DINO_KERNELS_AUTOTUNE"
 CACHE_NAME = "kernels-autotune.json"
@@ -138,6 +142,20 @@ class Trial:
 # ---------------------------------------------------------------------------------------
 # The tuner
 # ---------------------------------------------------------------------------------------
+def _canonical_entry(entry: dict) -> dict:
+    """An entry with old backend names (files written before a rename) read as today's."""
+    def name(n):
+        return BACKEND_ALIASES.get(n, n)
+
+    entry = {**entry, "backend": name(entry["backend"])}
+    if isinstance(entry.get("reference"), str):
+        entry["reference"] = name(entry["reference"])
+    for field in ("ms", "excluded"):
+        if isinstance(entry.get(field), dict):
+            entry[field] = {name(n): value for n, value in entry[field].items()}
+    return entry
+
+
 def _first_line(err: BaseException) -> str:
     text = f"{type(err).__name__}: {err}".strip()
     return text.splitlines()[0][:300]
@@ -194,7 +212,7 @@ class Autotuner:
             return {}
         if payload.get("format") != FORMAT or payload.get("torch") != torch.__version__:
             return {}  # written by another version: its timings need not hold
-        return payload["decisions"]
+        return {key: _canonical_entry(entry) for key, entry in payload["decisions"].items()}
 
     def entries(self) -> dict:
         """The decisions of the cache file (file key -> entry), read once."""
@@ -324,15 +342,3 @@ def format_key(op: str, device: torch.device, dtype: torch.dtype, fields: dict) 
     parts = [op, device_name(device), str(dtype).replace("torch.", "")]
     parts += [f"{k}={v}" for k, v in fields.items()]
     return "|".join(parts)
-
-
-def decide(op: str, device: torch.device, dtype: torch.dtype, fields: dict, names,
-           references, make_trial: Callable[[], Trial], default: str) -> str:
-    """The measured backend for this call (TUNER's decision; `default` where it does not
-    tune). fields: the key's sizes, in order, the token bucket included."""
-    tuner = TUNER
-    if not tuner.applies_to(device.type):
-        return default
-    key = (op, device.type, device.index, dtype, *fields.values())
-    return tuner.choose(key, lambda: format_key(op, device, dtype, fields), names, references,
-                        make_trial, default)

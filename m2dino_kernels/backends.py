@@ -1,62 +1,95 @@
-"""Backend registry: which implementation of the MoE ops runs, and on which devices it can.
+"""The MoE kernel backend protocol: the values that travel through it and the backend modules.
 
 Backends (each a module exposing DESIGN.md's four protocol functions, imported lazily):
-  "torch"       m2dino_kernels.reference   plain PyTorch, the oracle; runs everywhere
+  "reference"   m2dino_kernels.reference   plain PyTorch, the oracle; runs everywhere
+                                           ("torch" is its old name, still accepted)
   "cpp"         m2dino_kernels.extension   the C++ extension m2dino_kernels._C, CPU tensors
   "cuda"        m2dino_kernels.extension   the same extension's CUDA kernels (built with CUDA)
-  "triton"      m2dino_kernels.triton.moe  Triton kernels: CUDA tensors, or CPU tensors when
-                                           TRITON_INTERPRET=1 (slow; meant for tests)
+  "triton"      m2dino_kernels.triton.moe  Triton kernels: CUDA tensors, or CPU tensors under
+                                           the Triton interpreter (slow; meant for tests)
   "grouped_mm"  m2dino_kernels.grouped_mm  the reference's routing, expert GEMMs through
-                                           torch.nn.functional.grouped_mm: the library floor;
-                                           CUDA (sm >= 80) and CPU where this torch runs it
+                                           torch.nn.functional.grouped_mm: the library floor
 
-"auto" (the default) picks per device: on CPU "cpp" if the extension is built, else "torch";
-on CUDA the backend m2dino_kernels.autotune measured fastest for the call's shape (see there;
-with M2DINO_KERNELS_AUTOTUNE=0, or without a measurement under torch.compile: "grouped_mm",
-else "torch"). The environment variable M2DINO_KERNELS_BACKEND sets the initial choice.
+Protocol (the backend may assume valid, contiguous inputs; m2dino_kernels.moe checks them):
+  route_forward(x, task_ids, gate_weight, gate_bias, top_k) -> Routing
+  route_backward(grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight, has_bias,
+                 routing) -> (grad_x, grad_gate_weight, grad_gate_bias or None)
+  experts_forward(x, routing, params: ExpertWeights, activation) -> (y, h_pre, expert_out)
+  experts_backward(grad_y, x, routing, params, activation, h_pre, expert_out)
+      -> (grad_x, grad_routing_weights, ExpertWeights of the weight and bias gradients)
 
-If the extension fails to import, one warning is given when this module is imported, and the
-"torch" backend is used instead.
+Which backend runs where, and which one `auto` picks, is m2dino_kernels.selection's job.
+If the extension fails to import, one warning is given when this module is imported.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-import importlib.util
-import os
 import warnings
+from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
-BACKEND_NAMES = ("auto", "torch", "cpp", "cuda", "triton", "grouped_mm")
-ENV_VAR = "M2DINO_KERNELS_BACKEND"
+REFERENCE = "reference"
+# Old names still accepted wherever a backend is named (and read from autotune cache files).
+BACKEND_ALIASES = {"torch": REFERENCE}
 
 _BACKEND_MODULES = {
-    "torch": "m2dino_kernels.reference",
+    REFERENCE: "m2dino_kernels.reference",
     "cpp": "m2dino_kernels.extension",
     "cuda": "m2dino_kernels.extension",
     "triton": "m2dino_kernels.triton.moe",
     "grouped_mm": "m2dino_kernels.grouped_mm",
 }
+CONCRETE_BACKENDS = tuple(_BACKEND_MODULES)
 
 _HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
-# Input dtypes each concrete backend accepts (float64 only in the reference: gradcheck).
-# Kept here rather than in the backend modules so that checking it never imports one
-# (an import inside a torch.compile'd call would be a graph break).
+# Input dtypes each concrete backend accepts (float64 for gradcheck). Kept here rather than in
+# the backend modules so that checking it never imports one (an import inside a
+# torch.compile'd call would be a graph break).
 BACKEND_DTYPES = {
-    "torch": _HALF_AND_FLOAT + (torch.float64,),
-    "cpp": _HALF_AND_FLOAT + (torch.float64,),  # float64 for gradcheck
+    REFERENCE: _HALF_AND_FLOAT + (torch.float64,),
+    "cpp": _HALF_AND_FLOAT + (torch.float64,),
     "cuda": _HALF_AND_FLOAT,
     "triton": _HALF_AND_FLOAT,
     "grouped_mm": _HALF_AND_FLOAT,  # what torch.nn.functional.grouped_mm takes
 }
 
 
-def _validate_name(name, source: str) -> str:
-    if not isinstance(name, str) or name not in BACKEND_NAMES:
-        raise ValueError(f"{source}: unknown kernel backend {name!r}; "
-                         f"expected one of {', '.join(BACKEND_NAMES)}")
-    return name
+class Routing(NamedTuple):
+    """Result of task_topk_route. Slot s = t * top_k + j is token t's j-th expert choice."""
+
+    logits: Tensor        # [T, E] fp32: router logits of each token's own task
+    probs: Tensor         # [T, E] fp32: softmax(logits)
+    weights: Tensor       # [T, k] fp32: top-k probabilities renormalised to sum to 1
+    experts: Tensor       # [T, k] int64: chosen experts, by descending probability
+    counts: Tensor        # [E] int64: slots routed to each expert
+    sorted_slots: Tensor  # [T*k] int64: slots stably sorted by expert
+    offsets: Tensor       # [E+1] int64: expert e owns sorted_slots[offsets[e]:offsets[e+1]]
+    top_k: int
+
+    def tensors(self) -> list:
+        """Every field but top_k, in order: how a custom op's schema carries a Routing."""
+        return [getattr(self, name) for name in ROUTING_TENSORS]
+
+    @classmethod
+    def from_tensors(cls, tensors) -> "Routing":
+        """The Routing of tensors() (top_k is the width of weights)."""
+        logits, probs, weights, experts, counts, sorted_slots, offsets = tensors
+        return cls(logits, probs, weights, experts, counts, sorted_slots, offsets,
+                   int(weights.shape[1]))
+
+
+ROUTING_TENSORS = Routing._fields[:-1]
+
+
+class ExpertWeights(NamedTuple):
+    """The stacked expert MLP parameters (nn.Linear layout), or their gradients."""
+
+    fc1_weight: Tensor  # [E, H1, D]
+    fc1_bias: Tensor    # [E, H1]
+    fc2_weight: Tensor  # [E, D, H]
+    fc2_bias: Tensor    # [E, D]
 
 
 def _load_extension():
@@ -66,121 +99,24 @@ def _load_extension():
     except (ImportError, OSError) as err:
         warnings.warn(
             f"m2dino_kernels._C could not be imported ({err}); the C++/CUDA kernel backends "
-            "are unavailable and the plain PyTorch backend 'torch' is used instead. Build "
-            "the extension with `pip install -e .` (see README.md) to enable them.",
+            f"are unavailable and the plain PyTorch backend {REFERENCE!r} is used instead. "
+            "Build the extension with `pip install -e .` (see README.md) to enable them.",
             RuntimeWarning, stacklevel=3)
         return None
 
 
 _C = _load_extension()
-_state = {"name": _validate_name(os.environ.get(ENV_VAR, "auto"), f"environment variable {ENV_VAR}")}
 
 
-def _triton_can_run(device_type: str) -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    if device_type == "cuda":
-        return True
-    return device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+def routing_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of logits, probs and weights: fp32, or float64 for float64 inputs (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _compute_available(device_type: str) -> tuple:
-    names = ["torch"]
-    if _C is not None and device_type == "cpu":
-        names.append("cpp")
-    if _C is not None and device_type == "cuda" and bool(getattr(_C, "with_cuda", False)):
-        names.append("cuda")
-    if _triton_can_run(device_type):
-        names.append("triton")
-    if importlib.import_module("m2dino_kernels.grouped_mm").runs_on(device_type):
-        names.append("grouped_mm")
-    return tuple(names)
-
-
-# Availability per device type, filled eagerly so that resolving a backend inside a
-# torch.compile'd function is a plain dict read (nothing dynamo would have to trace).
-_available_cache = {"cpu": _compute_available("cpu")}
-if torch.cuda.is_available():
-    _available_cache["cuda"] = _compute_available("cuda")
-
-
-def _device_type(device) -> str:
-    if isinstance(device, torch.Tensor):
-        return device.device.type
-    return torch.device(device).type
-
-
-def available_backends(device="cpu") -> list:
-    """Names of the backends that can run on tensors of `device` ("torch" always first)."""
-    device_type = _device_type(device)
-    if device_type not in _available_cache:
-        _available_cache[device_type] = _compute_available(device_type)
-    return list(_available_cache[device_type])
-
-
-def refresh_available_backends() -> None:
-    """Recompute availability (e.g. after setting TRITON_INTERPRET in a running process)."""
-    for device_type in list(_available_cache):
-        _available_cache[device_type] = _compute_available(device_type)
-
-
-def set_backend(name: str) -> None:
-    """Select the backend for all later calls: "auto", "torch", "cpp", "cuda", "triton" or
-    "grouped_mm".
-
-    Whether it can run is checked at call time against the tensors' device."""
-    _state["name"] = _validate_name(name, "set_backend")
-
-
-def get_backend() -> str:
-    """The selected backend name (possibly "auto")."""
-    return _state["name"]
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Context manager: run the enclosed calls with backend `name`, then restore."""
-    previous = _state["name"]
-    set_backend(name)
-    try:
-        yield
-    finally:
-        _state["name"] = previous
-
-
-def library_backend(device_type: str, available, dtype=None) -> str:
-    """The library path on `device_type`: "grouped_mm" where it runs (and takes `dtype`),
-    else "torch". What `auto` uses on CUDA when nothing was measured."""
-    if "grouped_mm" in available and (dtype is None or dtype in BACKEND_DTYPES["grouped_mm"]):
-        return "grouped_mm"
-    return "torch"
-
-
-def _auto_backend(device_type: str, available, dtype=None) -> str:
-    """`auto` without a measurement: CPU "cpp" when built, else "torch"; elsewhere the
-    library path (m2dino_kernels.autotune measures on CUDA and may choose another)."""
-    if device_type == "cpu":
-        return "cpp" if "cpp" in available else "torch"
-    return library_backend(device_type, available, dtype)
-
-
-def resolve_backend(device, name=None, dtype=None) -> str:
-    """The concrete backend that runs on `device` for `name` (default: the selected one);
-    "auto" resolves to its unmeasured rule (see _auto_backend; moe.py asks
-    m2dino_kernels.autotune first on the devices it tunes).
-
-    Raises ValueError, listing the backends that can run there, if `name` cannot."""
-    name = _state["name"] if name is None else _validate_name(name, "backend")
-    device_type = _device_type(device)
-    available = _available_cache.get(device_type)
-    if available is None:
-        available = tuple(available_backends(device_type))
-    if name == "auto":
-        return _auto_backend(device_type, available, dtype)
-    if name not in available:
-        raise ValueError(f"kernel backend {name!r} cannot run on {device_type} tensors; "
-                         f"available there: {', '.join(available)}")
-    return name
+def no_autocast(tensor: Tensor):
+    """Autocast off around a backend call: the op's inputs already have their dtype, and the
+    backends' fp32 accumulation and output dtypes must not be recast by a caller's region."""
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def backend_module(name: str):

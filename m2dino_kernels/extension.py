@@ -12,7 +12,7 @@ offsets to the host once per call (one sync); routing itself never syncs.
 """
 from __future__ import annotations
 
-from m2dino_kernels.backends import _C
+from m2dino_kernels.backends import _C, ExpertWeights, Routing
 
 
 def _extension():
@@ -23,25 +23,28 @@ def _extension():
 
 
 def route_forward(x, task_ids, gate_weight, gate_bias, top_k):
-    return tuple(_extension().route_forward(x, task_ids, gate_weight, gate_bias, int(top_k)))
+    out = _extension().route_forward(x, task_ids, gate_weight, gate_bias, int(top_k))
+    return Routing(*out, top_k=int(top_k))
 
 
 def route_backward(grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight, has_bias,
-                   probs, weights, experts):
+                   routing: Routing):
     grad_x, grad_gate_weight, grad_gate_bias = _extension().route_backward(
-        grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight, bool(has_bias), probs,
-        weights, experts)
+        grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight, bool(has_bias),
+        routing.probs, routing.weights, routing.experts)
     return grad_x, grad_gate_weight, grad_gate_bias
 
 
-def experts_forward(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b,
-                    activation):
-    return tuple(_extension().experts_forward(x, weights, experts, sorted_slots, offsets,
-                                              fc1_w, fc1_b, fc2_w, fc2_b, activation))
+def experts_forward(x, routing: Routing, params: ExpertWeights, activation):
+    y, h_pre, expert_out = _extension().experts_forward(
+        x, routing.weights, routing.experts, routing.sorted_slots, routing.offsets, *params,
+        activation)
+    return y, h_pre, expert_out
 
 
-def experts_backward(grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w,
-                     fc2_b, activation, h_pre, expert_out):
-    return tuple(_extension().experts_backward(grad_y, x, weights, experts, sorted_slots,
-                                               offsets, fc1_w, fc1_b, fc2_w, fc2_b, activation,
-                                               h_pre, expert_out))
+def experts_backward(grad_y, x, routing: Routing, params: ExpertWeights, activation, h_pre,
+                     expert_out):
+    grad_x, grad_weights, *grad_params = _extension().experts_backward(
+        grad_y, x, routing.weights, routing.experts, routing.sorted_slots, routing.offsets,
+        *params, activation, h_pre, expert_out)
+    return grad_x, grad_weights, ExpertWeights(*grad_params)

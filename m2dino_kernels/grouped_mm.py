@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from m2dino_kernels.backends import ExpertWeights, Routing
 from m2dino_kernels.reference import (activate, activate_backward, combine_slots,
                                       invert_slots, route_backward, route_forward,
                                       route_weight_grad)
@@ -107,9 +108,10 @@ def _rows(x, sorted_slots, experts, offsets, top_k):
     return token_of_row, expert_of_row, offsets[1:].to(torch.int32)
 
 
-def experts_forward(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b,
-                    activation):
-    top_k = weights.shape[1]
+def experts_forward(x, routing: Routing, params: ExpertWeights, activation):
+    fc1_w, fc1_b, fc2_w, fc2_b = params
+    weights, experts, sorted_slots, offsets, top_k = (
+        routing.weights, routing.experts, routing.sorted_slots, routing.offsets, routing.top_k)
     acc = torch.float32
     token_of_row, expert_of_row, offs = _rows(x, sorted_slots, experts, offsets, top_k)
     x_rows = _aligned(x.index_select(0, token_of_row))
@@ -122,9 +124,11 @@ def experts_forward(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc
     return y.to(x.dtype), h_pre, expert_out
 
 
-def experts_backward(grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w,
-                     fc2_b, activation, h_pre, expert_out):
-    top_k = weights.shape[1]
+def experts_backward(grad_y, x, routing: Routing, params: ExpertWeights, activation, h_pre,
+                     expert_out):
+    fc1_w, fc1_b, fc2_w, fc2_b = params
+    weights, experts, sorted_slots, offsets, top_k = (
+        routing.weights, routing.experts, routing.sorted_slots, routing.offsets, routing.top_k)
     dtype = x.dtype
     acc = torch.float32
     token_of_row, _, offs = _rows(x, sorted_slots, experts, offsets, top_k)
@@ -146,5 +150,5 @@ def experts_backward(grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, 
     grad_fc1_b = _group_sums(grad_h_pre, counts, fc1_b.dtype)
     grad_x_rows = _gmm(_aligned(grad_h_pre), _aligned(fc1_w), offs)
     grad_x = combine_slots(grad_x_rows, row_of_slot, None, top_k, acc)
-    return (grad_x.to(dtype), grad_weights.to(weights.dtype), grad_fc1_w, grad_fc1_b,
-            grad_fc2_w, grad_fc2_b)
+    return (grad_x.to(dtype), grad_weights.to(weights.dtype),
+            ExpertWeights(grad_fc1_w, grad_fc1_b, grad_fc2_w, grad_fc2_b))

@@ -6,14 +6,15 @@ This module is the only door to the backends. It
 - exposes each op as a torch.library custom op in the `m2dino` namespace, with a fake (meta)
   implementation and autograd registered, and the concrete backend name passed as a string
   argument, so torch.compile traces one op per call with no graph break,
-- dispatches to the backend module chosen by m2dino_kernels.backends (for `auto` on the
-  devices it tunes, measured by m2dino_kernels.autotune on the call's inputs),
+- dispatches to the backend module chosen by m2dino_kernels.selection (for `auto` on the
+  devices it tunes, measured on the call's inputs), handing it the Routing and ExpertWeights
+  NamedTuples of the backend protocol (m2dino_kernels.backends),
 - runs the backends with autocast off: a caller's autocast region (the model's) has already
   fixed the dtype of the inputs, and the backends' fp32 accumulation and output dtypes must
   not be recast by it inside the op.
 
 Dtypes: x and all weights share one dtype: float32, bfloat16, float16 (or float64 with the
-"torch" backend, for gradcheck). Routing outputs (logits, probs, weights) are float32
+"reference" backend, for gradcheck). Routing outputs (logits, probs, weights) are float32
 (float64 for float64 inputs); accumulation is always fp32.
 
 Range checks: task ids are checked against the number of tasks inside the op, on the real
@@ -31,28 +32,19 @@ out of bounds. Nothing is silently clamped or zeroed.
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from m2dino_kernels import autotune, backends
+from m2dino_kernels import backends, selection
+from m2dino_kernels.backends import (REFERENCE, ROUTING_TENSORS, ExpertWeights, Routing, no_autocast,
+                                     routing_dtype)
+
+__all__ = ["ACTIVATIONS", "ExpertWeights", "Routing", "expert_mlp", "task_topk_route"]
 
 ACTIVATIONS = ("gelu", "swiglu")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-class Routing(NamedTuple):
-    """Result of task_topk_route. Slot s = t * top_k + j is token t's j-th expert choice."""
-
-    logits: Tensor        # [T, E] fp32: router logits of each token's own task
-    probs: Tensor         # [T, E] fp32: softmax(logits)
-    weights: Tensor       # [T, k] fp32: top-k probabilities renormalised to sum to 1
-    experts: Tensor       # [T, k] int64: chosen experts, by descending probability
-    counts: Tensor        # [E] int64: slots routed to each expert
-    sorted_slots: Tensor  # [T*k] int64: slots stably sorted by expert
-    offsets: Tensor       # [E+1] int64: expert e owns sorted_slots[offsets[e]:offsets[e+1]]
-    top_k: int
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,17 +77,13 @@ def _check_backend_dtype(backend, dtype):
     supported = backends.BACKEND_DTYPES[backend]
     if dtype not in supported:
         raise TypeError(f"kernel backend {backend!r} does not support {dtype}; it supports "
-                        f"{', '.join(str(d) for d in supported)} (backend 'torch' supports "
+                        f"{', '.join(str(d) for d in supported)} (backend {REFERENCE!r} supports "
                         f"{', '.join(str(d) for d in _DTYPES)})")
 
 
 def _is_int(value) -> bool:
     """Python or numpy integers (not bool, not float, not tensors)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _routing_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _validate_route(x, task_ids, gate_weight, gate_bias, top_k):
@@ -156,7 +144,6 @@ def _validate_experts(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ac
                          f"equal D = {dim} of x {list(x.shape)}")
     if fc2_weight.dim() != 3:
         raise ValueError(f"fc2_weight must have shape [E, D, H], got {list(fc2_weight.shape)}")
-    hidden = fc2_weight.shape[2]
     if activation == "swiglu" and hidden_in % 2 != 0:
         raise ValueError(f"swiglu needs an even fc1 output size H1 = 2H, got fc1_weight "
                          f"{list(fc1_weight.shape)} (H1 = {hidden_in})")
@@ -188,13 +175,15 @@ def _validate_experts(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ac
         "routing.offsets": (routing.offsets, (num_experts + 1,),
                             f"[E+1] = [{num_experts + 1}] (E from fc1_weight)"),
     }
+    for name in ("logits", "probs", "counts"):  # carried along, unused by the experts
+        _require_tensor(getattr(routing, name), f"routing.{name}")
     for name, (tensor, shape, meaning) in fields.items():
         _require_tensor(tensor, name)
         _require_shape(tensor, name, shape, meaning)
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
-    if routing.weights.dtype != _routing_dtype(x.dtype):
-        raise TypeError(f"routing.weights must be {_routing_dtype(x.dtype)} for x of dtype "
+    if routing.weights.dtype != routing_dtype(x.dtype):
+        raise TypeError(f"routing.weights must be {routing_dtype(x.dtype)} for x of dtype "
                         f"{x.dtype}, got {routing.weights.dtype}")
     for name in ("routing.experts", "routing.sorted_slots", "routing.offsets"):
         if fields[name][0].dtype != torch.int64:
@@ -211,8 +200,9 @@ def _check_task_range(task_ids, num_tasks):
                          f"from gate_weight), got values in [{low}, {high}]")
 
 
-def _check_routing_values(experts, sorted_slots, offsets, num_experts):
+def _check_routing_values(routing: Routing, num_experts: int):
     """Index ranges of a Routing: free on CPU, skipped on GPU (it would cost a sync)."""
+    experts, sorted_slots, offsets = routing.experts, routing.sorted_slots, routing.offsets
     if experts.device.type != "cpu" or experts.numel() == 0:
         return
     if int(experts.min()) < 0 or int(experts.max()) >= num_experts:
@@ -224,11 +214,6 @@ def _check_routing_values(experts, sorted_slots, offsets, num_experts):
         raise ValueError(f"routing.offsets must rise from 0 to T*k = {num_slots}")
 
 
-def _no_autocast(tensor):
-    """Autocast off for the backend call: the op's inputs already have their dtype."""
-    return torch.autocast(tensor.device.type, enabled=False)
-
-
 def _zeros_if_none(grad, like, dtype=None):
     if grad is None:
         return torch.zeros(like.shape, dtype=like.dtype if dtype is None else dtype,
@@ -237,46 +222,48 @@ def _zeros_if_none(grad, like, dtype=None):
 
 
 # ---------------------------------------------------------------------------------------
-# Custom op: routing
+# Custom ops. Their schemas carry a Routing as Routing.tensors() and the expert parameters
+# as the list of an ExpertWeights; the backends get the NamedTuples back.
 # ---------------------------------------------------------------------------------------
-_RouteOut = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+# (a tuple, not a list: autograd then hands each output's gradient to the backward)
+_RoutingTensors = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 @torch.library.custom_op("m2dino::task_topk_route", mutates_args=())
 def _route_op(x: Tensor, task_ids: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor],
-              top_k: int, backend: str, check_task_ids: bool = True) -> _RouteOut:
+              top_k: int, backend: str, check_task_ids: bool = True) -> _RoutingTensors:
     if check_task_ids:
         _check_task_range(task_ids, gate_weight.shape[0])
-    with _no_autocast(x):
-        out = backends.backend_module(backend).route_forward(x, task_ids, gate_weight,
-                                                             gate_bias, top_k)
-    return tuple(out)
+    with no_autocast(x):
+        routing = backends.backend_module(backend).route_forward(x, task_ids, gate_weight,
+                                                                 gate_bias, top_k)
+    return tuple(routing.tensors())
 
 
 @_route_op.register_fake
 def _route_fake(x, task_ids, gate_weight, gate_bias, top_k, backend, check_task_ids=True):
     num_tokens = x.shape[0]
     num_experts = gate_weight.shape[1]
-    fdt = _routing_dtype(x.dtype)
+    fdt = routing_dtype(x.dtype)
     idx = dict(dtype=torch.int64, device=x.device)
-    return (x.new_empty(num_tokens, num_experts, dtype=fdt),
-            x.new_empty(num_tokens, num_experts, dtype=fdt),
-            x.new_empty(num_tokens, top_k, dtype=fdt),
-            torch.empty(num_tokens, top_k, **idx),
-            torch.empty(num_experts, **idx),
-            torch.empty(num_tokens * top_k, **idx),
-            torch.empty(num_experts + 1, **idx))
+    fake = Routing(logits=x.new_empty(num_tokens, num_experts, dtype=fdt),
+                   probs=x.new_empty(num_tokens, num_experts, dtype=fdt),
+                   weights=x.new_empty(num_tokens, top_k, dtype=fdt),
+                   experts=torch.empty(num_tokens, top_k, **idx),
+                   counts=torch.empty(num_experts, **idx),
+                   sorted_slots=torch.empty(num_tokens * top_k, **idx),
+                   offsets=torch.empty(num_experts + 1, **idx), top_k=top_k)
+    return tuple(fake.tensors())
 
 
 @torch.library.custom_op("m2dino::task_topk_route_backward", mutates_args=())
 def _route_backward_op(grad_logits: Tensor, grad_probs: Tensor, grad_weights: Tensor,
                        x: Tensor, task_ids: Tensor, gate_weight: Tensor, has_bias: bool,
-                       probs: Tensor, weights: Tensor, experts: Tensor,
-                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    with _no_autocast(x):
+                       routing: list[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    with no_autocast(x):
         grad_x, grad_gw, grad_gb = backends.backend_module(backend).route_backward(
-            grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight, has_bias, probs,
-            weights, experts)
+            grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight, has_bias,
+            Routing.from_tensors(routing))
     if grad_gb is None:  # custom ops cannot return None: a zero stand-in, dropped in autograd
         grad_gb = gate_weight.new_zeros(gate_weight.shape[:2])
     return grad_x, grad_gw, grad_gb
@@ -284,219 +271,94 @@ def _route_backward_op(grad_logits: Tensor, grad_probs: Tensor, grad_weights: Te
 
 @_route_backward_op.register_fake
 def _route_backward_fake(grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight,
-                         has_bias, probs, weights, experts, backend):
+                         has_bias, routing, backend):
     return (torch.empty_like(x), torch.empty_like(gate_weight),
             gate_weight.new_empty(gate_weight.shape[:2]))
 
 
 def _route_setup_context(ctx, inputs, output):
-    x, task_ids, gate_weight, gate_bias, top_k, backend, _check = inputs
-    _, probs, weights, experts, _, _, _ = output
+    x, task_ids, gate_weight, gate_bias, _top_k, backend, _check = inputs
     ctx.has_bias = gate_bias is not None
     ctx.backend = backend
     ctx.set_materialize_grads(False)  # unused outputs (counts, slots...) need no zero grads
-    ctx.save_for_backward(x, task_ids, gate_weight, probs, weights, experts)
+    ctx.save_for_backward(x, task_ids, gate_weight, *output)
 
 
 def _route_backward(ctx, grad_logits, grad_probs, grad_weights, *_int_output_grads):
-    x, task_ids, gate_weight, probs, weights, experts = ctx.saved_tensors
+    x, task_ids, gate_weight, *routing = ctx.saved_tensors
+    routing = Routing.from_tensors(routing)
     grad_x, grad_gw, grad_gb = _route_backward_op(
-        _zeros_if_none(grad_logits, probs), _zeros_if_none(grad_probs, probs),
-        _zeros_if_none(grad_weights, weights), x, task_ids, gate_weight, ctx.has_bias, probs,
-        weights, experts, ctx.backend)
+        _zeros_if_none(grad_logits, routing.probs), _zeros_if_none(grad_probs, routing.probs),
+        _zeros_if_none(grad_weights, routing.weights), x, task_ids, gate_weight, ctx.has_bias,
+        routing.tensors(), ctx.backend)
     return grad_x, None, grad_gw, grad_gb if ctx.has_bias else None, None, None, None
 
 
 _route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
 
 
-# ---------------------------------------------------------------------------------------
-# Custom op: expert MLP
-# ---------------------------------------------------------------------------------------
 @torch.library.custom_op("m2dino::expert_mlp", mutates_args=())
-def _experts_op(x: Tensor, weights: Tensor, experts: Tensor, sorted_slots: Tensor,
-                offsets: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor,
-                activation: str, backend: str, check_routing: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def _experts_op(x: Tensor, routing: list[Tensor], weights: list[Tensor], activation: str,
+                backend: str, check_routing: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    routing = Routing.from_tensors(routing)
+    weights = ExpertWeights(*weights)
     if check_routing:
-        _check_routing_values(experts, sorted_slots, offsets, fc1_w.shape[0])
-    with _no_autocast(x):
+        _check_routing_values(routing, weights.fc1_weight.shape[0])
+    with no_autocast(x):
         y, h_pre, expert_out = backends.backend_module(backend).experts_forward(
-            x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b, activation)
+            x, routing, weights, activation)
     return y, h_pre, expert_out
 
 
 @_experts_op.register_fake
-def _experts_fake(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b,
-                  activation, backend, check_routing=True):
-    num_rows = sorted_slots.shape[0]
-    return (torch.empty_like(x), x.new_empty(num_rows, fc1_w.shape[1]),
+def _experts_fake(x, routing, weights, activation, backend, check_routing=True):
+    num_rows = Routing.from_tensors(routing).sorted_slots.shape[0]
+    return (torch.empty_like(x), x.new_empty(num_rows, ExpertWeights(*weights).fc1_weight.shape[1]),
             x.new_empty(num_rows, x.shape[1]))
 
 
 @torch.library.custom_op("m2dino::expert_mlp_backward", mutates_args=())
-def _experts_backward_op(grad_y: Tensor, x: Tensor, weights: Tensor, experts: Tensor,
-                         sorted_slots: Tensor, offsets: Tensor, fc1_w: Tensor, fc1_b: Tensor,
-                         fc2_w: Tensor, fc2_b: Tensor, activation: str, h_pre: Tensor,
-                         expert_out: Tensor, backend: str
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    with _no_autocast(x):
-        out = backends.backend_module(backend).experts_backward(
-            grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b,
-            activation, h_pre, expert_out)
-    return tuple(out)
+def _experts_backward_op(grad_y: Tensor, x: Tensor, routing: list[Tensor],
+                         weights: list[Tensor], activation: str, h_pre: Tensor,
+                         expert_out: Tensor, backend: str) -> list[Tensor]:
+    with no_autocast(x):
+        grad_x, grad_routing_weights, grad_weights = backends.backend_module(
+            backend).experts_backward(grad_y, x, Routing.from_tensors(routing),
+                                      ExpertWeights(*weights), activation, h_pre, expert_out)
+    return [grad_x, grad_routing_weights, *grad_weights]
 
 
 @_experts_backward_op.register_fake
-def _experts_backward_fake(grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b,
-                           fc2_w, fc2_b, activation, h_pre, expert_out, backend):
-    return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(fc1_w),
-            torch.empty_like(fc1_b), torch.empty_like(fc2_w), torch.empty_like(fc2_b))
+def _experts_backward_fake(grad_y, x, routing, weights, activation, h_pre, expert_out, backend):
+    return [torch.empty_like(x), torch.empty_like(Routing.from_tensors(routing).weights),
+            *(torch.empty_like(w) for w in weights)]
 
 
 def _experts_setup_context(ctx, inputs, output):
-    x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b, activation, backend, _check = inputs
+    x, routing, weights, activation, backend, _check = inputs
     _, h_pre, expert_out = output
     ctx.activation = activation
     ctx.backend = backend
     # h_pre and expert_out never receive gradients: without this autograd would allocate and
     # zero-fill [T*k, H1] and [T*k, D] tensors for them on every backward.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w,
-                          fc2_b, h_pre, expert_out)
+    ctx.num_routing = len(routing)
+    ctx.save_for_backward(x, h_pre, expert_out, *routing, *weights)
 
 
 def _experts_backward(ctx, grad_y, _grad_h_pre, _grad_expert_out):
     # h_pre and expert_out are saved activations, never handed to users: only y has a grad.
-    x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b, h_pre, expert_out = (
-        ctx.saved_tensors)
-    grad_x, grad_weights, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b = _experts_backward_op(
-        _zeros_if_none(grad_y, x), x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b,
-        fc2_w, fc2_b, ctx.activation, h_pre, expert_out, ctx.backend)
-    return (grad_x, grad_weights, None, None, None, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b,
-            None, None, None)
+    x, h_pre, expert_out, *rest = ctx.saved_tensors
+    routing, weights = rest[:ctx.num_routing], rest[ctx.num_routing:]
+    grad_x, grad_routing_weights, *grad_weights = _experts_backward_op(
+        _zeros_if_none(grad_y, x), x, routing, weights, ctx.activation, h_pre, expert_out,
+        ctx.backend)
+    grad_routing = [grad_routing_weights if name == "weights" else None
+                    for name in ROUTING_TENSORS]
+    return grad_x, grad_routing, grad_weights, None, None, None
 
 
 _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup_context)
-
-
-# ---------------------------------------------------------------------------------------
-# Choosing the backend (the measured `auto`)
-# ---------------------------------------------------------------------------------------
-EXPERT_TRIAL_NAMES = ("y", "h_pre", "expert_out", "grad_x", "grad_weights", "grad_fc1_w",
-                      "grad_fc1_b", "grad_fc2_w", "grad_fc2_b")
-
-
-def _choose_backend(op, x, fields, make_trial):
-    """The selected backend; for `auto` the measured one where autotune tunes x's device
-    (make_trial builds the measurement on this call's inputs, only when one is needed)."""
-    name = backends.get_backend()
-    if name != "auto":
-        return backends.resolve_backend(x.device, name)
-    default = backends.resolve_backend(x.device, "auto", x.dtype)
-    if x.shape[0] == 0:
-        return default
-    names = [b for b in backends.available_backends(x.device)
-             if x.dtype in backends.BACKEND_DTYPES[b]]
-    library = backends.library_backend(x.device.type, names, x.dtype)
-    fields = {**fields, "T": autotune.token_bucket(x.shape[0])}
-    return autotune.decide(op, x.device, x.dtype, fields, names, (library, "torch"),
-                           make_trial, default)
-
-
-def _random_like(shape, like, dtype, seed):
-    gen = torch.Generator(device=like.device).manual_seed(seed)
-    return torch.randn(shape, generator=gen, device=like.device, dtype=dtype)
-
-
-def _route_trial(x, task_ids, gate_weight, gate_bias, top_k, check_task_ids):
-    """Routing forward + backward of a backend on this call's inputs. The backward runs on
-    the reference's routing (the first run), so that a near-tie another backend broke the
-    other way does not change the gradients compared."""
-    if check_task_ids:  # no backend runs on ids out of range
-        _check_task_range(task_ids, gate_weight.shape[0])
-    num_tokens, num_experts = x.shape[0], gate_weight.shape[1]
-    rdt = _routing_dtype(x.dtype)
-    upstream = (_random_like((num_tokens, num_experts), x, rdt, 1),
-                _random_like((num_tokens, num_experts), x, rdt, 2),
-                _random_like((num_tokens, top_k), x, rdt, 3))
-    fixed = {}
-
-    def run(name):
-        module = backends.backend_module(name)
-        with torch.no_grad(), _no_autocast(x):
-            out = tuple(module.route_forward(x, task_ids, gate_weight, gate_bias, top_k))
-            probs, weights, experts = fixed.setdefault("routing", out[1:4])
-            grads = module.route_backward(*upstream, x, task_ids, gate_weight,
-                                          gate_bias is not None, probs, weights, experts)
-        return out + tuple(grads)
-
-    def check(got, want):
-        return _route_mismatch(got, want, top_k, x.dtype)
-
-    return autotune.Trial(run, (), x.dtype, x.device, check=check)
-
-
-def _route_mismatch(got, want, top_k, dtype):
-    """None when a backend's routing agrees with the reference's: logits and probs within
-    tolerance; each chosen expert among the reference's top-k up to that tolerance (a
-    near-tie may go either way); weights equal where the choices are; the permutation the
-    stable sort of its own choices; the gradients within the dtype's tolerance."""
-    names = ("logits", "probs", "weights", "experts", "counts", "sorted_slots", "offsets")
-    got_r, want_r = dict(zip(names, got[:7])), dict(zip(names, want[:7]))
-    fp32 = _routing_dtype(dtype)
-    for name in ("logits", "probs"):
-        problem = autotune.mismatch(name, got_r[name], want_r[name], fp32)
-        if problem:
-            return problem
-    experts, probs = got_r["experts"], want_r["probs"]
-    if experts.shape != want_r["experts"].shape or experts.dtype != torch.int64:
-        return f"experts: shape {list(experts.shape)} / dtype {experts.dtype}"
-    if experts.numel():
-        num_experts = probs.shape[1]
-        if bool(((experts < 0) | (experts >= num_experts)).any()):
-            return "experts: out of range"
-        atol = autotune.TOLERANCE[torch.float32][0]
-        kth = probs.sort(dim=1, descending=True).values[:, top_k - 1:top_k]
-        chosen = probs.gather(1, experts)
-        finite = torch.isfinite(chosen).all(dim=1)
-        if bool((chosen[finite] < kth[finite] - atol).any()):
-            return "experts: an expert outside the reference's top-k was chosen"
-        same = (experts == want_r["experts"]).all(dim=1)
-        problem = autotune.mismatch("weights", got_r["weights"][same],
-                                    want_r["weights"][same], fp32)
-        if problem:
-            return problem
-    flat = experts.reshape(-1)
-    counts = torch.zeros(probs.shape[1], dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    if not torch.equal(got_r["sorted_slots"], torch.sort(flat, stable=True).indices):
-        return "sorted_slots: not the stable sort of its experts"
-    if not (torch.equal(got_r["counts"], counts)
-            and torch.equal(got_r["offsets"][1:], counts.cumsum(0))
-            and int(got_r["offsets"][0]) == 0):
-        return "counts/offsets: not those of its experts"
-    for name, g, w in zip(("grad_x", "grad_gate_weight", "grad_gate_bias"), got[7:], want[7:]):
-        problem = autotune.mismatch(name, g, w, dtype)
-        if problem:
-            return problem
-    return None
-
-
-def _experts_trial(args, activation, check_routing):
-    """Expert MLP forward + backward of a backend on this call's inputs and routing."""
-    x, _weights, experts, sorted_slots, offsets, fc1_w = args[:6]
-    if check_routing:  # no backend runs on a routing out of range
-        _check_routing_values(experts, sorted_slots, offsets, fc1_w.shape[0])
-    grad_y = _random_like(x.shape, x, x.dtype, 4)
-
-    def run(name):
-        module = backends.backend_module(name)
-        with torch.no_grad(), _no_autocast(x):
-            y, h_pre, expert_out = module.experts_forward(*args, activation)
-            grads = module.experts_backward(grad_y, *args, activation, h_pre, expert_out)
-        return (y, h_pre, expert_out, *grads)
-
-    return autotune.Trial(run, EXPERT_TRIAL_NAMES, x.dtype, x.device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -515,15 +377,23 @@ def task_topk_route(x, task_ids, gate_weight, gate_bias=None, top_k=2, *,
     (skipped with check_task_ids=False, for callers that validated the ids already).
     """
     _validate_route(x, task_ids, gate_weight, gate_bias, top_k)
-    args = (x.contiguous(), task_ids.to(torch.int64).contiguous(), gate_weight.contiguous(),
-            None if gate_bias is None else gate_bias.contiguous(), int(top_k))
+    top_k = int(top_k)
+    x, task_ids, gate_weight = (x.contiguous(), task_ids.to(torch.int64).contiguous(),
+                                gate_weight.contiguous())
+    gate_bias = None if gate_bias is None else gate_bias.contiguous()
     num_tasks, num_experts, dim = gate_weight.shape
-    backend = _choose_backend(
-        "task_topk_route", x, {"D": dim, "E": num_experts, "k": int(top_k), "tasks": num_tasks},
-        lambda: _route_trial(*args, check_task_ids))
+
+    def make_trial():
+        if check_task_ids:  # no backend runs on ids out of range
+            _check_task_range(task_ids, num_tasks)
+        return selection.route_trial(x, task_ids, gate_weight, gate_bias, top_k)
+
+    backend = selection.moe_backend(
+        "task_topk_route", x, {"D": dim, "E": num_experts, "k": top_k, "tasks": num_tasks},
+        make_trial)
     _check_backend_dtype(backend, x.dtype)
-    out = _route_op(*args, backend, bool(check_task_ids))
-    return Routing(*out, top_k=int(top_k))
+    out = _route_op(x, task_ids, gate_weight, gate_bias, top_k, backend, bool(check_task_ids))
+    return Routing.from_tensors(out)
 
 
 def expert_mlp(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation="gelu", *,
@@ -543,14 +413,19 @@ def expert_mlp(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activatio
         fc1_bias = fc1_weight.new_zeros(num_experts, hidden_in)
     if fc2_bias is None:
         fc2_bias = fc2_weight.new_zeros(num_experts, dim)
-    args = (x.contiguous(), routing.weights.contiguous(), routing.experts.contiguous(),
-            routing.sorted_slots.contiguous(), routing.offsets.contiguous(),
-            fc1_weight.contiguous(), fc1_bias.contiguous(), fc2_weight.contiguous(),
-            fc2_bias.contiguous())
-    backend = _choose_backend(
+    x = x.contiguous()
+    routing = Routing.from_tensors([t.contiguous() for t in routing.tensors()])
+    weights = ExpertWeights(*(w.contiguous() for w in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)))
+
+    def make_trial():
+        if check_routing:  # no backend runs on a routing out of range
+            _check_routing_values(routing, num_experts)
+        return selection.experts_trial(x, routing, weights, activation)
+
+    backend = selection.moe_backend(
         "expert_mlp", x, {"activation": activation, "D": dim, "H": fc2_weight.shape[2],
-                          "E": num_experts, "k": routing.top_k},
-        lambda: _experts_trial(args, activation, check_routing))
+                          "E": num_experts, "k": routing.top_k}, make_trial)
     _check_backend_dtype(backend, x.dtype)
-    y, _, _ = _experts_op(*args, activation, backend, bool(check_routing))
+    y, _, _ = _experts_op(x, routing.tensors(), list(weights), activation, backend,
+                          bool(check_routing))
     return y

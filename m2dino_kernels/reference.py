@@ -1,4 +1,5 @@
-"""Backend "torch": the plain PyTorch implementation every other backend is tested against.
+"""Backend "reference" (formerly "torch"): the plain PyTorch implementation every other
+backend is tested against.
 
 The four functions of DESIGN.md's kernel backend protocol, written for readability:
 routing as one matmul against every task's router followed by a per-token gather, a stable
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from m2dino_kernels.backends import ExpertWeights, Routing
 
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -68,11 +71,13 @@ def route_forward(x, task_ids, gate_weight, gate_bias, top_k):
     top = order.values[:, :top_k]
     weights = top / top.sum(dim=-1, keepdim=True)
     counts, sorted_slots, offsets = sort_slots_by_expert(experts, num_experts)
-    return logits, probs, weights.contiguous(), experts, counts, sorted_slots, offsets
+    return Routing(logits, probs, weights.contiguous(), experts, counts, sorted_slots, offsets,
+                   top_k)
 
 
 def route_backward(grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight, has_bias,
-                   probs, weights, experts):
+                   routing: Routing):
+    probs, weights, experts = routing.probs, routing.weights, routing.experts
     num_tasks, num_experts, dim = gate_weight.shape
     num_tokens = x.shape[0]
     acc = _acc_dtype(x.dtype)
@@ -155,10 +160,11 @@ def route_weight_grad(grad_y, expert_out, row_of_slot, top_k, acc):
     return torch.bmm(out_by_slot, grad_y.to(acc).unsqueeze(2)).view(num_tokens, top_k)
 
 
-def experts_forward(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b,
-                    activation):
+def experts_forward(x, routing: Routing, params: ExpertWeights, activation):
+    fc1_w, fc1_b, fc2_w, fc2_b = params
+    weights, sorted_slots, offsets, top_k = (routing.weights, routing.sorted_slots,
+                                             routing.offsets, routing.top_k)
     num_tokens, dim = x.shape
-    top_k = weights.shape[1]
     acc = _acc_dtype(x.dtype)
     num_rows = sorted_slots.numel()
     x_rows = x[sorted_slots // top_k].to(acc)  # row i holds the token of slot sorted_slots[i]
@@ -174,10 +180,12 @@ def experts_forward(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc
     return y.to(x.dtype), h_pre.to(x.dtype), expert_out.to(x.dtype)
 
 
-def experts_backward(grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w,
-                     fc2_b, activation, h_pre, expert_out):
+def experts_backward(grad_y, x, routing: Routing, params: ExpertWeights, activation, h_pre,
+                     expert_out):
+    fc1_w, fc1_b, fc2_w, fc2_b = params
+    weights, sorted_slots, offsets, top_k = (routing.weights, routing.sorted_slots,
+                                             routing.offsets, routing.top_k)
     num_tokens, dim = x.shape
-    top_k = weights.shape[1]
     acc = _acc_dtype(x.dtype)
     token_of_row = sorted_slots // top_k
     row_of_slot = invert_slots(sorted_slots)
@@ -205,8 +213,8 @@ def experts_backward(grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, 
         torch.mm(g_h, fc1_w[e].to(acc), out=grad_x_rows[start:end])
     grad_x = combine_slots(grad_x_rows, row_of_slot, None, top_k, acc)
     return (grad_x.to(x.dtype), grad_weights.to(weights.dtype),
-            grad_fc1_w.to(fc1_w.dtype), grad_fc1_b.to(fc1_b.dtype),
-            grad_fc2_w.to(fc2_w.dtype), grad_fc2_b.to(fc2_b.dtype))
+            ExpertWeights(grad_fc1_w.to(fc1_w.dtype), grad_fc1_b.to(fc1_b.dtype),
+                          grad_fc2_w.to(fc2_w.dtype), grad_fc2_b.to(fc2_b.dtype)))
 
 
 # ---------------------------------------------------------------------------------------

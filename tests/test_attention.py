@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from m2dino_kernels.attention import (ATTENTION_BACKENDS, _resolve_backend, apply_rope,
-                                      attention, attention_reference)
+from m2dino_kernels import selection
+from m2dino_kernels.attention import ATTENTION_BACKENDS, apply_rope, attention, attention_reference
 
 PREFIX = 5  # DINOv3: cls + 4 storage tokens
 HAS_CUDA = torch.cuda.is_available()
@@ -240,7 +240,7 @@ def _good(n=7, d=32, prefix=2):
     ("prefix_negative", ValueError, r"num_prefix_tokens=-1 must be in \[0, N=7\]"),
     ("prefix_too_large", ValueError, r"num_prefix_tokens=8 must be in \[0, N=7\]"),
     ("prefix_float", TypeError, r"num_prefix_tokens must be an int"),
-    ("unknown_backend", ValueError, r"unknown backend 'torch'"),
+    ("unknown_backend", ValueError, r"attention: unknown kernel backend 'numpy'"),
     ("triton_head_dim", ValueError, r"supports head_dim \(32, 64, 128\), got 48"),
     ("xformers_on_cpu", RuntimeError, r"xformers"),
 ])
@@ -277,7 +277,7 @@ def test_bad_input_raises_clear_error(case, error, match):
     elif case == "prefix_float":
         kwargs["num_prefix_tokens"] = 2.0
     elif case == "unknown_backend":
-        kwargs["backend"] = "torch"
+        kwargs["backend"] = "numpy"
     elif case == "triton_head_dim":
         q, k, v, rope, _ = _good(d=48)
         kwargs.update(rope=rope, backend="triton")
@@ -287,18 +287,31 @@ def test_bad_input_raises_clear_error(case, error, match):
         attention(q, k, v, **kwargs)
 
 
+def _chosen(backend, q):
+    """The attention backend selection picks for q (as k and v) with the process tuner."""
+    return selection.attention_backend(backend, {}, q, q, q)
+
+
 def test_backend_none_follows_package_setting():
-    from m2dino_kernels.backends import use_backend
+    from m2dino_kernels import use_backend
 
     q = torch.randn(1, 1, 4, 32, device=DEVICE)
-    auto = "sdpa"  # unmeasured `auto` (no k, v to measure with here): the library path
+    auto = "sdpa" if DEVICE == "cpu" else _chosen("auto", q)  # CPU: unmeasured, the library path
     with use_backend("triton"):
-        assert _resolve_backend(None, q) == "triton"
-    with use_backend("torch"):
-        assert _resolve_backend(None, q) == auto
-    assert _resolve_backend("auto", q) == auto
-    assert _resolve_backend("auto", torch.randn(1, 1, 4, 48, device=DEVICE)) == "sdpa"
+        assert _chosen(None, q) == "triton"
+    for name in ("reference", "torch", "auto"):  # the MoE oracle does not make attention O(N^2)
+        with use_backend(name):
+            assert _chosen(None, q) == auto
+    assert _chosen("auto", q) == auto
+    assert _chosen("auto", torch.randn(1, 1, 4, 48, device=DEVICE)) == "sdpa"
     assert set(ATTENTION_BACKENDS) == {"auto", "sdpa", "xformers", "triton", "reference"}
+
+
+def test_torch_is_an_alias_of_the_reference():
+    q, k, v, rope, prefix = _good()
+    assert _chosen("torch", q) == "reference"
+    torch.testing.assert_close(attention(q, k, v, rope, prefix, backend="torch"),
+                               attention(q, k, v, rope, prefix, backend="reference"), atol=0, rtol=0)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only triton refusal")

@@ -1,5 +1,6 @@
-"""The measured `auto` backend (m2dino_kernels.autotune), exercised on CPU: the process tuner
-measures CUDA only, so these tests install tuners that tune CPU over CPU backends. A
+"""The measured `auto` backend (m2dino_kernels.selection's trials, m2dino_kernels.autotune's
+tuner and cache file), exercised on CPU: the process tuner measures CUDA only, so these
+tests install tuners that tune CPU over CPU backends. A
 deliberately wrong and a raising backend registered here are excluded with one warning each;
 decisions round-trip through the JSON cache file; a corrupt file is ignored with a warning;
 torch.compile tracing never measures; M2DINO_KERNELS_AUTOTUNE=0 and the CPU default keep the
@@ -15,12 +16,12 @@ import pytest
 import torch
 
 import m2dino_kernels as mk
-from m2dino_kernels import autotune, backends
+from m2dino_kernels import autotune, backends, selection
 from m2dino_kernels import reference as ref
 from m2dino_kernels.attention import attention
 from moe_inputs import random_moe_inputs
 
-CPU_MOE = [b for b in ("torch", "cpp", "grouped_mm") if b in mk.available_backends("cpu")]
+CPU_MOE = [b for b in ("reference", "cpp", "grouped_mm") if b in mk.available_backends("cpu")]
 
 
 @pytest.fixture
@@ -92,8 +93,8 @@ def test_default_tuner_measures_cuda_only_and_cpu_auto_is_unchanged():
     tuner = autotune.Autotuner()
     assert tuner.device_types == frozenset({"cuda"})
     assert not tuner.applies_to("cpu")
-    expected = "cpp" if "cpp" in mk.available_backends("cpu") else "torch"
-    assert backends.resolve_backend("cpu", "auto") == expected
+    expected = "cpp" if "cpp" in mk.available_backends("cpu") else "reference"
+    assert selection.resolve_backend("cpu", "auto") == expected
 
 
 def test_environment_variable_turns_measurement_off(monkeypatch):
@@ -126,7 +127,7 @@ def test_measures_once_per_key_and_uses_the_choice(cache, monkeypatch):
     assert chosen in mk.available_backends("cpu")
     assert set(decisions[measured[1]]["ms"]) == set(mk.available_backends("cpu"))  # all measured
     leaves = {n: t.clone().requires_grad_(True) for n, t in p.items() if t.is_floating_point()}
-    with mk.use_backend("torch"):
+    with mk.use_backend("reference"):
         r = mk.task_topk_route(leaves["x"], p["task_ids"], leaves["gate_weight"],
                                leaves["gate_bias"], top_k=2)
         y_ref = mk.expert_mlp(leaves["x"], r, leaves["fc1_w"], leaves["fc1_b"],
@@ -141,7 +142,7 @@ def test_wrong_and_raising_backends_are_excluded_with_one_warning(cache, monkeyp
         *names, "wrong", "broken"])
     p = random_moe_inputs(40, 16, 12, 4, 5)
     key = "expert_mlp|cpu|float32|activation=gelu|D=16|H=12|E=4|k=2|T=64"
-    reference = "grouped_mm" if "grouped_mm" in CPU_MOE else "torch"
+    reference = "grouped_mm" if "grouped_mm" in CPU_MOE else "reference"
     with pytest.warns(RuntimeWarning) as record:
         y, _ = moe_call(p)
     messages = [str(w.message) for w in record if "autotune" in str(w.message)]
@@ -166,7 +167,8 @@ def test_decisions_round_trip_through_the_cache_file(cache, monkeypatch):
     assert payload["format"] == autotune.FORMAT and payload["torch"] == torch.__version__
     assert not list(cache.parent.glob(".*.tmp"))  # written atomically, no leftovers
     # a fresh process (a new tuner) reads the decisions instead of measuring; pin them to
-    # "torch" to see that the file is what decides
+    # "torch" (the reference's old name, as files written before the rename hold it) to see
+    # that the file is what decides and that old entries still read
     for entry in payload["decisions"].values():
         entry["backend"] = "torch"
     cache.write_text(json.dumps(payload))
@@ -176,7 +178,7 @@ def test_decisions_round_trip_through_the_cache_file(cache, monkeypatch):
     real = backends.backend_module
     monkeypatch.setattr(backends, "backend_module", lambda name: seen.append(name) or real(name))
     moe_call(p)
-    assert set(seen) == {"torch"}
+    assert set(seen) == {"reference"}
     # a file from another torch version is not trusted: measured again
     payload["torch"] = "0.0.0"
     cache.write_text(json.dumps(payload))
@@ -211,7 +213,7 @@ def test_disabled_tuner_and_other_selections_keep_the_fixed_rule(cache, monkeypa
     tuner = install(monkeypatch)
     monkeypatch.setattr(tuner, "_measure", lambda *a: pytest.fail("measured a fixed backend"))
     p = random_moe_inputs(40, 16, 12, 4, 5)
-    with mk.use_backend("torch"):
+    with mk.use_backend("reference"):
         mk.task_topk_route(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], top_k=2)
     assert not cache.exists()
 
@@ -233,15 +235,15 @@ def test_torch_compile_never_measures(cache, monkeypatch):
     torch._dynamo.reset()
     with mk.use_backend("auto"):
         torch.compile(block, fullgraph=True, backend=spy)(p["x"])
-    default = backends.resolve_backend("cpu", "auto")
+    default = selection.resolve_backend("cpu", "auto")
     assert [args[-2] for args in ops] == [default, default]  # (backend, check flag) last
     # a decision already in memory is used under tracing
-    tuner._memory[("expert_mlp", "cpu", None, torch.float32, "gelu", 8, 6, 4, 2, 16)] = "torch"
+    tuner._memory[("expert_mlp", "cpu", None, torch.float32, "gelu", 8, 6, 4, 2, 16)] = "reference"
     ops.clear()
     torch._dynamo.reset()
     with mk.use_backend("auto"):
         torch.compile(block, fullgraph=True, backend=spy)(p["x"])
-    assert ops[-1][-2] == "torch"
+    assert ops[-1][-2] == "reference"
     assert ops[0][-2] == default  # the routing key was never decided
 
 
@@ -250,19 +252,15 @@ def test_routing_near_ties_are_not_disagreements():
     p = random_moe_inputs(6, 4, 3, 4, 2)
     gate = torch.zeros(2, 4, 4)  # every probability equal: any 2 experts are a top-2
     out = ref.route_forward(p["x"], p["task_ids"], gate, None, 2)
-    flipped = list(out)
-    flipped[3] = out[3].flip(1).contiguous() + 2  # experts 2, 3 instead of 0, 1
-    counts, sorted_slots, offsets = ref.sort_slots_by_expert(flipped[3], 4)
-    flipped[4:7] = counts, sorted_slots, offsets
+    experts = out.experts.flip(1).contiguous() + 2  # experts 2, 3 instead of 0, 1
+    counts, sorted_slots, offsets = ref.sort_slots_by_expert(experts, 4)
+    flipped = out._replace(experts=experts, counts=counts, sorted_slots=sorted_slots,
+                           offsets=offsets)
     grads = ref.route_backward(torch.zeros(6, 4), torch.zeros(6, 4), torch.ones(6, 2),
-                               p["x"], p["task_ids"], gate, False, out[1], out[2], out[3])
-    from m2dino_kernels.moe import _route_mismatch
-
-    assert _route_mismatch(tuple(flipped) + grads, tuple(out) + grads, 2, torch.float32) is None
-    bad = list(flipped)
-    bad[5] = sorted_slots.flip(0)
-    assert "stable sort" in _route_mismatch(tuple(bad) + grads, tuple(out) + grads, 2,
-                                            torch.float32)
+                               p["x"], p["task_ids"], gate, False, out)
+    assert selection.route_mismatch((flipped, grads), (out, grads), torch.float32) is None
+    bad = flipped._replace(sorted_slots=sorted_slots.flip(0))
+    assert "stable sort" in selection.route_mismatch((bad, grads), (out, grads), torch.float32)
 
 
 def test_attention_auto_measures_sdpa_against_triton(cache, monkeypatch):
@@ -292,4 +290,4 @@ def test_cuda_auto_measures_every_backend(cache, monkeypatch, dtype):
     experts = next(e for k, e in decisions.items() if k.startswith("expert_mlp|"))
     names = [b for b in mk.available_backends("cuda") if dtype in backends.BACKEND_DTYPES[b]]
     assert set(experts["ms"]) == set(names) and not experts["excluded"]
-    assert experts["reference"] == ("grouped_mm" if "grouped_mm" in names else "torch")
+    assert experts["reference"] == ("grouped_mm" if "grouped_mm" in names else "reference")

@@ -1,4 +1,5 @@
-"""Backend registry: availability per device, selection, the environment override, the
+"""Backend selection (m2dino_kernels.selection) and the registry (m2dino_kernels.backends):
+availability per device, the selected name and its alias, the environment override, the
 one-time warning when the extension is missing, and auto resolution."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import m2dino_kernels as mk
-from m2dino_kernels import backends
+from m2dino_kernels import backends, selection
 
 HAS_C = importlib.util.find_spec("m2dino_kernels._C") is not None
 
@@ -25,8 +26,8 @@ def _python(code, **env):
                           text=True, timeout=120)
 
 
-def test_torch_is_always_available_and_first():
-    assert mk.available_backends("cpu")[0] == "torch"
+def test_reference_is_always_available_and_first():
+    assert mk.available_backends("cpu")[0] == "reference"
     assert mk.available_backends(torch.device("cpu")) == mk.available_backends("cpu")
     assert mk.available_backends(torch.zeros(1)) == mk.available_backends("cpu")
 
@@ -45,57 +46,79 @@ def test_cpu_availability_matches_what_is_installed():
 
 def test_set_get_and_use_backend_restore():
     start = mk.get_backend()
-    with mk.use_backend("torch"):
-        assert mk.get_backend() == "torch"
+    with mk.use_backend("reference"):
+        assert mk.get_backend() == "reference"
         with pytest.raises(RuntimeError, match="inner failure"), mk.use_backend("auto"):
             assert mk.get_backend() == "auto"
             raise RuntimeError("inner failure")
-        assert mk.get_backend() == "torch"  # restored even after an exception
+        assert mk.get_backend() == "reference"  # restored even after an exception
     assert mk.get_backend() == start
-    mk.set_backend("torch")
+    mk.set_backend("cpp" if "cpp" in mk.available_backends("cpu") else "grouped_mm")
     try:
-        assert mk.get_backend() == "torch"
+        assert mk.get_backend() in ("cpp", "grouped_mm")
     finally:
         mk.set_backend(start)
 
 
+def test_torch_is_an_alias_shown_as_reference():
+    """The old name selects the reference wherever a name is taken; what is shown (get_backend,
+    available_backends) is the canonical name, each backend once."""
+    start = mk.get_backend()
+    with mk.use_backend("torch"):
+        assert mk.get_backend() == "reference"
+    mk.set_backend("torch")
+    try:
+        assert mk.get_backend() == "reference"
+    finally:
+        mk.set_backend(start)
+    assert selection.resolve_backend("cpu", "torch") == "reference"
+    assert "torch" not in mk.available_backends("cpu")
+    assert selection.BACKEND_ALIASES == {"torch": "reference"}
+
+
 @pytest.mark.parametrize("bad", ["numpy", "", "Torch", None, 3])
 def test_unknown_backend_names_are_rejected(bad):
-    with pytest.raises(ValueError, match=r"unknown kernel backend .*expected one of auto, torch, cpp, cuda, triton, grouped_mm"):
+    with pytest.raises(ValueError, match=r"unknown kernel backend .*expected one of auto, reference, cpp, cuda, "
+                                         r"triton, grouped_mm \(or 'torch' for 'reference'\)"):
         mk.set_backend(bad)
     with pytest.raises(ValueError, match="unknown kernel backend"), mk.use_backend(bad):
         pass
 
 
 def test_auto_resolution_on_cpu():
-    expected = "cpp" if "cpp" in mk.available_backends("cpu") else "torch"
-    assert backends.resolve_backend("cpu", "auto") == expected
+    expected = "cpp" if "cpp" in mk.available_backends("cpu") else "reference"
+    assert selection.resolve_backend("cpu", "auto") == expected
     with mk.use_backend("auto"):
-        assert backends.resolve_backend(torch.zeros(2)) == expected
+        assert selection.resolve_backend(torch.zeros(2)) == expected
 
 
-def test_auto_rule_per_device_type():
-    """`auto` without a measurement: CPU keeps cpp (else torch); CUDA, where autotune measures
-    (or with M2DINO_KERNELS_AUTOTUNE=0, or under torch.compile before any measurement), takes
-    the library path grouped_mm, else torch."""
-    assert backends._auto_backend("cpu", ("torch", "cpp", "triton", "grouped_mm")) == "cpp"
-    assert backends._auto_backend("cpu", ("torch", "triton")) == "torch"
-    assert backends._auto_backend("cuda", ("torch", "cuda", "triton", "grouped_mm")) == "grouped_mm"
-    assert backends._auto_backend("cuda", ("torch", "cuda", "triton")) == "torch"
-    assert backends._auto_backend("cuda", ("torch", "grouped_mm"), torch.float64) == "torch"
-    assert backends._auto_backend("cuda", ("torch",)) == "torch"
+def test_auto_rule_per_device_type(monkeypatch):
+    """`auto` without a measurement: CPU keeps cpp (else reference); CUDA, where the tuner
+    measures (or with M2DINO_KERNELS_AUTOTUNE=0, or under torch.compile before any
+    measurement), takes the library path grouped_mm, else reference."""
+    def auto(device_type, available, dtype=None):
+        monkeypatch.setitem(selection._available_cache, device_type, tuple(available))
+        return selection.resolve_backend(device_type, "auto", dtype)
+
+    assert auto("cpu", ("reference", "cpp", "triton", "grouped_mm")) == "cpp"
+    assert auto("cpu", ("reference", "triton")) == "reference"
+    assert auto("cuda", ("reference", "cuda", "triton", "grouped_mm")) == "grouped_mm"
+    assert auto("cuda", ("reference", "cuda", "triton")) == "reference"
+    assert auto("cuda", ("reference", "grouped_mm"), torch.float64) == "reference"
+    assert auto("cuda", ("reference",)) == "reference"
 
 
 def test_unrunnable_backend_lists_those_that_can():
     available = ", ".join(mk.available_backends("cpu"))
     with pytest.raises(ValueError, match=f"'cuda' cannot run on cpu tensors; available there: {available}"):
-        backends.resolve_backend("cpu", "cuda")
+        selection.resolve_backend("cpu", "cuda")
     x = torch.randn(3, 4)
     with mk.use_backend("cuda"), pytest.raises(ValueError, match="available there"):
         mk.task_topk_route(x, torch.zeros(3, dtype=torch.long), torch.randn(1, 2, 4), top_k=1)
 
 
 def test_backend_modules_expose_the_protocol():
+    assert selection.BACKEND_NAMES == ("auto",) + backends.CONCRETE_BACKENDS
     for name in mk.available_backends("cpu"):
         module = backends.backend_module(name)
         for fn in ("route_forward", "route_backward", "experts_forward", "experts_backward"):
@@ -105,10 +128,11 @@ def test_backend_modules_expose_the_protocol():
 
 
 def test_environment_variable_sets_the_default_and_is_validated():
-    run = _python("import m2dino_kernels as mk; print(mk.get_backend())",
-                  M2DINO_KERNELS_BACKEND="torch")
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "torch"
+    for name, shown in (("torch", "reference"), ("reference", "reference"), ("auto", "auto")):
+        run = _python("import m2dino_kernels as mk; print(mk.get_backend())",
+                      M2DINO_KERNELS_BACKEND=name)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == shown
     run = _python("import m2dino_kernels", M2DINO_KERNELS_BACKEND="fastest")
     assert run.returncode != 0
     assert "environment variable M2DINO_KERNELS_BACKEND: unknown kernel backend 'fastest'" in run.stderr
@@ -131,23 +155,23 @@ def test_missing_extension_warns_once_and_falls_back():
             "sys.meta_path.insert(0, Block())\n"
             "import m2dino_kernels, m2dino_kernels.backends, m2dino_kernels.moe\n"
             "import importlib; importlib.reload(m2dino_kernels)\n"
-            "from m2dino_kernels.backends import resolve_backend\n"
+            "from m2dino_kernels.selection import resolve_backend\n"
             "print(resolve_backend('cpu'), ','.join(m2dino_kernels.available_backends('cpu')))")
     run = _python(code)
     assert run.returncode == 0, run.stderr
     # the library floor needs no extension: only the extension's backends are gone
-    assert run.stdout.split()[0] == "torch"
+    assert run.stdout.split()[0] == "reference"
     assert "cpp" not in run.stdout.split()[1].split(",")
-    assert run.stdout.split()[1].split(",")[0] == "torch"
+    assert run.stdout.split()[1].split(",")[0] == "reference"
     assert run.stderr.count("m2dino_kernels._C could not be imported") == 1
     assert "simulated: extension not built" in run.stderr
-    assert "'torch' is used instead" in run.stderr
+    assert "'reference' is used instead" in run.stderr
 
 
 @pytest.mark.skipif(not HAS_C, reason="the extension is not built here")
 def test_built_extension_gives_no_warning_and_auto_picks_cpp():
     run = _python("import warnings; warnings.simplefilter('error')\n"
                   "import m2dino_kernels\n"
-                  "from m2dino_kernels.backends import resolve_backend; print(resolve_backend('cpu'))")
+                  "from m2dino_kernels.selection import resolve_backend; print(resolve_backend('cpu'))")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "cpp"

@@ -1,6 +1,6 @@
 """The extension's CUDA kernels (backend "cuda", its expert GEMMs both through
 at::_grouped_mm with device offsets and through the per-expert fallback loop) and the library
-floor "grouped_mm" against the torch reference, in fp32, fp16 and bf16, and without a host
+floor "grouped_mm" against the reference backend, in fp32, fp16 and bf16, and without a host
 sync where grouped_mm takes the offsets on the device. Needs a CUDA device (and for "cuda" an
 extension built with CUDA): skipped otherwise (the `gpu` marker). Run with
 `python -m pytest tests/test_cuda_ops.py -q`.
@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import m2dino_kernels as mk
-from m2dino_kernels import backends
+from m2dino_kernels import backends, selection
 from m2dino_kernels import reference as ref
+from m2dino_kernels.backends import ExpertWeights, Routing
 from moe_inputs import random_moe_inputs
 
 _C = backends._C
@@ -30,7 +30,7 @@ if HAS_CUDA_EXT:
 PROTOCOL = [pytest.param("cuda", "1", id="cuda-grouped", marks=NEEDS_EXT),
             pytest.param("cuda", "0", id="cuda-loop", marks=NEEDS_EXT),
             pytest.param("grouped_mm", "1", id="grouped_mm", marks=pytest.mark.skipif(
-                not HAS_CUDA or "grouped_mm" not in backends.available_backends("cuda"),
+                not HAS_CUDA or "grouped_mm" not in selection.available_backends("cuda"),
                 reason="torch's grouped_mm does not run on this GPU"))]
 
 
@@ -61,6 +61,10 @@ def to(p, device, dtype=None):
                 else t.to(device)) for n, t in p.items()}
 
 
+def expert_weights(p):
+    return ExpertWeights(p["fc1_w"], p["fc1_b"], p["fc2_w"], p["fc2_b"])
+
+
 def close(got, want, dtype, what):
     atol, rtol = TOL[dtype]
     scale = want.abs().max().item() if want.numel() else 0.0
@@ -83,14 +87,15 @@ def test_cuda_protocol_matches_reference(case, dtype, activation, backend, group
     # routing: logits/probs/weights vs the reference in float64; the permutation must be
     # the stable sort of the kernel's own expert choices, which must be a top-k of probs
     route = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], k)
-    logits, probs, weights, experts, counts, sorted_slots, offsets = [t.cpu() for t in route]
+    route_cpu = Routing.from_tensors([t.cpu() for t in route.tensors()])
+    logits, probs, weights, experts, counts, sorted_slots, offsets, _ = route_cpu
     want = ref.route_forward(p64["x"], p64["task_ids"], p64["gate_weight"], p64["gate_bias"], k)
     assert logits.dtype == probs.dtype == weights.dtype == torch.float32
-    torch.testing.assert_close(logits.double(), want[0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(probs.double(), want[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits.double(), want.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(probs.double(), want.probs, atol=1e-5, rtol=1e-4)
     assert ((experts >= 0) & (experts < E)).all()
-    chosen = torch.gather(want[1], 1, experts)
-    kth_best = want[1].sort(dim=1, descending=True).values[:, k - 1:k]
+    chosen = torch.gather(want.probs, 1, experts)
+    kth_best = want.probs.sort(dim=1, descending=True).values[:, k - 1:k]
     assert (chosen >= kth_best - 1e-5).all(), "an expert outside the top-k was chosen"
     assert (chosen[:, :-1] >= chosen[:, 1:] - 1e-5).all(), "choices not by descending prob"
     torch.testing.assert_close(weights.double(), chosen / chosen.sum(1, keepdim=True),
@@ -105,29 +110,30 @@ def test_cuda_protocol_matches_reference(case, dtype, activation, backend, group
     g_logits, g_probs = (torch.randn(T, E, generator=gen) for _ in range(2))
     g_weights = torch.randn(T, k, generator=gen)
     got = ext.route_backward(g_logits.cuda(), g_probs.cuda(), g_weights.cuda(), p["x"],
-                             p["task_ids"], p["gate_weight"], True, route[1], route[2], route[3])
+                             p["task_ids"], p["gate_weight"], True, route)
+    route64 = route_cpu._replace(logits=logits.double(), probs=probs.double(),
+                                 weights=weights.double())
     want = ref.route_backward(g_logits.double(), g_probs.double(), g_weights.double(), p64["x"],
-                              p64["task_ids"], p64["gate_weight"], True, probs.double(),
-                              weights.double(), experts)
+                              p64["task_ids"], p64["gate_weight"], True, route64)
     for name, g, w in zip(("grad_x", "grad_gate_weight", "grad_gate_bias"), got, want):
         assert g.dtype == dtype, name
         close(g, w, dtype, f"route_backward {name}")
 
     # experts forward/backward with the kernel's routing
-    args = (p["x"], route[2], route[3], route[5], route[6], p["fc1_w"], p["fc1_b"], p["fc2_w"],
-            p["fc2_b"], activation)
-    args64 = (p64["x"], weights.double(), experts, sorted_slots, offsets, p64["fc1_w"],
-              p64["fc1_b"], p64["fc2_w"], p64["fc2_b"], activation)
+    args = (p["x"], route, expert_weights(p), activation)
+    args64 = (p64["x"], route64, expert_weights(p64), activation)
     fwd = ext.experts_forward(*args)
     fwd64 = ref.experts_forward(*args64)
     for name, g, w in zip(("y", "h_pre", "expert_out"), fwd, fwd64):
         assert g.dtype == dtype, name
         close(g, w, dtype, f"experts_forward {name}")
     grad_y = torch.randn(T, D, generator=gen).to(dtype)
-    bwd = ext.experts_backward(grad_y.cuda(), *args, *fwd[1:])
-    bwd64 = ref.experts_backward(grad_y.double(), *args64, *fwd64[1:])
-    names = ("grad_x", "grad_weights", "grad_fc1_w", "grad_fc1_b", "grad_fc2_w", "grad_fc2_b")
-    for name, g, w in zip(names, bwd, bwd64):
+    grad_x, grad_rw, grad_params = ext.experts_backward(grad_y.cuda(), *args, *fwd[1:])
+    grad_x64, grad_rw64, grad_params64 = ref.experts_backward(grad_y.double(), *args64, *fwd64[1:])
+    pairs = [("grad_x", grad_x, grad_x64), ("grad_weights", grad_rw, grad_rw64),
+             *zip(("grad_fc1_w", "grad_fc1_b", "grad_fc2_w", "grad_fc2_b"), grad_params,
+                  grad_params64)]
+    for name, g, w in pairs:
         assert g.dtype == (torch.float32 if name == "grad_weights" else dtype), name
         close(g, w, dtype, f"experts_backward {name}")
 
@@ -144,8 +150,7 @@ def test_grouped_expert_gemms_make_no_host_sync(backend, grouped, activation, mo
     p = to(random_moe_inputs(512, 64, 128, 8, 27, [0] * 7 + [-30], None, activation,
                              torch.bfloat16), "cuda")
     route = module.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
-    args = (p["x"], route[2], route[3], route[5], route[6], p["fc1_w"], p["fc1_b"], p["fc2_w"],
-            p["fc2_b"], activation)
+    args = (p["x"], route, expert_weights(p), activation)
     grad_y = torch.randn_like(p["x"])
 
     def run():
@@ -164,40 +169,23 @@ def test_grouped_expert_gemms_make_no_host_sync(backend, grouped, activation, mo
         return
     torch.cuda.set_sync_debug_mode("error")
     try:
-        grads = run()
+        _, _, grads = run()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert (grads[2][7] == 0).all() and (grads[4][7] == 0).all()  # the idle expert
+    assert (grads.fc1_weight[7] == 0).all() and (grads.fc2_weight[7] == 0).all()  # idle expert
 
 
 @NEEDS_EXT
-def test_cuda_backend_public_api_and_no_oob_on_bad_task_ids():
-    p_cpu = random_moe_inputs(64, 32, 24, 8, 5, None, None, "gelu", torch.float32)
-    p = to(p_cpu, "cuda")
-    leaves = {n: t.clone().requires_grad_(True) for n, t in p.items() if t.is_floating_point()}
-    results = {}
-    for backend, params in (("cuda", leaves), ("torch", None)):
-        params = params if params is not None else {
-            n: t.detach().clone().requires_grad_(True) for n, t in leaves.items()}
-        with mk.use_backend(backend):
-            r = mk.task_topk_route(params["x"], p["task_ids"], params["gate_weight"],
-                                   params["gate_bias"], top_k=2)
-            y = mk.expert_mlp(params["x"], r, params["fc1_w"], params["fc1_b"],
-                              params["fc2_w"], params["fc2_b"])
-        (y.square().sum() + r.probs.sum() * 0.1).backward()
-        results[backend] = (y.detach(), {n: t.grad for n, t in params.items()})
-    torch.testing.assert_close(results["cuda"][0], results["torch"][0], atol=1e-4, rtol=1e-4)
-    for name in leaves:
-        torch.testing.assert_close(results["cuda"][1][name], results["torch"][1][name],
-                                   atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+def test_cuda_routing_reads_nothing_out_of_bounds_on_bad_task_ids():
+    p = to(random_moe_inputs(64, 32, 24, 8, 5, None, None, "gelu", torch.float32), "cuda")
     # Straight into the extension (bypassing moe.py's range check): an out-of-range task id
     # must not read out of bounds; that token gets NaN routing and valid experts.
     bad = p["task_ids"].clone()
     bad[3] = 1000
     route = ext.route_forward(p["x"], bad, p["gate_weight"], p["gate_bias"], 2)
     torch.cuda.synchronize()
-    experts = route[3].cpu()
+    experts = route.experts.cpu()
     assert ((experts >= 0) & (experts < 8)).all()
-    assert torch.isnan(route[1][3]).all() and torch.isfinite(route[1][torch.arange(64) != 3]).all()
+    assert torch.isnan(route.probs[3]).all() and torch.isfinite(route.probs[torch.arange(64) != 3]).all()
     with pytest.raises(RuntimeError, match="is on"):
         ext.route_forward(p["x"], p["task_ids"].cpu(), p["gate_weight"], p["gate_bias"], 2)

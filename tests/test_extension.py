@@ -1,227 +1,31 @@
 """The C++ extension m2dino_kernels._C on CPU (backend "cpp") and the library floor
-"grouped_mm" (torch.nn.functional.grouped_mm) at the protocol level: every protocol function
-against the torch reference (m2dino_kernels.reference) at edge-case shapes, in fp32 and in
-bf16/fp16, the empty batch and the public API with a frozen input and checkpointing; for the
-extension also a float64 gradcheck of the whole routing + expert chain and the TORCH_CHECKs
-that turn misuse into a RuntimeError instead of a crash."""
+"grouped_mm": the TORCH_CHECKs that turn misuse of the extension into a RuntimeError instead
+of a crash, and the public API with a frozen input and activation checkpointing. What every
+backend must satisfy (the protocol against the reference, ties, NaN, the empty batch, half
+precision, gradcheck) is tests/kernels/test_conformance.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from m2dino_kernels import backends
-from m2dino_kernels import reference as ref
+from m2dino_kernels import backends, selection
 from moe_inputs import random_moe_inputs
 
 _C = backends._C
 NEEDS_C = pytest.mark.skipif(_C is None, reason="m2dino_kernels._C is not built")
 if _C is not None:
     from m2dino_kernels import extension as ext
-# the backends held to the reference protocol function by protocol here
+# the backends whose public API runs with a frozen input and under checkpointing here
 PROTOCOL_BACKENDS = [pytest.param("cpp", marks=NEEDS_C),
                      pytest.param("grouped_mm", marks=pytest.mark.skipif(
-                         "grouped_mm" not in backends.available_backends("cpu"),
+                         "grouped_mm" not in selection.available_backends("cpu"),
                          reason="this torch's grouped_mm does not run on CPU"))]
-
-ROUTE_NAMES = ("logits", "probs", "weights", "experts", "counts", "sorted_slots", "offsets")
-EXPERT_GRAD_NAMES = ("grad_x", "grad_weights", "grad_fc1_w", "grad_fc1_b", "grad_fc2_w",
-                     "grad_fc2_b")
-
-# (T, D, H, E, NT, k, gate bias boost per expert or None, task pool or None)
-CASES = {
-    "single_token": (1, 8, 6, 4, 3, 2, None, None),
-    "odd_dims": (13, 7, 5, 3, 2, 2, None, None),
-    "one_expert": (6, 8, 6, 1, 2, 1, None, None),
-    "k1": (10, 8, 6, 4, 3, 1, None, None),
-    "k_equals_E": (7, 6, 5, 3, 2, 3, None, None),
-    "idle_experts": (12, 8, 6, 6, 2, 2, [0, 0, 0, -30, -30, -30], None),
-    "idle_tasks": (11, 8, 6, 4, 5, 2, None, [0, 2]),
-    "all_on_one_expert": (10, 8, 6, 4, 3, 1, [0, 0, 30, 0], None),
-    "27_tasks": (60, 9, 7, 8, 27, 2, None, None),
-    "many_chunks": (300, 40, 24, 8, 27, 2, None, None),  # several parallel chunks
-}
-
-
-def case_inputs(name, activation="gelu", dtype=torch.float32):
-    T, D, H, E, NT, k, boost, pool = CASES[name]
-    return random_moe_inputs(T, D, H, E, NT, boost, pool, activation, dtype), k
 
 
 def expert_args(p, route, activation):
-    _, _, weights, experts, _, sorted_slots, offsets = route
-    return (p["x"], weights, experts, sorted_slots, offsets, p["fc1_w"], p["fc1_b"], p["fc2_w"],
-            p["fc2_b"], activation)
-
-
-def random_like(tensors, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype) for t in tensors]
-
-
-# ---------------------------------------------------------------------------------------
-# Every protocol function against the reference
-# ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", PROTOCOL_BACKENDS)
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_protocol_matches_reference(case, activation, backend):
-    impl = backends.backend_module(backend)
-    p, k = case_inputs(case, activation)
-    route_args = (p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], k)
-    got_route = impl.route_forward(*route_args)
-    want_route = ref.route_forward(*route_args)
-    for name, got, want in zip(ROUTE_NAMES, got_route, want_route):
-        assert got.dtype == want.dtype and got.shape == want.shape, name
-        if got.dtype == torch.int64:
-            assert torch.equal(got, want), f"{case}: {name} differs"
-        else:
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
-    if case == "idle_experts":
-        assert (got_route[4][3:] == 0).all()
-    if case == "all_on_one_expert":
-        assert got_route[4].tolist() == [0, 0, p["x"].shape[0], 0]
-
-    # routing backward with random upstream gradients (same routing on both sides)
-    logits, probs, weights, experts = got_route[:4]
-    grads = random_like([logits, probs, weights], seed=1)
-    back_args = (*grads, p["x"], p["task_ids"], p["gate_weight"], True, probs, weights, experts)
-    for got, want in zip(impl.route_backward(*back_args), ref.route_backward(*back_args)):
-        assert got.dtype == want.dtype
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    no_bias = impl.route_backward(*back_args[:6], False, *back_args[7:])
-    assert no_bias[2] is None
-
-    args = expert_args(p, got_route, activation)
-    got_fwd = impl.experts_forward(*args)
-    want_fwd = ref.experts_forward(*args)
-    for name, got, want in zip(("y", "h_pre", "expert_out"), got_fwd, want_fwd):
-        assert got.dtype == want.dtype and got.shape == want.shape, name
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
-    (grad_y,) = random_like([got_fwd[0]], seed=2)
-    got_bwd = impl.experts_backward(grad_y, *args, *got_fwd[1:])
-    want_bwd = ref.experts_backward(grad_y, *args, *want_fwd[1:])
-    for name, got, want in zip(EXPERT_GRAD_NAMES, got_bwd, want_bwd):
-        assert got.dtype == want.dtype and got.shape == want.shape, name
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-
-
-@NEEDS_C
-def test_sorted_slots_are_a_stable_sort_and_ties_go_low():
-    # identical router rows for experts 1 and 3 of every task: all probabilities tie pairwise
-    p = random_moe_inputs(50, 6, 4, 5, 3)
-    p["gate_weight"][:, 3] = p["gate_weight"][:, 1]
-    p["gate_bias"][:, 3] = p["gate_bias"][:, 1]
-    out = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
-    experts, sorted_slots, offsets = out[3], out[5], out[6]
-    tied = (experts == 1).any(dim=1) & (experts == 3).any(dim=1)
-    for t in tied.nonzero().flatten().tolist():  # both picked: 1 must come first
-        assert experts[t].tolist().index(1) < experts[t].tolist().index(3)
-    only_one = (experts == 1).any(dim=1) ^ (experts == 3).any(dim=1)
-    assert tied.any() and only_one.any()
-    assert not (experts[only_one] == 3).any(), "a tie went to the higher expert index"
-    flat = experts.reshape(-1)
-    assert torch.equal(sorted_slots, torch.sort(flat, stable=True).indices)
-    assert torch.equal(offsets[1:], torch.cumsum(torch.bincount(flat, minlength=5), 0))
-
-
-@pytest.mark.parametrize("backend", PROTOCOL_BACKENDS)
-def test_empty_batch(backend):
-    ext = backends.backend_module(backend)
-    p = random_moe_inputs(0, 6, 5, 3, 2)
-    route = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
-    assert route[6].tolist() == [0, 0, 0, 0] and route[5].numel() == 0
-    y, h_pre, expert_out = ext.experts_forward(*expert_args(p, route, "gelu"))
-    assert y.shape == (0, 6) and h_pre.shape == (0, 5) and expert_out.shape == (0, 6)
-    grads = ext.experts_backward(torch.zeros(0, 6), *expert_args(p, route, "gelu"), h_pre,
-                                 expert_out)
-    assert (grads[2] == 0).all() and (grads[5] == 0).all()
-
-
-@NEEDS_C
-def test_nan_propagates_and_experts_stay_in_range():
-    p = random_moe_inputs(8, 6, 5, 4, 2)
-    p["x"][3, 2] = float("nan")
-    route = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
-    experts = route[3]
-    assert ((experts >= 0) & (experts < 4)).all() and (experts[:, 0] != experts[:, 1]).all()
-    assert torch.isnan(route[1][3]).all() and route[6][-1] == 16
-    y = ext.experts_forward(*expert_args(p, route, "gelu"))[0]
-    assert torch.isnan(y[3]).all() and torch.isfinite(y[torch.arange(8) != 3]).all()
-
-
-# ---------------------------------------------------------------------------------------
-# float64 gradcheck through the extension
-# ---------------------------------------------------------------------------------------
-class _CppMoE(torch.autograd.Function):
-    """Routing + expert MLP through the extension's forward and backward functions."""
-
-    @staticmethod
-    def forward(ctx, x, gate_weight, gate_bias, fc1_w, fc1_b, fc2_w, fc2_b, task_ids, k,
-                activation):
-        logits, probs, weights, experts, _, sorted_slots, offsets = ext.route_forward(
-            x, task_ids, gate_weight, gate_bias, k)
-        y, h_pre, expert_out = ext.experts_forward(x, weights, experts, sorted_slots, offsets,
-                                                   fc1_w, fc1_b, fc2_w, fc2_b, activation)
-        ctx.save_for_backward(x, gate_weight, fc1_w, fc1_b, fc2_w, fc2_b, task_ids, probs,
-                              weights, experts, sorted_slots, offsets, h_pre, expert_out)
-        ctx.activation = activation
-        return y, logits, probs, weights
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_logits, grad_probs, grad_weights):
-        (x, gate_weight, fc1_w, fc1_b, fc2_w, fc2_b, task_ids, probs, weights, experts,
-         sorted_slots, offsets, h_pre, expert_out) = ctx.saved_tensors
-        gx, gw_route, g1w, g1b, g2w, g2b = ext.experts_backward(
-            grad_y.contiguous(), x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b,
-            fc2_w, fc2_b, ctx.activation, h_pre, expert_out)
-        rx, rgw, rgb = ext.route_backward(grad_logits.contiguous(), grad_probs.contiguous(),
-                                          (grad_weights + gw_route).contiguous(), x, task_ids,
-                                          gate_weight, True, probs, weights, experts)
-        return gx + rx, rgw, rgb, g1w, g1b, g2w, g2b, None, None, None
-
-
-@NEEDS_C
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_gradcheck_float64(activation):
-    p = random_moe_inputs(7, 5, 3, 4, 3, activation=activation, dtype=torch.float64)
-    names = ("x", "gate_weight", "gate_bias", "fc1_w", "fc1_b", "fc2_w", "fc2_b")
-    inputs = tuple(p[n].clone().requires_grad_(True) for n in names)
-
-    def fn(*tensors):
-        return _CppMoE.apply(*tensors, p["task_ids"], 2, activation)
-
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------
-# Half precision (fp32 accumulation)
-# ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", PROTOCOL_BACKENDS)
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_matches_fp32_reference(dtype, activation, backend):
-    ext = backends.backend_module(backend)
-    p, k = case_inputs("many_chunks", activation, dtype=dtype)
-    p32 = {n: (t.float() if t.is_floating_point() else t) for n, t in p.items()}
-    route = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], k)
-    route32 = ref.route_forward(p32["x"], p32["task_ids"], p32["gate_weight"], p32["gate_bias"], k)
-    assert all(t.dtype == torch.float32 for t in route[:3])
-    assert torch.equal(route[3], route32[3])  # same inputs upcast exactly: same choices
-    torch.testing.assert_close(route[1], route32[1], atol=1e-5, rtol=1e-4)
-    args = expert_args(p, route, activation)
-    args32 = expert_args(p32, route32, activation)
-    fwd = ext.experts_forward(*args)
-    fwd32 = ref.experts_forward(*args32)
-    assert all(t.dtype == dtype for t in fwd)
-    torch.testing.assert_close(fwd[0].float(), fwd32[0], atol=3e-2, rtol=3e-2)
-    (grad_y,) = random_like([fwd[0]], seed=3)
-    bwd = ext.experts_backward(grad_y, *args, *fwd[1:])
-    bwd32 = ref.experts_backward(grad_y.float(), *args32, *fwd32[1:])
-    for name, got, want in zip(EXPERT_GRAD_NAMES, bwd, bwd32):
-        assert got.dtype == (torch.float32 if name == "grad_weights" else dtype), name
-        scale = want.abs().max().item() + 1e-6
-        err = (got.float() - want).abs().max().item() / scale
-        assert err < 3e-2, f"{name}: max error {err:.3g} of the gradient's scale"
+    """The extension's flat experts_forward arguments for a Routing."""
+    return (p["x"], route.weights, route.experts, route.sorted_slots, route.offsets, p["fc1_w"],
+            p["fc1_b"], p["fc2_w"], p["fc2_b"], activation)
 
 
 # ---------------------------------------------------------------------------------------
@@ -311,7 +115,7 @@ def test_backward_misuse_raises():
         _C.experts_backward(torch.ones(5, 4), *args.values(), h_pre, expert_out)
     p = random_moe_inputs(6, 4, 3, 3, 2)
     route = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
-    logits, probs, weights, experts = route[:4]
+    logits, probs, weights, experts = route.logits, route.probs, route.weights, route.experts
     bad_experts = experts.clone()
     bad_experts[2, 1] = 7
     with pytest.raises(RuntimeError, match=r"experts.view\(-1\)\[5\] = 7 is out of range"):
@@ -331,13 +135,13 @@ def test_backward_misuse_raises():
 def test_public_api_frozen_input_and_checkpointing(checkpointed, backend):
     """x needing no grad while the experts do (a frozen backbone), and non-reentrant
     activation checkpointing (Python saved-tensor hooks active while the kernels run their
-    worker threads: this once deadlocked), both equal to the torch backend."""
+    worker threads: this once deadlocked), both equal to the reference backend."""
     import m2dino_kernels as mk
     from torch.utils.checkpoint import checkpoint
 
     p = random_moe_inputs(40, 16, 12, 4, 3)
     results = {}
-    for name in ("torch", backend):
+    for name in ("reference", backend):
         experts = {n: p[n].clone().requires_grad_(True) for n in ("fc1_w", "fc1_b", "fc2_w", "fc2_b")}
         x = p["x"].clone().requires_grad_(checkpointed)
 
@@ -352,7 +156,7 @@ def test_public_api_frozen_input_and_checkpointing(checkpointed, backend):
             with torch.no_grad():
                 torch.testing.assert_close(block(x), y.detach())
         results[name] = (y.detach(), {n: t.grad for n, t in experts.items()}, x.grad)
-    (y_c, g_c, gx_c), (y_t, g_t, gx_t) = results[backend], results["torch"]
+    (y_c, g_c, gx_c), (y_t, g_t, gx_t) = results[backend], results["reference"]
     torch.testing.assert_close(y_c, y_t, atol=1e-5, rtol=1e-5)
     for name in g_t:
         torch.testing.assert_close(g_c[name], g_t[name], atol=1e-4, rtol=1e-4)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import m2dino_kernels as mk
 from test_moe_ops import assert_close_all, forward_backward, loop_oracle, run_api
 
-OTHER_CPU_BACKENDS = [b for b in mk.available_backends("cpu") if b != "torch"]
+OTHER_CPU_BACKENDS = [b for b in mk.available_backends("cpu") if b != "reference"]
 SKEWS = ("none", "one_hot_expert", "idle_experts", "exact_ties", "sharp")
 
 
@@ -63,7 +63,7 @@ def no_near_ties(params, task_ids, k):
     """False when a token's k-th and (k+1)-th (or two chosen) probabilities differ by less
     than rounding can resolve: backends may then legitimately pick differently. Exact ties
     (gap 0) are kept: they must all go to the lower expert."""
-    with mk.use_backend("torch"):
+    with mk.use_backend("reference"):
         probs = mk.task_topk_route(params["x"].double(), task_ids,
                                    params["gate_weight"].double(),
                                    params["gate_bias"].double(), top_k=k).probs
@@ -79,7 +79,7 @@ def no_near_ties(params, task_ids, k):
 def test_reference_matches_loop_oracle(spec):
     params, task_ids = build(spec, torch.float64)
     k, act = spec["k"], spec["activation"]
-    with mk.use_backend("torch"):
+    with mk.use_backend("reference"):
         got, got_grads = forward_backward(run_api, params, task_ids, k, act)
     if spec["T"] == 0:
         assert got["y"].shape == (0, spec["D"])
@@ -100,7 +100,7 @@ def test_backend_matches_reference(backend, spec):
     assume(no_near_ties(params, task_ids, k))
     with mk.use_backend(backend):
         got, got_grads = forward_backward(run_api, params, task_ids, k, act)
-    with mk.use_backend("torch"):
+    with mk.use_backend("reference"):
         want, want_grads = forward_backward(run_api, params, task_ids, k, act)
     assert_close_all(got, want, 1e-5, 1e-4, f"{backend} {spec}")
     if spec["T"] == 0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from m2dino_kernels.backends import ExpertWeights, Routing
 from m2dino_kernels.triton import grouped_gemm, routing
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -33,8 +34,8 @@ def _check_dtypes(function: str, **tensors) -> None:
             continue
         if tensor.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"triton backend {function}: {name} has dtype {tensor.dtype}; "
-                            "supported: float16, bfloat16, float32 (use the 'torch' or "
-                            "'cpp' backend for float64)")
+                            "supported: float16, bfloat16, float32 (use the 'reference' "
+                            "or 'cpp' backend for float64)")
 
 
 def route_forward(x, task_ids, gate_weight, gate_bias, top_k):
@@ -42,12 +43,12 @@ def route_forward(x, task_ids, gate_weight, gate_bias, top_k):
     logits, probs, weights, experts = routing.route_topk(x, task_ids, gate_weight, gate_bias,
                                                          top_k)
     sorted_slots, offsets = routing.stable_sort_by_key(experts.view(-1), gate_weight.shape[1])
-    counts = offsets.diff()
-    return logits, probs, weights, experts, counts, sorted_slots, offsets
+    return Routing(logits, probs, weights, experts, offsets.diff(), sorted_slots, offsets, top_k)
 
 
 def route_backward(grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight, has_bias,
-                   probs, weights, experts):
+                   routed: Routing):
+    probs, weights, experts = routed.probs, routed.weights, routed.experts
     _check_dtypes("route_backward", x=x, gate_weight=gate_weight)
     D = x.shape[1]
     NT, E, _ = gate_weight.shape
@@ -64,12 +65,13 @@ def route_backward(grad_logits, grad_probs, grad_weights, x, task_ids, gate_weig
     return grad_x, grad_gate_weight, grad_gate_bias
 
 
-def experts_forward(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, fc2_b,
-                    activation):
+def experts_forward(x, routed: Routing, params: ExpertWeights, activation):
+    fc1_w, fc1_b, fc2_w, fc2_b = params
+    weights, sorted_slots, offsets, top_k = (routed.weights, routed.sorted_slots, routed.offsets,
+                                             routed.top_k)
     act_code = grouped_gemm.activation_code(activation)
     _check_dtypes("experts_forward", x=x, fc1_w=fc1_w, fc1_b=fc1_b, fc2_w=fc2_w, fc2_b=fc2_b)
     T, D = x.shape
-    top_k = experts.shape[1]
     h_pre, hidden = grouped_gemm.fc1_forward(x, sorted_slots, offsets, fc1_w, fc1_b, act_code,
                                              top_k)
     expert_out, y_slots = grouped_gemm.fc2_scatter_forward(hidden, sorted_slots, offsets,
@@ -79,12 +81,14 @@ def experts_forward(x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc
     return y, h_pre, expert_out
 
 
-def experts_backward(grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w,
-                     fc2_b, activation, h_pre, expert_out):
+def experts_backward(grad_y, x, routed: Routing, params: ExpertWeights, activation, h_pre,
+                     expert_out):
+    fc1_w, fc1_b, fc2_w, fc2_b = params
+    weights, sorted_slots, offsets, top_k = (routed.weights, routed.sorted_slots, routed.offsets,
+                                             routed.top_k)
     act_code = grouped_gemm.activation_code(activation)
     _check_dtypes("experts_backward", grad_y=grad_y, x=x, fc1_w=fc1_w, fc2_w=fc2_w)
     T, D = x.shape
-    top_k = experts.shape[1]
     E, H1, _ = fc1_w.shape
     H = fc2_w.shape[2]
     grad_y = grad_y.contiguous()
@@ -103,4 +107,4 @@ def experts_backward(grad_y, x, weights, experts, sorted_slots, offsets, fc1_w, 
         d_hidden, x, sorted_slots, None, offsets, E, H1, D, a_stride=D, index_div=top_k,
         gather_g=False, gather_a=True, dw_dtype=fc1_w.dtype, db_dtype=fc1_b.dtype,
     )
-    return grad_x, grad_weights, grad_fc1_w, grad_fc1_b, grad_fc2_w, grad_fc2_b
+    return grad_x, grad_weights, ExpertWeights(grad_fc1_w, grad_fc1_b, grad_fc2_w, grad_fc2_b)
