@@ -183,6 +183,12 @@ def test_each_head_overfits_a_tiny_batch(task):
         l1 = float(losses.landmark_loss(out["points"].detach(), target))
         assert l1 < 0.02 and float(loss) < 0.2 * first and float(loss) < 0.1, (first, float(loss), l1)
         return
+    if task.task_type == "detection":
+        # the focal loss on the Gaussian centre heatmap shrinks slowly near its floor (how slowly
+        # depends on the CPU's float rounding): the decoded boxes themselves must be overfitted
+        error = float((out["boxes"].detach() - torch.stack([t["box"] for t in targets])).abs().max())
+        assert error < 0.05 and float(loss) < 0.1 * first, (first, float(loss), error)
+        return
     assert float(loss) < 0.1 * first and float(loss) < 0.1, (first, float(loss))
 
 
