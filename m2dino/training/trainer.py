@@ -40,7 +40,7 @@ from m2dino.evaluation.baselines import training_mean
 from m2dino.evaluation.bootstrap import BOOTSTRAP_SEED, PER_IMAGE_FILE, bootstrap_settings, bootstrap_task, task_seed
 from m2dino.evaluation.ground_truth import ground_truth_from_record
 from m2dino.evaluation.metrics import higher_is_better, metrics_by_task, values_by_task
-from m2dino.models.m2dino import create_model, save_model
+from m2dino.models.m2dino import M2DINO, save_model
 from m2dino.tasks import TaskSpec
 from m2dino.training import checkpoint as ckpt
 from m2dino.training import distributed as dist_utils
@@ -189,6 +189,7 @@ class ModelTrainer:
         if not tasks:
             raise ValueError(f"model {name!r}: no tasks to train")
         self.config = config
+        self.img_size = config.model.resolved().img_size  # the model's input size: the data is resized to it
         self.name = name
         self.tasks = list(tasks)
         self.task_table = {t.task_id: t for t in self.tasks}
@@ -213,9 +214,7 @@ class ModelTrainer:
     def build_model(self):
         c = self.config
         torch.manual_seed(c.seed)  # the same initial weights in every paradigm and on every rank
-        model = create_model(c.model, self.tasks, pretrained=c.pretrained, num_experts=c.num_experts,
-                             top_k=c.top_k, moe_layers=c.moe_layers, img_size=c.img_size,
-                             neck_channels=c.neck_channels)
+        model = M2DINO(c.model, self.tasks, pretrained=c.pretrained)
         if c.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
         self.start_landmarks_at_training_mean(model)
@@ -257,7 +256,7 @@ class ModelTrainer:
 
     def build_data(self):
         c = self.config
-        dataset = FMUIADataset(self.train_records, self.task_table, image_size=c.img_size, train=True, seed=c.seed,
+        dataset = FMUIADataset(self.train_records, self.task_table, image_size=self.img_size, train=True, seed=c.seed,
                                cache_bytes=TRAIN_CACHE_BYTES if c.workers == 0 else 0)
         sampler = MultiTaskBatchSampler(dataset.task_of_index, batch_size=c.batch_size, alpha=c.task_alpha,
                                         mixed=c.batching == "mixed", seed=c.seed)
@@ -347,7 +346,7 @@ class ModelTrainer:
         was_training = model.training
         model.eval()
         self.model.reset_expert_usage()
-        dataset = FMUIADataset(self.val_records, self.task_table, image_size=c.img_size, train=False)
+        dataset = FMUIADataset(self.val_records, self.task_table, image_size=self.img_size, train=False)
         loader = DataLoader(dataset, batch_size=max(1, c.batch_size), shuffle=False, collate_fn=collate,
                             num_workers=c.workers)
         predictions = []
@@ -438,7 +437,7 @@ class ModelTrainer:
                 self.log.write("oom", step=progress.step, error=str(e)[:500])
                 raise TrainingOOM(
                     f"model {self.name!r}: out of memory at step {progress.step} with --batch-size {c.batch_size} "
-                    f"at --img-size {c.img_size}: try a smaller --batch-size or --grad-checkpointing "
+                    f"at --img-size {self.img_size}: try a smaller --batch-size or --grad-checkpointing "
                     f"(or --amp bf16 on GPU). The last complete checkpoint in {self.model_dir / ckpt.LAST} is "
                     f"intact; --resume continues from it.") from e
         return self._final_eval(model, progress)
@@ -586,7 +585,7 @@ class ModelTrainer:
                 self._write_json("eval.json", {"tasks": metrics, "ci": intervals, "step": progress.step,
                                                "score": score, "bootstrap": bootstrap_settings(self.config.bootstrap)})
                 self._write_json("routing.json", {"tasks": list(self.task_table),
-                                                  "num_experts": self.config.num_experts,
+                                                  "num_experts": self.config.model.num_experts,
                                                   "layers": {str(k): v for k, v in routing.items()}})
         if improved:
             progress.best_score, progress.best_step = score, progress.step
