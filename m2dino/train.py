@@ -2,12 +2,13 @@
 options of m2dino.training.config. With no arguments: the embedded default run."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
 from m2dino.training import distributed
 from m2dino.training.checkpoint import CheckpointError
-from m2dino.training.config import parse_args
+from m2dino.training.config import describe_model, parse_args
 from m2dino.training.study import run
 from m2dino.training.trainer import TrainingError
 
@@ -18,6 +19,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"m2dino.train: error: {e}", file=sys.stderr)
         return 2
+    if distributed.local_rank() == 0 and os.environ.get("RANK", "0") == "0":
+        print(f"m2dino.train: model {describe_model(config.model)}; saved in full as {config.out}/config.yaml",
+              flush=True)
     try:
         run(config)
     except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:

@@ -30,6 +30,8 @@ from m2dino.training.losses import AUX_NAMES, DEFAULT_AUX_WEIGHTS
 
 PARADIGMS = ("ts", "cg", "au")
 
+# The recipes: the repository's configs/, which m2dino/configs links to (and installs with the package)
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
 # The CPU demo's model (the no-argument run): dinov3_tiny at 64 px, 4 experts, top-2, MoE in the last 2 blocks
 DEMO_MODEL = M2DINOConfig(name="dinov3_tiny", num_experts=4, top_k=2, moe_layers=2, img_size=64, neck_channels=64)
 
@@ -407,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train M2DINO under the TS / CG / AU paradigms, evaluate, and write the transfer report. "
                     "With no arguments: the embedded default run on the cached synthetic suite.",
         argument_default=argparse.SUPPRESS)  # only options actually given override the config file
-    p.add_argument("--config", help="YAML file of options (names as below, with - or _)")
+    p.add_argument("--config", help="YAML file of options (names as below, with - or _), or the name of a recipe "
+                                    f"in configs/ ({', '.join(recipe_names())})")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         if f.name == "model":  # the preset name, then the model's other fields, each its own option
@@ -429,9 +432,45 @@ def _add_option(p: argparse.ArgumentParser, name: str, default) -> None:
         p.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
 
 
+def recipe_names() -> list[str]:
+    """The recipes shipped in configs/ (installed with the package), by name."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def find_config(name_or_path) -> Path:
+    """`--config`: a YAML file's path, or the name of a shipped recipe (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    recipe = RECIPES_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and recipe.is_file():
+        return recipe
+    raise FileNotFoundError(f"--config {name_or_path}: no such file, nor a recipe of that name "
+                            f"(recipes: {', '.join(recipe_names())})")
+
+
+def recipe_for(preset: str) -> Path | None:
+    """The shipped recipe of an official preset (m2dino_vitb16_fmuia for dinov3_vitb16), if any."""
+    recipe = RECIPES_DIR / f"m2dino_{preset.removeprefix('dinov3_')}_fmuia.yaml"
+    return recipe if recipe.is_file() else None
+
+
 def model_defaults(preset: str) -> M2DINOConfig:
-    """The model a run of backbone `preset` starts from, before any option changes it."""
-    return replace(DEMO_MODEL, name=preset)
+    """The model a run of backbone `preset` starts from, before any option changes it: the CPU
+    demo's for dinov3_tiny; for any other preset the paper's architecture (MoE in the last six
+    blocks), as its recipe spells it out where there is one (image size included)."""
+    if preset == DEMO_MODEL.name:
+        return DEMO_MODEL
+    recipe = recipe_for(preset)
+    if recipe is None:
+        return M2DINOConfig(name=preset)
+    section = _model_mapping(load_yaml_config(recipe).get("model", {}))
+    return M2DINOConfig(**{("name" if k == "model" else k): v for k, v in section.items()})
+
+
+def describe_model(model: M2DINOConfig) -> str:
+    """One line of the resolved model's every value (printed at the start of a run)."""
+    return ", ".join(f"{k}={v}" for k, v in model.resolved().to_dict().items())
 
 
 def resolve(layers: list[dict[str, Any]]) -> TrainConfig:
@@ -457,7 +496,7 @@ def parse_args(argv=None) -> TrainConfig:
     """Command line (+ --config YAML) -> a validated TrainConfig."""
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
-    layers = [load_yaml_config(config_file)] if config_file else []
+    layers = [load_yaml_config(find_config(config_file))] if config_file else []
     cli = {}
     for name, value in args.items():
         if name == "tasks":
