@@ -62,7 +62,8 @@ def test_paper_recipe_builds_its_model_on_meta(name, tmp_path):
     assert all(p.device.type == "meta" for p in model.parameters())
     backbone = sum(p.numel() for p in model.backbone.parameters())
     assert backbone == expected_backbone_params(model_config.name, len(tasks), model_config.num_experts, 6)
-    assert model.moe_layer_indices == list(range(PRESETS[model_config.name].depth - 6, PRESETS[model_config.name].depth))
+    depth = PRESETS[model_config.name].depth
+    assert model.moe_layer_indices == list(range(depth - 6, depth))
 
 
 def test_an_official_preset_without_a_recipe_gets_the_paper_architecture():

@@ -409,6 +409,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train M2DINO under the TS / CG / AU paradigms, evaluate, and write the transfer report. "
                     "With no arguments: the embedded default run on the cached synthetic suite.",
         argument_default=argparse.SUPPRESS)  # only options actually given override the config file
+    run = p.add_argument_group("planning and the run directory (not saved in config.yaml)")
+    run.add_argument("--dry-run", dest="dry_run", action="store_true",
+                     help="build and train nothing: print the plan of every model (steps, parameters, FLOPs, memory "
+                          "per GPU, the study's time) and write OUT/plan.json")
+    run.add_argument("--nproc", type=int, metavar="N", help="with --dry-run: the GPUs the run will use (default: 1)")
+    run.add_argument("--assume-tflops", dest="assume_tflops", type=float, metavar="TFLOPS",
+                     help="with --dry-run: sustained TFLOP/s per GPU for the time estimate (default: 300, about 30%% "
+                          "of an H100's dense bf16 peak)")
+    run.add_argument("--gpu-memory-gb", dest="gpu_memory_gb", type=float, metavar="GB",
+                     help="with --dry-run: memory of one GPU in GiB; the plan stops when a model does not fit 90%% of "
+                          "it (default: 80)")
     p.add_argument("--config", help="YAML file of options (names as below, with - or _), or the name of a recipe "
                                     f"in configs/ ({', '.join(recipe_names())})")
     defaults = TrainConfig()
@@ -492,9 +503,22 @@ def resolve(layers: list[dict[str, Any]]) -> TrainConfig:
     return TrainConfig(**train_values, model=model).validate()
 
 
+RUN_OPTIONS = ("dry_run", "nproc", "assume_tflops", "gpu_memory_gb")
+
+
+def parse_command(argv=None) -> tuple[TrainConfig, dict[str, Any]]:
+    """Command line -> (the validated TrainConfig, {run option: value} of the RUN_OPTIONS given)."""
+    args = vars(build_parser().parse_args(argv))
+    run_options = {name: args.pop(name) for name in RUN_OPTIONS if name in args}
+    return _config_from_args(args), run_options
+
+
 def parse_args(argv=None) -> TrainConfig:
     """Command line (+ --config YAML) -> a validated TrainConfig."""
-    args = vars(build_parser().parse_args(argv))
+    return parse_command(argv)[0]
+
+
+def _config_from_args(args: dict[str, Any]) -> TrainConfig:
     config_file = args.pop("config", None)
     layers = [load_yaml_config(find_config(config_file))] if config_file else []
     cli = {}
