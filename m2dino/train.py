@@ -9,15 +9,17 @@ from typing import Sequence
 from m2dino.training import distributed
 from m2dino.training.checkpoint import CheckpointError
 from m2dino.training.config import describe_model, parse_command
-from m2dino.training.plan import PlanError, PlanOptions, dry_run
+from m2dino.training.plan import PLAN_OPTIONS, PlanError, PlanOptions, dry_run
+from m2dino.training.rundir import RunDirError, prepare_run_dir
 from m2dino.training.study import run
 from m2dino.training.trainer import TrainingError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        config, run_options = parse_command(argv)
-        plan_options = PlanOptions(**{k: v for k, v in run_options.items() if k != "dry_run"}).validate()
+        config, run_options, given = parse_command(argv)
+        plan_options = PlanOptions(**{k: v for k, v in run_options.items() if k in PLAN_OPTIONS}).validate()
     except (ValueError, FileNotFoundError) as e:
         print(f"m2dino.train: error: {e}", file=sys.stderr)
         return 2
@@ -28,6 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"m2dino.train: error: {e}", file=sys.stderr)
             return 1
         return 0
+    try:
+        config = prepare_run_dir(config, given, overwrite=run_options.get("overwrite", False), demo=not argv)
+    except (RunDirError, ValueError, FileNotFoundError) as e:
+        print(f"m2dino.train: error: {e}", file=sys.stderr)
+        return 2
     if distributed.local_rank() == 0 and os.environ.get("RANK", "0") == "0":
         print(f"m2dino.train: model {describe_model(config.model)}; saved in full as {config.out}/config.yaml",
               flush=True)

@@ -420,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gpu-memory-gb", dest="gpu_memory_gb", type=float, metavar="GB",
                      help="with --dry-run: memory of one GPU in GiB; the plan stops when a model does not fit 90%% of "
                           "it (default: 80)")
+    run.add_argument("--overwrite", dest="overwrite", action="store_true",
+                     help="start over in an OUT that holds a trained run: the old run is moved aside to "
+                          "OUT.old-<timestamp>, never deleted")
     p.add_argument("--config", help="YAML file of options (names as below, with - or _), or the name of a recipe "
                                     f"in configs/ ({', '.join(recipe_names())})")
     defaults = TrainConfig()
@@ -503,14 +506,18 @@ def resolve(layers: list[dict[str, Any]]) -> TrainConfig:
     return TrainConfig(**train_values, model=model).validate()
 
 
-RUN_OPTIONS = ("dry_run", "nproc", "assume_tflops", "gpu_memory_gb")
+RUN_OPTIONS = ("dry_run", "nproc", "assume_tflops", "gpu_memory_gb", "overwrite")
 
 
-def parse_command(argv=None) -> tuple[TrainConfig, dict[str, Any]]:
-    """Command line -> (the validated TrainConfig, {run option: value} of the RUN_OPTIONS given)."""
+def parse_command(argv=None) -> tuple[TrainConfig, dict[str, Any], set[str]]:
+    """Command line -> (the validated TrainConfig, {run option: value} of the RUN_OPTIONS given,
+    the names of the options the command line or its --config file set)."""
     args = vars(build_parser().parse_args(argv))
     run_options = {name: args.pop(name) for name in RUN_OPTIONS if name in args}
-    return _config_from_args(args), run_options
+    given = {name for name in args if name != "config"}
+    if args.get("config"):
+        given |= set(load_yaml_config(find_config(args["config"])))
+    return _config_from_args(args), run_options, given
 
 
 def parse_args(argv=None) -> TrainConfig:

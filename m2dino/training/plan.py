@@ -37,6 +37,9 @@ GIB = 2 ** 30
 ADAMW_BYTES = 8   # exp_avg + exp_avg_sq, fp32, per trainable parameter
 
 
+PLAN_OPTIONS = ("nproc", "assume_tflops", "gpu_memory_gb")  # the command line's planning options
+
+
 class PlanError(ValueError):
     """The study cannot run as stated (a model does not fit the GPU memory)."""
 

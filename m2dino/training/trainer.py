@@ -23,6 +23,7 @@ the model reads nothing back from the device (its task ids come from the host).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -46,6 +47,7 @@ from m2dino.training import checkpoint as ckpt
 from m2dino.training import distributed as dist_utils
 from m2dino.training.config import TrainConfig
 from m2dino.training.losses import total_loss
+from m2dino.training.rundir import RESUMABLE
 
 # Test hook for the crashed-rank test: "RANK:STEP" makes that rank os._exit(1) when it reaches
 # STEP on the first torchrun attempt (TORCHELASTIC_RESTART_COUNT == 0) only.
@@ -428,7 +430,11 @@ class ModelTrainer:
             # a loadable checkpoint exists from the first step on (a kill at any moment can resume)
             self.save_last(model, optimizer, scheduler, sampler, progress)
         else:
-            self.log.write("resume", step=progress.step, epoch=progress.epoch, batches_done=progress.batches_done)
+            changes = self._resume_changes()
+            if progress.finished and progress.step < total:  # --epochs (or --steps) extended: train on
+                progress.finished = False
+            self.log.write("resume", step=progress.step, epoch=progress.epoch, batches_done=progress.batches_done,
+                           total_steps=total, changes=changes, config=c.to_dict())
 
         if not progress.finished:
             try:
@@ -441,6 +447,23 @@ class ModelTrainer:
                     f"(or --amp bf16 on GPU). The last complete checkpoint in {self.model_dir / ckpt.LAST} is "
                     f"intact; --resume continues from it.") from e
         return self._final_eval(model, progress)
+
+    def _resume_changes(self) -> dict[str, list]:
+        """{option: [before, now]} between the config this model last started or resumed with
+        (its metrics.jsonl) and this run's, for the options that may change on resume."""
+        before = None
+        if self.log.path.is_file():
+            for line in self.log.path.read_text().splitlines():
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if event.get("event") in ("start", "resume") and isinstance(event.get("config"), dict):
+                    before = event["config"]
+        now = self.config.to_dict()
+        if before is None:
+            return {}
+        return {k: [before.get(k), now[k]] for k in RESUMABLE if before.get(k) != now[k]}
 
     def _train(self, model, optimizer, scheduler, scaler, dataset, sampler, loader, progress: Progress,
                total: int) -> None:
