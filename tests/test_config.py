@@ -5,8 +5,15 @@ import pytest
 import yaml
 
 from m2dino.models.backbone import M2DINOConfig
-from m2dino.training.config import (TrainConfig, build_parser, config_from_dict, parse_args, parse_weights,
-                                    read_config, save_config)
+from m2dino.training.config import (
+    TrainConfig,
+    build_parser,
+    config_from_dict,
+    parse_args,
+    parse_weights,
+    read_config,
+    save_config,
+)
 
 # The no-argument run's every option as the flat TrainConfig held them before the model had its
 # own config: the demo (model, data, schedule) must not change by a single value.

@@ -1,6 +1,5 @@
 """The recipes in configs/: each parses, validates and builds its model on the meta device with
 the parameter count that the preset's shapes give; demo_cpu is the built-in default run."""
-import os
 from pathlib import Path
 
 import pytest
@@ -9,8 +8,15 @@ import torch
 from m2dino.models.backbone import PRESETS, M2DINOConfig
 from m2dino.models.m2dino import M2DINO
 from m2dino.tasks import TASKS
-from m2dino.training.config import (RECIPES_DIR, TrainConfig, find_config, parse_args, read_config, recipe_names,
-                                    save_config)
+from m2dino.training.config import (
+    RECIPES_DIR,
+    TrainConfig,
+    find_config,
+    parse_args,
+    read_config,
+    recipe_names,
+    save_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_RECIPES = ["m2dino_vits16_fmuia", "m2dino_vitb16_fmuia", "m2dino_vitl16_fmuia"]

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import flop_counter
 
 from m2dino import io
-from m2dino.models.m2dino import SPATIAL_TYPES, M2DINO
+from m2dino.models.m2dino import M2DINO, SPATIAL_TYPES
 from m2dino.models.moe import moe_modules
 from m2dino.training.config import PARADIGMS, TrainConfig
 
