@@ -10,7 +10,9 @@ evaluation/, with `python -m m2dino.train | predict | evaluate | report` as thin
 from m2dino.models import (
     PRESETS,
     M2DINO,
+    DinoV3Config,
     DinoV3ViT,
+    M2DINOConfig,
     TaskMoE,
     WeightsError,
     build_backbone,
@@ -30,7 +32,9 @@ from m2dino.training.losses import total_loss
 __all__ = [
     "M2DINO",
     "PRESETS",
+    "DinoV3Config",
     "DinoV3ViT",
+    "M2DINOConfig",
     "TaskMoE",
     "WeightsError",
     "build_backbone",

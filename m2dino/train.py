@@ -2,22 +2,42 @@
 options of m2dino.training.config. With no arguments: the embedded default run."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
 from m2dino.training import distributed
 from m2dino.training.checkpoint import CheckpointError
-from m2dino.training.config import parse_args
+from m2dino.training.config import describe_model, parse_command
+from m2dino.training.plan import PLAN_OPTIONS, PlanError, PlanOptions, dry_run
+from m2dino.training.rundir import RunDirError, prepare_run_dir
 from m2dino.training.study import run
 from m2dino.training.trainer import TrainingError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        config = parse_args(argv)
+        config, run_options, given = parse_command(argv)
+        plan_options = PlanOptions(**{k: v for k, v in run_options.items() if k in PLAN_OPTIONS}).validate()
     except (ValueError, FileNotFoundError) as e:
         print(f"m2dino.train: error: {e}", file=sys.stderr)
         return 2
+    if run_options.get("dry_run"):
+        try:
+            dry_run(config, plan_options)
+        except (PlanError, ValueError, FileNotFoundError) as e:
+            print(f"m2dino.train: error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    try:
+        config = prepare_run_dir(config, given, overwrite=run_options.get("overwrite", False), demo=not argv)
+    except (RunDirError, ValueError, FileNotFoundError) as e:
+        print(f"m2dino.train: error: {e}", file=sys.stderr)
+        return 2
+    if distributed.local_rank() == 0 and os.environ.get("RANK", "0") == "0":
+        print(f"m2dino.train: model {describe_model(config.model)}; saved in full as {config.out}/config.yaml",
+              flush=True)
     try:
         run(config)
     except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:

@@ -1,15 +1,91 @@
 """Config: defaults < YAML < command line, validation naming the option, saved config round trip."""
+import dataclasses
+
 import pytest
 import yaml
 
-from m2dino.training.config import TrainConfig, build_parser, parse_args, parse_weights, read_config, save_config
+from m2dino.models.backbone import M2DINOConfig
+from m2dino.training.config import (
+    TrainConfig,
+    build_parser,
+    config_from_dict,
+    parse_args,
+    parse_weights,
+    read_config,
+    save_config,
+)
+
+# The no-argument run's every option as the flat TrainConfig held them before the model had its
+# own config: the demo (model, data, schedule) must not change by a single value.
+DEMO_RUN = dict(
+    data="synthetic", synthetic_scale=0.03, on_bad_sample="error", val_fraction=0.2, split_seed=None, tasks=None,
+    groups=None, paradigm="all", model="dinov3_tiny", pretrained=None, num_experts=4, top_k=2, moe_layers=2,
+    img_size=64, neck_channels=64, epochs=7, steps=None, batch_size=16, lr=1.5e-3, head_lr_mult=3.0,
+    weight_decay=0.05, warmup=0.05, grad_clip=1.0, batching="mixed", task_alpha=1.0, loss_weights={},
+    aux_weights={"load_balance": 0.01, "z_loss": 0.001, "mutual_information": 0.0}, amp="bf16",
+    grad_checkpointing=False, freeze_backbone=False, fsdp=False, seed=0, seeds=None, device="auto", workers=0,
+    jobs=0, max_bad_steps=5, out="runs/default", resume=False, eval_every=0, log_every=10, checkpoint_every=0,
+    checkpoint_seconds=60.0, bootstrap=1000, progress=True)
 
 
 def test_no_arguments_is_the_embedded_default():
     c = parse_args([])
     assert c == TrainConfig()
-    assert (c.model, c.img_size, c.num_experts, c.top_k, c.moe_layers) == ("dinov3_tiny", 64, 4, 2, 2)
+    assert c.model == M2DINOConfig(name="dinov3_tiny", num_experts=4, top_k=2, moe_layers=2, img_size=64,
+                                   neck_channels=64)
     assert c.paradigm == "all" and c.data == "synthetic" and c.task_alpha == 1.0 and c.steps is None
+
+
+def test_no_argument_run_equals_the_demo_field_by_field():
+    resolved = parse_args([]).to_dict()
+    model = resolved.pop("model")
+    flat = {**resolved, "model": model.pop("name"), **{k: model.pop(k) for k in
+                                                      ("num_experts", "top_k", "moe_layers", "img_size",
+                                                       "neck_channels")}}
+    assert flat == DEMO_RUN
+    # the model fields training could not set before keep the values the model used then
+    assert model == {"neck_layers": None, "router_init_std": 0.02, "rope_rescale_coords": None,
+                     "backbone_overrides": {}}
+    assert parse_args([]).model.resolved().neck_layers == (0, 2, 3, 5)
+    assert config_from_dict(DEMO_RUN) == parse_args([])  # a config.yaml of the flat form still reads
+
+
+def test_every_model_field_is_reachable_from_yaml_and_the_command_line(tmp_path):
+    wanted = dict(name="dinov3_vits16", num_experts=6, top_k=3, moe_layers=4, img_size=96, neck_channels=32,
+                  neck_layers=[1, 3, 5, 11], router_init_std=0.01, rope_rescale_coords=2.0,
+                  backbone_overrides={"layerscale_init": 1e-4})
+    f = tmp_path / "nested.yaml"
+    f.write_text(yaml.safe_dump({"model": wanted}))
+    assert parse_args(["--config", str(f)]).model == M2DINOConfig(**wanted)
+    flat = {("model" if k == "name" else k): v for k, v in wanted.items()}
+    f.write_text(yaml.safe_dump(flat))
+    assert parse_args(["--config", str(f)]).model == M2DINOConfig(**wanted)
+    cli = parse_args(["--model", "dinov3_vits16", "--num-experts", "6", "--top-k", "3", "--moe-layers", "4",
+                      "--img-size", "96", "--neck-channels", "32", "--neck-layers", "1,3,5,11",
+                      "--router-init-std", "0.01", "--rope-rescale-coords", "2", "--backbone-overrides",
+                      "layerscale_init=1e-4"])
+    assert cli.model == M2DINOConfig(**wanted)
+    assert set(f.name for f in dataclasses.fields(M2DINOConfig)) == set(wanted)  # no field left out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--moe-layers", "7"], "--moe-layers"),
+    (["--neck-layers", "1,2,3"], "--neck-layers"),
+    (["--neck-layers", "a,b"], "--neck-layers"),
+    (["--backbone-overrides", "depht=4"], "--backbone-overrides"),
+    (["--model", "dinov3_huge"], "--model"),
+    (["--img-size", "0"], "--img-size"),
+])
+def test_bad_model_values_name_the_option(argv, needle):
+    with pytest.raises(ValueError, match=needle):
+        parse_args(argv)
+
+
+def test_yaml_model_mapping_errors_name_the_file(tmp_path):
+    f = tmp_path / "m.yaml"
+    f.write_text("model:\n  name: dinov3_tiny\n  experts: 3\n")
+    with pytest.raises(ValueError, match=r"m\.yaml.*experts"):
+        parse_args(["--config", str(f)])
 
 
 def test_every_issue_option_exists_with_its_exact_name():
@@ -43,7 +119,7 @@ def test_yaml_config_then_command_line_wins(tmp_path):
     assert c.epochs == 9  # the command line beats the file
     assert c.batch_size == 4 and c.lr == 0.01 and c.tasks == ["lung"]
     assert c.loss_weights == {"lung": 3.0} and c.freeze_backbone is True
-    assert c.img_size == TrainConfig().img_size  # untouched default
+    assert c.model == TrainConfig().model  # untouched default
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -254,3 +254,42 @@ def test_bfloat16_model_close_to_fp32(model):
                                reference["tasks"]["breast_3cls"]["logits"], atol=0.05, rtol=0.05)
     torch.testing.assert_close(out["tasks"]["IUGC"]["points"].float(),
                                reference["tasks"]["IUGC"]["points"], atol=0.01, rtol=0)
+
+
+def test_the_model_is_built_from_one_config(tmp_path):
+    config = m2dino.M2DINOConfig(name="dinov3_tiny", num_experts=3, top_k=1, moe_layers=2, neck_channels=8,
+                                 neck_layers=(1, 2, 4, 5), router_init_std=0.05, rope_rescale_coords=2.0,
+                                 backbone_overrides={"layerscale_init": 1e-3})
+    torch.manual_seed(0)
+    direct = m2dino.M2DINO(config, ["fetal_head"])
+    torch.manual_seed(0)
+    made = create_model("dinov3_tiny", ["fetal_head"], num_experts=3, top_k=1, moe_layers=2, neck_channels=8,
+                        neck_layers=[1, 2, 4, 5], router_init_std=0.05, rope_rescale_coords=2.0,
+                        backbone_overrides={"layerscale_init": 1e-3})
+    assert direct.config == made.config == m2dino.M2DINOConfig(**{**config.to_dict(), "img_size": 64})
+    for (name, a), (_, b) in zip(direct.state_dict().items(), made.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    assert direct.backbone.blocks[0].ls1.gamma.flatten()[0].item() == pytest.approx(1e-3)
+    assert direct.moe_layer_indices == [4, 5] and direct.neck_layers == [1, 2, 4, 5]
+    save_model(direct, tmp_path / "m")
+    saved = json.loads((tmp_path / "m.json").read_text())
+    # the key layout of every checkpoint written before the config was a dataclass
+    assert list(saved) == ["format_version", "name", "tasks", "num_experts", "top_k", "moe_layers", "img_size",
+                           "neck_channels", "neck_layers", "router_init_std", "rope_rescale_coords",
+                           "backbone_overrides"]
+    assert load_model(tmp_path / "m").config == direct.config
+    with pytest.raises(TypeError, match="neck_channel"):
+        create_model("dinov3_tiny", ["fetal_head"], neck_channel=8)
+    with pytest.raises(ValueError, match="moe_layers"):
+        m2dino.M2DINO(m2dino.M2DINOConfig(moe_layers=9), ["fetal_head"])
+    with pytest.raises(TypeError, match="M2DINOConfig"):
+        m2dino.M2DINO("dinov3_tiny", ["fetal_head"])
+
+
+def test_a_checkpoint_config_that_is_not_a_model_names_the_file(model, tmp_path):
+    _, config = save_model(model, tmp_path / "ckpt")
+    cfg = json.loads(config.read_text())
+    cfg["backbone_overrides"] = {"depht": 4}
+    config.write_text(json.dumps(cfg))
+    with pytest.raises(m2dino.WeightsError, match=r"ckpt\.json does not describe a model.*depht"):
+        load_model(tmp_path / "ckpt")

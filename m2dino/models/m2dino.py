@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m2dino import io
-from m2dino.models.backbone import PRESETS
-from m2dino.models.heads import DPTNeck, build_head, default_neck_layers
+from m2dino.models.backbone import PRESETS, M2DINOConfig
+from m2dino.models.heads import DPTNeck, build_head
 from m2dino.models.moe import AUX_NAMES, moe_modules, upcycle_backbone, validate_task_ids
 from m2dino.models.weights import WeightsError, build_backbone
 from m2dino.tasks import TaskSpec, get_task
@@ -55,37 +55,36 @@ def _as_task_specs(tasks) -> list[TaskSpec]:
 
 
 class M2DINO(nn.Module):
-    def __init__(self, name: str, tasks, num_experts: int = 8, top_k: int = 2,
-                 moe_layers: int = 6, img_size: Optional[int] = None, neck_channels: int = 64,
-                 neck_layers: Optional[Sequence[int]] = None, router_init_std: float = 0.02,
-                 rope_rescale_coords: Optional[float] = None,
-                 backbone_overrides: Optional[dict] = None, pretrained=None):
+    """M2DINO for `tasks` with the hyperparameters of `config` (an M2DINOConfig); `pretrained`:
+    a DINOv3 weights file for the dense backbone, loaded strictly before upcycling.
+    `model.config` is the resolved config (image size and neck layers filled in)."""
+
+    def __init__(self, config: M2DINOConfig, tasks, pretrained=None):
         super().__init__()
+        if not isinstance(config, M2DINOConfig):
+            raise TypeError(f"M2DINO(config, tasks): config must be an M2DINOConfig, got {type(config).__name__} "
+                            f"(create_model(name, tasks, ...) builds one from a preset name)")
+        config = self.config = config.validate().resolved()
         self.tasks = _as_task_specs(tasks)
-        self.backbone = build_backbone(name, weights=pretrained,
-                                       rope_rescale_coords=rope_rescale_coords,
-                                       **(backbone_overrides or {}))
-        depth = len(self.backbone.blocks)
-        self.moe_layer_indices = upcycle_backbone(self.backbone, len(self.tasks), num_experts,
-                                                  top_k, moe_layers, router_init_std)
-        self.neck_layers = list(neck_layers) if neck_layers is not None else default_neck_layers(depth)
-        if len(self.neck_layers) != 4 or not all(0 <= i < depth for i in self.neck_layers):
-            raise ValueError(f"neck_layers must be 4 block indices in [0, {depth}), "
-                             f"got {self.neck_layers}")
+        self.backbone = build_backbone(config.name, weights=pretrained,
+                                       rope_rescale_coords=config.rope_rescale_coords,
+                                       **config.backbone_overrides)
+        self.moe_layer_indices = upcycle_backbone(self.backbone, len(self.tasks), config.num_experts,
+                                                  config.top_k, config.moe_layers, config.router_init_std)
+        self.neck_layers = list(config.neck_layers)
         embed_dim = self.backbone.embed_dim
-        self.neck = DPTNeck(embed_dim, self.backbone.patch_size, neck_channels)
-        self.heads = nn.ModuleDict({t.task_id: build_head(t, embed_dim, neck_channels)
+        self.neck = DPTNeck(embed_dim, self.backbone.patch_size, config.neck_channels)
+        self.heads = nn.ModuleDict({t.task_id: build_head(t, embed_dim, config.neck_channels)
                                     for t in self.tasks})
-        self.img_size = img_size if img_size is not None else (64 if name == "dinov3_tiny" else 224)
-        self.config = {
-            "format_version": FORMAT_VERSION, "name": name,
-            "tasks": [asdict(t) for t in self.tasks], "num_experts": num_experts,
-            "top_k": top_k, "moe_layers": moe_layers, "img_size": self.img_size,
-            "neck_channels": neck_channels, "neck_layers": self.neck_layers,
-            "router_init_std": router_init_std, "rope_rescale_coords": rope_rescale_coords,
-            "backbone_overrides": dict(backbone_overrides or {}),
-        }
+        self.img_size = config.img_size
         self._usage: dict[int, Tensor] = {}
+
+    def checkpoint_config(self) -> dict:
+        """What <stem>.json holds: the format version, the preset name, the tasks, then the
+        config's other fields (the key order of every checkpoint written so far)."""
+        fields_ = self.config.to_dict()
+        return {"format_version": FORMAT_VERSION, "name": fields_.pop("name"),
+                "tasks": [asdict(t) for t in self.tasks], **fields_}
 
     # ----- tasks --------------------------------------------------------------------------
     @property
@@ -217,12 +216,18 @@ def create_model(name: str, tasks, pretrained=None, num_experts: int = 8, top_k:
                  moe_layers: int = 6, img_size: Optional[int] = None, **kwargs) -> M2DINO:
     """M2DINO over backbone preset `name` (m2dino.backbone.PRESETS) for `tasks` (TaskSpecs or
     task ids of the registry). `pretrained`: a DINOv3 weights file for the dense backbone,
-    loaded strictly before upcycling. Other keyword arguments: neck_channels, neck_layers,
-    router_init_std, rope_rescale_coords, backbone_overrides (e.g. {"depth": 4})."""
+    loaded strictly before upcycling. Other keyword arguments are M2DINOConfig fields:
+    neck_channels, neck_layers, router_init_std, rope_rescale_coords, backbone_overrides
+    (e.g. {"depth": 4})."""
     if name not in PRESETS:
         raise ValueError(f"unknown backbone preset {name!r}; choose one of {sorted(PRESETS)}")
-    return M2DINO(name, tasks, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
-                  img_size=img_size, pretrained=pretrained, **kwargs)
+    known = {f.name for f in fields(M2DINOConfig)} - {"name", "num_experts", "top_k", "moe_layers", "img_size"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"create_model: unknown argument(s) {unknown}; M2DINOConfig fields: {sorted(known)}")
+    config = M2DINOConfig(name=name, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
+                          img_size=img_size, **kwargs)
+    return M2DINO(config, tasks, pretrained=pretrained)
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,7 +248,7 @@ def save_model(model: M2DINO, path_stem, state_dict: Optional[dict] = None) -> t
     weights_path, config_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
     io.atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"format": "m2dino"}))
-    io.write_json(config_path, model.config, indent=2)
+    io.write_json(config_path, model.checkpoint_config(), indent=2)
     return weights_path, config_path
 
 
@@ -264,13 +269,11 @@ def load_model(path, map_location="cpu") -> M2DINO:
         raise WeightsError(f"checkpoint config {config_path} has format_version "
                            f"{config.get('format_version')!r}, expected {FORMAT_VERSION}")
     known = {f.name for f in fields(TaskSpec)}
-    tasks = [TaskSpec(**{k: v for k, v in t.items() if k in known}) for t in config["tasks"]]
-    model = M2DINO(config["name"], tasks, num_experts=config["num_experts"],
-                   top_k=config["top_k"], moe_layers=config["moe_layers"],
-                   img_size=config["img_size"], neck_channels=config["neck_channels"],
-                   neck_layers=config["neck_layers"], router_init_std=config["router_init_std"],
-                   rope_rescale_coords=config["rope_rescale_coords"],
-                   backbone_overrides=config["backbone_overrides"])
+    try:
+        tasks = [TaskSpec(**{k: v for k, v in t.items() if k in known}) for t in config["tasks"]]
+        model = M2DINO(M2DINOConfig.from_dict(config), tasks)
+    except (KeyError, TypeError, ValueError) as err:
+        raise WeightsError(f"checkpoint config {config_path} does not describe a model: {err}") from err
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:

@@ -2,8 +2,10 @@
 config saved in the run.
 
 Precedence: built-in defaults < `--config FILE` (YAML mapping, keys are the option names with
-`_` or `-`) < options given on the command line. The resolved config (every option) is saved
-as OUT/config.yaml.
+`_` or `-`) < options given on the command line. The model's hyperparameters are one
+M2DINOConfig (`model`): `--model` names its preset and its other fields are options of their
+own (`--num-experts`, ...), or one `model:` mapping in YAML. The resolved config (every option)
+is saved as OUT/config.yaml.
 
 The defaults are the embedded default run: the cached synthetic suite, the `dinov3_tiny`
 preset (patch 8) at 64 px with 4 experts, top-2, MoE in the last 2 of 6 blocks, 7 epochs, two
@@ -16,16 +18,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, InitVar, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from m2dino import io
+from m2dino.models.backbone import DinoV3Config, M2DINOConfig
 from m2dino.training.losses import AUX_NAMES, DEFAULT_AUX_WEIGHTS
 
 PARADIGMS = ("ts", "cg", "au")
+
+# The recipes: the repository's configs/, which m2dino/configs links to (and installs with the package)
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
+# The CPU demo's model (the no-argument run): dinov3_tiny at 64 px, 4 experts, top-2, MoE in the last 2 blocks
+DEMO_MODEL = M2DINOConfig(name="dinov3_tiny", num_experts=4, top_k=2, moe_layers=2, img_size=64, neck_channels=64)
 
 
 @dataclass
@@ -40,14 +48,16 @@ class TrainConfig:
     groups: str | None = None             # clinical groups file (YAML/JSON); default: the built-in groups
     # study
     paradigm: str = "all"                 # ts | cg | au | all
-    # model
-    model: str = "dinov3_tiny"
+    # model: every hyperparameter in one M2DINOConfig (the flags --model, --num-experts, ... set its fields)
+    model: M2DINOConfig = DEMO_MODEL
     pretrained: str | None = None
-    num_experts: int = 4
-    top_k: int = 2
-    moe_layers: int = 2
-    img_size: int = 64
-    neck_channels: int = 64               # channels of the shared neck and the heads' conv blocks
+    # shortcuts for the model's fields, as keywords: TrainConfig(img_size=32) sets model.img_size (read them from
+    # config.model: as init-only variables they are not kept)
+    num_experts: InitVar[int | None] = None
+    top_k: InitVar[int | None] = None
+    moe_layers: InitVar[int | None] = None
+    img_size: InitVar[int | None] = None
+    neck_channels: InitVar[int | None] = None
     # schedule
     epochs: int = 7
     steps: int | None = None              # overrides epochs (then exposure is not equal across paradigms)
@@ -82,6 +92,13 @@ class TrainConfig:
     bootstrap: int = 1000                 # bootstrap resamples for the confidence intervals (0: none)
     progress: bool = True                 # tqdm progress bar
 
+    def __post_init__(self, *shortcuts):
+        if isinstance(self.model, str):
+            self.model = model_defaults(self.model)
+        given = {name: v for name, v in zip(_SHORTCUTS, shortcuts) if v is not None}
+        if given:
+            self.model = replace(self.model, **given)
+
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the option for any impossible value."""
         def bad(name, why):
@@ -95,14 +112,11 @@ class TrainConfig:
             bad("amp", f"must be bf16, fp16 or off, got {self.amp!r}")
         if self.on_bad_sample not in ("error", "skip"):
             bad("on_bad_sample", f"must be error or skip, got {self.on_bad_sample!r}")
-        for name in ("num_experts", "top_k", "img_size", "neck_channels", "epochs", "batch_size", "max_bad_steps",
-                     "log_every"):
+        for name, why in self.model.problems():
+            bad(MODEL_FLAGS[name], why)
+        for name in ("epochs", "batch_size", "max_bad_steps", "log_every"):
             if int(getattr(self, name)) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.top_k > self.num_experts:
-            bad("top_k", f"must be <= --num-experts ({self.num_experts}), got {self.top_k}")
-        if self.moe_layers < 0:
-            bad("moe_layers", f"must be >= 0, got {self.moe_layers}")
         if self.steps is not None and self.steps < 1:
             bad("steps", f"must be >= 1, got {self.steps}")
         for name in ("lr", "head_lr_mult"):
@@ -131,10 +145,17 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["model"] = self.model.to_dict()
+        return data
 
 
+_SHORTCUTS = ("num_experts", "top_k", "moe_layers", "img_size", "neck_channels")
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+# The model's fields as options: --model is the preset name, the others keep their names
+MODEL_FLAGS = {f.name: ("model" if f.name == "name" else f.name) for f in fields(M2DINOConfig)}
+MODEL_OPTIONS = tuple(n for n in MODEL_FLAGS.values() if n != "model")
+OPTION_NAMES = FIELD_NAMES + MODEL_OPTIONS
 
 
 # ------------------------------------------------------------------ value parsing
@@ -185,19 +206,81 @@ def _parse_tasks(value) -> list[str] | None:
     return list(value) or None
 
 
+def _parse_neck_layers(value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [v for v in str(value).replace(",", " ").split() if v]
+    try:
+        return tuple(int(v) for v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"--neck-layers: expected 4 block indices separated by commas (2,5,8,11), "
+                         f"got {value!r}") from None
+
+
+def _parse_overrides(value) -> dict[str, Any]:
+    """`depth=4,embed_dim=64` (values read as YAML scalars) or a mapping from YAML."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        items = [(str(k), v) for k, v in value.items()]
+    else:
+        items = []
+        for part in (p.strip() for p in str(value).split(",")):
+            if not part:
+                continue
+            if "=" not in part:
+                raise ValueError(f"--backbone-overrides: expected field=value pairs separated by commas, "
+                                 f"got {part!r}")
+            k, v = part.split("=", 1)
+            items.append((k.strip(), yaml.safe_load(v.strip())))
+    kinds = {f.name: type(f.default) for f in fields(DinoV3Config) if f.default is not MISSING}
+    out = {}
+    for k, v in items:  # typed as the DinoV3Config field (YAML reads 1e-4 as a string)
+        kind = kinds.get(k)
+        if kind in (int, float) and not isinstance(v, bool):
+            v = _as_number("backbone_overrides", v, kind)
+        out[k] = v
+    return out
+
+
+def _optional(cast):
+    return lambda v: None if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null")) \
+        else cast(v)
+
+
 _CASTS = {
     "tasks": _parse_tasks,
     "seeds": _parse_seeds,
     "loss_weights": lambda v: parse_weights(v, "loss-weights"),
     "aux_weights": lambda v: parse_weights(v, "aux-weights"),
+    "model": lambda v: v if isinstance(v, dict) else str(v),  # a preset name, or a whole model mapping (YAML)
+    "neck_layers": _parse_neck_layers,
+    "backbone_overrides": _parse_overrides,
+    "img_size": _optional(lambda v: _as_number("img_size", v, int)),
+    "rope_rescale_coords": _optional(lambda v: _as_number("rope_rescale_coords", v, float)),
 }
+
+
+def _as_number(name: str, value, kind):
+    try:
+        if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--{name.replace('_', '-')}: cannot use {value!r} (expected {kind.__name__})") from None
+
+
+def _default_of(name: str):
+    if name in MODEL_OPTIONS:
+        return getattr(M2DINOConfig(), name)
+    return getattr(TrainConfig(), name)
 
 
 def _coerce(name: str, value):
     """A YAML or CLI value -> the field's type, with an error naming the option."""
     if name in _CASTS:
         return _CASTS[name](value)
-    default = getattr(TrainConfig(), name)
+    default = _default_of(name)
     if value is None:
         return None
     try:
@@ -211,15 +294,24 @@ def _coerce(name: str, value):
         if name == "steps":
             return int(value)
         if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
+            return _as_number(name, value, int)
         if isinstance(default, float):
             return float(value)
         return str(value)
     except (TypeError, ValueError):
         raise ValueError(f"--{name.replace('_', '-')}: cannot use {value!r} "
                          f"(expected {type(default).__name__})") from None
+
+
+def _model_mapping(mapping: dict) -> dict[str, Any]:
+    """A `model:` mapping (M2DINOConfig fields, `name` the preset) -> {option: value}."""
+    out = {}
+    for key, value in mapping.items():
+        name = str(key).replace("-", "_")
+        if name not in MODEL_FLAGS:
+            raise ValueError(f"model: unknown field {key!r}; known: {', '.join(MODEL_FLAGS)}")
+        out[MODEL_FLAGS[name]] = _coerce(MODEL_FLAGS[name], value)
+    return out
 
 
 def load_yaml_config(path) -> dict[str, Any]:
@@ -238,12 +330,15 @@ def load_yaml_config(path) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name not in FIELD_NAMES:
-            raise ValueError(f"--config {path}: unknown option {key!r}; known: {', '.join(FIELD_NAMES)}")
+        if name not in OPTION_NAMES:
+            raise ValueError(f"--config {path}: unknown option {key!r}; known: {', '.join(OPTION_NAMES)}")
         try:
-            out[name] = _coerce(name, value)
+            value = _coerce(name, value)
+            if isinstance(value, dict) and name == "model":
+                _model_mapping(value)  # checked here, so that the error names this file
         except ValueError as e:
             raise ValueError(f"--config {path}: {e}") from None
+        out[name] = value
     return out
 
 
@@ -266,6 +361,10 @@ _HELP = {
     "moe_layers": "how many of the last blocks get a task-conditioned MoE MLP",
     "img_size": "input resolution (images are resized to S x S)",
     "neck_channels": "channels of the shared spatial neck and of the heads' conv blocks",
+    "neck_layers": "the 4 blocks the neck reads, comma separated (none: 4 spread over the depth, ending at the last)",
+    "router_init_std": "standard deviation of the routers' initial weights",
+    "rope_rescale_coords": "RoPE coordinate rescale R in training (log-uniform in [1/R, R]; default off)",
+    "backbone_overrides": "DinoV3Config fields to change on the preset, field=value,field=value (e.g. depth=4)",
     "epochs": "training epochs per model (each sample is seen epochs times in every paradigm)",
     "steps": "training steps per model instead of epochs (exposure then differs across paradigms)",
     "batch_size": "images per step per process",
@@ -310,41 +409,139 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train M2DINO under the TS / CG / AU paradigms, evaluate, and write the transfer report. "
                     "With no arguments: the embedded default run on the cached synthetic suite.",
         argument_default=argparse.SUPPRESS)  # only options actually given override the config file
-    p.add_argument("--config", help="YAML file of options (names as below, with - or _)")
+    run = p.add_argument_group("planning and the run directory (not saved in config.yaml)")
+    run.add_argument("--dry-run", dest="dry_run", action="store_true",
+                     help="build and train nothing: print the plan of every model (steps, parameters, FLOPs, memory "
+                          "per GPU, the study's time) and write OUT/plan.json")
+    run.add_argument("--nproc", type=int, metavar="N", help="with --dry-run: the GPUs the run will use (default: 1)")
+    run.add_argument("--assume-tflops", dest="assume_tflops", type=float, metavar="TFLOPS",
+                     help="with --dry-run: sustained TFLOP/s per GPU for the time estimate (default: 300, about 30%% "
+                          "of an H100's dense bf16 peak)")
+    run.add_argument("--gpu-memory-gb", dest="gpu_memory_gb", type=float, metavar="GB",
+                     help="with --dry-run: memory of one GPU in GiB; the plan stops when a model does not fit 90%% of "
+                          "it (default: 80)")
+    run.add_argument("--overwrite", dest="overwrite", action="store_true",
+                     help="start over in an OUT that holds a trained run: the old run is moved aside to "
+                          "OUT.old-<timestamp>, never deleted")
+    p.add_argument("--config", help="YAML file of options (names as below, with - or _), or the name of a recipe "
+                                    f"in configs/ ({', '.join(recipe_names())})")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = f"{_HELP[f.name]} (default: {default})"
-        if isinstance(default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
-        elif f.name == "tasks":
-            p.add_argument(flag, dest=f.name, nargs="+", metavar="TASK", help=help_text)
-        else:
-            p.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=help_text)
+        if f.name == "model":  # the preset name, then the model's other fields, each its own option
+            for field_name, option in MODEL_FLAGS.items():
+                _add_option(p, option, getattr(defaults.model, field_name))
+            continue
+        _add_option(p, f.name, getattr(defaults, f.name))
     return p
+
+
+def _add_option(p: argparse.ArgumentParser, name: str, default) -> None:
+    flag = "--" + name.replace("_", "-")
+    help_text = f"{_HELP[name]} (default: {default})"
+    if isinstance(default, bool):
+        p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+    elif name == "tasks":
+        p.add_argument(flag, dest=name, nargs="+", metavar="TASK", help=help_text)
+    else:
+        p.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped in configs/ (installed with the package), by name."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def find_config(name_or_path) -> Path:
+    """`--config`: a YAML file's path, or the name of a shipped recipe (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    recipe = RECIPES_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and recipe.is_file():
+        return recipe
+    raise FileNotFoundError(f"--config {name_or_path}: no such file, nor a recipe of that name "
+                            f"(recipes: {', '.join(recipe_names())})")
+
+
+def recipe_for(preset: str) -> Path | None:
+    """The shipped recipe of an official preset (m2dino_vitb16_fmuia for dinov3_vitb16), if any."""
+    recipe = RECIPES_DIR / f"m2dino_{preset.removeprefix('dinov3_')}_fmuia.yaml"
+    return recipe if recipe.is_file() else None
+
+
+def model_defaults(preset: str) -> M2DINOConfig:
+    """The model a run of backbone `preset` starts from, before any option changes it: the CPU
+    demo's for dinov3_tiny; for any other preset the paper's architecture (MoE in the last six
+    blocks), as its recipe spells it out where there is one (image size included)."""
+    if preset == DEMO_MODEL.name:
+        return DEMO_MODEL
+    recipe = recipe_for(preset)
+    if recipe is None:
+        return M2DINOConfig(name=preset)
+    section = _model_mapping(load_yaml_config(recipe).get("model", {}))
+    return M2DINOConfig(**{("name" if k == "model" else k): v for k, v in section.items()})
+
+
+def describe_model(model: M2DINOConfig) -> str:
+    """One line of the resolved model's every value (printed at the start of a run)."""
+    return ", ".join(f"{k}={v}" for k, v in model.resolved().to_dict().items())
+
+
+def resolve(layers: list[dict[str, Any]]) -> TrainConfig:
+    """Option layers ({option: coerced value}), lowest first (a config file, then the command
+    line), over the defaults -> a validated TrainConfig. The model's options gather into its
+    M2DINOConfig, over the defaults of the preset it ends up with."""
+    train_values: dict[str, Any] = {}
+    model_values: dict[str, Any] = {}
+    for layer in layers:
+        for name, value in layer.items():
+            if name == "model" and isinstance(value, dict):
+                model_values.update(_model_mapping(value))
+            elif name == "model" or name in MODEL_OPTIONS:
+                model_values[name] = value
+            else:
+                train_values[name] = value
+    preset = model_values.pop("model", DEMO_MODEL.name)
+    model = M2DINOConfig(**{**model_defaults(preset).to_dict(), **model_values, "name": preset})
+    return TrainConfig(**train_values, model=model).validate()
+
+
+RUN_OPTIONS = ("dry_run", "nproc", "assume_tflops", "gpu_memory_gb", "overwrite")
+
+
+def parse_command(argv=None) -> tuple[TrainConfig, dict[str, Any], set[str]]:
+    """Command line -> (the validated TrainConfig, {run option: value} of the RUN_OPTIONS given,
+    the names of the options the command line or its --config file set)."""
+    args = vars(build_parser().parse_args(argv))
+    run_options = {name: args.pop(name) for name in RUN_OPTIONS if name in args}
+    given = {name for name in args if name != "config"}
+    if args.get("config"):
+        given |= set(load_yaml_config(find_config(args["config"])))
+    return _config_from_args(args), run_options, given
 
 
 def parse_args(argv=None) -> TrainConfig:
     """Command line (+ --config YAML) -> a validated TrainConfig."""
-    args = vars(build_parser().parse_args(argv))
-    values: dict[str, Any] = {}
+    return parse_command(argv)[0]
+
+
+def _config_from_args(args: dict[str, Any]) -> TrainConfig:
     config_file = args.pop("config", None)
-    if config_file:
-        values.update(load_yaml_config(config_file))
+    layers = [load_yaml_config(find_config(config_file))] if config_file else []
+    cli = {}
     for name, value in args.items():
         if name == "tasks":
             value = " ".join(value)
-        values[name] = _coerce(name, value)
-    return TrainConfig(**values).validate()
+        cli[name] = _coerce(name, value)
+    return resolve(layers + [cli])
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """A saved config.yaml mapping -> TrainConfig (unknown keys raise)."""
-    unknown = set(data) - set(FIELD_NAMES)
+    """A saved config.yaml mapping (nested `model:` or the older flat model options) -> TrainConfig."""
+    unknown = set(data) - set(OPTION_NAMES)
     if unknown:
         raise ValueError(f"config: unknown option(s) {sorted(unknown)}")
-    return TrainConfig(**{k: _coerce(k, v) for k, v in data.items()}).validate()
+    return resolve([{k: _coerce(k, v) for k, v in data.items()}])
 
 
 def save_config(config: TrainConfig, path) -> Path:
@@ -353,4 +550,4 @@ def save_config(config: TrainConfig, path) -> Path:
 
 
 def read_config(path) -> TrainConfig:
-    return config_from_dict(load_yaml_config(path))
+    return resolve([load_yaml_config(path)])

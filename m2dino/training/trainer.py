@@ -23,6 +23,7 @@ the model reads nothing back from the device (its task ids come from the host).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -40,12 +41,13 @@ from m2dino.evaluation.baselines import training_mean
 from m2dino.evaluation.bootstrap import BOOTSTRAP_SEED, PER_IMAGE_FILE, bootstrap_settings, bootstrap_task, task_seed
 from m2dino.evaluation.ground_truth import ground_truth_from_record
 from m2dino.evaluation.metrics import higher_is_better, metrics_by_task, values_by_task
-from m2dino.models.m2dino import create_model, save_model
+from m2dino.models.m2dino import M2DINO, save_model
 from m2dino.tasks import TaskSpec
 from m2dino.training import checkpoint as ckpt
 from m2dino.training import distributed as dist_utils
 from m2dino.training.config import TrainConfig
 from m2dino.training.losses import total_loss
+from m2dino.training.rundir import RESUMABLE
 
 # Test hook for the crashed-rank test: "RANK:STEP" makes that rank os._exit(1) when it reaches
 # STEP on the first torchrun attempt (TORCHELASTIC_RESTART_COUNT == 0) only.
@@ -189,6 +191,7 @@ class ModelTrainer:
         if not tasks:
             raise ValueError(f"model {name!r}: no tasks to train")
         self.config = config
+        self.img_size = config.model.resolved().img_size  # the model's input size: the data is resized to it
         self.name = name
         self.tasks = list(tasks)
         self.task_table = {t.task_id: t for t in self.tasks}
@@ -213,9 +216,7 @@ class ModelTrainer:
     def build_model(self):
         c = self.config
         torch.manual_seed(c.seed)  # the same initial weights in every paradigm and on every rank
-        model = create_model(c.model, self.tasks, pretrained=c.pretrained, num_experts=c.num_experts,
-                             top_k=c.top_k, moe_layers=c.moe_layers, img_size=c.img_size,
-                             neck_channels=c.neck_channels)
+        model = M2DINO(c.model, self.tasks, pretrained=c.pretrained)
         if c.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
         self.start_landmarks_at_training_mean(model)
@@ -257,7 +258,7 @@ class ModelTrainer:
 
     def build_data(self):
         c = self.config
-        dataset = FMUIADataset(self.train_records, self.task_table, image_size=c.img_size, train=True, seed=c.seed,
+        dataset = FMUIADataset(self.train_records, self.task_table, image_size=self.img_size, train=True, seed=c.seed,
                                cache_bytes=TRAIN_CACHE_BYTES if c.workers == 0 else 0)
         sampler = MultiTaskBatchSampler(dataset.task_of_index, batch_size=c.batch_size, alpha=c.task_alpha,
                                         mixed=c.batching == "mixed", seed=c.seed)
@@ -347,7 +348,7 @@ class ModelTrainer:
         was_training = model.training
         model.eval()
         self.model.reset_expert_usage()
-        dataset = FMUIADataset(self.val_records, self.task_table, image_size=c.img_size, train=False)
+        dataset = FMUIADataset(self.val_records, self.task_table, image_size=self.img_size, train=False)
         loader = DataLoader(dataset, batch_size=max(1, c.batch_size), shuffle=False, collate_fn=collate,
                             num_workers=c.workers)
         predictions = []
@@ -429,7 +430,11 @@ class ModelTrainer:
             # a loadable checkpoint exists from the first step on (a kill at any moment can resume)
             self.save_last(model, optimizer, scheduler, sampler, progress)
         else:
-            self.log.write("resume", step=progress.step, epoch=progress.epoch, batches_done=progress.batches_done)
+            changes = self._resume_changes()
+            if progress.finished and progress.step < total:  # --epochs (or --steps) extended: train on
+                progress.finished = False
+            self.log.write("resume", step=progress.step, epoch=progress.epoch, batches_done=progress.batches_done,
+                           total_steps=total, changes=changes, config=c.to_dict())
 
         if not progress.finished:
             try:
@@ -438,10 +443,27 @@ class ModelTrainer:
                 self.log.write("oom", step=progress.step, error=str(e)[:500])
                 raise TrainingOOM(
                     f"model {self.name!r}: out of memory at step {progress.step} with --batch-size {c.batch_size} "
-                    f"at --img-size {c.img_size}: try a smaller --batch-size or --grad-checkpointing "
+                    f"at --img-size {self.img_size}: try a smaller --batch-size or --grad-checkpointing "
                     f"(or --amp bf16 on GPU). The last complete checkpoint in {self.model_dir / ckpt.LAST} is "
                     f"intact; --resume continues from it.") from e
         return self._final_eval(model, progress)
+
+    def _resume_changes(self) -> dict[str, list]:
+        """{option: [before, now]} between the config this model last started or resumed with
+        (its metrics.jsonl) and this run's, for the options that may change on resume."""
+        before = None
+        if self.log.path.is_file():
+            for line in self.log.path.read_text().splitlines():
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if event.get("event") in ("start", "resume") and isinstance(event.get("config"), dict):
+                    before = event["config"]
+        now = self.config.to_dict()
+        if before is None:
+            return {}
+        return {k: [before.get(k), now[k]] for k in RESUMABLE if before.get(k) != now[k]}
 
     def _train(self, model, optimizer, scheduler, scaler, dataset, sampler, loader, progress: Progress,
                total: int) -> None:
@@ -586,7 +608,7 @@ class ModelTrainer:
                 self._write_json("eval.json", {"tasks": metrics, "ci": intervals, "step": progress.step,
                                                "score": score, "bootstrap": bootstrap_settings(self.config.bootstrap)})
                 self._write_json("routing.json", {"tasks": list(self.task_table),
-                                                  "num_experts": self.config.num_experts,
+                                                  "num_experts": self.config.model.num_experts,
                                                   "layers": {str(k): v for k, v in routing.items()}})
         if improved:
             progress.best_score, progress.best_step = score, progress.step

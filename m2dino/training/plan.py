@@ -1,0 +1,333 @@
+"""The plan before the run (`python -m m2dino.train ... --dry-run`): for every model of the
+study, its tasks, training images, optimizer steps, parameters (total / active per token),
+FLOPs per image for forward + backward and memory per GPU; then the study's total FLOPs and
+the time they take at a stated sustained rate. Written to OUT/plan.json.
+
+Nothing real is built or trained: the model lives on fake tensors (FakeTensorMode: shapes and
+dtypes, no storage), torch.utils.flop_counter counts one training step's FLOPs, and the
+activations are the bytes autograd saves for the backward pass of one batch. The study's
+models share the backbone and differ in their heads and routers, so one step of the all-task
+model, with every task in the batch, gives each model's numbers: its backbone and neck FLOPs
+per image, and its tasks' heads weighted by their training images.
+
+The MoE counts what top-k uses: m2dino's fused ops get flop formulas here (each token through
+its k experts, its task's router), as attention's CPU kernel does (flop_counter has none).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import flop_counter
+
+from m2dino import io
+from m2dino.models.m2dino import M2DINO, SPATIAL_TYPES
+from m2dino.models.moe import moe_modules
+from m2dino.training.config import PARADIGMS, TrainConfig
+
+# A sustained rate that a well-fed H100 reaches in bf16 training: about 30% of its 989 dense TFLOP/s
+DEFAULT_TFLOPS = 300.0
+GIB = 2 ** 30
+ADAMW_BYTES = 8   # exp_avg + exp_avg_sq, fp32, per trainable parameter
+
+
+PLAN_OPTIONS = ("nproc", "assume_tflops", "gpu_memory_gb")  # the command line's planning options
+
+
+class PlanError(ValueError):
+    """The study cannot run as stated (a model does not fit the GPU memory)."""
+
+
+@dataclass
+class PlanOptions:
+    nproc: int = 1                        # GPUs (torchrun processes) the run will use
+    assume_tflops: float = DEFAULT_TFLOPS  # sustained TFLOP/s per GPU for the time estimate
+    gpu_memory_gb: float = 80.0           # memory of one GPU
+
+    def validate(self) -> "PlanOptions":
+        if self.nproc < 1:
+            raise ValueError(f"--nproc: must be >= 1, got {self.nproc}")
+        for name in ("assume_tflops", "gpu_memory_gb"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name.replace('_', '-')}: must be a positive number, got {value}")
+        return self
+
+
+# ------------------------------------------------------------------ FLOP formulas of the fused ops
+
+def _sdpa_shapes(q, k, v):
+    return tuple(q.shape), tuple(k.shape), tuple(v.shape)
+
+
+def _experts_flops(x, sorted_slots, fc1_w, fc2_w) -> int:
+    """2 x MACs of the two expert GEMMs over the T*k routed rows."""
+    rows = sorted_slots.shape[0]
+    return 2 * rows * (x.shape[1] * fc1_w.shape[1] + fc2_w.shape[2] * fc2_w.shape[1])
+
+
+def _register_flop_formulas() -> None:
+    registry = flop_counter.flop_registry
+    aten, m2 = torch.ops.aten, torch.ops.m2dino
+    formulas = {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *a, **kw: flop_counter.sdpa_flop_count(*_sdpa_shapes(q, k, v)),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *a, **kw: flop_counter.sdpa_backward_flop_count(tuple(g.shape), *_sdpa_shapes(q, k, v)),
+        m2.rope_flash_attention:
+            lambda q, k, v, *a, **kw: flop_counter.sdpa_flop_count(*_sdpa_shapes(q, k, v)),
+        m2.rope_flash_attention_backward:
+            lambda g, q, k, v, *a, **kw: flop_counter.sdpa_backward_flop_count(tuple(g.shape), *_sdpa_shapes(q, k, v)),
+        # routing: each token's logits against its own task's router [E, D]
+        m2.task_topk_route:
+            lambda x, task_ids, gate_weight, *a, **kw: 2 * x.shape[0] * x.shape[1] * gate_weight.shape[1],
+        m2.task_topk_route_backward:  # grad of the input and of the router weights
+            lambda gl, gp, gw, x, task_ids, gate_weight, *a, **kw: 4 * x.shape[0] * x.shape[1] * gate_weight.shape[1],
+        m2.expert_mlp:
+            lambda x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, *a, **kw:
+                _experts_flops(x, sorted_slots, fc1_w, fc2_w),
+        m2.expert_mlp_backward:  # grads of the inputs and of the weights: twice the forward
+            lambda g, x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, *a, **kw:
+                2 * _experts_flops(x, sorted_slots, fc1_w, fc2_w),
+    }
+    for op, formula in formulas.items():
+        if op not in registry:
+            flop_counter.register_flop_formula(op, get_raw=True)(formula)
+
+
+# ------------------------------------------------------------------ one fake training step
+
+def fake_model(model_config, tasks) -> tuple[M2DINO, FakeTensorMode]:
+    """M2DINO built on the meta device, then given fake CPU storage: no memory, real shapes."""
+    with torch.device("meta"):
+        model = M2DINO(model_config, tasks)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        model.to_empty(device="cpu")
+    return model.train(), mode
+
+
+@dataclass
+class StepCount:
+    flops: dict[str, int]   # forward + backward FLOPs by module ("" the whole model)
+    saved_bytes: int        # activations autograd keeps for backward (parameters excluded)
+    images: Counter         # images of the batch per task index
+
+
+def count_step(model: M2DINO, mode: FakeTensorMode, task_indices: list[int], bf16: bool = False,
+               checkpointing: bool = False) -> StepCount:
+    """Count one training step (forward + backward) of `model` on a batch with one image per
+    entry of task_indices, at the model's image size; bf16: under bf16 autocast, as on a GPU."""
+    _register_flop_formulas()
+    size = model.img_size
+    with mode:
+        images = torch.empty(len(task_indices), 3, size, size)
+    task_ids = torch.tensor(task_indices, dtype=torch.int64)  # a real host tensor, as task_index gives
+    param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen: set[int] = set()
+    saved = 0
+
+    def pack(t):
+        nonlocal saved
+        key = t.untyped_storage()._cdata
+        if key not in seen and key not in param_storages:
+            seen.add(key)
+            saved += t.untyped_storage().nbytes()
+        return t
+
+    model.backbone.set_grad_checkpointing(checkpointing)
+    counter = flop_counter.FlopCounterMode(display=False)
+    try:
+        with counter:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                outputs = model(images, task_ids)
+                loss = sum(value.float().sum() for out in outputs["tasks"].values() for key, value in out.items()
+                           if key != "indices" and torch.is_floating_point(value))
+                loss = loss + outputs.get("unused_anchor", 0.0)
+            loss.backward()  # outside autocast, as training does
+    finally:
+        model.backbone.set_grad_checkpointing(False)
+        model.zero_grad(set_to_none=True)
+    return StepCount(_flops_by_module(counter, type(model).__name__), saved, Counter(task_indices))
+
+
+def _flops_by_module(counter: flop_counter.FlopCounterMode, root: str) -> dict[str, int]:
+    out = {}
+    for name, by_op in counter.get_flop_counts().items():
+        if name == "Global":
+            out[""] = int(sum(by_op.values()))
+        elif name.startswith(root + "."):
+            out[name[len(root) + 1:]] = int(sum(by_op.values()))
+    return out
+
+
+# ------------------------------------------------------------------ the study's plan
+
+@dataclass
+class ModelShapes:
+    """What one fake step of the all-task model tells about every model of the study."""
+    trunk_flops: float               # backbone (routing, top-k experts) per image, forward + backward
+    neck_flops: float                # per image, when the model has a spatial task
+    head_flops: dict[str, float]     # per image of that task
+    activations: dict[bool, float]   # bytes per image saved for backward, without / with grad checkpointing
+    shared_params: int               # backbone without routers
+    router_params: int               # one task's routers over all MoE layers
+    inactive_expert_params: int      # the E - k experts a token skips, over all MoE layers
+    dense_backbone_params: int       # the backbone outside its MoE layers' experts and routers
+    neck_params: int
+    head_params: dict[str, int]
+
+
+def measure_shapes(config: TrainConfig, task_ids: list[str]) -> ModelShapes:
+    model, mode = fake_model(config.model, task_ids)
+    n_tasks = len(task_ids)
+    batch = [i % n_tasks for i in range(max(config.batch_size, n_tasks))]  # every task in the batch
+    bf16 = config.amp == "bf16"
+    plain = count_step(model, mode, batch, bf16=bf16)
+    checkpointed = count_step(model, mode, batch, bf16=bf16, checkpointing=True)
+    heads = {t: plain.flops.get(f"heads.{t}", 0) / plain.images[i] for i, t in enumerate(task_ids)}
+    head_total = sum(plain.flops.get(f"heads.{t}", 0) for t in task_ids)
+    neck = plain.flops.get("neck", 0)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    layers = moe_modules(model.backbone).values()
+    routers = sum(m.gate_weight.numel() + m.gate_bias.numel() for m in layers)
+    experts = [sum(getattr(m, n).numel() for n in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")) for m in layers]
+    inactive = sum(e * (m.num_experts - m.top_k) // m.num_experts for e, m in zip(experts, layers))
+    backbone = count(model.backbone)
+    return ModelShapes(
+        trunk_flops=(plain.flops[""] - neck - head_total) / len(batch), neck_flops=neck / len(batch),
+        head_flops=heads,
+        activations={False: plain.saved_bytes / len(batch), True: checkpointed.saved_bytes / len(batch)},
+        shared_params=backbone - routers, router_params=routers // n_tasks, inactive_expert_params=inactive,
+        dense_backbone_params=backbone - routers - sum(experts), neck_params=count(model.neck),
+        head_params={t: count(model.heads[t]) for t in task_ids})
+
+
+def plan_model(config: TrainConfig, options: PlanOptions, shapes: ModelShapes, task_ids: list[str],
+               train_sizes: dict[str, int], spatial: bool) -> dict[str, Any]:
+    """One model's entry of plan.json."""
+    images = sum(train_sizes[t] for t in task_ids)
+    share = {t: train_sizes[t] / images for t in task_ids}
+    flops_per_image = (shapes.trunk_flops + (shapes.neck_flops if spatial else 0.0)
+                       + sum(share[t] * shapes.head_flops[t] for t in task_ids))
+    per_step = config.batch_size * options.nproc
+    steps = config.steps if config.steps is not None else config.epochs * math.ceil(images / per_step)
+    heads = sum(shapes.head_params[t] for t in task_ids)
+    total = shapes.shared_params + shapes.router_params * len(task_ids) + shapes.neck_params + heads
+    active = (shapes.shared_params + shapes.router_params - shapes.inactive_expert_params
+              + (shapes.neck_params if spatial else 0) + max(shapes.head_params[t] for t in task_ids))
+    trainable = total - (shapes.dense_backbone_params if config.freeze_backbone else 0)
+    memory = {}
+    for fsdp in (False, True):
+        for checkpointing in (False, True):
+            state = 4 * total + (4 + ADAMW_BYTES) * trainable  # fp32 weights, grads, AdamW moments
+            if fsdp:
+                state /= options.nproc
+            activations = shapes.activations[checkpointing] * config.batch_size
+            key = "+".join(["fsdp"] * fsdp + ["grad_checkpointing"] * checkpointing) or "plain"
+            memory[key] = {"params_gib": 4 * total / (options.nproc if fsdp else 1) / GIB,
+                           "grads_gib": 4 * trainable / (options.nproc if fsdp else 1) / GIB,
+                           "adamw_gib": ADAMW_BYTES * trainable / (options.nproc if fsdp else 1) / GIB,
+                           "activations_gib": activations / GIB, "total_gib": (state + activations) / GIB}
+    chosen = "+".join(["fsdp"] * (config.fsdp and options.nproc > 1)
+                      + ["grad_checkpointing"] * config.grad_checkpointing) or "plain"
+    return {"tasks": list(task_ids), "train_images": images, "steps": int(steps), "images_per_step": per_step,
+            "parameters": {"total": int(total), "active_per_token": int(active), "trainable": int(trainable)},
+            "flops_per_image": flops_per_image, "flops": flops_per_image * steps * per_step,
+            "memory_per_gpu": memory, "memory_setting": chosen}
+
+
+def make_plan(config: TrainConfig, options: PlanOptions, train_sizes: dict[str, int], specs: dict,
+              groups: dict[str, list[str]]) -> dict[str, Any]:
+    """plan.json's content: every model of the study (config.paradigm), and the totals."""
+    from m2dino.training.study import plan_models  # noqa: PLC0415 (the study imports the data stack)
+
+    task_ids = sorted(specs)
+    shapes = measure_shapes(config, task_ids)
+    paradigms = list(PARADIGMS) if config.paradigm == "all" else [config.paradigm]
+    models = {}
+    for paradigm in paradigms:
+        for name, members in plan_models(paradigm, task_ids, groups).items():
+            spatial = any(specs[t].task_type in SPATIAL_TYPES for t in members)
+            models[f"{paradigm}/{name}"] = plan_model(config, options, shapes, members, train_sizes, spatial)
+    runs = len(config.seeds) if config.seeds else 1
+    total = runs * sum(m["flops"] for m in models.values())
+    seconds = total / (options.assume_tflops * 1e12 * options.nproc)
+    limit = options.gpu_memory_gb * 0.9
+    return {"model": config.model.resolved().to_dict(), "nproc": options.nproc, "batch_size": config.batch_size,
+            "amp": config.amp, "seeds": runs, "assume_tflops_per_gpu": options.assume_tflops,
+            "gpu_memory_gib": options.gpu_memory_gb, "usable_memory_gib": limit, "models": models,
+            "total_flops": total, "hours": seconds / 3600,
+            "fits": all(m["memory_per_gpu"][m["memory_setting"]]["total_gib"] <= limit for m in models.values())}
+
+
+def check_fits(plan: dict[str, Any]) -> None:
+    """PlanError naming every model that does not fit, and the settings under which it would."""
+    limit = plan["usable_memory_gib"]
+    problems = []
+    for name, m in plan["models"].items():
+        need = m["memory_per_gpu"][m["memory_setting"]]["total_gib"]
+        if need > limit:
+            fitting = [k for k, v in m["memory_per_gpu"].items() if v["total_gib"] <= limit
+                       and ("fsdp" not in k or plan["nproc"] > 1)]
+            problems.append(f"{name} needs {need:.1f} GiB per GPU with {m['memory_setting']}; fits with: "
+                            f"{', '.join(fitting) or 'none of fsdp / grad_checkpointing: lower --batch-size'}")
+    if problems:
+        raise PlanError(f"the study does not fit {plan['gpu_memory_gib']:g} GiB GPUs (90% usable, the rest for the "
+                        f"CUDA context and the allocator): " + "; ".join(problems))
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The plan as the table the dry run prints."""
+    model = plan["model"]
+    lines = [f"plan: {model['name']} at {model['img_size']} px, {model['num_experts']} experts top-{model['top_k']} "
+             f"in the last {model['moe_layers']} blocks; batch {plan['batch_size']} per GPU x {plan['nproc']} GPU(s), "
+             f"amp {plan['amp']}",
+             f"{'model':<28} {'tasks':>5} {'images':>7} {'steps':>7} {'params':>8} {'active':>8} "
+             f"{'GFLOP/img':>10} {'PFLOP':>9} {'GiB/GPU':>8}  memory setting"]
+    for name, m in plan["models"].items():
+        memory = m["memory_per_gpu"][m["memory_setting"]]["total_gib"]
+        lines.append(f"{name:<28} {len(m['tasks']):>5} {m['train_images']:>7} {m['steps']:>7} "
+                     f"{m['parameters']['total'] / 1e6:>7.1f}M {m['parameters']['active_per_token'] / 1e6:>7.1f}M "
+                     f"{m['flops_per_image'] / 1e9:>10.1f} {m['flops'] / 1e15:>9.2f} {memory:>8.1f}  "
+                     f"{m['memory_setting']}")
+    largest = max(plan["models"].values(), key=lambda m: m["memory_per_gpu"]["plain"]["total_gib"])
+    options = ", ".join(f"{k} {v['total_gib']:.1f}" for k, v in largest["memory_per_gpu"].items())
+    lines.append(f"memory per GPU of the largest model (GiB): {options}")
+    lines.append(f"study: {plan['total_flops'] / 1e18:.3f} EFLOP ({plan['seeds']} seed(s)), "
+                 f"{plan['hours']:.2f} h on {plan['nproc']} GPU(s) at an assumed "
+                 f"{plan['assume_tflops_per_gpu']:g} TFLOP/s sustained per GPU")
+    return "\n".join(lines)
+
+
+def dry_run(config: TrainConfig, options: PlanOptions) -> dict[str, Any]:
+    """Plan the study without building or training anything real: print the plan, write
+    OUT/plan.json, raise PlanError when a model does not fit the GPU memory."""
+    from m2dino.data import ensure_synthetic, load_fmuia  # noqa: PLC0415
+    from m2dino.tasks import apply_groups, load_groups  # noqa: PLC0415
+
+    options.validate()
+    if config.data == "synthetic":
+        root = ensure_synthetic(scale=config.synthetic_scale, seed=0)
+    else:
+        root = Path(config.data)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data {root}: not a directory (an FM_UIA root or 'synthetic')")
+    data = load_fmuia(root, policy=config.on_bad_sample, run_dir=None, tasks=config.tasks,
+                      val_fraction=config.val_fraction,
+                      seed=config.seed if config.split_seed is None else config.split_seed, decode=False)
+    groups = load_groups(config.groups)
+    specs = {s.task_id: s for s in apply_groups(list(data.tasks.values()), groups)}
+    plan = make_plan(config, options, data.task_counts("train"), specs, groups)
+    plan["data"] = str(root)
+    print(format_plan(plan), flush=True)
+    path = io.write_json(Path(config.out) / "plan.json", plan)
+    print(f"plan: {path}", flush=True)
+    check_fits(plan)
+    return plan

@@ -1,0 +1,92 @@
+"""The dry run: FLOPs against closed-form counts, the MoE's active FLOPs, and the plan of a tiny
+study (printed, written as plan.json, nothing else written; a model too large for the GPU stops it)."""
+import json
+
+import pytest
+
+from m2dino.models.backbone import PRESETS, M2DINOConfig
+from m2dino.train import main
+from m2dino.training.plan import count_step, fake_model
+
+TASKS = ["breast_2cls", "lung"]
+SUITE = dict(tasks=TASKS, min_train=8, min_val=3)
+SIZE = 224
+
+
+def closed_form_backbone_flops(preset: str, size: int) -> float:
+    """Forward + backward FLOPs of a dense GELU DINOv3 ViT per image: 2 x MACs of the linear
+    layers and of attention's two matrix products, the patch conv's forward and weight grad;
+    the backward pass costs twice the forward."""
+    p = PRESETS[preset]
+    d, depth, hidden = p.embed_dim, p.depth, int(p.embed_dim * p.mlp_ratio)
+    patches = (size // p.patch_size) ** 2
+    n = patches + 5
+    linear = n * (3 * d * d + d * d + 2 * d * hidden)
+    attention = 2 * n * n * d
+    conv = patches * d * 3 * p.patch_size ** 2
+    return 3 * 2 * depth * (linear + attention) + 2 * 2 * conv
+
+
+def trunk_flops(model_config: M2DINOConfig, images: int = 2) -> float:
+    """Per image: the whole step's FLOPs less the heads' (one classification task: no neck)."""
+    model, mode = fake_model(model_config, ["breast_2cls"])
+    step = count_step(model, mode, [0] * images)
+    assert "neck" not in step.flops
+    return (step.flops[""] - step.flops["heads.breast_2cls"]) / images
+
+
+def test_dense_vits16_flops_equal_the_closed_form():
+    measured = trunk_flops(M2DINOConfig(name="dinov3_vits16", moe_layers=0, img_size=SIZE))
+    assert measured == pytest.approx(closed_form_backbone_flops("dinov3_vits16", SIZE), rel=0.02)
+
+
+def test_moe_flops_count_the_experts_top_k_uses():
+    num_experts, top_k, moe_layers = 8, 2, 6
+    dense = trunk_flops(M2DINOConfig(name="dinov3_vits16", moe_layers=0, img_size=SIZE))
+    moe = trunk_flops(M2DINOConfig(name="dinov3_vits16", num_experts=num_experts, top_k=top_k,
+                                   moe_layers=moe_layers, img_size=SIZE))
+    p = PRESETS["dinov3_vits16"]
+    d, hidden, n = p.embed_dim, int(p.embed_dim * p.mlp_ratio), (SIZE // 16) ** 2 + 5
+    mlp = 3 * 2 * n * 2 * d * hidden              # one MLP per token, forward + backward
+    routing = 3 * 2 * n * d * num_experts         # each token against its task's router
+    expected = dense + moe_layers * ((top_k - 1) * mlp + routing)
+    assert moe == pytest.approx(expected, rel=0.02)
+    assert moe > dense * 1.2  # the experts are counted, not skipped
+
+
+def test_dry_run_plans_the_study_and_writes_only_plan_json(suite, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["--data", str(suite), "--out", str(out), "--dry-run", "--nproc", "2", "--assume-tflops", "100",
+               "--batch-size", "4", "--epochs", "3", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "au/all" in printed and "ts/lung" in printed and "TFLOP/s" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["plan.json"]  # no model, checkpoint or config
+    plan = json.loads((out / "plan.json").read_text())
+    assert set(plan["models"]) == {"ts/breast_2cls", "ts/lung", "cg/Breast", "cg/Lung", "au/all"}
+    au = plan["models"]["au/all"]
+    assert au["tasks"] == sorted(TASKS) and au["images_per_step"] == 8
+    assert au["steps"] == 3 * -(-au["train_images"] // 8)
+    assert au["flops"] == pytest.approx(au["flops_per_image"] * au["steps"] * 8)
+    assert au["parameters"]["active_per_token"] < au["parameters"]["total"]
+    memory = au["memory_per_gpu"]
+    assert memory["grad_checkpointing"]["activations_gib"] < memory["plain"]["activations_gib"]
+    assert memory["fsdp"]["total_gib"] < memory["plain"]["total_gib"]
+    assert plan["total_flops"] == pytest.approx(sum(m["flops"] for m in plan["models"].values()))
+    assert plan["hours"] == pytest.approx(plan["total_flops"] / (100e12 * 2) / 3600)
+
+
+def test_dry_run_stops_when_a_model_does_not_fit(suite, tmp_path, capsys):
+    rc = main(["--data", str(suite), "--out", str(tmp_path / "run"), "--dry-run", "--paradigm", "au",
+               "--gpu-memory-gb", "0.001"])
+    assert rc == 1
+    assert "au/all needs" in capsys.readouterr().err
+
+
+def test_vitl16_recipe_plans_in_seconds_on_meta(suite, tmp_path):
+    """The largest recipe: the whole plan comes from fake tensors (nothing allocated)."""
+    rc = main(["--config", "m2dino_vitl16_fmuia", "--data", str(suite), "--out", str(tmp_path / "l"),
+               "--dry-run", "--nproc", "8", "--paradigm", "au"])
+    assert rc == 0
+    plan = json.loads((tmp_path / "l" / "plan.json").read_text())
+    assert plan["model"]["name"] == "dinov3_vitl16" and plan["models"]["au/all"]["parameters"]["total"] > 3e8
