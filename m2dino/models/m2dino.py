@@ -32,10 +32,10 @@ from m2dino.models.backbone import PRESETS, M2DINOConfig
 from m2dino.models.heads import DPTNeck, build_head
 from m2dino.models.moe import AUX_NAMES, moe_modules, upcycle_backbone, validate_task_ids
 from m2dino.models.weights import WeightsError, build_backbone
-from m2dino.tasks import TaskSpec, get_task
+from m2dino.tasks import TaskSpec, TaskTable, TaskType, get_task
 
 FORMAT_VERSION = 1
-SPATIAL_TYPES = ("segmentation", "regression", "detection")
+SPATIAL_TYPES = (TaskType.SEGMENTATION, TaskType.LANDMARKS, TaskType.DETECTION)  # heads that read the neck
 
 
 def _as_task_specs(tasks) -> list[TaskSpec]:
@@ -187,29 +187,42 @@ class M2DINO(nn.Module):
         results = [None] * batch
         specs = {t.task_id: t for t in self.tasks}
         for task_id, out in outputs["tasks"].items():
-            kind = specs[task_id].task_type
+            to_prediction = POSTPROCESS[specs[task_id].task_type]
             for j, row in enumerate(out["indices"].tolist()):
                 height, width = (int(v) for v in orig_sizes[row])
-                if kind == "segmentation":
-                    logits = F.interpolate(out["logits"][j:j + 1].float(), size=(height, width),
-                                           mode="bilinear", align_corners=False)
-                    mask = logits[0].argmax(dim=0).cpu().numpy().astype(np.uint8)
-                    results[row] = {"mask": mask}
-                elif kind == "classification":
-                    probs = out["logits"][j].float().softmax(-1).cpu().numpy()
-                    results[row] = {"probs": probs, "predicted_class": int(probs.argmax())}
-                elif kind == "detection":
-                    box = out["boxes"][j].float().cpu().numpy()
-                    scale = np.array([width, height, width, height], dtype=np.float32)
-                    results[row] = {"bbox_pixels": (box * scale).tolist(),
-                                    "bbox_normalized": box.tolist(),
-                                    "score": float(out["scores"][j])}
-                else:
-                    points = out["points"][j].float().cpu().numpy()
-                    results[row] = {"points_pixels": points * np.array([width, height],
-                                                                       dtype=np.float32),
-                                    "points_normalized": points}
+                results[row] = to_prediction(out, j, height, width)
         return results
+
+
+# ----- one row of a head's outputs -> its task-native prediction in original pixels ---------
+def _segmentation_prediction(out: dict, j: int, height: int, width: int) -> dict:
+    logits = F.interpolate(out["logits"][j:j + 1].float(), size=(height, width), mode="bilinear",
+                           align_corners=False)
+    return {"mask": logits[0].argmax(dim=0).cpu().numpy().astype(np.uint8)}
+
+
+def _classification_prediction(out: dict, j: int, height: int, width: int) -> dict:
+    probs = out["logits"][j].float().softmax(-1).cpu().numpy()
+    return {"probs": probs, "predicted_class": int(probs.argmax())}
+
+
+def _detection_prediction(out: dict, j: int, height: int, width: int) -> dict:
+    box = out["boxes"][j].float().cpu().numpy()
+    scale = np.array([width, height, width, height], dtype=np.float32)
+    return {"bbox_pixels": (box * scale).tolist(), "bbox_normalized": box.tolist(), "score": float(out["scores"][j])}
+
+
+def _landmark_prediction(out: dict, j: int, height: int, width: int) -> dict:
+    points = out["points"][j].float().cpu().numpy()
+    return {"points_pixels": points * np.array([width, height], dtype=np.float32), "points_normalized": points}
+
+
+POSTPROCESS = TaskTable("postprocess", {
+    TaskType.SEGMENTATION: _segmentation_prediction,
+    TaskType.CLASSIFICATION: _classification_prediction,
+    TaskType.DETECTION: _detection_prediction,
+    TaskType.LANDMARKS: _landmark_prediction,
+})
 
 
 def create_model(name: str, tasks, pretrained=None, num_experts: int = 8, top_k: int = 2,
@@ -270,7 +283,7 @@ def load_model(path, map_location="cpu") -> M2DINO:
                            f"{config.get('format_version')!r}, expected {FORMAT_VERSION}")
     known = {f.name for f in fields(TaskSpec)}
     try:
-        tasks = [TaskSpec(**{k: v for k, v in t.items() if k in known}) for t in config["tasks"]]
+        tasks = [TaskSpec.from_dict({k: v for k, v in t.items() if k in known}) for t in config["tasks"]]
         model = M2DINO(M2DINOConfig.from_dict(config), tasks)
     except (KeyError, TypeError, ValueError) as err:
         raise WeightsError(f"checkpoint config {config_path} does not describe a model: {err}") from err

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from m2dino import io
 from m2dino.data import ensure_synthetic, load_fmuia
+from m2dino.data.reader import csv_num_classes
 from m2dino.evaluation.baselines import trivial_baselines
 from m2dino.evaluation.metrics import as_float, higher_is_better
 from m2dino.evaluation.report import generate_report
@@ -101,7 +102,7 @@ def paradigm_summary(paradigm: str, plan: dict[str, list[str]], results: dict[st
         for t in task_ids:
             spec = specs[t]
             entries[t] = {"task_type": spec.task_type, "group": spec.group, "train_size": train_sizes.get(t, 0),
-                          "num_classes": spec.num_classes, "primary_metric": spec.primary_metric, "model": model_name,
+                          "num_classes": csv_num_classes(spec), "primary_metric": spec.primary_metric, "model": model_name,
                           "metrics": result["tasks"].get(t, {}), "ci": result["ci"].get(t, {}),
                           "baseline": baselines.get(t, {})}
     return {"paradigm": paradigm, "models": dict(plan),

@@ -42,7 +42,7 @@ from m2dino.evaluation.bootstrap import BOOTSTRAP_SEED, PER_IMAGE_FILE, bootstra
 from m2dino.evaluation.ground_truth import ground_truth_from_record
 from m2dino.evaluation.metrics import higher_is_better, metrics_by_task, values_by_task
 from m2dino.models.m2dino import M2DINO, save_model
-from m2dino.tasks import TaskSpec
+from m2dino.tasks import TaskSpec, TaskType
 from m2dino.training import checkpoint as ckpt
 from m2dino.training import distributed as dist_utils
 from m2dino.training.config import TrainConfig
@@ -226,7 +226,7 @@ class ModelTrainer:
         """Each landmark head starts at its task's training-mean points (a resumed run then
         loads its own prior); see LandmarkHead.set_point_prior."""
         for task_id, spec in self.task_table.items():
-            if spec.task_type == "regression":
+            if spec.task_type is TaskType.LANDMARKS:
                 truth = [ground_truth_from_record(r, with_mask=False)
                          for r in self.train_records if r.task_id == task_id]
                 model.heads[task_id].set_point_prior(training_mean(truth, "points"))
