@@ -51,8 +51,8 @@ class TrainConfig:
     # model: every hyperparameter in one M2DINOConfig (the flags --model, --num-experts, ... set its fields)
     model: M2DINOConfig = DEMO_MODEL
     pretrained: str | None = None
-    # shortcuts for the model's fields, as keywords: TrainConfig(img_size=32) sets model.img_size (read them from
-    # config.model: as init-only variables they are not kept)
+    # shortcuts for the model's fields, as keywords: TrainConfig(img_size=32) sets model.img_size, and
+    # config.img_size reads it (see _model_field below)
     num_experts: InitVar[int | None] = None
     top_k: InitVar[int | None] = None
     moe_layers: InitVar[int | None] = None
@@ -151,6 +151,15 @@ class TrainConfig:
 
 
 _SHORTCUTS = ("num_experts", "top_k", "moe_layers", "img_size", "neck_channels")
+
+
+def _model_field(name: str) -> property:
+    return property(lambda self: getattr(self.model, name), doc=f"config.model.{name} (read-only here)")
+
+
+# Reading a shortcut reads the model's field: an init-only variable would otherwise read as its class default, None.
+for _name in _SHORTCUTS:
+    setattr(TrainConfig, _name, _model_field(_name))
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 # The model's fields as options: --model is the preset name, the others keep their names
 MODEL_FLAGS = {f.name: ("model" if f.name == "name" else f.name) for f in fields(M2DINOConfig)}
