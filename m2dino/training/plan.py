@@ -29,6 +29,7 @@ from m2dino import io
 from m2dino.models.m2dino import M2DINO, SPATIAL_TYPES
 from m2dino.models.moe import moe_modules
 from m2dino.training.config import PARADIGMS, TrainConfig
+from m2dino_kernels import ExpertWeights, Routing
 
 # A sustained rate that a well-fed H100 reaches in bf16 training: about 30% of its 989 dense TFLOP/s
 DEFAULT_TFLOPS = 300.0
@@ -65,10 +66,12 @@ def _sdpa_shapes(q, k, v):
     return tuple(q.shape), tuple(k.shape), tuple(v.shape)
 
 
-def _experts_flops(x, sorted_slots, fc1_w, fc2_w) -> int:
-    """2 x MACs of the two expert GEMMs over the T*k routed rows."""
-    rows = sorted_slots.shape[0]
-    return 2 * rows * (x.shape[1] * fc1_w.shape[1] + fc2_w.shape[2] * fc2_w.shape[1])
+def _experts_flops(x, routing, weights) -> int:
+    """2 x MACs of the two expert GEMMs over the T*k routed rows (the ops carry Routing and
+    ExpertWeights as tensor lists)."""
+    rows = Routing.from_tensors(routing).sorted_slots.shape[0]
+    fc1, fc2 = ExpertWeights(*weights).fc1_weight, ExpertWeights(*weights).fc2_weight
+    return 2 * rows * (x.shape[1] * fc1.shape[1] + fc2.shape[2] * fc2.shape[1])
 
 
 def _register_flop_formulas() -> None:
@@ -89,11 +92,9 @@ def _register_flop_formulas() -> None:
         m2.task_topk_route_backward:  # grad of the input and of the router weights
             lambda gl, gp, gw, x, task_ids, gate_weight, *a, **kw: 4 * x.shape[0] * x.shape[1] * gate_weight.shape[1],
         m2.expert_mlp:
-            lambda x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, *a, **kw:
-                _experts_flops(x, sorted_slots, fc1_w, fc2_w),
+            lambda x, routing, weights, *a, **kw: _experts_flops(x, routing, weights),
         m2.expert_mlp_backward:  # grads of the inputs and of the weights: twice the forward
-            lambda g, x, weights, experts, sorted_slots, offsets, fc1_w, fc1_b, fc2_w, *a, **kw:
-                2 * _experts_flops(x, sorted_slots, fc1_w, fc2_w),
+            lambda g, x, routing, weights, *a, **kw: 2 * _experts_flops(x, routing, weights),
     }
     for op, formula in formulas.items():
         if op not in registry:
