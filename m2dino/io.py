@@ -88,6 +88,21 @@ def replace_directory(tmp, final) -> Path:
     return final
 
 
+def move_aside(path) -> Path:
+    """Rename `path` to `<path>.old-<timestamp>` (a counter added if that exists already) and
+    return the new name: how a command given an explicit flag replaces a user's run or folder
+    without deleting anything."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.old-{stamp}-{n}")
+        n += 1
+    path.rename(target)
+    return target
+
+
 def write_bytes(path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 

@@ -1,8 +1,11 @@
 """`python -m m2dino.export`: a trained tiny checkpoint becomes a challenge entry whose
 `Model().predict`, run in a fresh interpreter from the exported folder, writes exactly what
 `python -m m2dino.predict` writes; bad input is refused with nothing written; the Dockerfile
-holds what can be checked without a Docker engine."""
+holds what can be checked without a Docker engine; the entry's files are the package's own
+(model.py importable, the templates filled), and the wheel carries them."""
+import ast
 import csv
+import inspect
 import json
 import os
 import re
@@ -14,12 +17,19 @@ from pathlib import Path
 
 import pytest
 
+import m2dino
 from m2dino import export as export_cli
 from m2dino import predict as predict_cli
 from m2dino.evaluation import evaluate as E
-from m2dino.evaluation import export as X
+from m2dino.export import folder as X
+from m2dino.export import wheel as W
+from m2dino.export.entry import model as entry_model
+from m2dino.export.options import DEFAULT_BASE_IMAGE
 
-ROOT = Path(X.__file__).resolve().parents[2]  # the checkout whose m2dino is under test
+ROOT = Path(m2dino.__file__).resolve().parents[1]  # the checkout whose m2dino is under test
+ENTRY = Path(entry_model.__file__).parent  # the entry's files as the package ships them
+ENTRY_DATA = ("Dockerfile", "Dockerfile.build-ext", "README.md", "readme-kernels-pure.md", "readme-kernels-ext.md",
+              "readme-measured.md", "readme-not-measured.md")
 TRAINED = ["cervix_multi", "fetal_head_pos_cls", "thyroid_nodule_det", "IUGC"]
 UNKNOWN = "lung_2cls"  # in the data, not in the checkpoint
 SUITE = dict(tasks=TRAINED + [UNKNOWN], min_train=4, min_val=3)
@@ -137,10 +147,54 @@ def test_exported_folder_contents_and_measurement(trained):
     assert "numpy>=1.24" in requirements and not any(r.startswith("torch") for r in requirements)
 
 
+def test_entry_files_are_the_package_data(trained):
+    """model.py is a module of the package (importable, parsed, the challenge's interface),
+    copied as it is; the Dockerfile and README are the shipped templates, every placeholder
+    filled, and both say under which licence the weights inside are."""
+    _, _, folder = trained
+    assert (folder / "model.py").read_bytes() == (ENTRY / "model.py").read_bytes()
+    tree = ast.parse((ENTRY / "model.py").read_text(), filename="model.py")
+    main_blocks = [node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test)
+                   in ('__name__ == "__main__"', "__name__ == '__main__'")]
+    assert len(main_blocks) == 1 and "main(sys.argv[1:])" in ast.unparse(main_blocks[0])
+    assert list(inspect.signature(entry_model.Model).parameters) == ["device"]
+    assert list(inspect.signature(entry_model.Model.predict).parameters) == ["self", "data_root", "output_dir",
+                                                                             "batch_size"]
+    for name in ("Dockerfile", "README.md"):
+        text = (folder / name).read_text()
+        assert "${" not in text, name
+        text = " ".join(text.replace("#", " ").split())  # the words, whatever the line breaks
+        assert "DINOv3 License" in text and "your responsibility" in text and "Apache-2.0" in text, name
+    # `python model.py`, the image's command: /input/ into /output/ (absent here, so it stops naming it)
+    if not Path("/input").exists():
+        proc = subprocess.run([sys.executable, "model.py"], cwd=folder, env=child_env(), capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 2 and "/input has no csv_files/ folder" in proc.stderr, proc.stderr
+
+
+def test_the_two_dockerfiles_share_their_run_time_stage():
+    """The --build-ext Dockerfile's last stage is the plain one but for the kernel backend, the
+    OpenMP library and where the wheel comes from: the two templates cannot drift apart."""
+    from m2dino.export.render import dockerfile_text
+
+    wheel = "m2dino-1.0-py3-none-any.whl"
+    plain = dockerfile_instructions(dockerfile_text(wheel, DEFAULT_BASE_IMAGE, False, "9.0", "1.0"))
+    ext = dockerfile_instructions(dockerfile_text(wheel, DEFAULT_BASE_IMAGE, True, "9.0", "1.0"))
+    runtime = ext[ext.index(("FROM", DEFAULT_BASE_IMAGE)):]
+
+    def same_but_kernels(steps):
+        return [(op, args.replace("M2DINO_KERNELS_BACKEND=auto", "M2DINO_KERNELS_BACKEND=torch")
+                 .replace("--from=kernels /wheels/", "wheels/")) for op, args in steps if "libgomp1" not in args]
+
+    assert same_but_kernels(runtime) == same_but_kernels(plain)
+    assert runtime != plain and len(runtime) == len(plain) + 1
+
+
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
     joined = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")))
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in joined.splitlines() if line.strip()]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
+            for line in joined.splitlines() if line.strip()]
 
 
 def test_dockerfile_without_a_docker_engine(trained, tmp_path):
@@ -159,7 +213,8 @@ def test_dockerfile_without_a_docker_engine(trained, tmp_path):
     env = " ".join(args for op, args in steps if op == "ENV")
     assert "HOME=/home/predictor" in env and "M2DINO_KERNELS_BACKEND=torch" in env
     # at run time only CMD runs: python model.py, no entrypoint, no download step
-    assert [op for op, _ in steps if op in ("CMD", "ENTRYPOINT")] == ["CMD"] and steps[-1] == ("CMD", '["python", "model.py"]')
+    assert [op for op, _ in steps if op in ("CMD", "ENTRYPOINT")] == ["CMD"]
+    assert steps[-1] == ("CMD", '["python", "model.py"]')
     assert not re.search(r"\b(curl|wget|git|pip download)\b", runs)
 
     # --build-ext: the kernels compiled in the -devel image of the same torch, from the copied sources
@@ -168,7 +223,7 @@ def test_dockerfile_without_a_docker_engine(trained, tmp_path):
     X.export_predictor(checkpoint, ext, wheel=wheel_path, build_ext=True, cuda_arches="9.0", measure=None)
     steps = dockerfile_instructions((ext / "Dockerfile").read_text())
     froms = [args for op, args in steps if op == "FROM"]
-    assert froms == [froms[1].replace("-runtime", "-devel") + " AS kernels", X.DEFAULT_BASE_IMAGE]
+    assert froms == [froms[1].replace("-runtime", "-devel") + " AS kernels", DEFAULT_BASE_IMAGE]
     assert 'TORCH_CUDA_ARCH_LIST="9.0"' in " ".join(args for op, args in steps if op == "RUN")
     assert f"--from=kernels /wheels/{wheel} /tmp/build/" in [args for op, args in steps if op == "COPY"]
     for name in ("setup.py", "pyproject.toml", "csrc/kernels.cu", "m2dino/evaluation/predict.py",
@@ -201,7 +256,7 @@ def test_bad_input_is_refused_and_nothing_written(trained, tmp_path, capsys):
         tmp_path / "alone" / "best.safetensors": "best.json does not exist",
         tmp_path / "plain.safetensors": "not an m2dino checkpoint",
         tmp_path / "cut.safetensors": "cut.safetensors",
-        tmp_path / "renamed.safetensors": "renamed.safetensors is not a readable safetensors file",
+        tmp_path / "renamed.safetensors": "not readable",  # load_model's check, naming the file
     }
     for bad, message in cases.items():
         assert export_cli.main(["--checkpoint", str(bad), "--out", str(out), "--wheel", str(wheel),
@@ -219,6 +274,8 @@ def test_bad_input_is_refused_and_nothing_written(trained, tmp_path, capsys):
     assert export_cli.main(["--checkpoint", str(checkpoint), "--out", str(out), "--wheel", str(wheel),
                             "--no-measure", "--force", "--tta", "--device", "cpu", "--amp", "bf16"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.py").is_file()
+    aside = list(tmp_path.glob(f"{out.name}.old-*"))  # --force moved the user's folder aside, never deleted it
+    assert len(aside) == 1 and (aside[0] / "keep.txt").read_text() == "mine"
     settings = json.loads((out / "predictor.json").read_text())
     assert (settings["tta"], settings["device"], settings["amp"], settings["batch_size"]) == (True, "cpu", "bf16", 8)
     assert "Not measured" in (out / "README.md").read_text()
@@ -237,14 +294,19 @@ def test_bad_input_is_refused_and_nothing_written(trained, tmp_path, capsys):
 def test_real_wheel_build_installs_and_predicts(trained, tmp_path, child_venv):
     """The wheel built from this checkout holds m2dino (pure Python), installs into a fresh
     environment and the exported Model runs on it, the checkout off the path."""
-    suite, _, folder = trained
-    wheel = X.build_wheel(X.project_root(), tmp_path / "wheels")
+    suite, checkpoint, folder = trained
+    wheel = W.build_wheel(W.project_root(), tmp_path / "wheels")
     assert wheel.name.startswith("m2dino-") and wheel.name.endswith("-py3-none-any.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for name in ("m2dino/__init__.py", "m2dino/evaluation/predict.py", "m2dino/evaluation/export.py",
+    for name in ("m2dino/__init__.py", "m2dino/evaluation/predict.py", "m2dino/export/folder.py",
+                 "m2dino/export/__main__.py", "m2dino/export/measure_child.py", "m2dino/export/entry/model.py",
+                 *(f"m2dino/export/entry/{data}" for data in ENTRY_DATA),
                  "m2dino/evaluation/tta.py", "m2dino/fmuia_tasks.json", "m2dino/clinical_groups.json",
                  "m2dino_kernels/__init__.py", "m2dino_kernels/triton/moe.py"):
         assert name in names, name
+    with zipfile.ZipFile(wheel) as archive:  # the package data byte for byte
+        for data in ENTRY_DATA + ("model.py",):
+            assert archive.read(f"m2dino/export/entry/{data}") == (ENTRY / data).read_bytes(), data
     assert not [n for n in names if n.endswith((".so", ".pyc")) or "__pycache__" in n]
     assert not (ROOT / "build").exists() or (ROOT / "build").stat().st_mtime < wheel.stat().st_mtime  # built elsewhere
 
@@ -264,3 +326,13 @@ def test_real_wheel_build_installs_and_predicts(trained, tmp_path, child_venv):
     child = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(child["m2dino"]).is_relative_to(venv)  # the installed wheel, not the checkout
     assert sum(child["counts"].values()) == sum(n for t, n in val_rows(suite).items() if t != UNKNOWN)
+
+    # the exporter runs from the installed wheel too: the entry's files come from its package data
+    again = tmp_path / "again"
+    proc = subprocess.run([str(python), "-m", "m2dino.export", "--checkpoint", str(checkpoint), "--out", str(again),
+                           "--wheel", str(wheel), "--no-measure"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("model.py", "Dockerfile", "requirements.txt"):
+        assert (again / name).read_bytes() == (folder / name).read_bytes(), name
+    assert "DINOv3 License" in (again / "README.md").read_text()

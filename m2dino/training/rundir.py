@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
+from m2dino import io
 from m2dino.training import distributed as dist_utils
 from m2dino.training.config import MODEL_OPTIONS, TrainConfig, read_config
 
@@ -32,18 +32,6 @@ class RunDirError(ValueError):
 def holds_checkpoint(out: Path) -> bool:
     """Whether OUT holds a trained model or a training checkpoint (any safetensors file)."""
     return out.is_dir() and next(out.rglob("*.safetensors"), None) is not None
-
-
-def move_aside(out: Path) -> Path:
-    """Rename OUT to OUT.old-<timestamp> (a counter added if that exists already)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = out.with_name(f"{out.name}.old-{stamp}")
-    n = 1
-    while target.exists():
-        target = out.with_name(f"{out.name}.old-{stamp}-{n}")
-        n += 1
-    out.rename(target)
-    return target
 
 
 def _flag(option: str) -> str:
@@ -91,7 +79,7 @@ def prepare_run_dir(config: TrainConfig, given: set[str], overwrite: bool = Fals
         return config
     if overwrite:
         if os.environ.get("RANK", "0") == "0":
-            moved = move_aside(out)
+            moved = io.move_aside(out)
             print(f"m2dino.train: --overwrite: moved the run in {out} aside to {moved}", flush=True)
         return config
     if demo and _holds_demo_run(out):

@@ -1,25 +1,34 @@
 """`python -m m2dino.export --checkpoint CKPT --out DIR`: write an FM_UIA 2026 challenge entry, a
 self-contained predictor folder (model.py with the challenge's `Model` class, the weights as
 safetensors, a Dockerfile, requirements.txt, the m2dino wheel and a README with the measured
-time per image and peak memory) from a trained checkpoint (m2dino.evaluation.export)."""
+time per image and peak memory) from a trained checkpoint (m2dino.export.folder)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Sequence
 
-from m2dino.evaluation.export import (AMP_CHOICES, DEFAULT_BASE_IMAGE, DEFAULT_CUDA_ARCHES, DEVICES, MEASURE_ROWS,
-                                      ExportError, export_predictor)
 from m2dino.evaluation.submission import EvaluationError, PredictionError
+from m2dino.export.folder import export_predictor
+from m2dino.export.options import (
+    AMP_CHOICES,
+    DEFAULT_BASE_IMAGE,
+    DEFAULT_CUDA_ARCHES,
+    DEVICES,
+    MEASURE_ROWS,
+    ExportError,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m2dino.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="m2dino checkpoint (<stem>.safetensors + <stem>.json)")
     parser.add_argument("--out", required=True, help="predictor folder to write (must not exist or be empty)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a non-empty --out folder (the old one moves aside to OUT.old-<timestamp>)")
     parser.add_argument("--tta", action="store_true", help="average flip-safe tasks over a horizontal flip")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="the predictor's device (auto: cuda when available)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="the predictor's device (auto: cuda when available)")
     parser.add_argument("--batch-size", type=int, default=8, help="the predictor's default batch size (8)")
     parser.add_argument("--amp", choices=AMP_CHOICES, default="off", help="autocast dtype on CUDA (off)")
     parser.add_argument("--wheel", help="use this m2dino wheel instead of building one from the checkout")
@@ -28,8 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="compile the C++/CUDA kernels inside the image (two-stage Dockerfile, -devel image)")
     parser.add_argument("--cuda-arches", default=DEFAULT_CUDA_ARCHES, help="TORCH_CUDA_ARCH_LIST with --build-ext")
     measure = parser.add_mutually_exclusive_group()
-    measure.add_argument("--measure", metavar="DIR", help="measure time and memory on this data root "
-                                                          "(default: a small synthetic folder of the checkpoint's tasks)")
+    measure.add_argument("--measure", metavar="DIR",
+                         help="measure time and memory on this data root "
+                              "(default: a small synthetic folder of the checkpoint's tasks)")
     measure.add_argument("--no-measure", action="store_true", help="skip the measurement")
     parser.add_argument("--measure-rows", type=int, default=MEASURE_ROWS, help="synthetic rows per task to measure on")
     args = parser.parse_args(argv)
@@ -45,10 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     measured = result["measured"]
     if measured:
         print(f"measured on {measured['rows']} images ({measured['device']}): "
-              f"{measured['seconds_per_image'] * 1000:.1f} ms per image, peak memory {measured['max_rss_kib'] / 1024:.0f} MiB")
+              f"{measured['seconds_per_image'] * 1000:.1f} ms per image, "
+              f"peak memory {measured['max_rss_kib'] / 1024:.0f} MiB")
     print(f"predictor written to {result['out']} (docker build -t m2dino-fmuia {result['out']}; see its README.md)")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
