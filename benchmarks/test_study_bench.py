@@ -3,7 +3,7 @@ side by side (--jobs = cores, one process per core with cores/N threads): the sa
 models of the default preset at 64 px, batch 16, six epochs each (a few seconds per model, a
 short study: the workers' start is part of the time), timed round-robin. What
 `--jobs` promises: more images per second on the CPU for the same training (the results are
-identical at equal threads, tests/test_jobs.py). Target on >= 2 cores: at least 1.2x."""
+identical at equal threads, tests/training/test_jobs.py). Target on >= 2 cores: at least 1.2x."""
 from pathlib import Path
 
 import pytest

@@ -3,7 +3,7 @@
 Coordinates are continuous: pixel i covers [i, i+1), so a point x in an image of width W is
 x / W in normalised units, and the S x S resize (per axis, no letterbox) maps it to x * S / W.
 Pillow's resampling uses the same convention (it samples at pixel centres i + 0.5), which
-is why masks, boxes and points stay aligned; tests/test_transforms.py checks it numerically.
+is why masks, boxes and points stay aligned; tests/data/test_transforms.py checks it numerically.
 
 Train-time augmentation, ultrasound-appropriate: one affine (scale, small rotation,
 translation, and a horizontal flip only where the task's `hflip` allows it) applied to the

@@ -12,7 +12,7 @@ this process (a GPU is filled by one model; ranks train every model together).
 Workers are forked from a fork server that imported torch and m2dino before running anything
 else: quick to start, and never a fork of a process whose OpenMP threads are running. Every
 model writes only its own directory, so results do not depend on the number of jobs (with
-the same threads per model, they are bit-identical: tests/test_jobs.py).
+the same threads per model, they are bit-identical: tests/training/test_jobs.py).
 """
 from __future__ import annotations
 

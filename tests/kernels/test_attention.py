@@ -477,7 +477,7 @@ def test_kernels_compile_for_cuda_without_a_gpu(dtype, arch, head_dim):
 
 
 # ---------------------------------------------------------------------------------------
-# GPU (run with a CUDA device: `pytest tests/test_attention.py -m gpu`)
+# GPU (run with a CUDA device: `pytest tests/kernels/test_attention.py -m gpu`)
 # ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [32, 64, 128])

@@ -3,7 +3,7 @@ at::_grouped_mm with device offsets and through the per-expert fallback loop) an
 floor "grouped_mm" against the reference backend, in fp32, fp16 and bf16, and without a host
 sync where grouped_mm takes the offsets on the device. Needs a CUDA device (and for "cuda" an
 extension built with CUDA): skipped otherwise (the `gpu` marker). Run with
-`python -m pytest tests/test_cuda_ops.py -q`.
+`python -m pytest tests/kernels/test_cuda_ops.py -q`.
 
 The reference runs on CPU on the same inputs upcast to float64 (fp32 for routing outputs),
 and with the routing the kernel chose, so that the expert checks do not depend on how a

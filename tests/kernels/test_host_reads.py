@@ -17,7 +17,7 @@ import torch
 import m2dino_kernels as mk
 from m2dino import create_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OURS = (str(ROOT / "m2dino") + "/", str(ROOT / "m2dino_kernels") + "/")
 METHODS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "unique", "cpu", "numpy")
 FUNCTIONS = ("nonzero", "unique")

@@ -18,7 +18,7 @@ from m2dino.training.config import (
     save_config,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAPER_RECIPES = ["m2dino_vits16_fmuia", "m2dino_vitb16_fmuia", "m2dino_vitl16_fmuia"]
 
 

@@ -152,7 +152,7 @@ def test_cli_runs_as_a_module():
     """`python -m m2dino.data.synthetic` runs the package's __main__.py, and runpy does not
     warn that it was imported before it ran (the package must not import it eagerly)."""
     run = subprocess.run([sys.executable, "-m", "m2dino.data.synthetic", "--help"], capture_output=True,
-                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+                         text=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("usage: python -m m2dino.data.synthetic") and "--scale" in run.stdout
     assert "FM_UIA suite" in run.stdout  # the description: the package docstring's first line
