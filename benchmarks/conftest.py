@@ -3,7 +3,6 @@ import resource
 import time
 
 import pytest
-
 from harness import RESULTS, Measurement, between_cases, synchronize, write_summary
 
 

@@ -2,7 +2,6 @@
 expert GEMMs' achieved TFLOP/s are compared with (same device, same run)."""
 import pytest
 import torch
-
 from harness import DEVICE
 
 SIZES = {"cuda": [(8192, 8192, 8192)], "cpu": [(1024, 1024, 1024)]}

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
 from harness import DEVICE, RESULTS, autotuned, choices, recorded
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from m2dino_kernels.attention import attention
 

@@ -4,7 +4,6 @@ each, three paradigms with B = 1000 intervals on every metric, and the paired ch
 AU against TS on every metric. The issue's target: at most 15 s on the 2-core CPU. The
 per-image values are given (computing them is the evaluation's cost, paid once either way)."""
 import numpy as np
-
 from harness import RESULTS, recorded
 
 from m2dino.evaluation import bootstrap as BS

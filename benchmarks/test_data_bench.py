@@ -3,7 +3,6 @@ full training transform (decode, resize, ultrasound augmentation, normalisation)
 process and with DataLoader workers, at the CPU default size (64 px) and at 224 px. The
 question it answers: do 2 CPU cores keep a small model fed?"""
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
 from m2dino.data import FMUIADataset, MultiTaskBatchSampler, collate, ensure_synthetic, load_fmuia

@@ -10,12 +10,10 @@ import warnings
 
 import pytest
 import torch
+from harness import DEVICE, RESULTS, autotuned, choices, recorded
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness import DEVICE, RESULTS, autotuned, choices, recorded
-
-from m2dino import create_model
-from m2dino import total_loss
+from m2dino import create_model, total_loss
 from m2dino.tasks import TASKS
 
 E, K, MOE_LAYERS = 8, 2, 6

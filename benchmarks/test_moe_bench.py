@@ -12,7 +12,6 @@ shared machine land on one of them; the naive loops (seconds per call) are timed
 import pytest
 import torch
 import torch.nn.functional as F
-
 from harness import DEVICE, RESULTS, autotuned, choices, matmul_peak, recorded
 
 import m2dino_kernels as mk

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from harness import RESULTS
 
 from m2dino.data import load_fmuia, write_suite

@@ -8,8 +8,8 @@ The package follows the data flow: tasks.py (the registry) -> data/ -> models/ -
 evaluation/, with `python -m m2dino.train | predict | evaluate | report` as thin entry points.
 """
 from m2dino.models import (
-    PRESETS,
     M2DINO,
+    PRESETS,
     DinoV3Config,
     DinoV3ViT,
     M2DINOConfig,

@@ -31,9 +31,15 @@ import torch
 import torch.nn.functional as F
 
 from m2dino_kernels.backends import ExpertWeights, Routing
-from m2dino_kernels.reference import (activate, activate_backward, combine_slots,
-                                      invert_slots, route_backward, route_forward,
-                                      route_weight_grad)
+from m2dino_kernels.reference import (
+    activate,
+    activate_backward,
+    combine_slots,
+    invert_slots,
+    route_backward,
+    route_forward,
+    route_weight_grad,
+)
 
 __all__ = ["route_forward", "route_backward", "experts_forward", "experts_backward",
            "SUPPORTED_DTYPES", "runs_on"]

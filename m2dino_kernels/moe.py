@@ -38,8 +38,7 @@ import torch
 from torch import Tensor
 
 from m2dino_kernels import backends, selection
-from m2dino_kernels.backends import (REFERENCE, ROUTING_TENSORS, ExpertWeights, Routing, no_autocast,
-                                     routing_dtype)
+from m2dino_kernels.backends import REFERENCE, ROUTING_TENSORS, ExpertWeights, Routing, no_autocast, routing_dtype
 
 __all__ = ["ACTIVATIONS", "ExpertWeights", "Routing", "expert_mlp", "task_topk_route"]
 

@@ -34,8 +34,7 @@ from typing import Callable, Optional
 import torch
 
 from m2dino_kernels import autotune, backends
-from m2dino_kernels.backends import (BACKEND_ALIASES, BACKEND_DTYPES, REFERENCE, Routing, no_autocast,
-                                     routing_dtype)
+from m2dino_kernels.backends import BACKEND_ALIASES, BACKEND_DTYPES, REFERENCE, Routing, no_autocast, routing_dtype
 
 BACKEND_NAMES = ("auto",) + backends.CONCRETE_BACKENDS
 ATTENTION_BACKENDS = ("auto", "sdpa", "xformers", "triton", REFERENCE)

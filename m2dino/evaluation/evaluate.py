@@ -24,9 +24,15 @@ from m2dino.data.images import load_mask_array
 from m2dino.data.reader import Record, read_csvs, resolve_split_root
 from m2dino.evaluation import metrics
 from m2dino.evaluation.ground_truth import ground_truth_from_record
-from m2dino.evaluation.submission import (PREDICTION_FILES, EvaluationError, parse_entry,
-                                          prediction_mask_relpath, read_prediction_file)
+from m2dino.evaluation.submission import (
+    PREDICTION_FILES,
+    EvaluationError,
+    parse_entry,
+    prediction_mask_relpath,
+    read_prediction_file,
+)
 from m2dino.tasks import TaskSpec, TaskType
+
 
 def read_ground_truth(split_root: Path, tasks: Sequence[str] | None = None) -> tuple[list[Record], dict[str, TaskSpec]]:
     """The validated CSV records of a split root (and the task specs), optionally only `tasks`.

@@ -25,20 +25,30 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from m2dino import io
 from m2dino.data import collate
 from m2dino.data.images import to_pil_image
-from m2dino.data.reader import (COUNT_CHECKED_TYPES, IMAGE_SUFFIXES, resolve_inside, resolve_split_root,
-                                task_type_from_name)
+from m2dino.data.reader import (
+    COUNT_CHECKED_TYPES,
+    IMAGE_SUFFIXES,
+    resolve_inside,
+    resolve_split_root,
+    task_type_from_name,
+)
 from m2dino.data.transforms import SampleTransform
 from m2dino.evaluation.metrics import resize_nearest
-from m2dino import io
-from m2dino.evaluation.submission import (EvaluationError, PredictionError, prediction_mask_relpath,
-                                          submission_entry, write_index_png, write_prediction_files)
+from m2dino.evaluation.submission import (
+    EvaluationError,
+    PredictionError,
+    prediction_mask_relpath,
+    submission_entry,
+    write_index_png,
+    write_prediction_files,
+)
 from m2dino.evaluation.tta import hflip_tta
 from m2dino.models.m2dino import M2DINO, load_model
 from m2dino.models.weights import WeightsError
 from m2dino.tasks import TaskType
-
 
 MISSING_TASKS_FILE = "missing_tasks.json"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}

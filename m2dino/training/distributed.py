@@ -140,8 +140,7 @@ def full_state_dicts(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
     state dicts otherwise."""
     if not is_sharded(model):
         return unwrap(model).state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
@@ -159,8 +158,7 @@ def load_full_state_dicts(model: torch.nn.Module, optimizer, model_state: dict, 
         unwrap(model).load_state_dict(model_state, strict=True)
         optimizer.load_state_dict(optimizer_state)
         return
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)

@@ -13,9 +13,9 @@ import PIL.Image
 import pytest
 from PIL import Image
 
+from m2dino.data import DataValidationError, load_fmuia, scan_dataset
 from m2dino.data import check as check_cli
 from m2dino.data.dataset import FMUIADataset
-from m2dino.data import DataValidationError, load_fmuia, scan_dataset
 from m2dino.data.synthetic import write_suite
 
 TASKS = ["cardiac_multi", "breast_3cls", "thyroid_nodule_det", "IUGC"]

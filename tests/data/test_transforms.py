@@ -116,8 +116,8 @@ def test_photometric_augmentation_changes_only_intensities():
 
 
 def test_dataset_item_and_collate_follow_the_contract(tmp_path):
-    from m2dino.data.dataset import FMUIADataset, collate
     from m2dino.data import load_fmuia
+    from m2dino.data.dataset import FMUIADataset, collate
     from m2dino.data.synthetic import write_suite
 
     tasks = ["fetal_head", "breast_2cls", "uterine_fibroid_det", "fetal_femur"]
@@ -154,8 +154,8 @@ def test_dataset_item_and_collate_follow_the_contract(tmp_path):
 
 
 def test_dataset_cache_gives_the_same_items_and_keeps_to_its_budget(tmp_path):
-    from m2dino.data.dataset import FMUIADataset
     from m2dino.data import load_fmuia
+    from m2dino.data.dataset import FMUIADataset
     from m2dino.data.synthetic import write_suite
 
     tasks = ["fetal_head", "breast_2cls", "uterine_fibroid_det", "fetal_femur"]

@@ -14,12 +14,12 @@ import warnings
 
 import pytest
 import torch
+from moe_inputs import random_moe_inputs
 
 import m2dino_kernels as mk
 from m2dino_kernels import autotune, backends, selection
 from m2dino_kernels import reference as ref
 from m2dino_kernels.attention import attention
-from moe_inputs import random_moe_inputs
 
 CPU_MOE = [b for b in ("reference", "cpp", "grouped_mm") if b in mk.available_backends("cpu")]
 

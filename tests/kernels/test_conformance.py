@@ -15,13 +15,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moe_inputs import (
+    CASES,
+    GRAD_NAMES,
+    assert_close_all,
+    case_problem,
+    forward_backward,
+    make_problem,
+    random_moe_inputs,
+    run_api,
+)
 
 import m2dino_kernels as mk
 from m2dino_kernels import backends, selection
 from m2dino_kernels import reference as ref
 from m2dino_kernels.backends import ExpertWeights, Routing
-from moe_inputs import (CASES, GRAD_NAMES, assert_close_all, case_problem, forward_backward,
-                        make_problem, random_moe_inputs, run_api)
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moe_inputs import random_moe_inputs
 
 from m2dino_kernels import backends, selection
 from m2dino_kernels import reference as ref
 from m2dino_kernels.backends import ExpertWeights, Routing
-from moe_inputs import random_moe_inputs
 
 _C = backends._C
 HAS_CUDA = torch.cuda.is_available()

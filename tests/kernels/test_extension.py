@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moe_inputs import random_moe_inputs
 
 from m2dino_kernels import backends, selection
-from moe_inputs import random_moe_inputs
 
 _C = backends._C
 NEEDS_C = pytest.mark.skipif(_C is None, reason="m2dino_kernels._C is not built")
@@ -136,8 +136,9 @@ def test_public_api_frozen_input_and_checkpointing(checkpointed, backend):
     """x needing no grad while the experts do (a frozen backbone), and non-reentrant
     activation checkpointing (Python saved-tensor hooks active while the kernels run their
     worker threads: this once deadlocked), both equal to the reference backend."""
-    import m2dino_kernels as mk
     from torch.utils.checkpoint import checkpoint
+
+    import m2dino_kernels as mk
 
     p = random_moe_inputs(40, 16, 12, 4, 3)
     results = {}

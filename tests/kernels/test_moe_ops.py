@@ -9,13 +9,12 @@ import math
 
 import pytest
 import torch
+from moe_inputs import CASES, assert_close_all, case_problem, forward_backward, make_problem, random_moe_inputs, run_api
 
 import m2dino_kernels as mk
 from m2dino_kernels import backends, selection
 from m2dino_kernels.backends import ExpertWeights
 from m2dino_kernels.reference import naive_task_moe
-from moe_inputs import (CASES, assert_close_all, case_problem, forward_backward, make_problem,
-                        random_moe_inputs, run_api)
 
 CPU_BACKENDS = mk.available_backends("cpu")
 

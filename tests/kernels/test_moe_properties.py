@@ -7,9 +7,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_moe_ops import assert_close_all, forward_backward, loop_oracle, run_api
 
 import m2dino_kernels as mk
-from test_moe_ops import assert_close_all, forward_backward, loop_oracle, run_api
 
 OTHER_CPU_BACKENDS = [b for b in mk.available_backends("cpu") if b != "reference"]
 SKEWS = ("none", "one_hot_expert", "idle_experts", "exact_ties", "sharp")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from m2dino.models import heads
-from m2dino.training import losses
 from m2dino.tasks import TaskSpec
+from m2dino.training import losses
 
 
 # ----- hand-computed loss values ---------------------------------------------------------

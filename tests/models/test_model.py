@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import m2dino
-from m2dino.training import losses
 from m2dino.models.m2dino import create_model, load_model, save_model
 from m2dino.tasks import TaskSpec
+from m2dino.training import losses
 
 TASK_IDS = ["cardiac_multi", "breast_3cls", "IUGC", "thyroid_nodule_det"]
 SIZE = 32

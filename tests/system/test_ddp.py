@@ -33,9 +33,9 @@ def _train(rank, world, port, suite, out, batch_size, fsdp=False):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from m2dino.training import distributed as dist_utils
     from m2dino.evaluation.baselines import trivial_baselines
     from m2dino.tasks import apply_groups, load_groups
+    from m2dino.training import distributed as dist_utils
     from m2dino.training.study import load_data
     from m2dino.training.trainer import ModelTrainer
 

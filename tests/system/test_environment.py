@@ -6,8 +6,9 @@ import os
 import subprocess
 import sys
 
-import m2dino
 import torch
+
+import m2dino
 
 PROBE = "import json, m2dino, torch; print(json.dumps({'torch': torch.__file__, 'm2dino': m2dino.__file__}))"
 

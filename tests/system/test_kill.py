@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from run_logs import step_losses
 
 from m2dino.training import checkpoint as ckpt
 from m2dino.training.config import TrainConfig
 from m2dino.training.study import run
 from m2dino.training.trainer import CRASH_ENV
-from run_logs import step_losses
 
 TASKS = ["breast_2cls", "fetal_femur"]
 SUITE = dict(tasks=TASKS, min_train=12, min_val=4)

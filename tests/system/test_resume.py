@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from run_logs import step_losses
 from safetensors.torch import load_file
 
 from m2dino.training import checkpoint as ckpt
 from m2dino.training.study import run
 from m2dino.training.trainer import ModelTrainer
-from run_logs import step_losses
 
 TASKS = ["breast_2cls", "fetal_femur"]
 SUITE = dict(tasks=TASKS, min_train=12, min_val=4)

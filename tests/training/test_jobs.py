@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from m2dino.evaluation.bootstrap import PER_IMAGE_FILE
-from m2dino.training.config import TrainConfig
 from m2dino.tasks import apply_groups, load_groups
+from m2dino.training.config import TrainConfig
 from m2dino.training.jobs import ModelJob, StudyContext, cpu_cores, resolve_jobs, threads_per_job, train_models
 from m2dino.training.study import load_data, run
 from m2dino.training.trainer import CRASH_ENV, TrainingError

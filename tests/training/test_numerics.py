@@ -4,13 +4,13 @@ with advice and leaves only complete checkpoints."""
 
 import pytest
 import torch
+from run_logs import events
 from safetensors.torch import load_file
 
-from m2dino.training import checkpoint as ckpt
 from m2dino.train import main
+from m2dino.training import checkpoint as ckpt
 from m2dino.training.study import run
 from m2dino.training.trainer import ModelTrainer, TrainingDiverged, TrainingOOM
-from run_logs import events
 
 TASKS = ["breast_2cls", "lung"]
 SUITE = dict(tasks=TASKS, min_train=8, min_val=4)

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from m2dino.training.config import TrainConfig
 from m2dino.data import DataValidationError, write_suite
 from m2dino.train import main
+from m2dino.training.config import TrainConfig
 from m2dino.training.study import plan_models, run
 
 TASKS = ["breast_2cls", "lung"]

@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-
 # ============================================================================ the probe canvas
 
 
