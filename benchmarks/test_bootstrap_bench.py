@@ -52,7 +52,8 @@ def test_bootstrap_default_run(measure):
     result = bootstrap_default_run(tasks)
     assert len(result) == 27 and all(len(r) == 5 for r in result.values())
     task_type, num_classes, by_paradigm = tasks["task05"]  # the shortcut is paired_change
-    direct = BS.paired_change(task_type, num_classes, by_paradigm["au"], by_paradigm["ts"], 1000, BS.task_seed(0, "task05"))
+    direct = BS.paired_change(task_type, num_classes, by_paradigm["au"], by_paradigm["ts"], 1000,
+                              BS.task_seed(0, "task05"))
     assert direct["f1_macro"]["ci"] == result["task05"]["au_vs_ts"]["f1_macro"]["ci"]
     measure("bootstrap default run (27 tasks, B=1000)", "vectorised", lambda: bootstrap_default_run(tasks),
             items=27, rounds=3)
@@ -61,4 +62,5 @@ def test_bootstrap_default_run(measure):
 def test_targets_bootstrap():
     m = recorded("bootstrap default run (27 tasks, B=1000)", "vectorised")
     RESULTS[m.case][m.variant].extra.update(target_seconds=TARGET_SECONDS)
-    assert m.seconds <= TARGET_SECONDS, f"the default run's bootstrap took {m.seconds:.2f} s (target <= {TARGET_SECONDS} s)"
+    assert m.seconds <= TARGET_SECONDS, \
+        f"the default run's bootstrap took {m.seconds:.2f} s (target <= {TARGET_SECONDS} s)"

@@ -323,7 +323,8 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
                     tid, type_by_task[tid], [r for *_, r in items], items[0][3], task_overrides.get(tid)
                 )
             except (ValueError, TypeError) as e:  # every row of the task is unusable: say so for each
-                scan.problems.extend(Problem(it[1], it[4], f"cannot define extra task {tid!r}: {e}", tid) for it in items)
+                scan.problems.extend(Problem(it[1], it[4], f"cannot define extra task {tid!r}: {e}", tid)
+                                     for it in items)
                 continue
         scan.tasks[tid] = spec
         # num_classes must agree within the task (and with the spec for seg / cls).

@@ -327,12 +327,14 @@ def paired_change(task_type: str, num_classes: int, values: Mapping, reference_v
     """
     n = num_images(task_type, values)
     if num_images(task_type, reference_values) != n:
-        raise ValueError(f"paired_change: {n} images against {num_images(task_type, reference_values)} in the reference")
+        raise ValueError(
+            f"paired_change: {n} images against {num_images(task_type, reference_values)} in the reference")
     if "image_path" in values and "image_path" in reference_values \
             and list(values["image_path"]) != list(reference_values["image_path"]):
         raise ValueError("paired_change: the two value sets list different images or another order; align() them first")
     return change_from_results(bootstrap_task(task_type, num_classes, values, n_resamples, seed, level),
-                               bootstrap_task(task_type, num_classes, reference_values, n_resamples, seed, level), level)
+                               bootstrap_task(task_type, num_classes, reference_values, n_resamples, seed, level),
+                               level)
 
 
 def change_from_results(results: Mapping, reference_results: Mapping, level: float = DEFAULT_LEVEL) -> dict:

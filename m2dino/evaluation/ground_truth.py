@@ -56,7 +56,8 @@ def ground_truth_from_target(task: str, target: Mapping, orig_size) -> dict:
     elif "points" in target:
         truth["points"] = _to_numpy(target["points"]).astype(np.float64).reshape(-1, 2) * [width, height]
     else:
-        raise ValueError(f"ground_truth_from_target: task {task!r} target has none of mask/label/box/points: {sorted(target)}")
+        raise ValueError(
+            f"ground_truth_from_target: task {task!r} target has none of mask/label/box/points: {sorted(target)}")
     return truth
 
 

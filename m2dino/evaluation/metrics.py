@@ -174,7 +174,8 @@ def classification_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present]))
 
 
-def classification_metrics(labels: Sequence[int], predicted: Sequence[int], probs, num_classes: int) -> dict[str, float]:
+def classification_metrics(labels: Sequence[int], predicted: Sequence[int], probs,
+                           num_classes: int) -> dict[str, float]:
     """accuracy, auc, f1_macro, f1_weighted, mcc of one task."""
     labels, predicted, probs = classification_arrays(labels, predicted, probs, num_classes)
     return {
@@ -196,7 +197,8 @@ def classification_arrays(labels, predicted, probs, num_classes: int) -> tuple[n
     if predicted.shape != labels.shape:
         raise ValueError(f"classification_metrics: {predicted.size} predictions for {labels.size} labels")
     if probs.shape != (labels.size, num_classes):
-        raise ValueError(f"classification_metrics: probabilities of shape {probs.shape}, expected {(labels.size, num_classes)}")
+        raise ValueError(
+            f"classification_metrics: probabilities of shape {probs.shape}, expected {(labels.size, num_classes)}")
     for name, values in (("label", labels), ("predicted class", predicted)):
         bad = (values < 0) | (values >= num_classes)
         if bad.any():
@@ -279,17 +281,20 @@ def task_table(tasks=None) -> dict[str, TaskSpec]:
     return table
 
 
-def score_task(task_type: str, num_classes: int, predictions: Sequence[Mapping], ground_truth: Sequence[Mapping]) -> dict[str, float]:
+def score_task(task_type: str, num_classes: int, predictions: Sequence[Mapping],
+               ground_truth: Sequence[Mapping]) -> dict[str, float]:
     """Score one task from per-sample prediction and ground-truth dicts (pixel units).
 
     predictions: `model.postprocess` dicts ({"mask"} | {"probs", "predicted_class"} |
     {"bbox_pixels", ...} | {"points_pixels", ...}); ground truth: {"mask": ndarray[H, W]} |
     {"label": int} | {"box": xyxy pixels} | {"points": [K, 2] pixels}.
     """
-    return metrics_from_values(task_type, num_classes, per_image_values(task_type, num_classes, predictions, ground_truth))
+    return metrics_from_values(task_type, num_classes,
+                               per_image_values(task_type, num_classes, predictions, ground_truth))
 
 
-def per_image_values(task_type: str, num_classes: int, predictions: Sequence[Mapping], ground_truth: Sequence[Mapping]) -> dict[str, list]:
+def per_image_values(task_type: str, num_classes: int, predictions: Sequence[Mapping],
+                     ground_truth: Sequence[Mapping]) -> dict[str, list]:
     """The per-image values every metric of the task is computed from, JSON-ready, in the ground
     truth's order (same inputs as `score_task`):
 
@@ -353,20 +358,23 @@ def probs_table(probs) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, 0))
 
 
-def values_by_task(predictions: Sequence[Mapping], ground_truth: Sequence[Mapping], tasks=None) -> dict[str, dict[str, list]]:
+def values_by_task(predictions: Sequence[Mapping], ground_truth: Sequence[Mapping],
+                   tasks=None) -> dict[str, dict[str, list]]:
     """{task_id: per_image_values} from parallel lists of per-sample predictions and ground truth.
 
     Every ground-truth dict names its task under "task" (predictions may too; they must
     agree). `tasks`: TaskSpecs (list or {task_id: spec}); default the registry.
     """
     if len(predictions) != len(ground_truth):
-        raise ValueError(f"evaluate_predictions: {len(predictions)} predictions for {len(ground_truth)} ground-truth samples")
+        raise ValueError(
+            f"evaluate_predictions: {len(predictions)} predictions for {len(ground_truth)} ground-truth samples")
     table = task_table(tasks)
     by_task: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
     for i, (pred, gt) in enumerate(zip(predictions, ground_truth)):
         task_id = gt["task"]
         if "task" in pred and pred["task"] != task_id:
-            raise ValueError(f"evaluate_predictions: sample {i} predicted for task {pred['task']!r} but its ground truth is {task_id!r}")
+            raise ValueError(f"evaluate_predictions: sample {i} predicted for task {pred['task']!r} "
+                             f"but its ground truth is {task_id!r}")
         by_task[task_id][0].append(pred)
         by_task[task_id][1].append(gt)
     values = {}
@@ -385,7 +393,8 @@ def metrics_by_task(values: Mapping[str, Mapping], tasks=None) -> dict[str, dict
             for task_id, task_values in values.items()}
 
 
-def evaluate_predictions(predictions: Sequence[Mapping], ground_truth: Sequence[Mapping], tasks=None) -> dict[str, dict[str, float]]:
+def evaluate_predictions(predictions: Sequence[Mapping], ground_truth: Sequence[Mapping],
+                         tasks=None) -> dict[str, dict[str, float]]:
     """{task_id: {metric: value}}: `metrics_by_task` of `values_by_task`."""
     table = task_table(tasks)
     return metrics_by_task(values_by_task(predictions, ground_truth, table), table)

@@ -117,7 +117,8 @@ def read_prediction_rows(split_root: Path, specs: dict, known=None) -> tuple[lis
                 problems.append(f"{where}: {e}")
                 continue
             if task_type != spec.task_type:
-                problems.append(f"{where}: task_name {record.get('task_name')!r} but the model's {task_id!r} is {spec.task_type}")
+                problems.append(f"{where}: task_name {record.get('task_name')!r} "
+                                f"but the model's {task_id!r} is {spec.task_type}")
                 continue
             image_path = (record.get("image_path") or "").strip()
             image_file = resolve_inside(csv_dir, image_path, root_resolved) if image_path else None

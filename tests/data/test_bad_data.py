@@ -98,7 +98,8 @@ def bad_root(tmp_path_factory):
     for i in range(3):
         (dimg.parent / f"copy{i}{dimg.suffix}").write_bytes(dimg.read_bytes())
     drel = os.path.dirname(det["image_path"])
-    _csv(C / "Det_92.defects.csv", ["image_path", "task_id", "task_name", "num_classes", "x_min", "y_min", "x_max", "y_max"], [
+    _csv(C / "Det_92.defects.csv",
+         ["image_path", "task_id", "task_name", "num_classes", "x_min", "y_min", "x_max", "y_max"], [
         [f"{drel}/copy0{dimg.suffix}", *D, 30, 10, 20, 40],          # 0 inverted box
         [f"{drel}/copy1{dimg.suffix}", *D, 5, 10, 5, 40],            # 1 zero width
         [f"{drel}/copy2{dimg.suffix}", *D, 5, 10, dw + 10, dh - 1],  # 2 outside the image
@@ -110,7 +111,8 @@ def bad_root(tmp_path_factory):
     for i in range(3):
         (rimg.parent / f"copy{i}{rimg.suffix}").write_bytes(rimg.read_bytes())
     R = ["IUGC", "Regression", 3]
-    _csv(C / "Reg-Three_93.defects.csv", ["image_path", "task_id", "task_name", "num_classes", "point_1_xy", "point_2_xy", "point_3_xy"], [
+    _csv(C / "Reg-Three_93.defects.csv",
+         ["image_path", "task_id", "task_name", "num_classes", "point_1_xy", "point_2_xy", "point_3_xy"], [
         [f"{rrel}/copy0{rimg.suffix}", *R, "[NaN, 3.0]", "[1, 1]", "[2, 2]"],           # 0 NaN point
         [f"{rrel}/copy1{rimg.suffix}", *R, "[1, 1]", f"[{rw + 5}, 3]", "[2, 2]"],      # 1 outside
         [f"{rrel}/copy2{rimg.suffix}", *R, "[1, 1]", "[2, 2]", "[3, 3"],              # 2 not JSON

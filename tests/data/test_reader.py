@@ -102,7 +102,8 @@ def test_windows_separators_resolve_and_still_cannot_escape(tmp_path):
     hand_root(tmp_path / "data", n=1)
     csv_file = tmp_path / "data" / "csv_files" / "Cls-Eight_1.Head_Position.csv"
     lines = csv_file.read_text().splitlines()
-    lines[1] = lines[1].replace("../Classification/Eight/Head_Position/0/", "..\\Classification\\Eight\\Head_Position\\0\\")
+    lines[1] = lines[1].replace("../Classification/Eight/Head_Position/0/",
+                                "..\\Classification\\Eight\\Head_Position\\0\\")
     lines.append(lines[1].replace("..\\Classification", "..\\..\\..\\Classification").replace("h0", "h9"))
     csv_file.write_text("\n".join(lines) + "\n")
     scan = scan_dataset(tmp_path / "data")
@@ -117,7 +118,7 @@ def test_split_is_seeded_per_task_and_stable_when_files_are_added(tmp_path):
     s1 = make_split(recs, 0.3, seed=4)
     assert s1 == make_split(list(reversed(recs)), 0.3, seed=4)  # order-independent
     assert s1 != make_split(recs, 0.3, seed=5)
-    for tid, val in s1["val"].items():
+    for val in s1["val"].values():
         assert 1 <= len(val) < 30
     # more files: existing ones keep their side
     hand_root(tmp_path / "bigger", n=60)

@@ -24,7 +24,7 @@ TOI = task_list()
 @pytest.mark.parametrize("mixed", [True, False])
 def test_alpha_one_sees_every_sample_exactly_once_per_epoch(mixed):
     s = MultiTaskBatchSampler(TOI, batch_size=8, alpha=1.0, mixed=mixed, seed=3)
-    for epoch in range(3):
+    for _epoch in range(3):
         batches = list(s)
         flat = [i for b in batches for i in b]
         assert sorted(flat) == list(range(len(TOI)))

@@ -88,7 +88,7 @@ def test_every_task_builds_valid_annotations(task_id):
 def test_layout_matches_fmuia_and_reads_clean(tmp_path):
     summary = tiny(tmp_path)
     assert summary["total_train"] == 3 * len(SMALL)
-    for split, n in (("train", 3), ("val", 2)):
+    for split in ("train", "val"):
         names = sorted(p.name for p in (tmp_path / split / "csv_files").iterdir())
         assert "Seg-Four_2.cardiac_multi.csv" in names and "Reg-Three_26.IUGC.csv" in names
         assert "Det_23.thyroid_nodule_det.csv" in names and "Cls-Eight_15.fetal_head_pos_cls.csv" in names

@@ -52,7 +52,8 @@ def test_augmentation_moves_mask_box_points_and_image_together(seed):
     aug = Augment(p_affine=1.0, rotate_deg=15, translate=0.08, scale=(0.85, 1.15), p_hflip=0.5,
                   speckle=0.0, brightness=0.0, contrast=0.0, gamma=None)
     t = SampleTransform(S, train=True, augment=aug)
-    rng = lambda: np.random.default_rng(seed)  # same draw for each call
+    def rng():  # same draw for each call
+        return np.random.default_rng(seed)
     x, tm = t(img, {"mask": mask}, rng())
     _, tp = t(img, {"points": pts}, rng())
     m = tm["mask"].numpy()

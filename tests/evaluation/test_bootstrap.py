@@ -190,7 +190,8 @@ def test_mean_metric_intervals_equal_scipy_bootstrap(task_type, num_classes, met
     per_image = np.array([np.mean(row) for row in values[key]])
     ref = scipy_percentile(np.mean, (per_image,), 500, 42, vectorized=True)
     np.testing.assert_allclose(result["distribution"], ref.bootstrap_distribution, rtol=0, atol=TOL)
-    np.testing.assert_allclose(result["ci"], [ref.confidence_interval.low, ref.confidence_interval.high], rtol=0, atol=TOL)
+    np.testing.assert_allclose(result["ci"], [ref.confidence_interval.low, ref.confidence_interval.high],
+                               rtol=0, atol=TOL)
     assert result["value"] == M.score_task(task_type, num_classes, preds, gts)[metric]
 
 
@@ -215,7 +216,8 @@ def test_classification_intervals_equal_scipy_bootstrap(num_classes):
     ref = scipy_percentile(statistic, (np.arange(n),), 200, 7, vectorized=False)
     for k, metric in enumerate(("f1_macro", "auc", "mcc")):
         np.testing.assert_allclose(result[metric]["distribution"], ref.bootstrap_distribution[k], rtol=0, atol=TOL)
-        np.testing.assert_allclose(result[metric]["ci"], [ref.confidence_interval.low[k], ref.confidence_interval.high[k]],
+        np.testing.assert_allclose(result[metric]["ci"],
+                                   [ref.confidence_interval.low[k], ref.confidence_interval.high[k]],
                                    rtol=0, atol=TOL)
 
 
@@ -226,7 +228,8 @@ def test_resample_indices_are_scipys_and_repeat_for_a_seed():
     # scipy draws the same resamples whether the generator comes as rng= or random_state=
     x = np.arange(9.0) ** 2
     a = scipy.stats.bootstrap((x,), np.mean, n_resamples=50, rng=123, method="percentile")
-    b = scipy.stats.bootstrap((x,), np.mean, n_resamples=50, random_state=np.random.default_rng(123), method="percentile")
+    b = scipy.stats.bootstrap((x,), np.mean, n_resamples=50, random_state=np.random.default_rng(123),
+                              method="percentile")
     np.testing.assert_allclose(a.bootstrap_distribution, x[index].mean(axis=1), rtol=0, atol=TOL)
     np.testing.assert_array_equal(a.bootstrap_distribution, b.bootstrap_distribution)
 
@@ -296,7 +299,8 @@ def test_paired_interval_is_narrower_than_unpaired_on_correlated_data():
     unpaired = BS.percentile_interval(BS.change_vs_reference(dist, dist_ref, "iou"))
     width = paired["ci"][1] - paired["ci"][0]
     assert width < 0.5 * (unpaired[1] - unpaired[0])
-    assert paired["value"] == pytest.approx(BS.change_vs_reference(np.mean(values["iou"]), np.mean(reference["iou"]), "iou"))
+    assert paired["value"] == pytest.approx(
+        BS.change_vs_reference(np.mean(values["iou"]), np.mean(reference["iou"]), "iou"))
     # the same seed gives the same interval: two paradigms share their resamples
     again = BS.paired_change("detection", 1, values, reference, n_resamples=1000, seed=1)["iou"]
     assert again["ci"] == paired["ci"]

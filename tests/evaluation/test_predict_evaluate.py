@@ -103,7 +103,8 @@ def test_evaluate_folder_hand_computed(hand_root, tmp_path):
     assert results["tasks"]["fetal_femur"]["mre"] == pytest.approx((0 + 5) / 2)  # (5,5) -> (8,9) is 5 px
     assert results["task_types"]["segmentation"]["dice"] == pytest.approx(0.5)
     # the CLI writes the same numbers
-    assert evaluate_cli.main(["--data-root", str(hand_root), "--predictions", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    assert evaluate_cli.main(["--data-root", str(hand_root), "--predictions", str(out),
+                              "--json", str(tmp_path / "r.json")]) == 0
     written = json.loads((tmp_path / "r.json").read_text())
     assert written["tasks"]["lung"]["hd"] == pytest.approx(5.0)
     subset = E.evaluate_folder(hand_root, out, tasks=["fetal_femur"])
@@ -122,7 +123,8 @@ def test_evaluate_errors_name_the_culprit(hand_root, tmp_path, capsys):
     write_hand_predictions(out)
     entries = json.loads((out / "detection_predictions.json").read_text())[:1]
     (out / "detection_predictions.json").write_text(json.dumps(entries))
-    with pytest.raises(E.EvaluationError, match=r"no prediction for task 'thyroid_nodule_det' image_path '../Detection/thyroid/1.png'"):
+    with pytest.raises(E.EvaluationError,
+                       match=r"no prediction for task 'thyroid_nodule_det' image_path '../Detection/thyroid/1.png'"):
         E.evaluate_folder(hand_root, out)
 
     write_hand_predictions(out)
@@ -134,12 +136,14 @@ def test_evaluate_errors_name_the_culprit(hand_root, tmp_path, capsys):
     entries = json.loads((out / "classification_predictions.json").read_text())
     entries[2]["predicted_probs"] = [1.0]
     (out / "classification_predictions.json").write_text(json.dumps(entries))
-    with pytest.raises(E.EvaluationError, match=r"prediction for '../Classification/Two/lung/2.png': predicted_probs must be 2"):
+    with pytest.raises(E.EvaluationError,
+                       match=r"prediction for '../Classification/Two/lung/2.png': predicted_probs must be 2"):
         E.evaluate_folder(hand_root, out)
 
     entries[2] = {"image_path": entries[2]["image_path"], "task_id": "lung_2cls"}
     (out / "classification_predictions.json").write_text(json.dumps(entries))
-    with pytest.raises(E.EvaluationError, match=r"entry 2 \(../Classification/Two/lung/2.png\) lacks \['predicted_class'"):
+    with pytest.raises(E.EvaluationError,
+                       match=r"entry 2 \(../Classification/Two/lung/2.png\) lacks \['predicted_class'"):
         E.evaluate_folder(hand_root, out)
 
     with pytest.raises(E.EvaluationError, match=r"tasks \['breast_lesion'\] have no rows"):
@@ -174,8 +178,10 @@ def test_trivial_baselines_from_reader_records(hand_root):
 def test_submission_entries_and_index_png(tmp_path):
     from m2dino.evaluation import submission as P
 
-    cls = P.submission_entry("classification", "lung_2cls", "../a.png", {"probs": np.array([1.0, 3.0]), "predicted_class": 1})
-    assert cls == {"image_path": "../a.png", "task_id": "lung_2cls", "predicted_class": 1, "predicted_probs": [0.25, 0.75]}
+    cls = P.submission_entry("classification", "lung_2cls", "../a.png",
+                             {"probs": np.array([1.0, 3.0]), "predicted_class": 1})
+    assert cls == {"image_path": "../a.png", "task_id": "lung_2cls", "predicted_class": 1,
+                   "predicted_probs": [0.25, 0.75]}
     det = P.submission_entry("detection", "d", "../b.png", {"bbox_pixels": np.array([1, 2, 3, 4]),
                                                           "bbox_normalized": np.array([.1, .2, .3, .4]), "score": .9})
     assert det == {"image_path": "../b.png", "task_id": "d", "bbox_normalized": [.1, .2, .3, .4],
@@ -185,7 +191,8 @@ def test_submission_entries_and_index_png(tmp_path):
     assert reg["predicted_points_pixels"] == [1.0, 2.0, 3.0, 4.0]
     assert reg["predicted_points_normalized"] == [.1, .2, .3, .4]
     with pytest.raises(P.PredictionError, match="non-finite"):
-        P.submission_entry("detection", "d", "../b.png", {"bbox_pixels": [0, 0, np.nan, 1], "bbox_normalized": [0, 0, 0, 0]})
+        P.submission_entry("detection", "d", "../b.png",
+                           {"bbox_pixels": [0, 0, np.nan, 1], "bbox_normalized": [0, 0, 0, 0]})
     mask = np.array([[0, 1, 2], [2, 1, 0]])
     P.write_index_png(tmp_path / "x" / "m.png", mask)
     with Image.open(tmp_path / "x" / "m.png") as written:
@@ -300,7 +307,8 @@ def test_predict_then_evaluate_on_synthetic_suite(suite_and_checkpoint, tmp_path
     for e in det:
         assert set(e) == {"image_path", "task_id", "bbox_normalized", "bbox_pixels"}
         w, h = sizes[e["image_path"]]
-        np.testing.assert_allclose(np.array(e["bbox_normalized"]) * [w, h, w, h], e["bbox_pixels"], rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(np.array(e["bbox_normalized"]) * [w, h, w, h], e["bbox_pixels"],
+                                   rtol=1e-5, atol=1e-3)
     reg = json.loads((out / "regression_predictions.json").read_text())
     assert len(reg) == n_rows["fetal_femur"]
     for e in reg:
@@ -395,7 +403,8 @@ class FlipEquivariantStub:
             x = images.index_select(0, rows)
             pooled = F.avg_pool2d(x, 4)  # [n, 3, S/4, S/4]
             if spec.task_type == "segmentation":
-                out = {"logits": x[:, :1].repeat(1, spec.num_classes, 1, 1) * torch.arange(1.0, spec.num_classes + 1).view(1, -1, 1, 1)}
+                ramp = torch.arange(1.0, spec.num_classes + 1).view(1, -1, 1, 1)
+                out = {"logits": x[:, :1].repeat(1, spec.num_classes, 1, 1) * ramp}
             elif spec.task_type == "classification":
                 out = {"logits": x.mean((2, 3))[:, :1] * torch.arange(1.0, spec.num_classes + 1)}
             elif spec.task_type == "regression":
@@ -458,7 +467,8 @@ def test_tta_on_a_mirror_symmetric_image():
     np.testing.assert_array_equal(seg["mask"], seg["mask"][:, ::-1])
     np.testing.assert_array_equal(pos["probs"], plain[1]["probs"])
     box = np.asarray(det["bbox_normalized"])
-    assert box[0] + box[2] == pytest.approx(1.0, abs=1e-5) and box[[1, 3]] == pytest.approx(np.asarray(plain[2]["bbox_normalized"])[[1, 3]], abs=1e-5)
+    assert box[0] + box[2] == pytest.approx(1.0, abs=1e-5)
+    assert box[[1, 3]] == pytest.approx(np.asarray(plain[2]["bbox_normalized"])[[1, 3]], abs=1e-5)
     np.testing.assert_allclose(reg["points_normalized"][:, 0], 0.5, atol=1e-5)
     np.testing.assert_allclose(reg["points_normalized"][:, 1], plain[3]["points_normalized"][:, 1], atol=1e-5)
     np.testing.assert_allclose(cls["probs"], plain[4]["probs"], atol=1e-5)

@@ -115,7 +115,9 @@ def test_routing_shares_and_affinity(run_dir):
     # segA vs detC: block 10 (1,0) vs (.5,.5) and block 11 (.75,.25) vs (1,0)
     def jsd(p, q):
         m = [(a + b) / 2 for a, b in zip(p, q)]
-        kl = lambda x: sum(a * math.log2(a / c) for a, c in zip(x, m) if a > 0)
+
+        def kl(x):
+            return sum(a * math.log2(a / c) for a, c in zip(x, m) if a > 0)
         return (kl(p) + kl(q)) / 2
     expected = ((1 - jsd([1, 0], [0.5, 0.5])) + (1 - jsd([0.75, 0.25], [1, 0]))) / 2
     assert affinity[0][2] == pytest.approx(expected)
@@ -153,7 +155,8 @@ def test_written_files_recompute(run_dir, tmp_path):
     data = json.loads((out / "report.json").read_text())
     assert data["tasks"]["segA"]["paradigms"]["cg"]["change_vs_ts"]["dice"] == pytest.approx(-0.25)
     markdown = (out / "report.md").read_text()
-    assert "| segA | segmentation | G1 | 100 | data-rich | dice | 0.8000 | 0.6000 (-25.0%) ! | 0.8400 (+5.0%) | 0.1000 |" in markdown
+    row = "| segA | segmentation | G1 | 100 | data-rich | dice | 0.8000 | 0.6000 (-25.0%) ! | 0.8400 (+5.0%) | 0.1000 |"
+    assert row in markdown
 
 
 def test_undefined_change_is_null_in_json(tmp_path):
@@ -215,7 +218,8 @@ def write_detection_run(run_dir, seed, gains=None):
                  "metrics": {"iou": float(iou.mean())}, "baseline": {"iou": 0.2}}
         (folder / "metrics.json").write_text(json.dumps({
             "paradigm": paradigm, "models": {model: ["det"]}, "tasks": {"det": entry},
-            "training": {model: {"train_images": 40, "epochs": 9.0, "steps": 27, "samples_seen": 360, "seconds": 3.0}}}))
+            "training": {model: {"train_images": 40, "epochs": 9.0, "steps": 27, "samples_seen": 360,
+                                 "seconds": 3.0}}}))
         # stored in another image order than the other paradigms: the report aligns by image_path
         order = rng.permutation(len(IMAGES)) if paradigm == "cg" else np.arange(len(IMAGES))
         (folder / model / "eval_per_image.json").write_text(json.dumps({"tasks": {"det": {
@@ -239,7 +243,8 @@ def test_intervals_paired_changes_and_evidence_flags(tmp_path):
     index = B.resample_indices(len(IMAGES), 500, seed)
     by_path = {p: dict(zip(v["image_path"], v["iou"])) for p, v in values.items()}
     ordered = {p: [by_path[p][path] for path in sorted(IMAGES)] for p in by_path}
-    change = [(sum(ordered["au"][i] for i in row) - sum(ordered["ts"][i] for i in row)) / sum(ordered["ts"][i] for i in row)
+    change = [(sum(ordered["au"][i] for i in row) - sum(ordered["ts"][i] for i in row))
+              / sum(ordered["ts"][i] for i in row)
               for row in index]
     assert det["au"]["change_ci"]["iou"] == pytest.approx(list(B.percentile_interval(change)), rel=1e-9)
     # without intervals the threshold alone flags, and the report says so
@@ -259,7 +264,8 @@ def test_seeds_are_pooled_as_stated(tmp_path):
         write_detection_run(tmp_path / f"seed-{seed}", seed=seed)
     rep = R.build_report([tmp_path / "seed-0", tmp_path / "seed-1"], n_resamples=300)
     au = rep["tasks"]["det"]["paradigms"]["au"]
-    per_seed = [json.loads((tmp_path / f"seed-{s}" / "au" / "metrics.json").read_text())["tasks"]["det"]["metrics"]["iou"]
+    per_seed = [json.loads((tmp_path / f"seed-{s}" / "au" / "metrics.json").read_text())
+                ["tasks"]["det"]["metrics"]["iou"]
                 for s in (0, 1)]
     assert au["runs"] == 2 and rep["replicates"] == ["seed-0", "seed-1"]
     assert au["metrics"]["iou"] == pytest.approx(np.mean(per_seed))
@@ -290,7 +296,8 @@ def test_answers_are_recomputed_from_report_json(tmp_path):
     # one task, one group: the scale, type and stability questions cannot be decided, and say why
     assert data["answers"]["RQ2"]["verdict"] == "inconclusive" and "too few tasks" in data["answers"]["RQ2"]["answer"]
     assert data["answers"]["RQ4"]["verdict"] == "inconclusive"
-    assert data["answers"]["RQ1"]["verdict"] == "answered" and "Thyroid: CG 1/1; AU 1/1" in data["answers"]["RQ1"]["answer"]
+    assert data["answers"]["RQ1"]["verdict"] == "answered"
+    assert "Thyroid: CG 1/1; AU 1/1" in data["answers"]["RQ1"]["answer"]
     assert "train AU" in data["answers"]["RQ5"]["answer"]
     markdown = (out / "report.md").read_text()
     assert "## Answers" in markdown and "## Training length per model" in markdown

@@ -74,7 +74,7 @@ def assert_close_all(got, want, atol, rtol, what):
             assert torch.equal(g.long(), w.long()), f"{what}: experts differ"
             continue
         torch.testing.assert_close(g.float(), w.float(), atol=atol, rtol=rtol,
-                                   msg=lambda m: f"{what}: {name}: {m}")
+                                   msg=lambda m, name=name: f"{what}: {name}: {m}")
 
 
 # (T, D, H, E, NT, k, extra) covering the edge cases of the issue

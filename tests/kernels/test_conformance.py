@@ -113,7 +113,7 @@ def test_protocol_functions_match_reference(backend, device, case, activation):
         if got.dtype == torch.int64:
             assert torch.equal(got, want), f"{case}: {name} differs"
         else:
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     if case == "idle_experts":
         assert (got_route.counts[3:] == 0).all()
     if case == "all_on_one_expert":
@@ -133,7 +133,7 @@ def test_protocol_functions_match_reference(backend, device, case, activation):
     want_fwd = ref.experts_forward(p["x"], got_route, weights, activation)
     for name, got, want in zip(("y", "h_pre", "expert_out"), got_fwd, want_fwd):
         assert got.dtype == want.dtype and got.shape == want.shape, name
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     (grad_y,) = _random_like([got_fwd[0]], seed=2)
     got_x, got_rw, got_w = impl.experts_backward(grad_y, p["x"], got_route, weights, activation,
                                                  *got_fwd[1:])
@@ -143,7 +143,7 @@ def test_protocol_functions_match_reference(backend, device, case, activation):
     for name, got, want in [("grad_x", got_x, want_x), ("grad_weights", got_rw, want_rw),
                             *zip(ExpertWeights._fields, got_w, want_w)]:
         assert got.dtype == want.dtype and got.shape == want.shape, name
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -146,7 +146,7 @@ def test_public_api_frozen_input_and_checkpointing(checkpointed, backend):
         experts = {n: p[n].clone().requires_grad_(True) for n in ("fc1_w", "fc1_b", "fc2_w", "fc2_b")}
         x = p["x"].clone().requires_grad_(checkpointed)
 
-        def block(x):
+        def block(x, experts=experts):
             r = mk.task_topk_route(x, p["task_ids"], p["gate_weight"], p["gate_bias"], top_k=2)
             return mk.expert_mlp(x, r, experts["fc1_w"], experts["fc1_b"], experts["fc2_w"],
                                  experts["fc2_b"])

@@ -200,7 +200,7 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(y1, y0)
     torch.testing.assert_close(a1, a0)
     for name, a, b in zip(names, g1, g0):
-        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
     explanation = torch._dynamo.explain(moe_block)(*[params[n] for n in names])
     assert explanation.graph_break_count == 0
     ops = [str(node.target) for graph in explanation.graphs for node in graph.graph.nodes

@@ -73,11 +73,11 @@ def test_sigkill_at_random_moments_then_resume_is_exact(suite, tmp_path):
         done = max(step_losses(model_dir), default=0)
         proc = start(suite, out, resume)
         if moment == "during-checkpoint-write":
-            wait_for(lambda: max(step_losses(model_dir), default=0) > done
+            wait_for(lambda done=done: max(step_losses(model_dir), default=0) > done
                      and any(p.name.startswith(".last.tmp-") for p in model_dir.iterdir()), proc)
         else:
             target = done + rng.randint(1, 3)
-            wait_for(lambda: max(step_losses(model_dir), default=0) >= target, proc)
+            wait_for(lambda target=target: max(step_losses(model_dir), default=0) >= target, proc)
             time.sleep(rng.uniform(0.0, 0.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -110,7 +110,7 @@ def test_crashed_rank_restarts_from_last_checkpoint(suite, tmp_path):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         log = proc.communicate()[0]
-        raise AssertionError(f"torchrun job did not finish in 300 s: {log[-4000:]}")
+        raise AssertionError(f"torchrun job did not finish in 300 s: {log[-4000:]}") from None
     assert proc.returncode == 0, log[-4000:]
     model_dir = out / "au" / "all"
     events = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines()]

@@ -151,7 +151,8 @@ def test_layers_import_only_what_they_may():
     bad = []
     for name, targets in GRAPH.items():
         for target in targets:
-            if name.startswith("m2dino_kernels") and target.startswith("m2dino") and not target.startswith("m2dino_kernels"):
+            if (name.startswith("m2dino_kernels") and target.startswith("m2dino")
+                    and not target.startswith("m2dino_kernels")):
                 bad.append(f"{name} -> {target} (the kernels know nothing of m2dino)")
             if not name.startswith("m2dino.") and name != "m2dino":
                 continue

@@ -43,7 +43,7 @@ def test_paradigm_all_writes_the_run_directory_contract(suite, tmp_path, capsys)
         summary = json.loads((out / paradigm / "metrics.json").read_text())
         assert summary["paradigm"] == paradigm and set(summary["models"]) == models
         assert set(summary["tasks"]) == set(TASKS)
-        for task_id, entry in summary["tasks"].items():
+        for entry in summary["tasks"].values():
             assert {"task_type", "group", "train_size", "model", "metrics", "baseline"} <= set(entry)
             assert entry["train_size"] == 8 and entry["group"] == "Chest"  # explicit min_train is exact
         assert set(summary["tasks"]["lung"]["metrics"]) >= {"dice", "hd"}

@@ -19,7 +19,8 @@ from m2dino.data.synthetic.canvas import Canvas, blob, ellipse, new_scene, paint
 DIFFICULTY = {
     "breast_lesion": "medium: hypoechoic lesion (oval or spiculated) in layered breast tissue",
     "cardiac_multi": "medium: LV cavity, its myocardial wall and the LA in a phased-array sector; RV is a distractor",
-    "carotid_artery": "medium: round lumen with a thick bright wall; the jugular vein (oval, thin wall) is a distractor",
+    "carotid_artery": "medium: round lumen with a thick bright wall; "
+                      "the jugular vein (oval, thin wall) is a distractor",
     "cervix": "medium: elongated moderately echoic cervix with a dark canal line",
     "cervix_multi": "hard: the two lips of the cervix, separated only by the thin canal line",
     "fetal_abdomen_multi": "hard: abdomen, stomach, umbilical vein and spine; small structures",
@@ -29,12 +30,16 @@ DIFFICULTY = {
     "lung": "medium: lung field below the pleural line, between rib shadows",
     "ovary_tumor": "medium: large cystic/solid mass among small anechoic follicles",
     "thyroid_nodule": "medium: nodule (hypoechoic, or isoechoic with a dark halo) in the thyroid lobe",
-    "breast_2cls": "medium: benign = anechoic oval, wider than tall, strong posterior enhancement; malignant = spiculated, taller, dense posterior shadowing",
+    "breast_2cls": "medium: benign = anechoic oval, wider than tall, strong posterior enhancement; "
+                   "malignant = spiculated, taller, dense posterior shadowing",
     "breast_3cls": "medium: as breast_2cls, plus normal = no lesion",
-    "fetal_head_pos_cls": "medium: 8 positions = direction (45 degree steps) of a large bright occiput marker (shadowing behind it) inside the head; not flip-invariant",
+    "fetal_head_pos_cls": "medium: 8 positions = direction (45 degree steps) of a large bright occiput marker "
+                          "(shadowing behind it) inside the head; not flip-invariant",
     "fetal_plane_cls": "easy: 6 planes drawn by different scenes (abdomen, brain, femur, thorax, cervix, other)",
-    "fetal_sacral_pos_cls": "medium: 8 positions = direction of the thick bright sacrum arc in the dark fetal pelvis; not flip-invariant",
-    "liver_lesion_2cls": "easy: benign = hyperechoic well-defined lesion; malignant = hypoechoic lesion with a bright halo",
+    "fetal_sacral_pos_cls": "medium: 8 positions = direction of the thick bright sacrum arc in the dark fetal pelvis; "
+                            "not flip-invariant",
+    "liver_lesion_2cls": "easy: benign = hyperechoic well-defined lesion; "
+                         "malignant = hypoechoic lesion with a bright halo",
     "lung_2cls": "medium: normal = horizontal A-lines; abnormal = vertical B-lines",
     "lung_disease_3cls": "medium: A-lines / B-lines / subpleural consolidation with bright air bronchograms",
     "organ_cls": "easy: 6 organs drawn by their scenes (breast, thyroid, liver, lung, heart, carotid)",
@@ -129,7 +134,8 @@ def scene_fetal_abdomen(cv, rng):
     side = rng.choice([-1, 1])
     st = ellipse(cv, cx + side * 0.35 * a, cy - 0.1 * b, 0.28 * a, 0.2 * b, rng.uniform(0, math.pi)) & abd
     paint(sc, st, 0.04, fluid=0.5)
-    uv = segment_distance(cv, (cx - side * 0.15 * a, cy - 0.65 * b), (cx - side * 0.05 * a, cy + 0.05 * b)) < 0.05 * cv.s
+    uv = segment_distance(cv, (cx - side * 0.15 * a, cy - 0.65 * b),
+                          (cx - side * 0.05 * a, cy + 0.05 * b)) < 0.05 * cv.s
     uv &= abd & ~st
     paint(sc, uv, 0.06, fluid=0.3)
     phi = rng.uniform(0.35, 0.65) * math.pi
@@ -149,16 +155,18 @@ def scene_fetal_thorax(cv, rng):
     a = cv.s * rng.uniform(0.27, 0.33)
     thorax = ellipse(cv, cx, cy, a, a * rng.uniform(0.85, 1.0))
     paint(sc, thorax, rng.uniform(0.45, 0.55))
-    for k in range(int(rng.integers(3, 6))):
+    for _k in range(int(rng.integers(3, 6))):
         phi = rng.uniform(0, 2 * math.pi)
-        paint(sc, ellipse(cv, cx + 0.95 * a * math.cos(phi), cy + 0.95 * a * math.sin(phi), 0.1 * a, 0.05 * a, phi + math.pi / 2), 0.95, bright=0.8)
+        paint(sc, ellipse(cv, cx + 0.95 * a * math.cos(phi), cy + 0.95 * a * math.sin(phi), 0.1 * a, 0.05 * a,
+                          phi + math.pi / 2), 0.95, bright=0.8)
     hx, hy = cx + rng.uniform(-0.2, 0.2) * a, cy + rng.uniform(-0.15, 0.15) * a
     hr = a * rng.uniform(0.38, 0.48)
     heart = ellipse(cv, hx, hy, hr, hr * rng.uniform(0.8, 0.95), rng.uniform(0, math.pi)) & thorax
     paint(sc, heart, 0.7)
     for qx in (-1, 1):
         for qy in (-1, 1):
-            paint(sc, ellipse(cv, hx + qx * 0.4 * hr, hy + qy * 0.4 * hr, 0.32 * hr, 0.32 * hr) & heart, 0.05, fluid=0.2)
+            paint(sc, ellipse(cv, hx + qx * 0.4 * hr, hy + qy * 0.4 * hr, 0.32 * hr, 0.32 * hr) & heart, 0.05,
+                  fluid=0.2)
     return sc, {"heart": heart}
 
 
@@ -270,7 +278,8 @@ def scene_thyroid(cv, rng):
         paint(sc, halo, 0.05)
     if rng.random() < 0.4:  # microcalcifications
         for _ in range(3):
-            paint(sc, ellipse(cv, nx + rng.uniform(-0.5, 0.5) * nr, ny + rng.uniform(-0.5, 0.5) * nr, 1.2, 1.2) & nodule, 1.0, bright=0.6)
+            paint(sc, ellipse(cv, nx + rng.uniform(-0.5, 0.5) * nr, ny + rng.uniform(-0.5, 0.5) * nr, 1.2, 1.2)
+                  & nodule, 1.0, bright=0.6)
     return sc, {"nodule": nodule}
 
 
@@ -299,7 +308,8 @@ def scene_lung(cv, rng, kind):
         cons = blob(cv, rng, (xs[0] + xs[1]) / 2, pleura_y + 0.22 * cv.h, 0.2 * cv.s, irregular=0.2) & below
         paint(sc, cons, 0.55)
         for _ in range(6):
-            paint(sc, ellipse(cv, rng.uniform(xs[0], xs[1]), pleura_y + rng.uniform(0.1, 0.35) * cv.h, 1.5, 1.0) & cons, 1.0)
+            paint(sc, ellipse(cv, rng.uniform(xs[0], xs[1]), pleura_y + rng.uniform(0.1, 0.35) * cv.h, 1.5, 1.0) & cons,
+                  1.0)
     shadow = cv.behind(sc.bright) > 0.5
     lung = below & between & ~shadow & cv.fov
     return sc, {"lung": lung}
@@ -349,7 +359,8 @@ def scene_uterus(cv, rng):
     ut = ellipse(cv, cx, cy, cv.s * 0.4, cv.s * 0.25, ang)
     paint(sc, ut, 0.55)
     c, s = math.cos(ang), math.sin(ang)
-    paint(sc, segment_distance(cv, (cx - 0.25 * cv.s * c, cy - 0.25 * cv.s * s), (cx + 0.25 * cv.s * c, cy + 0.25 * cv.s * s)) < 0.02 * cv.s, 0.9)
+    paint(sc, segment_distance(cv, (cx - 0.25 * cv.s * c, cy - 0.25 * cv.s * s),
+                               (cx + 0.25 * cv.s * c, cy + 0.25 * cv.s * s)) < 0.02 * cv.s, 0.9)
     fx, fy = cx + rng.uniform(-0.2, 0.2) * cv.s, cy + rng.uniform(-0.1, 0.1) * cv.s
     fr = cv.s * rng.uniform(0.09, 0.15)
     fibroid = ellipse(cv, fx, fy, fr, fr * rng.uniform(0.8, 1.0), rng.uniform(0, math.pi))
