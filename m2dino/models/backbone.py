@@ -278,7 +278,7 @@ class SwiGLUFFN(nn.Module):
 class Block(nn.Module):
     """x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
 
-    `mlp` may be replaced by a task-conditioned MoE (m2dino.moe.TaskMoE); such a module says
+    `mlp` may be replaced by a task-conditioned MoE (m2dino.models.moe.TaskMoE); such a module says
     so with `task_conditioned = True` and receives the per-image task ids.
     """
 

@@ -9,7 +9,7 @@ One backbone pass serves a mixed-task batch: each token is routed by its image's
 neck turns four intermediate layers into shared maps at strides 4, 8 and 16; each task's head
 sees only its own rows of the batch.
 
-DDP: every MoE parameter is always in the graph (see m2dino.moe). Heads of tasks absent from
+DDP: every MoE parameter is always in the graph (see m2dino.models.moe). Heads of tasks absent from
 a batch (and the neck, when only classification tasks are present) would be unused, so in
 training the forward adds `unused_anchor` = 0 * (sum of those parameters) to the outputs,
 which total_loss adds to the loss: DistributedDataParallel runs with
@@ -227,7 +227,7 @@ POSTPROCESS = TaskTable("postprocess", {
 
 def create_model(name: str, tasks, pretrained=None, num_experts: int = 8, top_k: int = 2,
                  moe_layers: int = 6, img_size: Optional[int] = None, **kwargs) -> M2DINO:
-    """M2DINO over backbone preset `name` (m2dino.backbone.PRESETS) for `tasks` (TaskSpecs or
+    """M2DINO over backbone preset `name` (m2dino.models.backbone.PRESETS) for `tasks` (TaskSpecs or
     task ids of the registry). `pretrained`: a DINOv3 weights file for the dense backbone,
     loaded strictly before upcycling. Other keyword arguments are M2DINOConfig fields:
     neck_channels, neck_layers, router_init_std, rope_rescale_coords, backbone_overrides

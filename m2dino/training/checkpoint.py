@@ -1,7 +1,7 @@
 """Atomic training checkpoints and exact resume.
 
 A training checkpoint is a directory `last/` holding
-    model.safetensors + model.json   the weights (m2dino.model.save_model, stem "model")
+    model.safetensors + model.json   the weights (m2dino.save_model, stem "model")
     train_state.pt                   optimizer, scheduler, sampler position, RNG states, step,
                                      counters; torch.save of tensors and plain types only,
                                      read back with weights_only=True (never runs code)

@@ -1,4 +1,4 @@
-"""Bad data (issue 8, data part): every defect is reported with its csv and row, training
+"""Bad data: every defect is reported with its csv and row, training
 input refuses it under policy "error" and drops exactly those rows under "skip", and no
 file outside the data root is ever opened."""
 import builtins
