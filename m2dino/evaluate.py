@@ -1,7 +1,9 @@
 """`python -m m2dino.evaluate --data-root ROOT --predictions DIR [--json FILE]`: score a prediction
 folder exactly as the FM_UIA challenge's evaluator does (m2dino.evaluation.evaluate); with
 `--checkpoint CKPT` it first predicts into DIR (a temporary folder when --predictions is left
-out) and scores the model's tasks."""
+out) and scores the model's tasks.
+
+The command line is parsed before torch is imported: --help answers at once."""
 from __future__ import annotations
 
 import argparse
@@ -9,23 +11,40 @@ import sys
 import tempfile
 from typing import Sequence
 
-from m2dino.evaluation.evaluate import evaluate_folder, format_results, write_json
-from m2dino.evaluation.predict import PREDICTION_ERRORS, predict_folder
-from m2dino.predict import task_list
+from m2dino.predict import add_tasks_option, positive_int, task_list
+
+EXAMPLES = """examples:
+  python -m m2dino.evaluate --data-root /data/FM_UIA --predictions submission/ --json scores.json
+  python -m m2dino.evaluate --data-root /data/FM_UIA --checkpoint runs/default/au/all/best.safetensors
+docs: docs/export.md"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m m2dino.evaluate", description=__doc__.split("\n\n")[0],
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    score = parser.add_argument_group("scoring")
+    score.add_argument("--data-root", required=True, help="FM_UIA root (csv_files/ inside, or train/ and val/)")
+    score.add_argument("--predictions",
+                       help="prediction folder (the submission format); with --checkpoint, where to write it")
+    score.add_argument("--json", help="also write the results to this JSON file")
+    score.add_argument("--split", help="sub-folder of --data-root to score (default: the root itself, else val/)")
+    add_tasks_option(score, "task ids to score (default: every task in the CSVs, or the checkpoint's tasks with "
+                            "--checkpoint)")
+    predict = parser.add_argument_group("predicting first (with --checkpoint)")
+    predict.add_argument("--checkpoint", help="predict with this checkpoint first, then score its tasks")
+    predict.add_argument("--batch-size", type=positive_int, default=16, help="prediction batch size (default: 16)")
+    predict.add_argument("--device", default=None, help="prediction device (default: cuda when available)")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m m2dino.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", required=True, help="FM_UIA root (csv_files/ inside, or train/ and val/)")
-    parser.add_argument("--predictions", help="prediction folder (the submission format); with --checkpoint, where to write it")
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--split", help="sub-folder of --data-root to score (default: the root itself, else val/)")
-    parser.add_argument("--tasks", help="comma-separated task ids to score (default: every task in the CSVs, "
-                                        "or the checkpoint's tasks with --checkpoint)")
-    parser.add_argument("--checkpoint", help="predict with this checkpoint first, then score its tasks")
-    parser.add_argument("--batch-size", type=int, default=16, help="prediction batch size (with --checkpoint)")
-    parser.add_argument("--device", default=None, help="prediction device (with --checkpoint; default cuda if available)")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if not (args.checkpoint or args.predictions):
+        parser.error("--predictions is required without --checkpoint")
+    from m2dino.evaluation.evaluate import evaluate_folder, format_results, write_json
+    from m2dino.evaluation.predict import PREDICTION_ERRORS, predict_folder
+
     tasks = task_list(args.tasks)
     try:
         with tempfile.TemporaryDirectory(prefix="m2dino-predictions-") as scratch:
@@ -35,8 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 written = predict_folder(args.checkpoint, args.data_root, predictions, split=args.split,
                                          batch_size=args.batch_size, device=args.device, tasks=tasks)
                 tasks = tasks or written["tasks"]
-            elif not predictions:
-                parser.error("--predictions is required without --checkpoint")
             results = evaluate_folder(args.data_root, predictions, split=args.split, tasks=tasks)
     except PREDICTION_ERRORS as e:
         print(f"m2dino.evaluate: error: {e}", file=sys.stderr)

@@ -22,10 +22,18 @@ def check(root, decode: bool = True):
     return {"tasks": scan.task_counts(), "problems": [p.to_dict() for p in scan.problems]}, scan
 
 
+EXAMPLES = """examples:
+  python -m m2dino.data.check /data/FM_UIA            per-task counts and every problem; exit 0 only when clean
+  python -m m2dino.data.check /data/FM_UIA --json     {"tasks": {task_id: rows}, "problems": [...]}
+docs: docs/data.md"""
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m m2dino.data.check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m m2dino.data.check", description=__doc__.split("\n\n")[0],
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="data root (with csv_files/, or with train/ and val/)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON: {\"tasks\": {task_id: rows}, \"problems\": [{csv, row, problem}]}")
     parser.add_argument("--no-decode", action="store_true",
                         help="skip decoding images and masks (fast; misses corrupt files and size checks)")
     args = parser.parse_args(argv)

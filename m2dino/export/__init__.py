@@ -28,16 +28,26 @@ exported, through load_model), wheel (the wheel and requirements.txt), render (t
 and README from the templates in entry/), measure and measure_child (time and memory of the
 written entry), folder (export_predictor: the checks, then the folder written atomically), cli.
 """
-from m2dino.export.cli import main
-from m2dino.export.folder import export_predictor
 from m2dino.export.options import (
-                                   AMP_CHOICES,
-                                   DEFAULT_BASE_IMAGE,
-                                   DEFAULT_CUDA_ARCHES,
-                                   DEVICES,
-                                   MEASURE_ROWS,
-                                   ExportError,
+    AMP_CHOICES,
+    DEFAULT_BASE_IMAGE,
+    DEFAULT_CUDA_ARCHES,
+    DEVICES,
+    MEASURE_ROWS,
+    ExportError,
 )
 
 __all__ = ["AMP_CHOICES", "DEFAULT_BASE_IMAGE", "DEFAULT_CUDA_ARCHES", "DEVICES", "MEASURE_ROWS", "ExportError",
            "export_predictor", "main"]
+
+
+def __getattr__(name: str):
+    """export_predictor and main, imported on first use, so that `python -m m2dino.export --help`
+    answers before torch is imported."""
+    if name == "export_predictor":
+        from m2dino.export.folder import export_predictor
+        return export_predictor
+    if name == "main":
+        from m2dino.export.cli import main
+        return main
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

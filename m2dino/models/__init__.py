@@ -1,24 +1,85 @@
 """The model: a faithful DINOv3 ViT (backbone.py) loaded from official weights (weights.py),
 task-conditioned MoE MLPs upcycled from it (moe.py), the shared neck and task heads (heads.py),
-and M2DINO with create/save/load (m2dino.py). Models never import training or evaluation."""
-from m2dino.models.backbone import PRESETS, DinoV3Config, DinoV3ViT, M2DINOConfig
-from m2dino.models.m2dino import M2DINO, create_model, load_model, save_model
-from m2dino.models.moe import AUX_NAMES, TaskMoE
-from m2dino.models.weights import (
-                                   WeightsError,
-                                   build_backbone,
-                                   dinov3_tiny,
-                                   dinov3_vitb16,
-                                   dinov3_vith16plus,
-                                   dinov3_vitl16,
-                                   dinov3_vits16,
-                                   dinov3_vits16plus,
-                                   dinov3_vitt16,
-                                   load_weights,
-)
+and M2DINO with create/save/load (m2dino.py). Models never import training or evaluation.
 
+The names below are imported on first use (PEP 562), so that importing a torch-free
+submodule (the configs the command lines read) does not import torch."""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from m2dino.models.backbone import DinoV3ViT
+    from m2dino.models.configs import PRESETS, DinoV3Config, M2DINOConfig
+    from m2dino.models.m2dino import M2DINO, create_model, load_model, save_model
+    from m2dino.models.moe import AUX_NAMES, TaskMoE
+    from m2dino.models.weights import (
+        WeightsError,
+        build_backbone,
+        dinov3_tiny,
+        dinov3_vitb16,
+        dinov3_vith16plus,
+        dinov3_vitl16,
+        dinov3_vits16,
+        dinov3_vits16plus,
+        dinov3_vitt16,
+        load_weights,
+    )
+
+_SOURCES = {
+    "PRESETS": "m2dino.models.configs",
+    "DinoV3Config": "m2dino.models.configs",
+    "M2DINOConfig": "m2dino.models.configs",
+    "DinoV3ViT": "m2dino.models.backbone",
+    "M2DINO": "m2dino.models.m2dino",
+    "create_model": "m2dino.models.m2dino",
+    "load_model": "m2dino.models.m2dino",
+    "save_model": "m2dino.models.m2dino",
+    "AUX_NAMES": "m2dino.models.moe",
+    "TaskMoE": "m2dino.models.moe",
+    "WeightsError": "m2dino.models.weights",
+    "build_backbone": "m2dino.models.weights",
+    "dinov3_tiny": "m2dino.models.weights",
+    "dinov3_vitb16": "m2dino.models.weights",
+    "dinov3_vith16plus": "m2dino.models.weights",
+    "dinov3_vitl16": "m2dino.models.weights",
+    "dinov3_vits16": "m2dino.models.weights",
+    "dinov3_vits16plus": "m2dino.models.weights",
+    "dinov3_vitt16": "m2dino.models.weights",
+    "load_weights": "m2dino.models.weights",
+}
 __all__ = [
-    "AUX_NAMES", "DinoV3Config", "DinoV3ViT", "M2DINO", "M2DINOConfig", "PRESETS", "TaskMoE", "WeightsError",
-    "build_backbone", "create_model", "dinov3_tiny", "dinov3_vitb16", "dinov3_vith16plus", "dinov3_vitl16",
-    "dinov3_vits16", "dinov3_vits16plus", "dinov3_vitt16", "load_model", "load_weights", "save_model",
+    "AUX_NAMES",
+    "DinoV3Config",
+    "DinoV3ViT",
+    "M2DINO",
+    "M2DINOConfig",
+    "PRESETS",
+    "TaskMoE",
+    "WeightsError",
+    "build_backbone",
+    "create_model",
+    "dinov3_tiny",
+    "dinov3_vitb16",
+    "dinov3_vith16plus",
+    "dinov3_vitl16",
+    "dinov3_vits16",
+    "dinov3_vits16plus",
+    "dinov3_vitt16",
+    "load_model",
+    "load_weights",
+    "save_model",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_SOURCES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SOURCES))

@@ -21,155 +21,19 @@ pretrained features scale-robust, which they already are. eval() is always deter
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from m2dino.models.heads import default_neck_layers
+from m2dino.models.configs import PRESETS, DinoV3Config, M2DINOConfig  # noqa: F401 (re-exported)
 from m2dino.models.moe import validate_task_ids
 from m2dino_kernels import attention as rope_attention  # RoPE applied (or fused) inside
 
 NUM_STORAGE_TOKENS = 4
 NUM_PREFIX_TOKENS = 1 + NUM_STORAGE_TOKENS
-
-
-# ---------------------------------------------------------------------------------------
-# Presets
-# ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DinoV3Config:
-    name: str
-    patch_size: int = 16
-    embed_dim: int = 384
-    depth: int = 12
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
-    ffn: str = "mlp"               # "mlp" (GELU) or "swiglu"
-    rope_base: float = 100.0       # only used to initialise `periods` before a checkpoint loads
-    layerscale_init: float = 1e-5
-    norm_eps: float = 1e-5
-    official: bool = True          # False for our own CPU preset
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        hidden = int(self.embed_dim * self.mlp_ratio)
-        if self.ffn == "swiglu":  # official SwiGLUFFN: 2/3 of the ratio, rounded up to 8
-            hidden = int(hidden * 2 / 3)
-            hidden = (hidden + 7) // 8 * 8
-        return hidden
-
-
-PRESETS: dict[str, DinoV3Config] = {
-    "dinov3_vits16": DinoV3Config("dinov3_vits16", embed_dim=384, depth=12, num_heads=6),
-    "dinov3_vits16plus": DinoV3Config("dinov3_vits16plus", embed_dim=384, depth=12, num_heads=6,
-                                      mlp_ratio=6.0, ffn="swiglu"),
-    "dinov3_vitb16": DinoV3Config("dinov3_vitb16", embed_dim=768, depth=12, num_heads=12),
-    "dinov3_vitl16": DinoV3Config("dinov3_vitl16", embed_dim=1024, depth=24, num_heads=16),
-    "dinov3_vith16plus": DinoV3Config("dinov3_vith16plus", embed_dim=1280, depth=32,
-                                      num_heads=20, mlp_ratio=6.0, ffn="swiglu"),
-    # timm's distilled tiny DINOv3 (vit_tiny_patch16_dinov3_qkvb, not a Meta release): a fast
-    # timm parity check.
-    "dinov3_vitt16": DinoV3Config("dinov3_vitt16", embed_dim=192, depth=12, num_heads=3,
-                                  official=False),
-    # OURS, not an official model: the CPU preset for tests and the default small run.
-    "dinov3_tiny": DinoV3Config("dinov3_tiny", patch_size=8, embed_dim=96, depth=6, num_heads=3,
-                                official=False),
-}
-
-
-@dataclass(frozen=True)
-class M2DINOConfig:
-    """Every hyperparameter of an M2DINO model, in one place: what create_model takes, what
-    a checkpoint's <stem>.json stores (with the tasks) and what training resolves from its
-    options. Defaults: M2DINO's own (8 experts, top-2, MoE in the last 6 blocks); the CPU demo's
-    smaller model is m2dino.training.config's default. `img_size` and `neck_layers` left None
-    follow the preset (64 px for dinov3_tiny, else 224; four blocks spread over the depth)."""
-    name: str = "dinov3_tiny"                  # backbone preset (PRESETS)
-    num_experts: int = 8
-    top_k: int = 2
-    moe_layers: int = 6                        # the last N blocks get a task-conditioned MoE MLP
-    img_size: Optional[int] = None
-    neck_channels: int = 64
-    neck_layers: Optional[tuple[int, ...]] = None
-    router_init_std: float = 0.02
-    rope_rescale_coords: Optional[float] = None
-    backbone_overrides: dict[str, Any] = field(default_factory=dict)  # DinoV3Config fields, e.g. {"depth": 4}
-
-    def __post_init__(self):
-        if self.neck_layers is not None:  # a list from JSON/YAML: stored as a tuple (frozen)
-            object.__setattr__(self, "neck_layers", tuple(int(i) for i in self.neck_layers))
-        object.__setattr__(self, "backbone_overrides", dict(self.backbone_overrides or {}))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "M2DINOConfig":
-        """A mapping (a checkpoint's json, a YAML section) -> config; keys that are not fields
-        (format_version, tasks) are ignored, missing ones take the defaults."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["neck_layers"] = None if self.neck_layers is None else list(self.neck_layers)
-        return data
-
-    def backbone_config(self) -> DinoV3Config:
-        """The preset's DinoV3Config with the overrides applied."""
-        if self.name not in PRESETS:
-            raise ValueError(f"unknown backbone preset {self.name!r}; choose one of {sorted(PRESETS)}")
-        preset = PRESETS[self.name]
-        unknown = sorted(set(self.backbone_overrides) - {f.name for f in fields(DinoV3Config)})
-        if unknown:
-            raise ValueError(f"backbone_overrides: {unknown} are not DinoV3Config fields")
-        return replace(preset, **self.backbone_overrides) if self.backbone_overrides else preset
-
-    def problems(self) -> list[tuple[str, str]]:
-        """[(field, why)] for every impossible value (empty when the config is valid)."""
-        out = []
-        if self.name not in PRESETS:
-            out.append(("name", f"unknown backbone preset {self.name!r}; choose one of {sorted(PRESETS)}"))
-            return out
-        for name in ("num_experts", "top_k", "neck_channels"):
-            if int(getattr(self, name)) < 1:
-                out.append((name, f"must be >= 1, got {getattr(self, name)}"))
-        if self.img_size is not None and self.img_size < 1:
-            out.append(("img_size", f"must be >= 1, got {self.img_size}"))
-        if self.top_k > self.num_experts:
-            out.append(("top_k", f"must be <= num_experts ({self.num_experts}), got {self.top_k}"))
-        try:
-            depth = self.backbone_config().depth
-        except (ValueError, TypeError) as e:
-            return out + [("backbone_overrides", str(e))]
-        if not 0 <= self.moe_layers <= depth:
-            out.append(("moe_layers", f"must be in [0, depth={depth}], got {self.moe_layers}"))
-        if self.neck_layers is not None and (len(self.neck_layers) != 4
-                                             or not all(0 <= i < depth for i in self.neck_layers)):
-            out.append(("neck_layers", f"must be 4 block indices in [0, {depth}), got {list(self.neck_layers)}"))
-        if not (math.isfinite(self.router_init_std) and self.router_init_std >= 0):
-            out.append(("router_init_std", f"must be a number >= 0, got {self.router_init_std}"))
-        if self.rope_rescale_coords is not None and not self.rope_rescale_coords >= 1:
-            out.append(("rope_rescale_coords", f"must be >= 1 (or unset), got {self.rope_rescale_coords}"))
-        return out
-
-    def validate(self) -> "M2DINOConfig":
-        problems = self.problems()
-        if problems:
-            raise ValueError("; ".join(f"{name}: {why}" for name, why in problems))
-        return self
-
-    def resolved(self) -> "M2DINOConfig":
-        """The same config with img_size and neck_layers filled in from the preset."""
-        depth = self.backbone_config().depth
-        img_size = self.img_size if self.img_size is not None else (64 if self.name == "dinov3_tiny" else 224)
-        neck = self.neck_layers if self.neck_layers is not None else default_neck_layers(depth)
-        return replace(self, img_size=img_size, neck_layers=neck)
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,16 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from m2dino.models.configs import default_neck_layers  # noqa: F401 (re-exported)
 from m2dino.tasks import TaskTable, TaskType
 
 NECK_STRIDES = (4, 8, 16)
-
-
-def default_neck_layers(depth: int) -> list[int]:
-    """Four block indices spread over the depth, ending with the last block (DPT's choice)."""
-    if depth < 4:
-        raise ValueError(f"the neck needs a backbone of depth >= 4, got {depth}")
-    return [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1]
 
 
 def _resample(channels: int, from_stride: int, to_stride: int) -> nn.Module:

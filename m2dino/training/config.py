@@ -25,8 +25,8 @@ from typing import Any
 import yaml
 
 from m2dino import io
-from m2dino.models.backbone import DinoV3Config, M2DINOConfig
-from m2dino.training.losses import AUX_NAMES, DEFAULT_AUX_WEIGHTS
+from m2dino.models.configs import DEFAULT_AUX_WEIGHTS, PRESETS, DinoV3Config, M2DINOConfig
+from m2dino.tasks import TASK_TYPES, TASKS
 
 PARADIGMS = ("ts", "cg", "au")
 
@@ -135,9 +135,14 @@ class TrainConfig:
         for name in ("workers", "jobs", "eval_every", "checkpoint_every", "bootstrap"):
             if int(getattr(self, name)) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
-        unknown = set(self.aux_weights) - set(AUX_NAMES)
+        unknown = set(self.aux_weights) - set(DEFAULT_AUX_WEIGHTS)
         if unknown:
-            bad("aux_weights", f"unknown aux loss(es) {sorted(unknown)}; known: {list(AUX_NAMES)}")
+            bad("aux_weights", f"unknown aux loss(es) {sorted(unknown)}; known: {list(DEFAULT_AUX_WEIGHTS)}")
+        unknown = set(self.loss_weights) - set(loss_weight_keys(self.tasks))
+        if unknown:
+            bad("loss_weights", f"unknown key(s) {sorted(unknown)}: a key is a task type "
+                                f"({', '.join(t.value for t in TASK_TYPES)}) or a task id ({', '.join(sorted(TASKS))}"
+                                f"{', or one of --tasks' if self.tasks else ''})")
         for name in ("loss_weights", "aux_weights"):
             for k, v in getattr(self, name).items():
                 if not (math.isfinite(v) and v >= 0):
@@ -148,6 +153,12 @@ class TrainConfig:
         data = dataclasses.asdict(self)
         data["model"] = self.model.to_dict()
         return data
+
+
+def loss_weight_keys(tasks=None) -> list[str]:
+    """The keys --loss-weights accepts: the task types, the registry's task ids and any of `tasks`
+    (extra tasks of a dataset); a task id's weight wins over its type's."""
+    return [t.value for t in TASK_TYPES] + sorted(set(TASKS) | set(tasks or ()))
 
 
 _SHORTCUTS = ("num_experts", "top_k", "moe_layers", "img_size", "neck_channels")
@@ -363,7 +374,7 @@ _HELP = {
     "tasks": "task ids to train (space or comma separated; default every task in the data)",
     "groups": "clinical groups file (YAML/JSON {group: [task ids]}) for the CG paradigm",
     "paradigm": "ts: one model per task, cg: one per clinical group, au: one for all, all: the three + report",
-    "model": "backbone preset (dinov3_tiny, dinov3_vits16, ...)",
+    "model": "backbone preset; an official one takes its recipe's architecture and image size",
     "pretrained": "official DINOv3 weights (.pth or .safetensors) for the backbone",
     "num_experts": "experts per MoE layer",
     "top_k": "experts per token",
@@ -384,7 +395,8 @@ _HELP = {
     "grad_clip": "clip the global gradient norm to this (0: off)",
     "batching": "mixed: batches mix tasks, single: one task per batch",
     "task_alpha": "task sampling weights n_t^alpha (1: every sample exactly once per epoch)",
-    "loss_weights": "per-task loss weights, task=w,task=w (default 1)",
+    "loss_weights": "loss weights, key=w,key=w; a key is a task id or a task type (segmentation, classification, "
+                    "detection, regression); a task id wins over its type; unset keys weigh 1",
     "aux_weights": "MoE auxiliary loss weights, load_balance=w,z_loss=w,mutual_information=w",
     "amp": "autocast dtype on GPU (CPU always runs fp32)",
     "grad_checkpointing": "recompute block activations in the backward pass (less memory)",
@@ -401,15 +413,35 @@ _HELP = {
     "max_bad_steps": "stop after this many non-finite (NaN/Inf) steps in a row",
     "out": "run directory",
     "resume": "continue from the run directory's last checkpoints (finished models are kept)",
-    "eval_every": "validate every N epochs for the best checkpoint (0: at the end of training only)",
+    "eval_every": "validate every N epochs and keep the best checkpoint (0: validate once at the end, so best is "
+                  "the last)",
     "log_every": "write a metrics.jsonl line every N steps",
     "checkpoint_every": "also write a training checkpoint every N steps (0: only at the ends of epochs)",
     "checkpoint_seconds": "the end of an epoch writes a training checkpoint when the last one is at least this many "
                           "seconds old (0: every epoch), so short epochs do not each pay a write; a kill loses at most "
                           "this long plus one epoch of training",
     "bootstrap": "bootstrap resamples of the validation images for the 95%% confidence intervals (0: none)",
-    "progress": "show a progress bar",
+    "progress": "show a progress bar (loss and images/s of one model; images/s over all under --jobs > 1)",
 }
+
+
+# The option groups of --help, after TrainConfig's sections: each group opens with the field
+# named here, and a field not named follows the group of the field declared before it.
+_GROUP_STARTS = {
+    "data": "data", "paradigm": "study", "model": "model", "epochs": "schedule and optimizer",
+    "amp": "numerics and hardware", "out": "output, resume and evaluation",
+}
+_CHOICES = {
+    "paradigm": (*PARADIGMS, "all"), "batching": ("mixed", "single"), "amp": ("bf16", "fp16", "off"),
+    "on_bad_sample": ("error", "skip"), "model": tuple(PRESETS),
+}
+_EXAMPLES = """examples:
+  python -m m2dino.train                                  the CPU demo (synthetic suite, TS/CG/AU, report)
+  python -m m2dino.train --data /data/FM_UIA --paradigm au --tasks fetal_head,IUGC --epochs 20
+  python -m m2dino.train --config m2dino_vitb16_fmuia --data /data/FM_UIA --pretrained W.pth --dry-run --nproc 8
+  torchrun --nproc-per-node 8 -m m2dino.train --config m2dino_vitb16_fmuia --data /data/FM_UIA --pretrained W.pth
+  python -m m2dino.train --out runs/x --resume            continue a killed run
+docs: docs/training.md"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,7 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m m2dino.train",
         description="Train M2DINO under the TS / CG / AU paradigms, evaluate, and write the transfer report. "
                     "With no arguments: the embedded default run on the cached synthetic suite.",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS)  # only options actually given override the config file
+    p.add_argument("--config", help="YAML file of options (names as below, with - or _), or the name of a recipe "
+                                    f"in configs/ ({', '.join(recipe_names())})")
     run = p.add_argument_group("planning and the run directory (not saved in config.yaml)")
     run.add_argument("--dry-run", dest="dry_run", action="store_true",
                      help="build and train nothing: print the plan of every model (steps, parameters, FLOPs, memory "
@@ -432,25 +467,43 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", dest="overwrite", action="store_true",
                      help="start over in an OUT that holds a trained run: the old run is moved aside to "
                           "OUT.old-<timestamp>, never deleted")
-    p.add_argument("--config", help="YAML file of options (names as below, with - or _), or the name of a recipe "
-                                    f"in configs/ ({', '.join(recipe_names())})")
     defaults = TrainConfig()
+    group = p
     for f in fields(TrainConfig):
+        if f.name in _GROUP_STARTS:
+            group = p.add_argument_group(_GROUP_STARTS[f.name])
         if f.name == "model":  # the preset name, then the model's other fields, each its own option
             for field_name, option in MODEL_FLAGS.items():
-                _add_option(p, option, getattr(defaults.model, field_name))
+                _add_option(group, option, getattr(defaults.model, field_name))
             continue
-        _add_option(p, f.name, getattr(defaults, f.name))
+        _add_option(group, f.name, getattr(defaults, f.name))
     return p
 
 
-def _add_option(p: argparse.ArgumentParser, name: str, default) -> None:
+def _show(default) -> str:
+    if isinstance(default, dict):
+        return ",".join(f"{k}={v}" for k, v in default.items())
+    if isinstance(default, (list, tuple)):
+        return ",".join(str(v) for v in default)
+    return str(default)
+
+
+def _add_option(p, name: str, default) -> None:
+    """One option; its help shows the default once (none when the help text already says it or
+    the default is unset), and the choices where there are few."""
     flag = "--" + name.replace("_", "-")
-    help_text = f"{_HELP[name]} (default: {default})"
+    help_text = _HELP[name].replace("%", "%%") if "%%" not in _HELP[name] else _HELP[name]
+    if default not in (None, {}, ()) and "default" not in help_text:
+        help_text += f" (default: {_show(default)})"
+    choices = _CHOICES.get(name)
     if isinstance(default, bool):
         p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
     elif name == "tasks":
         p.add_argument(flag, dest=name, nargs="+", metavar="TASK", help=help_text)
+    elif choices and name != "model":
+        p.add_argument(flag, dest=name, metavar="{" + ",".join(choices) + "}", help=help_text)
+    elif choices:  # the presets are many: listed in the help, checked with the other values
+        p.add_argument(flag, dest=name, metavar="PRESET", help=f"{help_text}; one of {', '.join(choices)}")
     else:
         p.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
 

@@ -30,13 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from m2dino.models.configs import DEFAULT_AUX_WEIGHTS  # noqa: F401 (training's defaults too)
 from m2dino.models.heads import boxes_from_maps
 from m2dino.models.moe import AUX_NAMES
 from m2dino.tasks import TaskTable, TaskType
 
-# The MoE auxiliary losses' weights when none are given (training's defaults too): the Switch
-# load balance and the router z-loss on, Mod-Squad's task-expert mutual information off.
-DEFAULT_AUX_WEIGHTS = {"load_balance": 0.01, "z_loss": 0.001, "mutual_information": 0.0}
 FOCAL_ALPHA, FOCAL_BETA = 2.0, 4.0
 
 

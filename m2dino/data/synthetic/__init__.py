@@ -11,25 +11,69 @@ spellings (`Regression`), class and point counts, png/jpg/bmp images and index-P
 - scenes.py: what is drawn: the organ scenes, and `build`, one image and label of a task
 - suite.py: the suite on disk: task sizes, the layout, `write_suite`, the cache `ensure_synthetic`
 - __main__.py: the command line
-"""
-from m2dino.data.synthetic.scenes import DIFFICULTY, build
-from m2dino.data.synthetic.suite import (
-    DEFAULT_SCALE,
-    DEFAULT_SEED,
-    GENERATOR_VERSION,
-    MIN_TRAIN,
-    SIZE_EXPONENT,
-    MIN_VAL,
-    VAL_FRACTION,
-    default_cache_root,
-    ensure_synthetic,
-    task_sizes,
-    write_suite,
-)
 
+The names are imported on first use (PEP 562), so that the command line's --help answers at once.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from m2dino.data.synthetic.scenes import DIFFICULTY, build
+    from m2dino.data.synthetic.suite import (
+        DEFAULT_SCALE,
+        DEFAULT_SEED,
+        GENERATOR_VERSION,
+        MIN_TRAIN,
+        MIN_VAL,
+        SIZE_EXPONENT,
+        VAL_FRACTION,
+        default_cache_root,
+        ensure_synthetic,
+        task_sizes,
+        write_suite,
+    )
+
+_SOURCES = {
+    "DIFFICULTY": "m2dino.data.synthetic.scenes",
+    "build": "m2dino.data.synthetic.scenes",
+    "DEFAULT_SCALE": "m2dino.data.synthetic.suite",
+    "DEFAULT_SEED": "m2dino.data.synthetic.suite",
+    "GENERATOR_VERSION": "m2dino.data.synthetic.suite",
+    "MIN_TRAIN": "m2dino.data.synthetic.suite",
+    "SIZE_EXPONENT": "m2dino.data.synthetic.suite",
+    "MIN_VAL": "m2dino.data.synthetic.suite",
+    "VAL_FRACTION": "m2dino.data.synthetic.suite",
+    "default_cache_root": "m2dino.data.synthetic.suite",
+    "ensure_synthetic": "m2dino.data.synthetic.suite",
+    "task_sizes": "m2dino.data.synthetic.suite",
+    "write_suite": "m2dino.data.synthetic.suite",
+}
 __all__ = [
-    "DEFAULT_SCALE", "DEFAULT_SEED", "DIFFICULTY", "GENERATOR_VERSION", "MIN_TRAIN", "SIZE_EXPONENT",
-    "MIN_VAL", "VAL_FRACTION", "build", "default_cache_root", "ensure_synthetic", "task_sizes",
+    "DEFAULT_SCALE",
+    "DEFAULT_SEED",
+    "DIFFICULTY",
+    "GENERATOR_VERSION",
+    "MIN_TRAIN",
+    "MIN_VAL",
+    "SIZE_EXPONENT",
+    "VAL_FRACTION",
+    "build",
+    "default_cache_root",
+    "ensure_synthetic",
+    "task_sizes",
     "write_suite",
 ]
 
+
+def __getattr__(name: str):
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_SOURCES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SOURCES))
