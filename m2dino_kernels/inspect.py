@@ -72,16 +72,21 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+# The MoE shape classes of the official backbone presets (m2dino.models.backbone.PRESETS; this
+# package does not import m2dino, and a test keeps the two equal): (preset, embed dim D, FFN
+# hidden H, activation, head dim).
+PRESET_SHAPES = (
+    ("dinov3_vits16", 384, 1536, "gelu", 64),
+    ("dinov3_vits16plus", 384, 1536, "swiglu", 64),
+    ("dinov3_vitb16", 768, 3072, "gelu", 64),
+    ("dinov3_vitl16", 1024, 4096, "gelu", 64),
+    ("dinov3_vith16plus", 1280, 5120, "swiglu", 64),
+)
+
+
 def presets():
     """[(name, D, H, activation, head_dim)] of the official backbone presets."""
-    from m2dino.models.backbone import PRESETS  # noqa: PLC0415 (tool-only dependency)
-    out = []
-    for name, cfg in PRESETS.items():
-        if not cfg.official:
-            continue
-        out.append((name, cfg.embed_dim, cfg.mlp_hidden, "swiglu" if cfg.ffn == "swiglu" else "gelu",
-                    cfg.head_dim))
-    return out
+    return list(PRESET_SHAPES)
 
 
 # ---------------------------------------------------------------------------------------
