@@ -45,6 +45,7 @@ class Launch:
     shape: str             # shape class (preset, top-k, ...)
     signature: dict        # name -> triton type or "constexpr"
     constexprs: dict       # name -> value, without the config's
+    divisible: list        # names of the arguments the JIT marks 16-divisible
     configs: list          # [(kwargs, num_warps, num_stages)]; one default entry when untuned
     pruned: list           # per config: whether autotune's early prune drops it for the arch
     has_dot: bool          # whether the kernel's source has tl.dot
@@ -129,7 +130,7 @@ class _Recorder:
         params = jit_fn.params
         bound = dict(zip(jit_fn.arg_names, args, strict=False))
         bound.update({k: v for k, v in kwargs.items() if k in jit_fn.arg_names})
-        signature, constexprs = {}, {}
+        signature, constexprs, divisible = {}, {}, []
         config_keys = set()
         for cfg in configs or []:
             config_keys |= set(cfg.kwargs)
@@ -154,6 +155,12 @@ class _Recorder:
                 constexprs[name] = 1
             else:
                 signature[name] = _triton_type(value)
+                # As the JIT specialises: tensors (torch allocates 16-byte aligned; meta tensors
+                # stand for those) and integers that are multiples of 16.
+                if not getattr(p, "do_not_specialize", False) and (
+                        signature[name].startswith("*")
+                        or (signature[name] in ("i32", "i64") and value % 16 == 0)):
+                    divisible.append(name)
         if configs:
             cfgs = [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
         else:
@@ -166,7 +173,8 @@ class _Recorder:
         caller = self._host_caller()
         self.launches.append(Launch(
             kernel=f"{attr}[{caller}]", module=module, attr=attr, shape=self.shape,
-            signature=signature, constexprs=constexprs, configs=cfgs, pruned=pruned,
+            signature=signature, constexprs=constexprs, divisible=divisible, configs=cfgs,
+            pruned=pruned,
             arch=self.arch,
             has_dot="tl.dot" in src or "_dot(" in src))
         del triton
@@ -318,8 +326,9 @@ def compile_variant(job) -> dict:
             obj = obj.fn
         constexprs = dict(launch["constexprs"])
         constexprs.update(kwargs)
+        attrs = {(obj.arg_names.index(n),): [["tt.divisibility", 16]] for n in launch["divisible"]}
         src = triton.compiler.ASTSource(fn=obj, signature=dict(launch["signature"]),
-                                        constexprs=constexprs)
+                                        constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": num_warps, "num_stages": num_stages})
         ptx = compiled.asm["ptx"]
