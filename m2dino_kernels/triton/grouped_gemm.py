@@ -59,7 +59,6 @@ _GPU_WGRAD_CONFIGS = [
 # 128-row tile would be mostly masked and its fp32 accumulators spill registers.
 _GPU_WGRAD_FEW_ROW_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=2),
 ]
 _GEMM_CONFIGS = _INTERPRETER_GEMM_CONFIGS if INTERPRETER else _GPU_GEMM_CONFIGS
 _WGRAD_CONFIGS = (_INTERPRETER_WGRAD_CONFIGS if INTERPRETER
