@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check in one command, for a fresh GPU machine with torch and triton but no internet:
 #   benchmarks/gpu_check.sh OUTDIR
-# Stages (each with its own time limit, all under one deadline of 7 min 50 s; a stage that
+# Stages (each with its own time limit, all under one deadline of 8 min 50 s; a stage that
 # fails or times out is recorded and the script goes on):
+#   inspect      the Triton kernels compiled for this card's arch (python -m
+#                m2dino_kernels.inspect): registers, spills, shared memory, mma per config,
+#                into inspect.json, before anything runs on the card
 #   build        m2dino_kernels._C for this GPU's arch only
 #   gpu_tests    every `gpu` test: each op and backend (cuda grouped + loop, grouped_mm,
 #                triton, autotune) against its reference on CUDA in fp32, fp16 and bf16
@@ -22,7 +25,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export M2DINO_CACHE="$out/cache"   # synthetic suite and autotune decisions of this run only
 start=$(date +%s)
-deadline=$((start + 470))
+deadline=$((start + 530))
 stages="$out/stages.tsv"
 : > "$stages"
 
@@ -54,6 +57,9 @@ cat "$out/env.txt"
 arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 
+sm=$(python3 -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+stage inspect 90 python3 -m m2dino_kernels.inspect --arch "$sm" --dtype bf16,fp32 \
+  --json "$out/inspect.json"
 stage build 120 env TORCH_CUDA_ARCH_LIST="$arch" M2DINO_BUILD_CUDA=1 MAX_JOBS=16 \
   python3 setup.py build_ext --inplace
 stage gpu_tests 110 python3 -m pytest tests -m gpu -q -p no:cacheprovider \

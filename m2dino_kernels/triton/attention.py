@@ -77,13 +77,53 @@ GPU_BACKWARD_DQ_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
 ]
-_FORWARD_CONFIGS = _INTERPRETER_CONFIGS if INTERPRETER else GPU_FORWARD_CONFIGS
-_DKDV_CONFIGS = _INTERPRETER_CONFIGS if INTERPRETER else GPU_BACKWARD_DKDV_CONFIGS
-_DQ_CONFIGS = _INTERPRETER_CONFIGS if INTERPRETER else GPU_BACKWARD_DQ_CONFIGS
+# Last resort of every kernel: small tiles that fit any target, offered only when none of the
+# tuned configs does (fp32 at head_dim 128).
+_GPU_FALLBACK_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+_FORWARD_CONFIGS = (_INTERPRETER_CONFIGS if INTERPRETER
+                    else GPU_FORWARD_CONFIGS + [_GPU_FALLBACK_CONFIG])
+_DKDV_CONFIGS = (_INTERPRETER_CONFIGS if INTERPRETER
+                 else GPU_BACKWARD_DKDV_CONFIGS + [_GPU_FALLBACK_CONFIG])
+_DQ_CONFIGS = (_INTERPRETER_CONFIGS if INTERPRETER
+               else GPU_BACKWARD_DQ_CONFIGS + [_GPU_FALLBACK_CONFIG])
 _DELTA_BLOCK = 16 if INTERPRETER else 64
 
 # Retune when the sequence length, head size, rope presence or dtype changes.
 _TUNE_KEY = ["N", "HEAD_DIM", "HAS_ROPE", "PREC"]
+
+
+
+def _shared_bytes(config, kwargs, named_args, fixed, streamed):
+    """Shared memory of a config: the tile the program keeps (`fixed` rows of HEAD_DIM) plus
+    num_stages buffers of the tiles it streams (`streamed` rows each step), in q's dtype."""
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    el = named_args["q_ptr"].element_size()
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    rows = {"M": bm, "N": bn}
+    return el * head_dim * (rows[fixed[0]] * fixed[1]
+                            + config.num_stages * rows[streamed[0]] * streamed[1])
+
+
+def _pruner(fixed, streamed):
+    """early_config_prune: the configs whose tiles fit the target's shared memory, else the
+    fallback config."""
+    def prune(configs, named_args, **kwargs):
+        from m2dino_kernels.triton import target  # noqa: PLC0415 (import cycle)
+        limit = target.shared_memory_limit()
+        tuned = [c for c in configs if c is not _GPU_FALLBACK_CONFIG]
+        if limit is None:
+            return tuned or list(configs)
+        fits = [c for c in tuned
+                if _shared_bytes(c, kwargs, named_args, fixed, streamed) <= limit]
+        return fits or [c for c in configs if c is _GPU_FALLBACK_CONFIG] or tuned[-1:]
+    return prune
+
+
+# forward and dq keep the BLOCK_M query rows (forward: q; dq: q and dO) and stream keys and
+# values; dkdv keeps k and v and streams q and dO.
+_prune_forward = _pruner(("M", 1), ("N", 2))
+_prune_dq = _pruner(("M", 2), ("N", 2))
+_prune_dkdv = _pruner(("N", 2), ("M", 2))
 
 
 @triton.jit
@@ -191,7 +231,8 @@ def _load_query_block(q_base, do_base, lse_base, delta_base, stride_qn, stride_d
     return row_mask, q1, q2, do, lse, delta
 
 
-@triton.autotune(configs=_FORWARD_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_FORWARD_CONFIGS, key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune_forward})
 @triton.jit
 def _attention_forward_kernel(
         q_ptr, k_ptr, v_ptr, sin_ptr, cos_ptr, o_ptr, lse_ptr,
@@ -261,7 +302,8 @@ def _attention_backward_delta_kernel(
     tl.store(delta_ptr + pid_bh * N + rows, delta, mask=row_mask)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.jit
 def _attention_backward_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, sin_ptr, cos_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
@@ -312,7 +354,8 @@ def _attention_backward_dkdv_kernel(
                             HALF, HAS_ROPE)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
 def _attention_backward_dq_kernel(
         q_ptr, k_ptr, v_ptr, sin_ptr, cos_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,

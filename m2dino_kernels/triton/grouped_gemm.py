@@ -55,8 +55,60 @@ _GPU_WGRAD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
 ]
+# Few-row weight gradients (the gate's: M = E rows, fp32 FMA dots) get a 16-row tile: a 64- or
+# 128-row tile would be mostly masked and its fp32 accumulators spill registers.
+_GPU_WGRAD_FEW_ROW_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+]
 _GEMM_CONFIGS = _INTERPRETER_GEMM_CONFIGS if INTERPRETER else _GPU_GEMM_CONFIGS
-_WGRAD_CONFIGS = _INTERPRETER_WGRAD_CONFIGS if INTERPRETER else _GPU_WGRAD_CONFIGS
+_WGRAD_CONFIGS = (_INTERPRETER_WGRAD_CONFIGS if INTERPRETER
+                  else _GPU_WGRAD_CONFIGS + _GPU_WGRAD_FEW_ROW_CONFIGS)
+_FEW_ROWS = 16
+
+
+def _gemm_stage_bytes(config, a_cols_factor=1, b_cols_factor=1, elem_bytes=2):
+    """Shared memory of one pipeline stage of a BM x BK by BK x BN tile pair (bytes)."""
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return (bm * bk * a_cols_factor + bk * bn * b_cols_factor) * elem_bytes
+
+
+def _fits_shared(configs, stage_bytes):
+    """Configs whose pipelined tiles fit the target's shared memory (all when it is unknown);
+    Triton keeps num_stages buffers of each tile."""
+    limit = _shared_memory_limit()
+    if limit is None:
+        return list(configs)
+    kept = [c for c in configs if c.num_stages * stage_bytes(c) <= limit]
+    return kept or [min(configs, key=lambda c: c.num_stages * stage_bytes(c))]
+
+
+def _shared_memory_limit():
+    from m2dino_kernels.triton import target  # noqa: PLC0415 (avoid a cycle at import)
+    return target.shared_memory_limit()
+
+
+def _elem_bytes(ptr):
+    return ptr.element_size() if hasattr(ptr, "element_size") else 2
+
+
+def _prune_fc1(configs, named_args, **kwargs):
+    """fc1 SwiGLU loads two weight tiles per stage."""
+    act = kwargs.get("ACT", named_args.get("ACT", 1))
+    el = _elem_bytes(named_args["x_ptr"])
+    return _fits_shared(configs, lambda c: _gemm_stage_bytes(c, 1, act, el))
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    el = _elem_bytes(named_args.get("a_ptr", named_args.get("grad_y_ptr")))
+    return _fits_shared(configs, lambda c: _gemm_stage_bytes(c, 1, 1, el))
+
+
+def _prune_wgrad(configs, named_args, **kwargs):
+    """Few-row outputs (M <= 16) take the 16-row tiles only, the others the larger ones."""
+    few = named_args["M"] <= _FEW_ROWS
+    chosen = [c for c in configs if (c.kwargs["BLOCK_M"] <= _FEW_ROWS) == few] or list(configs)
+    el = 4 if kwargs.get("DOT_FP32", named_args.get("DOT_FP32")) else _elem_bytes(named_args["a_ptr"])
+    return _fits_shared(chosen, lambda c: _gemm_stage_bytes(c, 1, 1, el))
 
 # The route-weight gradient is a row-wise dot over D: fixed small tiles.
 _ROW_DOT_BLOCK_M = 16
@@ -145,7 +197,8 @@ def _dot(a, b, acc, PREC: tl.constexpr, DOT_FP32: tl.constexpr):
 # ---------------------------------------------------------------------------------------
 # Grouped GEMMs over expert-sorted rows
 # ---------------------------------------------------------------------------------------
-@triton.autotune(configs=_GEMM_CONFIGS, key=["D", "H", "ACT"])
+@triton.autotune(configs=_GEMM_CONFIGS, key=["D", "H", "ACT"],
+                 prune_configs_by={"early_config_prune": _prune_fc1})
 @triton.jit
 def _fc1_kernel(
     x_ptr, slots_ptr, offsets_ptr, w1_ptr, b1_ptr, h_pre_ptr, act_ptr,
@@ -195,7 +248,8 @@ def _fc1_kernel(
     tl.store(act_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], act, mask=out_mask)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "KDIM", "HAS_BIAS", "SCALE_BY_ROUTE"])
+@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "KDIM", "HAS_BIAS", "SCALE_BY_ROUTE"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _grouped_scatter_kernel(
     a_ptr, slots_ptr, offsets_ptr, w_ptr, bias_ptr, route_w_ptr,
@@ -238,7 +292,8 @@ def _grouped_scatter_kernel(
     tl.store(out_slots_ptr + slot[:, None] * N + cols[None, :], acc, mask=out_mask)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["D", "H", "ACT"])
+@triton.autotune(configs=_GEMM_CONFIGS, key=["D", "H", "ACT"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _dhidden_kernel(
     grad_y_ptr, slots_ptr, offsets_ptr, route_w_ptr, w2_ptr, h_pre_ptr, dh_ptr,
@@ -305,7 +360,8 @@ def _route_weight_grad_kernel(
 
 
 @triton.autotune(configs=_WGRAD_CONFIGS,
-                 key=["M", "N", "GATHER_G", "GATHER_A", "ACT_A", "DOT_FP32"])
+                 key=["M", "N", "GATHER_G", "GATHER_A", "ACT_A", "DOT_FP32"],
+                 prune_configs_by={"early_config_prune": _prune_wgrad})
 @triton.jit
 def _weight_grad_kernel(
     g_ptr, a_ptr, index_ptr, g_scale_ptr, offsets_ptr, dw_ptr, db_ptr,
