@@ -27,9 +27,9 @@ from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any, Iterator
 
-import m2dino_kernels
 import torch
 
+import m2dino_kernels
 from m2dino.training import distributed as dist_utils
 from m2dino.training.config import CONTROL_PARADIGM, TrainConfig
 from m2dino.training.trainer import PLATEAU_CAP_FACTOR, ModelTrainer, TrainingError

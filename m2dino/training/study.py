@@ -38,8 +38,15 @@ from m2dino.evaluation.report import generate_report
 from m2dino.tasks import apply_groups, load_groups
 from m2dino.training import distributed as dist_utils
 from m2dino.training.config import CONTROL_PARADIGM, PARADIGMS, TrainConfig, save_config
-from m2dino.training.jobs import (ModelJob, StudyContext, resolve_jobs, side_by_side_possible, start_fork_server,
-                                  threads_per_job, train_models)
+from m2dino.training.jobs import (
+    ModelJob,
+    StudyContext,
+    resolve_jobs,
+    side_by_side_possible,
+    start_fork_server,
+    threads_per_job,
+    train_models,
+)
 
 EXCLUDED_FILE = "excluded_rows.json"
 
