@@ -29,6 +29,9 @@ from m2dino.models.configs import DEFAULT_AUX_WEIGHTS, PRESETS, DinoV3Config, M2
 from m2dino.tasks import TASK_TYPES, TASKS
 
 PARADIGMS = ("ts", "cg", "au")
+# --control ts-converged adds this paradigm: the TS models trained until their training loss plateaus
+CONTROL_PARADIGM = "ts_converged"
+CONTROLS = ("none", "ts-converged")
 
 # The recipes: the repository's configs/, which m2dino/configs links to (and installs with the package)
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -48,6 +51,7 @@ class TrainConfig:
     groups: str | None = None             # clinical groups file (YAML/JSON); default: the built-in groups
     # study
     paradigm: str = "all"                 # ts | cg | au | all
+    control: str = "none"                 # none | ts-converged (also TS models trained until their loss plateaus)
     # model: every hyperparameter in one M2DINOConfig (the flags --model, --num-experts, ... set its fields)
     model: M2DINOConfig = DEMO_MODEL
     pretrained: str | None = None
@@ -61,6 +65,7 @@ class TrainConfig:
     # schedule
     epochs: int = 7
     steps: int | None = None              # overrides epochs (then exposure is not equal across paradigms)
+    min_steps: int = 0                    # every model trains at least this many steps (whole epochs repeated)
     batch_size: int = 16                  # per process
     lr: float = 1.5e-3
     head_lr_mult: float = 3.0             # heads (and neck) learn at lr * head_lr_mult
@@ -106,6 +111,12 @@ class TrainConfig:
 
         if self.paradigm not in (*PARADIGMS, "all"):
             bad("paradigm", f"must be one of ts, cg, au, all, got {self.paradigm!r}")
+        if self.control not in CONTROLS:
+            bad("control", f"must be one of {', '.join(CONTROLS)}, got {self.control!r}")
+        if self.control != "none" and self.paradigm != "all":
+            bad("control", f"compares with the study's paradigms: needs --paradigm all, got {self.paradigm!r}")
+        if self.control != "none" and self.steps is not None:
+            bad("control", "trains TS models until their loss plateaus: it cannot be combined with --steps")
         if self.batching not in ("mixed", "single"):
             bad("batching", f"must be mixed or single, got {self.batching!r}")
         if self.amp not in ("bf16", "fp16", "off"):
@@ -132,7 +143,7 @@ class TrainConfig:
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)
                                        or any(s < 0 for s in self.seeds)):
             bad("seeds", f"must be distinct integers >= 0, got {self.seeds}")
-        for name in ("workers", "jobs", "eval_every", "checkpoint_every", "bootstrap"):
+        for name in ("workers", "jobs", "eval_every", "checkpoint_every", "bootstrap", "min_steps"):
             if int(getattr(self, name)) < 0:
                 bad(name, f"must be >= 0, got {getattr(self, name)}")
         unknown = set(self.aux_weights) - set(DEFAULT_AUX_WEIGHTS)
@@ -374,6 +385,11 @@ _HELP = {
     "tasks": "task ids to train (space or comma separated; default every task in the data)",
     "groups": "clinical groups file (YAML/JSON {group: [task ids]}) for the CG paradigm",
     "paradigm": "ts: one model per task, cg: one per clinical group, au: one for all, all: the three + report",
+    "control": "'ts-converged': also train every TS model until its training loss plateaus (mean of the last 20 "
+               "steps < 1%% below the 20 before, checked at epoch ends from its equal-exposure steps on; cap 5x "
+               "those steps; no validation images) into OUT/ts_converged/; the report adds TS* and changes vs TS*",
+    "min_steps": "every model trains at least N optimizer steps by repeating whole epochs (0: equal exposure, "
+                 "--epochs for all; above N exposure stays equal)",
     "model": "backbone preset; an official one takes its recipe's architecture and image size",
     "pretrained": "official DINOv3 weights (.pth or .safetensors) for the backbone",
     "num_experts": "experts per MoE layer",
@@ -433,7 +449,7 @@ _GROUP_STARTS = {
 }
 _CHOICES = {
     "paradigm": (*PARADIGMS, "all"), "batching": ("mixed", "single"), "amp": ("bf16", "fp16", "off"),
-    "on_bad_sample": ("error", "skip"), "model": tuple(PRESETS),
+    "on_bad_sample": ("error", "skip"), "model": tuple(PRESETS), "control": CONTROLS,
 }
 _EXAMPLES = """examples:
   python -m m2dino.train                                  the CPU demo (synthetic suite, TS/CG/AU, report)

@@ -27,12 +27,12 @@ from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any, Iterator
 
-import m2dino_kernels
 import torch
 
+import m2dino_kernels
 from m2dino.training import distributed as dist_utils
-from m2dino.training.config import TrainConfig
-from m2dino.training.trainer import ModelTrainer, TrainingError
+from m2dino.training.config import CONTROL_PARADIGM, TrainConfig
+from m2dino.training.trainer import PLATEAU_CAP_FACTOR, ModelTrainer, TrainingError
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,8 @@ def train_model(context: StudyContext, job: ModelJob, on_step=None) -> dict[str,
     """Train (or resume) one model into OUT/<paradigm>/<name>/; ModelTrainer.run's result."""
     specs = [context.specs[t] for t in job.task_ids]
     trainer = ModelTrainer(context.config, job.name, specs, context.train_records, context.val_records,
-                           context.out / job.paradigm / job.name, context.device, context.baselines, on_step=on_step)
+                           context.out / job.paradigm / job.name, context.device, context.baselines, on_step=on_step,
+                           until_plateau=job.paradigm == CONTROL_PARADIGM)
     return trainer.run()
 
 
@@ -185,9 +186,9 @@ def _side_by_side(context: StudyContext, jobs: list[ModelJob], n_jobs: int):
     config = context.config
     worker_context = replace(context, config=replace(config, progress=False))  # one bar, here
     # images the bar expects: every training image `epochs` times (the sampler's exposure with
-    # --task-alpha 1), or `steps` batches per model
-    expected = sum(config.steps * config.batch_size if config.steps is not None else config.epochs * job.train_images
-                   for job in jobs)
+    # --task-alpha 1), or `steps` batches per model; a until-plateau model at most its cap
+    expected = sum((config.steps * config.batch_size if config.steps is not None else config.epochs * job.train_images)
+                   * (PLATEAU_CAP_FACTOR if job.paradigm == CONTROL_PARADIGM else 1) for job in jobs)
     bar = None
     if config.progress:
         from tqdm import tqdm

@@ -19,8 +19,10 @@ from m2dino import io
 from m2dino.training import distributed as dist_utils
 from m2dino.training.config import MODEL_OPTIONS, TrainConfig, read_config
 
-# Options that may change when a run resumes: a longer schedule, and how the run is executed
-RESUMABLE = ("epochs", "workers", "jobs", "device", "progress", "checkpoint_every", "checkpoint_seconds")
+# Options that may change when a run resumes: a longer schedule (or the control's extra models),
+# and how the run is executed
+RESUMABLE = ("epochs", "min_steps", "control", "workers", "jobs", "device", "progress", "checkpoint_every",
+             "checkpoint_seconds")
 # Given on every resume, never a difference
 _ALWAYS = ("resume", "out")
 

@@ -9,7 +9,10 @@ CG one per clinical group, AU one for all tasks; the backbone, resolution, augme
 optimiser, schedule and seed are identical. Equal exposure: training is counted in epochs
 and, with --task-alpha 1 (the default), the sampler shows every training sample exactly once
 per epoch, so each sample is seen --epochs times in every paradigm (--steps, or alpha != 1,
-give up that equality on purpose).
+give up that equality on purpose). --min-steps N repeats a model's epochs until it trains at
+least N steps (equal exposure then holds only among models above N). --control ts-converged
+also trains every TS model until its training loss plateaus (trainer.plateaued; no validation
+images in that choice) into OUT/ts_converged/, the reference TS* of the report.
 
 Run directory (the contract with predict / evaluate / report):
     OUT/config.yaml, split.json, excluded_rows.json,
@@ -34,9 +37,16 @@ from m2dino.evaluation.metrics import as_float, higher_is_better
 from m2dino.evaluation.report import generate_report
 from m2dino.tasks import apply_groups, load_groups
 from m2dino.training import distributed as dist_utils
-from m2dino.training.config import PARADIGMS, TrainConfig, save_config
-from m2dino.training.jobs import (ModelJob, StudyContext, resolve_jobs, side_by_side_possible, start_fork_server,
-                                  threads_per_job, train_models)
+from m2dino.training.config import CONTROL_PARADIGM, PARADIGMS, TrainConfig, save_config
+from m2dino.training.jobs import (
+    ModelJob,
+    StudyContext,
+    resolve_jobs,
+    side_by_side_possible,
+    start_fork_server,
+    threads_per_job,
+    train_models,
+)
 
 EXCLUDED_FILE = "excluded_rows.json"
 
@@ -73,8 +83,9 @@ def load_data(config: TrainConfig, out: Path):
 
 
 def plan_models(paradigm: str, task_ids: list[str], groups: dict[str, list[str]]) -> dict[str, list[str]]:
-    """{model_name: [task ids]}: a model per task (ts), per clinical group (cg), one (au)."""
-    if paradigm == "ts":
+    """{model_name: [task ids]}: a model per task (ts, and ts_converged, the control), per
+    clinical group (cg), one (au)."""
+    if paradigm in ("ts", CONTROL_PARADIGM):
         return {t: [t] for t in task_ids}
     if paradigm == "au":
         return {"all": list(task_ids)}
@@ -181,6 +192,8 @@ def run(config: TrainConfig) -> dict:
         f"{len(data.skipped)} bad rows skipped); device {device}, world size {dist_utils.world_size()}")
     baselines = trivial_baselines(data.train, data.val, specs)
     paradigms = list(PARADIGMS) if config.paradigm == "all" else [config.paradigm]
+    if config.control == "ts-converged":
+        paradigms.append(CONTROL_PARADIGM)
     results = run_paradigms(config, paradigms, data, specs, groups, baselines, device, out)
     if dist_utils.is_main():
         check = "au" if "au" in results else paradigms[-1]

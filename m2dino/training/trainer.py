@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,29 @@ class Progress:
     finished: bool = False
     samples_seen: int = 0          # training samples over all ranks (batch size x world size per step)
     train_seconds: float = 0.0     # wall time of the training loop, validations included, over resumes
+    recent_losses: list = field(default_factory=list)  # the last 2 x PLATEAU_WINDOW training losses (plateau rule)
+    stopped: str = ""              # why a until-plateau model stopped: "plateau" or "cap"
+
+
+# The plateau rule of the converged-TS control (--control ts-converged), on training loss only:
+# at the end of every epoch, once the model has trained at least its equal-exposure steps, it
+# stops when the mean training loss of the last PLATEAU_WINDOW steps improved on the mean of the
+# PLATEAU_WINDOW steps before by less than PLATEAU_REL_TOL (relative); otherwise it trains on up
+# to PLATEAU_CAP_FACTOR times its equal-exposure steps (whole epochs; the lr schedule spans the cap).
+PLATEAU_WINDOW = 20
+PLATEAU_REL_TOL = 0.01
+PLATEAU_CAP_FACTOR = 5
+
+
+def plateaued(losses: list[float], window: int = PLATEAU_WINDOW, rel_tol: float = PLATEAU_REL_TOL) -> bool:
+    """Whether a training-loss curve has plateaued: the mean of its last `window` values is
+    less than `rel_tol` (relative) below the mean of the `window` before (False while the curve
+    is shorter than 2 x window)."""
+    if len(losses) < 2 * window:
+        return False
+    recent = sum(losses[-window:]) / window
+    before = sum(losses[-2 * window:-window]) / window
+    return (before - recent) < rel_tol * abs(before)
 
 
 def primary_score(task_metrics: dict[str, dict[str, float]], tasks: dict[str, TaskSpec],
@@ -187,7 +210,7 @@ class ModelTrainer:
 
     def __init__(self, config: TrainConfig, name: str, tasks: list[TaskSpec], train_records, val_records,
                  model_dir, device: torch.device, baselines: dict[str, dict[str, float]] | None = None,
-                 on_step=None):
+                 on_step=None, until_plateau: bool = False):
         if not tasks:
             raise ValueError(f"model {name!r}: no tasks to train")
         self.config = config
@@ -210,6 +233,7 @@ class ModelTrainer:
         self._val_truth = None
         self._last_save = -math.inf
         self.on_step = on_step  # called with the batch's image count after every training step
+        self.until_plateau = until_plateau  # the converged-TS control: train on until the loss plateaus (plateaued)
 
     # ------------------------------------------------------------------ building
 
@@ -385,9 +409,18 @@ class ModelTrainer:
             return torch.autocast(device_type=self.device.type, enabled=False)
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if c.amp == "bf16" else torch.float16)
 
-    def total_steps(self, sampler) -> int:
+    def equal_exposure_steps(self, sampler) -> int:
+        """--steps, else --epochs epochs, repeated as whole epochs up to at least --min-steps."""
         c = self.config
-        return int(c.steps) if c.steps is not None else int(c.epochs) * len(sampler)
+        if c.steps is not None:
+            return int(c.steps)
+        per_epoch = len(sampler)
+        return max(int(c.epochs), -(-int(c.min_steps) // max(1, per_epoch))) * per_epoch
+
+    def total_steps(self, sampler) -> int:
+        """The schedule's length: equal_exposure_steps, or for a until-plateau model its cap."""
+        steps = self.equal_exposure_steps(sampler)
+        return PLATEAU_CAP_FACTOR * steps if self.until_plateau else steps
 
     def _crash_hook(self, step: int) -> None:
         spec = os.environ.get(CRASH_ENV)
@@ -431,8 +464,8 @@ class ModelTrainer:
             self.save_last(model, optimizer, scheduler, sampler, progress)
         else:
             changes = self._resume_changes()
-            if progress.finished and progress.step < total:  # --epochs (or --steps) extended: train on
-                progress.finished = False
+            if progress.finished and progress.step < total and progress.stopped != "plateau":
+                progress.finished = False  # --epochs (or --steps, --min-steps) extended: train on
             self.log.write("resume", step=progress.step, epoch=progress.epoch, batches_done=progress.batches_done,
                            total_steps=total, changes=changes, config=c.to_dict())
 
@@ -476,6 +509,7 @@ class ModelTrainer:
             bar = tqdm(total=total, initial=progress.step, desc=self.name, leave=False, dynamic_ncols=True)
         images_seen, t0 = 0, time.perf_counter()
         clock = t0
+        plateau_from = self.equal_exposure_steps(sampler)
         while progress.step < total:
             sampler.set_epoch(progress.epoch)
             dataset.set_epoch(progress.epoch)
@@ -491,6 +525,8 @@ class ModelTrainer:
                 if self.on_step is not None:
                     self.on_step(len(batch["tasks"]))
                 progress.samples_seen += len(batch["tasks"]) * dist_utils.world_size()
+                if self.until_plateau and outcome.get("loss") is not None:
+                    progress.recent_losses = (progress.recent_losses + [outcome["loss"]])[-2 * PLATEAU_WINDOW:]
                 now = time.perf_counter()
                 progress.train_seconds += now - clock
                 clock = now
@@ -519,12 +555,18 @@ class ModelTrainer:
                 progress.batches_done = 0
                 if c.eval_every and progress.epoch % c.eval_every == 0 and progress.step < total:
                     self._evaluate_and_keep_best(model, progress)
+                if (self.until_plateau and progress.step >= plateau_from and progress.step < total
+                        and plateaued(progress.recent_losses)):
+                    progress.stopped = "plateau"
+                    break
                 if progress.step < total and self._epoch_checkpoint_due():
                     self.save_last(model, optimizer, scheduler, sampler, progress)
                 continue
             break  # --steps reached inside an epoch
         if bar is not None:
             bar.close()
+        if self.until_plateau and not progress.stopped:
+            progress.stopped = "cap"
         self._evaluate_and_keep_best(model, progress)
         progress.finished = True
         self.save_last(model, optimizer, scheduler, sampler, progress)
@@ -626,6 +668,9 @@ class ModelTrainer:
     def training_length(self, progress: Progress) -> dict[str, Any]:
         """How much training this model had: what tells transfer from training length apart."""
         images = len(self.train_records)
-        return {"train_images": images, "epochs": round(progress.samples_seen / max(1, images), 3),
-                "steps": progress.step, "samples_seen": progress.samples_seen,
-                "seconds": round(progress.train_seconds, 1)}
+        out = {"train_images": images, "epochs": round(progress.samples_seen / max(1, images), 3),
+               "steps": progress.step, "samples_seen": progress.samples_seen,
+               "seconds": round(progress.train_seconds, 1)}
+        if self.until_plateau:
+            out["stopped"] = progress.stopped
+        return out

@@ -8,8 +8,9 @@ include 0, too few tasks on a side, no intervals at all).
 from __future__ import annotations
 
 import math
+import re
 
-from m2dino.evaluation.report.compute import PARADIGM_LABELS
+from m2dino.evaluation.report.compute import CONTROL, PARADIGM_LABELS
 
 QUESTIONS = {
     "RQ1": "Which tasks can be trained together without loss?",
@@ -19,10 +20,44 @@ QUESTIONS = {
     "RQ5": "Practical guidelines",
 }
 MIN_TASKS_PER_SIDE = 3
+CONTROL_RULE = ("with the converged-TS control, each question is answered again by the same rule against TS*: "
+                "'holds against TS*' when that answer reaches the same conclusions (its words, numbers aside), "
+                "'only against TS' when it does not, 'inconclusive' when the answer against TS is inconclusive")
 
 
 def answers(report: dict) -> dict:
-    aggregated = [p for p in report["paradigms"] if p != "ts"]
+    out = _answers(report)
+    if report.get("control") and "ts" in report["paradigms"]:
+        against_control = _answers(control_view(report))
+        for rq, item in out.items():
+            other = against_control[rq]
+            if item["verdict"] != "answered":
+                survives = "inconclusive"
+            elif other["verdict"] == "answered" and _conclusions(other["answer"]) == _conclusions(item["answer"]):
+                survives = "holds against TS*"
+            else:
+                survives = "only against TS"
+            item.update(control=survives, control_answer=other["answer"], control_rule=CONTROL_RULE)
+    return out
+
+
+def control_view(report: dict) -> dict:
+    """The report with its changes, averages and contrasts taken against TS* (report["control"])."""
+    control = report["control"]
+    tasks = {t: {**task, "paradigms": {p: {**r, **control["tasks"].get(t, {}).get(p, {})}
+                                       for p, r in task["paradigms"].items() if p in control["tasks"].get(t, {})}}
+             for t, task in report["tasks"].items()}
+    return {**report, "tasks": tasks, "averages": control["averages"], "comparisons": control["comparisons"],
+            "paradigms": [p for p in report["paradigms"] if p != CONTROL], "control": None}
+
+
+def _conclusions(answer: str) -> str:
+    """An answer's words without its numbers and intervals: what it concludes."""
+    return re.sub(r"\[[^\]]*\]|[-+]?\d+(\.\d+)?%?", "", answer)
+
+
+def _answers(report: dict) -> dict:
+    aggregated = [p for p in report["paradigms"] if p not in ("ts", CONTROL)]
     if "ts" not in report["paradigms"] or not aggregated:
         why = "inconclusive: the questions compare CG and AU against TS; this report lacks TS or both of them"
         return {rq: {"question": q, "rule": "-", "verdict": "inconclusive", "answer": why} for rq, q in QUESTIONS.items()}

@@ -27,18 +27,31 @@ import math
 import os
 import warnings
 from collections import defaultdict
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import yaml
 from scipy.spatial.distance import jensenshannon
 
-from m2dino.evaluation.bootstrap import (BOOTSTRAP_SEED, DEFAULT_LEVEL, bootstrap_task, change_vs_reference,
-                                         percentile_interval, pooled, select, significance, task_seed)
+from m2dino.evaluation.bootstrap import (
+    BOOTSTRAP_SEED,
+    DEFAULT_LEVEL,
+    bootstrap_task,
+    change_vs_reference,
+    percentile_interval,
+    pooled,
+    select,
+    significance,
+    task_seed,
+)
 from m2dino.evaluation.metrics import LOWER_IS_BETTER, METRIC_NAMES, as_float, nanmean
 from m2dino.evaluation.report.runs import load_runs
 
 PARADIGM_ORDER = ("ts", "cg", "au")
-PARADIGM_LABELS = {"ts": "TS", "cg": "CG", "au": "AU"}
+PARADIGM_LABELS = {"ts": "TS", "cg": "CG", "au": "AU", "ts_converged": "TS*"}
+# The converged-TS control (--control ts-converged): its models are the second reference
+CONTROL = "ts_converged"
 DEFAULT_NEGATIVE_THRESHOLD = 0.05
 AFFINITY_DEFINITION = "1 - Jensen-Shannon divergence (base 2) of the tasks' expert-routing distributions, mean over MoE layers"
 INTERVAL_METHOD = ("95% percentile bootstrap over the validation images (every metric recomputed on each of the "
@@ -92,6 +105,7 @@ def compute_report(
     if n_resamples < 0:
         raise ValueError(f"--bootstrap must be >= 0, got {n_resamples}")
     runs, routing, training = load_runs(run_dirs)
+    protocol = run_protocol(run_dirs)
     paradigms = [p for p in PARADIGM_ORDER if p in runs] + sorted(set(runs) - set(PARADIGM_ORDER))
     task_ids = sorted({t for tasks in runs.values() for t in tasks})
     replicates = sorted({r for tasks in runs.values() for reps in tasks.values() for r in reps})
@@ -105,25 +119,18 @@ def compute_report(
     task_ids.sort(key=lambda t: (type_order[facts[t]["task_type"]], t))
     scale = _scale_split([facts[t]["train_size"] for t in task_ids], scale_threshold)
 
-    tasks_out, distributions = {}, {}
+    tasks_out, distributions, scores = {}, {}, {}
     for task_id in task_ids:
         fact = facts[task_id]
         by_paradigm = {p: runs[p][task_id] for p in paradigms if task_id in runs[p]}
-        scored = _score_task(task_id, fact, by_paradigm, n_resamples, level)
+        scored = scores[task_id] = _score_task(task_id, fact, by_paradigm, n_resamples, level)
         entry_out = {**fact, "scale": "data-rich" if fact["train_size"] >= scale["threshold"] else "data-scarce",
                      "paradigms": {}}
         for paradigm, reps in by_paradigm.items():
             result = _paradigm_result(task_id, fact, reps, scored.get(paradigm), training.get(paradigm, {}))
             if paradigm != "ts" and "ts" in by_paradigm:
-                change, change_dist = _change_vs_ts(fact, reps, by_paradigm["ts"], scored.get(paradigm),
-                                                    scored.get("ts"), level, task_id)
-                result.update(change)
-                distributions[(task_id, paradigm)] = change_dist
-                primary = fact["primary_metric"]
-                value, interval = change["change_vs_ts"].get(primary), change["change_ci"].get(primary)
-                result["transfer"] = (significance(interval, value, negative_threshold) if interval is not None
-                                      else _threshold_only(value, negative_threshold))
-                result["negative_transfer"] = result["transfer"] == "negative"
+                result.update(_against(task_id, fact, paradigm, "ts", by_paradigm, scored, distributions, level,
+                                       negative_threshold))
             entry_out["paradigms"][paradigm] = result
         tasks_out[task_id] = entry_out
 
@@ -140,6 +147,7 @@ def compute_report(
                  for t, task in tasks_out.items() for p, r in task["paradigms"].items() if r.get("negative_transfer")]
     report = {
         "paradigms": paradigms,
+        "protocol": protocol,
         "replicates": replicates,
         "settings": {
             "scale_threshold": float(scale["threshold"]),
@@ -163,7 +171,74 @@ def compute_report(
         "training": _training_table(training),
         "routing": _routing_out(routing),
     }
+    if CONTROL in runs and "ts" in runs:
+        report["control"] = _control(tasks_out, runs, scores, paradigms, level, negative_threshold)
     return report
+
+
+def _against(task_id, fact, paradigm, reference, by_paradigm, scored, distributions, level, negative_threshold):
+    """A paradigm's change against a reference paradigm (TS, or the control TS*) with its paired
+    interval and transfer flag; the primary change's distribution goes into `distributions`."""
+    change, change_dist = _change_vs_ts(fact, by_paradigm[paradigm], by_paradigm[reference], scored.get(paradigm),
+                                        scored.get(reference), level, task_id)
+    distributions[(task_id, paradigm)] = change_dist
+    primary = fact["primary_metric"]
+    value, interval = change["change_vs_ts"].get(primary), change["change_ci"].get(primary)
+    change["transfer"] = (significance(interval, value, negative_threshold) if interval is not None
+                          else _threshold_only(value, negative_threshold))
+    change["negative_transfer"] = change["transfer"] == "negative"
+    return change
+
+
+def _control(tasks_out, runs, scores, paradigms, level, negative_threshold) -> dict:
+    """The study's numbers against TS* instead of TS: the same per-task changes, averages and
+    contrasts, for the aggregated paradigms ("change_vs_ts" here is the change vs TS*)."""
+    aggregated = [p for p in paradigms if p not in ("ts", CONTROL)]
+    view, distributions = {}, {}
+    for task_id, task in tasks_out.items():
+        by_paradigm = {p: runs[p][task_id] for p in paradigms if task_id in runs[p]}
+        if CONTROL not in by_paradigm:
+            continue
+        fact = {k: task[k] for k in ("task_type", "group", "train_size", "primary_metric")}
+        results = {}
+        for paradigm in aggregated:
+            if paradigm in by_paradigm:
+                results[paradigm] = {**task["paradigms"][paradigm],
+                                     **_against(task_id, fact, paradigm, CONTROL, by_paradigm, scores[task_id],
+                                                distributions, level, negative_threshold)}
+        view[task_id] = {**task, "paradigms": results}
+    averages = {
+        "overall": _aggregate(view, aggregated, lambda t: "all", distributions, level),
+        "by_group": _aggregate(view, aggregated, lambda t: t["group"], distributions, level),
+        "by_task_type": _aggregate(view, aggregated, lambda t: t["task_type"], distributions, level),
+        "by_scale": _aggregate(view, aggregated, lambda t: t["scale"], distributions, level),
+    }
+    tasks = {t: {p: {k: r[k] for k in ("change_vs_ts", "change_ci", "transfer", "negative_transfer")}
+                 for p, r in task["paradigms"].items()} for t, task in view.items()}
+    return {"reference": CONTROL, "tasks": tasks, "averages": averages,
+            "comparisons": _comparisons(view, aggregated, distributions, level)}
+
+
+def run_protocol(run_dirs: Sequence[os.PathLike]) -> str:
+    """The training-length protocol of the runs, in one line, from their config.yaml."""
+    lines = set()
+    for run_dir in map(Path, run_dirs):
+        path = run_dir / "config.yaml"
+        config = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+        if config.get("steps") is not None:
+            line = f"fixed steps (--steps {config['steps']} for every model; exposure differs across paradigms)"
+        elif int(config.get("min_steps") or 0) > 0:
+            line = (f"min steps (--epochs {config.get('epochs')}, repeated until a model has trained at least "
+                    f"--min-steps {config['min_steps']} steps; equal exposure holds only above that)")
+        elif config:
+            line = f"equal exposure (--epochs {config.get('epochs')} for every model)"
+        else:
+            line = "unknown (no config.yaml in the run directory)"
+        if (config.get("control") or "none") != "none":
+            line += (f"; control {config['control']}: TS* = every TS model trained on until its training loss "
+                     f"plateaus (or 5x its steps)")
+        lines.add(line)
+    return " / ".join(sorted(lines))
 
 
 def relative_change(value: float, reference: float, metric: str) -> float:

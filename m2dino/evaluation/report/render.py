@@ -79,6 +79,8 @@ def _header(report: dict) -> list[str]:
         scale += (f" Every task is on one side, so there is no {empty} task and no comparison by data scale "
                   f"(set --scale-threshold to split the tasks).")
     return [
+        f"Protocol: {report.get('protocol', 'unknown')}.",
+        "",
         f"Paradigms: {', '.join(labels)}. Change vs TS: {settings['change_definition']}.",
         "",
         f"Intervals: {settings['interval_method']}. Seeds: {settings['seed_method']}.",
@@ -156,6 +158,7 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
             cells = [_fmt(per_paradigm.get(p, {}).get("metrics", {}).get(metric)) for p in paradigms]
             lines.append(f"| {task_type} | {metric} | " + " | ".join(cells) + " |")
     lines += _training_section(report)
+    lines += _control_section(report)
     lines += ["", "## All metrics per task and paradigm", "", "| task | paradigm | model | metrics | baseline |",
               "|---|---|---|---|---|"]
     for task_id, task in report["tasks"].items():
@@ -189,7 +192,55 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
         for rq, item in report["answers"].items():
             lines += [f"**{rq}. {item['question']}** ({item['verdict']}) {item['answer']}", "",
                       f"_Rule: {item['rule']}._", ""]
+            if "control" in item:
+                lines += [f"Against TS*: **{item['control']}**. {item['control_answer']}", ""]
+        if any("control" in item for item in report["answers"].values()):
+            lines += [f"_Control rule: {next(iter(report['answers'].values()))['control_rule']}._", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _control_section(report: dict) -> list[str]:
+    """CG and AU against TS and against TS* (the converged-TS control), side by side."""
+    control = report.get("control")
+    if not control:
+        return []
+    aggregated = [p for p in report["paradigms"] if p not in ("ts", control["reference"])]
+    heads = [f"{PARADIGM_LABELS.get(p, p)} vs {ref}" for p in aggregated for ref in ("TS", "TS*")]
+    lines = ["", "## Against the converged-TS control (TS*)", "",
+             "TS* trains every TS model on until its training loss plateaus (or its step cap); changes are paired "
+             "as against TS.", "",
+             "| task | metric | TS | TS* | " + " | ".join(heads) + " |", "|" + "---|" * (4 + len(heads))]
+
+    def change(result):
+        if not result or "change_vs_ts" not in result:
+            return "-"
+        primary_change = result["change_vs_ts"].get(metric)
+        mark = MARKS.get(result.get("transfer"), "")
+        interval = _interval(result.get("change_ci", {}).get(metric), percent=True)
+        return f"{_fmt(primary_change, percent=True)}{interval}{mark}"
+
+    for task_id, task in report["tasks"].items():
+        metric = task["primary_metric"]
+        ts, star = task["paradigms"].get("ts", {}), task["paradigms"].get(control["reference"], {})
+        cells = []
+        for p in aggregated:
+            cells += [change(task["paradigms"].get(p)), change(control["tasks"].get(task_id, {}).get(p))]
+        lines.append(f"| {task_id} | {metric} | {_fmt(ts.get('metrics', {}).get(metric))} | "
+                     f"{_fmt(star.get('metrics', {}).get(metric))} | " + " | ".join(cells) + " |")
+    lines += ["", "| mean over tasks | " + " | ".join(heads) + " |", "|" + "---|" * (1 + len(heads))]
+    for key, title in (("overall", "all tasks"), ("by_scale", None)):
+        names = sorted(set(report["averages"][key]) | set(control["averages"][key]))
+        for name in names:
+            cells = []
+            for p in aggregated:
+                for averages in (report["averages"], control["averages"]):
+                    s = averages[key].get(name, {}).get(p)
+                    cells.append("-" if not s or "primary_change_vs_ts" not in s else
+                                 f"{_fmt(s['primary_change_vs_ts'], percent=True)}"
+                                 f"{_interval(s.get('primary_change_ci'), percent=True)} "
+                                 f"({s['significant_drops']} !, {s['significant_gains']} +)")
+            lines.append(f"| {title or name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _training_section(report: dict) -> list[str]:
