@@ -10,8 +10,8 @@ is saved as OUT/config.yaml.
 The defaults are the embedded default run: the cached synthetic suite, the `dinov3_tiny`
 preset (patch 8) at 64 px with 4 experts, top-2, MoE in the last 2 of 6 blocks, 7 epochs, two
 models at a time on a 2-core CPU: `python -m m2dino.train` trains TS, CG and AU and writes the
-report in about 6 minutes there (README, "What the default run gives"), and the AU model still
-beats every task's trivial baseline (9 epochs did too, in 7 min 45 s; 8 in 6 min 53 s).
+report within the demo's time budget (its measured time: README and docs/study.md), with
+enough epochs that the AU model beats every task's trivial baseline.
 """
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
 A study trains many independent models (one per task, one per clinical group, one for all).
 On a CPU, PyTorch's intra-op threads barely speed up a small model's step, while separate
-processes do not share anything: on the default 2-core machine one AU step took 245 ms with
-2 threads and 272 ms with 1, and two 1-thread processes side by side did 307 ms steps each,
-1.6x the steps per second of one 2-thread process. So on the CPU `--jobs N` trains N models
+processes do not share anything, so two 1-thread processes side by side do more steps per
+second than one 2-thread process (measured: benchmarks/test_study_bench.py and RESULTS.md).
+So on the CPU `--jobs N` trains N models
 at a time, each in its own process with cores/N threads, the largest first so that the last
 to finish is a small one. On a GPU or under torchrun the models train one after another in
 this process (a GPU is filled by one model; ranks train every model together).

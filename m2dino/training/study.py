@@ -113,7 +113,8 @@ def paradigm_summary(paradigm: str, plan: dict[str, list[str]], results: dict[st
         for t in task_ids:
             spec = specs[t]
             entries[t] = {"task_type": spec.task_type, "group": spec.group, "train_size": train_sizes.get(t, 0),
-                          "num_classes": csv_num_classes(spec), "primary_metric": spec.primary_metric, "model": model_name,
+                          "num_classes": csv_num_classes(spec), "primary_metric": spec.primary_metric,
+                          "model": model_name,
                           "metrics": result["tasks"].get(t, {}), "ci": result["ci"].get(t, {}),
                           "baseline": baselines.get(t, {})}
     return {"paradigm": paradigm, "models": dict(plan),

@@ -7,7 +7,7 @@ gradient checkpointing and frozen backbone; validates on the challenge metrics, 
 best checkpoint by the primary metrics, and writes `last/` training checkpoints atomically
 (m2dino.training.checkpoint) so that `--resume` continues exactly.
 
-Guarantees (issue 8):
+Guarantees:
 - a non-finite loss or gradient norm skips the step (no update, optimizer state untouched),
   is counted and logged; `max_bad_steps` in a row end the run with `TrainingDiverged` after a
   checkpoint of the last good state;
@@ -441,8 +441,7 @@ class ModelTrainer:
         # what training steps run through: DDP or FSDP2 under torchrun, the model otherwise
         model = self.train_model = dist_utils.parallelize(self.model, self.device, fsdp=c.fsdp)
         # fused: one kernel over all parameters. The default per-parameter loop, and even
-        # foreach (measured: 362 ms vs 3 ms per step for the 2M-parameter default AU model on
-        # this 2-core machine under load), cost a large share of a small model's step.
+        # foreach, cost a large share of a small model's step on a CPU.
         optimizer = self.optimizer = torch.optim.AdamW(self.param_groups(self.model), lr=c.lr,
                                                        weight_decay=c.weight_decay, fused=True)
         dataset, sampler, loader = self.build_data()

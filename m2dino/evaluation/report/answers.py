@@ -60,7 +60,8 @@ def _answers(report: dict) -> dict:
     aggregated = [p for p in report["paradigms"] if p not in ("ts", CONTROL)]
     if "ts" not in report["paradigms"] or not aggregated:
         why = "inconclusive: the questions compare CG and AU against TS; this report lacks TS or both of them"
-        return {rq: {"question": q, "rule": "-", "verdict": "inconclusive", "answer": why} for rq, q in QUESTIONS.items()}
+        return {rq: {"question": q, "rule": "-", "verdict": "inconclusive", "answer": why}
+                for rq, q in QUESTIONS.items()}
     has_intervals = report["settings"]["bootstrap"]["n_resamples"] > 0
     out = {
         "RQ1": _rq1(report, aggregated, has_intervals),
@@ -143,10 +144,12 @@ def _rq2(report, aggregated):
         sign = _excludes_zero(contrast["ci"])
         decided |= sign != 0
         verdict = ("data-scarce tasks gain more from aggregation" if sign > 0 else
-                   "data-scarce tasks gain less (lose more)" if sign < 0 else "no difference shown (the interval includes 0)")
+                   "data-scarce tasks gain less (lose more)" if sign < 0
+                   else "no difference shown (the interval includes 0)")
         parts.append(f"{_label(paradigm)}: data-scarce {_pct(scarce.get('primary_change_vs_ts'))} "
                      f"({scarce.get('significant_gains', 0)} significant gains, {scarce.get('significant_drops', 0)} "
-                     f"drops) vs data-rich {_pct(rich.get('primary_change_vs_ts'))} ({rich.get('significant_gains', 0)} "
+                     f"drops) vs data-rich {_pct(rich.get('primary_change_vs_ts'))} "
+                     f"({rich.get('significant_gains', 0)} "
                      f"gains, {rich.get('significant_drops', 0)} drops); difference {_pct(contrast['value'])} "
                      f"{_ci(contrast['ci'])}: {verdict}")
     return {"rule": rule, "verdict": "answered" if decided else "inconclusive",
@@ -192,7 +195,8 @@ def _rq4(report):
     drops_cg = overall.get("cg", {}).get("significant_drops", 0)
     if not (spread_au and spread_cg and difference):
         return {"rule": rule, "verdict": "inconclusive",
-                "answer": f"inconclusive: fewer than two clinical groups (significant drops: AU {drops_au}, CG {drops_cg})."}
+                "answer": f"inconclusive: fewer than two clinical groups "
+                          f"(significant drops: AU {drops_au}, CG {drops_cg})."}
     sign = _excludes_zero(difference["ci"])
     facts = (f"spread of the group means AU {_pct(spread_au['value'])} {_ci(spread_au['ci'])}, CG "
              f"{_pct(spread_cg['value'])} {_ci(spread_cg['ci'])}; AU - CG {_pct(difference['value'])} "

@@ -53,7 +53,8 @@ PARADIGM_LABELS = {"ts": "TS", "cg": "CG", "au": "AU", "ts_converged": "TS*"}
 # The converged-TS control (--control ts-converged): its models are the second reference
 CONTROL = "ts_converged"
 DEFAULT_NEGATIVE_THRESHOLD = 0.05
-AFFINITY_DEFINITION = "1 - Jensen-Shannon divergence (base 2) of the tasks' expert-routing distributions, mean over MoE layers"
+AFFINITY_DEFINITION = ("1 - Jensen-Shannon divergence (base 2) of the tasks' expert-routing distributions, "
+                       "mean over MoE layers")
 INTERVAL_METHOD = ("95% percentile bootstrap over the validation images (every metric recomputed on each of the "
                    "{n} resamples; the same resamples under every paradigm and seed, so changes vs TS are paired)")
 SEED_METHOD = ("over {s} training seeds: the value is the mean of the seeds' values, spread their standard "
@@ -273,7 +274,8 @@ def _score_task(task_id: str, fact: dict, by_paradigm: dict, n_resamples: int, l
         for rep, entry in reps.items():
             position = {path: i for i, path in enumerate(entry["values"]["image_path"])}
             values = select(entry["values"], [position[path] for path in common])
-            out[paradigm][rep] = bootstrap_task(fact["task_type"], _num_classes(fact["task_type"], entry, values), values,
+            num_classes = _num_classes(fact["task_type"], entry, values)
+            out[paradigm][rep] = bootstrap_task(fact["task_type"], num_classes, values,
                                                 n_resamples=n_resamples, seed=seed, level=level)
     return out
 
@@ -428,7 +430,8 @@ def _comparisons(tasks_out: dict, paradigms: list[str], distributions: dict, lev
             result = task["paradigms"].get(paradigm)
             if not result or "change_vs_ts" not in result:
                 continue
-            item = (as_float(result["change_vs_ts"].get(task["primary_metric"])), distributions.get((task_id, paradigm)))
+            item = (as_float(result["change_vs_ts"].get(task["primary_metric"])),
+                    distributions.get((task_id, paradigm)))
             by_scale[task["scale"]].append(item)
             by_group[task["group"]].append(item)
         entry = {}

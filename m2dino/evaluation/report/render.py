@@ -63,7 +63,8 @@ def render_csv(report: dict) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["task_id"], lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v) for k, v in row.items()})
+        writer.writerow({k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
+                         for k, v in row.items()})
     return buffer.getvalue()
 
 
@@ -166,7 +167,8 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
             values = ", ".join(f"{m} {_fmt(v)}{_interval(result.get('ci', {}).get(m))}"
                                for m, v in result["metrics"].items())
             baseline = ", ".join(f"{m} {_fmt(v)}" for m, v in result["baseline"].items()) or "-"
-            lines.append(f"| {task_id} | {PARADIGM_LABELS.get(paradigm, paradigm)} | {result['model']} | {values} | {baseline} |")
+            label = PARADIGM_LABELS.get(paradigm, paradigm)
+            lines.append(f"| {task_id} | {label} | {result['model']} | {values} | {baseline} |")
     lines += ["", "## Significant losses against TS", ""]
     if report["negative_transfer"]:
         for item in report["negative_transfer"]:
@@ -256,7 +258,8 @@ def _training_section(report: dict) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for paradigm, model, t in rows:
         lines.append(f"| {PARADIGM_LABELS.get(paradigm, paradigm)} | {model} | {_count(t['train_images'])} | "
-                     f"{_count(t['epochs'], 2)} | {_count(t['steps'])} | {_count(t['samples_seen'])} | {_count(t['seconds'], 1)} |")
+                     f"{_count(t['epochs'], 2)} | {_count(t['steps'])} | {_count(t['samples_seen'])} | "
+                     f"{_count(t['seconds'], 1)} |")
     return lines
 
 
