@@ -310,16 +310,12 @@ def format_plan(plan: dict[str, Any]) -> str:
 def dry_run(config: TrainConfig, options: PlanOptions) -> dict[str, Any]:
     """Plan the study without building or training anything real: print the plan, write
     OUT/plan.json, raise PlanError when a model does not fit the GPU memory."""
-    from m2dino.data import ensure_synthetic, load_fmuia  # noqa: PLC0415
+    from m2dino.data import load_fmuia  # noqa: PLC0415
     from m2dino.tasks import apply_groups, load_groups  # noqa: PLC0415
+    from m2dino.training.study import data_root  # noqa: PLC0415
 
     options.validate()
-    if config.data == "synthetic":
-        root = ensure_synthetic(scale=config.synthetic_scale, seed=0)
-    else:
-        root = Path(config.data)
-        if not root.is_dir():
-            raise FileNotFoundError(f"--data {root}: not a directory (an FM_UIA root or 'synthetic')")
+    root = data_root(config)
     data = load_fmuia(root, policy=config.on_bad_sample, run_dir=None, tasks=config.tasks,
                       val_fraction=config.val_fraction,
                       seed=config.seed if config.split_seed is None else config.split_seed, decode=False)

@@ -57,16 +57,21 @@ def log(message: str) -> None:
         sys.stdout.flush()
 
 
+def data_root(config: TrainConfig) -> Path:
+    """The FM_UIA root of --data: the cached synthetic suite (written on first use) for 'synthetic'."""
+    if config.data == "synthetic":
+        return ensure_synthetic(scale=config.synthetic_scale, seed=0)
+    root = Path(config.data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root}: not a directory (an FM_UIA root or 'synthetic')")
+    return root
+
+
 def load_data(config: TrainConfig, out: Path):
     """The FM_UIA data for this run (the cached synthetic suite by default); the split and the
     excluded rows are written into the run directory by rank 0."""
     with dist_utils.main_first():
-        if config.data == "synthetic":
-            root = ensure_synthetic(scale=config.synthetic_scale, seed=0)
-        else:
-            root = Path(config.data)
-            if not root.is_dir():
-                raise FileNotFoundError(f"--data {root}: not a directory (an FM_UIA root or 'synthetic')")
+        root = data_root(config)
         data = load_fmuia(root, policy=config.on_bad_sample, run_dir=out if dist_utils.is_main() else None,
                           tasks=config.tasks, val_fraction=config.val_fraction,
                           seed=config.seed if config.split_seed is None else config.split_seed)

@@ -47,6 +47,7 @@ from m2dino.evaluation.bootstrap import (
 )
 from m2dino.evaluation.metrics import LOWER_IS_BETTER, METRIC_NAMES, as_float, nanmean
 from m2dino.evaluation.report.runs import load_runs
+from m2dino.tasks import TaskTable, TaskType
 
 PARADIGM_ORDER = ("ts", "cg", "au")
 PARADIGM_LABELS = {"ts": "TS", "cg": "CG", "au": "AU", "ts_converged": "TS*"}
@@ -280,15 +281,21 @@ def _score_task(task_id: str, fact: dict, by_paradigm: dict, n_resamples: int, l
     return out
 
 
+# num_classes as the per-image values show it, for runs written before metrics.json stored it
+# (the CSV's meaning: classes with background for segmentation, points for landmarks)
+CLASSES_FROM_VALUES = TaskTable("num_classes from per-image values", {
+    TaskType.CLASSIFICATION: lambda values: len(values["probs"][0]),
+    TaskType.SEGMENTATION: lambda values: len(values["dice"][0]) + 1,
+    TaskType.LANDMARKS: lambda values: len(values["errors"][0]),
+    TaskType.DETECTION: lambda values: 1,
+})
+
+
 def _num_classes(task_type: str, entry: dict, values: dict) -> int:
     """The entry's num_classes, else what the per-image values show (runs before it was stored)."""
     if entry.get("num_classes"):
         return int(entry["num_classes"])
-    if task_type == "classification":
-        return len(values["probs"][0])
-    if task_type == "segmentation":
-        return len(values["dice"][0]) + 1
-    return len(values["errors"][0]) if task_type == "regression" else 1
+    return CLASSES_FROM_VALUES[task_type](values)
 
 
 def _seed_spread(values) -> float:
