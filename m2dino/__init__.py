@@ -11,8 +11,9 @@ The names below are imported on first use (PEP 562), so that importing a torch-f
 submodule (the configs the command lines read) does not import torch."""
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from m2dino._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from m2dino.models import (
@@ -79,15 +80,5 @@ __all__ = [
     "save_model",
     "total_loss",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES)
 
-
-def __getattr__(name: str):
-    if name not in _SOURCES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_SOURCES[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_SOURCES))

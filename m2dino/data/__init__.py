@@ -17,8 +17,9 @@ suite's command line, which need no torch, answer without importing it.
 """
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from m2dino._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from m2dino.data.dataset import FMUIADataset, collate, raw_target
@@ -84,15 +85,5 @@ __all__ = [
     "write_split",
     "write_suite",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES)
 
-
-def __getattr__(name: str):
-    if name not in _SOURCES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_SOURCES[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_SOURCES))

@@ -16,8 +16,9 @@ The names are imported on first use (PEP 562), so that the command line's --help
 """
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from m2dino._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from m2dino.data.synthetic.scenes import DIFFICULTY, build
@@ -65,15 +66,5 @@ __all__ = [
     "task_sizes",
     "write_suite",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES)
 
-
-def __getattr__(name: str):
-    if name not in _SOURCES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_SOURCES[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_SOURCES))
