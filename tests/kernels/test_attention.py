@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from triton_targets import has_triton_cuda_backend
 
 from m2dino_kernels import selection
 from m2dino_kernels.attention import ATTENTION_BACKENDS, apply_rope, attention, attention_reference
@@ -456,16 +457,8 @@ print("compiled", count + 1)
 '''
 
 
-def _has_triton_cuda_backend():
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return False
-    return "nvidia" in backends
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_triton_cuda_backend(), reason="triton has no CUDA backend")
+@pytest.mark.skipif(not has_triton_cuda_backend(), reason="triton has no CUDA backend")
 @pytest.mark.parametrize("dtype,arch,head_dim", [("bf16", 90, 64), ("fp16", 90, 128),
                                                  ("fp32", 80, 32)])
 def test_kernels_compile_for_cuda_without_a_gpu(dtype, arch, head_dim):

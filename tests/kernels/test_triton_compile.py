@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import pytest
+from triton_targets import has_triton_cuda_backend
 
 pytest.importorskip("triton")
 
@@ -26,17 +27,9 @@ from m2dino_kernels import inspect as kernel_inspect  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _has_triton_cuda_backend():
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return False
-    return "nvidia" in backends
-
-
 @pytest.fixture(scope="module", params=[90, 80], ids=["sm_90", "sm_80"])
 def compiled(request, tmp_path_factory):
-    if not _has_triton_cuda_backend():
+    if not has_triton_cuda_backend():
         pytest.skip("triton has no CUDA backend")
     out = tmp_path_factory.mktemp(f"inspect{request.param}") / "inspect.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -68,7 +61,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def launches():
     """{"<arch> <dtype>": [[shape, kernel, configs, pruned], ...]}: every launch the host code makes."""
-    if not _has_triton_cuda_backend():
+    if not has_triton_cuda_backend():
         pytest.skip("triton has no CUDA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

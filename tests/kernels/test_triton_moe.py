@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_targets import has_triton_cuda_backend
 
 triton = pytest.importorskip("triton")
 from m2dino_kernels.backends import ExpertWeights, Routing  # noqa: E402
@@ -467,16 +468,8 @@ print("compiled", compiled)
 '''
 
 
-def _has_triton_cuda_backend():
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return False
-    return "nvidia" in backends
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_triton_cuda_backend(), reason="triton has no CUDA backend")
+@pytest.mark.skipif(not has_triton_cuda_backend(), reason="triton has no CUDA backend")
 def test_kernels_compile_for_cuda_without_a_gpu():
     import os
     import subprocess
