@@ -16,10 +16,13 @@ Layout of the work:
   before the dots, exactly like the PyTorch backends do before calling SDPA.
 - Forward: one program per (query block, batch*head); online softmax over key blocks in the
   log2 domain; writes the output and the row logsumexp (log2 domain) for the backward.
-- Backward: delta = rowsum(o * do); one kernel per key block accumulates dk', dv over all
-  query blocks, one kernel per query block accumulates dq'; both recompute the probabilities
-  from the saved logsumexp instead of storing them. The rotation's transpose maps dx' back to
-  dx:  dx1 = dx1' * cos + dx2' * sin,  dx2 = dx2' * cos - dx1' * sin.
+- Backward: delta = rowsum(o * do); q and k are rotated once into q', k' (the same fp32
+  math and rounding as the forward's loads), because rotating them inside the backward's
+  loops (every query block once per key block) leaves an sm_80 compile without a config that
+  does not spill registers. One kernel per key block accumulates dk', dv over all query
+  blocks, one kernel per query block accumulates dq'; both recompute the probabilities from
+  the saved logsumexp instead of storing them. Their stores map dx' back to dx by the
+  rotation's transpose:  dx1 = dx1' * cos + dx2' * sin,  dx2 = dx2' * cos - dx1' * sin.
 - Offsets: a program's base (batch * batch stride + head * head stride) is computed in int64
   (a q view into a [B, N, 3, heads, d] qkv tensor has batch stride 3*N*heads*d, so B*N*3*D
   passes 2**31 at ViT-L / 1029 tokens with a few hundred images); the offsets within one head
@@ -30,7 +33,7 @@ Layout of the work:
 
 Runs on CUDA (fp32/fp16/bf16, fp32 accumulation) and, under TRITON_INTERPRET=1, on CPU tensors
 (fp32/fp16; the interpreter's bf16 dot is wrong). head_dim must be 32, 64 or 128. The
-interpreter gets one small config; CUDA gets autotuned configs tuned for an H100.
+interpreter gets one small config; CUDA gets autotuned configs per head_dim and dtype.
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from m2dino_kernels.triton.grouped_gemm import dot_mode
+
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -50,43 +55,49 @@ _LOG2E = 1.4426950408889634
 # Tile configurations. The interpreter runs one program at a time with numpy and cannot
 # autotune over several configs, so it gets one small config (small blocks also exercise the
 # multi-block loops and the tail masking on short test sequences; BLOCK_M != BLOCK_N so a
-# mix-up of the two shows). GPUs (tuned for H100/H200)
-# get a small autotuned set; configs that do not fit shared memory are skipped by the
-# autotuner. BLOCK_M tiles queries, BLOCK_N tiles keys.
+# mix-up of the two shows). GPUs get a small autotuned set per head_dim: the configs that
+# compile for sm_80 and sm_90 without spilling registers and within shared memory, in bf16,
+# fp16 and fp32 (`python -m m2dino_kernels.inspect`, checked by test_triton_compile). fp32
+# (exact, FMA code; or TF32) keeps four-byte tiles in registers and gets small tiles only.
+# BLOCK_M tiles queries, BLOCK_N tiles keys.
 # ---------------------------------------------------------------------------------------
 _INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
 
-GPU_FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=4),
-]
+
+def _config(block_m, block_n, num_warps, num_stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps,
+                         num_stages=num_stages)
+
+
+# The one fp32 config (four-byte tiles), and every kernel's last resort: fits any target.
+_GPU_SMALL_CONFIG = _config(32, 16, 4, 2)
+# {head_dim class: configs} for 16-bit inputs; head_dim 32 takes the 64 set.
+GPU_FORWARD_CONFIGS = {
+    64: [_config(128, 64, 8, 3), _config(128, 32, 4, 4), _config(64, 64, 4, 4)],
+    128: [_config(64, 64, 4, 2), _config(64, 32, 4, 3)],
+}
 # dk/dv: a program owns BLOCK_N keys and walks all queries in BLOCK_M steps.
-GPU_BACKWARD_DKDV_CONFIGS = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=4),
-]
+GPU_BACKWARD_DKDV_CONFIGS = {
+    64: [_config(64, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 64, 4, 4)],
+    128: [_config(32, 64, 4, 4)],
+}
 # dq: a program owns BLOCK_M queries and walks all keys in BLOCK_N steps.
-GPU_BACKWARD_DQ_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=4),
-]
-# Last resort of every kernel: small tiles that fit any target, offered only when none of the
-# tuned configs does (fp32 at head_dim 128).
-_GPU_FALLBACK_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
-_FORWARD_CONFIGS = (_INTERPRETER_CONFIGS if INTERPRETER
-                    else GPU_FORWARD_CONFIGS + [_GPU_FALLBACK_CONFIG])
-_DKDV_CONFIGS = (_INTERPRETER_CONFIGS if INTERPRETER
-                 else GPU_BACKWARD_DKDV_CONFIGS + [_GPU_FALLBACK_CONFIG])
-_DQ_CONFIGS = (_INTERPRETER_CONFIGS if INTERPRETER
-               else GPU_BACKWARD_DQ_CONFIGS + [_GPU_FALLBACK_CONFIG])
-_DELTA_BLOCK = 16 if INTERPRETER else 64
+GPU_BACKWARD_DQ_CONFIGS = {
+    64: [_config(128, 64, 8, 3), _config(128, 32, 4, 3), _config(64, 64, 4, 3), _config(64, 32, 4, 4)],
+    128: [_config(64, 64, 4, 3), _config(64, 32, 4, 4)],
+}
+
+
+def _gpu_configs(by_head_dim):
+    """Every config a kernel may be offered (autotune takes one flat list)."""
+    return [c for configs in by_head_dim.values() for c in configs] + [_GPU_SMALL_CONFIG]
+
+
+_FORWARD_CONFIGS = _INTERPRETER_CONFIGS if INTERPRETER else _gpu_configs(GPU_FORWARD_CONFIGS)
+_DKDV_CONFIGS = _INTERPRETER_CONFIGS if INTERPRETER else _gpu_configs(GPU_BACKWARD_DKDV_CONFIGS)
+_DQ_CONFIGS = _INTERPRETER_CONFIGS if INTERPRETER else _gpu_configs(GPU_BACKWARD_DQ_CONFIGS)
+# rows per program of the row-wise kernels (delta, rotation)
+_ROW_BLOCK = 16 if INTERPRETER else 64
 
 # Retune when the sequence length, head size, rope presence or dtype changes.
 _TUNE_KEY = ["N", "HEAD_DIM", "HAS_ROPE", "PREC"]
@@ -104,26 +115,29 @@ def _shared_bytes(config, kwargs, named_args, fixed, streamed):
                             + config.num_stages * rows[streamed[0]] * streamed[1])
 
 
-def _pruner(fixed, streamed):
-    """early_config_prune: the configs whose tiles fit the target's shared memory, else the
-    fallback config."""
+def _pruner(by_head_dim, fixed, streamed):
+    """early_config_prune: the configs of the launch's head_dim and dtype that fit the
+    target's shared memory, else the small config."""
     def prune(configs, named_args, **kwargs):
         from m2dino_kernels.triton import target  # noqa: PLC0415 (import cycle)
+        if INTERPRETER:
+            return list(configs)
+        if named_args["q_ptr"].element_size() > 2:
+            return [_GPU_SMALL_CONFIG]
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        tuned = by_head_dim[64 if head_dim <= 64 else 128]
         limit = target.shared_memory_limit()
-        tuned = [c for c in configs if c is not _GPU_FALLBACK_CONFIG]
-        if limit is None:
-            return tuned or list(configs)
         fits = [c for c in tuned
-                if _shared_bytes(c, kwargs, named_args, fixed, streamed) <= limit]
-        return fits or [c for c in configs if c is _GPU_FALLBACK_CONFIG] or tuned[-1:]
+                if limit is None or _shared_bytes(c, kwargs, named_args, fixed, streamed) <= limit]
+        return fits or [_GPU_SMALL_CONFIG]
     return prune
 
 
 # forward and dq keep the BLOCK_M query rows (forward: q; dq: q and dO) and stream keys and
 # values; dkdv keeps k and v and streams q and dO.
-_prune_forward = _pruner(("M", 1), ("N", 2))
-_prune_dq = _pruner(("M", 2), ("N", 2))
-_prune_dkdv = _pruner(("N", 2), ("M", 2))
+_prune_forward = _pruner(GPU_FORWARD_CONFIGS, ("M", 1), ("N", 2))
+_prune_dq = _pruner(GPU_BACKWARD_DQ_CONFIGS, ("M", 2), ("N", 2))
+_prune_dkdv = _pruner(GPU_BACKWARD_DKDV_CONFIGS, ("N", 2), ("M", 2))
 
 
 @triton.jit
@@ -141,9 +155,7 @@ def _load_rope(sin_base, cos_base, stride_sn, rows, row_mask, P, half_cols):
 def _load_rotated_halves(x_base, stride_n, rows, row_mask, half_cols, sin_base, cos_base,
                          stride_sn, P, HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
     """Load rows of x as two halves over head_dim and apply the rotation in fp32."""
-    ptrs = x_base + rows[:, None] * stride_n + half_cols[None, :]
-    x1 = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
-    x2 = tl.load(ptrs + HALF, mask=row_mask[:, None], other=0.0)
+    x1, x2 = _load_halves(x_base, stride_n, rows, row_mask, half_cols, HALF)
     if HAS_ROPE:
         sin, cos = _load_rope(sin_base, cos_base, stride_sn, rows, row_mask, P, half_cols)
         x1f = x1.to(tl.float32)
@@ -203,13 +215,20 @@ def _head_bases(H, q_ptr, k_ptr, v_ptr, x_ptr, sin_ptr, cos_ptr, stride_qb, stri
 
 
 @triton.jit
+def _load_halves(x_base, stride_n, rows, row_mask, half_cols, HALF: tl.constexpr):
+    """Rows of x as its two halves over head_dim."""
+    ptrs = x_base + rows[:, None] * stride_n + half_cols[None, :]
+    x1 = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+    x2 = tl.load(ptrs + HALF, mask=row_mask[:, None], other=0.0)
+    return x1, x2
+
+
+@triton.jit
 def _load_key_block(k_base, v_base, stride_kn, stride_vn, cols, N, half_cols, dim_cols,
-                    sin_base, cos_base, stride_sn, P, HALF: tl.constexpr,
-                    HAS_ROPE: tl.constexpr):
-    """Keys `cols` for the backward: (col_mask, rotated k halves, v)."""
+                    HALF: tl.constexpr):
+    """Keys `cols` for the backward (k already rotated): (col_mask, k halves, v)."""
     col_mask = cols < N
-    k1, k2 = _load_rotated_halves(k_base, stride_kn, cols, col_mask, half_cols, sin_base,
-                                  cos_base, stride_sn, P, HALF, HAS_ROPE)
+    k1, k2 = _load_halves(k_base, stride_kn, cols, col_mask, half_cols, HALF)
     v = tl.load(v_base + cols[:, None] * stride_vn + dim_cols[None, :],
                 mask=col_mask[:, None], other=0.0)
     return col_mask, k1, k2, v
@@ -217,13 +236,11 @@ def _load_key_block(k_base, v_base, stride_kn, stride_vn, cols, N, half_cols, di
 
 @triton.jit
 def _load_query_block(q_base, do_base, lse_base, delta_base, stride_qn, stride_don, rows, N,
-                      half_cols, dim_cols, sin_base, cos_base, stride_sn, P,
-                      HALF: tl.constexpr, HAS_ROPE: tl.constexpr):
-    """Queries `rows` for the backward: (row_mask, rotated q halves, do, and the rows'
-    logsumexp and delta; lse_base/delta_base point at this head's rows)."""
+                      half_cols, dim_cols, HALF: tl.constexpr):
+    """Queries `rows` for the backward (q already rotated): (row_mask, q halves, do, and the
+    rows' logsumexp and delta; lse_base/delta_base point at this head's rows)."""
     row_mask = rows < N
-    q1, q2 = _load_rotated_halves(q_base, stride_qn, rows, row_mask, half_cols, sin_base,
-                                  cos_base, stride_sn, P, HALF, HAS_ROPE)
+    q1, q2 = _load_halves(q_base, stride_qn, rows, row_mask, half_cols, HALF)
     do = tl.load(do_base + rows[:, None] * stride_don + dim_cols[None, :],
                  mask=row_mask[:, None], other=0.0)
     lse = tl.load(lse_base + rows, mask=row_mask, other=0.0)
@@ -283,6 +300,25 @@ def _attention_forward_kernel(
 
 
 @triton.jit
+def _rope_rotate_kernel(
+        x_ptr, sin_ptr, cos_ptr, out_ptr, stride_xb, stride_xh, stride_xn, stride_sb, stride_sn,
+        H, N, P, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out = x rotated (rows past the P prefix tokens), contiguous [B, H, N, d], in x's dtype:
+    the tiles the forward's loads make, computed once for the backward."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pid_bh, b, h = _program_head(H)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    half_cols = tl.arange(0, HALF)
+    x1, x2 = _load_rotated_halves(x_ptr + _head_offset(b, h, stride_xb, stride_xh), stride_xn, rows,
+                                  row_mask, half_cols, sin_ptr + b * stride_sb, cos_ptr + b * stride_sb,
+                                  stride_sn, P, HALF, True)
+    out = out_ptr + pid_bh * N * HEAD_DIM + rows[:, None] * HEAD_DIM + half_cols[None, :]
+    tl.store(out, x1, mask=row_mask[:, None])
+    tl.store(out + HALF, x2, mask=row_mask[:, None])
+
+
+@triton.jit
 def _attention_backward_delta_kernel(
         o_ptr, do_ptr, delta_ptr, stride_ob, stride_oh, stride_on,
         stride_dob, stride_doh, stride_don, H, N,
@@ -323,8 +359,7 @@ def _attention_backward_dkdv_kernel(
     dim_cols = tl.arange(0, HEAD_DIM)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask, k1, k2, v = _load_key_block(k_base, v_base, stride_kn, stride_vn, cols, N,
-                                          half_cols, dim_cols, sin_base, cos_base, stride_sn,
-                                          P, HALF, HAS_ROPE)
+                                          half_cols, dim_cols, HALF)
 
     dk1 = tl.zeros([BLOCK_N, HALF], tl.float32)
     dk2 = tl.zeros([BLOCK_N, HALF], tl.float32)
@@ -333,8 +368,7 @@ def _attention_backward_dkdv_kernel(
         rows = start_m + tl.arange(0, BLOCK_M)
         row_mask, q1, q2, do, lse, delta = _load_query_block(
             q_base, do_base, lse_ptr + pid_bh * N, delta_ptr + pid_bh * N, stride_qn,
-            stride_don, rows, N, half_cols, dim_cols, sin_base, cos_base, stride_sn, P, HALF,
-            HAS_ROPE)
+            stride_don, rows, N, half_cols, dim_cols, HALF)
         # Transposed scores: keys on rows, queries on columns.
         s_t = tl.dot(k1, tl.trans(q1), input_precision=PREC)
         s_t = tl.dot(k2, tl.trans(q2), s_t, input_precision=PREC)
@@ -376,15 +410,14 @@ def _attention_backward_dq_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask, q1, q2, do, lse, delta = _load_query_block(
         q_base, do_base, lse_ptr + pid_bh * N, delta_ptr + pid_bh * N, stride_qn, stride_don,
-        rows, N, half_cols, dim_cols, sin_base, cos_base, stride_sn, P, HALF, HAS_ROPE)
+        rows, N, half_cols, dim_cols, HALF)
 
     dq1 = tl.zeros([BLOCK_M, HALF], tl.float32)
     dq2 = tl.zeros([BLOCK_M, HALF], tl.float32)
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_mask, k1, k2, v = _load_key_block(k_base, v_base, stride_kn, stride_vn, cols, N,
-                                              half_cols, dim_cols, sin_base, cos_base,
-                                              stride_sn, P, HALF, HAS_ROPE)
+                                              half_cols, dim_cols, HALF)
         s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
         s = tl.dot(q2, tl.trans(k2), s, input_precision=PREC)
         p = tl.exp2(s * qk_scale - lse[:, None])
@@ -437,11 +470,10 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: exact fp32 dots unless the user allowed TF32 for matmuls.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+def _precision(x: torch.Tensor) -> str:
+    """The dots' input precision: the MoE kernels' rule (fp32 exact unless the user allowed
+    TF32 for matmuls). Attention never upcasts bf16: it does not run bf16 on the CPU."""
+    return dot_mode(x.dtype, x.device)[0]
 
 
 def _rope_args(sin, cos, like: torch.Tensor):
@@ -478,8 +510,18 @@ def attention_forward(q, k, v, sin, cos, num_prefix_tokens: int):
     _attention_forward_kernel[grid](
         q, k, v, sin, cos, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         stride_sb, stride_sn, heads, n, num_prefix_tokens, qk_scale,
-        HAS_ROPE=has_rope, HEAD_DIM=head_dim, PREC=_precision(q.dtype))
+        HAS_ROPE=has_rope, HEAD_DIM=head_dim, PREC=_precision(q))
     return out, lse
+
+
+def _rotated(x, sin, cos, stride_sb, stride_sn, num_prefix_tokens):
+    """x with RoPE applied past the prefix tokens, contiguous, in x's dtype."""
+    batch, heads, n, head_dim = x.shape
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _rope_rotate_kernel[(triton.cdiv(n, _ROW_BLOCK), batch * heads)](
+        x, sin, cos, out, *_strides(x), stride_sb, stride_sn, heads, n, num_prefix_tokens,
+        HEAD_DIM=head_dim, BLOCK_M=_ROW_BLOCK)
+    return out
 
 
 def attention_backward(grad_out, q, k, v, sin, cos, out, lse, num_prefix_tokens: int):
@@ -493,12 +535,15 @@ def attention_backward(grad_out, q, k, v, sin, cos, out, lse, num_prefix_tokens:
     sin, cos, stride_sb, stride_sn, has_rope = _rope_args(sin, cos, q)
     sm_scale = 1.0 / math.sqrt(head_dim)
     qk_scale = sm_scale * _LOG2E
-    prec = _precision(q.dtype)
+    prec = _precision(q)
+
+    if has_rope:  # the backward's kernels take q' and k' (module docstring)
+        q, k = (_rotated(x, sin, cos, stride_sb, stride_sn, num_prefix_tokens) for x in (q, k))
 
     delta = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
-    _attention_backward_delta_kernel[(triton.cdiv(n, _DELTA_BLOCK), batch * heads)](
+    _attention_backward_delta_kernel[(triton.cdiv(n, _ROW_BLOCK), batch * heads)](
         out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, n,
-        HEAD_DIM=head_dim, BLOCK_M=_DELTA_BLOCK)
+        HEAD_DIM=head_dim, BLOCK_M=_ROW_BLOCK)
 
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
               stride_sb, stride_sn, heads, n, num_prefix_tokens, qk_scale, sm_scale)
