@@ -17,7 +17,7 @@ cut into tiles; experts are never mixed inside a tile).
 fp32 accumulation throughout; fp32 dots follow torch.get_float32_matmul_precision() (exact
 unless the user allows TF32). Under TRITON_INTERPRET=1 (CPU tensors) bf16 dots are upcast,
 because the interpreter's bf16 dot is wrong, and a single small tile config is used; CUDA
-gets autotuned configs (`_GPU_GEMM_CONFIGS`, `_GPU_WGRAD_CONFIGS`).
+gets autotuned configs chosen by input dtype and activation (below).
 """
 from __future__ import annotations
 
@@ -34,36 +34,37 @@ _ACTIVATIONS = {"gelu": 1, "swiglu": 2}
 
 # ---------------------------------------------------------------------------------------
 # Tile configurations. The interpreter runs one program at a time with numpy and cannot
-# autotune over several configs, so it gets one small config; GPUs get a tuned set.
+# autotune over several configs, so it gets one small config. GPUs get, per kernel and input
+# dtype, the configs that compile for sm_80 and sm_90 without spilling registers and within
+# shared memory (`python -m m2dino_kernels.inspect`, checked by test_triton_compile); each
+# kernel's autotune list is the union and its early_config_prune picks the launch's share.
 # ---------------------------------------------------------------------------------------
-_INTERPRETER_GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1),
-]
-_GPU_GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-]
-# The per-expert weight-gradient kernel reduces over rows (its K loop is the expert's rows).
-_INTERPRETER_WGRAD_CONFIGS = _INTERPRETER_GEMM_CONFIGS
-_GPU_WGRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-]
+def _config(block_m, block_n, block_k, num_warps, num_stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+_INTERPRETER_GEMM_CONFIGS = [_config(16, 16, 16, 1, 1)]
+# 16-bit inputs: tensor-core tiles for every row-tiled GEMM ...
+_MMA_CONFIGS = [_config(64, 64, 32, 4, 3), _config(64, 64, 64, 4, 3), _config(64, 128, 32, 8, 3),
+                _config(128, 64, 32, 8, 3)]
+# ... and 128x128 tiles for those with one fp32 tile per output: SwiGLU's fc1 (two
+# accumulators) and dhidden (both h_pre halves in its epilogue) spill them at sm_80.
+_MMA_LARGE_CONFIGS = [_config(128, 128, 32, 8, 3), _config(128, 128, 64, 8, 3)]
+# fp32 inputs (exact fp32 FMA dots, or TF32): four-byte operand tiles live in registers.
+_FP32_CONFIGS = [_config(32, 32, 32, 4, 2), _config(32, 64, 16, 4, 2), _config(64, 32, 16, 4, 2)]
+# The per-expert weight gradient reduces over rows (its K loop is the expert's rows).
+_MMA_WGRAD_CONFIGS = [_config(64, 64, 32, 4, 3), _config(64, 128, 64, 4, 3), _config(128, 128, 32, 8, 3),
+                      _config(128, 64, 64, 4, 4)]
 # Few-row weight gradients (the gate's: M = E rows, fp32 FMA dots) get a 16-row tile: a 64- or
 # 128-row tile would be mostly masked and its fp32 accumulators spill registers.
-_GPU_WGRAD_FEW_ROW_CONFIGS = [
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
-]
-_GEMM_CONFIGS = _INTERPRETER_GEMM_CONFIGS if INTERPRETER else _GPU_GEMM_CONFIGS
-_WGRAD_CONFIGS = (_INTERPRETER_WGRAD_CONFIGS if INTERPRETER
-                  else _GPU_WGRAD_CONFIGS + _GPU_WGRAD_FEW_ROW_CONFIGS)
+_FEW_ROW_WGRAD_CONFIGS = [_config(16, 64, 32, 4, 2)]
 _FEW_ROWS = 16
+
+_GEMM_CONFIGS = (_INTERPRETER_GEMM_CONFIGS if INTERPRETER
+                 else _MMA_CONFIGS + _MMA_LARGE_CONFIGS + _FP32_CONFIGS)
+_WGRAD_CONFIGS = (_INTERPRETER_GEMM_CONFIGS if INTERPRETER
+                  else _MMA_WGRAD_CONFIGS + _FP32_CONFIGS + _FEW_ROW_WGRAD_CONFIGS)
 
 
 def _gemm_stage_bytes(config, a_cols_factor=1, b_cols_factor=1, elem_bytes=2):
@@ -91,24 +92,40 @@ def _elem_bytes(ptr):
     return ptr.element_size() if hasattr(ptr, "element_size") else 2
 
 
+def _row_tiled_candidates(elem_bytes, act):
+    if elem_bytes > 2:
+        return _FP32_CONFIGS
+    return _MMA_CONFIGS + (_MMA_LARGE_CONFIGS if act != _ACTIVATIONS["swiglu"] else [])
+
+
 def _prune_fc1(configs, named_args, **kwargs):
     """fc1 SwiGLU loads two weight tiles per stage."""
+    if INTERPRETER:
+        return list(configs)
     act = kwargs.get("ACT", named_args.get("ACT", 1))
     el = _elem_bytes(named_args["x_ptr"])
-    return _fits_shared(configs, lambda c: _gemm_stage_bytes(c, 1, act, el))
+    return _fits_shared(_row_tiled_candidates(el, act), lambda c: _gemm_stage_bytes(c, 1, act, el))
 
 
 def _prune_gemm(configs, named_args, **kwargs):
+    if INTERPRETER:
+        return list(configs)
+    act = kwargs.get("ACT", named_args.get("ACT", 1))  # dhidden's; the grouped scatter has none
     el = _elem_bytes(named_args.get("a_ptr", named_args.get("grad_y_ptr")))
-    return _fits_shared(configs, lambda c: _gemm_stage_bytes(c, 1, 1, el))
+    return _fits_shared(_row_tiled_candidates(el, act), lambda c: _gemm_stage_bytes(c, 1, 1, el))
 
 
 def _prune_wgrad(configs, named_args, **kwargs):
-    """Few-row outputs (M <= 16) take the 16-row tiles only, the others the larger ones."""
-    few = named_args["M"] <= _FEW_ROWS
-    chosen = [c for c in configs if (c.kwargs["BLOCK_M"] <= _FEW_ROWS) == few] or list(configs)
-    el = 4 if kwargs.get("DOT_FP32", named_args.get("DOT_FP32")) else _elem_bytes(named_args["a_ptr"])
-    return _fits_shared(chosen, lambda c: _gemm_stage_bytes(c, 1, 1, el))
+    """Few-row outputs (M <= 16) take the 16-row tile, fp32 inputs the small tiles."""
+    if INTERPRETER:
+        return list(configs)
+    el = _elem_bytes(named_args["a_ptr"])
+    if named_args["M"] <= _FEW_ROWS:
+        chosen = _FEW_ROW_WGRAD_CONFIGS
+    else:
+        chosen = _FP32_CONFIGS if el > 2 else _MMA_WGRAD_CONFIGS
+    dot_el = 4 if kwargs.get("DOT_FP32", named_args.get("DOT_FP32")) else el
+    return _fits_shared(chosen, lambda c: _gemm_stage_bytes(c, 1, 1, dot_el))
 
 # The route-weight gradient is a row-wise dot over D: fixed small tiles.
 _ROW_DOT_BLOCK_M = 16
@@ -179,7 +196,8 @@ def dot_mode(dtype: torch.dtype, device: torch.device):
     under the interpreter: upcast, because its bf16 dot is wrong there; the products of two
     bf16 values are exact in fp32, so the result is what a GPU's bf16 dot gives."""
     if dtype == torch.float32:
-        allow_tf32 = device.type == "cuda" and torch.get_float32_matmul_precision() != "highest"
+        # "meta" is m2dino_kernels.inspect's stand-in for a CUDA tensor.
+        allow_tf32 = device.type in ("cuda", "meta") and torch.get_float32_matmul_precision() != "highest"
         return ("tf32" if allow_tf32 else "ieee"), False
     if dtype == torch.bfloat16 and device.type == "cpu":
         return "ieee", True
