@@ -1,6 +1,7 @@
 """Compile every Triton kernel variant for a GPU target, without a GPU, and report its resources.
 
     python -m m2dino_kernels.inspect [--arch 80,90] [--dtype bf16,fp32] [--json FILE]
+        [--kernel NAME,...] [--workers N] [--summary] [--all-configs]
 
 The kernels' launch sites are run for real (the host code of m2dino_kernels.triton.moe and
 .attention) on "meta" tensors of every preset's shapes, with the launches recorded instead of
@@ -10,8 +11,10 @@ is then compiled with triton.compile for that target; Triton's own ptxas (in its
 registers and spills, the compiled metadata the shared memory, and the PTX whether the dots
 became tensor-core instructions (mma / wgmma). Works on a CPU-only machine and on a GPU one.
 
-A launch on meta tensors behaves like one on CUDA with torch's default fp32 matmul precision
-(fp32 dots exact, "ieee"); bf16 dots as on CUDA.
+A launch on meta tensors behaves like one on CUDA: fp32 dots follow torch's fp32 matmul
+precision, exact ("ieee", FMA code) for --dtype fp32 and TF32 for --dtype tf32; bf16 and fp16
+dots run on tensor cores. Only the configs autotune may offer on the arch are compiled unless
+--all-configs. Exits 1 when a compiled variant breaks the rule `problems` states.
 """
 from __future__ import annotations
 
@@ -30,11 +33,12 @@ from typing import Optional
 
 from m2dino_kernels.triton.target import SHARED_MEMORY_BY_ARCH as MAX_SHARED
 
-DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+# --dtype names: the tensors' dtype; "tf32" is fp32 tensors with TF32 matmuls allowed
+# (torch.set_float32_matmul_precision("high")), which the kernels' fp32 dots then follow.
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "tf32": "float32"}
 
-# MoE shape classes: (preset, embed_dim D, ffn hidden H, activation) from DinoV3Config presets.
-# Attention head dims: every preset has 64; 128 is also accepted by the kernels.
-HEAD_DIMS = (64, 128)
+# Attention head dims: every preset has 64; the kernels also accept 32 and 128.
+HEAD_DIMS = (32, 64, 128)
 
 
 @dataclass
@@ -206,56 +210,77 @@ class _Recorder:
             Autotuner.run, JITFunction.run = saved
 
 
+@contextlib.contextmanager
+def _fp32_matmul_precision(precision):
+    """torch's fp32 matmul precision while recording ("highest": exact fp32 dots; "high":
+    TF32), which the kernels' fp32 dots follow."""
+    import torch  # noqa: PLC0415
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def _record_dtype(rec, dname, tokens, num_tasks, batch, seq):
+    """The launches of one --dtype: the MoE of every preset at top-k 1 and 2, attention at
+    every head dim with and without RoPE."""
+    import torch  # noqa: PLC0415
+
+    from m2dino_kernels.backends import ExpertWeights  # noqa: PLC0415
+    from m2dino_kernels.triton import attention, moe  # noqa: PLC0415
+    dt = getattr(torch, DTYPES[dname])
+    meta = torch.device("meta")
+    E = 8
+    for preset, D, H, act, _hd in presets():
+        H1 = 2 * H if act == "swiglu" else H
+        for top_k in (1, 2):
+            rec.shape = f"{preset} D={D} H={H} {act} k={top_k} {dname}"
+            T = tokens
+            x = torch.empty(T, D, dtype=dt, device=meta)
+            task_ids = torch.empty(T, dtype=torch.int64, device=meta)
+            gate_w = torch.empty(num_tasks, E, D, dtype=dt, device=meta)
+            gate_b = torch.empty(num_tasks, E, dtype=dt, device=meta)
+            routed = moe.route_forward(x, task_ids, gate_w, gate_b, top_k)
+            params = ExpertWeights(torch.empty(E, H1, D, dtype=dt, device=meta),
+                                   torch.empty(E, H1, dtype=dt, device=meta),
+                                   torch.empty(E, D, H, dtype=dt, device=meta),
+                                   torch.empty(E, D, dtype=dt, device=meta))
+            y, h_pre, expert_out = moe.experts_forward(x, routed, params, act)
+            moe.experts_backward(torch.empty_like(y), x, routed, params, act, h_pre,
+                                 expert_out)
+            gl = torch.empty(T, E, dtype=torch.float32, device=meta)
+            gw = torch.empty(T, top_k, dtype=torch.float32, device=meta)
+            moe.route_backward(gl, gl, gw, x, task_ids, gate_w, True, routed)
+    for hd in HEAD_DIMS:
+        heads = 6
+        for rope in (False, True):
+            rec.shape = f"attention d={hd} rope={rope} {dname}"
+            q = torch.empty(batch, heads, seq, hd, dtype=dt, device=meta)
+            sin = cos = None
+            prefix = 1
+            if rope:
+                sin = torch.empty(1, seq - prefix, hd, dtype=torch.float32, device=meta)
+                cos = torch.empty_like(sin)
+            out, lse = attention.attention_forward(q, q, q, sin, cos, prefix)
+            attention.attention_backward(q, q, q, q, sin, cos, out, lse, prefix)
+
+
 def record_launches(dtypes, arch=90, tokens=256, num_tasks=2, batch=2, seq=197):
     """Run the host code of every Triton kernel on meta tensors, for every preset shape class,
     dtype, top-k 1-2, and attention head dim, choosing configs for `arch`; return the
     distinct launches."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("m2dino_kernels.inspect compiles the GPU configs: unset TRITON_INTERPRET")
-    import torch  # noqa: PLC0415
-
-    from m2dino_kernels.backends import ExpertWeights  # noqa: PLC0415
-    from m2dino_kernels.triton import attention, moe, target  # noqa: PLC0415
+    from m2dino_kernels.triton import target  # noqa: PLC0415
 
     rec = _Recorder()
     rec.arch = arch
-    meta = torch.device("meta")
-    E = 8
     with rec.active(), target.compile_target(arch):
         for dname in dtypes:
-            dt = getattr(torch, DTYPES[dname])
-            for preset, D, H, act, _hd in presets():
-                H1 = 2 * H if act == "swiglu" else H
-                for top_k in (1, 2):
-                    rec.shape = f"{preset} D={D} H={H} {act} k={top_k} {dname}"
-                    T = tokens
-                    x = torch.empty(T, D, dtype=dt, device=meta)
-                    task_ids = torch.empty(T, dtype=torch.int64, device=meta)
-                    gate_w = torch.empty(num_tasks, E, D, dtype=dt, device=meta)
-                    gate_b = torch.empty(num_tasks, E, dtype=dt, device=meta)
-                    routed = moe.route_forward(x, task_ids, gate_w, gate_b, top_k)
-                    params = ExpertWeights(torch.empty(E, H1, D, dtype=dt, device=meta),
-                                           torch.empty(E, H1, dtype=dt, device=meta),
-                                           torch.empty(E, D, H, dtype=dt, device=meta),
-                                           torch.empty(E, D, dtype=dt, device=meta))
-                    y, h_pre, expert_out = moe.experts_forward(x, routed, params, act)
-                    moe.experts_backward(torch.empty_like(y), x, routed, params, act, h_pre,
-                                         expert_out)
-                    gl = torch.empty(T, E, dtype=torch.float32, device=meta)
-                    gw = torch.empty(T, top_k, dtype=torch.float32, device=meta)
-                    moe.route_backward(gl, gl, gw, x, task_ids, gate_w, True, routed)
-            for hd in HEAD_DIMS:
-                heads = 6
-                for rope in (False, True):
-                    rec.shape = f"attention d={hd} rope={rope} {dname}"
-                    q = torch.empty(batch, heads, seq, hd, dtype=dt, device=meta)
-                    sin = cos = None
-                    prefix = 1
-                    if rope:
-                        sin = torch.empty(1, seq - prefix, hd, dtype=torch.float32, device=meta)
-                        cos = torch.empty_like(sin)
-                    out, lse = attention.attention_forward(q, q, q, sin, cos, prefix)
-                    attention.attention_backward(q, q, q, q, sin, cos, out, lse, prefix)
+            with _fp32_matmul_precision("high" if dname == "tf32" else "highest"):
+                _record_dtype(rec, dname, tokens, num_tasks, batch, seq)
     # Distinct variants only: the same kernel, signature and constexprs compile the same.
     seen, distinct = set(), []
     for launch in rec.launches:
@@ -342,19 +367,25 @@ def compile_variant(job) -> dict:
     return asdict(res)
 
 
-def inspect_all(archs=(90, 80), dtypes=("bf16", "fp32"), workers=None, kernels=None):
-    """Record launches, compile every variant in a process pool; return the result dicts."""
+def inspect_all(archs=(90, 80), dtypes=("bf16", "fp32"), workers=None, kernels=None, all_configs=False):
+    """Record launches, compile every variant in a process pool; return the result dicts.
+    Configs autotune never offers on the arch are compiled only with `all_configs`."""
     jobs = []
     for arch in archs:
         for launch in record_launches(dtypes, arch):
             if kernels and not any(k in launch.kernel for k in kernels):
                 continue
             dtype = launch.shape.rsplit(" ", 1)[-1]
-            for i in range(len(launch.configs)):
-                jobs.append((asdict(launch), i, dtype))
+            for i, pruned in enumerate(launch.pruned):
+                if all_configs or not pruned:
+                    jobs.append((asdict(launch), i, dtype))
+    from tqdm import tqdm  # noqa: PLC0415
+
     workers = workers or min(len(jobs), os.cpu_count() or 1) or 1
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(compile_variant, jobs, chunksize=1))
+        # progress on stderr: a full run is hundreds of compiles
+        return list(tqdm(pool.map(compile_variant, jobs, chunksize=1), total=len(jobs), desc="compiling",
+                         unit="variant", file=sys.stderr, mininterval=5, disable=None))
 
 
 def problems(results) -> list[str]:
@@ -391,6 +422,31 @@ def _table(results) -> str:
     return "\n".join(lines)
 
 
+def summary(results) -> str:
+    """A markdown table, one row per kernel (launch site), arch and dtype: how many configs
+    autotune may offer, and over those the register range, the largest spill and shared
+    memory, and the tensor-core instruction."""
+    groups = {}
+    for r in results:
+        if r["pruned"]:
+            continue
+        groups.setdefault((r["kernel"], r["arch"], r["dtype"]), []).append(r)
+    lines = ["| kernel | arch | dtype | configs | regs | spill (B) | smem (B) | MMA |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (kernel, arch, dtype), rs in sorted(groups.items()):
+        ok = [r for r in rs if r["compiled"]]
+        if len(ok) < len(rs):
+            lines.append(f"| `{kernel}` | sm_{arch} | {dtype} | {len(rs)} | {len(rs) - len(ok)} failed | | | |")
+            continue
+        regs = sorted({r["regs"] for r in ok})
+        spill = max(max(r["spill_stores"], r["spill_loads"]) for r in ok)
+        mma = "/".join(sorted({r["mma"] or ("FMA (exact fp32)" if r["has_dot"] else "-") for r in ok}))
+        lines.append(f"| `{kernel}` | sm_{arch} | {dtype} | {len(rs)} | "
+                     f"{regs[0] if len(regs) == 1 else f'{regs[0]}-{regs[-1]}'} | {spill} | "
+                     f"{max(r['shared'] for r in ok)} | {mma} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m2dino_kernels.inspect", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (80,90)")
@@ -399,6 +455,10 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", default=None,
                         help="only kernels whose name contains one of these, comma-separated")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count)")
+    parser.add_argument("--summary", action="store_true",
+                        help="print one markdown row per kernel, arch and dtype instead of one per config")
+    parser.add_argument("--all-configs", action="store_true",
+                        help="also compile the configs autotune never offers on the arch (marked pruned)")
     args = parser.parse_args(argv)
     try:
         archs = tuple(int(a) for a in args.arch.split(","))
@@ -413,9 +473,13 @@ def main(argv=None) -> int:
             parser.error(f"--dtype: {d!r} not one of {sorted(DTYPES)}")
     if args.json and os.path.exists(args.json):
         parser.error(f"--json: {args.json} exists; not overwriting it")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers: must be at least 1, got {args.workers}")
     kernels = args.kernel.split(",") if args.kernel else None
-    results = inspect_all(archs, dtypes, args.workers, kernels)
-    print(_table(results))
+    results = inspect_all(archs, dtypes, args.workers, kernels, args.all_configs)
+    if not results:
+        parser.error(f"--kernel: no launch of a kernel named like {args.kernel!r}")
+    print(summary(results) if args.summary else _table(results))
     bad = problems(results)
     print(f"\n{len(results)} variants, {sum(r['compiled'] for r in results)} compiled, {len(bad)} problems")
     for p in bad:
