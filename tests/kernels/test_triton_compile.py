@@ -1,16 +1,11 @@
 """The Triton kernels compiled for sm_90 and sm_80 without a GPU (python -m m2dino_kernels.inspect).
 
-Every config autotune can choose, at every launch site and shape class, must compile, use no
-spill, fit the target's shared memory, and run its dots on tensor cores (exact fp32 "ieee"
-dots have no tensor-core form and are exempt). The tool runs in a subprocess without
-TRITON_INTERPRET (the suite sets it) and compiles in a process pool, one per core. Nothing is
-launched on a GPU.
-
-By default the compile tests take the kernels that already meet the rule (the router's weight
-gradient, both dtypes, both archs: about 2 minutes on 2 cores); M2DINO_INSPECT_ALL=1 takes every
-kernel (some 170 variants per arch and dtype: tens of minutes on 2 cores, and known to fail
-today on the variants benchmarks/RESULTS.md lists as not fixed). Which kernels are reached and
-what the shared-memory pruning drops is checked for every kernel, from the recorded launches.
+Every config autotune can choose, at every launch site and shape class (the MoE of every
+preset at top-k 1 and 2, attention at head dims 32/64/128 with and without RoPE), in bf16,
+fp32 and fp32 with TF32, must compile, use no spill, fit the target's shared memory, and run
+its dots on tensor cores (exact fp32 "ieee" dots have no tensor-core form and are exempt).
+The tool runs in a subprocess without TRITON_INTERPRET (the suite sets it) and compiles in a
+process pool, one per core. Nothing is launched on a GPU.
 """
 import json
 import os
@@ -34,24 +29,22 @@ def compiled(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"inspect{request.param}") / "inspect.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    only = [] if os.environ.get("M2DINO_INSPECT_ALL") == "1" else ["--kernel", ",".join(CLEAN_KERNELS)]
     proc = subprocess.run([sys.executable, "-m", "m2dino_kernels.inspect", "--arch", str(request.param),
-                           "--dtype", "bf16,fp32", "--json", str(out), *only], env=env, cwd=ROOT,
+                           "--dtype", ",".join(DTYPES), "--json", str(out)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=3000)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out) as f:
         return json.load(f)
 
 
-# the launches whose every choosable config meets the rule (the router's weight gradient)
-CLEAN_KERNELS = ["_weight_grad_kernel[route_backward"]
+DTYPES = ("bf16", "fp32", "tf32")
 
 RECORD = """
 import json
 from m2dino_kernels import inspect
 out = {}
 for arch in (80, 90):
-    for launch in inspect.record_launches(["bf16", "fp32"], arch):
+    for launch in inspect.record_launches(["bf16", "fp32", "tf32"], arch):
         dtype = launch.shape.rsplit(" ", 1)[-1]
         out.setdefault(f"{arch} {dtype}", []).append([launch.shape, launch.kernel, launch.configs, launch.pruned])
 print(json.dumps(out))
@@ -77,17 +70,16 @@ def test_every_kernel_is_reached(launches):
         names = {kernel.split("[")[0] for _, kernel, _, _ in recorded}
         assert {"_fc1_kernel", "_grouped_scatter_kernel", "_dhidden_kernel", "_weight_grad_kernel",
                 "_route_kernel", "_route_backward_kernel", "_route_weight_grad_kernel",
-                "_attention_forward_kernel", "_attention_backward_dkdv_kernel",
-                "_attention_backward_dq_kernel"} <= names, key
+                "_block_histogram_kernel", "_block_place_kernel", "_attention_forward_kernel",
+                "_rope_rotate_kernel", "_attention_backward_delta_kernel",
+                "_attention_backward_dkdv_kernel", "_attention_backward_dq_kernel"} <= names, key
 
 
-def test_bf16_choosable_configs_compile_clean(compiled):
-    bad = kernel_inspect.problems([r for r in compiled if r["dtype"] == "bf16"])
-    assert not bad, "\n".join(bad)
-
-
-def test_fp32_choosable_configs_compile_clean(compiled):
-    bad = kernel_inspect.problems([r for r in compiled if r["dtype"] == "fp32"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_choosable_configs_compile_clean(compiled, dtype):
+    results = [r for r in compiled if r["dtype"] == dtype]
+    assert results
+    bad = kernel_inspect.problems(results)
     assert not bad, "\n".join(bad)
 
 
@@ -98,18 +90,25 @@ def test_every_launch_keeps_a_config(launches):
         assert not empty, f"{key}: {empty}"
 
 
-def test_swiglu_fc1_tile_over_h100_shared_memory_is_pruned(launches):
-    """fc1's 128x256x64 three-stage tile needs 245760 B for SwiGLU (both weight tiles), over
-    sm_90's 232448 B: autotune never offers it to a SwiGLU launch there, and still offers it to
-    a GELU one (one weight tile fits)."""
-    def offers_big(configs, pruned):
-        return any(not p and (c[0].get("BLOCK_M"), c[0].get("BLOCK_N"), c[0].get("BLOCK_K"), c[2]) == (128, 256, 64, 3)
-                   for c, p in zip(configs, pruned))
+def _offered(configs, pruned):
+    return {(c[0].get("BLOCK_M"), c[0].get("BLOCK_N"), c[0].get("BLOCK_K")) for c, p in zip(configs, pruned) if not p}
 
-    fc1 = [(shape, offers_big(c, p)) for shape, kernel, c, p in launches["90 bf16"] if kernel.startswith("_fc1")]
-    assert {act for shape, _ in fc1 for act in ("gelu", "swiglu") if act in shape} == {"gelu", "swiglu"}
-    assert not [shape for shape, big in fc1 if "swiglu" in shape and big]
-    assert [shape for shape, big in fc1 if "gelu" in shape and big]
+
+def test_configs_follow_dtype_and_activation(launches):
+    """The prune picks the launch's share of a kernel's configs: fp32 inputs (exact or TF32)
+    only small tiles, SwiGLU's fc1 and dhidden never the 128x128 tiles that GELU's get."""
+    for arch in (80, 90):
+        row_tiled = [(shape, kernel.split("[")[0], _offered(c, p)) for shape, kernel, c, p in
+                     launches[f"{arch} bf16"] if kernel.startswith(("_fc1", "_dhidden"))]
+        assert {act for shape, _, _ in row_tiled for act in ("gelu", "swiglu") if act in shape} == {"gelu", "swiglu"}
+        for shape, kernel, tiles in row_tiled:
+            big = {t for t in tiles if t[0] == t[1] == 128}
+            assert bool(big) == ("gelu" in shape), (arch, kernel, shape, tiles)
+        for dtype in ("fp32", "tf32"):
+            for shape, kernel, c, p in launches[f"{arch} {dtype}"]:
+                for bm, bn, _ in _offered(c, p):
+                    if bm is not None:
+                        assert bm * bn <= 64 * 32, (kernel, shape, bm, bn)
 
 
 def test_preset_shapes_match_the_backbone_presets():
