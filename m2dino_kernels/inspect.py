@@ -423,15 +423,15 @@ def _table(results) -> str:
 
 
 def summary(results) -> str:
-    """A markdown table, one row per kernel (launch site), arch and dtype: how many configs
-    autotune may offer, and over those the register range, the largest spill and shared
-    memory, and the tensor-core instruction."""
+    """A markdown table, one row per kernel (launch site), arch and dtype: how many variants
+    (a config autotune may offer, at one shape class) compiled, and over those the register
+    range, the largest spill and shared memory, and the tensor-core instruction."""
     groups = {}
     for r in results:
         if r["pruned"]:
             continue
         groups.setdefault((r["kernel"], r["arch"], r["dtype"]), []).append(r)
-    lines = ["| kernel | arch | dtype | configs | regs | spill (B) | smem (B) | MMA |",
+    lines = ["| kernel | arch | dtype | variants | regs | spill (B) | smem (B) | MMA |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (kernel, arch, dtype), rs in sorted(groups.items()):
         ok = [r for r in rs if r["compiled"]]

@@ -538,7 +538,8 @@ def attention_backward(grad_out, q, k, v, sin, cos, out, lse, num_prefix_tokens:
     prec = _precision(q)
 
     if has_rope:  # the backward's kernels take q' and k' (module docstring)
-        q, k = (_rotated(x, sin, cos, stride_sb, stride_sn, num_prefix_tokens) for x in (q, k))
+        q = _rotated(q, sin, cos, stride_sb, stride_sn, num_prefix_tokens)
+        k = _rotated(k, sin, cos, stride_sb, stride_sn, num_prefix_tokens)
 
     delta = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
     _attention_backward_delta_kernel[(triton.cdiv(n, _ROW_BLOCK), batch * heads)](

@@ -100,3 +100,47 @@ def test_parse_resource_usage_reads_ptxas_lines():
     got = parse_resource_usage(log)
     assert got == {("_Z3fooIN3c108BFloat16EEvv", 90): {"regs": 40, "spill_stores": 4,
                                                        "spill_loads": 4, "smem": 2048}}
+
+
+def short_name(demangled: str) -> str:
+    """`void m2dino::(anonymous namespace)::combine_kernel<c10::BFloat16, float>(...)` ->
+    `combine_kernel<BFloat16, float>`: the kernel and its template arguments."""
+    name = demangled.removeprefix("void ").replace("c10::", "")
+    name = name.split("(anonymous namespace)::")[-1]
+    depth = 0
+    for i, ch in enumerate(name):  # cut the parameter list: the first "(" outside <...>
+        depth += {"<": 1, ">": -1}.get(ch, 0)
+        if ch == "(" and depth == 0:
+            return name[:i]
+    return name
+
+
+def test_short_name_keeps_kernel_and_template_arguments():
+    assert short_name("void m2dino::(anonymous namespace)::combine_kernel<c10::BFloat16, float>"
+                      "(c10::BFloat16*, long const*)") == "combine_kernel<BFloat16, float>"
+    assert short_name("m2dino::(anonymous namespace)::offsets_kernel(long const*, long, long*)") == "offsets_kernel"
+
+
+def markdown_table(usage) -> str:
+    """One row per kernel instantiation (demangled): registers / spill stores (B) / smem (B)
+    per arch, as benchmarks/RESULTS.md shows them."""
+    names = sorted({name for name, _ in usage})
+    demangled = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True,
+                               text=True).stdout.splitlines() if shutil.which("c++filt") else names
+    header = " | ".join(f"sm_{arch} regs / spill / smem" for arch in ARCHS)
+    lines = [f"| kernel | {header} |", "| --- |" + " --- |" * len(ARCHS)]
+    for name, pretty in sorted(zip(names, demangled), key=lambda p: p[1]):
+        cells = []
+        for arch in ARCHS:
+            v = usage.get((name, arch))
+            cells.append(f"{v['regs']} / {v['spill_stores']} / {v['smem']}" if v else "-")
+        lines.append(f"| `{short_name(pretty)}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python tests/kernels/test_cuda_resource_usage.py: the RESULTS.md table
+    with concurrent.futures.ThreadPoolExecutor(len(ARCHS)) as pool:
+        found = {}
+        for log in pool.map(compile_resource_usage, ARCHS):
+            found.update(parse_resource_usage(log))
+    print(markdown_table(found))

@@ -124,3 +124,51 @@ def test_preset_shapes_match_the_backbone_presets():
     expected = sorted((name, c.embed_dim, c.mlp_hidden, "swiglu" if c.ffn == "swiglu" else "gelu",
                        c.head_dim) for name, c in PRESETS.items() if c.official)
     assert sorted(kernel_inspect.PRESET_SHAPES) == expected
+
+
+def _result(**changes):
+    r = dict(kernel="_k[host]", shape="s", config="BLOCK_M=64, w4 s3", dtype="bf16", arch=90, compiled=True,
+             error="", regs=100, spill_stores=0, spill_loads=0, shared=1024, fits_shared=True, mma="wgmma",
+             has_dot=True, prec="tf32", pruned=False, extra={})
+    r.update(changes)
+    return r
+
+
+def test_problems_names_each_broken_rule():
+    """The rule the compile tests apply: a clean variant passes; each broken part is named;
+    a pruned config and an exact fp32 dot's FMA code are not problems."""
+    clean = [_result(), _result(mma="", prec="ieee"), _result(pruned=True, spill_stores=8)]
+    assert kernel_inspect.problems(clean) == []
+    bad = kernel_inspect.problems([_result(spill_stores=8, spill_loads=4), _result(fits_shared=False, shared=300000),
+                                   _result(mma=""), _result(compiled=False, error="OutOfResources: shared")])
+    assert len(bad) == 4
+    assert "spills 8 B stores / 4 B loads" in bad[0] and "sm_90" in bad[0]
+    assert "300000 B shared > 232448" in bad[1]
+    assert "FMA code" in bad[2]
+    assert "OutOfResources" in bad[3]
+
+
+def test_summary_has_one_row_per_kernel_arch_and_dtype():
+    rows = kernel_inspect.summary([_result(regs=90), _result(regs=120, shared=4096), _result(arch=80, mma="mma"),
+                                   _result(pruned=True, regs=255)]).splitlines()
+    assert rows[2:] == ["| `_k[host]` | sm_80 | bf16 | 1 | 100 | 0 | 1024 | mma |",
+                        "| `_k[host]` | sm_90 | bf16 | 2 | 90-120 | 0 | 4096 | wgmma |"]
+
+
+@pytest.mark.parametrize("args,message", [(["--workers", "0"], "--workers: must be at least 1"),
+                                          (["--arch", "75"], "--arch: 75 not one of"),
+                                          (["--dtype", "int8"], "--dtype: 'int8' not one of")])
+def test_bad_arguments_are_clear_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        kernel_inspect.main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_existing_json_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "inspect.json"
+    out.write_text("a user's results")
+    with pytest.raises(SystemExit):
+        kernel_inspect.main(["--json", str(out)])
+    assert "exists; not overwriting it" in capsys.readouterr().err
+    assert out.read_text() == "a user's results"
