@@ -281,11 +281,13 @@ def record_launches(dtypes, arch=90, tokens=256, num_tasks=2, batch=2, seq=197):
         for dname in dtypes:
             with _fp32_matmul_precision("high" if dname == "tf32" else "highest"):
                 _record_dtype(rec, dname, tokens, num_tasks, batch, seq)
-    # Distinct variants only: the same kernel, signature and constexprs compile the same.
+    # Distinct variants only: the same kernel, signature, constexprs and offered configs compile
+    # the same, whichever host line launched it (the name keeps the first).
     seen, distinct = set(), []
     for launch in rec.launches:
-        key = (launch.kernel, json.dumps(launch.signature, sort_keys=True),
-               json.dumps(launch.constexprs, sort_keys=True, default=str))
+        key = (launch.module, launch.attr, json.dumps(launch.signature, sort_keys=True),
+               json.dumps(launch.constexprs, sort_keys=True, default=str),
+               json.dumps([c for c, p in zip(launch.configs, launch.pruned) if not p], default=str))
         if key not in seen:
             seen.add(key)
             distinct.append(launch)
