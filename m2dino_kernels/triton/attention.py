@@ -56,8 +56,8 @@ _LOG2E = 1.4426950408889634
 # autotune over several configs, so it gets one small config (small blocks also exercise the
 # multi-block loops and the tail masking on short test sequences; BLOCK_M != BLOCK_N so a
 # mix-up of the two shows). GPUs get a small autotuned set per head_dim: the configs that
-# compile for sm_80 and sm_90 without spilling registers and within shared memory, in bf16,
-# fp16 and fp32 (`python -m m2dino_kernels.inspect`, checked by test_triton_compile). fp32
+# compile for sm_80, sm_86 and sm_90 without spilling registers and within shared memory, in
+# bf16 and fp32 (`python -m m2dino_kernels.inspect`, checked by test_triton_compile). fp32
 # (exact, FMA code; or TF32) keeps four-byte tiles in registers and gets small tiles only.
 # BLOCK_M tiles queries, BLOCK_N tiles keys.
 # ---------------------------------------------------------------------------------------
@@ -70,16 +70,16 @@ def _config(block_m, block_n, num_warps, num_stages):
 
 
 # The one fp32 config (four-byte tiles), and every kernel's last resort: fits any target.
-_GPU_SMALL_CONFIG = _config(32, 16, 4, 2)
+_GPU_SMALL_CONFIG = _config(16, 16, 4, 2)
 # {head_dim class: configs} for 16-bit inputs; head_dim 32 takes the 64 set.
 GPU_FORWARD_CONFIGS = {
-    64: [_config(128, 64, 8, 3), _config(128, 32, 4, 4), _config(64, 64, 4, 4)],
+    64: [_config(128, 64, 8, 3), _config(128, 32, 4, 4), _config(64, 64, 4, 3)],
     128: [_config(64, 64, 4, 2), _config(64, 32, 4, 3)],
 }
 # dk/dv: a program owns BLOCK_N keys and walks all queries in BLOCK_M steps.
 GPU_BACKWARD_DKDV_CONFIGS = {
     64: [_config(64, 128, 8, 3), _config(64, 64, 4, 3), _config(32, 64, 4, 4)],
-    128: [_config(32, 64, 4, 4)],
+    128: [_config(64, 32, 4, 2), _config(32, 32, 4, 2)],
 }
 # dq: a program owns BLOCK_M queries and walks all keys in BLOCK_N steps.
 GPU_BACKWARD_DQ_CONFIGS = {

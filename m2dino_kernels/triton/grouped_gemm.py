@@ -35,7 +35,7 @@ _ACTIVATIONS = {"gelu": 1, "swiglu": 2}
 # ---------------------------------------------------------------------------------------
 # Tile configurations. The interpreter runs one program at a time with numpy and cannot
 # autotune over several configs, so it gets one small config. GPUs get, per kernel and input
-# dtype, the configs that compile for sm_80 and sm_90 without spilling registers and within
+# dtype, the configs that compile for sm_80, sm_86 and sm_90 without spilling registers and within
 # shared memory (`python -m m2dino_kernels.inspect`, checked by test_triton_compile); each
 # kernel's autotune list is the union and its early_config_prune picks the launch's share.
 # ---------------------------------------------------------------------------------------
@@ -52,10 +52,9 @@ _MMA_CONFIGS = [_config(64, 64, 32, 4, 3), _config(64, 64, 64, 4, 3), _config(64
 # accumulators) and dhidden (both h_pre halves in its epilogue) spill them at sm_80.
 _MMA_LARGE_CONFIGS = [_config(128, 128, 32, 8, 3), _config(128, 128, 64, 8, 3)]
 # fp32 inputs (exact fp32 FMA dots, or TF32): four-byte operand tiles live in registers.
-_FP32_CONFIGS = [_config(32, 32, 32, 4, 2), _config(32, 64, 16, 4, 2), _config(64, 32, 16, 4, 2)]
+_FP32_CONFIGS = [_config(32, 32, 32, 4, 2), _config(64, 32, 16, 4, 2)]
 # The per-expert weight gradient reduces over rows (its K loop is the expert's rows).
-_MMA_WGRAD_CONFIGS = [_config(64, 64, 32, 4, 3), _config(64, 128, 64, 4, 3), _config(128, 128, 32, 8, 3),
-                      _config(128, 64, 64, 4, 4)]
+_MMA_WGRAD_CONFIGS = [_config(64, 64, 32, 4, 3), _config(64, 128, 64, 4, 3), _config(128, 128, 32, 8, 3)]
 # Few-row weight gradients (the gate's: M = E rows, fp32 FMA dots) get a 16-row tile: a 64- or
 # 128-row tile would be mostly masked and its fp32 accumulators spill registers.
 _FEW_ROW_WGRAD_CONFIGS = [_config(16, 64, 32, 4, 2)]

@@ -1,11 +1,12 @@
-"""The Triton kernels compiled for sm_90 and sm_80 without a GPU (python -m m2dino_kernels.inspect).
+"""The Triton kernels compiled for sm_90, sm_80 and sm_86 without a GPU (python -m m2dino_kernels.inspect).
 
 Every config autotune can choose, at every launch site and shape class (the MoE of every
 preset at top-k 1 and 2, attention at head dims 32/64/128 with and without RoPE), in bf16,
 fp32 and fp32 with TF32, must compile, use no spill, fit the target's shared memory, and run
 its dots on tensor cores (exact fp32 "ieee" dots have no tensor-core form and are exempt).
-The tool runs in a subprocess without TRITON_INTERPRET (the suite sets it) and compiles in a
-process pool, one per core. Nothing is launched on a GPU.
+sm_86 stands for the cards with 99 KB of shared memory per block (RTX 30xx/40xx, A10, L4,
+L40: sm_89 compiles alike). The tool runs in a subprocess without TRITON_INTERPRET (the suite
+sets it) and compiles in a process pool, one per core. Nothing is launched on a GPU.
 """
 import json
 import os
@@ -22,7 +23,7 @@ from m2dino_kernels import inspect as kernel_inspect  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module", params=[90, 80], ids=["sm_90", "sm_80"])
+@pytest.fixture(scope="module", params=[90, 80, 86], ids=["sm_90", "sm_80", "sm_86"])
 def compiled(request, tmp_path_factory):
     if not has_triton_cuda_backend():
         pytest.skip("triton has no CUDA backend")
