@@ -451,9 +451,10 @@ def summary(results) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m2dino_kernels.inspect", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (80,90)")
+    parser.add_argument("--arch", default="80,90",
+                        help=f"comma-separated compute capabilities, of {sorted(MAX_SHARED)} (default 80,90)")
     parser.add_argument("--dtype", default="bf16,fp32", help=f"comma-separated, of {sorted(DTYPES)}")
-    parser.add_argument("--json", default=None, help="write every result to this JSON file")
+    parser.add_argument("--json", default=None, help="write every result to this JSON file (a new file)")
     parser.add_argument("--kernel", default=None,
                         help="only kernels whose name contains one of these, comma-separated")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count)")
@@ -486,9 +487,11 @@ def main(argv=None) -> int:
     print(f"\n{len(results)} variants, {sum(r['compiled'] for r in results)} compiled, {len(bad)} problems")
     for p in bad:
         print("  " + p)
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.json:  # written whole or not at all
+        partial = args.json + ".partial"
+        with open(partial, "w") as f:
             json.dump(results, f, indent=1)
+        os.replace(partial, args.json)
     return 1 if bad else 0
 
 
