@@ -58,7 +58,7 @@ arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capabilit
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 
 sm=$(python3 -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
-stage inspect 90 python3 -m m2dino_kernels.inspect --arch "$sm" --dtype bf16,fp32,tf32 \
+stage inspect 90 python3 -m m2dino_kernels.inspect --arch "$sm" --dtype bf16,fp16,fp32,tf32 \
   --json "$out/inspect.json"
 stage build 120 env TORCH_CUDA_ARCH_LIST="$arch" M2DINO_BUILD_CUDA=1 MAX_JOBS=16 \
   python3 setup.py build_ext --inplace

@@ -54,7 +54,7 @@ _MMA_LARGE_CONFIGS = [_config(128, 128, 32, 8, 3), _config(128, 128, 64, 8, 3)]
 # fp32 inputs (exact fp32 FMA dots, or TF32): four-byte operand tiles live in registers.
 _FP32_CONFIGS = [_config(32, 32, 32, 4, 2), _config(64, 32, 16, 4, 2)]
 # The per-expert weight gradient reduces over rows (its K loop is the expert's rows).
-_MMA_WGRAD_CONFIGS = [_config(64, 64, 32, 4, 3), _config(64, 128, 64, 4, 3), _config(128, 128, 32, 8, 3)]
+_MMA_WGRAD_CONFIGS = [_config(64, 64, 32, 4, 3), _config(64, 128, 64, 8, 3), _config(128, 128, 32, 8, 3)]
 # Few-row weight gradients (the gate's: M = E rows, fp32 FMA dots) get a 16-row tile: a 64- or
 # 128-row tile would be mostly masked and its fp32 accumulators spill registers.
 _FEW_ROW_WGRAD_CONFIGS = [_config(16, 64, 32, 4, 2)]

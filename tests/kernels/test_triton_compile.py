@@ -2,8 +2,9 @@
 
 Every config autotune can choose, at every launch site and shape class (the MoE of every
 preset at top-k 1 and 2, attention at head dims 32/64/128 with and without RoPE), in bf16,
-fp32 and fp32 with TF32, must compile, use no spill, fit the target's shared memory, and run
-its dots on tensor cores (exact fp32 "ieee" dots have no tensor-core form and are exempt).
+fp16, fp32 and fp32 with TF32 (every dtype the kernels accept), must compile, use no spill,
+fit the target's shared memory, and run its dots on tensor cores (exact fp32 "ieee" dots have
+no tensor-core form and are exempt).
 sm_86 stands for the cards with 99 KB of shared memory per block (RTX 30xx/40xx, A10, L4,
 L40: sm_89 compiles alike). The tool runs in a subprocess without TRITON_INTERPRET (the suite
 sets it) and compiles in a process pool, one per core. Nothing is launched on a GPU.
@@ -38,14 +39,14 @@ def compiled(request, tmp_path_factory):
         return json.load(f)
 
 
-DTYPES = ("bf16", "fp32", "tf32")
+DTYPES = ("bf16", "fp16", "fp32", "tf32")
 
 RECORD = """
 import json
 from m2dino_kernels import inspect
 out = {}
 for arch in (80, 90):
-    for launch in inspect.record_launches(["bf16", "fp32", "tf32"], arch):
+    for launch in inspect.record_launches(["bf16", "fp16", "fp32", "tf32"], arch):
         dtype = launch.shape.rsplit(" ", 1)[-1]
         out.setdefault(f"{arch} {dtype}", []).append([launch.shape, launch.kernel, launch.configs, launch.pruned])
 print(json.dumps(out))
@@ -79,7 +80,7 @@ def test_every_kernel_is_reached(launches):
         names = {dtype: {kernel.split("[")[0] for _, kernel, _, _ in launches[f"{arch} {dtype}"]} for dtype in DTYPES}
         for dtype in DTYPES:
             assert dots <= names[dtype], (arch, dtype)
-        for dtype in ("bf16", "fp32"):
+        for dtype in ("bf16", "fp16", "fp32"):
             assert others <= names[dtype], (arch, dtype)
         assert sort <= names["bf16"], arch
 
