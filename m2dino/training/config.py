@@ -26,12 +26,8 @@ import yaml
 
 from m2dino import io
 from m2dino.models.configs import DEFAULT_AUX_WEIGHTS, PRESETS, DinoV3Config, M2DINOConfig
+from m2dino.paradigms import CONTROL_PARADIGM, CONTROLS, PARADIGMS, plateau_rule_text  # noqa: F401 (re-exported)
 from m2dino.tasks import TASK_TYPES, TASKS
-
-PARADIGMS = ("ts", "cg", "au")
-# --control ts-converged adds this paradigm: the TS models trained until their training loss plateaus
-CONTROL_PARADIGM = "ts_converged"
-CONTROLS = ("none", "ts-converged")
 
 # The recipes: the repository's configs/, which m2dino/configs links to (and installs with the package)
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -385,9 +381,9 @@ _HELP = {
     "tasks": "task ids to train (space or comma separated; default every task in the data)",
     "groups": "clinical groups file (YAML/JSON {group: [task ids]}) for the CG paradigm",
     "paradigm": "ts: one model per task, cg: one per clinical group, au: one for all, all: the three + report",
-    "control": "'ts-converged': also train every TS model until its training loss plateaus (mean of the last 20 "
-               "steps < 1%% below the 20 before, checked at epoch ends from its equal-exposure steps on; cap 5x "
-               "those steps; no validation images) into OUT/ts_converged/; the report adds TS* and changes vs TS*",
+    "control": "'ts-converged': also train every TS model until its training loss plateaus ("
+               + plateau_rule_text().replace("%", "%%") + "; no validation images) into OUT/ts_converged/; the "
+               "report adds TS* and changes vs TS*",
     "min_steps": "every model trains at least N optimizer steps by repeating whole epochs (0: equal exposure, "
                  "--epochs for all; above N exposure stays equal)",
     "model": "backbone preset; an official one takes its recipe's architecture and image size",

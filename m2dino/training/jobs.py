@@ -30,9 +30,10 @@ from typing import Any, Iterator
 import torch
 
 import m2dino_kernels
+from m2dino.paradigms import CONTROL_PARADIGM, PLATEAU_CAP_FACTOR
 from m2dino.training import distributed as dist_utils
-from m2dino.training.config import CONTROL_PARADIGM, TrainConfig
-from m2dino.training.trainer import PLATEAU_CAP_FACTOR, ModelTrainer, TrainingError
+from m2dino.training.config import TrainConfig
+from m2dino.training.trainer import ModelTrainer, TrainingError
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ from torch.utils import flop_counter
 from m2dino import io
 from m2dino.models.m2dino import M2DINO, SPATIAL_TYPES
 from m2dino.models.moe import moe_modules
-from m2dino.training.config import PARADIGMS, TrainConfig
+from m2dino.paradigms import PARADIGMS
+from m2dino.training.config import TrainConfig
 from m2dino_kernels import ExpertWeights, Routing
 
 # A sustained rate that a well-fed H100 reaches in bf16 training: about 30% of its 989 dense TFLOP/s

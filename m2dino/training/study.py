@@ -35,9 +35,10 @@ from m2dino.data.reader import csv_num_classes
 from m2dino.evaluation.baselines import trivial_baselines
 from m2dino.evaluation.metrics import as_float, higher_is_better
 from m2dino.evaluation.report import generate_report
+from m2dino.paradigms import CONTROL_PARADIGM, PARADIGMS
 from m2dino.tasks import apply_groups, load_groups
 from m2dino.training import distributed as dist_utils
-from m2dino.training.config import CONTROL_PARADIGM, PARADIGMS, TrainConfig, save_config
+from m2dino.training.config import TrainConfig, save_config
 from m2dino.training.jobs import (
     ModelJob,
     StudyContext,

@@ -42,6 +42,7 @@ from m2dino.evaluation.bootstrap import BOOTSTRAP_SEED, PER_IMAGE_FILE, bootstra
 from m2dino.evaluation.ground_truth import ground_truth_from_record
 from m2dino.evaluation.metrics import higher_is_better, metrics_by_task, values_by_task
 from m2dino.models.m2dino import M2DINO, save_model
+from m2dino.paradigms import PLATEAU_CAP_FACTOR, PLATEAU_REL_TOL, PLATEAU_WINDOW
 from m2dino.tasks import TaskSpec, TaskType
 from m2dino.training import checkpoint as ckpt
 from m2dino.training import distributed as dist_utils
@@ -86,14 +87,6 @@ class Progress:
     stopped: str = ""              # why a until-plateau model stopped: "plateau" or "cap"
 
 
-# The plateau rule of the converged-TS control (--control ts-converged), on training loss only:
-# at the end of every epoch, once the model has trained at least its equal-exposure steps, it
-# stops when the mean training loss of the last PLATEAU_WINDOW steps improved on the mean of the
-# PLATEAU_WINDOW steps before by less than PLATEAU_REL_TOL (relative); otherwise it trains on up
-# to PLATEAU_CAP_FACTOR times its equal-exposure steps (whole epochs; the lr schedule spans the cap).
-PLATEAU_WINDOW = 20
-PLATEAU_REL_TOL = 0.01
-PLATEAU_CAP_FACTOR = 5
 
 
 def plateaued(losses: list[float], window: int = PLATEAU_WINDOW, rel_tol: float = PLATEAU_REL_TOL) -> bool:

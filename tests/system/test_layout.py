@@ -140,7 +140,7 @@ ALLOWED = {
 }
 ENTRY_POINTS = {"m2dino.train", "m2dino.predict", "m2dino.evaluate", "m2dino.report", "m2dino.export",
                 "m2dino.export.cli", "m2dino.export.__main__"}
-FOUNDATION = {"m2dino", "m2dino.tasks", "m2dino.io", "m2dino._lazy"}
+FOUNDATION = {"m2dino", "m2dino.tasks", "m2dino.paradigms", "m2dino.io", "m2dino._lazy"}
 
 
 def _folder(module: str) -> str:

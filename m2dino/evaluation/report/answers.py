@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import re
 
-from m2dino.evaluation.report.compute import CONTROL, PARADIGM_LABELS
+from m2dino.evaluation.report.compute import CONTROL
+from m2dino.paradigms import label
 
 QUESTIONS = {
     "RQ1": "Which tasks can be trained together without loss?",
@@ -76,7 +77,7 @@ def _answers(report: dict) -> dict:
 
 
 def _label(paradigm: str) -> str:
-    return PARADIGM_LABELS.get(paradigm, paradigm)
+    return label(paradigm)
 
 
 def _pct(value) -> str:

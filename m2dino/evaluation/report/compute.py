@@ -47,12 +47,11 @@ from m2dino.evaluation.bootstrap import (
 )
 from m2dino.evaluation.metrics import LOWER_IS_BETTER, METRIC_NAMES, as_float, nanmean
 from m2dino.evaluation.report.runs import load_runs
+from m2dino.paradigms import CONTROL_PARADIGM, PARADIGMS, plateau_rule_text
 from m2dino.tasks import TaskTable, TaskType
 
-PARADIGM_ORDER = ("ts", "cg", "au")
-PARADIGM_LABELS = {"ts": "TS", "cg": "CG", "au": "AU", "ts_converged": "TS*"}
 # The converged-TS control (--control ts-converged): its models are the second reference
-CONTROL = "ts_converged"
+CONTROL = CONTROL_PARADIGM
 DEFAULT_NEGATIVE_THRESHOLD = 0.05
 AFFINITY_DEFINITION = ("1 - Jensen-Shannon divergence (base 2) of the tasks' expert-routing distributions, "
                        "mean over MoE layers")
@@ -108,7 +107,7 @@ def compute_report(
         raise ValueError(f"--bootstrap must be >= 0, got {n_resamples}")
     runs, routing, training = load_runs(run_dirs)
     protocol = run_protocol(run_dirs)
-    paradigms = [p for p in PARADIGM_ORDER if p in runs] + sorted(set(runs) - set(PARADIGM_ORDER))
+    paradigms = [p for p in PARADIGMS if p in runs] + sorted(set(runs) - set(PARADIGMS))
     task_ids = sorted({t for tasks in runs.values() for t in tasks})
     replicates = sorted({r for tasks in runs.values() for reps in tasks.values() for r in reps})
 
@@ -238,7 +237,7 @@ def run_protocol(run_dirs: Sequence[os.PathLike]) -> str:
             line = "unknown (no config.yaml in the run directory)"
         if (config.get("control") or "none") != "none":
             line += (f"; control {config['control']}: TS* = every TS model trained on until its training loss "
-                     f"plateaus (or 5x its steps)")
+                     f"plateaus ({plateau_rule_text()})")
         lines.add(line)
     return " / ".join(sorted(lines))
 

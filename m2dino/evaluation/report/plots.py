@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from m2dino import io
-from m2dino.evaluation.report.compute import PARADIGM_LABELS
+from m2dino.paradigms import label
 
 
 def write_plots(report: dict, out_dir: Path) -> list[Path]:
@@ -32,7 +32,7 @@ def write_plots(report: dict, out_dir: Path) -> list[Path]:
             values, errors = _bars([(r.get("change_vs_ts", {}).get(m), r.get("change_ci", {}).get(m))
                                     for r, m in results])
             ax.barh(np.arange(len(task_ids)) + k * height, values, height, xerr=errors, capsize=1.5,
-                    error_kw={"elinewidth": 0.6}, label=PARADIGM_LABELS.get(paradigm, paradigm))
+                    error_kw={"elinewidth": 0.6}, label=label(paradigm))
         ax.axvline(-100 * report["settings"]["negative_transfer_threshold"], color="red", linestyle="--",
                    linewidth=0.8, label="negative-transfer threshold")
         ax.axvline(0, color="black", linewidth=0.6)
@@ -50,7 +50,7 @@ def write_plots(report: dict, out_dir: Path) -> list[Path]:
                 summaries = [report["averages"][key][n].get(paradigm, {}) for n in names]
                 values, errors = _bars([(s.get("primary_change_vs_ts"), s.get("primary_change_ci")) for s in summaries])
                 ax.bar(np.arange(len(names)) + k * height, values, height, yerr=errors, capsize=1.5,
-                       error_kw={"elinewidth": 0.6}, label=PARADIGM_LABELS.get(paradigm, paradigm))
+                       error_kw={"elinewidth": 0.6}, label=label(paradigm))
             ax.axhline(0, color="black", linewidth=0.6)
             ax.set_xticks(np.arange(len(names)) + 0.4 - height / 2, names, rotation=45, ha="right", fontsize=7)
             ax.set_title(f"mean change vs TS by {title} (%)", fontsize=9)

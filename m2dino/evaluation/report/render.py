@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from m2dino.evaluation.metrics import METRIC_NAMES
-from m2dino.evaluation.report.compute import PARADIGM_LABELS
+from m2dino.paradigms import label
 
 
 def _fmt(value, percent: bool = False) -> str:
@@ -70,7 +70,7 @@ def render_csv(report: dict) -> str:
 
 def _header(report: dict) -> list[str]:
     settings = report["settings"]
-    labels = [PARADIGM_LABELS.get(p, p) for p in report["paradigms"]]
+    labels = [label(p) for p in report["paradigms"]]
     counts = settings["scale_counts"]
     scale = (f"Data scale: a task is data-rich when its training size is >= {settings['scale_threshold']:g} "
              f"({settings['scale_threshold_rule']}): {counts['data-rich']} data-rich, {counts['data-scarce']} "
@@ -100,7 +100,7 @@ def _header(report: dict) -> list[str]:
 
 def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
     paradigms = report["paradigms"]
-    labels = [PARADIGM_LABELS.get(p, p) for p in paradigms]
+    labels = [label(p) for p in paradigms]
     lines = ["# M2DINO transfer report", ""] + _header(report)
     lines += ["", "## Primary metric per task", "",
               "| task | type | group | train | scale | metric | " + " | ".join(labels) + " | baseline |",
@@ -138,7 +138,7 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
             continue
         heading = "all tasks" if key == "overall" else f"by {title}"
         lines += ["", f"## Mean primary-metric change vs TS, {heading}", "",
-                  f"| {title} | tasks | " + " | ".join(PARADIGM_LABELS.get(p, p) for p in others) + " |",
+                  f"| {title} | tasks | " + " | ".join(label(p) for p in others) + " |",
                   "|" + "---|" * (2 + len(others))]
         for name, per_paradigm in report["averages"][key].items():
             n_tasks = max(s["n_tasks"] for s in per_paradigm.values())
@@ -167,12 +167,12 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
             values = ", ".join(f"{m} {_fmt(v)}{_interval(result.get('ci', {}).get(m))}"
                                for m, v in result["metrics"].items())
             baseline = ", ".join(f"{m} {_fmt(v)}" for m, v in result["baseline"].items()) or "-"
-            label = PARADIGM_LABELS.get(paradigm, paradigm)
-            lines.append(f"| {task_id} | {label} | {result['model']} | {values} | {baseline} |")
+            name = label(paradigm)
+            lines.append(f"| {task_id} | {name} | {result['model']} | {values} | {baseline} |")
     lines += ["", "## Significant losses against TS", ""]
     if report["negative_transfer"]:
         for item in report["negative_transfer"]:
-            lines.append(f"- {item['task_id']} under {PARADIGM_LABELS.get(item['paradigm'], item['paradigm'])}: "
+            lines.append(f"- {item['task_id']} under {label(item['paradigm'])}: "
                          f"{item['metric']} {_fmt(item['change_vs_ts'], percent=True)}"
                          f"{_interval(item.get('change_ci'), percent=True)} vs TS")
     else:
@@ -184,7 +184,7 @@ def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
             for model_name, data in models.items():
                 if len(data["tasks"]) < 2:
                     continue
-                lines.append(f"- {PARADIGM_LABELS.get(paradigm, paradigm)} model `{model_name}`: "
+                lines.append(f"- {label(paradigm)} model `{model_name}`: "
                              f"{len(data['tasks'])} tasks, {data['num_experts']} experts, MoE layers "
                              f"{', '.join(data['shares'])}; most similar pairs: {_top_pairs(data)}")
     if plots:
@@ -207,7 +207,7 @@ def _control_section(report: dict) -> list[str]:
     if not control:
         return []
     aggregated = [p for p in report["paradigms"] if p not in ("ts", control["reference"])]
-    heads = [f"{PARADIGM_LABELS.get(p, p)} vs {ref}" for p in aggregated for ref in ("TS", "TS*")]
+    heads = [f"{label(p)} vs {ref}" for p in aggregated for ref in ("TS", "TS*")]
     lines = ["", "## Against the converged-TS control (TS*)", "",
              "TS* trains every TS model on until its training loss plateaus (or its step cap); changes are paired "
              "as against TS.", "",
@@ -257,7 +257,7 @@ def _training_section(report: dict) -> list[str]:
              "", "| paradigm | model | train images | epochs | optimizer steps | samples seen | wall time (s) |",
              "|---|---|---|---|---|---|---|"]
     for paradigm, model, t in rows:
-        lines.append(f"| {PARADIGM_LABELS.get(paradigm, paradigm)} | {model} | {_count(t['train_images'])} | "
+        lines.append(f"| {label(paradigm)} | {model} | {_count(t['train_images'])} | "
                      f"{_count(t['epochs'], 2)} | {_count(t['steps'])} | {_count(t['samples_seen'])} | "
                      f"{_count(t['seconds'], 1)} |")
     return lines
