@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from m2dino.data import scan_dataset
 from m2dino.data.synthetic import (
     DIFFICULTY,
+    GENERATOR_VERSION,
     build,
     default_cache_root,
     ensure_synthetic,
@@ -52,8 +54,8 @@ def test_the_default_run_has_a_real_data_scale_split():
     assert (train == train.min()).sum() <= 3
     threshold = np.median(train)
     assert (train >= threshold).sum() >= len(train) / 3 and (train < threshold).sum() >= len(train) / 3
-    assert 1200 <= train.sum() <= 2200 and val / train.sum() >= 0.2
-    assert min(v for _, v in sizes.values()) >= 12
+    assert 1200 <= train.sum() <= 3000 and val >= 100 * len(TASKS)
+    assert min(v for _, v in sizes.values()) >= 100
     # the real order of sizes is kept: the largest and smallest real tasks stay so
     assert max(sizes, key=lambda t: sizes[t][0]) == "fetal_plane_cls"
     assert min(sizes, key=lambda t: sizes[t][0]) == "fetal_heart"
@@ -140,6 +142,38 @@ def test_cache_writes_once_atomically_and_reuses(tmp_path, monkeypatch):
         ensure_synthetic(tmp_path / "mine", scale=1e-4, seed=0, **kw)
 
 
+def test_validation_holds_100_class_balanced_images_per_task(tmp_path):
+    """Synthetic images are free: every task gets at least MIN_VAL = 100 validation images, and a
+    classification task's are class-balanced (every class equally often, to within one)."""
+    import csv
+    from collections import Counter
+
+    from m2dino.data.synthetic import MIN_VAL
+
+    assert MIN_VAL == 100
+    tasks = ["lung_2cls", "fetal_head_pos_cls", "thyroid_nodule_det"]
+    summary = write_suite(tmp_path, tasks=tasks, scale=1e-4, min_train=2, workers=1)
+    assert all(summary["sizes"][t]["val"] == 100 for t in tasks)
+    assert all(v >= 100 for _, v in task_sizes(0.03).values())
+    for path in (tmp_path / "val" / "csv_files").glob("Cls*.csv"):
+        rows = list(csv.DictReader(path.open()))
+        counts = Counter(int(r["mask"]) for r in rows)
+        num_classes = int(rows[0]["num_classes"])
+        assert len(rows) == 100 and set(counts) == set(range(num_classes))
+        assert max(counts.values()) - min(counts.values()) <= 1, (path.name, counts)
+
+
+def test_a_cached_suite_without_its_design_is_rebuilt(tmp_path, monkeypatch):
+    """A suite is current only with this generator version and its design.json beside it."""
+    root = tmp_path / "s"
+    kw = dict(tasks=["lung_2cls"], min_train=2, min_val=2, workers=1)
+    ensure_synthetic(root, scale=1e-4, seed=0, **kw)
+    assert json.loads((root / "synthetic.json").read_text())["version"] == GENERATOR_VERSION
+    (root / "design.json").unlink()
+    ensure_synthetic(root, scale=1e-4, seed=0, **kw)
+    assert (root / "design.json").is_file()
+
+
 def test_cli_refuses_a_non_empty_out(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "x"), "--scale", "1e-4", "--min-train", "2", "--min-val", "1",
                  "--tasks", "organ_cls", "--workers", "1"]) == 0
@@ -159,20 +193,45 @@ def test_cli_runs_as_a_module():
     assert "found in sys.modules" not in run.stderr
 
 
-def _features(img):
-    """20x20 thumbnail + quantiles of the local mean inside the field of view (position-free)."""
-    from scipy import ndimage
+def _outline(img):
+    """Position-free shape of the darkest region (solidity and perimeter/sqrt(area), at three
+    thresholds): what tells a spiculated lesion from a smooth one."""
+    from scipy.spatial import ConvexHull
 
+    fov = ndimage.binary_erosion(img > 0, iterations=6)
+    smooth = ndimage.gaussian_filter(img.astype(np.float32), 1.0)
+    out = []
+    for q in (0.04, 0.08, 0.12):
+        dark = ndimage.binary_fill_holes((smooth < np.quantile(smooth[fov], q)) & fov)
+        labels, n = ndimage.label(dark)
+        if n == 0:
+            out += [0.0, 0.0]
+            continue
+        region = labels == 1 + int(np.argmax(ndimage.sum(dark, labels, range(1, n + 1))))
+        ys, xs = np.nonzero(region)
+        try:
+            hull = ConvexHull(np.stack([xs, ys], 1).astype(float)).volume
+        except Exception:  # a degenerate region (a line): no hull
+            hull = len(xs)
+        perimeter = (region ^ ndimage.binary_erosion(region)).sum()
+        out += [len(xs) / max(hull, 1.0), perimeter / np.sqrt(len(xs)) / 4]
+    return np.asarray(out)
+
+
+def _features(img):
+    """20x20 thumbnail + quantiles of the local mean inside the field of view + the darkest
+    region's outline (all but the thumbnail position-free)."""
     thumb = np.asarray(Image.fromarray(img).resize((20, 20), Image.BILINEAR), np.float32).ravel() / 255
     inside = ndimage.binary_erosion(img > 0, iterations=6)
     local = ndimage.uniform_filter(img.astype(np.float32), 9)[inside] / 255
-    return np.concatenate([thumb, np.quantile(local, [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]) * 5])
+    return np.concatenate([thumb, np.quantile(local, [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]) * 5, _outline(img)])
 
 
 @pytest.mark.slow
 def test_class_labels_are_learnable_from_pixels():
-    """A linear classifier on 20x20 thumbnails plus local-mean quantiles beats the majority
-    class by a wide margin on every classification task (the model has far more to work with)."""
+    """A linear classifier on 20x20 thumbnails, local-mean quantiles and the darkest region's
+    outline beats the majority class by a wide margin on every classification task (the model
+    has far more to work with)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_score
 

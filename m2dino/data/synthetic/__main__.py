@@ -16,7 +16,7 @@ import m2dino.data.synthetic as synthetic
 DEFAULT_SCALE = 0.06
 DEFAULT_SEED = 0
 MIN_TRAIN = 16
-MIN_VAL = 16
+MIN_VAL = 100
 EXAMPLES = """examples:
   python -m m2dino.data.synthetic --out /tmp/synthetic                    the 27 tasks at scale 0.06
   python -m m2dino.data.synthetic --out /tmp/small --scale 0.03 --tasks fetal_head,IUGC breast_3cls

@@ -2,12 +2,15 @@
 
 A `Canvas` is the pixel grid and the probe geometry: a linear probe (a rectangle below the
 skin line) or a sector (convex or phased array, a fan from a virtual apex), with `depth` and
-`point(depth, lateral)` in field-of-view coordinates. Shapes are boolean masks on it.
-A `Scene` holds three maps that organ scenes `paint` (scenes.py): tissue echogenicity,
-bright reflectors and fluid. `render` turns them into B-mode: acoustic shadowing behind
-bright structures and enhancement behind fluid (propagated along the beam), depth
-attenuation, correlated multiplicative speckle with Rayleigh amplitude statistics, log
-compression; outside the field of view is black.
+`point(depth, lateral)` in field-of-view coordinates. Shapes are boolean masks on it; an
+irregular outline (`blob`) takes its harmonics from a `blob_shape` drawn beforehand, so that a
+scene's geometry is a function of its latent factors (scenes.py) and not of the painting.
+A `Scene` holds three maps that organ scenes `paint`: tissue echogenicity, bright reflectors
+and fluid. `render` turns them into B-mode through a scanner's `Acquisition`
+(acquisition.py): the point-spread blur, acoustic shadowing behind bright structures and
+enhancement behind fluid (propagated along the beam), attenuation and time-gain compensation,
+near-field clutter, correlated multiplicative speckle with Rayleigh amplitude statistics and
+the scanner's grain, log compression, the scanner's overlay; outside the field of view is black.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from m2dino.data.synthetic.acquisition import Acquisition, draw_values, near_field, overlay, time_gain
 
 # ============================================================================ the probe canvas
 
@@ -97,17 +102,25 @@ def ellipse(cv, cx, cy, a, b, angle=0.0):
     return u * u + v * v <= 1.0
 
 
-def blob(cv, rng, cx, cy, r, irregular=0.1, spikes=0.0, angle=0.0, aspect=1.0):
-    """A star-shaped region whose radius is modulated by random harmonics (spikes: high ones)."""
+def blob_shape(rng, irregular=0.1, spikes=0.0) -> dict:
+    """An irregular outline's parameters: low harmonics (`irregular`) and sharp high ones (`spikes`)."""
+    harmonics = [(k, float(irregular * rng.uniform(-1, 1)), float(rng.uniform(0, 2 * np.pi))) for k in (2, 3, 5)]
+    spike = (int(rng.integers(7, 12)), float(spikes), float(rng.uniform(0, np.pi))) if spikes else None
+    return {"harmonics": harmonics, "spikes": spike}
+
+
+def blob(cv, cx, cy, r, shape, angle=0.0, aspect=1.0):
+    """A star-shaped region whose radius is modulated by the harmonics of `shape` (blob_shape)."""
     dx, dy = cv.X - cx, cv.Y - cy
     c, s = math.cos(angle), math.sin(angle)
     u, v = dx * c + dy * s, (-dx * s + dy * c) / aspect
     theta = np.arctan2(v, u)
     rad = np.ones_like(theta)
-    for k in (2, 3, 5):
-        rad += irregular * rng.uniform(-1, 1) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
-    if spikes:
-        rad += spikes * np.abs(np.cos(rng.integers(7, 12) * theta / 2 + rng.uniform(0, np.pi))) ** 6
+    for k, amplitude, phase in shape["harmonics"]:
+        rad += amplitude * np.cos(k * theta + phase)
+    if shape.get("spikes"):
+        count, amplitude, phase = shape["spikes"]
+        rad += amplitude * np.abs(np.cos(count * theta / 2 + phase)) ** 6
     return np.hypot(u, v) <= r * rad
 
 
@@ -150,22 +163,22 @@ def paint(sc, mask, value, bright=0.0, fluid=0.0):
         sc.fluid[mask] = np.maximum(sc.fluid[mask], fluid)
 
 
-def render(sc, rng) -> np.ndarray:
-    """B-mode rendering of a scene -> uint8 [H, W] (float32 throughout: it is the hot loop)."""
+def render(sc, rng, acq: Acquisition) -> np.ndarray:
+    """B-mode rendering of a scene through a scanner -> uint8 [H, W] (float32 throughout: the hot loop)."""
     cv = sc.cv
     f32 = np.float32
-    echo = ndimage.gaussian_filter(sc.echo, 0.7, truncate=3.0)
+    v = draw_values(acq, rng)
+    echo = ndimage.gaussian_filter(sc.echo, v["psf"], truncate=3.0)
     transmit = 1.0 - f32(0.75) * cv.behind(sc.bright) + f32(0.45) * cv.behind(sc.fluid)
-    attenuation = np.exp(f32(-rng.uniform(0.6, 1.6)) * cv.depth) * (1 + f32(rng.uniform(0.0, 0.5)) * cv.depth)
     # correlated complex Gaussian field -> Rayleigh-distributed amplitude (mean normalised to 1)
-    sig = (rng.uniform(0.5, 0.9), rng.uniform(0.9, 1.6))
+    sig = (v["grain_axial"], v["grain_lateral"])
     re = ndimage.gaussian_filter(rng.standard_normal((cv.h, cv.w), dtype=f32), sig, truncate=3.0)
     im = ndimage.gaussian_filter(rng.standard_normal((cv.h, cv.w), dtype=f32), sig, truncate=3.0)
     speckle = np.hypot(re, im)
     speckle *= f32(1.0 / (speckle.mean() + 1e-6))
-    intensity = np.maximum(echo * transmit * attenuation, 0) * speckle
-    k = f32(rng.uniform(8, 25))
-    gain = f32(255.0 * rng.uniform(0.85, 1.1) / math.log1p(k * 1.6))
-    img = np.log1p(k * intensity) * gain + rng.standard_normal(intensity.shape, dtype=f32) * f32(3.0)
+    signal = np.maximum(echo * transmit, 0) * time_gain(cv.depth, v) + near_field(cv.depth, acq.haze)
+    k = f32(v["compression"])
+    gain = f32(255.0 * v["gain"] / math.log1p(k * 1.6))
+    img = np.log1p(k * signal * speckle) * gain + rng.standard_normal(signal.shape, dtype=f32) * f32(acq.noise)
     img[~cv.fov] = 0
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return overlay(np.clip(img, 0, 255).astype(np.uint8), acq, rng)

@@ -1,64 +1,76 @@
-"""What is drawn: the organ scenes and `build`, one image and its label for any FM_UIA task.
+"""What is drawn: organ scenes from latent factors, and `draw`, one image and label of a task.
 
-An organ scene paints an echogenicity map on a canvas (canvas.py) and returns the geometry
-it drew; it is shared by all tasks of that organ, so related tasks can help or hurt each
-other. `build(task_id, rng, size, label)` picks the probe (`PROBES`) and the scene for a
-task, turns the geometry into the task's annotation (mask, class, box or points) and
-renders the image. Every label is visible in the image; `DIFFICULTY` says how, per task.
+A scene family (`FAMILIES`) draws its scene from named latent factors: `sample(cv, rng, given)`
+draws every factor of the family that `given` does not fix, and `paint(cv, rng, z)` paints the
+scene, drawing only nuisance (tissue texture, distractors) from `rng`; the geometry it returns
+is a function of the factors `z` alone. Positions are field-of-view fractions (depth in [0, 1],
+lateral in [-1, 1]) and sizes fractions of the image's shorter side, so one factor value means
+the same structure on any canvas, in any family that draws it.
+
+A task (`RECIPES`) is a family, the factors its images show (`shows`, drawn anew per image),
+the factors its label is a function of (`reads`) and its readout. The families a
+classification label chooses between (fetal_plane_cls, organ_cls) are in `identifies`: such a
+label says which structure is drawn. `draw(task_id, rng, size, label=None, given=None)` builds
+one example through the task's clinical group's scanner (acquisition.py). design.py turns
+these recipes into the declared transfer design; tests/data/test_design.py checks that every
+label reads exactly the factors declared.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import numpy as np
 from scipy import ndimage
 
-from m2dino.data.synthetic.canvas import Canvas, blob, ellipse, new_scene, paint, render, segment_distance
+from m2dino.data.synthetic.acquisition import acquisition_of
+from m2dino.data.synthetic.canvas import (
+    Canvas,
+    blob,
+    blob_shape,
+    ellipse,
+    new_scene,
+    paint,
+    render,
+    segment_distance,
+    smooth_field,
+)
 
-# How each label can be read from the image (and so how hard the task is), per task.
-DIFFICULTY = {
-    "breast_lesion": "medium: hypoechoic lesion (oval or spiculated) in layered breast tissue",
-    "cardiac_multi": "medium: LV cavity, its myocardial wall and the LA in a phased-array sector; RV is a distractor",
-    "carotid_artery": "medium: round lumen with a thick bright wall; "
-                      "the jugular vein (oval, thin wall) is a distractor",
-    "cervix": "medium: elongated moderately echoic cervix with a dark canal line",
-    "cervix_multi": "hard: the two lips of the cervix, separated only by the thin canal line",
-    "fetal_abdomen_multi": "hard: abdomen, stomach, umbilical vein and spine; small structures",
-    "fetal_head": "easy: bright skull ellipse",
-    "fetal_heart": "medium: four-chamber heart inside the fetal thorax, ribs shadowing",
-    "head_symphysis_multi": "medium: pubic symphysis (elongated) and fetal head (skull ellipse)",
-    "lung": "medium: lung field below the pleural line, between rib shadows",
-    "ovary_tumor": "medium: large cystic/solid mass among small anechoic follicles",
-    "thyroid_nodule": "medium: nodule (hypoechoic, or isoechoic with a dark halo) in the thyroid lobe",
-    "breast_2cls": "medium: benign = anechoic oval, wider than tall, strong posterior enhancement; "
-                   "malignant = spiculated, taller, dense posterior shadowing",
-    "breast_3cls": "medium: as breast_2cls, plus normal = no lesion",
-    "fetal_head_pos_cls": "medium: 8 positions = direction (45 degree steps) of a large bright occiput marker "
-                          "(shadowing behind it) inside the head; not flip-invariant",
-    "fetal_plane_cls": "easy: 6 planes drawn by different scenes (abdomen, brain, femur, thorax, cervix, other)",
-    "fetal_sacral_pos_cls": "medium: 8 positions = direction of the thick bright sacrum arc in the dark fetal pelvis; "
-                            "not flip-invariant",
-    "liver_lesion_2cls": "easy: benign = hyperechoic well-defined lesion; "
-                         "malignant = hypoechoic lesion with a bright halo",
-    "lung_2cls": "medium: normal = horizontal A-lines; abnormal = vertical B-lines",
-    "lung_disease_3cls": "medium: A-lines / B-lines / subpleural consolidation with bright air bronchograms",
-    "organ_cls": "easy: 6 organs drawn by their scenes (breast, thyroid, liver, lung, heart, carotid)",
-    "spinal_cord_injury_loc": "hard: small heterogeneous bright focus inside the cord between dural lines",
-    "thyroid_nodule_det": "medium: box of the thyroid nodule",
-    "uterine_fibroid_det": "medium: box of the round whorled fibroid in the uterus",
-    "FUGC": "medium: the two ends of the cervical canal (point 1 nearer the probe)",
-    "IUGC": "medium: the symphysis ends (upper, lower; a bright bar) and the tangent point on the fetal head",
-    "fetal_femur": "easy: the two ends of the bright femur, ordered left to right (so not flipped)",
-}
+# ============================================================================ factor helpers
 
 
-# ============================================================================ organ scenes
-# Each returns (scene, info): info holds the geometry the task builders turn into labels.
+def _u(rng, lo, hi) -> float:
+    return float(rng.uniform(lo, hi))
 
 
-def _head(sc, rng, cx, cy, a, b, angle, marker_dir=None):
-    """Fetal head: bright skull ring, darker brain, midline echo, optional occiput marker."""
+def _fill(given: dict, draws: dict[str, Callable[[], object]]) -> dict:
+    """Every factor of `draws`: the given value where there is one, else its draw. Every factor
+    is drawn either way, in order, so fixing one leaves the others' values unchanged."""
+    drawn = {name: draw() for name, draw in draws.items()}
+    return {name: given[name] if name in given else value for name, value in drawn.items()}
+
+
+def _centre(cv, f) -> tuple[float, float]:
+    return cv.point(f["depth"], f["lateral"])
+
+
+# ============================================================================ the fetal head
+
+
+def _skull(rng, depth, lateral, a, ratio, angle=(-0.6, 0.6)) -> dict:
+    return {"depth": _u(rng, *depth), "lateral": _u(rng, *lateral), "a": _u(rng, *a), "ratio": _u(rng, *ratio),
+            "angle": _u(rng, *angle)}
+
+
+def _head(sc, rng, skull, position=None):
+    """Fetal head: bright skull ring, darker brain, midline echo, optional bony position marker
+    (occiput) in one of 8 directions. Returns the skull's outer region (the head's mask)."""
     cv = sc.cv
+    cx, cy = _centre(cv, skull)
+    a = cv.s * skull["a"]
+    b = a * skull["ratio"]
+    angle = skull["angle"]
     t = max(1.5, 0.1 * b)
     outer = ellipse(cv, cx, cy, a, b, angle)
     inner = ellipse(cv, cx, cy, a - t, b - t, angle)
@@ -67,78 +79,125 @@ def _head(sc, rng, cx, cy, a, b, angle, marker_dir=None):
     c, s = math.cos(angle), math.sin(angle)
     mid = segment_distance(cv, (cx - 0.7 * a * c, cy - 0.7 * a * s), (cx + 0.7 * a * c, cy + 0.7 * a * s)) < 0.8
     paint(sc, mid & inner, 0.7)
-    if marker_dir is not None:
-        phi = marker_dir * math.pi / 4  # 0 = right of screen, counter-clockwise in image space
+    if position is not None:
+        phi = position * math.pi / 4  # 0 = right of screen, counter-clockwise in image space
         mx, my = cx + 0.55 * b * math.cos(phi), cy - 0.55 * b * math.sin(phi)
         paint(sc, ellipse(cv, mx, my, 0.34 * b, 0.34 * b), 1.0, bright=0.5)
     return outer
 
 
-def scene_fetal_head(cv, rng, marker_dir=None):
-    sc = new_scene(cv, rng)
-    cx, cy = cv.point(rng.uniform(0.4, 0.55), rng.uniform(-0.2, 0.2))
-    a = cv.s * rng.uniform(0.24, 0.32)
-    b = a * (rng.uniform(0.9, 1.0) if marker_dir is not None else rng.uniform(0.72, 0.9))
-    head = _head(sc, rng, cx, cy, a, b, rng.uniform(-0.6, 0.6), marker_dir)
-    return sc, {"head": head}
+def sample_brain(cv, rng, given):
+    return _fill(given, {"fetal_skull": lambda: _skull(rng, (0.4, 0.55), (-0.2, 0.2), (0.24, 0.32), (0.72, 0.9))})
 
 
-def scene_intrapartum(cv, rng, marker_dir=None, wide=False):
-    """Transperineal view: pubic symphysis upper-left, fetal head lower-right. `wide` spreads
-    the placement (the landmark task: with the narrow spread the training-mean points are
-    already within a few pixels, so there is little to learn beyond the mean)."""
+def paint_brain(cv, rng, z):
     sc = new_scene(cv, rng)
-    for _ in range(20):  # wide: redraw until both symphysis ends (landmarks) are in the field
-        if wide:
-            sx, sy = cv.point(rng.uniform(0.18, 0.4), rng.uniform(-0.6, -0.15))
-        else:
-            sx, sy = cv.point(rng.uniform(0.2, 0.3), rng.uniform(-0.55, -0.35))
-        length = cv.s * rng.uniform(0.28, 0.36)
-        ang = math.radians(rng.uniform(15, 55) if wide else rng.uniform(20, 45))
-        half = np.array([math.cos(ang), math.sin(ang)]) * length / 2
-        p_up, p_low = (sx - half[0], sy - half[1]), (sx + half[0], sy + half[1])
-        if not wide or (cv.contains(*p_up) and cv.contains(*p_low)):
-            break
-    sym = ellipse(cv, sx, sy, length / 2, cv.s * rng.uniform(0.045, 0.065), ang)
+    return sc, {"head": _head(sc, rng, z["fetal_skull"])}
+
+
+def _symphysis(cv, rng, wide: bool) -> dict:
+    """Pubic symphysis: a bright bar upper-left. `wide` spreads it (the landmark task: with the
+    narrow spread the training-mean points are already within a few pixels) and redraws it
+    until both ends (the landmarks) are in the field."""
+    for _ in range(20):
+        f = {"depth": _u(rng, *((0.18, 0.4) if wide else (0.2, 0.3))),
+             "lateral": _u(rng, *((-0.6, -0.15) if wide else (-0.55, -0.35))),
+             "length": _u(rng, 0.28, 0.36), "angle": math.radians(_u(rng, *((15, 55) if wide else (20, 45)))),
+             "thick": _u(rng, 0.045, 0.065)}
+        ends = _symphysis_ends(cv, f)
+        if not wide or all(cv.contains(*p) for p in ends):
+            return f
+    return f
+
+
+def _symphysis_ends(cv, f):
+    sx, sy = _centre(cv, f)
+    half = np.array([math.cos(f["angle"]), math.sin(f["angle"])]) * cv.s * f["length"] / 2
+    return (float(sx - half[0]), float(sy - half[1])), (float(sx + half[0]), float(sy + half[1]))
+
+
+def intrapartum_sampler(wide: bool = False, positioned: bool = False):
+    """The transperineal view's sampler; `positioned`: an occiput marker in a fetal position."""
+    def sample(cv, rng, given):
+        skull = ((0.52, 0.74), (-0.1, 0.45)) if wide else ((0.58, 0.68), (0.05, 0.3))
+        return _fill(given, {
+            "symphysis": lambda: _symphysis(cv, rng, wide),
+            "fetal_skull": lambda: _skull(rng, *skull, (0.2, 0.26), (0.9, 1.0), (-0.4, 0.4)),
+            "fetal_position": (lambda: int(rng.integers(8))) if positioned else (lambda: None),
+        })
+    return sample
+
+
+def paint_intrapartum(cv, rng, z):
+    """Transperineal view: pubic symphysis upper-left, fetal head lower-right."""
+    sc = new_scene(cv, rng)
+    head = _head(sc, rng, z["fetal_skull"], z["fetal_position"])
+    f = z["symphysis"]
+    p_up, p_low = _symphysis_ends(cv, f)
+    sym = ellipse(cv, *_centre(cv, f), cv.s * f["length"] / 2, cv.s * f["thick"], f["angle"])
     paint(sc, sym, rng.uniform(0.9, 1.0), bright=0.85)  # bone: bright, with an acoustic shadow
-    a = cv.s * rng.uniform(0.2, 0.26)
-    b = a * rng.uniform(0.9, 1.0)
-    if wide:
-        hx, hy = cv.point(rng.uniform(0.52, 0.74), rng.uniform(-0.1, 0.45))
-    else:
-        hx, hy = cv.point(rng.uniform(0.58, 0.68), rng.uniform(0.05, 0.3))
-    head = _head(sc, rng, hx, hy, a, b, rng.uniform(-0.4, 0.4), marker_dir)
-    head &= ~sym
+    head = head & ~sym
     # tangent point: the head contour point seen from the lower symphysis end at the widest
     # angle from the symphysis axis (how the angle of progression is drawn)
     ys, xs = np.nonzero(head ^ ndimage.binary_erosion(head))
     px, py = xs + 0.5, ys + 0.5
-    ax_dir = np.array(p_low) - np.array(p_up)
+    axis = np.array(p_low) - np.array(p_up)
     v = np.stack([px - p_low[0], py - p_low[1]], 1)
-    cosang = v @ ax_dir / (np.linalg.norm(v, axis=1) * np.linalg.norm(ax_dir) + 1e-6)
+    cosang = v @ axis / (np.linalg.norm(v, axis=1) * np.linalg.norm(axis) + 1e-6)
     j = int(np.argmin(cosang))
-    tangent = (float(px[j]), float(py[j]))
-    return sc, {"symphysis": sym, "head": head, "points": [p_up, p_low, tangent]}
+    return sc, {"symphysis": sym, "head": head, "points": [p_up, p_low, (float(px[j]), float(py[j]))]}
 
 
-def scene_fetal_abdomen(cv, rng):
+def sample_pelvis(cv, rng, given):
+    return _fill(given, {
+        "fetal_pelvis": lambda: {"depth": _u(rng, 0.42, 0.55), "lateral": _u(rng, -0.15, 0.15),
+                                 "r": _u(rng, 0.24, 0.3), "ratio": _u(rng, 0.9, 1.0)},
+        "fetal_position": lambda: int(rng.integers(8)),
+    })
+
+
+def paint_pelvis(cv, rng, z):
+    """Breech pelvis: round dark pelvis with the bright sacral arc in the fetal position's direction."""
     sc = new_scene(cv, rng)
-    cx, cy = cv.point(rng.uniform(0.42, 0.55), rng.uniform(-0.2, 0.2))
-    a = cv.s * rng.uniform(0.27, 0.34)
-    b = a * rng.uniform(0.85, 1.0)
-    ang = rng.uniform(0, math.pi)
+    f = z["fetal_pelvis"]
+    cx, cy = _centre(cv, f)
+    r = cv.s * f["r"]
+    paint(sc, ellipse(cv, cx, cy, r, r * f["ratio"]), rng.uniform(0.15, 0.25))
+    phi = z["fetal_position"] * math.pi / 4  # the occiput marker's convention
+    theta = np.arctan2(-(cv.Y - cy), cv.X - cx)
+    dist = np.hypot(cv.X - cx, cv.Y - cy)
+    arc = (np.abs(dist - 0.7 * r) < 0.16 * r) & (np.abs(np.angle(np.exp(1j * (theta - phi)))) < 0.5)
+    paint(sc, arc, 1.0, bright=0.8)
+    return sc, {}
+
+
+# ============================================================================ other fetal planes
+
+
+def sample_abdomen(cv, rng, given):
+    return _fill(given, {"fetal_abdomen": lambda: {
+        "depth": _u(rng, 0.42, 0.55), "lateral": _u(rng, -0.2, 0.2), "a": _u(rng, 0.27, 0.34),
+        "ratio": _u(rng, 0.85, 1.0), "angle": _u(rng, 0, math.pi), "side": int(rng.choice([-1, 1])),
+        "stomach_angle": _u(rng, 0, math.pi), "spine": _u(rng, 0.35, 0.65) * math.pi}})
+
+
+def paint_abdomen(cv, rng, z):
+    f = z["fetal_abdomen"]
+    sc = new_scene(cv, rng)
+    cx, cy = _centre(cv, f)
+    a = cv.s * f["a"]
+    b = a * f["ratio"]
+    ang, side = f["angle"], f["side"]
     abd = ellipse(cv, cx, cy, a, b, ang)
     paint(sc, abd, rng.uniform(0.4, 0.5))
-    rim = abd & ~ellipse(cv, cx, cy, a - 1.5, b - 1.5, ang)
-    paint(sc, rim, 0.8)
-    side = rng.choice([-1, 1])
-    st = ellipse(cv, cx + side * 0.35 * a, cy - 0.1 * b, 0.28 * a, 0.2 * b, rng.uniform(0, math.pi)) & abd
+    paint(sc, abd & ~ellipse(cv, cx, cy, a - 1.5, b - 1.5, ang), 0.8)
+    st = ellipse(cv, cx + side * 0.35 * a, cy - 0.1 * b, 0.28 * a, 0.2 * b, f["stomach_angle"]) & abd
     paint(sc, st, 0.04, fluid=0.5)
-    uv = segment_distance(cv, (cx - side * 0.15 * a, cy - 0.65 * b),
-                          (cx - side * 0.05 * a, cy + 0.05 * b)) < 0.05 * cv.s
+    vein_ends = (cx - side * 0.15 * a, cy - 0.65 * b), (cx - side * 0.05 * a, cy + 0.05 * b)
+    uv = segment_distance(cv, *vein_ends) < 0.05 * cv.s
     uv &= abd & ~st
     paint(sc, uv, 0.06, fluid=0.3)
-    phi = rng.uniform(0.35, 0.65) * math.pi
+    phi = f["spine"]
     spx, spy = cx + 0.7 * a * math.cos(phi), cy + 0.7 * b * math.sin(phi)
     spine = np.zeros_like(abd)
     for d in (-1, 0, 1):
@@ -149,19 +208,27 @@ def scene_fetal_abdomen(cv, rng):
     return sc, {"abdomen": abd, "stomach": st, "vein": uv, "spine": spine}
 
 
-def scene_fetal_thorax(cv, rng):
+def sample_thorax(cv, rng, given):
+    return _fill(given, {"fetal_thorax": lambda: {
+        "depth": _u(rng, 0.42, 0.55), "lateral": _u(rng, -0.2, 0.2), "a": _u(rng, 0.27, 0.33),
+        "ratio": _u(rng, 0.85, 1.0), "heart_dx": _u(rng, -0.2, 0.2), "heart_dy": _u(rng, -0.15, 0.15),
+        "heart_r": _u(rng, 0.38, 0.48), "heart_ratio": _u(rng, 0.8, 0.95), "heart_angle": _u(rng, 0, math.pi)}})
+
+
+def paint_thorax(cv, rng, z):
+    f = z["fetal_thorax"]
     sc = new_scene(cv, rng)
-    cx, cy = cv.point(rng.uniform(0.42, 0.55), rng.uniform(-0.2, 0.2))
-    a = cv.s * rng.uniform(0.27, 0.33)
-    thorax = ellipse(cv, cx, cy, a, a * rng.uniform(0.85, 1.0))
+    cx, cy = _centre(cv, f)
+    a = cv.s * f["a"]
+    thorax = ellipse(cv, cx, cy, a, a * f["ratio"])
     paint(sc, thorax, rng.uniform(0.45, 0.55))
-    for _k in range(int(rng.integers(3, 6))):
+    for _k in range(int(rng.integers(3, 6))):  # ribs (nuisance: they shadow, the mask ignores them)
         phi = rng.uniform(0, 2 * math.pi)
         paint(sc, ellipse(cv, cx + 0.95 * a * math.cos(phi), cy + 0.95 * a * math.sin(phi), 0.1 * a, 0.05 * a,
                           phi + math.pi / 2), 0.95, bright=0.8)
-    hx, hy = cx + rng.uniform(-0.2, 0.2) * a, cy + rng.uniform(-0.15, 0.15) * a
-    hr = a * rng.uniform(0.38, 0.48)
-    heart = ellipse(cv, hx, hy, hr, hr * rng.uniform(0.8, 0.95), rng.uniform(0, math.pi)) & thorax
+    hx, hy = cx + f["heart_dx"] * a, cy + f["heart_dy"] * a
+    hr = a * f["heart_r"]
+    heart = ellipse(cv, hx, hy, hr, hr * f["heart_ratio"], f["heart_angle"]) & thorax
     paint(sc, heart, 0.7)
     for qx in (-1, 1):
         for qy in (-1, 1):
@@ -170,26 +237,36 @@ def scene_fetal_thorax(cv, rng):
     return sc, {"heart": heart}
 
 
-def scene_fetal_femur(cv, rng):
+def sample_femur(cv, rng, given):
+    return _fill(given, {"femur": lambda: {"depth": _u(rng, 0.35, 0.55), "lateral": _u(rng, -0.15, 0.15),
+                                           "length": _u(rng, 0.4, 0.6), "angle": _u(rng, -0.5, 0.5)}})
+
+
+def paint_femur(cv, rng, z):
+    f = z["femur"]
     sc = new_scene(cv, rng)
-    cx, cy = cv.point(rng.uniform(0.35, 0.55), rng.uniform(-0.15, 0.15))
-    length = cv.s * rng.uniform(0.4, 0.6)
-    ang = rng.uniform(-0.5, 0.5)
+    cx, cy = _centre(cv, f)
+    length, ang = cv.s * f["length"], f["angle"]
     dx, dy = math.cos(ang) * length / 2, math.sin(ang) * length / 2
     p0, p1 = (cx - dx, cy - dy), (cx + dx, cy + dy)
     paint(sc, ellipse(cv, cx, cy + 0.1 * cv.s, length * 0.7, 0.22 * cv.s, ang), rng.uniform(0.35, 0.45))
-    femur = segment_distance(cv, p0, p1) < max(1.5, 0.025 * cv.s)
-    paint(sc, femur, 1.0, bright=0.95)
+    paint(sc, segment_distance(cv, p0, p1) < max(1.5, 0.025 * cv.s), 1.0, bright=0.95)
     return sc, {"points": sorted([p0, p1])}  # left to right
 
 
-def scene_cervix(cv, rng):
+def sample_cervix(cv, rng, given):
+    return _fill(given, {"cervix": lambda: {
+        "depth": _u(rng, 0.35, 0.5), "lateral": _u(rng, -0.2, 0.2), "length": _u(rng, 0.45, 0.6),
+        "width": _u(rng, 0.12, 0.16), "angle": math.pi / 2 + _u(rng, -0.7, 0.7)}})  # roughly along the beam
+
+
+def paint_cervix(cv, rng, z):
     """Transvaginal cervix: elongated echoic body, dark canal; lips either side of it."""
+    f = z["cervix"]
     sc = new_scene(cv, rng, base=(0.25, 0.45))
-    cx, cy = cv.point(rng.uniform(0.35, 0.5), rng.uniform(-0.2, 0.2))
-    length = cv.s * rng.uniform(0.45, 0.6)
-    ang = math.pi / 2 + rng.uniform(-0.7, 0.7)  # roughly along the beam
-    body = ellipse(cv, cx, cy, length / 2, cv.s * rng.uniform(0.12, 0.16), ang)
+    cx, cy = _centre(cv, f)
+    length, ang = cv.s * f["length"], f["angle"]
+    body = ellipse(cv, cx, cy, length / 2, cv.s * f["width"], ang)
     paint(sc, body, rng.uniform(0.6, 0.72))
     c, s = math.cos(ang), math.sin(ang)
     e0 = (cx - 0.42 * length * c, cy - 0.42 * length * s)
@@ -203,79 +280,116 @@ def scene_cervix(cv, rng):
     return sc, {"cervix": body, "lips": (lip_a, lip_b), "points": [near, far]}
 
 
-def scene_cardiac(cv, rng):
-    sc = new_scene(cv, rng, base=(0.12, 0.25))
-    lx, ly = cv.point(rng.uniform(0.32, 0.42), rng.uniform(0.1, 0.3))
-    la_, lb_ = cv.s * rng.uniform(0.24, 0.3), cv.s * rng.uniform(0.1, 0.13)
-    ang = math.pi / 2 + rng.uniform(-0.3, 0.1)
-    myo = ellipse(cv, lx, ly, la_ + 0.04 * cv.s, lb_ + 0.04 * cv.s, ang)
-    lv = ellipse(cv, lx, ly, la_, lb_, ang)
-    paint(sc, myo, rng.uniform(0.55, 0.7))
-    paint(sc, lv, 0.04, fluid=0.2)
-    rv = ellipse(cv, lx - 2.4 * lb_, ly - 0.1 * la_, 0.8 * la_, 0.9 * lb_, ang) & ~myo
-    paint(sc, rv, 0.05)
-    c, s = math.cos(ang), math.sin(ang)
-    ax_, ay_ = lx + 1.45 * la_ * c, ly + 1.45 * la_ * s
-    la = ellipse(cv, ax_, ay_, 0.45 * la_, 1.05 * lb_, ang) & ~myo
-    paint(sc, la, 0.05, fluid=0.2)
-    return sc, {"lv": lv, "myo": myo & ~lv, "la": la}
+def sample_nothing(cv, rng, given):
+    return {}
 
 
-def scene_carotid(cv, rng):
+def paint_other(cv, rng, z):
+    """A plane showing none of the structures (fetal_plane_cls 'other'): a few random blobs."""
     sc = new_scene(cv, rng)
-    cx, cy = cv.point(rng.uniform(0.4, 0.6), rng.uniform(-0.3, 0.3))
-    r = cv.s * rng.uniform(0.1, 0.14)
-    wall = ellipse(cv, cx, cy, r + max(2, 0.03 * cv.s), r + max(2, 0.03 * cv.s))
-    lumen = ellipse(cv, cx, cy, r, r)
-    paint(sc, wall, 0.9)
-    paint(sc, lumen, 0.03, fluid=0.4)
-    side = rng.choice([-1, 1])
-    jv = ellipse(cv, cx + side * 2.3 * r, cy - 0.4 * r, 1.3 * r, 0.7 * r, rng.uniform(-0.3, 0.3)) & ~wall
-    paint(sc, jv, 0.05, fluid=0.3)
-    return sc, {"carotid": wall}
+    for _ in range(int(rng.integers(2, 5))):
+        x, y = cv.point(rng.uniform(0.2, 0.8), rng.uniform(-0.7, 0.7))
+        paint(sc, blob(cv, x, y, cv.s * rng.uniform(0.05, 0.12), blob_shape(rng, 0.2)), rng.uniform(0.1, 0.8))
+    return sc, {}
 
 
-def scene_breast(cv, rng, kind):
-    """kind: 0 benign (oval, enhancement), 1 malignant (spiculated, shadow), 2 normal."""
+# ============================================================================ breast: the designed conflict
+# margin and echotexture are two independent cues of one clinical variable (malignancy):
+# breast_2cls reads the margin and must ignore the echotexture, breast_3cls the other way round;
+# breast_lesion's mask follows the margin and must ignore the echotexture inside it.
+
+MARGINS = ("circumscribed", "spiculated")
+ECHOTEXTURES = ("homogeneous", "heterogeneous")
+POSTERIOR = ("none", "enhancement", "shadowing")
+
+
+def breast_sampler(present=None):
+    """`present`: force a lesion (True), none (False), or draw it (None: 2 in 3 images)."""
+    def sample(cv, rng, given):
+        return _fill(given, {
+            "breast_lesion": lambda: {
+                "present": bool(rng.random() < 2 / 3) if present is None else present,
+                "depth": _u(rng, 0.4, 0.55), "lateral": _u(rng, -0.4, 0.4), "r": _u(rng, 0.12, 0.17),
+                "aspect": _u(rng, 0.55, 1.0), "angle": _u(rng, 0, math.pi), "shape": blob_shape(rng, 0.05)},
+            "margin": lambda: {"kind": int(rng.integers(2)), "spikes": blob_shape(rng, 0.0, _u(rng, 0.6, 0.85))},
+            "echotexture": lambda: {"kind": int(rng.integers(2)),
+                                    "foci": [(_u(rng, -0.55, 0.55), _u(rng, -0.55, 0.55))
+                                             for _ in range(int(rng.integers(4, 7)))]},
+            "posterior": lambda: int(rng.integers(3)),
+        })
+    return sample
+
+
+def breast_outline(cv, z):
+    """The lesion's region: the lesion's place and size, its outline spiculated or not by the margin."""
+    f, margin = z["breast_lesion"], z["margin"]
+    if not f["present"]:
+        return np.zeros((cv.h, cv.w), bool)
+    shape = dict(f["shape"])
+    if margin["kind"] == 1:  # spiculated: irregular low harmonics and sharp spikes
+        shape = {"harmonics": [(k, 3 * a, p) for k, a, p in shape["harmonics"]], "spikes": margin["spikes"]["spikes"]}
+    return blob(cv, *_centre(cv, f), cv.s * f["r"] * (0.85 if margin["kind"] else 1.0), shape,
+                angle=f["angle"], aspect=f["aspect"])
+
+
+def paint_breast(cv, rng, z):
     sc = new_scene(cv, rng, base=(0.35, 0.6))
-    paint(sc, cv.Y < cv.top + 0.04 * cv.h if cv.probe == "linear" else cv.depth < 0.04, 0.9)
+    paint(sc, cv.Y < cv.top + 0.04 * cv.h if cv.probe == "linear" else cv.depth < 0.04, 0.9)  # skin
     for _ in range(int(rng.integers(3, 7))):  # fat lobules
         fx, fy = cv.point(rng.uniform(0.1, 0.35), rng.uniform(-1, 1))
         paint(sc, ellipse(cv, fx, fy, cv.s * rng.uniform(0.08, 0.15), cv.s * 0.05, rng.uniform(-0.3, 0.3)), 0.2)
     paint(sc, cv.depth > rng.uniform(0.8, 0.88), 0.65)  # pectoral muscle
-    lesion = np.zeros((cv.h, cv.w), bool)
-    if kind != 2:
-        lx, ly = cv.point(rng.uniform(0.4, 0.55), rng.uniform(-0.4, 0.4))
-        r = cv.s * rng.uniform(0.12, 0.18)
-        if kind == 0:  # anechoic, wider than tall, strong posterior enhancement
-            lesion = blob(cv, rng, lx, ly, r, irregular=0.05, aspect=rng.uniform(0.5, 0.7))
-            paint(sc, lesion, rng.uniform(0.02, 0.08), fluid=0.9)
-        else:  # hypoechoic, spiculated, taller than wide, dense posterior shadow
-            lesion = blob(cv, rng, lx, ly, r * 0.85, irregular=0.15, spikes=0.6,
-                          angle=math.pi / 2, aspect=rng.uniform(0.65, 0.9))
-            paint(sc, lesion, rng.uniform(0.14, 0.22), bright=0.9)
+    lesion = breast_outline(cv, z)
+    if lesion.any():
+        posterior = POSTERIOR[z["posterior"]]
+        echo = rng.uniform(0.08, 0.18)
+        paint(sc, lesion, echo, fluid=0.6 if posterior == "enhancement" else 0.0,
+              bright=0.45 if posterior == "shadowing" else 0.0)
+        if z["echotexture"]["kind"] == 1:  # heterogeneous: mottled interior with echogenic foci
+            f = z["breast_lesion"]
+            cx, cy = _centre(cv, f)
+            r = cv.s * f["r"]
+            mottle = smooth_field(cv, rng, cells=int(rng.integers(8, 12)), lo=0.03, hi=0.2)
+            sc.echo[lesion] = mottle[lesion]
+            for u, v in z["echotexture"]["foci"]:
+                focus = ellipse(cv, cx + u * r, cy + v * r, max(1.2, 0.022 * cv.s), max(1.2, 0.022 * cv.s)) & lesion
+                paint(sc, focus, 1.0)
     return sc, {"lesion": lesion}
 
 
-def scene_thyroid(cv, rng):
+# ============================================================================ other organs
+
+
+def sample_thyroid(cv, rng, given):
+    return _fill(given, {
+        "thyroid_lobe": lambda: {"depth": _u(rng, 0.44, 0.52), "lateral": _u(rng, -0.1, 0.1),
+                                 "a": _u(rng, 0.34, 0.4), "b": _u(rng, 0.22, 0.26), "angle": _u(rng, -0.2, 0.2),
+                                 "side": int(rng.choice([-1, 1]))},
+        "thyroid_nodule": lambda: {"depth": _u(rng, 0.4, 0.56), "lateral": _u(rng, -0.25, 0.25),
+                                   "r": _u(rng, 0.08, 0.14), "aspect": _u(rng, 0.75, 1.0),
+                                   "shape": blob_shape(rng, 0.08),
+                                   "kind": "hypoechoic" if rng.random() < 0.6 else "halo"},
+    })
+
+
+def paint_thyroid(cv, rng, z):
+    lobe_f, nod = z["thyroid_lobe"], z["thyroid_nodule"]
     sc = new_scene(cv, rng, base=(0.25, 0.4))
-    cx, cy = cv.point(rng.uniform(0.42, 0.55), rng.uniform(-0.15, 0.15))
-    a, b = cv.s * rng.uniform(0.32, 0.4), cv.s * rng.uniform(0.2, 0.26)
-    lobe = ellipse(cv, cx, cy, a, b, rng.uniform(-0.2, 0.2))
+    cx, cy = _centre(cv, lobe_f)
+    a, b, side = cv.s * lobe_f["a"], cv.s * lobe_f["b"], lobe_f["side"]
+    lobe = ellipse(cv, cx, cy, a, b, lobe_f["angle"])
     paint(sc, lobe, rng.uniform(0.62, 0.72))
-    side = rng.choice([-1, 1])
     paint(sc, ellipse(cv, cx + side * 1.05 * a, cy, 0.22 * b, 0.22 * b) & ~lobe, 0.04, fluid=0.4)  # carotid
-    tr = ellipse(cv, cx - side * 1.1 * a, cy - 0.3 * b, 0.35 * b, 0.35 * b)
-    paint(sc, tr & ~ellipse(cv, cx - side * 1.1 * a, cy - 0.3 * b, 0.3 * b, 0.3 * b), 0.95, bright=0.9)  # trachea
-    nr = b * rng.uniform(0.35, 0.6)
-    nx, ny = cx + rng.uniform(-0.4, 0.4) * a, cy + rng.uniform(-0.2, 0.2) * b
-    nodule = blob(cv, rng, nx, ny, nr, irregular=0.08, aspect=rng.uniform(0.75, 1.0))
-    if rng.random() < 0.6:
+    ring = ellipse(cv, cx - side * 1.1 * a, cy - 0.3 * b, 0.35 * b, 0.35 * b)
+    paint(sc, ring & ~ellipse(cv, cx - side * 1.1 * a, cy - 0.3 * b, 0.3 * b, 0.3 * b), 0.95, bright=0.9)  # trachea
+    nx, ny = _centre(cv, nod)
+    nr = cv.s * nod["r"]
+    nodule = blob(cv, nx, ny, nr, nod["shape"], aspect=nod["aspect"])
+    if nod["kind"] == "hypoechoic":
         paint(sc, nodule, rng.uniform(0.1, 0.25))
     else:  # isoechoic nodule with a dark halo
-        halo = nodule & ~ndimage.binary_erosion(nodule, iterations=2)
         paint(sc, nodule, rng.uniform(0.75, 0.85))
-        paint(sc, halo, 0.05)
+        paint(sc, nodule & ~ndimage.binary_erosion(nodule, iterations=2), 0.05)
     if rng.random() < 0.4:  # microcalcifications
         for _ in range(3):
             paint(sc, ellipse(cv, nx + rng.uniform(-0.5, 0.5) * nr, ny + rng.uniform(-0.5, 0.5) * nr, 1.2, 1.2)
@@ -283,11 +397,26 @@ def scene_thyroid(cv, rng):
     return sc, {"nodule": nodule}
 
 
-def scene_lung(cv, rng, kind):
-    """kind: 0 normal (A-lines), 1 B-lines, 2 consolidation."""
+LUNG_PATTERNS = ("a_lines", "b_lines", "consolidation")
+
+
+def lung_sampler(kinds=3):
+    def sample(cv, rng, given):
+        return _fill(given, {
+            "pleura": lambda: {"depth": _u(rng, 0.25, 0.35), "ribs": sorted(_u(rng, 0.1, 0.9) for _ in range(2))},
+            "lung_pattern": lambda: {"kind": int(rng.integers(kinds)),
+                                     "lines": [_u(rng, 0, 1) for _ in range(int(rng.integers(2, 5)))],
+                                     "shape": blob_shape(rng, 0.2), "bronchograms": [
+                                         (_u(rng, 0, 1), _u(rng, 0.1, 0.35)) for _ in range(6)]},
+        })
+    return sample
+
+
+def paint_lung(cv, rng, z):
+    pl, pattern = z["pleura"], z["lung_pattern"]
     sc = new_scene(cv, rng, base=(0.3, 0.45))
-    pleura_y = cv.h * rng.uniform(0.25, 0.35)
-    xs = sorted(rng.uniform(0.1, 0.9, size=2) * cv.w)
+    pleura_y = cv.h * pl["depth"]
+    xs = [x * cv.w for x in pl["ribs"]]
     if xs[1] - xs[0] < 0.45 * cv.w:
         xs = [0.15 * cv.w, 0.85 * cv.w]
     rib_r = 0.07 * cv.s
@@ -298,42 +427,95 @@ def scene_lung(cv, rng, kind):
     paint(sc, line & between, 1.0)
     below = cv.Y > pleura_y + max(1.0, 0.012 * cv.h)
     paint(sc, below, 0.12)
-    if kind == 0:
+    left, right = xs[0] + rib_r, xs[1] - rib_r
+    if pattern["kind"] == 0:  # A-lines: horizontal reverberations of the pleura
         for k in (2, 3):
             paint(sc, (np.abs(cv.Y - k * pleura_y) < max(1.5, 0.02 * cv.h)) & between, 0.8 - 0.15 * k)
-    elif kind == 1:
-        for x in rng.uniform(xs[0] + rib_r, xs[1] - rib_r, size=int(rng.integers(2, 5))):
-            paint(sc, (np.abs(cv.X - x) < max(1.5, 0.035 * cv.w)) & below, 0.9)
-    else:
-        cons = blob(cv, rng, (xs[0] + xs[1]) / 2, pleura_y + 0.22 * cv.h, 0.2 * cv.s, irregular=0.2) & below
+    elif pattern["kind"] == 1:  # B-lines: vertical comet tails
+        for u in pattern["lines"]:
+            paint(sc, (np.abs(cv.X - (left + u * (right - left))) < max(1.5, 0.035 * cv.w)) & below, 0.9)
+    else:  # subpleural consolidation with bright air bronchograms
+        cons = blob(cv, (xs[0] + xs[1]) / 2, pleura_y + 0.22 * cv.h, 0.2 * cv.s, pattern["shape"]) & below
         paint(sc, cons, 0.55)
-        for _ in range(6):
-            paint(sc, ellipse(cv, rng.uniform(xs[0], xs[1]), pleura_y + rng.uniform(0.1, 0.35) * cv.h, 1.5, 1.0) & cons,
-                  1.0)
+        for u, d in pattern["bronchograms"]:
+            paint(sc, ellipse(cv, xs[0] + u * (xs[1] - xs[0]), pleura_y + d * cv.h, 1.5, 1.0) & cons, 1.0)
     shadow = cv.behind(sc.bright) > 0.5
-    lung = below & between & ~shadow & cv.fov
-    return sc, {"lung": lung}
+    return sc, {"lung": below & between & ~shadow & cv.fov}
 
 
-def scene_liver(cv, rng, kind):
-    """kind: 0 benign (hyperechoic, well defined), 1 malignant (hypoechoic with bright halo)."""
+def sample_liver(cv, rng, given):
+    return _fill(given, {"liver_lesion": lambda: {
+        "kind": int(rng.integers(2)), "depth": _u(rng, 0.35, 0.65), "lateral": _u(rng, -0.4, 0.4),
+        "r": _u(rng, 0.08, 0.14), "shape": blob_shape(rng, 0.08), "halo": blob_shape(rng, 0.05)}})
+
+
+def paint_liver(cv, rng, z):
+    """kind 0 benign (hyperechoic, well defined), 1 malignant (hypoechoic with a bright halo)."""
+    f = z["liver_lesion"]
     sc = new_scene(cv, rng, base=(0.42, 0.55))
     for _ in range(int(rng.integers(2, 4))):  # vessels
         p0 = cv.point(rng.uniform(0.2, 0.9), rng.uniform(-1, 1))
         p1 = cv.point(rng.uniform(0.2, 0.9), rng.uniform(-1, 1))
         paint(sc, segment_distance(cv, p0, p1) < 0.025 * cv.s, 0.05, fluid=0.2)
-    lx, ly = cv.point(rng.uniform(0.35, 0.65), rng.uniform(-0.4, 0.4))
-    r = cv.s * rng.uniform(0.08, 0.14)
-    lesion = blob(cv, rng, lx, ly, r, irregular=0.08)
-    if kind == 0:
+    lx, ly = _centre(cv, f)
+    r = cv.s * f["r"]
+    lesion = blob(cv, lx, ly, r, f["shape"])
+    if f["kind"] == 0:
         paint(sc, lesion, rng.uniform(1.0, 1.2))
     else:
-        paint(sc, blob(cv, rng, lx, ly, r * 1.25, irregular=0.05), 0.85)
+        paint(sc, blob(cv, lx, ly, r * 1.25, f["halo"]), 0.85)
         paint(sc, lesion, rng.uniform(0.12, 0.22))
     return sc, {"lesion": lesion}
 
 
-def scene_ovary(cv, rng):
+def sample_cardiac(cv, rng, given):
+    return _fill(given, {"cardiac_chambers": lambda: {
+        "depth": _u(rng, 0.32, 0.42), "lateral": _u(rng, 0.1, 0.3), "length": _u(rng, 0.24, 0.3),
+        "width": _u(rng, 0.1, 0.13), "angle": math.pi / 2 + _u(rng, -0.3, 0.1)}})
+
+
+def paint_cardiac(cv, rng, z):
+    f = z["cardiac_chambers"]
+    sc = new_scene(cv, rng, base=(0.12, 0.25))
+    lx, ly = _centre(cv, f)
+    la_, lb_, ang = cv.s * f["length"], cv.s * f["width"], f["angle"]
+    myo = ellipse(cv, lx, ly, la_ + 0.04 * cv.s, lb_ + 0.04 * cv.s, ang)
+    lv = ellipse(cv, lx, ly, la_, lb_, ang)
+    paint(sc, myo, rng.uniform(0.55, 0.7))
+    paint(sc, lv, 0.04, fluid=0.2)
+    paint(sc, ellipse(cv, lx - 2.4 * lb_, ly - 0.1 * la_, 0.8 * la_, 0.9 * lb_, ang) & ~myo, 0.05)  # RV
+    c, s = math.cos(ang), math.sin(ang)
+    la = ellipse(cv, lx + 1.45 * la_ * c, ly + 1.45 * la_ * s, 0.45 * la_, 1.05 * lb_, ang) & ~myo
+    paint(sc, la, 0.05, fluid=0.2)
+    return sc, {"lv": lv, "myo": myo & ~lv, "la": la}
+
+
+def sample_carotid(cv, rng, given):
+    return _fill(given, {"carotid_vessel": lambda: {"depth": _u(rng, 0.4, 0.6), "lateral": _u(rng, -0.3, 0.3),
+                                                    "r": _u(rng, 0.1, 0.14)}})
+
+
+def paint_carotid(cv, rng, z):
+    f = z["carotid_vessel"]
+    sc = new_scene(cv, rng)
+    cx, cy = _centre(cv, f)
+    r = cv.s * f["r"]
+    wall = ellipse(cv, cx, cy, r + max(2, 0.03 * cv.s), r + max(2, 0.03 * cv.s))
+    paint(sc, wall, 0.9)
+    paint(sc, ellipse(cv, cx, cy, r, r), 0.03, fluid=0.4)
+    side = rng.choice([-1, 1])  # the jugular vein (oval, thin wall): a distractor
+    jv = ellipse(cv, cx + side * 2.3 * r, cy - 0.4 * r, 1.3 * r, 0.7 * r, rng.uniform(-0.3, 0.3)) & ~wall
+    paint(sc, jv, 0.05, fluid=0.3)
+    return sc, {"carotid": wall}
+
+
+def sample_ovary(cv, rng, given):
+    return _fill(given, {"ovarian_mass": lambda: {"depth": _u(rng, 0.38, 0.57), "lateral": _u(rng, -0.25, 0.25),
+                                                  "r": _u(rng, 0.14, 0.2), "shape": blob_shape(rng, 0.12)}})
+
+
+def paint_ovary(cv, rng, z):
+    f = z["ovarian_mass"]
     sc = new_scene(cv, rng, base=(0.3, 0.45))
     cx, cy = cv.point(rng.uniform(0.4, 0.55), rng.uniform(-0.2, 0.2))
     ov = ellipse(cv, cx, cy, cv.s * 0.38, cv.s * 0.3, rng.uniform(-0.5, 0.5))
@@ -341,87 +523,99 @@ def scene_ovary(cv, rng):
     for _ in range(int(rng.integers(2, 6))):  # follicles
         fx, fy = cx + rng.uniform(-0.3, 0.3) * cv.s, cy + rng.uniform(-0.22, 0.22) * cv.s
         paint(sc, ellipse(cv, fx, fy, 0.035 * cv.s, 0.035 * cv.s) & ov, 0.04, fluid=0.2)
-    tx, ty = cx + rng.uniform(-0.12, 0.12) * cv.s, cy + rng.uniform(-0.08, 0.08) * cv.s
-    tumor = blob(cv, rng, tx, ty, cv.s * rng.uniform(0.14, 0.2), irregular=0.12)
+    tx, ty = _centre(cv, f)
+    tumor = blob(cv, tx, ty, cv.s * f["r"], f["shape"])
     paint(sc, tumor, 0.05, fluid=0.6)
     if rng.random() < 0.5:  # septum
         c = rng.uniform(0, math.pi)
         paint(sc, tumor & (np.abs((cv.X - tx) * math.cos(c) + (cv.Y - ty) * math.sin(c)) < 1.0), 0.8)
     if rng.random() < 0.5:  # solid papillary component
-        paint(sc, blob(cv, rng, tx + 0.08 * cv.s, ty, 0.06 * cv.s, irregular=0.2) & tumor, 0.6)
+        paint(sc, blob(cv, tx + 0.08 * cv.s, ty, 0.06 * cv.s, blob_shape(rng, 0.2)) & tumor, 0.6)
     return sc, {"tumor": tumor}
 
 
-def scene_uterus(cv, rng):
+def sample_uterus(cv, rng, given):
+    return _fill(given, {"fibroid": lambda: {"depth": _u(rng, 0.35, 0.6), "lateral": _u(rng, -0.35, 0.35),
+                                             "r": _u(rng, 0.09, 0.15), "ratio": _u(rng, 0.8, 1.0),
+                                             "angle": _u(rng, 0, math.pi)}})
+
+
+def paint_uterus(cv, rng, z):
+    f = z["fibroid"]
     sc = new_scene(cv, rng, base=(0.25, 0.4))
     cx, cy = cv.point(rng.uniform(0.4, 0.55), rng.uniform(-0.15, 0.15))
     ang = rng.uniform(-0.4, 0.4)
-    ut = ellipse(cv, cx, cy, cv.s * 0.4, cv.s * 0.25, ang)
-    paint(sc, ut, 0.55)
+    paint(sc, ellipse(cv, cx, cy, cv.s * 0.4, cv.s * 0.25, ang), 0.55)
     c, s = math.cos(ang), math.sin(ang)
     paint(sc, segment_distance(cv, (cx - 0.25 * cv.s * c, cy - 0.25 * cv.s * s),
-                               (cx + 0.25 * cv.s * c, cy + 0.25 * cv.s * s)) < 0.02 * cv.s, 0.9)
-    fx, fy = cx + rng.uniform(-0.2, 0.2) * cv.s, cy + rng.uniform(-0.1, 0.1) * cv.s
-    fr = cv.s * rng.uniform(0.09, 0.15)
-    fibroid = ellipse(cv, fx, fy, fr, fr * rng.uniform(0.8, 1.0), rng.uniform(0, math.pi))
+                               (cx + 0.25 * cv.s * c, cy + 0.25 * cv.s * s)) < 0.02 * cv.s, 0.9)  # endometrium
+    fx, fy = _centre(cv, f)
+    fr = cv.s * f["r"]
+    fibroid = ellipse(cv, fx, fy, fr, fr * f["ratio"], f["angle"])
     rings = (np.hypot(cv.X - fx, cv.Y - fy) / max(fr, 1) * 4).astype(int) % 2 == 0  # whorls
     paint(sc, fibroid, 0.25)
     paint(sc, fibroid & rings, 0.4)
-    edge = fibroid & ~ndimage.binary_erosion(fibroid)
-    paint(sc, edge, 0.3, bright=0.4)
+    paint(sc, fibroid & ~ndimage.binary_erosion(fibroid), 0.3, bright=0.4)
     return sc, {"fibroid": fibroid}
 
 
-def scene_spine(cv, rng):
+def sample_spine(cv, rng, given):
+    return _fill(given, {"spinal_cord": lambda: {
+        "depth": _u(rng, 0.35, 0.45), "gap": _u(rng, 0.14, 0.2), "tilt": _u(rng, -0.1, 0.1),
+        "injury_x": _u(rng, 0.25, 0.75), "injury_r": _u(rng, 0.06, 0.1), "aspect": _u(rng, 0.5, 0.8),
+        "shape": blob_shape(rng, 0.2)}})
+
+
+def paint_spine(cv, rng, z):
     """Longitudinal spinal canal: dural lines, dark cord, injury focus inside it."""
+    f = z["spinal_cord"]
     sc = new_scene(cv, rng, base=(0.3, 0.45))
-    y0 = cv.h * rng.uniform(0.35, 0.45)
-    gap = cv.h * rng.uniform(0.14, 0.2)
-    tilt = rng.uniform(-0.1, 0.1)
+    y0, gap, tilt = cv.h * f["depth"], cv.h * f["gap"], f["tilt"]
     yline = y0 + tilt * (cv.X - cv.w / 2)
     paint(sc, np.abs(cv.Y - yline) < 1.2, 0.9)
     paint(sc, np.abs(cv.Y - yline - gap) < 1.2, 0.9)
-    cord = (cv.Y > yline + 0.25 * gap) & (cv.Y < yline + 0.75 * gap)
-    paint(sc, cord, 0.15)
+    paint(sc, (cv.Y > yline + 0.25 * gap) & (cv.Y < yline + 0.75 * gap), 0.15)
     for x in np.arange(rng.uniform(0, 0.2) * cv.w, cv.w, 0.28 * cv.w):  # laminae
         paint(sc, ellipse(cv, x, y0 + tilt * (x - cv.w / 2) + 1.8 * gap, 0.08 * cv.w, 0.03 * cv.h), 0.95, bright=0.9)
-    ix = rng.uniform(0.25, 0.75) * cv.w
+    ix = f["injury_x"] * cv.w
     iy = y0 + tilt * (ix - cv.w / 2) + 0.5 * gap
-    injury = blob(cv, rng, ix, iy, cv.s * rng.uniform(0.06, 0.1), irregular=0.2, aspect=rng.uniform(0.5, 0.8))
+    injury = blob(cv, ix, iy, cv.s * f["injury_r"], f["shape"], aspect=f["aspect"])
     paint(sc, injury, 0.7)
     paint(sc, injury & (rng.random((cv.h, cv.w)) < 0.3), 0.35)
     return sc, {"injury": injury}
 
 
-def scene_other(cv, rng):
-    sc = new_scene(cv, rng)
-    for _ in range(int(rng.integers(2, 5))):
-        x, y = cv.point(rng.uniform(0.2, 0.8), rng.uniform(-0.7, 0.7))
-        paint(sc, blob(cv, rng, x, y, cv.s * rng.uniform(0.05, 0.12), irregular=0.2), rng.uniform(0.1, 0.8))
-    return sc, {}
+# ============================================================================ families and recipes
 
 
-def scene_sacrum(cv, rng, direction):
-    """Breech pelvis: round pelvis with the bright sacral arc at one of 8 directions."""
-    sc = new_scene(cv, rng)
-    cx, cy = cv.point(rng.uniform(0.42, 0.55), rng.uniform(-0.15, 0.15))
-    r = cv.s * rng.uniform(0.24, 0.3)
-    paint(sc, ellipse(cv, cx, cy, r, r * rng.uniform(0.9, 1.0)), rng.uniform(0.15, 0.25))
-    phi = direction * math.pi / 4
-    theta = np.arctan2(-(cv.Y - cy), cv.X - cx)
-    dist = np.hypot(cv.X - cx, cv.Y - cy)
-    dphi = np.angle(np.exp(1j * (theta - phi)))
-    arc = (np.abs(dist - 0.7 * r) < 0.16 * r) & (np.abs(dphi) < 0.5)
-    paint(sc, arc, 1.0, bright=0.8)
-    return sc, {}
+class Family(NamedTuple):
+    """A scene family: its probe, the sampler of its factors, its painter, and the anatomy that
+    identifies it (the factor a plane or organ classifier must recognise; None: nothing a label reads)."""
+
+    probe: str
+    sample: Callable
+    paint: Callable
+    anatomy: str | None
 
 
-# ============================================================================ task builders
-
-# Probe per organ (anything else: convex sector): small parts linear, echo phased array.
-PROBES = {
-    "breast": "linear", "thyroid": "linear", "carotid": "linear", "spine": "linear",
-    "cardiac": "phased", "lung": "linear",
+FAMILIES: dict[str, Family] = {
+    "fetal_brain": Family("convex", sample_brain, paint_brain, "fetal_skull"),
+    "intrapartum": Family("convex", intrapartum_sampler(), paint_intrapartum, None),
+    "fetal_pelvis": Family("convex", sample_pelvis, paint_pelvis, None),
+    "fetal_abdomen": Family("convex", sample_abdomen, paint_abdomen, "fetal_abdomen"),
+    "fetal_thorax": Family("convex", sample_thorax, paint_thorax, "fetal_thorax"),
+    "fetal_femur": Family("convex", sample_femur, paint_femur, "femur"),
+    "cervix": Family("convex", sample_cervix, paint_cervix, "cervix"),
+    "fetal_other": Family("convex", sample_nothing, paint_other, None),
+    "breast": Family("linear", breast_sampler(), paint_breast, None),
+    "thyroid": Family("linear", sample_thyroid, paint_thyroid, "thyroid_lobe"),
+    "lung": Family("linear", lung_sampler(), paint_lung, "pleura"),
+    "liver": Family("convex", sample_liver, paint_liver, None),
+    "cardiac": Family("phased", sample_cardiac, paint_cardiac, "cardiac_chambers"),
+    "carotid": Family("linear", sample_carotid, paint_carotid, "carotid_vessel"),
+    "ovary": Family("convex", sample_ovary, paint_ovary, None),
+    "uterus": Family("convex", sample_uterus, paint_uterus, None),
+    "spine": Family("linear", sample_spine, paint_spine, None),
 }
 
 
@@ -430,115 +624,216 @@ def bbox_of(mask):
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
-def _labelmap(h, w, layers):
-    out = np.zeros((h, w), np.uint8)
+def _labelmap(layers):
+    out = np.zeros(layers[0][1].shape, np.uint8)
     for value, m in layers:
         out[m] = value
     return out
+
+
+def _mask(*names):
+    """Readout: an index mask whose class i+1 is geometry `names[i]` (later classes drawn over earlier)."""
+    def readout(geo, z):
+        return {"mask": _labelmap([(i + 1, geo[n]) for i, n in enumerate(names)])}
+    return readout
+
+
+def _box(name):
+    return lambda geo, z: {"box": bbox_of(geo[name])}
+
+
+def _points(geo, z):
+    return {"points": geo["points"]}
+
+
+def _factor_label(factor, key="kind"):
+    return lambda geo, z: {"label": int(z[factor][key] if key else z[factor])}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a task's examples are drawn and labelled.
+
+    family: its scene family, or for a classifier of scenes, one family per class (`identifies`);
+    shows: factors drawn anew in its images; reads: the factors its label is a function of;
+    readout(geometry, z) -> annotation; given(label) -> the factor values that realise a class
+    (classification: the class is drawn first, then the scene); sample: the family's sampler
+    with this task's ranges (default: the family's)."""
+
+    family: str | tuple[str, ...]
+    shows: tuple[str, ...]
+    reads: tuple[str, ...]
+    readout: Callable
+    given: Callable[[int], dict] | None = None
+    sample: Callable | None = None
+    class_weights: tuple[float, ...] | None = None
+
+    @property
+    def identifies(self) -> tuple[str, ...]:
+        return self.family if isinstance(self.family, tuple) else ()
+
+
+_BREAST = ("breast_lesion", "margin", "echotexture", "posterior")
+_INTRAPARTUM = ("fetal_skull", "symphysis")
+
+
+def _breast_3cls(label):  # 0 benign (homogeneous), 1 malignant (heterogeneous), 2 normal (no lesion)
+    if label == 2:
+        return {"breast_lesion": {"present": False}}
+    return {"breast_lesion": {"present": True}, "echotexture": {"kind": label}}
+
+
+def _kind(factor):
+    return lambda label: {factor: {"kind": label}}
+
+
+RECIPES: dict[str, Recipe] = {
+    "fetal_head": Recipe("fetal_brain", ("fetal_skull",), ("fetal_skull",), _mask("head")),
+    "head_symphysis_multi": Recipe("intrapartum", _INTRAPARTUM, _INTRAPARTUM, _mask("symphysis", "head")),
+    "IUGC": Recipe("intrapartum", _INTRAPARTUM, _INTRAPARTUM, _points, sample=intrapartum_sampler(wide=True)),
+    "fetal_head_pos_cls": Recipe("intrapartum", (*_INTRAPARTUM, "fetal_position"), ("fetal_position",),
+                                 _factor_label("fetal_position", None), given=lambda k: {"fetal_position": k},
+                                 sample=intrapartum_sampler(positioned=True)),
+    "fetal_sacral_pos_cls": Recipe("fetal_pelvis", ("fetal_pelvis", "fetal_position"), ("fetal_position",),
+                                   _factor_label("fetal_position", None), given=lambda k: {"fetal_position": k}),
+    "fetal_abdomen_multi": Recipe("fetal_abdomen", ("fetal_abdomen",), ("fetal_abdomen",),
+                                  _mask("abdomen", "stomach", "vein", "spine")),
+    "fetal_heart": Recipe("fetal_thorax", ("fetal_thorax",), ("fetal_thorax",), _mask("heart")),
+    "fetal_femur": Recipe("fetal_femur", ("femur",), ("femur",), _points),
+    "cervix": Recipe("cervix", ("cervix",), ("cervix",), _mask("cervix")),
+    "cervix_multi": Recipe("cervix", ("cervix",), ("cervix",),
+                           lambda geo, z: {"mask": _labelmap([(1, geo["lips"][0]), (2, geo["lips"][1])])}),
+    "FUGC": Recipe("cervix", ("cervix",), ("cervix",), _points),
+    "fetal_plane_cls": Recipe(("fetal_abdomen", "fetal_brain", "fetal_femur", "fetal_thorax", "cervix", "fetal_other"),
+                              (), (), None, class_weights=(0.22, 0.22, 0.18, 0.16, 0.12, 0.10)),
+    "breast_lesion": Recipe("breast", _BREAST, ("breast_lesion", "margin"), _mask("lesion"),
+                            sample=breast_sampler(present=True)),
+    "breast_2cls": Recipe("breast", _BREAST, ("margin",), _factor_label("margin"),
+                          given=_kind("margin"), sample=breast_sampler(present=True)),
+    "breast_3cls": Recipe("breast", _BREAST, ("breast_lesion", "echotexture"),
+                          lambda geo, z: {"label": 2 if not z["breast_lesion"]["present"]
+                                          else int(z["echotexture"]["kind"])}, given=_breast_3cls),
+    "thyroid_nodule": Recipe("thyroid", ("thyroid_lobe", "thyroid_nodule"), ("thyroid_nodule",), _mask("nodule")),
+    "thyroid_nodule_det": Recipe("thyroid", ("thyroid_lobe", "thyroid_nodule"), ("thyroid_nodule",), _box("nodule")),
+    "lung": Recipe("lung", ("pleura", "lung_pattern"), ("pleura",), _mask("lung")),
+    "lung_2cls": Recipe("lung", ("pleura", "lung_pattern"), ("lung_pattern",), _factor_label("lung_pattern"),
+                        given=_kind("lung_pattern"), sample=lung_sampler(kinds=2)),
+    "lung_disease_3cls": Recipe("lung", ("pleura", "lung_pattern"), ("lung_pattern",), _factor_label("lung_pattern"),
+                                given=_kind("lung_pattern")),
+    "liver_lesion_2cls": Recipe("liver", ("liver_lesion",), ("liver_lesion",), _factor_label("liver_lesion"),
+                                given=_kind("liver_lesion")),
+    "organ_cls": Recipe(("breast", "thyroid", "liver", "lung", "cardiac", "carotid"), (), (), None),
+    "cardiac_multi": Recipe("cardiac", ("cardiac_chambers",), ("cardiac_chambers",), _mask("lv", "myo", "la")),
+    "carotid_artery": Recipe("carotid", ("carotid_vessel",), ("carotid_vessel",), _mask("carotid")),
+    "ovary_tumor": Recipe("ovary", ("ovarian_mass",), ("ovarian_mass",), _mask("tumor")),
+    "uterine_fibroid_det": Recipe("uterus", ("fibroid",), ("fibroid",), _box("fibroid")),
+    "spinal_cord_injury_loc": Recipe("spine", ("spinal_cord",), ("spinal_cord",), _box("injury")),
+}
+
+# How each label can be read from the image (and so how hard the task is), per task.
+DIFFICULTY = {
+    "breast_lesion": "medium: hypoechoic lesion in layered breast tissue; its outline is smooth or spiculated (the "
+                     "margin), its inside homogeneous or mottled with bright foci (ignore it), posterior "
+                     "enhancement or shadowing (ignore it)",
+    "cardiac_multi": "medium: LV cavity, its myocardial wall and the LA in a phased-array sector; RV is a distractor",
+    "carotid_artery": "medium: round lumen with a thick bright wall; "
+                      "the jugular vein (oval, thin wall) is a distractor",
+    "cervix": "medium: elongated moderately echoic cervix with a dark canal line",
+    "cervix_multi": "hard: the two lips of the cervix, separated only by the thin canal line",
+    "fetal_abdomen_multi": "hard: abdomen, stomach, umbilical vein and spine; small structures",
+    "fetal_head": "easy: bright skull ellipse",
+    "fetal_heart": "medium: four-chamber heart inside the fetal thorax, ribs shadowing",
+    "head_symphysis_multi": "medium: pubic symphysis (elongated) and fetal head (skull ellipse)",
+    "lung": "medium: lung field below the pleural line, between rib shadows",
+    "ovary_tumor": "medium: large cystic/solid mass among small anechoic follicles",
+    "thyroid_nodule": "medium: nodule (hypoechoic, or isoechoic with a dark halo) in the thyroid lobe",
+    "breast_2cls": "medium: benign = circumscribed (smooth) margin, malignant = spiculated margin; the inside's "
+                   "texture and the posterior feature vary independently and must be ignored",
+    "breast_3cls": "medium: normal = no lesion; benign = homogeneous inside, malignant = heterogeneous inside with "
+                   "bright foci; the margin and the posterior feature vary independently and must be ignored",
+    "fetal_head_pos_cls": "medium: 8 positions = direction (45 degree steps) of a large bright occiput marker "
+                          "(shadowing behind it) inside the head; not flip-invariant",
+    "fetal_plane_cls": "easy: 6 planes drawn by different scenes (abdomen, brain, femur, thorax, cervix, other)",
+    "fetal_sacral_pos_cls": "medium: 8 positions = direction of the thick bright sacrum arc in the dark fetal pelvis "
+                            "(the occiput's convention); not flip-invariant",
+    "liver_lesion_2cls": "easy: benign = hyperechoic well-defined lesion; "
+                         "malignant = hypoechoic lesion with a bright halo",
+    "lung_2cls": "medium: normal = horizontal A-lines; abnormal = vertical B-lines",
+    "lung_disease_3cls": "medium: A-lines / B-lines / subpleural consolidation with bright air bronchograms",
+    "organ_cls": "easy: 6 organs drawn by their scenes (breast, thyroid, liver, lung, heart, carotid) through the "
+                 "Other group's scanner",
+    "spinal_cord_injury_loc": "hard: small heterogeneous bright focus inside the cord between dural lines",
+    "thyroid_nodule_det": "medium: box of the thyroid nodule (the bounding box of thyroid_nodule's mask)",
+    "uterine_fibroid_det": "medium: box of the round whorled fibroid in the uterus",
+    "FUGC": "medium: the two ends of the cervical canal (point 1 nearer the probe)",
+    "IUGC": "medium: the symphysis ends (upper, lower; a bright bar) and the tangent point on the fetal head",
+    "fetal_femur": "easy: the two ends of the bright femur, ordered left to right (so not flipped)",
+}
+
+
+# ============================================================================ drawing an example
+
+
+class Example(NamedTuple):
+    image: np.ndarray  # uint8 [H, W]
+    annotation: dict   # {"mask"} | {"label"} | {"box"} | {"points"}, original pixels
+    family: str
+    factors: dict      # every factor the scene was drawn from
+    canvas: Canvas     # the probe geometry (factor positions -> pixels: canvas.point)
+
+
+def _sample(sample, cv, rng, constraints: dict, given: dict) -> dict:
+    """The task's factors: the `given` ones as they are, the others drawn, with a class's
+    constraints ({factor: value, or {key: value} for part of it}) written into the drawn ones."""
+    z = sample(cv, rng, given)
+    for factor, value in constraints.items():
+        if factor not in given:
+            z[factor] = {**z[factor], **value} if isinstance(value, dict) else value
+    return z
+
+
+def draw(task_id: str, rng: np.random.Generator, size: tuple[int, int], label: int | None = None,
+         given: dict | None = None) -> Example:
+    """One example of a task. `label` forces a classification example's class (the class-balanced
+    val split); `given` fixes factors ({name: value}, as `Example.factors` holds them), the
+    others are drawn. The factors draw from their own stream (seeded from `rng` first), so
+    fixing some leaves the canvas, the other factors' values and the nuisance unchanged."""
+    if task_id not in RECIPES:
+        raise KeyError(f"no synthetic generator for task {task_id!r}")
+    recipe = RECIPES[task_id]
+    h, w = size
+    factor_rng = np.random.default_rng(int(rng.integers(2**63)))
+    if recipe.identifies:  # a scene classifier: the class picks the family
+        k = len(recipe.family)
+        cls = int(label) if label is not None else int(factor_rng.choice(k, p=recipe.class_weights)
+                                                        if recipe.class_weights else factor_rng.integers(k))
+        family_name, constraints = recipe.family[cls], {}
+    else:
+        family_name = recipe.family
+        cls = label
+        if cls is None and recipe.given is not None:
+            cls = int(factor_rng.integers(num_classes_of(task_id)))
+        constraints = recipe.given(cls) if recipe.given is not None and cls is not None else {}
+    family = FAMILIES[family_name]
+    cv = Canvas(h, w, family.probe, rng)
+    z = _sample(recipe.sample or family.sample, cv, factor_rng, constraints, dict(given or {}))
+    sc, geometry = family.paint(cv, rng, z)
+    annotation = {"label": cls} if recipe.identifies else recipe.readout(geometry, z)
+    image = render(sc, rng, acquisition_of(task_id))
+    if "mask" in annotation:
+        annotation["mask"][~cv.fov] = 0
+    return Example(image, annotation, family_name, z, cv)
+
+
+def num_classes_of(task_id: str) -> int:
+    from m2dino.tasks import TASKS
+
+    return TASKS[task_id].num_classes
 
 
 def build(task_id: str, rng: np.random.Generator, size: tuple[int, int], label: int | None = None):
     """One example of a task: (uint8 image [H, W], annotation in original pixels:
     {"mask": uint8 [H, W]} | {"label": int} | {"box": [x0, y0, x1, y1]} | {"points": [(x, y), ...]}).
     `label` forces the class of a classification example (class-balanced val); default: drawn."""
-    h, w = size
-    t = task_id
-    forced = label
-
-    def draw(k, p=None):
-        if forced is not None:
-            return int(forced)
-        return int(rng.choice(k, p=p)) if p is not None else int(rng.integers(k))
-
-    def canvas(organ):
-        return Canvas(h, w, PROBES.get(organ, "convex"), rng)
-
-    if t in ("fetal_head",):
-        sc, g = scene_fetal_head(canvas("fetal"), rng)
-        ann = {"mask": _labelmap(h, w, [(1, g["head"])])}
-    elif t == "fetal_head_pos_cls":
-        label = draw(8)
-        sc, g = scene_intrapartum(canvas("fetal"), rng, marker_dir=label)
-        ann = {"label": label}
-    elif t == "head_symphysis_multi":
-        sc, g = scene_intrapartum(canvas("fetal"), rng)
-        ann = {"mask": _labelmap(h, w, [(2, g["head"]), (1, g["symphysis"])])}
-    elif t == "IUGC":
-        sc, g = scene_intrapartum(canvas("fetal"), rng, wide=True)
-        ann = {"points": g["points"]}
-    elif t == "fetal_abdomen_multi":
-        sc, g = scene_fetal_abdomen(canvas("fetal"), rng)
-        ann = {"mask": _labelmap(h, w, [(1, g["abdomen"]), (2, g["stomach"]), (3, g["vein"]), (4, g["spine"])])}
-    elif t == "fetal_heart":
-        sc, g = scene_fetal_thorax(canvas("fetal"), rng)
-        ann = {"mask": _labelmap(h, w, [(1, g["heart"])])}
-    elif t == "fetal_femur":
-        sc, g = scene_fetal_femur(canvas("fetal"), rng)
-        ann = {"points": g["points"]}
-    elif t in ("cervix", "cervix_multi", "FUGC"):
-        sc, g = scene_cervix(canvas("cervix"), rng)
-        if t == "cervix":
-            ann = {"mask": _labelmap(h, w, [(1, g["cervix"])])}
-        elif t == "cervix_multi":
-            ann = {"mask": _labelmap(h, w, [(1, g["lips"][0]), (2, g["lips"][1])])}
-        else:
-            ann = {"points": g["points"]}
-    elif t == "fetal_plane_cls":
-        label = draw(6, p=[0.22, 0.22, 0.18, 0.16, 0.12, 0.10])
-        scene = [scene_fetal_abdomen, scene_fetal_head, scene_fetal_femur, scene_fetal_thorax,
-                 scene_cervix, scene_other][label]
-        sc, g = scene(canvas("cervix" if label == 4 else "fetal"), rng)
-        ann = {"label": label}
-    elif t == "fetal_sacral_pos_cls":
-        label = draw(8)
-        sc, g = scene_sacrum(canvas("fetal"), rng, label)
-        ann = {"label": label}
-    elif t == "cardiac_multi":
-        sc, g = scene_cardiac(canvas("cardiac"), rng)
-        ann = {"mask": _labelmap(h, w, [(2, g["myo"]), (1, g["lv"]), (3, g["la"])])}
-    elif t == "carotid_artery":
-        sc, g = scene_carotid(canvas("carotid"), rng)
-        ann = {"mask": _labelmap(h, w, [(1, g["carotid"])])}
-    elif t in ("breast_lesion", "breast_2cls", "breast_3cls"):
-        kind = draw(3 if t == "breast_3cls" else 2) if t != "breast_lesion" else int(rng.integers(2))
-        sc, g = scene_breast(canvas("breast"), rng, kind)
-        ann = {"mask": _labelmap(h, w, [(1, g["lesion"])])} if t == "breast_lesion" else {"label": kind}
-    elif t in ("thyroid_nodule", "thyroid_nodule_det"):
-        sc, g = scene_thyroid(canvas("thyroid"), rng)
-        ann = {"mask": _labelmap(h, w, [(1, g["nodule"])])} if t == "thyroid_nodule" else {"box": bbox_of(g["nodule"])}
-    elif t in ("lung", "lung_2cls", "lung_disease_3cls"):
-        kind = draw(3 if t == "lung_disease_3cls" else 2) if t != "lung" else int(rng.integers(3))
-        sc, g = scene_lung(canvas("lung"), rng, kind)
-        ann = {"mask": _labelmap(h, w, [(1, g["lung"])])} if t == "lung" else {"label": kind}
-    elif t == "liver_lesion_2cls":
-        label = draw(2)
-        sc, g = scene_liver(canvas("liver"), rng, label)
-        ann = {"label": label}
-    elif t == "organ_cls":
-        label = draw(6)
-        organ = ["breast", "thyroid", "liver", "lung", "cardiac", "carotid"][label]
-        cv = canvas(organ)
-        sc, g = {
-            0: lambda: scene_breast(cv, rng, int(rng.integers(3))),
-            1: lambda: scene_thyroid(cv, rng),
-            2: lambda: scene_liver(cv, rng, int(rng.integers(2))),
-            3: lambda: scene_lung(cv, rng, int(rng.integers(3))),
-            4: lambda: scene_cardiac(cv, rng),
-            5: lambda: scene_carotid(cv, rng),
-        }[label]()
-        ann = {"label": label}
-    elif t == "ovary_tumor":
-        sc, g = scene_ovary(canvas("ovary"), rng)
-        ann = {"mask": _labelmap(h, w, [(1, g["tumor"])])}
-    elif t == "uterine_fibroid_det":
-        sc, g = scene_uterus(canvas("uterus"), rng)
-        ann = {"box": bbox_of(g["fibroid"])}
-    elif t == "spinal_cord_injury_loc":
-        sc, g = scene_spine(canvas("spine"), rng)
-        ann = {"box": bbox_of(g["injury"])}
-    else:
-        raise KeyError(f"no synthetic generator for task {task_id!r}")
-    img = render(sc, rng)
-    if "mask" in ann:
-        ann["mask"][~sc.cv.fov] = 0
-    return img, ann
+    example = draw(task_id, rng, size, label)
+    return example.image, example.annotation

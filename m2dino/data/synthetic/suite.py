@@ -5,11 +5,13 @@ Task sizes follow the real approximate training sizes N_t, compressed: n_t = sca
 size and the real 41x span between the smallest and the largest becomes ~11x: small tasks stay
 small (the data-scarce side the transfer question needs) but learnable, and the tasks spread
 over both sides of the median instead of piling up on the minimum. Val is about 20%, at least
-`min_val`, and class-balanced for classification (every class present).
+`min_val` (100: synthetic images are free, and a task's metric on 16 images cannot tell
+paradigms apart), and class-balanced for classification (every class present equally).
 Each image is seeded by (seed, task, split, index): the suite is deterministic and the
 order of generation does not matter. `write_suite` writes `train/` and `val/` with their
-`csv_files/` and a summary, synthetic.json; `ensure_synthetic` writes a suite once into a
-temporary folder, swaps it in whole and reuses it while its version, scale and seed match.
+`csv_files/`, a summary (synthetic.json) and the transfer design (design.json, design.py);
+`ensure_synthetic` writes a suite once into a temporary folder, swaps it in whole and reuses
+it while its version, scale and seed match.
 """
 from __future__ import annotations
 
@@ -25,15 +27,16 @@ import numpy as np
 from PIL import Image
 
 from m2dino.data.reader import CSV_TASK_NAMES, csv_num_classes
+from m2dino.data.synthetic.design import DESIGN_FILE, write_design
 from m2dino.data.synthetic.scenes import DIFFICULTY, build
 from m2dino.io import write_json
 from m2dino.tasks import TASKS, TaskTable, TaskType
 
-GENERATOR_VERSION = 5  # bump whenever canvas.py or scenes.py change an image or label: cached suites are rebuilt
+GENERATOR_VERSION = 6  # bump whenever an image, a label or the design changes: cached suites are rebuilt
 DEFAULT_SCALE = 0.06
 DEFAULT_SEED = 0
 MIN_TRAIN = 16
-MIN_VAL = 16
+MIN_VAL = 100
 SIZE_EXPONENT = 0.65  # how much of the real size ratios the suite keeps (1: all, 0: none)
 # Classification labels drawn freely in train; val is class-balanced (example i has class
 # i % num_classes) so every class is present and the majority-class baseline is never 0.
@@ -96,7 +99,8 @@ def task_sizes(scale: float = DEFAULT_SCALE, min_train: int | None = None, min_v
     return out
 
 
-def _image_size(rng):
+def image_size(rng) -> tuple[int, int]:
+    """An image's (height, width): each side in SIZE_RANGE, aspect 0.85-1.4."""
     h = int(rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1))
     w = int(np.clip(round(h * rng.uniform(0.85, 1.4)), SIZE_RANGE[0], SIZE_RANGE[1]))
     return h, w
@@ -116,7 +120,7 @@ def write_task(out: Path, split: str, spec, n: int, seed: int, task_index: int) 
     for i in range(n):
         rng = np.random.default_rng([seed, task_index, split_code, i])
         balanced = split != "train" and spec.task_type is TaskType.CLASSIFICATION
-        img, ann = build(spec.task_id, rng, _image_size(rng), label=i % spec.num_classes if balanced else None)
+        img, ann = build(spec.task_id, rng, image_size(rng), label=i % spec.num_classes if balanced else None)
         ext = _ext(spec.task_id, i)
         name = f"{spec.task_id}_{split}_{i:05d}{ext}"
         if spec.task_type is TaskType.CLASSIFICATION:
@@ -195,10 +199,11 @@ def write_suite(out, scale: float = DEFAULT_SCALE, seed: int = DEFAULT_SEED, tas
         "version": GENERATOR_VERSION, "scale": scale, "seed": seed, "min_train": min_train, "min_val": min_val,
         "sizes": {t: {"train": sizes[t][0], "val": sizes[t][1]} for t in task_ids},
         "total_train": sum(s[0] for s in sizes.values()), "total_val": sum(s[1] for s in sizes.values()),
-        "difficulty": {t: DIFFICULTY[t] for t in task_ids},
+        "difficulty": {t: DIFFICULTY[t] for t in task_ids}, "design": DESIGN_FILE,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    write_json(out / "synthetic.json", summary)
+    write_design(out, task_ids)
+    write_json(out / "synthetic.json", summary)  # last: its presence marks a finished suite
     return summary
 
 
@@ -221,7 +226,8 @@ def _is_current(root: Path, scale: float, seed: int) -> bool:
         info = json.loads((root / "synthetic.json").read_text())
     except (OSError, ValueError):
         return False
-    return info.get("version") == GENERATOR_VERSION and info.get("scale") == scale and info.get("seed") == seed
+    return (info.get("version") == GENERATOR_VERSION and info.get("scale") == scale and info.get("seed") == seed
+            and (root / DESIGN_FILE).is_file())
 
 
 def ensure_synthetic(root=None, scale: float = DEFAULT_SCALE, seed: int = DEFAULT_SEED, **kwargs) -> Path:
