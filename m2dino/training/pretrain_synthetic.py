@@ -1,7 +1,7 @@
 """Pretrain the `dinov3_tiny` backbone self-supervised on the unlabeled synthetic pool: the start
 every paradigm of the default run fine-tunes, as the M2DINO paper fine-tunes DINOv3.
 
-    python -m m2dino.training.pretrain_synthetic --out FILE [--images 16384] [--epochs 24] [--seed 0]
+    python -m m2dino.training.pretrain_synthetic --out FILE [--images 8192] [--epochs 12] [--seed 0]
 
 The pool (m2dino.data.synthetic.pool) holds images of every scene family through every group's
 scanner and none of the suite's images. The objective is masked-image modelling (SimMIM: Xie et
@@ -44,8 +44,8 @@ TARGET_POOL = 2  # the pixel targets are averaged over 2x2 pixels
 class Recipe:
     """Everything the pretrained weights are a function of (with the generator version and threads)."""
 
-    images: int = 16384          # pool images 0..images-1
-    epochs: int = 24
+    images: int = 8192           # pool images 0..images-1
+    epochs: int = 12
     batch_size: int = 64
     lr: float = 1.5e-3           # AdamW peak, cosine to 1% after a linear warmup
     warmup_epochs: float = 1.0
