@@ -284,6 +284,20 @@ def read_provenance(path) -> dict:
 
 # ============================================================================ the command
 
+RECIPE_HELP = {
+    "images": "pool images to pretrain on (pool indices 0..N-1)",
+    "epochs": "passes over the pool",
+    "batch_size": "images per step",
+    "lr": "AdamW peak learning rate (linear warmup, cosine to 1%%)",
+    "warmup_epochs": "epochs of linear warmup",
+    "weight_decay": "AdamW weight decay (not on norms, biases, tokens)",
+    "mask_ratio": "share of the mask blocks hidden per image",
+    "mask_block": "side of a mask block, in patches",
+    "crop_scale": "the smallest share of the image area a random crop keeps",
+    "img_size": "image side in pixels (the default run's 64)",
+    "seed": "seed of the pool and of the training",
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = Recipe()
@@ -293,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="weights file to write (.safetensors); <stem>.json goes beside it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (it is moved aside first)")
     for name, value in asdict(defaults).items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=RECIPE_HELP[name])
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads: the result is exact for a thread count (one: the same on any machine)")
     p.add_argument("--workers", type=int, default=None, help="processes drawing the pool (default: up to 2)")
