@@ -244,13 +244,13 @@ def _commit() -> str:
         return "unknown"
 
 
-def provenance(recipe: Recipe, history: dict, threads: int, argv: list[str], seconds: dict) -> dict:
+def provenance(recipe: Recipe, history: dict, threads: int, argv: list[str], seconds: dict, commit: str) -> dict:
     from m2dino.data.synthetic import GENERATOR_VERSION
 
     return {"format": FORMAT, "preset": PRESET, "objective": "SimMIM masked-image modelling (L1 on 2x2-averaged "
                                                               "pixels standardised per image) on the synthetic pool",
             "command": "python -m m2dino.training.pretrain_synthetic " + " ".join(argv),
-            "commit": _commit(), "generator_version": GENERATOR_VERSION, "recipe": asdict(recipe),
+            "commit": commit, "generator_version": GENERATOR_VERSION, "recipe": asdict(recipe),
             "threads": threads, "torch": _torch().__version__, "machine": f"{platform.machine()} "
                                                                          f"{platform.processor() or ''}".strip(),
             "first_step_loss": history["first_step_loss"], "epoch_loss": history["epoch_loss"],
@@ -332,13 +332,14 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(a.threads)
     torch.use_deterministic_algorithms(True)
+    commit = _commit()  # the code this run runs
     began = time.perf_counter()
     pool = torch.from_numpy(pool_images(recipe.images, recipe.seed, recipe.img_size, workers=a.workers))
     pool_seconds = round(time.perf_counter() - began, 1)
     print(f"pool: {recipe.images} images drawn in {pool_seconds} s")
     state, history = pretrain(recipe, pool)
     info = provenance(recipe, history, a.threads, argv, {"pool": pool_seconds, "training": history["seconds"],
-                                                         "total": round(time.perf_counter() - began, 1)})
+                                                         "total": round(time.perf_counter() - began, 1)}, commit)
     if out.exists():  # --overwrite: moved aside with its JSON, never deleted
         aside = f"{out.stem}.old-{time.strftime('%Y%m%d-%H%M%S')}"
         for old in (out, out.with_suffix(".json")):

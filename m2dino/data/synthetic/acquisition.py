@@ -21,6 +21,7 @@ profiles by group name; `acquisition_of(task_id)` is a task's profile.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -81,6 +82,7 @@ ACQUISITIONS: dict[str, Acquisition] = {
 DEFAULT_ACQUISITION = "Other"
 
 
+@lru_cache(maxsize=None)
 def acquisition_of(task_id: str) -> Acquisition:
     """The task's clinical group's scanner (the default groups; tasks in none: Other's)."""
     from m2dino.tasks import group_of, load_groups

@@ -36,6 +36,7 @@ from m2dino.data.synthetic.canvas import (
     segment_distance,
     smooth_field,
 )
+from m2dino.tasks import TASKS
 
 # ============================================================================ factor helpers
 
@@ -812,7 +813,7 @@ def draw(task_id: str, rng: np.random.Generator, size: tuple[int, int], label: i
         family_name = recipe.family
         cls = label
         if cls is None and recipe.given is not None:
-            cls = int(factor_rng.integers(num_classes_of(task_id)))
+            cls = int(factor_rng.integers(TASKS[task_id].num_classes))
         constraints = recipe.given(cls) if recipe.given is not None and cls is not None else {}
     family = FAMILIES[family_name]
     cv = Canvas(h, w, family.probe, rng)
@@ -823,12 +824,6 @@ def draw(task_id: str, rng: np.random.Generator, size: tuple[int, int], label: i
     if "mask" in annotation:
         annotation["mask"][~cv.fov] = 0
     return Example(image, annotation, family_name, z, cv)
-
-
-def num_classes_of(task_id: str) -> int:
-    from m2dino.tasks import TASKS
-
-    return TASKS[task_id].num_classes
 
 
 def build(task_id: str, rng: np.random.Generator, size: tuple[int, int], label: int | None = None):
