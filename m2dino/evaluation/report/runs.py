@@ -1,14 +1,17 @@
 """Reading run directories: every `<paradigm>/metrics.json`, and beside it each model's
-`<paradigm>/<model>/routing.json` and per-image values (PER_IMAGE_FILE), validated. Each run
-directory is one replicate (a seed of `--seeds`); the report pools them."""
+`<paradigm>/<model>/routing.json`, per-image values (PER_IMAGE_FILE) and checkpoint config
+(best.json), validated, with the run's config.yaml. Each run directory is one replicate (a seed
+of `--seeds`); the report pools them. A folder whose subfolders are run directories (the OUT of
+`--seeds`: OUT/seed-N/) stands for all of them."""
 from __future__ import annotations
 
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
+import yaml
 
 from m2dino import io
 from m2dino.evaluation.bootstrap import PER_IMAGE_FILE
@@ -16,8 +19,19 @@ from m2dino.evaluation.metrics import METRIC_NAMES
 from m2dino.tasks import PRIMARY_METRICS
 
 
+class Runs(NamedTuple):
+    """What the run directories hold, by paradigm and replicate (a replicate is named by its run
+    directory, e.g. seed-0)."""
+    results: dict    # paradigm -> task_id -> replicate -> metrics.json entry (+ "primary_metric", "values")
+    routing: dict    # paradigm -> model (model@replicate from the second replicate on) -> routing.json data
+    training: dict   # paradigm -> replicate -> model -> metrics.json "training" entry
+    folders: dict    # paradigm -> replicate -> the OUT/<paradigm> folder
+    configs: dict    # replicate -> its config.yaml ({} when the run directory has none)
+
+
 def find_paradigm_files(run_dirs: Sequence[os.PathLike]) -> list[Path]:
-    """Every `<paradigm>/metrics.json` under the run directories (a paradigm folder itself is accepted)."""
+    """Every `<paradigm>/metrics.json` under the run directories (a paradigm folder itself is
+    accepted, and a folder of run directories stands for each of them)."""
     found = []
     for run_dir in map(Path, run_dirs):
         if not run_dir.is_dir():
@@ -25,7 +39,7 @@ def find_paradigm_files(run_dirs: Sequence[os.PathLike]) -> list[Path]:
         if (run_dir / "metrics.json").is_file():
             found.append(run_dir / "metrics.json")
             continue
-        files = sorted(run_dir.glob("*/metrics.json"))
+        files = sorted(run_dir.glob("*/metrics.json")) or sorted(run_dir.glob("*/*/metrics.json"))
         if not files:
             raise FileNotFoundError(f"run directory {run_dir} holds no <paradigm>/metrics.json")
         found.extend(files)
@@ -44,19 +58,20 @@ def _validate_paradigm_metrics(data: dict, path: Path) -> None:
                 raise ValueError(f"{path}: task {task_id!r} has no {key!r}")
         if entry["task_type"] not in METRIC_NAMES:
             raise ValueError(f"{path}: task {task_id!r} has unknown task_type {entry['task_type']!r}")
+    training = data.get("training") or {}
+    if not isinstance(training, dict) or not all(isinstance(v, dict) for v in training.values()):
+        raise ValueError(f"{path}: 'training' must map each model to its training entry")
 
 
-def load_runs(run_dirs: Sequence[os.PathLike]) -> tuple[dict, dict, dict]:
-    """(paradigm -> task_id -> {replicate: entry}, paradigm -> model -> routing.json data,
-    paradigm -> replicate -> model -> training length).
-
-    A replicate is named by its run directory; an entry is the metrics.json entry (with
-    "primary_metric" filled in) plus "values": the model's per-image values of the task, or
-    None when the run has none (a run from before they were written: no intervals then).
-    """
+def load_runs(run_dirs: Sequence[os.PathLike]) -> Runs:
+    """The run directories' results (Runs). An entry is the metrics.json entry (with
+    "primary_metric" filled in) plus "values": the model's per-image values of the task, or None
+    when the run has none (a run from before they were written: no intervals then)."""
     runs: dict[str, dict[str, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
     routing: dict[str, dict[str, dict]] = defaultdict(dict)
     training: dict[str, dict[str, dict]] = defaultdict(dict)
+    folders: dict[str, dict[str, Path]] = defaultdict(dict)
+    configs: dict[str, dict] = {}
     for path in find_paradigm_files(run_dirs):
         data = io.read_json(path)
         _validate_paradigm_metrics(data, path)
@@ -65,7 +80,10 @@ def load_runs(run_dirs: Sequence[os.PathLike]) -> tuple[dict, dict, dict]:
         if replicate in training[paradigm]:
             raise ValueError(f"{path}: two run directories named {replicate!r} hold paradigm {paradigm!r}; "
                              f"give each seed its own folder name")
+        if replicate not in configs:
+            configs[replicate] = _read_config(path.parent.parent / "config.yaml")
         training[paradigm][replicate] = dict(data.get("training") or {})
+        folders[paradigm][replicate] = path.parent
         values = {}
         for task_id, entry in data["tasks"].items():
             model = entry.get("model", "")
@@ -78,7 +96,25 @@ def load_runs(run_dirs: Sequence[os.PathLike]) -> tuple[dict, dict, dict]:
             model_name = routing_path.parent.name
             key = model_name if model_name not in routing[paradigm] else f"{model_name}@{replicate}"
             routing[paradigm][key] = _read_routing(routing_path)
-    return ({p: dict(t) for p, t in runs.items()}, dict(routing), dict(training))
+    return Runs({p: dict(t) for p, t in runs.items()}, dict(routing), dict(training), dict(folders), configs)
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a mapping of options, got {type(config).__name__}")
+    return config
+
+
+def read_checkpoint_config(folder: Path, model: str) -> dict | None:
+    """A model's best.json (its checkpoint config), None when absent."""
+    path = folder / model / "best.json"
+    return io.read_json(path) if path.is_file() else None
 
 
 def _read_per_image(path: Path) -> dict | None:
