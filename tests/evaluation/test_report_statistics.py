@@ -283,3 +283,11 @@ def test_cli_takes_the_correction_and_the_margins(three_seeds, tmp_path, capsys)
     with pytest.raises(SystemExit):
         report_cli.main([str(root), "--out", str(out), "--non-inferiority-margin", "accuracy=0.1"])
     assert "unknown metric 'accuracy'" in capsys.readouterr().err
+
+
+def test_the_command_lines_defaults_are_the_librarys():
+    from m2dino.evaluation.report.tasklevel import CORRECTIONS, DEFAULT_CORRECTION
+
+    assert report_cli.DEFAULT_CORRECTION == DEFAULT_CORRECTION == R.DEFAULT_CORRECTION
+    assert tuple(report_cli.CORRECTIONS) == tuple(CORRECTIONS)
+    assert report_cli.DEFAULT_MARGINS == DEFAULT_MARGINS
