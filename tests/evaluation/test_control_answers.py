@@ -23,7 +23,7 @@ def _tests(reference, rho_significant, slope_significant, rho=-0.6, slope=-0.1):
                 "p": 0.001 if significant else 0.4, "p_adjusted": 0.004 if significant else 0.6,
                 "significant": significant, "n_tasks": 6, "method": "m", **extra}
     return [entry("spearman_log_train_size", rho, rho_significant),
-            entry("mixedlm_log_train_size", -2.5, slope_significant, slope=slope)]
+            entry("mixedlm_log_train_size", -2.5, slope_significant, slope=slope, converged=True)]
 
 
 def _view(reference, compared, tests):
@@ -65,6 +65,12 @@ def test_rq2_says_whether_it_survives_the_control(vs_ts, vs_star, expected):
 def test_rq2_needs_the_rank_test_and_the_mixed_model_to_agree_in_sign():
     report = _report((True, True), (True, True))
     report["against"]["ts"]["task_level_tests"] = _tests("ts", True, True, rho=-0.6, slope=+0.1)
+    assert answers(report)["RQ2"]["verdict"] == "inconclusive"
+
+
+def test_rq2_needs_a_mixed_model_that_converged():
+    report = _report((True, True), (True, True))
+    report["against"]["ts"]["task_level_tests"][1]["converged"] = False
     assert answers(report)["RQ2"]["verdict"] == "inconclusive"
 
 

@@ -163,8 +163,8 @@ def _rq2(context: _Context) -> dict:
         if rho is None or rho.get("statistic") is None:
             parts.append(f"{label(paradigm)}: {_p(rho)}")
             continue
-        agree = (_significant(rho) and _significant(slope) and slope.get("converged")
-                 and math.copysign(1, rho["statistic"]) == math.copysign(1, slope["slope"]))
+        agree = bool(_significant(rho) and _significant(slope) and slope.get("converged")
+                     and math.copysign(1, rho["statistic"]) == math.copysign(1, slope["slope"]))
         decided |= agree
         verdict = ("no relation shown" if not agree else
                    "data-scarce tasks gain more" if rho["statistic"] < 0 else "data-rich tasks gain more")
