@@ -311,22 +311,21 @@ def _compat_views(report: dict) -> None:
     against TS in each task's paradigm entry, the TS averages and contrasts, the list of
     significant losses, and `control` (the analysis against TS*)."""
     primary = report["against"].get("ts")
+    changes = changes_against(report, "ts") if primary else {}
     negatives = []
     for task_id, task in report["tasks"].items():
         chance = primary["at_chance"].get(task_id) if primary else None
         task["at_chance"] = None if chance is None else chance["at_chance"]
-        changes = primary["tasks"].get(task_id, {}) if primary else {}
-        task["effect_units"] = {p: c["effect_units"] for p, c in changes.items()}
-        for paradigm, change in changes.items():
-            task["paradigms"][paradigm].update(change)
-            if change["negative_transfer"]:
-                metric = task["primary_metric"]
-                negatives.append({"task_id": task_id, "paradigm": paradigm, "metric": metric,
-                                  "change_vs_ts": change["change_vs_ts"].get(metric),
-                                  "change_ci": change["change_ci"].get(metric),
-                                  "effect_units": change["effect_units"]["value"],
-                                  "effect_ci": change["effect_units"]["ci"],
-                                  "p_adjusted": change["effect_units"]["p_adjusted"]})
+        task["effect_units"] = {}
+        for paradigm, change in changes.get(task_id, {}).items():
+            data = change.to_json()
+            task["paradigms"][paradigm].update(data)
+            task["effect_units"][paradigm] = data["effect_units"]
+            if change.transfer == "negative":
+                negatives.append({"task_id": task_id, "paradigm": paradigm, "metric": change.metric,
+                                  "change_vs_ts": change.relative_primary,
+                                  "change_ci": change.relative_ci.get(change.metric), "effect_units": change.units,
+                                  "effect_ci": change.units_ci, "p_adjusted": change.p_adjusted})
     report["averages"] = primary["averages"] if primary else {}
     report["comparisons"] = primary["comparisons"] if primary else {}
     report["negative_transfer"] = negatives

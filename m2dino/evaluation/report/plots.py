@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from m2dino import io
+from m2dino.evaluation.report.change import Change
 from m2dino.paradigms import label
 
 
@@ -87,12 +88,13 @@ def write_plots(report: dict, out_dir: Path) -> list[Path]:
 
 def _gap_share_bar(view: dict, task_id: str, paradigm: str):
     """(gap share, its interval: the effect's interval over the same gap), (None, None) at chance."""
-    change = view["tasks"].get(task_id, {}).get(paradigm)
+    data = view["tasks"].get(task_id, {}).get(paradigm)
     gap = (view["at_chance"].get(task_id) or {}).get("gap")
-    if not change or change["gap_share"] is None or not gap:
+    change = Change.from_json(paradigm, data) if data else None
+    if change is None or change.gap_share is None or not gap:
         return None, None
-    interval = change["effect_units"]["ci"]
-    return change["gap_share"], [v / gap for v in interval] if interval and None not in interval else None
+    interval = change.units_ci
+    return change.gap_share, [v / gap for v in interval] if interval and None not in interval else None
 
 
 def _scale_scatter(report: dict, view: dict, paradigms: list[str], out_dir: Path, plt) -> Path:
@@ -106,8 +108,8 @@ def _scale_scatter(report: dict, view: dict, paradigms: list[str], out_dir: Path
             ("spearman_log_train_size", lambda t: t["train_size"], "training images of the task"),
             ("spearman_log_group_size", lambda t: group_size[t["group"]], "training images of its clinical group"))):
         for paradigm in paradigms:
-            points = [(size_of(report["tasks"][t]), c[paradigm]["gap_share"]) for t, c in view["tasks"].items()
-                      if paradigm in c and c[paradigm]["gap_share"] is not None]
+            points = [(size_of(report["tasks"][t]), share) for t in view["tasks"]
+                      for share in [_gap_share_bar(view, t, paradigm)[0]] if share is not None]
             entry = next((e for e in view["task_level_tests"] if e["test"] == test and e["paradigm"] == paradigm), {})
             rho = entry.get("statistic")
             name = label(paradigm) + ("" if rho is None else f" (rho {rho:+.2f}, adj. p {entry['p_adjusted']:.2g})")

@@ -77,31 +77,32 @@ def csv_rows(report: dict) -> list[dict]:
     rows = []
     for task_id, task in report["tasks"].items():
         for paradigm, result in task["paradigms"].items():
-            effect = result.get("effect_units") or {}
+            change = Change.from_json(paradigm, result) if "effect_units" in result else None
             for metric, value in result["metrics"].items():
                 ci = result.get("ci", {}).get(metric) or [None, None]
-                change_ci = result.get("change_ci", {}).get(metric) or [None, None]
-                primary = metric == task["primary_metric"]
-                effect_ci = (effect.get("ci") or [None, None]) if primary else [None, None]
+                change_ci = (change.relative_ci.get(metric) if change else None) or [None, None]
+                primary = metric == task["primary_metric"] and change is not None
+                effect_ci = (change.units_ci or [None, None]) if primary else [None, None]
                 rows.append({
                     "task_id": task_id, "task_type": task["task_type"], "group": task["group"],
                     "train_size": task["train_size"], "scale": task["scale"], "paradigm": paradigm,
-                    "model": result["model"], "runs": result.get("runs", 1), "metric": metric, "primary": primary,
+                    "model": result["model"], "runs": result.get("runs", 1), "metric": metric,
+                    "primary": metric == task["primary_metric"],
                     "value": value, "ci_low": ci[0], "ci_high": ci[1],
                     "spread": result.get("spread", {}).get(metric),
                     "baseline": result["baseline"].get(metric),
                     "ts_value": task["paradigms"].get("ts", {}).get("metrics", {}).get(metric),
-                    "change_vs_ts": result.get("change_vs_ts", {}).get(metric),
+                    "change_vs_ts": change.relative.get(metric) if change else None,
                     "change_ci_low": change_ci[0], "change_ci_high": change_ci[1],
-                    "transfer": result.get("transfer", "") if primary else "",
-                    "negative_transfer": bool(result.get("negative_transfer")) if primary else "",
-                    "effect_units": effect.get("value") if primary else None,
+                    "transfer": change.transfer if primary else "",
+                    "negative_transfer": change.transfer == "negative" if primary else "",
+                    "effect_units": change.units if primary else None,
                     "effect_ci_low": effect_ci[0], "effect_ci_high": effect_ci[1],
-                    "p": effect.get("p") if primary else None,
-                    "p_adjusted": effect.get("p_adjusted") if primary else None,
-                    "gap_share": result.get("gap_share") if primary else None,
-                    "non_inferior": (result.get("non_inferiority") or {}).get("shown") if primary else None,
-                    "at_chance": task.get("at_chance") if primary else None,
+                    "p": change.p if primary else None,
+                    "p_adjusted": change.p_adjusted if primary else None,
+                    "gap_share": change.gap_share if primary else None,
+                    "non_inferior": change.non_inferior if primary else None,
+                    "at_chance": task.get("at_chance") if metric == task["primary_metric"] else None,
                 })
     return rows
 
