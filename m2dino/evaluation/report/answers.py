@@ -31,8 +31,9 @@ QUESTIONS = {
     "RQ5": "Practical guidelines",
 }
 ONE_SEED = "inconclusive: one training seed"
-CONTROL_RULE = ("with the converged-TS control, each question is answered again by the same rule against TS*: "
-                "'holds against TS*' when that answer reaches the same conclusions (its words, numbers aside), "
+STAR = label(CONTROL)
+CONTROL_RULE = (f"with the converged-TS control, each question is answered again by the same rule against {STAR}: "
+                f"'holds against {STAR}' when that answer reaches the same conclusions (its words, numbers aside), "
                 "'only against TS' when it does not, 'inconclusive' when the answer against TS is inconclusive")
 
 
@@ -46,7 +47,7 @@ def answers(report: dict) -> dict:
             if item["verdict"] != "answered":
                 survives = "inconclusive"
             elif other["verdict"] == "answered" and _conclusions(other["answer"]) == _conclusions(item["answer"]):
-                survives = "holds against TS*"
+                survives = f"holds against {STAR}"
             else:
                 survives = "only against TS"
             item.update(control=survives, control_answer=other["answer"], control_rule=CONTROL_RULE)

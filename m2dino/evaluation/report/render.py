@@ -15,7 +15,7 @@ import numpy as np
 
 from m2dino.evaluation.metrics import LOWER_IS_BETTER, METRIC_NAMES
 from m2dino.evaluation.report.change import UNTESTED, Change
-from m2dino.evaluation.report.compute import REFERENCES, changes_against
+from m2dino.evaluation.report.compute import CONTROL, REFERENCES, changes_against
 from m2dino.paradigms import label
 
 MARKS = {"negative": " !", "positive": " +", "n.s.": " n.s."}
@@ -164,7 +164,8 @@ def _header(report: dict) -> list[str]:
 
 def _answers_in_brief(report: dict) -> list[str]:
     answers = report.get("answers") or {}
-    rows = [[rq, item["question"], item["verdict"] + (f"; against TS*: {item['control']}" if "control" in item else "")]
+    star = label(CONTROL)
+    rows = [[rq, item["question"], item["verdict"] + (f"; against {star}: {item['control']}" if "control" in item else "")]
             for rq, item in answers.items()]
     return _table(["RQ", "question", "verdict"], rows) if rows else []
 
@@ -435,7 +436,7 @@ def _answers_section(report: dict) -> list[str]:
         lines += [f"**{rq}. {item['question']}** ({item['verdict']}) {item['answer']}", "", f"_Rule: {item['rule']}._",
                   ""]
         if "control" in item:
-            lines += [f"Against TS*: **{item['control']}**. {item['control_answer']}", ""]
+            lines += [f"Against {label(CONTROL)}: **{item['control']}**. {item['control_answer']}", ""]
     if any("control" in item for item in report["answers"].values()):
         lines += [f"_Control rule: {next(iter(report['answers'].values()))['control_rule']}._", ""]
     return lines
