@@ -165,7 +165,8 @@ def _header(report: dict) -> list[str]:
 def _answers_in_brief(report: dict) -> list[str]:
     answers = report.get("answers") or {}
     star = label(CONTROL)
-    rows = [[rq, item["question"], item["verdict"] + (f"; against {star}: {item['control']}" if "control" in item else "")]
+    rows = [[rq, item["question"],
+             item["verdict"] + (f"; against {star}: {item['control']}" if "control" in item else "")]
             for rq, item in answers.items()]
     return _table(["RQ", "question", "verdict"], rows) if rows else []
 
