@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from m2dino.evaluation.metrics import LOWER_IS_BETTER, METRIC_NAMES
+from m2dino.evaluation.report.answers import ONE_SEED
 from m2dino.evaluation.report.change import UNTESTED, Change
 from m2dino.evaluation.report.compute import CONTROL, REFERENCES, changes_against
 from m2dino.paradigms import label
@@ -133,8 +134,17 @@ def _header(report: dict) -> list[str]:
     correction = settings.get("correction") or {}
     margins = ", ".join(f"{m} {v:g}" for m, v in settings.get("non_inferiority_margins", {}).items())
     seeds = report.get("seeds") or report.get("replicates") or []
+    brief = _answers_in_brief(report)
     return [
         f"Protocol: {report.get('protocol', 'unknown')}.",
+        "",
+    ] + (["The study's questions in brief (the answers, with their rules and numbers, close the report):", ""]
+         + brief + [""] if brief else []) + [
+        "How to read a cell: `0.7860 [0.71, 0.84]` is the metric (the mean over the seeds) and its 95% interval; "
+        "`(+0.0420 [+0.0110, +0.0730]) +` is the effect against TS in the metric's units (MRE: pixels saved) with "
+        "the interval of its test, here a significant gain after the correction.",
+        "",
+        "### How the numbers were made",
         "",
         f"- **Seeds**: {', '.join(str(s) for s in seeds) or 'n/a'} ({len(seeds)} training seed(s)); "
         f"{settings['seed_method']}.",
@@ -153,20 +163,15 @@ def _header(report: dict) -> list[str]:
         f"- **At chance**: {settings.get('chance_rule', '')}.",
         f"- **Tasks as the unit**: {settings.get('task_unit', '')}.",
         f"- {scale}",
-        "",
-        "How to read a cell: `0.7860 [0.71, 0.84]` is the metric (the mean over the seeds) and its 95% interval; "
-        "`(+0.0420 [+0.0110, +0.0730]) +` is the effect against TS in the metric's units (MRE: pixels saved) with "
-        "the interval of its test, here a significant gain after the correction. The answers to the study's "
-        "questions close the report; in brief:",
-        "",
-    ] + _answers_in_brief(report)
+    ]
 
 
 def _answers_in_brief(report: dict) -> list[str]:
     answers = report.get("answers") or {}
     star = label(CONTROL)
     rows = [[rq, item["question"],
-             item["verdict"] + (f"; against {star}: {item['control']}" if "control" in item else "")]
+             (ONE_SEED if item["answer"].startswith(ONE_SEED) else item["verdict"])
+             + (f"; against {star}: {item['control']}" if "control" in item else "")]
             for rq, item in answers.items()]
     return _table(["RQ", "question", "verdict"], rows) if rows else []
 
