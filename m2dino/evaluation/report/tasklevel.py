@@ -135,7 +135,8 @@ def _change_summary(changes: dict[str, Change], at_chance: dict, n_resamples: in
 def median_split(tasks: dict, changes: dict, paradigms: list[str]) -> dict:
     """The descriptive data-scarce vs data-rich table (no test: the claim about scale is RQ2's
     test over tasks): per paradigm, the mean and median gap share on each side and their
-    differences; also the spread of the clinical-group medians."""
+    differences; also the spread of the clinical-group medians (and AU's minus CG's; RQ4's claim
+    is its own test over tasks)."""
     out = {}
     for paradigm in paradigms:
         sides, groups = defaultdict(list), defaultdict(list)
@@ -156,6 +157,10 @@ def median_split(tasks: dict, changes: dict, paradigms: list[str]) -> dict:
             entry["group_spread"] = {"value": float(np.std([np.median(v) for v in groups.values()])), "ci": None,
                                      "descriptive": True, "n_groups": len(groups)}
         out[paradigm] = entry
+    spreads = [out.get(p, {}).get("group_spread") for p in ("au", "cg")]
+    if all(spreads):
+        out["au_minus_cg_spread"] = {"value": spreads[0]["value"] - spreads[1]["value"], "ci": None,
+                                     "descriptive": True}
     return out
 
 
