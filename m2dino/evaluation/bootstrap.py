@@ -16,8 +16,12 @@ Method, in words a report header can quote:
   positive is better) is computed on every resample and its interval is the percentile
   interval of these B changes (a paired bootstrap: what the two models share, the images,
   cancels out).
-* **Significance.** A change is flagged negative (positive) when it is below -threshold (above
-  +threshold) and its whole 95% interval lies below (above) 0; otherwise it is "n.s.".
+* **P-values.** `bootstrap_p_value`: a tail's share of the resampled values at or beyond the
+  null value, counted as (k + 1) / (B + 1); two-sided, twice the smaller tail, at most 1.
+  `paired_permutation_test`: each image's predictions swapped between the two models at random,
+  the metric recomputed (exact at any number of images). The report's flags (corrected for
+  multiplicity) are m2dino.evaluation.report.change's; `significance` is the interval rule
+  without a correction, kept for callers of one comparison.
 * **Several training seeds.** See `pooled`: the same image resamples are used for every
   seed, and each image resample is combined with a resample of the seeds.
 * **Seeds of the bootstrap.** Task t's resamples come from `task_seed(seed, t)` (a hash of the
