@@ -119,7 +119,8 @@ def _scale_scatter(report: dict, view: dict, paradigms: list[str], out_dir: Path
         ax.set_xscale("log")
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xlabel(f"{title} (log scale)")
-        ax.legend(fontsize=7)
+        if ax.collections:  # no point when every task is at chance
+            ax.legend(fontsize=7)
     axes[0].set_ylabel("gap share vs TS (%)")
     fig.suptitle("Scale and transfer, one point per task (tasks at chance left out)", fontsize=9)
     return _save(fig, out_dir / "scale_scatter.png", plt)
