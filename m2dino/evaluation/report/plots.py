@@ -100,6 +100,8 @@ def _gap_share_bar(view: dict, task_id: str, paradigm: str):
 def _scale_scatter(report: dict, view: dict, paradigms: list[str], out_dir: Path, plt) -> Path:
     """Gap share against log(train size) and log(clinical-group size), one point per task, with the
     rank correlations of the tests over tasks in the legend."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: PLC0415 (matplotlib loads lazily)
+
     group_size: dict[str, int] = {}
     for task in report["tasks"].values():
         group_size[task["group"]] = group_size.get(task["group"], 0) + int(task["train_size"])
@@ -117,6 +119,8 @@ def _scale_scatter(report: dict, view: dict, paradigms: list[str], out_dir: Path
                 x, y = zip(*points)
                 ax.scatter(x, 100 * np.asarray(y), s=14, label=name)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())  # plain numbers, no crowded minor labels
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xlabel(f"{title} (log scale)")
         if ax.collections:  # no point when every task is at chance
