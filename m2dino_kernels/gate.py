@@ -1,0 +1,215 @@
+"""`auto`'s gate: a compiled backend is trusted on a device only after it passed the self-test
+there, in a child process.
+
+A kernel that writes out of bounds or hits an illegal address leaves a CUDA context unusable,
+and a hang never returns: trying such a backend in the user's own process (as `auto`'s
+in-process trials do) would cost the run. So before `auto` first uses or tries a compiled
+backend (registry: `compiled`, i.e. cpp, cuda, triton and any backend registered so) on a
+device, the self-test (m2dino_kernels.selftest: the backend contract, m2dino_kernels.contract)
+runs for it once in a child process with a timeout. A backend that crashed, hung or disagreed
+there is excluded from `auto` on that device, with one warning naming the verdict and how to
+re-run the self-test; only backends that passed reach the fixed rule (CPU) or the in-process
+trials (CUDA).
+
+Verdicts are cached in memory and in `$M2DINO_CACHE/kernels-selftest.json`, beside the
+autotune decisions, written by the same atomic writer and read by the same rule (a corrupt
+file is ignored with a warning and rewritten at the next verdict). A verdict's key is the
+backend, the device's name and compute capability (on CPU: its instruction set), the torch
+version and the backend's build (the extension's library hash; Triton's version and a hash of
+our Triton sources; a registered backend's module source hash): a new build or a new card is
+tested again. `python -m m2dino_kernels.selftest --show` prints the cached verdicts.
+
+M2DINO_KERNELS_SELFTEST=0 skips the gate (for people who have run the self-test). A backend
+chosen by name (set_backend, M2DINO_KERNELS_BACKEND, --kernels) is not gated, but warns once
+per device when it has no passing verdict there. Under torch.compile tracing the gate's answer
+is computed eagerly and taken as a constant (it depends on no tensor).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from m2dino_kernels import autotune, registry
+from m2dino_kernels.jsonfile import read_cache_table, write_json
+
+ENV_VAR = "M2DINO_KERNELS_SELFTEST"
+CACHE_NAME = "kernels-selftest.json"
+FORMAT = 1
+STATUSES = ("pass", "wrong", "crashed", "timed out", "not run")
+
+
+def enabled() -> bool:
+    """Whether the gate applies (M2DINO_KERNELS_SELFTEST is not "0")."""
+    return os.environ.get(ENV_VAR, "1") != "0"
+
+
+def gated(name: str) -> bool:
+    """Whether `name` is a registered backend with compiled kernels of its own (attention's
+    sdpa and xformers are PyTorch's and xformers' own, not ours)."""
+    spec = registry._BACKENDS.get(name)
+    return spec is not None and spec.compiled
+
+
+def device_label(device: torch.device) -> str:
+    """The device as a verdict names it: the card and its compute capability, or the CPU's
+    instruction set."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{autotune.device_name(device)} (cc {major}.{minor})"
+    if device.type == "cpu":
+        return f"cpu ({torch.backends.cpu.get_cpu_capability()})"
+    return device.type
+
+
+def verdict_key(name: str, device: torch.device) -> str:
+    """What a verdict holds for: backend, device and capability, torch, the backend's build."""
+    return "|".join((name, device_label(device), f"torch {torch.__version__}",
+                     registry.backend(name).fingerprint()))
+
+
+def _entry_problem(entry) -> Optional[str]:
+    if not isinstance(entry, dict) or entry.get("status") not in STATUSES \
+            or not isinstance(entry.get("rows"), list):
+        return "is not a verdict"
+    return None
+
+
+class VerdictStore:
+    """The cached self-test verdicts: key -> verdict dict (backend, device, status, detail,
+    seconds, rows, when), in memory and in the cache file."""
+
+    def __init__(self, path=None):
+        self._path = None if path is None else Path(path)
+        self._entries: Optional[dict] = None
+        self._warned_write = False
+
+    @property
+    def path(self) -> Path:
+        return self._path if self._path is not None else autotune.cache_dir() / CACHE_NAME
+
+    def _read(self, quiet=False) -> dict:
+        payload = read_cache_table(self.path, "verdicts", _entry_problem,
+                                   "m2dino_kernels self-test", quiet)
+        if not payload or payload.get("format") != FORMAT:
+            return {}
+        return dict(payload["verdicts"])
+
+    def entries(self) -> dict:
+        """Every cached verdict (read from the file once)."""
+        if self._entries is None:
+            self._entries = self._read()
+        return self._entries
+
+    def get(self, key: str) -> Optional[dict]:
+        return self.entries().get(key)
+
+    def save(self, key: str, verdict: dict) -> None:
+        self.entries()[key] = verdict
+        path = self.path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            merged = {**self._read(quiet=True), **self._entries}
+            write_json(path, {"format": FORMAT, "verdicts": merged})
+        except OSError as err:
+            if not self._warned_write:
+                self._warned_write = True
+                warnings.warn(f"m2dino_kernels self-test: cannot write {path} ({err}); "
+                              "verdicts are kept in memory only", RuntimeWarning, stacklevel=3)
+
+    def clear(self) -> None:
+        """Forget what was read (the file stays)."""
+        self._entries = None
+
+
+STORE = VerdictStore()
+_trusted: dict = {}   # (backend, device type, index) -> bool: a plain dict read once decided
+_warned: set = set()
+
+
+def forget() -> None:
+    """Forget every decision and verdict in memory (the cache file stays): tests, or a
+    process that rebuilt a backend."""
+    _trusted.clear()
+    _warned.clear()
+    STORE.clear()
+
+
+def rerun_hint(name: str, device: torch.device) -> str:
+    where = "" if device.type == "cpu" else f" --device {device}"
+    return f"python -m m2dino_kernels.selftest{where} --backend {name}"
+
+
+def describe(verdict: dict) -> str:
+    """'crashed (SIGSEGV) in float32 expert_mlp' and the like: the verdict in a phrase."""
+    text = verdict["status"]
+    if verdict.get("detail"):
+        text += f" ({verdict['detail']})"
+    return text
+
+
+def _decide(name: str, device_type: str, index: Optional[int]) -> bool:
+    """Whether the gate lets `auto` use `name` on the device: its cached verdict, else one
+    self-test run now in a child process (then cached)."""
+    if not enabled():
+        return True
+    device = torch.device(device_type, index)
+    key = verdict_key(name, device)
+    verdict = STORE.get(key)
+    if verdict is None:
+        from m2dino_kernels import selftest  # noqa: PLC0415 (it imports the contract)
+
+        verdict = selftest.run_backend(name, device)
+        STORE.save(key, verdict)
+    if verdict["status"] != "pass":
+        warnings.warn(
+            f"m2dino_kernels: kernel backend {name!r} failed its self-test on "
+            f"{device_label(device)}: {describe(verdict)}; `auto` does not use it on this "
+            f"device. Re-run the self-test with `{rerun_hint(name, device)}` (cached verdicts: "
+            f"`python -m m2dino_kernels.selftest --show`)", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+# Under torch.compile tracing the answer is computed eagerly and baked in as a constant: what
+# torch.compiler.assume_constant_result(_decide) does, without importing dynamo here (~2 s).
+_decide._dynamo_marked_constant = True
+
+
+def trusts(name: str, device: torch.device) -> bool:
+    """Whether `auto` may use backend `name` on `device` (see the module docstring)."""
+    if not gated(name):
+        return True
+    key = (name, device.type, device.index)
+    found = _trusted.get(key)
+    if found is None:
+        found = _decide(name, device.type, device.index)
+        _trusted[key] = found
+    return found
+
+
+def trusted(names, device: torch.device) -> list:
+    """The names `auto` may use on `device`, in order."""
+    return [name for name in names if trusts(name, device)]
+
+
+def warn_unverified(name: str, device: torch.device) -> None:
+    """Once per backend and device: a compiled backend chosen by name without a passing
+    self-test verdict there is used, with a warning (never under tracing, never with the
+    gate off)."""
+    key = (name, device.type, device.index)
+    if key in _warned or not gated(name) or torch.compiler.is_compiling():
+        return
+    _warned.add(key)
+    if not enabled():
+        return
+    verdict = STORE.get(verdict_key(name, device))
+    if verdict is not None and verdict["status"] == "pass":
+        return
+    state = "no self-test verdict" if verdict is None else f"a failed self-test ({describe(verdict)})"
+    warnings.warn(f"m2dino_kernels: kernel backend {name!r} was chosen by name and has "
+                  f"{state} on {device_label(device)}; it runs unchecked. Check it with "
+                  f"`{rerun_hint(name, device)}`", RuntimeWarning, stacklevel=4)
