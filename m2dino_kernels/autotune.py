@@ -35,7 +35,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
-from m2dino_kernels.contract import mismatch
+from m2dino_kernels.compare import mismatch
 from m2dino_kernels.jsonfile import read_cache_table, write_json
 from m2dino_kernels.registry import BACKEND_ALIASES
 

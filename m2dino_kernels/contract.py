@@ -22,18 +22,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from m2dino_kernels.backends import ExpertWeights, Routing, routing_dtype
-from m2dino_kernels.registry import ATTENTION_BACKENDS, BACKEND_DTYPES, REFERENCE, backend_module
+from m2dino_kernels.attention import attention
+from m2dino_kernels.backends import ExpertWeights, Routing
+from m2dino_kernels.compare import difference, mismatch
+from m2dino_kernels.moe import expert_mlp, task_topk_route
+from m2dino_kernels.registry import BACKEND_DTYPES, REFERENCE, backend_module
+from m2dino_kernels.selection import use_backend
 
-# (atol relative to the reference's largest magnitude, rtol) per dtype: what different
-# accumulation orders and roundings of a correct kernel stay within in `auto`'s trials.
-# fp32 allows for TF32.
-TOLERANCE = {
-    torch.float64: (1e-8, 1e-8),
-    torch.float32: (2e-3, 2e-3),
-    torch.float16: (2e-2, 2e-2),
-    torch.bfloat16: (6e-2, 6e-2),
-}
 # The contract's own (atol, rtol) for outputs and for gradients, fp32 inputs: tight, the
 # error of a different summation order. 16-bit inputs are held to TOLERANCE.
 FP32_OUTPUTS = (1e-5, 1e-4)
@@ -43,64 +38,8 @@ GRAD_NAMES = ("x", "gate_weight", "gate_bias", "fc1_weight", "fc1_bias", "fc2_we
               "fc2_bias")
 
 
-def interpreter_bf16(backend: str, device_type: str, dtype: torch.dtype) -> bool:
-    """True for bf16 Triton on CPU: the Triton interpreter's bf16 dot is wrong, so bf16 Triton
-    is held to the contract on GPUs only."""
-    return backend == "triton" and device_type == "cpu" and dtype == torch.bfloat16
-
-
-def has_attention(backend: str) -> bool:
-    """Whether a MoE backend also implements attention (attention(backend=...)): triton."""
-    return backend in ATTENTION_BACKENDS and backend != REFERENCE
-
-
 class ContractViolation(AssertionError):
     """A backend broke the contract; the message names the output and the worst error."""
-
-
-# ---------------------------------------------------------------------------------------
-# Comparing with the reference
-# ---------------------------------------------------------------------------------------
-def difference(name: str, got: Optional[Tensor], want: Optional[Tensor], atol: float,
-               rtol: float) -> Optional[str]:
-    """None when `got` equals `want` within |got - want| <= atol + rtol * |want| (integer
-    tensors exactly; NaN and infinities in the same places), else why not, with the worst
-    difference."""
-    if want is None or got is None:
-        return None if got is None and want is None else f"{name}: one side is missing"
-    if tuple(got.shape) != tuple(want.shape):
-        return f"{name}: shape {list(got.shape)}, expected {list(want.shape)}"
-    if got.dtype != want.dtype:
-        return f"{name}: dtype {got.dtype}, expected {want.dtype}"
-    if want.numel() == 0:
-        return None
-    if not want.is_floating_point():
-        return None if torch.equal(got.cpu(), want.cpu()) else f"{name}: integer values differ"
-    g, w = got.detach().double().cpu(), want.detach().double().cpu()
-    for what, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
-        if not torch.equal(test(g), test(w)):
-            return f"{name}: {what} in different places"
-    finite = torch.isfinite(w)
-    g, w = g[finite], w[finite]
-    if w.numel() == 0:
-        return None
-    diff = (g - w).abs()
-    if bool((diff > atol + rtol * w.abs()).any()):
-        return (f"{name}: max |difference| {float(diff.max()):.3g} exceeds atol {atol:.3g} + "
-                f"rtol {rtol:g} x |reference| (reference max {float(w.abs().max()):.3g})")
-    return None
-
-
-def mismatch(name: str, got: Optional[Tensor], want: Optional[Tensor],
-             dtype: torch.dtype) -> Optional[str]:
-    """None when `got` agrees with `want` within TOLERANCE of `dtype` (atol scaled by the
-    reference's largest magnitude), else why not: the rule of `auto`'s trials."""
-    atol, rtol = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
-    scale = 1.0
-    if want is not None and want.numel() and want.is_floating_point():
-        finite = want[torch.isfinite(want)]
-        scale = max(float(finite.abs().max()) if finite.numel() else 0.0, 1.0)
-    return difference(name, got, want, atol * scale, rtol)
 
 
 def require(condition: bool, message: str) -> None:
@@ -119,52 +58,6 @@ def require_within_dtype(name, got, want, dtype, what="") -> None:
     problem = mismatch(name, got, want, dtype)
     if problem:
         raise ContractViolation(f"{what}: {problem}" if what else problem)
-
-
-def route_mismatch(got, want, dtype, tie_atol: Optional[float] = None) -> Optional[str]:
-    """None when a backend's routing (Routing, (grad_x, grad_gate_weight, grad_gate_bias))
-    agrees with the reference's: logits and probs within the tolerance; each chosen expert
-    among the reference's top-k up to `tie_atol` (default: the fp32 tolerance; a near-tie may
-    go either way); weights equal where the choices are; the permutation the stable sort of
-    its own choices; the gradients within the dtype's tolerance."""
-    (got_r, got_grads), (want_r, want_grads) = got, want
-    fp32 = routing_dtype(dtype)
-    for name in ("logits", "probs"):
-        problem = mismatch(name, getattr(got_r, name), getattr(want_r, name), fp32)
-        if problem:
-            return problem
-    experts, probs, top_k = got_r.experts, want_r.probs, want_r.top_k
-    if experts.shape != want_r.experts.shape or experts.dtype != torch.int64:
-        return f"experts: shape {list(experts.shape)} / dtype {experts.dtype}"
-    if experts.numel():
-        num_experts = probs.shape[1]
-        if bool(((experts < 0) | (experts >= num_experts)).any()):
-            return "experts: out of range"
-        atol = TOLERANCE[torch.float32][0] if tie_atol is None else tie_atol
-        kth = probs.sort(dim=1, descending=True).values[:, top_k - 1:top_k]
-        chosen = probs.gather(1, experts)
-        finite = torch.isfinite(chosen).all(dim=1)
-        if bool((chosen[finite] < kth[finite] - atol).any()):
-            return "experts: an expert outside the reference's top-k was chosen"
-        same = (experts == want_r.experts).all(dim=1)
-        problem = mismatch("weights", got_r.weights[same], want_r.weights[same], fp32)
-        if problem:
-            return problem
-    flat = experts.reshape(-1)
-    counts = torch.zeros(probs.shape[1], dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    if not torch.equal(got_r.sorted_slots, torch.sort(flat, stable=True).indices):
-        return "sorted_slots: not the stable sort of its experts"
-    if not (torch.equal(got_r.counts, counts)
-            and torch.equal(got_r.offsets[1:], counts.cumsum(0))
-            and int(got_r.offsets[0]) == 0):
-        return "counts/offsets: not those of its experts"
-    for name, g, w in zip(("grad_x", "grad_gate_weight", "grad_gate_bias"), got_grads,
-                          want_grads):
-        problem = mismatch(name, g, w, dtype)
-        if problem:
-            return problem
-    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,8 +157,6 @@ def case_problem(case: str, activation="gelu", dtype=torch.float32, device="cpu"
 def run_public_ops(params: dict, task_ids, k, activation):
     """task_topk_route then expert_mlp with the selected backend -> y, logits, probs,
     weights, experts, routing."""
-    from m2dino_kernels.moe import expert_mlp, task_topk_route  # noqa: PLC0415 (import cycle)
-
     routing = task_topk_route(params["x"], task_ids, params["gate_weight"], params["gate_bias"],
                               top_k=k)
     y = expert_mlp(params["x"], routing, params["fc1_weight"], params["fc1_bias"],
@@ -298,14 +189,8 @@ def require_all_close(got: dict, want: dict, atol, rtol, what: str) -> None:
         require_close(name, g, w, atol, rtol, what)
 
 
-def _with_backend(name):
-    from m2dino_kernels.selection import use_backend  # noqa: PLC0415 (import cycle)
-
-    return use_backend(name)
-
-
 def _public_run(backend, problem: MoEProblem, seed=1):
-    with _with_backend(backend):
+    with use_backend(backend):
         return forward_backward(run_public_ops, problem.params(), problem.task_ids,
                                 problem.top_k, problem.activation, seed)
 
@@ -405,7 +290,7 @@ def check_missing_upstream_gradients(backend: str, device="cpu") -> None:
     results = {}
     for name in (REFERENCE, backend):
         leaves = {n: t.clone().requires_grad_(True) for n, t in problem.params().items()}
-        with _with_backend(name):
+        with use_backend(name):
             y, _, _, weights, _, _ = run_public_ops(leaves, problem.task_ids, 2, "gelu")
             (y.square().sum() + weights[:, 0].sum()).backward()
         results[name] = {n: leaves[n].grad for n in GRAD_NAMES}
@@ -415,10 +300,8 @@ def check_missing_upstream_gradients(backend: str, device="cpu") -> None:
 
 def check_ties(backend: str, device="cpu") -> None:
     """Exact ties go to the lower expert index, in the choice and in its order."""
-    from m2dino_kernels.moe import task_topk_route  # noqa: PLC0415
-
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0)).to(device)
-    with _with_backend(backend):
+    with use_backend(backend):
         r = task_topk_route(x, torch.tensor([0, 1, 0, 1, 1], device=device),
                             torch.zeros(2, 6, 4, device=device), None, top_k=3)
     require(r.experts.tolist() == [[0, 1, 2]] * 5,
@@ -429,7 +312,7 @@ def check_ties(backend: str, device="cpu") -> None:
     p = moe_problem(50, 6, 4, 5, 3, device=device)
     p.gate_weight[:, 3] = p.gate_weight[:, 1]
     p.gate_bias[:, 3] = p.gate_bias[:, 1]
-    with _with_backend(backend):
+    with use_backend(backend):
         r = task_topk_route(p.x, p.task_ids, p.gate_weight, p.gate_bias, top_k=2)
     experts = r.experts.cpu()
     tied = (experts == 1).any(dim=1) & (experts == 3).any(dim=1)
@@ -453,7 +336,7 @@ def check_nan_policy(backend: str, device="cpu") -> None:
     p.x[3, 2] = float("nan")
     p.gate_weight[p.task_ids[5], 1, 0] = float("inf")
     p = p.to(device)
-    with _with_backend(backend):
+    with use_backend(backend):
         y, _, probs, _, experts, routing = run_public_ops(p.params(), p.task_ids, 2, "gelu")
     y, probs, experts, task_ids = y.cpu(), probs.cpu(), experts.cpu(), p.task_ids.cpu()
     require(bool(((experts >= 0) & (experts < 4)).all()), f"{backend}: experts out of range")
@@ -470,7 +353,7 @@ def check_empty_batch(backend: str, device="cpu") -> None:
     """T = 0: empty outputs, zero gradients of the right shapes."""
     problem = moe_problem(0, 6, 5, 3, 2, 2, device=device)
     leaves = {n: t.clone().requires_grad_(True) for n, t in problem.params().items()}
-    with _with_backend(backend):
+    with use_backend(backend):
         y, logits, _, _, _, routing = run_public_ops(leaves, problem.task_ids, 2, "gelu")
         (y.sum() + logits.sum()).backward()
     require(tuple(y.shape) == (0, 6) and routing.offsets.tolist() == [0, 0, 0, 0]
@@ -487,9 +370,9 @@ def check_half_precision(backend: str, dtype: torch.dtype, device="cpu") -> None
     problem = moe_problem(300, 40, 24, 8, 27, 2, dtype=dtype, device=device)
     params, task_ids = problem.params(), problem.task_ids
     params32 = {name: t.float() for name, t in params.items()}
-    with _with_backend(backend):
+    with use_backend(backend):
         y, _, probs, weights, experts, _ = run_public_ops(params, task_ids, 2, "gelu")
-    with _with_backend(REFERENCE):
+    with use_backend(REFERENCE):
         y32, _, probs32, _, experts32, _ = run_public_ops(params32, task_ids, 2, "gelu")
     what = f"{backend} {str(dtype).replace('torch.', '')}"
     require(y.dtype == dtype and probs.dtype == torch.float32 and weights.dtype == torch.float32,
@@ -500,7 +383,7 @@ def check_half_precision(backend: str, dtype: torch.dtype, device="cpu") -> None
     grads = {}
     for name, p, backend_name in (("half", params, backend), ("fp32", params32, REFERENCE)):
         leaves = {n: t.clone().requires_grad_(True) for n, t in p.items()}
-        with _with_backend(backend_name):
+        with use_backend(backend_name):
             run_public_ops(leaves, task_ids, 2, "gelu")[0].float().square().sum().backward()
         grads[name] = {n: leaves[n].grad for n in GRAD_NAMES}
     for name in GRAD_NAMES:
@@ -520,7 +403,7 @@ def check_non_contiguous(backend: str, device="cpu") -> None:
         p["fc1_weight"] = p["fc1_weight"].transpose(1, 2).contiguous().transpose(1, 2)
         return run_public_ops(p, task_ids, k, activation)
 
-    with _with_backend(backend):
+    with use_backend(backend):
         got, got_grads = forward_backward(run_public_ops, problem.params(), problem.task_ids,
                                           2, "gelu")
         strided, strided_grads = forward_backward(run_with_views, problem.params(),
@@ -536,7 +419,7 @@ def check_autocast(backend: str, device="cpu") -> None:
     results = []
     for enabled in (False, True):
         leaves = {n: t.clone().requires_grad_(True) for n, t in problem.params().items()}
-        with _with_backend(backend), torch.autocast(torch.device(device).type,
+        with use_backend(backend), torch.autocast(torch.device(device).type,
                                                     dtype=torch.bfloat16, enabled=enabled):
             y, logits, probs, weights, _, _ = run_public_ops(leaves, problem.task_ids, 2, "gelu")
             (y.float().square().sum() + probs.sum()).backward()
@@ -556,7 +439,7 @@ def check_gradcheck(backend: str, activation: str, device="cpu") -> None:
     params, task_ids = problem.params(), problem.task_ids
     if torch.float64 not in BACKEND_DTYPES[backend]:
         try:
-            with _with_backend(backend):
+            with use_backend(backend):
                 run_public_ops(params, task_ids, 2, activation)
         except TypeError as err:
             require(f"backend {backend!r} does not support torch.float64" in str(err),
@@ -569,7 +452,7 @@ def check_gradcheck(backend: str, activation: str, device="cpu") -> None:
         return run_public_ops(dict(zip(names, tensors)), task_ids, 2, activation)[:4]
 
     inputs = tuple(t.clone().requires_grad_(True) for t in params.values())
-    with _with_backend(backend):
+    with use_backend(backend):
         require(torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, raise_exception=False),
                 f"{backend}: float64 gradcheck failed ({activation})")
 
@@ -625,8 +508,6 @@ def make_qkv(batch, heads, n, head_dim, dtype, device="cpu", contiguous=False, s
 
 def attention_forward_backward(q, k, v, grad, **kwargs):
     """out, dq, dk, dv of attention(q, k, v, **kwargs) backpropagating `grad`."""
-    from m2dino_kernels.attention import attention  # noqa: PLC0415 (import cycle)
-
     for t in (q, k, v):
         t.grad = None
     out = attention(q, k, v, **kwargs)

@@ -33,13 +33,13 @@ from typing import Optional
 
 import torch
 
-from m2dino_kernels import autotune, registry
+from m2dino_kernels import autotune, registry, verdict
 from m2dino_kernels.jsonfile import read_cache_table, write_json
+from m2dino_kernels.verdict import device_label
 
 ENV_VAR = "M2DINO_KERNELS_SELFTEST"
 CACHE_NAME = "kernels-selftest.json"
 FORMAT = 1
-STATUSES = ("pass", "wrong", "crashed", "timed out", "not run")
 
 
 def enabled() -> bool:
@@ -54,17 +54,6 @@ def gated(name: str) -> bool:
     return spec is not None and spec.compiled
 
 
-def device_label(device: torch.device) -> str:
-    """The device as a verdict names it: the card and its compute capability, or the CPU's
-    instruction set."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"{autotune.device_name(device)} (cc {major}.{minor})"
-    if device.type == "cpu":
-        return f"cpu ({torch.backends.cpu.get_cpu_capability()})"
-    return device.type
-
-
 def verdict_key(name: str, device: torch.device) -> str:
     """What a verdict holds for: backend, device and capability, torch, the backend's build."""
     return "|".join((name, device_label(device), f"torch {torch.__version__}",
@@ -72,7 +61,7 @@ def verdict_key(name: str, device: torch.device) -> str:
 
 
 def _entry_problem(entry) -> Optional[str]:
-    if not isinstance(entry, dict) or entry.get("status") not in STATUSES \
+    if not isinstance(entry, dict) or entry.get("status") not in verdict.STATUSES \
             or not isinstance(entry.get("rows"), list):
         return "is not a verdict"
     return None
@@ -143,11 +132,11 @@ def rerun_hint(name: str, device: torch.device) -> str:
     return f"python -m m2dino_kernels.selftest{where} --backend {name}"
 
 
-def describe(verdict: dict) -> str:
-    """'crashed (SIGSEGV) in float32 expert_mlp' and the like: the verdict in a phrase."""
-    text = verdict["status"]
-    if verdict.get("detail"):
-        text += f" ({verdict['detail']})"
+def describe(result: dict) -> str:
+    """A verdict in a phrase: 'crashed (fp32 expert_mlp: SIGSEGV ...)' and the like."""
+    text = result["status"]
+    if result.get("detail"):
+        text += f" ({result['detail']})"
     return text
 
 
@@ -158,16 +147,14 @@ def _decide(name: str, device_type: str, index: Optional[int]) -> bool:
         return True
     device = torch.device(device_type, index)
     key = verdict_key(name, device)
-    verdict = STORE.get(key)
-    if verdict is None:
-        from m2dino_kernels import selftest  # noqa: PLC0415 (it imports the contract)
-
-        verdict = selftest.run_backend(name, device)
-        STORE.save(key, verdict)
-    if verdict["status"] != "pass":
+    result = STORE.get(key)
+    if result is None:
+        result = verdict.run_backend(name, device)
+        STORE.save(key, result)
+    if result["status"] != "pass":
         warnings.warn(
             f"m2dino_kernels: kernel backend {name!r} failed its self-test on "
-            f"{device_label(device)}: {describe(verdict)}; `auto` does not use it on this "
+            f"{device_label(device)}: {describe(result)}; `auto` does not use it on this "
             f"device. Re-run the self-test with `{rerun_hint(name, device)}` (cached verdicts: "
             f"`python -m m2dino_kernels.selftest --show`)", RuntimeWarning, stacklevel=2)
         return False
@@ -206,10 +193,10 @@ def warn_unverified(name: str, device: torch.device) -> None:
     _warned.add(key)
     if not enabled():
         return
-    verdict = STORE.get(verdict_key(name, device))
-    if verdict is not None and verdict["status"] == "pass":
+    result = STORE.get(verdict_key(name, device))
+    if result is not None and result["status"] == "pass":
         return
-    state = "no self-test verdict" if verdict is None else f"a failed self-test ({describe(verdict)})"
+    state = "no self-test verdict" if result is None else f"a failed self-test ({describe(result)})"
     warnings.warn(f"m2dino_kernels: kernel backend {name!r} was chosen by name and has "
                   f"{state} on {device_label(device)}; it runs unchecked. Check it with "
                   f"`{rerun_hint(name, device)}`", RuntimeWarning, stacklevel=4)

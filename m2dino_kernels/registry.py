@@ -276,6 +276,17 @@ def refresh_available_backends() -> None:
     _preferred_cache.clear()
 
 
+def interpreter_bf16(backend: str, device_type: str, dtype: torch.dtype) -> bool:
+    """True for bf16 Triton on CPU: the Triton interpreter's bf16 dot is wrong, so bf16 Triton
+    runs (and is held to the contract) on GPUs only."""
+    return backend == "triton" and device_type == "cpu" and dtype == torch.bfloat16
+
+
+def has_attention(backend: str) -> bool:
+    """Whether a MoE backend also implements attention (attention(backend=...)): triton."""
+    return backend in ATTENTION_BACKENDS and backend != REFERENCE
+
+
 def xformers_available() -> bool:
     """True when the optional xformers package is installed (it still needs CUDA tensors)."""
     return importlib.util.find_spec("xformers") is not None

@@ -1,12 +1,12 @@
 """The in-process trials behind a measured `auto`: each op's forward + backward on a call's own
-inputs, for any backend, checked against the reference by the contract's rules
-(m2dino_kernels.contract) and timed by m2dino_kernels.autotune.
+inputs, for any backend, checked against the reference by m2dino_kernels.compare's rules and timed
+by m2dino_kernels.autotune.
 """
 from __future__ import annotations
 
 import torch
 
-from m2dino_kernels import autotune, contract, registry
+from m2dino_kernels import autotune, compare, registry
 from m2dino_kernels.backends import ExpertWeights, Routing, no_autocast, routing_dtype
 
 EXPERT_TRIAL_NAMES = ("y", "h_pre", "expert_out", "grad_x", "grad_weights", "grad_fc1_w",
@@ -39,7 +39,7 @@ def route_trial(x, task_ids, gate_weight, gate_bias, top_k) -> autotune.Trial:
         return routing, tuple(grads)
 
     def check(got, want):
-        return contract.route_mismatch(got, want, x.dtype)
+        return compare.route_mismatch(got, want, x.dtype)
 
     return autotune.Trial(run, (), x.dtype, x.device, check=check)
 

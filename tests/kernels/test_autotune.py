@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import m2dino_kernels as mk
-from m2dino_kernels import autotune, contract, registry, selection
+from m2dino_kernels import autotune, compare, registry, selection
 from m2dino_kernels import reference as ref
 from m2dino_kernels.attention import attention
 from m2dino_kernels.contract import moe_problem
@@ -268,9 +268,9 @@ def test_routing_near_ties_are_not_disagreements():
                            offsets=offsets)
     grads = ref.route_backward(torch.zeros(6, 4), torch.zeros(6, 4), torch.ones(6, 2),
                                p.x, p.task_ids, zero_gate, False, out)
-    assert contract.route_mismatch((flipped, grads), (out, grads), torch.float32) is None
+    assert compare.route_mismatch((flipped, grads), (out, grads), torch.float32) is None
     bad = flipped._replace(sorted_slots=sorted_slots.flip(0))
-    assert "stable sort" in contract.route_mismatch((bad, grads), (out, grads), torch.float32)
+    assert "stable sort" in compare.route_mismatch((bad, grads), (out, grads), torch.float32)
 
 
 def test_attention_auto_measures_sdpa_against_triton(cache, monkeypatch):

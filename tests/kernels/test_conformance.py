@@ -83,7 +83,7 @@ def test_empty_batch(backend, device):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_within_tolerance(backend, device, dtype):
-    if contract.interpreter_bf16(backend, device, dtype):
+    if registry.interpreter_bf16(backend, device, dtype):
         pytest.skip("the Triton interpreter's bf16 dot is wrong: bf16 triton is GPU-only")
     contract.check_half_precision(backend, dtype, device)
 
@@ -95,7 +95,7 @@ def test_non_contiguous_inputs(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_autocast_does_not_recast_inside_the_ops(backend, device):
-    if contract.interpreter_bf16(backend, device, torch.bfloat16):
+    if registry.interpreter_bf16(backend, device, torch.bfloat16):
         pytest.skip("the Triton interpreter's bf16 dot is wrong: bf16 triton is GPU-only")
     contract.check_autocast(backend, device)
 

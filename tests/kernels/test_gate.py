@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import m2dino_kernels as mk
-from m2dino_kernels import autotune, contract, gate, registry, selection, selftest
+from m2dino_kernels import autotune, contract, gate, registry, selection, verdict
 
 HAS_C = registry._C is not None
 CPU = torch.device("cpu")
@@ -32,13 +32,13 @@ def gate_on(tmp_path, monkeypatch):
     monkeypatch.setenv("M2DINO_CACHE", str(tmp_path / "cache"))
     gate.forget()
     children = []
-    real = selftest.run_backend
+    real = verdict.run_backend
 
     def counted(name, device, *args, **kwargs):
         children.append(name)
         return real(name, device, *args, **kwargs)
 
-    monkeypatch.setattr(selftest, "run_backend", counted)
+    monkeypatch.setattr(verdict, "run_backend", counted)
     return children
 
 
@@ -55,7 +55,7 @@ def test_crashing_hanging_and_wrong_backends_are_excluded_and_training_goes_on(
         gate_on, test_backend, tmp_path, monkeypatch):
     from m2dino import create_model
 
-    monkeypatch.setenv(selftest.TIMEOUT_ENV, "20")
+    monkeypatch.setenv(verdict.TIMEOUT_ENV, "20")
     for name, mode in (("aborts", "aborts"), ("hangs", "hangs"), ("wrong", "is 10% off")):
         test_backend(name, mode)
     correct = test_backend("correct", "is correct")
@@ -105,7 +105,7 @@ def test_verdicts_are_cached_and_invalidated_when_their_key_changes(gate_on, tes
     assert gate.trusts("correct", CPU) and gate_on == ["correct"]  # the file
     (key,) = _verdicts(tmp_path)
     assert key == gate.verdict_key("correct", CPU)
-    assert key.startswith(f"correct|{gate.device_label(CPU)}|torch {torch.__version__}|src ")
+    assert key.startswith(f"correct|{verdict.device_label(CPU)}|torch {torch.__version__}|src ")
     # a new build of the backend (its source changed) is tested again
     module = registry.backend("correct").module
     path = __import__(module).__file__

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from m2dino_kernels import gate, registry, selftest
+from m2dino_kernels import gate, registry, selftest, verdict
 
 HAS_C = registry._C is not None
 
@@ -25,13 +25,13 @@ def cache(tmp_path, monkeypatch):
 
 def test_plan_covers_each_op_and_dtype_the_backend_takes():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert selftest.plan("cpp", cpu) == [("fp32", "task_topk_route"), ("fp32", "expert_mlp")]
-    assert selftest.plan("triton", cpu, ["fp32", "bf16", "fp16"]) == [
-        (d, op) for d in ("fp32", "fp16") for op in selftest.OPS]  # interpreter: no bf16
-    assert [d for d, _ in selftest.plan("cuda", cuda)][::2] == ["fp32", "bf16", "fp16"]
-    assert selftest.offered_backends("cpu") == [
+    assert verdict.plan("cpp", cpu) == [("fp32", "task_topk_route"), ("fp32", "expert_mlp")]
+    assert verdict.plan("triton", cpu, ["fp32", "bf16", "fp16"]) == [
+        (d, op) for d in ("fp32", "fp16") for op in verdict.OPS]  # interpreter: no bf16
+    assert [d for d, _ in verdict.plan("cuda", cuda)][::2] == ["fp32", "bf16", "fp16"]
+    assert verdict.offered_backends("cpu") == [
         n for n in ("cpp", "triton") if n == "triton" or HAS_C]
-    for op in selftest.OPS:
+    for op in verdict.OPS:
         assert selftest.checks(op, "triton", cpu, torch.float16), op
     assert len(selftest.checks("expert_mlp", "cpp", cpu, torch.float32)) > 10
 
@@ -46,9 +46,9 @@ def test_cpp_passes_on_cpu_and_the_verdict_is_cached(cache, tmp_path, capsys):
         ("fp32", "task_topk_route", "pass"), ("fp32", "expert_mlp", "pass")]
     assert all(float(row[4]) > 0 for row in lines)  # seconds
     assert "all passed" in printed
-    (verdict,) = json.loads(out.read_text())
-    assert verdict["backend"] == "cpp" and verdict["status"] == "pass"
-    assert verdict["device"] == gate.device_label(torch.device("cpu"))
+    (result,) = json.loads(out.read_text())
+    assert result["backend"] == "cpp" and result["status"] == "pass"
+    assert result["device"] == verdict.device_label(torch.device("cpu"))
     # a full run (the default dtypes) is what the gate reads
     stored = json.loads(cache.read_text())["verdicts"]
     assert list(stored) == [gate.verdict_key("cpp", torch.device("cpu"))]
@@ -78,26 +78,26 @@ def test_verdicts_name_the_fault_and_the_exit_status_is_1(cache, test_backend, c
 
 def test_a_hang_times_out_and_its_child_is_killed(cache, test_backend):
     test_backend("stuck", "hangs")
-    verdict = selftest.run_backend("stuck", "cpu", timeout=2.0)
-    assert verdict["status"] == "timed out"
-    first, second = verdict["rows"]
+    result = verdict.run_backend("stuck", "cpu", timeout=2.0)
+    assert result["status"] == "timed out"
+    first, second = result["rows"]
     assert first["status"] == "timed out" and first["detail"] == "over 2 s" and first["seconds"] == 2.0
     assert second["status"] == "not run"
-    assert verdict["detail"] == "fp32 task_topk_route: over 2 s"
+    assert result["detail"] == "fp32 task_topk_route: over 2 s"
 
 
 def test_a_child_that_cannot_start_is_a_crash(cache, monkeypatch):
     """A broken environment (the child dies before its first op): the first row says so."""
-    command = selftest._child_command
+    command = verdict._child_command
 
     def broken(*args):
         cmd, env = command(*args)
         return cmd[:1] + ["-c", "import sys; sys.exit('ImportError: no module named torch')"], env
 
-    monkeypatch.setattr(selftest, "_child_command", broken)
-    verdict = selftest.run_backend("cpp", "cpu")
-    assert verdict["status"] == "crashed"
-    assert verdict["rows"][0]["detail"] == (
+    monkeypatch.setattr(verdict, "_child_command", broken)
+    result = verdict.run_backend("cpp", "cpu")
+    assert result["status"] == "crashed"
+    assert result["rows"][0]["detail"] == (
         "exit status 1: ImportError: no module named torch (starting the child)")
 
 
