@@ -1,22 +1,23 @@
 """The measuring behind `auto`, like cuDNN's benchmark mode: the tuner and its cache file.
 
-m2dino_kernels.selection decides which backend runs and builds the trials on each op's inputs;
-this module times and checks them and remembers the outcome. On the device types it tunes
-(CUDA), the first call of an op for a key -- the device's name,
-the dtype, the op's sizes (MoE experts: activation, D, H, E, k; routing: D, E, k, tasks;
-attention: heads, N, head_dim, RoPE) and a power-of-two bucket of the token count (the batch
-for attention) -- runs every backend available for the device and dtype on that call's own
-inputs, forward and backward, compares each one's outputs and gradients with the library
-path's (grouped_mm for the MoE ops where it runs, else reference; sdpa for attention) within the
-dtype's tolerance, times forward+backward, and keeps the fastest that agrees for every later
-call with that key. A backend that raises or disagrees is excluded for that key with one
-warning naming it, the key and the error.
+m2dino_kernels.selection decides which backend runs and m2dino_kernels.trials builds the
+trials on each op's inputs; this module times and checks them and remembers the outcome. On
+the device types it tunes (CUDA), the first call of an op for a key (TuneKey: the op, the
+device, the dtype, the op's sizes -- MoE experts: activation, D, H, E, k; routing: D, E, k,
+tasks; attention: heads, N, head_dim, RoPE -- and a power-of-two bucket of the token count,
+the batch for attention) runs every candidate on that call's own inputs, forward and
+backward, compares each one's outputs and gradients with the library path's (grouped_mm for
+the MoE ops where it runs, else reference; sdpa for attention) within the dtype's tolerance
+(m2dino_kernels.compare), times forward+backward, and keeps the fastest that agrees for every
+later call with that key. A backend that raises or disagrees is excluded for that key with
+one warning naming it, the key and the error. The candidates are screened first by `auto`'s
+self-test gate (m2dino_kernels.gate): a compiled backend that has not passed the self-test on
+the device in a child process never runs in this one.
 
 Decisions live in memory and in `$M2DINO_CACHE/kernels-autotune.json` (default cache folder
-~/.cache/m2dino), written atomically (a temporary file in the same folder, then os.replace),
-merged with what other processes wrote meanwhile, and only read back when written by the same
-torch version. A file that cannot be parsed is ignored with a warning (and rewritten at the
-next decision).
+~/.cache/m2dino; m2dino_kernels.jsonfile.CacheFile: written atomically, merged with what other
+processes wrote meanwhile, read back only when written by the same torch version, ignored with
+a warning when it cannot be parsed and rewritten at the next decision).
 
 M2DINO_KERNELS_AUTOTUNE=0 turns measurement off: `auto` is then the library path. Under
 torch.compile tracing `auto` uses a decision already in memory, else the library path; it
@@ -36,17 +37,12 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 
 from m2dino_kernels.compare import mismatch
-from m2dino_kernels.jsonfile import read_cache_table, write_json
+from m2dino_kernels.jsonfile import CacheFile
 from m2dino_kernels.registry import BACKEND_ALIASES
 
 ENV_VAR = "M2DINO_KERNELS_AUTOTUNE"
 CACHE_NAME = "kernels-autotune.json"
 FORMAT = 1
-def cache_dir() -> Path:
-    """$M2DINO_CACHE, default ~/.cache/m2dino (the same folder as m2dino's own cache)."""
-    return Path(os.environ.get("M2DINO_CACHE") or Path.home() / ".cache" / "m2dino")
-
-
 def token_bucket(n: int) -> int:
     """The power of two at or above n (n >= 1): calls within a factor of two share a
     decision."""
@@ -162,48 +158,26 @@ class Autotuner:
         self.device_types = frozenset(device_types)
         self.candidates = candidates
         self.enabled = (os.environ.get(ENV_VAR, "1") != "0") if enabled is None else enabled
-        self._path = None if path is None else Path(path)
         self.repeats = repeats
-        self._memory: dict = {}    # in-process key (tuple) -> backend name
-        self._entries: Optional[dict] = None  # file key (str) -> entry, loaded lazily
-        self._warned_write = False
+        self._memory: dict = {}    # in-process key (TuneKey) -> backend name
+        self._file = CacheFile(CACHE_NAME, "decisions", {"format": FORMAT, "torch": torch.__version__},
+                               _entry_problem, "m2dino_kernels autotune", path,
+                               read_entry=_canonical_entry)
 
     # -- the cache file ---------------------------------------------------------------
     @property
     def path(self) -> Path:
-        return self._path if self._path is not None else cache_dir() / CACHE_NAME
-
-    def _read_file(self, quiet: bool = False) -> dict:
-        payload = read_cache_table(self.path, "decisions", _entry_problem,
-                                   "m2dino_kernels autotune", quiet)
-        if not payload or payload.get("format") != FORMAT or payload.get("torch") != torch.__version__:
-            return {}  # missing, corrupt, or written by another version: its timings need not hold
-        return {key: _canonical_entry(entry) for key, entry in payload["decisions"].items()}
+        return self._file.path
 
     def entries(self) -> dict:
-        """The decisions of the cache file (file key -> entry), read once."""
-        if self._entries is None:
-            self._entries = self._read_file()
-        return self._entries
-
-    def _save(self, file_key: str, entry: dict) -> None:
-        self.entries()[file_key] = entry
-        path = self.path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            merged = {**self._read_file(quiet=True), **self._entries}
-            write_json(path, {"format": FORMAT, "torch": torch.__version__, "decisions": merged})
-        except OSError as err:
-            if not self._warned_write:
-                self._warned_write = True
-                warnings.warn(f"m2dino_kernels autotune: cannot write {path} ({err}); "
-                              "decisions are kept in memory only", RuntimeWarning,
-                              stacklevel=4)
+        """The decisions of the cache file (file key -> entry), read once; entries naming a
+        backend by an old name are read as today's."""
+        return self._file.entries()
 
     def clear(self) -> None:
         """Forget the in-memory decisions (the file stays)."""
         self._memory.clear()
-        self._entries = None
+        self._file.clear()
 
     # -- deciding ---------------------------------------------------------------------
     def applies_to(self, device_type: str) -> bool:
@@ -242,7 +216,7 @@ class Autotuner:
         if entry is None:
             return default
         self._memory[key] = entry["backend"]
-        self._save(fkey, entry)
+        self._file.save(fkey, entry)
         return entry["backend"]
 
     def _measure(self, fkey: str, names, references, trial: Trial) -> Optional[dict]:

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from m2dino_kernels import autotune, registry, verdict
-from m2dino_kernels.jsonfile import read_cache_table, write_json
+from m2dino_kernels import registry, verdict
+from m2dino_kernels.jsonfile import CacheFile
 from m2dino_kernels.verdict import device_label
 
 ENV_VAR = "M2DINO_KERNELS_SELFTEST"
@@ -67,54 +66,14 @@ def _entry_problem(entry) -> Optional[str]:
     return None
 
 
-class VerdictStore:
-    """The cached self-test verdicts: key -> verdict dict (backend, device, status, detail,
-    seconds, rows, when), in memory and in the cache file."""
-
-    def __init__(self, path=None):
-        self._path = None if path is None else Path(path)
-        self._entries: Optional[dict] = None
-        self._warned_write = False
-
-    @property
-    def path(self) -> Path:
-        return self._path if self._path is not None else autotune.cache_dir() / CACHE_NAME
-
-    def _read(self, quiet=False) -> dict:
-        payload = read_cache_table(self.path, "verdicts", _entry_problem,
-                                   "m2dino_kernels self-test", quiet)
-        if not payload or payload.get("format") != FORMAT:
-            return {}
-        return dict(payload["verdicts"])
-
-    def entries(self) -> dict:
-        """Every cached verdict (read from the file once)."""
-        if self._entries is None:
-            self._entries = self._read()
-        return self._entries
-
-    def get(self, key: str) -> Optional[dict]:
-        return self.entries().get(key)
-
-    def save(self, key: str, verdict: dict) -> None:
-        self.entries()[key] = verdict
-        path = self.path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            merged = {**self._read(quiet=True), **self._entries}
-            write_json(path, {"format": FORMAT, "verdicts": merged})
-        except OSError as err:
-            if not self._warned_write:
-                self._warned_write = True
-                warnings.warn(f"m2dino_kernels self-test: cannot write {path} ({err}); "
-                              "verdicts are kept in memory only", RuntimeWarning, stacklevel=3)
-
-    def clear(self) -> None:
-        """Forget what was read (the file stays)."""
-        self._entries = None
+def verdict_store(path=None) -> CacheFile:
+    """The cached self-test verdicts: verdict key -> verdict (backend, device, status,
+    detail, seconds, when, rows), in $M2DINO_CACHE/kernels-selftest.json or `path`."""
+    return CacheFile(CACHE_NAME, "verdicts", {"format": FORMAT}, _entry_problem,
+                     "m2dino_kernels self-test", path)
 
 
-STORE = VerdictStore()
+STORE = verdict_store()
 _trusted: dict = {}   # (backend, device type, index) -> bool: a plain dict read once decided
 _warned: set = set()
 

@@ -124,7 +124,7 @@ def table(verdicts: list) -> str:
     return "\n".join(lines)
 
 
-def show(store: gate.VerdictStore) -> str:
+def show(store) -> str:
     """The cached verdicts, one line each: backend, device, verdict, when, the key."""
     entries = store.entries()
     if not entries:

@@ -122,7 +122,7 @@ def test_a_corrupt_verdict_file_is_ignored_with_a_warning(tmp_path):
     for content in ("{not json", '{"format": 1, "verdicts": []}',
                     json.dumps({"format": 1, "verdicts": {"k": {**good, "status": "great"}}})):
         path.write_text(content)
-        store = gate.VerdictStore(path)
+        store = gate.verdict_store(path)
         with pytest.warns(RuntimeWarning, match="m2dino_kernels self-test: ignoring the corrupt "
                                                 "cache file"):
             assert store.entries() == {}
