@@ -535,8 +535,9 @@ def check_attention_matches_reference(q, k, v, rope, prefix, backend, atol, rtol
                 f"{backend} attention {name}: max error {err:.3g} (reference max {scale:.3g})")
 
 
-# (N, prefix tokens) of the attention contract: one block, a tail, DINOv3's 5 prefix tokens
-ATTENTION_CASES = ((5, 0), (21, 5), (70, 5))
+# (N, prefix tokens) of the attention contract: less than one block; several blocks with a
+# tail and DINOv3's 5 prefix tokens
+ATTENTION_CASES = ((5, 0), (70, 5))
 # (atol, rtol) against the fp32 reference, per input dtype
 ATTENTION_TOLERANCE = {torch.float32: (5e-5, 1e-3), torch.float16: (4e-3, 4e-3),
                        torch.bfloat16: (3e-2, 3e-2)}

@@ -244,8 +244,19 @@ def canonical_name(name, choices, source: str) -> str:
 # ---------------------------------------------------------------------------------------
 # Where each backend can run
 # ---------------------------------------------------------------------------------------
+EXCLUDE_ENV = "M2DINO_KERNELS_EXCLUDE"
+
+
+def excluded_backends() -> tuple:
+    """Backends $M2DINO_KERNELS_EXCLUDE (comma-separated) leaves out everywhere, as if they
+    could not run (benchmarks/gpu_check.sh names those that failed the self-test)."""
+    return tuple(n for n in os.environ.get(EXCLUDE_ENV, "").replace(" ", "").split(",") if n)
+
+
 def _compute_available(device_type: str) -> tuple:
-    return tuple(name for name, spec in _BACKENDS.items() if spec.runs_on(device_type))
+    excluded = excluded_backends()
+    return tuple(name for name, spec in _BACKENDS.items()
+                 if name not in excluded and spec.runs_on(device_type))
 
 
 # Filled eagerly for the device types present (see the module docstring).
@@ -262,7 +273,8 @@ def device_type_of(device) -> str:
 
 
 def available_backends(device="cpu") -> list:
-    """Names of the MoE backends that can run on tensors of `device` ("reference" first)."""
+    """Names of the MoE backends that can run on tensors of `device` ("reference" first;
+    none that $M2DINO_KERNELS_EXCLUDE names)."""
     device_type = device_type_of(device)
     if device_type not in _available_cache:
         _available_cache[device_type] = _compute_available(device_type)

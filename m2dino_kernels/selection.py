@@ -112,7 +112,9 @@ def resolve_backend(device, name=None, dtype=None) -> str:
     if name == "auto":
         return _unmeasured_auto(device, available, dtype)
     if name not in available:
-        raise ValueError(f"kernel backend {name!r} cannot run on {device.type} tensors; "
+        why = (f" (left out by {registry.EXCLUDE_ENV})" if name in registry.excluded_backends()
+               else "")
+        raise ValueError(f"kernel backend {name!r} cannot run on {device.type} tensors{why}; "
                          f"available there: {', '.join(available)}")
     gate.warn_unverified(name, device)
     return name

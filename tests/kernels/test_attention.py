@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from m2dino_kernels import selection
+from m2dino_kernels import contract, registry, selection
 from m2dino_kernels.attention import ATTENTION_BACKENDS, apply_rope, attention, attention_reference
 from m2dino_kernels.contract import attention_forward_backward as forward_backward
 from m2dino_kernels.contract import check_attention_matches_reference as assert_matches_reference
@@ -18,6 +18,9 @@ from m2dino_kernels.contract import dinov3_rope, make_qkv
 PREFIX = 5  # DINOv3: cls + 4 storage tokens
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+# the GPU tests of the triton kernels: where triton runs on CUDA and is not left out
+TRITON_ON_CUDA = pytest.mark.skipif(not HAS_CUDA or "triton" not in registry.available_backends("cuda"),
+                                    reason="needs triton on a CUDA device")
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,6 +127,15 @@ def test_triton_fp16_head_dim_64_matches_reference(n, prefix):
     q, k, v = make_qkv(batch, heads, n, 64, torch.float16, DEVICE)
     rope = dinov3_rope(n - prefix, 64, device=DEVICE)
     assert_matches_reference(q, k, v, rope, prefix, "triton", atol=4e-3, rtol=4e-3)
+
+
+@pytest.mark.parametrize("backend,dtype", [
+    ("sdpa", torch.float32), pytest.param("triton", torch.float32, marks=pytest.mark.slow),
+    pytest.param("triton", torch.float16, marks=pytest.mark.slow)], ids=str)
+def test_the_attention_contract(backend, dtype):
+    """What the self-test holds an attention backend to: head dim 64, with and without RoPE
+    and prefix tokens, strided q/k/v, forward and gradients (m2dino_kernels.contract)."""
+    contract.check_attention(backend, dtype, DEVICE)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
@@ -370,6 +382,7 @@ def test_compiles_without_graph_breaks(backend):
 # GPU (run with a CUDA device: `pytest tests/kernels/test_attention.py -m gpu`)
 # ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
+@TRITON_ON_CUDA
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("n,prefix", [(201, PREFIX), (1029, PREFIX), (197, 0)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -393,6 +406,7 @@ def test_gpu_triton_low_precision_matches_reference(dtype, n, prefix, head_dim):
 
 
 @pytest.mark.gpu
+@TRITON_ON_CUDA
 @pytest.mark.parametrize("n", [1, 5, 70, 201])
 def test_gpu_triton_fp32_matches_reference(n):
     prefix = min(PREFIX, n)

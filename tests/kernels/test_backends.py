@@ -193,6 +193,19 @@ def test_environment_variable_sets_the_default_and_is_validated():
     assert "environment variable M2DINO_KERNELS_BACKEND: unknown kernel backend 'fastest'" in run.stderr
 
 
+def test_excluded_backends_are_left_out_everywhere():
+    code = ("import m2dino_kernels as mk\n"
+            "from m2dino_kernels.selection import resolve_backend\n"
+            "print(','.join(mk.available_backends('cpu')), resolve_backend('cpu', 'auto'))\n"
+            "mk.set_backend('cpp')\n"
+            "import torch; mk.task_topk_route(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), "
+            "torch.zeros(1, 2, 3), top_k=1)")
+    run = _python(code, M2DINO_KERNELS_EXCLUDE="cpp, grouped_mm", M2DINO_KERNELS_SELFTEST="0")
+    assert run.stdout.split() == ["reference", "reference"]
+    assert ("kernel backend 'cpp' cannot run on cpu tensors (left out by M2DINO_KERNELS_EXCLUDE); "
+            "available there: reference") in run.stderr
+
+
 def test_triton_on_cpu_needs_the_interpreter():
     code = "import m2dino_kernels as mk; print(','.join(mk.available_backends('cpu')))"
     assert "triton" not in _python(code).stdout.strip().split(",")

@@ -20,7 +20,7 @@ from m2dino_kernels.contract import moe_problem
 
 _C = registry._C
 HAS_CUDA = torch.cuda.is_available()
-HAS_CUDA_EXT = (_C is not None and bool(getattr(_C, "with_cuda", False)) and HAS_CUDA)
+HAS_CUDA_EXT = HAS_CUDA and "cuda" in registry.available_backends("cuda")  # (not left out)
 NEEDS_EXT = pytest.mark.skipif(not HAS_CUDA_EXT, reason="needs a GPU and _C built with CUDA")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
 if HAS_CUDA_EXT:

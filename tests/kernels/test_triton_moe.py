@@ -13,12 +13,17 @@ import torch
 import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
+from m2dino_kernels import registry  # noqa: E402
 from m2dino_kernels.backends import ExpertWeights, Routing  # noqa: E402
 from m2dino_kernels.contract import moe_problem  # noqa: E402
 from m2dino_kernels.triton import moe as triton_moe  # noqa: E402
 from m2dino_kernels.triton import routing  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the GPU tests: where triton runs on CUDA and is not left out (M2DINO_KERNELS_EXCLUDE)
+ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available()
+                             or "triton" not in registry.available_backends("cuda"),
+                             reason="needs triton on a CUDA device")
 ORACLE_INPUTS = ("x", "gate_weight", "gate_bias", "fc1_weight", "fc1_bias", "fc2_weight",
                  "fc2_bias")
 
@@ -255,6 +260,7 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
+@ON_CUDA
 @pytest.mark.parametrize("T,D,H,E,k,NT,activation,dtype", GPU_CASES)
 def test_cuda_matches_oracle(T, D, H, E, k, NT, activation, dtype, loop_oracle):
     p = triton_problem(T, D, H, E, NT, k, activation, dtype, device="cuda", starved_expert=E - 1
@@ -263,6 +269,7 @@ def test_cuda_matches_oracle(T, D, H, E, k, NT, activation, dtype, loop_oracle):
 
 
 @pytest.mark.gpu
+@ON_CUDA
 def test_cuda_has_no_host_sync():
     p = triton_problem(256, 128, 256, 8, 27, 2, "gelu", torch.bfloat16, device="cuda")
     grad_y = torch.randn_like(p.x)
