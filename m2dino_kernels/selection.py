@@ -169,7 +169,7 @@ def triton_attention_refusal(q: torch.Tensor) -> Optional[str]:
 
 
 def _triton_attention_can_take(q: torch.Tensor) -> bool:
-    if not triton_runs_on(q.device.type):
+    if "triton" not in available_backends(q.device):  # (not installed, no interpreter, left out)
         return False
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         return False  # the interpreter's bf16 dot is wrong
@@ -213,6 +213,8 @@ def attention_backend(backend, functions: dict, q, k, v, rope=None,
     elif backend == "triton":
         if importlib.util.find_spec("triton") is None:
             raise RuntimeError("attention backend 'triton' needs the triton package")
+        if "triton" in registry.excluded_backends():
+            raise RuntimeError(f"attention backend 'triton' is left out by {registry.EXCLUDE_ENV}")
         if not triton_runs_on(device_type):
             if device_type == "cpu":
                 raise RuntimeError("attention backend 'triton' on CPU tensors needs "
