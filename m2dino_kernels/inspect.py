@@ -76,6 +76,15 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+def cuda_target_available() -> bool:
+    """Whether this Triton can compile for a CUDA target (its NVIDIA backend is installed)."""
+    try:
+        from triton.backends import backends  # noqa: PLC0415
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
 # ---------------------------------------------------------------------------------------
 # Recording the launches
 # ---------------------------------------------------------------------------------------
@@ -460,6 +469,9 @@ def main(argv=None) -> int:
         parser.error(f"--json: {args.json} exists; not overwriting it")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers: must be at least 1, got {args.workers}")
+    if not cuda_target_available():
+        parser.error("this Triton cannot compile for CUDA (no triton package, or its NVIDIA "
+                     "backend is missing)")
     kernels = args.kernel.split(",") if args.kernel else None
     results = inspect_all(archs, dtypes, args.workers, kernels, args.all_configs)
     if not results:

@@ -38,10 +38,10 @@ def _param(name: str, device: str):
     return pytest.param(name, device, marks=marks, id=f"{name}-{device}")
 
 
-# every concrete backend on every device it may run on (the GPU ones skipped without a GPU)
+# every registered backend on every device it may run on (the GPU ones skipped without a GPU)
 BACKENDS = [_param(name, device) for device in ("cpu", "cuda")
-            for name in registry.CONCRETE_BACKENDS]
-CPU_BACKENDS = [_param(name, "cpu") for name in registry.CONCRETE_BACKENDS]
+            for name in registry.concrete_backends()]
+CPU_BACKENDS = [_param(name, "cpu") for name in registry.concrete_backends()]
 ACTIVATIONS = list(contract.ACTIVATIONS)
 
 
