@@ -46,13 +46,6 @@ def enabled() -> bool:
     return os.environ.get(ENV_VAR, "1") != "0"
 
 
-def gated(name: str) -> bool:
-    """Whether `name` is a registered backend with compiled kernels of its own (attention's
-    sdpa and xformers are PyTorch's and xformers' own, not ours)."""
-    spec = registry._BACKENDS.get(name)
-    return spec is not None and spec.compiled
-
-
 def verdict_key(name: str, device: torch.device) -> str:
     """What a verdict holds for: backend, device and capability, torch, the backend's build."""
     return "|".join((name, device_label(device), f"torch {torch.__version__}",
@@ -127,7 +120,7 @@ _decide._dynamo_marked_constant = True
 
 def trusts(name: str, device: torch.device) -> bool:
     """Whether `auto` may use backend `name` on `device` (see the module docstring)."""
-    if not gated(name):
+    if not registry.is_compiled(name):
         return True
     key = (name, device.type, device.index)
     found = _trusted.get(key)
@@ -147,7 +140,7 @@ def warn_unverified(name: str, device: torch.device) -> None:
     self-test verdict there is used, with a warning (never under tracing, never with the
     gate off)."""
     key = (name, device.type, device.index)
-    if key in _warned or not gated(name) or torch.compiler.is_compiling():
+    if key in _warned or not registry.is_compiled(name) or torch.compiler.is_compiling():
         return
     _warned.add(key)
     if not enabled():

@@ -185,6 +185,13 @@ def compiled_backends() -> tuple:
     return tuple(name for name, spec in _BACKENDS.items() if spec.compiled)
 
 
+def is_compiled(name: str) -> bool:
+    """Whether `name` is a registered backend with compiled kernels of its own (attention's
+    sdpa and xformers are PyTorch's and xformers' own, not ours)."""
+    spec = _BACKENDS.get(name)
+    return spec is not None and spec.compiled
+
+
 def _compute_preferred(device_type: str) -> tuple:
     names = [n for n, s in _BACKENDS.items() if device_type in s.preferred_on]
     return tuple([n for n in names if n not in _BUILT_IN_NAMES]

@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         print(f"== {name} on {verdict.device_label(device)}", file=sys.stderr, flush=True)
         result = verdict.run_backend(name, device, args.dtype, args.timeout)
         verdicts.append(result)
-        if full and gate.gated(name):  # what the gate would have run: cache it for `auto`
+        if full and registry.is_compiled(name):  # what the gate would have run: cache it for `auto`
             gate.STORE.save(gate.verdict_key(name, device), result)
     print(table(verdicts))
     failed = [v["backend"] for v in verdicts if v["status"] not in ("pass", "not run")]

@@ -41,7 +41,6 @@ STATUSES = _SEVERITY[::-1]
 CHILD_EVENT = "@m2dino-selftest "  # the prefix of the child's event lines on its stdout
 
 
-
 def device_label(device: torch.device) -> str:
     """The device as a verdict names it: the card and its compute capability, or the CPU's
     instruction set."""
@@ -108,7 +107,9 @@ def _child_command(name: str, device: torch.device, rows: list) -> tuple:
         backend = registry.backend(name)
         spec["register"] = {"module": backend.module,
                             "dtypes": [str(d).replace("torch.", "") for d in backend.dtypes]}
-    env = {k: v for k, v in os.environ.items() if k != "M2DINO_KERNELS_BACKEND"}
+    # (the child tests the backend it is asked to, whatever the selection or exclusion here)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("M2DINO_KERNELS_BACKEND", registry.EXCLUDE_ENV)}
     env.update({"M2DINO_KERNELS_SELFTEST": "0", "PYTHONUNBUFFERED": "1",
                 # the child imports what this process imports, from where it imports it
                 "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
