@@ -6,8 +6,8 @@ Each `check_*` function runs a backend on a small problem and holds it to the re
 AssertionError whose message names the output and its worst error -- when it does not hold.
 tests/kernels/test_conformance.py parametrises them over every backend and device; the
 self-test (`python -m m2dino_kernels.selftest`) runs them in a child process per backend
-before `auto` trusts a compiled backend on a device (m2dino_kernels.gate). The comparison
-rules of `auto`'s in-process trials (TOLERANCE, mismatch, route_mismatch) are here too.
+before `auto` trusts a compiled backend on a device (m2dino_kernels.gate). How outputs are
+compared (tolerances, NaN placement) is m2dino_kernels.compare's, shared with `auto`'s trials.
 
 The problems: `moe_problem` draws one (float64 values cast to the dtype, so every dtype sees
 the same numbers); CASES names the edge cases (one token, odd sizes, one expert, k = 1 and
@@ -30,7 +30,7 @@ from m2dino_kernels.registry import BACKEND_DTYPES, REFERENCE, backend_module
 from m2dino_kernels.selection import use_backend
 
 # The contract's own (atol, rtol) for outputs and for gradients, fp32 inputs: tight, the
-# error of a different summation order. 16-bit inputs are held to TOLERANCE.
+# error of a different summation order. 16-bit inputs are held to compare.TOLERANCE.
 FP32_OUTPUTS = (1e-5, 1e-4)
 FP32_GRADIENTS = (1e-4, 1e-4)
 ACTIVATIONS = ("gelu", "swiglu")

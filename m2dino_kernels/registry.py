@@ -273,7 +273,7 @@ if torch.cuda.is_available():
     _available_cache["cuda"] = _compute_available("cuda")
 
 
-def device_type_of(device) -> str:
+def _device_type(device) -> str:
     if isinstance(device, torch.Tensor):
         return device.device.type
     return torch.device(device).type
@@ -282,7 +282,7 @@ def device_type_of(device) -> str:
 def available_backends(device="cpu") -> list:
     """Names of the MoE backends that can run on tensors of `device` ("reference" first;
     none that $M2DINO_KERNELS_EXCLUDE names)."""
-    device_type = device_type_of(device)
+    device_type = _device_type(device)
     if device_type not in _available_cache:
         _available_cache[device_type] = _compute_available(device_type)
     return list(_available_cache[device_type])

@@ -33,13 +33,12 @@ from typing import Callable, Optional
 import torch
 
 from m2dino_kernels import autotune, gate, registry, trials
-from m2dino_kernels.registry import (  # noqa: F401 (available_backends, triton_runs_on: documented here)
+from m2dino_kernels.registry import (
     ATTENTION_BACKENDS,
     BACKEND_DTYPES,
     REFERENCE,
     available_backends,
     canonical_name,
-    device_type_of,
     triton_runs_on,
 )
 from m2dino_kernels.shapes import TRITON_HEAD_DIMS
