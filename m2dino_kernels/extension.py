@@ -12,7 +12,8 @@ offsets to the host once per call (one sync); routing itself never syncs.
 """
 from __future__ import annotations
 
-from m2dino_kernels.backends import _C, ExpertWeights, Routing
+from m2dino_kernels.backends import ExpertWeights, Routing
+from m2dino_kernels.registry import _C
 
 
 def _extension():
