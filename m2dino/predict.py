@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--amp", choices=AMP_CHOICES, default="off", help="autocast dtype on CUDA (default: off)")
     run.add_argument("--tta", action="store_true",
                      help="average each flip-safe task (TaskSpec.hflip) over the image and its horizontal mirror")
+    io.add_argument("--overwrite", action="store_true",
+                    help="move an --out folder holding files m2dino.predict did not write aside to "
+                         "OUT.old-<timestamp> (nothing is deleted), then predict into a fresh one")
     return parser
 
 
@@ -61,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     return run_prediction(lambda: predict_folder(
         args.checkpoint, args.data_root, args.out, split=args.split, batch_size=args.batch_size, device=args.device,
-        tasks=task_list(args.tasks), workers=args.workers, progress=True, amp=args.amp, tta=args.tta), "m2dino.predict")
+        tasks=task_list(args.tasks), workers=args.workers, progress=True, amp=args.amp, tta=args.tta,
+        overwrite=args.overwrite), "m2dino.predict")
 
 
 if __name__ == "__main__":

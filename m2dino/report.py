@@ -5,7 +5,6 @@ The command line is parsed before the report's libraries are imported: --help an
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -30,18 +29,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="bootstrap resamples of the validation images for the 95%% intervals "
                              "(0: none; default: 1000)")
     args = parser.parse_args(argv)
+    import yaml
+
+    from m2dino.errors import run_command
     from m2dino.evaluation.report import generate_report, render_markdown
 
-    try:
+    def body() -> None:
         report = generate_report(args.run_dirs, args.out, args.scale_threshold, args.negative_threshold,
                                  args.bootstrap)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"m2dino.report: error: {e}", file=sys.stderr)
-        return 2
-    print(render_markdown(report))
-    print(f"report written to {Path(args.out) / 'report.md'}")
-    return 0
+        print(render_markdown(report))
+        print(f"report written to {Path(args.out) / 'report.md'}")
 
+    # a run directory's files that are not what the report reads: bad input, named
+    return run_command("m2dino.report", body, codes=[((FileNotFoundError, ValueError, yaml.YAMLError), 2)])
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -20,16 +20,16 @@ import numpy as np
 from PIL import Image
 
 from m2dino import io
+from m2dino.errors import InputError
 from m2dino.tasks import TaskSpec, TaskTable, TaskType
 
 
-class PredictionError(ValueError):
+class PredictionError(InputError):
     """The checkpoint and the data do not fit together, or the model produced unusable output."""
 
 
-class EvaluationError(ValueError):
+class EvaluationError(InputError):
     """Bad ground truth or predictions; the message names the file, row or image_path."""
-
 
 
 # ----------------------------------------------------------------------------- writing
@@ -109,8 +109,10 @@ def read_prediction_file(path: Path, task_type: str) -> dict[tuple[str, str], di
             raise EvaluationError(f"{path}: entry {i} is not an object")
         missing = [k for k in REQUIRED_FIELDS[task_type] if k not in entry]
         if missing:
-            raise EvaluationError(f"{path}: entry {i} ({entry.get('image_path', '?')}) lacks {missing}")
-        key = (str(entry["task_id"]), str(entry["image_path"]))
+            raise EvaluationError(f"{path}: entry {i} ({str(entry.get('image_path', '?'))[:200]}) lacks {missing}")
+        if not (isinstance(entry["task_id"], str) and isinstance(entry["image_path"], str)):
+            raise EvaluationError(f"{path}: entry {i}: task_id and image_path must be strings")
+        key = (entry["task_id"], entry["image_path"])
         if key in table:
             raise EvaluationError(f"{path}: entry {i} repeats task {key[0]!r} image {key[1]!r}")
         table[key] = entry
@@ -122,8 +124,8 @@ def parse_entry(entry: dict, spec: TaskSpec, path: Path) -> dict:
     (m2dino.evaluation.metrics.score_task); malformed values raise EvaluationError."""
     try:
         return SUBMISSION[spec.task_type].read(entry, spec)
-    except (TypeError, ValueError) as e:
-        raise EvaluationError(f"{path}: prediction for {entry.get('image_path')!r}: {e}") from e
+    except (TypeError, ValueError, OverflowError) as e:  # numbers too large for a float overflow
+        raise EvaluationError(f"{path}: prediction for {entry.get('image_path')!r}: {str(e)[:500]}") from e
 
 
 def _parse_classification(entry: dict, spec: TaskSpec) -> dict:
@@ -133,6 +135,8 @@ def _parse_classification(entry: dict, spec: TaskSpec) -> dict:
     predicted = entry["predicted_class"]
     if isinstance(predicted, bool) or not isinstance(predicted, (int, np.integer)):
         raise ValueError(f"predicted_class must be an integer, got {predicted!r}")
+    if not 0 <= predicted < spec.num_classes:
+        raise ValueError(f"predicted_class must be a class of the task, in [0, {spec.num_classes}), got {predicted}")
     return {"probs": probs, "predicted_class": int(predicted)}
 
 
