@@ -298,7 +298,7 @@ class DirectoryLock:
     """The writer's lock of a folder held by this process (see `lock_directory`); a context
     manager. Nested acquisitions of the same folder by the same process share it."""
 
-    def __init__(self, folder: Path, fd: int | None, dir_fd: int, key: tuple[int, int], created: bool):
+    def __init__(self, folder: Path, fd: int | None, dir_fd: int, key: tuple[int, int], created: list[Path]):
         self.folder, self.fd, self.dir_fd, self.key, self.created = folder, fd, dir_fd, key, created
         self.pid = os.getpid()
         self.depth = 1
@@ -311,7 +311,7 @@ class DirectoryLock:
 
     def release(self) -> None:
         """Give the lock back (the outermost holder only): the lock file is removed, then closed;
-        a folder this lock created and nothing else filled is removed too."""
+        the folders this lock created and nothing else filled are removed too."""
         if self.pid != os.getpid() or self.depth == 0:  # a forked child never releases its parent's lock
             return
         self.depth -= 1
@@ -325,11 +325,11 @@ class DirectoryLock:
             except OSError:
                 pass  # the folder went (moved aside and removed, or swapped by export): nothing to remove
             os.close(self.fd)
-        if self.created:
+        for folder in self.created:  # the deepest first; only while empty: a failed command leaves no trace
             try:
-                os.rmdir(self.folder)  # only when empty: a failed command leaves no trace
+                os.rmdir(folder)
             except OSError:
-                pass
+                break
         os.close(self.dir_fd)
 
 
@@ -342,7 +342,7 @@ def lock_directory(folder, owner: str) -> DirectoryLock:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} exists and is not a folder; choose another output")
-    created = not folder.exists()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     info = os.fstat(dir_fd)

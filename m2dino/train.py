@@ -29,7 +29,7 @@ def _train(config, run_options: dict, given: set[str], demo: bool) -> int:
     from m2dino.training import distributed
     from m2dino.training.checkpoint import CheckpointError
     from m2dino.training.plan import PLAN_OPTIONS, PlanError, PlanOptions, dry_run
-    from m2dino.training.rundir import prepare_run_dir, run_dir_lock
+    from m2dino.training.rundir import check_run_dir, prepare_run_dir, run_dir_lock
     from m2dino.training.study import run
     from m2dino.training.trainer import TrainingError
 
@@ -44,10 +44,12 @@ def _train(config, run_options: dict, given: set[str], demo: bool) -> int:
         return run_command(PROG, plan, codes=[((PlanError, ValueError, FileNotFoundError), 1)])
 
     def study() -> None:
-        # OUT's writer lock from before the run directory is looked at to the run's end: no other
-        # run can start, finish or write in it meanwhile
+        overwrite = run_options.get("overwrite", False)
+        check_run_dir(config, given, overwrite=overwrite, demo=demo)  # refusals write nothing, not even OUT
+        # then OUT's writer lock, from the decision (checked again under it) to the run's end: no
+        # other run can start, finish or write in it meanwhile
         with run_dir_lock(config.out):
-            prepared = prepare_run_dir(config, given, overwrite=run_options.get("overwrite", False), demo=demo)
+            prepared = prepare_run_dir(config, given, overwrite=overwrite, demo=demo)
             if distributed.local_rank() == 0 and os.environ.get("RANK", "0") == "0":
                 print(f"m2dino.train: model {describe_model(prepared.model)}; saved in full as "
                       f"{prepared.out}/config.yaml", flush=True)
