@@ -128,8 +128,16 @@ def parse_entry(entry: dict, spec: TaskSpec, path: Path) -> dict:
         raise EvaluationError(f"{path}: prediction for {entry.get('image_path')!r}: {str(e)[:500]}") from e
 
 
+def _numbers(entry: dict, field: str) -> np.ndarray:
+    """An entry's list of numbers as float64; ValueError naming the field when it is not one."""
+    try:
+        return np.asarray(entry[field], dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as e:  # nested, text, or too large for a float
+        raise ValueError(f"{field} must be a list of finite numbers, got {str(entry[field])[:200]} ({e})") from None
+
+
 def _parse_classification(entry: dict, spec: TaskSpec) -> dict:
-    probs = np.asarray(entry["predicted_probs"], dtype=np.float64).reshape(-1)
+    probs = _numbers(entry, "predicted_probs")
     if probs.size != spec.num_classes or not np.isfinite(probs).all():
         raise ValueError(f"predicted_probs must be {spec.num_classes} finite numbers, got {entry['predicted_probs']!r}")
     predicted = entry["predicted_class"]
@@ -141,14 +149,14 @@ def _parse_classification(entry: dict, spec: TaskSpec) -> dict:
 
 
 def _parse_detection(entry: dict, spec: TaskSpec) -> dict:
-    box = np.asarray(entry["bbox_pixels"], dtype=np.float64).reshape(-1)
+    box = _numbers(entry, "bbox_pixels")
     if box.size != 4 or not np.isfinite(box).all():
         raise ValueError(f"bbox_pixels must be 4 finite numbers, got {entry['bbox_pixels']!r}")
     return {"bbox_pixels": box.tolist()}
 
 
 def _parse_landmarks(entry: dict, spec: TaskSpec) -> dict:
-    points = np.asarray(entry["predicted_points_pixels"], dtype=np.float64).reshape(-1)
+    points = _numbers(entry, "predicted_points_pixels")
     if points.size != 2 * spec.num_points or not np.isfinite(points).all():
         raise ValueError(f"predicted_points_pixels must be {2 * spec.num_points} finite numbers "
                          f"(x1, y1, x2, y2, ...), got {entry['predicted_points_pixels']!r}")
