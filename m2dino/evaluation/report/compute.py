@@ -226,7 +226,15 @@ def run_protocol(run_dirs: Sequence[os.PathLike]) -> str:
     lines = set()
     for run_dir in map(Path, run_dirs):
         path = run_dir / "config.yaml"
-        config = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+        try:
+            config = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not the run's options (not valid YAML: {str(e).splitlines()[0]})") from None
+        if not isinstance(config, dict) or not all(
+                config.get(k) is None or isinstance(config[k], (int, float)) and not isinstance(config[k], bool)
+                for k in ("steps", "min_steps", "epochs")) or not isinstance(config.get("control") or "", str):
+            raise ValueError(f"{path}: not the run's options (a mapping of option: value, with numbers for "
+                             f"steps, min_steps and epochs)")
         if config.get("steps") is not None:
             line = f"fixed steps (--steps {config['steps']} for every model; exposure differs across paradigms)"
         elif int(config.get("min_steps") or 0) > 0:
