@@ -209,7 +209,10 @@ def _parse_int_label(text: str) -> int:
 
 def parse_point(text: str) -> tuple[float, float]:
     """A JSON "[x, y]" point string (NaN/Infinity allowed by JSON, caught by validation)."""
-    value = json.loads(text)
+    try:
+        value = json.loads(text)
+    except RecursionError:  # a cell of 100000 "[": not a point, and no stack overflow
+        raise ValueError(f"point {text[:40]!r}... is not a JSON [x, y] pair") from None
     if not isinstance(value, list) or len(value) != 2 or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
     ):
@@ -279,12 +282,20 @@ def _extra_task_spec(task_id, task_type, rows, fieldnames, overrides) -> TaskSpe
     return make_task(task_id, task_type, **counts, **fields)
 
 
+# The most classes an extra task may declare in its CSV: a mask holds at most 16-bit class indices
+MAX_CSV_CLASSES = 65536
+
+
 def _class_count(rows, fieldnames) -> dict:
     text = Counter(_norm_count(r.get("num_classes", "")) for r in rows).most_common(1)[0][0]
     try:
-        return {"num_classes": int(text)}
+        count = int(text)
     except ValueError:
         raise ValueError(f"num_classes {text!r} is not an integer (set it in the task overrides)") from None
+    if count > MAX_CSV_CLASSES:
+        raise ValueError(f"num_classes {count} is more than {MAX_CSV_CLASSES} (a 16-bit mask's classes); "
+                         f"set the real count in the task overrides")
+    return {"num_classes": count}
 
 
 def _point_count(rows, fieldnames) -> dict:

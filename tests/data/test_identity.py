@@ -178,3 +178,19 @@ def test_a_csv_not_in_utf8_is_named(tmp_path, capsys):
         .encode("latin-1"))
     (problem,) = read_csvs(tmp_path).problems
     assert problem.csv == "csv_files/Cls-Latin.csv" and "not UTF-8 text (byte 0xe9" in problem.problem
+
+
+def test_csv_values_that_would_blow_up_are_row_problems(tmp_path):
+    hand_root(tmp_path, n=1)
+    save(tmp_path, "Classification/mystery/a.png", np.zeros((8, 8), np.uint8))
+    write_csv(tmp_path / "csv_files" / "Cls-Mystery.csv", [
+        {"image_path": "../Classification/mystery/a.png", "task_id": "mystery", "task_name": "classification",
+         "num_classes": "1e9", "mask": 0}])
+    add_rows(tmp_path / "csv_files" / "Reg-Three_26.IUGC.csv", [
+        {"image_path": "../Regression/Three/IUGC/r0.png", "task_id": "IUGC", "task_name": "Regression",
+         "num_classes": 3, "point_1_xy": "[" * 100_000, "point_2_xy": "[1, 1]", "point_3_xy": "[2, 2]"}])
+    problems = {}
+    for p in read_csvs(tmp_path).problems:
+        problems.setdefault((p.csv, p.row), []).append(p.problem)
+    assert any("num_classes 1000000000 is more than 65536" in p for p in problems[("csv_files/Cls-Mystery.csv", 0)])
+    assert any("is not a JSON [x, y] pair" in p for p in problems[("csv_files/Reg-Three_26.IUGC.csv", 1)])

@@ -5,8 +5,8 @@ exception escaping `main` fails the example) and never a hang (SIGALRM fails it)
 
 The files: data.check's CSVs, images and masks; predict's checkpoint (json and safetensors), test
 CSV and image; evaluate's prediction files, predicted and ground-truth masks and CSV; export's
-checkpoint; report's run-directory files; train's --config file, and (slow) a resumed run's
-config.yaml, training checkpoint and its --pretrained weights.
+checkpoint; train's --config file; and (slow, they need a trained run) report's run-directory
+files, a resumed run's config.yaml and training checkpoint, and train's --pretrained weights.
 """
 import contextlib
 import io
@@ -118,15 +118,24 @@ def answered(prog: str, call) -> int:
 
 @pytest.fixture(scope="module")
 def world(suite, tmp_path_factory):
-    """The suite, a trained run of every paradigm, its AU checkpoint and predictions of it."""
+    """The suite, a (untrained) checkpoint of its tasks and its predictions of the val split."""
+    from m2dino.models.m2dino import create_model, save_model
+
     base = tmp_path_factory.mktemp("fuzz")
-    run = base / "run"
-    assert train_cli.main(["--data", str(suite), "--out", str(run), *RUN]) == 0
-    checkpoint = run / "au" / "all" / "best.safetensors"
+    checkpoint, _ = save_model(create_model("dinov3_tiny", TASKS, num_experts=2, top_k=1, moe_layers=1,
+                                            img_size=32), base / "ckpt" / "best")
     predictions = base / "predictions"
     assert predict_cli.main(["--checkpoint", str(checkpoint), "--data-root", str(suite), "--split", "val",
                              "--out", str(predictions), "--device", "cpu"]) == 0
-    return {"suite": suite, "run": run, "checkpoint": checkpoint, "predictions": predictions, "base": base}
+    return {"suite": suite, "checkpoint": checkpoint, "predictions": predictions}
+
+
+@pytest.fixture(scope="module")
+def trained_run(suite, tmp_path_factory):
+    """A trained run of every paradigm (for report and a resumed train)."""
+    run = tmp_path_factory.mktemp("fuzz-run") / "run"
+    assert train_cli.main(["--data", str(suite), "--out", str(run), *RUN]) == 0
+    return run
 
 
 @contextlib.contextmanager
@@ -147,7 +156,8 @@ def first(folder: Path, pattern: str) -> Path:
 
 FAST = settings(max_examples=20, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-SLOW = settings(FAST, max_examples=4)
+FEWER = settings(FAST, max_examples=8)  # a command that loads a model for each example
+SLOW = settings(FAST, max_examples=4)  # a command that trains
 
 
 # ------------------------------------------------------------------------ data.check
@@ -165,7 +175,7 @@ def test_data_check(world, tmp_path, which, damage):
 # ------------------------------------------------------------------------ predict
 @pytest.mark.parametrize("which", ["ckpt.json", "ckpt.safetensors", "data/val/csv_files/*lung*.csv",
                                    "data/val/Segmentation/**/images/*.bmp"])
-@FAST
+@FEWER
 @given(damage=DAMAGE)
 def test_predict(world, tmp_path, which, damage):
     scratch = tmp_path / "scratch"
@@ -216,13 +226,14 @@ def test_export(world, tmp_path, suffix, damage):
 
 
 # ------------------------------------------------------------------------ report
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["au/metrics.json", "au/all/eval.json", "au/all/eval_per_image.json",
                                    "ts/*/eval_per_image.json", "cg/metrics.json", "config.yaml",
                                    "au/all/routing.json"])
-@FAST
+@FEWER
 @given(damage=DAMAGE)
-def test_report(world, tmp_path, which, damage):
-    with copy_of(world["run"], tmp_path) as run:
+def test_report(trained_run, tmp_path, which, damage):
+    with copy_of(trained_run, tmp_path) as run:
         target = first(run, which)
         target.write_bytes(damaged(target.read_bytes(), damage))
         answered("m2dino.report", lambda: report_cli.main([str(run), "--out", str(tmp_path / "report"),
@@ -244,8 +255,8 @@ def test_train_config_file(world, tmp_path, damage):
                                    "au/all/last/model.json"])
 @SLOW
 @given(damage=DAMAGE)
-def test_train_resume(world, tmp_path, which, damage):
-    with copy_of(world["run"], tmp_path) as run:
+def test_train_resume(world, trained_run, tmp_path, which, damage):
+    with copy_of(trained_run, tmp_path) as run:
         target = run / which
         target.write_bytes(damaged(target.read_bytes(), damage))
         answered("m2dino.train", lambda: train_cli.main(["--data", str(world["suite"]), "--out", str(run),
@@ -258,7 +269,7 @@ def test_train_resume(world, tmp_path, which, damage):
 def test_train_pretrained_weights(world, tmp_path, damage):
     import torch
 
-    from m2dino.models.backbone import dinov3_tiny
+    from m2dino.models.weights import dinov3_tiny
 
     weights = tmp_path / "tiny.pth"
     if not weights.exists():
