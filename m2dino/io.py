@@ -325,12 +325,17 @@ class DirectoryLock:
             except OSError:
                 pass  # the folder went (moved aside and removed, or swapped by export): nothing to remove
             os.close(self.fd)
-        for folder in self.created:  # the deepest first; only while empty: a failed command leaves no trace
-            try:
-                os.rmdir(folder)
-            except OSError:
-                break
+        _remove_empty(self.created)  # a failed command leaves no trace
         os.close(self.dir_fd)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (the deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
 
 
 def lock_directory(folder, owner: str) -> DirectoryLock:
@@ -356,6 +361,7 @@ def lock_directory(folder, owner: str) -> DirectoryLock:
         fd = _take_lock_file(folder, dir_fd)
     except BaseException:
         os.close(dir_fd)
+        _remove_empty(created)
         raise
     if fd is not None:
         os.ftruncate(fd, 0)

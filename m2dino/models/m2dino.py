@@ -260,7 +260,8 @@ def save_model(model: M2DINO, path_stem, state_dict: Optional[dict] = None) -> t
     stem.parent.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
-    io.atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"format": "m2dino"}))
+    size = sum(v.numel() * v.element_size() for v in state.values())  # what a full disk's message names
+    io.atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"format": "m2dino"}), size=size)
     io.write_json(config_path, model.checkpoint_config(), indent=2)
     return weights_path, config_path
 

@@ -46,7 +46,7 @@ from m2dino.evaluation.bootstrap import (
     task_seed,
 )
 from m2dino.evaluation.metrics import LOWER_IS_BETTER, METRIC_NAMES, as_float, nanmean
-from m2dino.evaluation.report.runs import load_runs
+from m2dino.evaluation.report.runs import TRAINING_KEYS, load_runs
 from m2dino.tasks import TaskTable, TaskType
 
 PARADIGM_ORDER = ("ts", "cg", "au")
@@ -499,8 +499,7 @@ def _std(columns: list):
 def _mean_training(lengths: list[dict]) -> dict | None:
     if not lengths:
         return None
-    keys = ("train_images", "epochs", "steps", "samples_seen", "seconds")
-    return {k: nanmean([as_float(t.get(k)) for t in lengths]) for k in keys}
+    return {k: nanmean([as_float(t.get(k)) for t in lengths]) for k in TRAINING_KEYS}
 
 
 def _training_table(training: dict) -> dict:

@@ -32,6 +32,10 @@ def find_paradigm_files(run_dirs: Sequence[os.PathLike]) -> list[Path]:
     return found
 
 
+# A model's training length, as the report reads it (the rest of a training entry is left as it is)
+TRAINING_KEYS = ("train_images", "epochs", "steps", "samples_seen", "seconds")
+
+
 def _is_number(value) -> bool:
     """A metric value as JSON holds it: a number, or null for NaN."""
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
@@ -69,9 +73,9 @@ def _validate_paradigm_metrics(data: dict, path: Path) -> None:
         for key in ("train_size", "num_classes"):
             _require(_is_number(entry.get(key)), path, f"task {task_id!r}: {key!r} must be a number")
     training = data.get("training") or {}
-    _require(isinstance(training, dict) and all(isinstance(t, dict) and all(map(_is_number, t.values()))
+    _require(isinstance(training, dict) and all(isinstance(t, dict) and all(_is_number(t.get(k)) for k in TRAINING_KEYS)
                                                 for t in training.values()),
-             path, "'training' must map each model to numbers (train_images, epochs, steps, samples_seen, seconds)")
+             path, f"'training' must map each model to numbers ({', '.join(TRAINING_KEYS)})")
 
 
 def load_runs(run_dirs: Sequence[os.PathLike]) -> tuple[dict, dict, dict]:
