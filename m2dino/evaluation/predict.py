@@ -256,7 +256,8 @@ def claim_out_dir(out_dir: Path, planned: list[str], overwrite: bool) -> frozens
     foreign = [f for f in planned if f not in ours and os.path.lexists(out_dir / f)]
     if foreign and not overwrite:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise InputError(f"--out {out_dir} holds files that m2dino.predict did not write and would replace: {shown}. "
+        raise InputError(f"--out {out_dir} holds files that m2dino.predict would replace and did not write (its list, "
+                         f"{PREDICTIONS_MARKER}, does not name them; an older m2dino kept no list): {shown}. "
                          f"Choose another --out, or --overwrite to move the folder aside to "
                          f"{out_dir}.old-<timestamp> (nothing is deleted)")
     if foreign:
