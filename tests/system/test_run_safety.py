@@ -198,6 +198,7 @@ def test_a_second_writer_stops_at_once_naming_the_directory_and_the_pid(suite, f
     assert not (finished / ".m2dino.lock").exists()
 
 
+@pytest.mark.slow
 def test_two_trainings_started_into_one_out_never_mix(suite, tmp_path):
     out = tmp_path / "R"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", ckpt.SLOW_WRITE_ENV: "0.3"}
