@@ -219,3 +219,31 @@ def test_predict_names_a_damaged_checkpoint_config(suite_and_checkpoint, tmp_pat
     assert "ckpt.json" in err and words in err and "Traceback" not in err, err
     assert not (tmp_path / "p").exists()
 
+
+
+@pytest.mark.parametrize("image_path, words", [
+    ("../loop/x.png", "symlink loop"),
+    ("../" + "x" * 300 + ".png", "missing or not an image file"),
+])
+def test_predict_names_a_path_it_cannot_look_at(suite_and_checkpoint, tmp_path, capsys, image_path,  # noqa: F811
+                                                words):
+    import csv
+    import shutil
+
+    root, checkpoint = suite_and_checkpoint
+    data = tmp_path / "data"
+    shutil.copytree(root / "val", data)
+    os.symlink("loop2", data / "loop")
+    os.symlink("loop", data / "loop2")
+    csv_file = next((data / "csv_files").glob("*femur*.csv"))
+    with open(csv_file, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[1]["image_path"] = image_path
+    with open(csv_file, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert predict_cli.main(["--checkpoint", str(checkpoint), "--data-root", str(data), "--out", str(tmp_path / "p"),
+                             "--device", "cpu", "--tasks", "fetal_femur"]) == 2
+    err = capsys.readouterr().err
+    assert f"{csv_file.name} row 1" in err and words in err and "Traceback" not in err, err
