@@ -352,6 +352,8 @@ def load_yaml_config(path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except OSError as e:
         raise FileNotFoundError(f"--config {path}: cannot read: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config {path}: not UTF-8 text ({e})") from None
     except yaml.YAMLError as e:
         raise ValueError(f"--config {path}: not valid YAML: {e}") from e
     if data is None:

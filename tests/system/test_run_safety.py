@@ -283,3 +283,11 @@ def test_train_on_a_full_disk_or_a_read_only_one_is_one_line_exit_1(suite, tmp_p
         assert main(argv(suite, locked / "R")) == 1
     err = capsys.readouterr().err
     assert f"cannot write {locked / 'R'}: it is on a read-only file system" in err and err.count("\n") == 1
+
+
+def test_a_config_file_that_is_not_text_is_named(tmp_path, capsys):
+    config = tmp_path / "mine.yaml"
+    config.write_bytes(b"\xff\xfe epochs: 3")
+    assert main(["--config", str(config), "--out", str(tmp_path / "R")]) == 2
+    err = capsys.readouterr().err
+    assert f"--config {config}: not UTF-8 text" in err and not (tmp_path / "R").exists()
