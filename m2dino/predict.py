@@ -36,6 +36,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m m2dino.predict", description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,10 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("running")
     run.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default: 16)")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    run.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
+    run.add_argument("--workers", type=nonnegative_int, default=0, help="data-loading worker processes (default: 0)")
     run.add_argument("--amp", choices=AMP_CHOICES, default="off", help="autocast dtype on CUDA (default: off)")
     run.add_argument("--tta", action="store_true",
                      help="average each flip-safe task (TaskSpec.hflip) over the image and its horizontal mirror")
+    io.add_argument("--overwrite", action="store_true",
+                    help="move an --out folder holding files m2dino.predict did not write aside to "
+                         "OUT.old-<timestamp> (nothing is deleted), then predict into a fresh one")
     return parser
 
 
@@ -61,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     return run_prediction(lambda: predict_folder(
         args.checkpoint, args.data_root, args.out, split=args.split, batch_size=args.batch_size, device=args.device,
-        tasks=task_list(args.tasks), workers=args.workers, progress=True, amp=args.amp, tta=args.tta), "m2dino.predict")
+        tasks=task_list(args.tasks), workers=args.workers, progress=True, amp=args.amp, tta=args.tta,
+        overwrite=args.overwrite), "m2dino.predict")
 
 
 if __name__ == "__main__":

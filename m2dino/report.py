@@ -5,7 +5,6 @@ The command line is parsed before the report's libraries are imported: --help an
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -44,18 +43,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "dice=0.05,mre=2 (default: " + ",".join(f"{k}={v:g}" for k, v in DEFAULT_MARGINS.items())
                              + ")")
     args = parser.parse_args(argv)
+    import yaml
+
+    from m2dino.errors import run_command
     from m2dino.evaluation.report import generate_report, render_markdown
 
-    try:
+    def body() -> None:
         report = generate_report(args.run_dirs, args.out, args.scale_threshold, args.negative_threshold,
                                  args.bootstrap, correction=args.correction, margins=args.non_inferiority_margin)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"m2dino.report: error: {e}", file=sys.stderr)
-        return 2
-    print(render_markdown(report))
-    print(f"report written to {Path(args.out) / 'report.md'}")
-    return 0
+        print(render_markdown(report))
+        print(f"report written to {Path(args.out) / 'report.md'}")
 
+    # a run directory's files that are not what the report reads: bad input, named
+    return run_command("m2dino.report", body, codes=[((FileNotFoundError, ValueError, yaml.YAMLError), 2)])
 
 def _margins(text: str) -> dict[str, float]:
     """'dice=0.05,mre=2' -> {"dice": 0.05, "mre": 2.0}."""

@@ -1,6 +1,9 @@
 """Writing the entry folder: the checks before anything is written, the files built in a
 staging folder beside `out` and renamed into place (m2dino.io.replace_directory), so that a
-failed export writes nothing."""
+failed export writes nothing. `out` may hold none of the inputs (the checkpoint, the wheel, the
+--measure data) nor lie inside the --measure data; the export holds `out`'s writer's lock
+(m2dino.io.lock_directory) from the last check to the swap, so two exports never write one
+folder."""
 from __future__ import annotations
 
 import hashlib
@@ -24,11 +27,29 @@ WHEEL_DIR = "wheels"
 SOURCE_DIR = "src"
 
 
+def holds_files(out: Path) -> bool:
+    """Whether the folder `out` holds anything but a writer's lock file."""
+    return out.is_dir() and any(p.name != io.LOCK_FILE for p in out.iterdir())
+
+
 def check_out_dir(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if holds_files(out) and not force:
         raise ExportError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+
+
+def check_inputs_outside(out: Path, checkpoint: Path, wheel, measure) -> None:
+    """ExportError when `out` holds an input (the checkpoint, the wheel) or overlaps the --measure data root."""
+    here = out.resolve()
+    for given, what in ((checkpoint, "checkpoint"), (Path(wheel) if wheel else None, "wheel")):
+        if given is not None and here in given.resolve().parents:
+            raise ExportError(f"the {what} {given} lies inside the output folder {out}")
+    if measure not in (None, "synthetic"):
+        data = Path(measure).resolve()
+        if here == data or data in here.parents or here in data.parents:
+            raise ExportError(f"--out {out} and the --measure data root {measure} overlap: the export writes into "
+                              f"none of its inputs. Choose an --out outside the data")
 
 
 def sha256(path: Path) -> str:
@@ -71,16 +92,22 @@ def export_predictor(checkpoint, out, tta: bool = False, device: str = "auto", b
     out = Path(out).absolute()
     check_out_dir(out, force)
     checkpoint = Path(checkpoint)
-    for given, what in ((checkpoint, "checkpoint"), (Path(wheel) if wheel else None, "wheel")):
-        if given is not None and out in given.absolute().parents:
-            raise ExportError(f"the {what} {given} lies inside the output folder {out}")
+    check_inputs_outside(out, checkpoint, wheel, measure)
     model, weights = check_checkpoint(checkpoint)
     if measure not in (None, "synthetic") and not (Path(measure) / "csv_files").is_dir() \
             and not (Path(measure) / "val" / "csv_files").is_dir():
         raise ExportError(f"--measure {measure}: no csv_files/ folder there (nor val/csv_files/)")
     root = None if wheel else project_root()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with io.lock_directory(out, "m2dino.export"):
+        check_out_dir(out, force)  # again, under the lock: what another process did meanwhile counts
+        return _write_entry(model, weights, out, tta, device, batch_size, amp, wheel, root, base_image, build_ext,
+                            cuda_arches, measure, measure_rows)
+
+
+def _write_entry(model, weights: Path, out: Path, tta: bool, device: str, batch_size: int, amp: str, wheel, root,
+                 base_image: str, build_ext: bool, cuda_arches: str, measure, measure_rows: int) -> dict:
+    """Build the entry in a staging folder beside `out`, then swap it in (the old one moved aside)."""
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_model(model, staging / MODEL_STEM)
@@ -109,7 +136,7 @@ def export_predictor(checkpoint, out, tta: bool = False, device: str = "auto", b
                     measured["data_root_label"] = label
         io.write_text(staging / "README.md", readme_text(settings, meta, measured, build_ext, base_image, cuda_arches))
         readable_by_all(staging)
-        if out.is_dir() and any(out.iterdir()):  # --force: the old folder moves aside, nothing is deleted
+        if holds_files(out):  # --force: the old folder moves aside, nothing is deleted
             print(f"moved the existing {out} aside to {io.move_aside(out)}")
         io.replace_directory(staging, out)
     except BaseException:

@@ -348,6 +348,8 @@ def load_yaml_config(path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except OSError as e:
         raise FileNotFoundError(f"--config {path}: cannot read: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config {path}: not UTF-8 text ({e})") from None
     except yaml.YAMLError as e:
         raise ValueError(f"--config {path}: not valid YAML: {e}") from e
     if data is None:
@@ -618,9 +620,14 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     return resolve([{k: _coerce(k, v) for k, v in data.items()}])
 
 
+# The first line of every config.yaml m2dino writes: how a run directory is told from a folder
+# of someone else's files (m2dino.training.rundir)
+RUN_CONFIG_HEADER = "# m2dino.train run configuration: written by m2dino, read back by --resume\n"
+
+
 def save_config(config: TrainConfig, path) -> Path:
-    """Write the resolved config as YAML, atomically."""
-    return io.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML (under RUN_CONFIG_HEADER), atomically."""
+    return io.write_text(path, RUN_CONFIG_HEADER + yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def read_config(path) -> TrainConfig:

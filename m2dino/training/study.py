@@ -48,6 +48,7 @@ from m2dino.training.jobs import (
     threads_per_job,
     train_models,
 )
+from m2dino.training.rundir import run_dir_lock
 
 EXCLUDED_FILE = "excluded_rows.json"
 
@@ -173,6 +174,11 @@ def baseline_table(summary: dict) -> tuple[str, bool]:
 def run(config: TrainConfig) -> dict:
     """Run the study described by `config`; returns {paradigm: metrics.json content} (with
     --seeds: {seed: that}, each seed in OUT/seed-N/, and the pooled report in OUT/report/)."""
+    with run_dir_lock(config.out):  # one writer per run directory, from before its first write to its end
+        return _run(config)
+
+
+def _run(config: TrainConfig) -> dict:
     if config.seeds:
         return run_seeds(config)
     device = dist_utils.resolve_device(config.device)

@@ -58,7 +58,7 @@ from m2dino.evaluation.report.change import (
     decide,
     with_gap_share,
 )
-from m2dino.evaluation.report.runs import Runs, load_runs, read_checkpoint_config
+from m2dino.evaluation.report.runs import TRAINING_KEYS, Runs, load_runs, read_checkpoint_config
 from m2dino.evaluation.report.tasklevel import CORRECTION_NAMES, CORRECTIONS, DEFAULT_CORRECTION
 from m2dino.paradigms import CONTROL_PARADIGM, PARADIGMS, plateau_rule_text
 from m2dino.tasks import TaskTable, TaskType
@@ -500,7 +500,6 @@ def _beats(value, baseline, metric) -> bool | None:
 
 # ------------------------------------------------------------------------------ training, capacity, routing
 STOP_REASONS = ("plateau", "cap", "epochs")
-LENGTH_KEYS = ("train_images", "epochs", "steps", "samples_seen", "seconds")
 
 
 def _mean_training(lengths: list[dict]) -> dict | None:
@@ -509,7 +508,7 @@ def _mean_training(lengths: list[dict]) -> dict | None:
     when the seeds differ) and the final learning rate (`final_lr`, None when not recorded)."""
     if not lengths:
         return None
-    out = {k: nanmean([as_float(t.get(k)) for t in lengths]) for k in LENGTH_KEYS}
+    out = {k: nanmean([as_float(t.get(k)) for t in lengths]) for k in TRAINING_KEYS}
     reasons = [t.get("stop_reason") or t.get("stopped") or None for t in lengths]
     recorded = Counter(r for r in reasons if r)
     out["stop_reason"] = (None if not recorded else next(iter(recorded)) if len(recorded) == 1

@@ -46,21 +46,50 @@ def find_paradigm_files(run_dirs: Sequence[os.PathLike]) -> list[Path]:
     return found
 
 
+# A model's training length, as the report reads it (the rest of a training entry is left as it is)
+TRAINING_KEYS = ("train_images", "epochs", "steps", "samples_seen", "seconds")
+
+
+def _is_number(value) -> bool:
+    """A metric value as JSON holds it: a number, or null for NaN."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _require(condition: bool, path: Path, what: str) -> None:
+    if not condition:
+        raise ValueError(f"{path}: {what}")
+
+
 def _validate_paradigm_metrics(data: dict, path: Path) -> None:
+    """Every field the report reads has its shape checked (ValueError naming the file and field)."""
     for key in ("paradigm", "tasks"):
         if key not in data:
             raise ValueError(f"{path}: missing key {key!r}")
+    _require(isinstance(data["paradigm"], str), path, "'paradigm' must be a paradigm's name")
     if not isinstance(data["tasks"], dict):
         raise ValueError(f"{path}: 'tasks' must map task_id to its entry")
     for task_id, entry in data["tasks"].items():
+        _require(isinstance(entry, dict), path, f"task {task_id!r}: its entry must be an object")
         for key in ("task_type", "metrics"):
             if key not in entry:
                 raise ValueError(f"{path}: task {task_id!r} has no {key!r}")
-        if entry["task_type"] not in METRIC_NAMES:
+        if not isinstance(entry["task_type"], str) or entry["task_type"] not in METRIC_NAMES:
             raise ValueError(f"{path}: task {task_id!r} has unknown task_type {entry['task_type']!r}")
+        for key in ("metrics", "baseline"):
+            _require(key not in entry or isinstance(entry[key], dict) and all(map(_is_number, entry[key].values())),
+                     path, f"task {task_id!r}: {key!r} must map metric names to numbers")
+        ci = entry.get("ci", {})
+        _require(isinstance(ci, dict) and all(v is None or isinstance(v, list) and len(v) == 2
+                                              and all(map(_is_number, v)) for v in ci.values()),
+                 path, f"task {task_id!r}: 'ci' must map metric names to [low, high]")
+        for key in ("model", "group", "primary_metric"):
+            _require(isinstance(entry.get(key, ""), str), path, f"task {task_id!r}: {key!r} must be a string")
+        for key in ("train_size", "num_classes"):
+            _require(_is_number(entry.get(key)), path, f"task {task_id!r}: {key!r} must be a number")
     training = data.get("training") or {}
-    if not isinstance(training, dict) or not all(isinstance(v, dict) for v in training.values()):
-        raise ValueError(f"{path}: 'training' must map each model to its training entry")
+    _require(isinstance(training, dict) and all(isinstance(t, dict) and all(_is_number(t.get(k)) for k in TRAINING_KEYS)
+                                                for t in training.values()),
+             path, f"'training' must map each model to numbers ({', '.join(TRAINING_KEYS)})")
 
 
 def load_runs(run_dirs: Sequence[os.PathLike]) -> Runs:
@@ -103,11 +132,14 @@ def _read_config(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from error
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not the run's options (not valid YAML: {str(error).splitlines()[0]})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a mapping of options, got {type(config).__name__}")
+    _require(all(config.get(k) is None or _is_number(config[k]) for k in ("steps", "min_steps", "epochs"))
+             and isinstance(config.get("control") or "", str) and isinstance(config.get("budget") or "", str),
+             path, "not the run's options (numbers for steps, min_steps and epochs; words for control and budget)")
     return config
 
 
@@ -139,9 +171,17 @@ def _read_routing(path: Path) -> dict:
     for key in ("tasks", "num_experts", "layers"):
         if key not in data:
             raise ValueError(f"{path}: missing key {key!r}")
+    _require(isinstance(data["tasks"], list) and all(isinstance(t, str) for t in data["tasks"]), path,
+             "'tasks' must be a list of task ids")
+    _require(isinstance(data["num_experts"], int) and not isinstance(data["num_experts"], bool)
+             and data["num_experts"] >= 1, path, "'num_experts' must be a positive integer")
+    _require(isinstance(data["layers"], dict), path, "'layers' must map block indices to counts")
     num_tasks, num_experts = len(data["tasks"]), int(data["num_experts"])
     for layer, counts in data["layers"].items():
-        counts = np.asarray(counts, dtype=np.float64)
+        try:
+            counts = np.asarray(counts, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: layer {layer} has counts that are not a (tasks, experts) table") from None
         if counts.shape != (num_tasks, num_experts):
             raise ValueError(
                 f"{path}: layer {layer} has counts of shape {counts.shape}, expected (tasks, experts) = "
