@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m m2dino.evaluate", description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     score = parser.add_argument_group("scoring")
-    score.add_argument("--data-root", required=True, help="FM_UIA root (csv_files/ inside, or train/ and val/)")
+    score.add_argument("--data-root", required=True,
+                       help="FM_UIA root (csv_files/ inside, or train/ and val/), or 'synthetic': the synthetic suite "
+                            "of the run the checkpoint or predictions come from (else the default run's)")
     score.add_argument("--predictions",
                        help="prediction folder (the submission format); with --checkpoint, where to write it")
     score.add_argument("--json", help="also write the results to this JSON file")
@@ -42,11 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.checkpoint or args.predictions):
         parser.error("--predictions is required without --checkpoint")
+    from m2dino.data import resolve_data_root
     from m2dino.evaluation.evaluate import evaluate_folder, format_results, write_json
     from m2dino.evaluation.predict import PREDICTION_ERRORS, predict_folder
 
     tasks = task_list(args.tasks)
     try:
+        args.data_root = resolve_data_root(args.data_root, near=args.checkpoint or args.predictions)
         with tempfile.TemporaryDirectory(prefix="m2dino-predictions-") as scratch:
             predictions = args.predictions
             if args.checkpoint:

@@ -27,7 +27,7 @@ def _train(config, run_options: dict, given: set[str], demo: bool) -> int:
     from m2dino.training.checkpoint import CheckpointError
     from m2dino.training.plan import PLAN_OPTIONS, PlanError, PlanOptions, dry_run
     from m2dino.training.rundir import RunDirError, prepare_run_dir
-    from m2dino.training.study import run
+    from m2dino.training.study import preflight, run
     from m2dino.training.trainer import TrainingError
 
     try:
@@ -35,15 +35,24 @@ def _train(config, run_options: dict, given: set[str], demo: bool) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"m2dino.train: error: {e}", file=sys.stderr)
         return 2
-    if run_options.get("dry_run"):
+    overwrite, planning = run_options.get("overwrite", False), run_options.get("dry_run", False)
+    try:  # what the run needs (the output directory, the weights, the data) before anything is written
+        checked = preflight(config, given, overwrite=overwrite, demo=demo)
+    except RunDirError as e:
+        print(f"m2dino.train: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"m2dino.train: error: {e}", file=sys.stderr)
+        return 1
+    if planning:
         try:
-            dry_run(config, plan_options)
+            dry_run(checked, plan_options)
         except (PlanError, ValueError, FileNotFoundError) as e:
             print(f"m2dino.train: error: {e}", file=sys.stderr)
             return 1
         return 0
     try:
-        config = prepare_run_dir(config, given, overwrite=run_options.get("overwrite", False), demo=demo)
+        config = prepare_run_dir(config, given, overwrite=overwrite, demo=demo)
     except (RunDirError, ValueError, FileNotFoundError) as e:
         print(f"m2dino.train: error: {e}", file=sys.stderr)
         return 2
@@ -51,7 +60,7 @@ def _train(config, run_options: dict, given: set[str], demo: bool) -> int:
         print(f"m2dino.train: model {describe_model(config.model)}; saved in full as {config.out}/config.yaml",
               flush=True)
     try:
-        run(config)
+        run(config, checked)
     except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:
         # DataValidationError is a ValueError: it lists every bad row with its csv and row
         print(f"m2dino.train: error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ import json
 import sys
 
 from m2dino.data.reader import csv_num_classes
+from m2dino.data.roots import resolve_data_root
 from m2dino.data.validate import scan_dataset
 
 
@@ -31,13 +32,15 @@ docs: docs/data.md"""
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m2dino.data.check", description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", help="data root (with csv_files/, or with train/ and val/)")
+    parser.add_argument("root", help="data root (with csv_files/, or with train/ and val/), or 'synthetic': the "
+                                     "default run's synthetic suite")
     parser.add_argument("--json", action="store_true",
                         help="print JSON: {\"tasks\": {task_id: rows}, \"problems\": [{csv, row, problem}]}")
     parser.add_argument("--no-decode", action="store_true",
                         help="skip decoding images and masks (fast; misses corrupt files and size checks)")
     args = parser.parse_args(argv)
     try:
+        args.root = resolve_data_root(args.root)
         result, scan = check(args.root, decode=not args.no_decode)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)

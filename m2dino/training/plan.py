@@ -348,23 +348,22 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def dry_run(config: TrainConfig, options: PlanOptions) -> dict[str, Any]:
-    """Plan the study without building or training anything real: print the plan, write
-    OUT/plan.json, raise PlanError when a model does not fit the GPU memory."""
-    from m2dino.data import load_fmuia  # noqa: PLC0415
+def dry_run(checked, options: PlanOptions) -> dict[str, Any]:
+    """Plan the study that passed the run's checks (m2dino.training.study.preflight: `checked`)
+    without building or training anything real: print the plan, write OUT/plan.json, raise
+    PlanError when a model does not fit the GPU memory."""
     from m2dino.tasks import apply_groups, load_groups  # noqa: PLC0415
-    from m2dino.training.study import data_root  # noqa: PLC0415
 
     options.validate()
-    root = data_root(config)
-    data = load_fmuia(root, policy=config.on_bad_sample, run_dir=None, tasks=config.tasks,
-                      val_fraction=config.val_fraction,
-                      seed=config.seed if config.split_seed is None else config.split_seed, decode=False)
+    config, data = checked.config, checked.data
     groups = load_groups(config.groups)
     specs = {s.task_id: s for s in apply_groups(list(data.tasks.values()), groups)}
     plan = make_plan(config, options, data.task_counts("train"), specs, groups)
-    plan["data"] = str(root)
+    plan["data"] = str(checked.data_root)
+    plan["pretrained"] = config.pretrained and str(Path(config.pretrained).resolve())
     print(format_plan(plan), flush=True)
+    if config.pretrained:
+        print(f"weights: {config.pretrained} fits {config.model.name} (checked from the file's header)", flush=True)
     path = io.write_json(Path(config.out) / "plan.json", plan)
     print(f"plan: {path}", flush=True)
     check_fits(plan)

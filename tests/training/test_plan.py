@@ -133,7 +133,7 @@ def test_dry_run_stops_when_a_model_does_not_fit(suite, tmp_path, capsys):
 def test_vitl16_recipe_plans_in_seconds_on_meta(suite, tmp_path):
     """The largest recipe: the whole plan comes from fake tensors (nothing allocated)."""
     rc = main(["--config", "m2dino_vitl16_fmuia", "--data", str(suite), "--out", str(tmp_path / "l"),
-               "--dry-run", "--nproc", "8", "--paradigm", "au"])
+               "--dry-run", "--nproc", "8", "--paradigm", "au", "--from-scratch"])
     assert rc == 0
     plan = json.loads((tmp_path / "l" / "plan.json").read_text())
     assert plan["model"]["name"] == "dinov3_vitl16" and plan["models"]["au/all"]["parameters"]["total"] > 3e8
