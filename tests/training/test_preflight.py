@@ -120,6 +120,13 @@ def test_the_run_records_its_data_root_and_weights_and_ends_with_the_next_comman
                      f"--out {out / 'submission'}",
                      f"  python -m m2dino.evaluate --data-root {suite.resolve()} --predictions {out / 'submission'}",
                      f"  python -m m2dino.export --checkpoint {checkpoint} --out {out / 'fmuia-entry'}"]
+    # the first two run as printed (the export's own tests build its wheel); predict says which split it took
+    from m2dino import evaluate, predict
+
+    assert predict.main(lines[0].split()[3:]) == 0
+    assert f"predicting {suite.resolve() / 'val'}" in capsys.readouterr().err
+    assert evaluate.main(lines[1].split()[3:]) == 0
+    assert "breast_2cls" in capsys.readouterr().out
 
 
 def test_a_run_from_random_weights_records_none(suite, tmp_path, capsys):
