@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from m2dino import io
 from m2dino.data import ensure_synthetic, load_fmuia
-from m2dino.data.fmuia import FMUIAData
+from m2dino.data.fmuia import DataValidationError, FMUIAData
 from m2dino.data.reader import csv_num_classes
 from m2dino.data.roots import TRAINING_SEED
 from m2dino.evaluation.baselines import trivial_baselines
@@ -120,8 +120,13 @@ def check_data(config: TrainConfig) -> tuple[Path, FMUIAData]:
     decodes them all in load_data, before it writes anything); nothing is written into the
     run directory."""
     root = data_root(config)
-    data = load_fmuia(root, policy=config.on_bad_sample, run_dir=None, tasks=config.tasks,
-                      val_fraction=config.val_fraction, seed=_split_seed(config), decode=False)
+    read = dict(policy=config.on_bad_sample, run_dir=None, tasks=config.tasks, val_fraction=config.val_fraction,
+                seed=_split_seed(config))
+    try:
+        data = load_fmuia(root, **read, decode=False)
+    except DataValidationError:
+        load_fmuia(root, **read)  # every problem at once, the images' too: decoded only when some row is bad
+        raise
     missing_train = sorted(t for t, n in data.task_counts("train").items() if n == 0)
     missing_val = sorted(t for t, n in data.task_counts("val").items() if n == 0)
     if missing_train or missing_val:
