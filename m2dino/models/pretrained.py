@@ -79,7 +79,12 @@ def read_shapes(path) -> dict[str, tuple[int, ...]]:
 def check_weights_file(path, model: M2DINOConfig) -> None:
     """WeightsError naming the file and what is wrong unless `path` would load strictly into
     the backbone of `model` (its preset with its backbone_overrides): see the module doc."""
-    shapes = read_shapes(path)
+    try:
+        shapes = read_shapes(path)
+    except WeightsError as err:
+        if model.name not in OFFICIAL_FILES:
+            raise
+        raise WeightsError(f"{err} ({where_to_get(model.name)})") from err
     config = model.backbone_config()
     state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     if is_timm_state_dict(state):

@@ -53,11 +53,13 @@ def test_a_recipe_of_an_official_preset_needs_its_weights_or_from_scratch(suite,
     # where the official weights are published and which file fits
     assert "--pretrained" in err and "--from-scratch" in err and RELEASE_PAGE in err, err
     assert OFFICIAL_FILES["dinov3_vits16"] in err
+    rc, _, err = run_main(argv + ["--pretrained", tmp_path / "W.pth"], capsys)  # the README's command, no file yet
+    assert rc == 1 and "W.pth does not exist" in err and OFFICIAL_FILES["dinov3_vits16"] in err and not out.exists()
+    rc, _, err = run_main(argv + ["--from-scratch", "--pretrained", tmp_path / "W.pth"], capsys)
+    assert rc == 1 and "choose one" in err
     if dry_run:
         rc, printed, err = run_main(argv + ["--from-scratch"], capsys)
         assert rc == 0 and "au/all" in printed and (out / "plan.json").is_file(), err
-    rc, _, err = run_main(argv + ["--from-scratch", "--pretrained", tmp_path / "W.pth"], capsys)
-    assert rc == 1 and "choose one" in err
 
 
 def test_a_weights_file_of_another_preset_is_refused_by_the_dry_run(suite, tmp_path, capsys, tiny_weights):
