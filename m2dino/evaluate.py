@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m m2dino.evaluate", description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     score = parser.add_argument_group("scoring")
-    score.add_argument("--data-root", required=True, help="FM_UIA root (csv_files/ inside, or train/ and val/)")
+    score.add_argument("--data-root", required=True,
+                       help="FM_UIA root (csv_files/ inside, or train/ and val/), or 'synthetic': the synthetic suite "
+                            "of the run the checkpoint or predictions come from (else the default run's)")
     score.add_argument("--predictions",
                        help="prediction folder (the submission format); with --checkpoint, where to write it")
     score.add_argument("--json", help="also write the results to this JSON file")
@@ -45,12 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.checkpoint or args.predictions):
         parser.error("--predictions is required without --checkpoint")
     from m2dino import io
+    from m2dino.data import resolve_data_root
     from m2dino.errors import run_command
     from m2dino.evaluation.evaluate import check_results_path, evaluate_folder, format_results, write_json
     from m2dino.evaluation.predict import predict_folder
 
     def body() -> None:
         tasks = task_list(args.tasks)
+        args.data_root = resolve_data_root(args.data_root, near=args.checkpoint or args.predictions)
         move_json = args.json and check_results_path(args.json, args.data_root, args.predictions, args.overwrite)
         with tempfile.TemporaryDirectory(prefix="m2dino-predictions-") as scratch:
             predictions = args.predictions

@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = parser.add_argument_group("input and output")
     io.add_argument("--checkpoint", required=True, help="model checkpoint (e.g. runs/default/au/all/best.safetensors)")
-    io.add_argument("--data-root", required=True, help="FM_UIA root (csv_files/ inside, or train/ and val/)")
+    io.add_argument("--data-root", required=True,
+                    help="FM_UIA root (csv_files/ inside, or train/ and val/), or 'synthetic': the synthetic suite "
+                         "the checkpoint's run trained on")
     io.add_argument("--out", required=True, help="submission folder to write")
     io.add_argument("--split", help="sub-folder of --data-root to predict (default: the root itself, else val/)")
     add_tasks_option(io, "task ids to predict (default: every task of the checkpoint in the data)")
@@ -67,12 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from m2dino.data import resolve_data_root
     from m2dino.evaluation.predict import predict_folder, run_prediction
 
     return run_prediction(lambda: predict_folder(
-        args.checkpoint, args.data_root, args.out, split=args.split, batch_size=args.batch_size, device=args.device,
-        tasks=task_list(args.tasks), workers=args.workers, progress=True, amp=args.amp, tta=args.tta,
-        overwrite=args.overwrite), "m2dino.predict")
+        args.checkpoint, resolve_data_root(args.data_root, near=args.checkpoint), args.out, split=args.split,
+        batch_size=args.batch_size, device=args.device, tasks=task_list(args.tasks), workers=args.workers,
+        progress=True, amp=args.amp, tta=args.tta, overwrite=args.overwrite), "m2dino.predict")
 
 
 if __name__ == "__main__":

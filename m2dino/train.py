@@ -29,8 +29,8 @@ def _train(config, run_options: dict, given: set[str], demo: bool) -> int:
     from m2dino.training import distributed
     from m2dino.training.checkpoint import CheckpointError
     from m2dino.training.plan import PLAN_OPTIONS, PlanError, PlanOptions, dry_run
-    from m2dino.training.rundir import check_run_dir, prepare_run_dir, run_dir_lock
-    from m2dino.training.study import run
+    from m2dino.training.rundir import prepare_run_dir, run_dir_lock
+    from m2dino.training.study import preflight, run
     from m2dino.training.trainer import TrainingError
 
     try:
@@ -38,14 +38,19 @@ def _train(config, run_options: dict, given: set[str], demo: bool) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"m2dino.train: error: {e}", file=sys.stderr)
         return 2
+    overwrite = run_options.get("overwrite", False)
+    # bad input (the run directory, the weights, the data, a checkpoint's files): 2; the run
+    # failing once it started: 1. DataValidationError lists every bad row with its csv and row.
+    codes = [(InputError, 2), ((TrainingError, CheckpointError, PlanError, ValueError, FileNotFoundError), 1)]
     if run_options.get("dry_run"):
         def plan() -> None:
-            dry_run(config, plan_options)
-        return run_command(PROG, plan, codes=[((PlanError, ValueError, FileNotFoundError), 1)])
+            dry_run(preflight(config, given, overwrite=overwrite, demo=demo), plan_options)
+        return run_command(PROG, plan, codes=codes)
 
     def study() -> None:
-        overwrite = run_options.get("overwrite", False)
-        check_run_dir(config, given, overwrite=overwrite, demo=demo)  # refusals write nothing, not even OUT
+        # what the run needs (the output directory, the weights, the data), checked before
+        # anything is written: refusals write nothing, not even OUT
+        checked = preflight(config, given, overwrite=overwrite, demo=demo)
         # then OUT's writer lock, from the decision (checked again under it) to the run's end: no
         # other run can start, finish or write in it meanwhile
         with run_dir_lock(config.out):
@@ -53,13 +58,10 @@ def _train(config, run_options: dict, given: set[str], demo: bool) -> int:
             if distributed.local_rank() == 0 and os.environ.get("RANK", "0") == "0":
                 print(f"m2dino.train: model {describe_model(prepared.model)}; saved in full as "
                       f"{prepared.out}/config.yaml", flush=True)
-            run(prepared)
+            run(prepared, checked)
 
     try:
-        # bad input (the run directory, the data, a checkpoint's files): 2; the run failing once it
-        # started (DataValidationError lists every bad row with its csv and row): 1
-        return run_command(PROG, study, codes=[(InputError, 2),
-                                               ((TrainingError, CheckpointError, ValueError, FileNotFoundError), 1)])
+        return run_command(PROG, study, codes=codes)
     finally:
         distributed.cleanup()
 

@@ -18,8 +18,8 @@ from m2dino_kernels.registry import _C
 
 def _extension():
     if _C is None:
-        raise RuntimeError("m2dino_kernels._C is not built; build it with "
-                           "`pip install --no-build-isolation -e .` (see README.md)")
+        raise RuntimeError("m2dino_kernels._C is not built; build it in an m2dino checkout with "
+                           "`pip install --no-build-isolation -e .` (docs/troubleshooting.md there)")
     return _C
 
 

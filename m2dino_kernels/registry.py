@@ -47,7 +47,9 @@ def _load_extension():
         warnings.warn(
             f"m2dino_kernels._C could not be imported ({err}); the C++/CUDA kernel backends "
             f"are unavailable and the plain PyTorch backend {REFERENCE!r} is used instead. "
-            "Build the extension with `pip install -e .` (see README.md) to enable them.",
+            "A wheel built with M2DINO_BUILD_EXT=0 (such as an exported challenge entry's) has none on "
+            "purpose; in an m2dino checkout, `pip install --no-build-isolation -e .` builds them "
+            "(docs/troubleshooting.md there).",
             RuntimeWarning, stacklevel=3)
         return None
 

@@ -13,6 +13,7 @@ import argparse
 import json
 
 from m2dino.data.reader import csv_num_classes
+from m2dino.data.roots import resolve_data_root
 from m2dino.data.validate import scan_dataset
 from m2dino.errors import run_command
 
@@ -32,7 +33,8 @@ docs: docs/data.md"""
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m2dino.data.check", description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", help="data root (with csv_files/, or with train/ and val/)")
+    parser.add_argument("root", help="data root (with csv_files/, or with train/ and val/), or 'synthetic': the "
+                                     "default run's synthetic suite")
     parser.add_argument("--json", action="store_true",
                         help="print JSON: {\"tasks\": {task_id: rows}, \"problems\": [{csv, row, problem}]}")
     parser.add_argument("--no-decode", action="store_true",
@@ -43,6 +45,7 @@ def main(argv=None) -> int:
 
 def _report(args) -> int:
     """Print the check's result (text or --json); 1 when there are problems, else 0."""
+    args.root = resolve_data_root(args.root)
     result, scan = check(args.root, decode=not args.no_decode)
     if args.json:
         print(json.dumps(result, indent=1))

@@ -322,6 +322,9 @@ def predict_folder(checkpoint, data_root, out_dir, split: str | None = None, bat
     known = set(model_specs)
 
     split_root = resolve_split_root(data_root, split)
+    if split is None and split_root != Path(data_root):  # a release with train/ and val/: say which is predicted
+        print(f"m2dino: predicting {split_root} (the root holds train/ and val/; --split train predicts the other)",
+              file=sys.stderr)
     if tasks:
         unknown = [t for t in tasks if t not in model_specs]
         if unknown:

@@ -60,12 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   batch_size=args.batch_size, amp=args.amp, force=args.force, wheel=args.wheel,
                                   base_image=args.base_image, build_ext=args.build_ext, cuda_arches=args.cuda_arches,
                                   measure=None if args.no_measure else (args.measure or "synthetic"),
-                                  measure_rows=args.measure_rows)
+                                  measure_rows=args.measure_rows,
+                                  progress=lambda message: print(f"m2dino.export: {message}", flush=True))
         measured = result["measured"]
         if measured:
             print(f"measured on {measured['rows']} images ({measured['device']}): "
-                  f"{measured['seconds_per_image'] * 1000:.1f} ms per image, "
-                  f"peak memory {measured['max_rss_kib'] / 1024:.0f} MiB")
+                  f"{measured['seconds_per_image'] * 1000:.1f} ms per image (median of {len(measured['again_s'])} "
+                  f"passes after a warm-up; 1-minute load average {measured['load_average']:.1f} on "
+                  f"{measured['cores']} cores), peak memory {measured['max_rss_kib'] / 1024:.0f} MiB")
         print(f"predictor written to {result['out']} (docker build -t m2dino-fmuia {result['out']}; see its "
               f"README.md)")
 

@@ -31,6 +31,7 @@ from m2dino import io
 from m2dino.models.backbone import PRESETS, M2DINOConfig
 from m2dino.models.heads import DPTNeck, build_head
 from m2dino.models.moe import AUX_NAMES, moe_modules, upcycle_backbone, validate_task_ids
+from m2dino.models.pretrained import pretrained_record
 from m2dino.models.weights import WeightsError, build_backbone
 from m2dino.tasks import TaskSpec, TaskTable, TaskType, get_task
 
@@ -78,13 +79,18 @@ class M2DINO(nn.Module):
                                     for t in self.tasks})
         self.img_size = config.img_size
         self._usage: dict[int, Tensor] = {}
+        # where the weights started (a checkpoint's `pretrained`): the DINOv3 file, or "none";
+        # None for a loaded checkpoint that does not say
+        self.pretrained = pretrained_record(pretrained, config.name)
 
     def checkpoint_config(self) -> dict:
         """What <stem>.json holds: the format version, the preset name, the tasks, then the
-        config's other fields (the key order of every checkpoint written so far)."""
+        config's other fields (the key order of every checkpoint written so far), then
+        `pretrained`, the weights the model started from (m2dino.models.pretrained), when known."""
         fields_ = self.config.to_dict()
+        known = {} if self.pretrained is None else {"pretrained": self.pretrained}
         return {"format_version": FORMAT_VERSION, "name": fields_.pop("name"),
-                "tasks": [asdict(t) for t in self.tasks], **fields_}
+                "tasks": [asdict(t) for t in self.tasks], **fields_, **known}
 
     # ----- tasks --------------------------------------------------------------------------
     @property
@@ -439,4 +445,5 @@ def load_model(path, map_location="cpu") -> M2DINO:
         raise WeightsError(f"checkpoint weights {weights_path} are not readable (truncated or "
                            f"corrupt?): {err}") from err
     model.load_state_dict(state, strict=True)
+    model.pretrained = config.get("pretrained")  # carried on when the model is saved again
     return model.to(map_location)

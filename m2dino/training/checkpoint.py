@@ -2,7 +2,7 @@
 
 A training checkpoint is a directory `last/` holding
     model.safetensors + model.json   the weights (m2dino.save_model, stem "model")
-    train_state.pt                   optimizer, scheduler, sampler position, RNG states, step,
+    train_state.pt                   optimizer, sampler position, RNG states, step (the lr follows from it),
                                      counters; torch.save of tensors and plain types only,
                                      read back with weights_only=True (never runs code)
 
