@@ -1,6 +1,12 @@
 """Builds `m2dino_kernels._C`: the C++ CPU kernels always, the CUDA kernels whenever a CUDA
 toolkit and a CUDA build of torch are present (even without a GPU, so CI proves they compile).
 
+The compiled objects are kept in build/ext-<torch, Python, CUDA or not, archs, flags>/ between
+installs, and ninja recompiles only the sources that changed since: a second `pip install
+--no-build-isolation -e .` (setuptools otherwise compiles an editable install in a fresh
+temporary folder each time) only links. The build prints what it compiles and how to skip
+CUDA (`pip install -v` shows it).
+
 Environment:
   M2DINO_BUILD_EXT=0     build no extension at all (the package then runs on its torch backend)
   M2DINO_BUILD_CUDA=0    skip the CUDA sources; =1 insists on them (fails if no toolkit)
@@ -9,6 +15,7 @@ Environment:
   CUDA_HOME              the toolkit root; found automatically otherwise
 """
 import glob
+import hashlib
 import os
 import shutil
 import sys
@@ -64,15 +71,20 @@ def extensions():
     define_macros = []
     extra = {"cxx": cxx_flags}
     if build_cuda:
-        sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
+        cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+        sources += cuda_sources
         define_macros.append(("M2DINO_WITH_CUDA", "1"))
         extra["nvcc"] = ["-O3", "-std=c++20", "--threads", "2", "-lineinfo"]
         ext_cls = cpp_extension.CUDAExtension
-        print(f"m2dino: building CPU + CUDA kernels (CUDA_HOME={cuda_home}, "
-              f"archs {os.environ['TORCH_CUDA_ARCH_LIST']})")
+        say(f"building the C++ CPU kernels and the CUDA kernels ({len(cuda_sources)} .cu files for archs "
+            f"{os.environ['TORCH_CUDA_ARCH_LIST']}, CUDA_HOME={cuda_home}); a first CUDA build takes several "
+            f"minutes, also on a machine without a GPU. M2DINO_BUILD_CUDA=0 skips the CUDA kernels.")
     else:
         ext_cls = cpp_extension.CppExtension
-        print("m2dino: building CPU kernels only (no CUDA toolkit or CPU-only torch)")
+        why = ("M2DINO_BUILD_CUDA=0" if want_cuda == "0" else "no CUDA toolkit found" if not cuda_home
+               else "torch is a CPU-only build")
+        say(f"building the C++ CPU kernels only ({why})")
+    say("compiling: " + ", ".join(os.path.basename(f) for f in sources))
     ext = ext_cls(
         name="m2dino_kernels._C",
         sources=sources,
@@ -81,7 +93,33 @@ def extensions():
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
     )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    # what the objects depend on besides the sources (ninja tracks those): another torch, Python,
+    # toolkit, arch list or flag set gets a folder of its own
+    key = repr((torch.__version__, torch.version.cuda, sys.version_info[:2], build_cuda, cuda_home,
+                os.environ.get("TORCH_CUDA_ARCH_LIST") if build_cuda else None, extra, define_macros))
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    kind = "cuda" if build_cuda else "cpu"
+    build_temp = os.path.join(here, "build", f"ext-torch{torch.__version__.split('+')[0]}-{kind}-{digest}")
+    return [ext], {"build_ext": kept_build_temp(cpp_extension.BuildExtension.with_options(use_ninja=True), build_temp)}
+
+
+def say(message: str) -> None:
+    print(f"m2dino: {message}", flush=True)
+
+
+def kept_build_temp(build_ext, build_temp: str):
+    """build_ext compiling into `build_temp`, which stays between builds (see the module doc)."""
+    class KeptBuildTemp(build_ext):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = build_temp
+
+        def run(self):
+            state = "kept from the last build" if os.path.isfile(os.path.join(build_temp, "build.ninja")) else "new"
+            say(f"objects in {build_temp} ({state}; ninja compiles only what changed since)")
+            super().run()
+
+    return KeptBuildTemp
 
 
 ext_modules, cmdclass = extensions()

@@ -7,6 +7,11 @@
 #                m2dino_kernels.inspect): registers, spills, shared memory, mma per config,
 #                into inspect.json, before anything runs on the card
 #   build        m2dino_kernels._C for this GPU's arch only
+#   selftest     the first code of ours to run on the card: each compiled backend (cuda,
+#                triton) through the backend contract in a child process of its own with a
+#                timeout (python -m m2dino_kernels.selftest), into selftest.json; a backend
+#                that crashed, hung or disagreed (or never reported) is left out of every
+#                stage after it (M2DINO_KERNELS_EXCLUDE): one broken kernel costs only its own
 #   gpu_tests    every `gpu` test: each op and backend (cuda grouped + loop, grouped_mm,
 #                triton, autotune) against its reference on CUDA in fp32, fp16 and bf16
 #   bench_moe    matmul peak + MoE routing/MLP (every backend, grouped_mm, auto + its choice)
@@ -14,16 +19,17 @@
 #   bench_model  the M2DINO-B training step (vs dense DINOv3-B) and its host syncs
 #   train        50 bf16 steps of M2DINO-B at 224 px on the synthetic suite, batch 64
 #   ddp          the same for 10 steps on 2 processes over NCCL (only with >= 2 GPUs)
-# Everything lands in OUTDIR: <stage>.log, bench_*.json, gpu_tests.xml, train/, and
-# summary.json (per stage: rc, seconds, timed_out; the autotuner's choices per benchmark case;
-# the host syncs of one training step). Exit status 0 only when every stage passed.
+# Everything lands in OUTDIR: <stage>.log, selftest.json, bench_*.json, gpu_tests.xml, train/,
+# and summary.json (per stage: rc, seconds, timed_out; the self-test's verdicts and the
+# backends left out; the autotuner's choices per benchmark case; the host syncs of one
+# training step). Exit status 0 only when every stage passed.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export M2DINO_CACHE="$out/cache"   # synthetic suite and autotune decisions of this run only
+export M2DINO_CACHE="$out/cache"   # synthetic suite, autotune decisions, self-test verdicts of this run
 start=$(date +%s)
 deadline=$((start + 530))
 stages="$out/stages.tsv"
@@ -62,6 +68,23 @@ stage inspect 90 python3 -m m2dino_kernels.inspect --arch "$sm" --dtype bf16,fp1
   --json "$out/inspect.json"
 stage build 120 env TORCH_CUDA_ARCH_LIST="$arch" M2DINO_BUILD_CUDA=1 MAX_JOBS=16 \
   python3 setup.py build_ext --inplace
+stage selftest 150 python3 -m m2dino_kernels.selftest --device cuda:0 --timeout 45 \
+  --json "$out/selftest.json"
+failed=$(python3 - "$out/selftest.json" <<'EOF'
+import json, sys
+from m2dino_kernels import verdict
+try:
+    with open(sys.argv[1]) as f:
+        verdicts = {v["backend"]: v["status"] for v in json.load(f)}
+except (OSError, ValueError):
+    verdicts = {}
+print(",".join(n for n in verdict.offered_backends("cuda") if verdicts.get(n) not in ("pass", "not run")))
+EOF
+)
+if [[ -n $failed ]]; then
+  export M2DINO_KERNELS_EXCLUDE=$failed
+  echo "== left out after the self-test: $failed"
+fi
 stage gpu_tests 110 python3 -m pytest tests -m gpu -q -p no:cacheprovider \
   --junitxml="$out/gpu_tests.xml"
 bench() {  # bench NAME LIMIT FILES...
@@ -82,7 +105,14 @@ fi
 python3 - "$out" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
-summary = {"stages": {}, "autotune_choices": {}, "host_syncs": {}}
+summary = {"stages": {}, "selftest": {}, "excluded": os.environ.get("M2DINO_KERNELS_EXCLUDE", ""),
+           "autotune_choices": {}, "host_syncs": {}}
+try:
+    with open(os.path.join(out, "selftest.json")) as f:
+        summary["selftest"] = {v["backend"]: {"status": v["status"], "detail": v["detail"]}
+                               for v in json.load(f)}
+except (OSError, ValueError):
+    pass
 with open(os.path.join(out, "stages.tsv")) as f:
     for line in f:
         name, rc, seconds, state = line.rstrip("\n").split("\t")

@@ -7,7 +7,6 @@ The command line is parsed before torch is imported: --help answers at once."""
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from typing import Sequence
 
@@ -23,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m m2dino.evaluate", description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     score = parser.add_argument_group("scoring")
-    score.add_argument("--data-root", required=True, help="FM_UIA root (csv_files/ inside, or train/ and val/)")
+    score.add_argument("--data-root", required=True,
+                       help="FM_UIA root (csv_files/ inside, or train/ and val/), or 'synthetic': the synthetic suite "
+                            "of the run the checkpoint or predictions come from (else the default run's)")
     score.add_argument("--predictions",
                        help="prediction folder (the submission format); with --checkpoint, where to write it")
     score.add_argument("--json", help="also write the results to this JSON file")
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", help="predict with this checkpoint first, then score its tasks")
     predict.add_argument("--batch-size", type=positive_int, default=16, help="prediction batch size (default: 16)")
     predict.add_argument("--device", default=None, help="prediction device (default: cuda when available)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="move aside (to NAME.old-<timestamp>) a --json file, or a --predictions folder to "
+                             "predict into, that holds files m2dino did not write; nothing is deleted")
     return parser
 
 
@@ -42,27 +46,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.checkpoint or args.predictions):
         parser.error("--predictions is required without --checkpoint")
-    from m2dino.evaluation.evaluate import evaluate_folder, format_results, write_json
-    from m2dino.evaluation.predict import PREDICTION_ERRORS, predict_folder
+    from m2dino import io
+    from m2dino.data import resolve_data_root
+    from m2dino.errors import run_command
+    from m2dino.evaluation.evaluate import check_results_path, evaluate_folder, format_results, write_json
+    from m2dino.evaluation.predict import predict_folder
 
-    tasks = task_list(args.tasks)
-    try:
+    def body() -> None:
+        tasks = task_list(args.tasks)
+        args.data_root = resolve_data_root(args.data_root, near=args.checkpoint or args.predictions)
+        move_json = args.json and check_results_path(args.json, args.data_root, args.predictions, args.overwrite)
         with tempfile.TemporaryDirectory(prefix="m2dino-predictions-") as scratch:
             predictions = args.predictions
             if args.checkpoint:
                 predictions = predictions or scratch
                 written = predict_folder(args.checkpoint, args.data_root, predictions, split=args.split,
-                                         batch_size=args.batch_size, device=args.device, tasks=tasks)
+                                         batch_size=args.batch_size, device=args.device, tasks=tasks,
+                                         overwrite=args.overwrite)
                 tasks = tasks or written["tasks"]
             results = evaluate_folder(args.data_root, predictions, split=args.split, tasks=tasks)
-    except PREDICTION_ERRORS as e:
-        print(f"m2dino.evaluate: error: {e}", file=sys.stderr)
-        return 2
-    print(format_results(results))
-    if args.json:
-        write_json(results, args.json)
-        print(f"results written to {args.json}")
-    return 0
+        print(format_results(results))
+        if args.json:
+            if move_json:
+                print(f"--overwrite: moved {args.json} aside to {io.move_aside(args.json)}")
+            write_json(results, args.json)
+            print(f"results written to {args.json}")
+
+    return run_command("m2dino.evaluate", body)
 
 
 if __name__ == "__main__":

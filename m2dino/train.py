@@ -11,6 +11,8 @@ from typing import Sequence
 
 from m2dino.training.config import describe_model, parse_command
 
+PROG = "m2dino.train"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -23,11 +25,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(config, run_options: dict, given: set[str], demo: bool) -> int:
+    from m2dino.errors import InputError, run_command
     from m2dino.training import distributed
     from m2dino.training.checkpoint import CheckpointError
     from m2dino.training.plan import PLAN_OPTIONS, PlanError, PlanOptions, dry_run
-    from m2dino.training.rundir import RunDirError, prepare_run_dir
-    from m2dino.training.study import run
+    from m2dino.training.rundir import prepare_run_dir, run_dir_lock
+    from m2dino.training.study import preflight, run
     from m2dino.training.trainer import TrainingError
 
     try:
@@ -35,30 +38,32 @@ def _train(config, run_options: dict, given: set[str], demo: bool) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"m2dino.train: error: {e}", file=sys.stderr)
         return 2
+    overwrite = run_options.get("overwrite", False)
+    # bad input (the run directory, the weights, the data, a checkpoint's files): 2; the run
+    # failing once it started: 1. DataValidationError lists every bad row with its csv and row.
+    codes = [(InputError, 2), ((TrainingError, CheckpointError, PlanError, ValueError, FileNotFoundError), 1)]
     if run_options.get("dry_run"):
-        try:
-            dry_run(config, plan_options)
-        except (PlanError, ValueError, FileNotFoundError) as e:
-            print(f"m2dino.train: error: {e}", file=sys.stderr)
-            return 1
-        return 0
+        def plan() -> None:
+            dry_run(preflight(config, given, overwrite=overwrite, demo=demo), plan_options)
+        return run_command(PROG, plan, codes=codes)
+
+    def study() -> None:
+        # what the run needs (the output directory, the weights, the data), checked before
+        # anything is written: refusals write nothing, not even OUT
+        checked = preflight(config, given, overwrite=overwrite, demo=demo)
+        # then OUT's writer lock, from the decision (checked again under it) to the run's end: no
+        # other run can start, finish or write in it meanwhile
+        with run_dir_lock(config.out):
+            prepared = prepare_run_dir(config, given, overwrite=overwrite, demo=demo)
+            if distributed.local_rank() == 0 and os.environ.get("RANK", "0") == "0":
+                print(f"m2dino.train: model {describe_model(prepared.model)}; saved in full as "
+                      f"{prepared.out}/config.yaml", flush=True)
+            run(prepared, checked)
+
     try:
-        config = prepare_run_dir(config, given, overwrite=run_options.get("overwrite", False), demo=demo)
-    except (RunDirError, ValueError, FileNotFoundError) as e:
-        print(f"m2dino.train: error: {e}", file=sys.stderr)
-        return 2
-    if distributed.local_rank() == 0 and os.environ.get("RANK", "0") == "0":
-        print(f"m2dino.train: model {describe_model(config.model)}; saved in full as {config.out}/config.yaml",
-              flush=True)
-    try:
-        run(config)
-    except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as e:
-        # DataValidationError is a ValueError: it lists every bad row with its csv and row
-        print(f"m2dino.train: error: {e}", file=sys.stderr)
-        return 1
+        return run_command(PROG, study, codes=codes)
     finally:
         distributed.cleanup()
-    return 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Every op has a plain PyTorch reference (the oracle) and faster backends behind o
 from m2dino_kernels.attention import attention
 from m2dino_kernels.aux_losses import MoEAuxLosses, moe_aux_losses
 from m2dino_kernels.moe import ExpertWeights, Routing, expert_mlp, task_topk_route
-from m2dino_kernels.selection import available_backends, get_backend, set_backend, use_backend
+from m2dino_kernels.registry import available_backends
+from m2dino_kernels.selection import get_backend, set_backend, use_backend
 
 __all__ = [
     "ExpertWeights",

@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from m2dino_kernels import selection
-from m2dino_kernels.selection import ATTENTION_BACKENDS, TRITON_HEAD_DIMS, xformers_available
+from m2dino_kernels.registry import ATTENTION_BACKENDS, xformers_available
+from m2dino_kernels.shapes import TRITON_HEAD_DIMS
 
 __all__ = ["ATTENTION_BACKENDS", "SUPPORTED_DTYPES", "TRITON_HEAD_DIMS", "apply_rope", "attention",
            "attention_reference", "rotate_half", "xformers_available"]

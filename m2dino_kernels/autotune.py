@@ -1,22 +1,23 @@
 """The measuring behind `auto`, like cuDNN's benchmark mode: the tuner and its cache file.
 
-m2dino_kernels.selection decides which backend runs and builds the trials on each op's inputs;
-this module times and checks them and remembers the outcome. On the device types it tunes
-(CUDA), the first call of an op for a key -- the device's name,
-the dtype, the op's sizes (MoE experts: activation, D, H, E, k; routing: D, E, k, tasks;
-attention: heads, N, head_dim, RoPE) and a power-of-two bucket of the token count (the batch
-for attention) -- runs every backend available for the device and dtype on that call's own
-inputs, forward and backward, compares each one's outputs and gradients with the library
-path's (grouped_mm for the MoE ops where it runs, else reference; sdpa for attention) within the
-dtype's tolerance, times forward+backward, and keeps the fastest that agrees for every later
-call with that key. A backend that raises or disagrees is excluded for that key with one
-warning naming it, the key and the error.
+m2dino_kernels.selection decides which backend runs and m2dino_kernels.trials builds the
+trials on each op's inputs; this module times and checks them and remembers the outcome. On
+the device types it tunes (CUDA), the first call of an op for a key (TuneKey: the op, the
+device, the dtype, the op's sizes -- MoE experts: activation, D, H, E, k; routing: D, E, k,
+tasks; attention: heads, N, head_dim, RoPE -- and a power-of-two bucket of the token count,
+the batch for attention) runs every candidate on that call's own inputs, forward and
+backward, compares each one's outputs and gradients with the library path's (grouped_mm for
+the MoE ops where it runs, else reference; sdpa for attention) within the dtype's tolerance
+(m2dino_kernels.compare), times forward+backward, and keeps the fastest that agrees for every
+later call with that key. A backend that raises or disagrees is excluded for that key with
+one warning naming it, the key and the error. The candidates are screened first by `auto`'s
+self-test gate (m2dino_kernels.gate): a compiled backend that has not passed the self-test on
+the device in a child process never runs in this one.
 
 Decisions live in memory and in `$M2DINO_CACHE/kernels-autotune.json` (default cache folder
-~/.cache/m2dino), written atomically (a temporary file in the same folder, then os.replace),
-merged with what other processes wrote meanwhile, and only read back when written by the same
-torch version. A file that cannot be parsed is ignored with a warning (and rewritten at the
-next decision).
+~/.cache/m2dino; m2dino_kernels.jsonfile.CacheFile: written atomically, merged with what other
+processes wrote meanwhile, read back only when written by the same torch version, ignored with
+a warning when it cannot be parsed and rewritten at the next decision).
 
 M2DINO_KERNELS_AUTOTUNE=0 turns measurement off: `auto` is then the library path. Under
 torch.compile tracing `auto` uses a decision already in memory, else the library path; it
@@ -26,37 +27,22 @@ with a candidate list of their choosing).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
-from m2dino_kernels.backends import BACKEND_ALIASES
+from m2dino_kernels.compare import mismatch
+from m2dino_kernels.jsonfile import CacheFile
+from m2dino_kernels.registry import BACKEND_ALIASES
 
 ENV_VAR = "M2DINO_KERNELS_AUTOTUNE"
 CACHE_NAME = "kernels-autotune.json"
 FORMAT = 1
-# (atol relative to the reference's largest magnitude, rtol) per dtype: what different
-# accumulation orders and roundings of a correct kernel stay within. fp32 allows for TF32.
-TOLERANCE = {
-    torch.float64: (1e-8, 1e-8),
-    torch.float32: (2e-3, 2e-3),
-    torch.float16: (2e-2, 2e-2),
-    torch.bfloat16: (6e-2, 6e-2),
-}
-
-
-def cache_dir() -> Path:
-    """$M2DINO_CACHE, default ~/.cache/m2dino (the same folder as m2dino's own cache)."""
-    return Path(os.environ.get("M2DINO_CACHE") or Path.home() / ".cache" / "m2dino")
-
-
 def token_bucket(n: int) -> int:
     """The power of two at or above n (n >= 1): calls within a factor of two share a
     decision."""
@@ -79,37 +65,25 @@ def device_name(device: torch.device) -> str:
     return _DEVICE_NAMES[key]
 
 
-# ---------------------------------------------------------------------------------------
-# Comparing a candidate with the reference
-# ---------------------------------------------------------------------------------------
-def mismatch(name: str, got: Optional[torch.Tensor], want: Optional[torch.Tensor],
-             dtype: torch.dtype) -> Optional[str]:
-    """None when `got` agrees with `want` within the tolerance of `dtype`, else why not."""
-    if want is None or got is None:
-        return None if got is None and want is None else f"{name}: one side is missing"
-    if tuple(got.shape) != tuple(want.shape):
-        return f"{name}: shape {list(got.shape)}, expected {list(want.shape)}"
-    if got.dtype != want.dtype:
-        return f"{name}: dtype {got.dtype}, expected {want.dtype}"
-    if want.numel() == 0:
-        return None
-    if not want.is_floating_point():
-        return None if torch.equal(got, want) else f"{name}: integer values differ"
-    g, w = got.double(), want.double()
-    for what, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
-        if not torch.equal(test(g), test(w)):
-            return f"{name}: {what} in different places"
-    finite = torch.isfinite(w)
-    g, w = g[finite], w[finite]
-    if w.numel() == 0:
-        return None
-    atol, rtol = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
-    scale = max(float(w.abs().max()), 1.0)
-    diff = (g - w).abs()
-    if bool((diff > atol * scale + rtol * w.abs()).any()):
-        return (f"{name}: max |difference| {float(diff.max()):.3g} exceeds the {dtype} "
-                f"tolerance (atol {atol:g} x {scale:.3g} + rtol {rtol:g})")
-    return None
+class TuneKey(NamedTuple):
+    """What a decision is remembered by: the op, the device, the dtype and the op's sizes
+    (name, value) in order, the token (or batch) bucket last."""
+
+    op: str
+    device_type: str
+    device_index: Optional[int]
+    dtype: torch.dtype
+    sizes: tuple
+
+    @classmethod
+    def of(cls, op: str, device: torch.device, dtype: torch.dtype, sizes: dict) -> "TuneKey":
+        return cls(op, device.type, device.index, dtype, tuple(sizes.items()))
+
+    def file_key(self) -> str:
+        """The cache file's key: op, device name, dtype and the sizes, as readable text."""
+        device = torch.device(self.device_type, self.device_index)
+        parts = [self.op, device_name(device), str(self.dtype).replace("torch.", "")]
+        return "|".join(parts + [f"{name}={value}" for name, value in self.sizes])
 
 
 class Trial:
@@ -156,7 +130,14 @@ def _canonical_entry(entry: dict) -> dict:
     return entry
 
 
-def _first_line(err: BaseException) -> str:
+def _entry_problem(entry) -> Optional[str]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("backend"), str):
+        return "has no backend name"
+    return None
+
+
+def first_line(err: BaseException) -> str:
+    """The exception's type and the first line of its message (at most 300 characters)."""
     text = f"{type(err).__name__}: {err}".strip()
     return text.splitlines()[0][:300]
 
@@ -177,110 +158,56 @@ class Autotuner:
         self.device_types = frozenset(device_types)
         self.candidates = candidates
         self.enabled = (os.environ.get(ENV_VAR, "1") != "0") if enabled is None else enabled
-        self._path = None if path is None else Path(path)
         self.repeats = repeats
-        self._memory: dict = {}    # in-process key (tuple) -> backend name
-        self._entries: Optional[dict] = None  # file key (str) -> entry, loaded lazily
-        self._warned_write = False
+        self._memory: dict = {}    # in-process key (TuneKey) -> backend name
+        self._file = CacheFile(CACHE_NAME, "decisions", {"format": FORMAT, "torch": torch.__version__},
+                               _entry_problem, "m2dino_kernels autotune", path,
+                               read_entry=_canonical_entry)
 
     # -- the cache file ---------------------------------------------------------------
     @property
     def path(self) -> Path:
-        return self._path if self._path is not None else cache_dir() / CACHE_NAME
-
-    def _read_file(self) -> dict:
-        path = self.path
-        try:
-            text = path.read_text()
-        except (FileNotFoundError, NotADirectoryError):
-            return {}
-        except OSError as err:
-            warnings.warn(f"m2dino_kernels autotune: cannot read {path} ({err}); measuring "
-                          "again", RuntimeWarning, stacklevel=4)
-            return {}
-        try:
-            payload = json.loads(text)
-            if not isinstance(payload, dict) or not isinstance(payload.get("decisions"), dict):
-                raise ValueError("no 'decisions' table")
-            for key, entry in payload["decisions"].items():
-                if not isinstance(entry, dict) or not isinstance(entry.get("backend"), str):
-                    raise ValueError(f"entry {key!r} has no backend name")
-        except ValueError as err:  # json.JSONDecodeError is a ValueError
-            warnings.warn(f"m2dino_kernels autotune: ignoring the corrupt cache file {path} "
-                          f"({err}); it is rewritten at the next decision", RuntimeWarning,
-                          stacklevel=4)
-            return {}
-        if payload.get("format") != FORMAT or payload.get("torch") != torch.__version__:
-            return {}  # written by another version: its timings need not hold
-        return {key: _canonical_entry(entry) for key, entry in payload["decisions"].items()}
+        return self._file.path
 
     def entries(self) -> dict:
-        """The decisions of the cache file (file key -> entry), read once."""
-        if self._entries is None:
-            self._entries = self._read_file()
-        return self._entries
-
-    def _save(self, file_key: str, entry: dict) -> None:
-        self.entries()[file_key] = entry
-        path = self.path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            merged = {**self._read_file_quietly(), **self._entries}
-            payload = {"format": FORMAT, "torch": torch.__version__, "decisions": merged}
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as handle:
-                    json.dump(payload, handle, indent=1, sort_keys=True)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-        except OSError as err:
-            if not self._warned_write:
-                self._warned_write = True
-                warnings.warn(f"m2dino_kernels autotune: cannot write {path} ({err}); "
-                              "decisions are kept in memory only", RuntimeWarning,
-                              stacklevel=4)
-
-    def _read_file_quietly(self) -> dict:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return self._read_file()
+        """The decisions of the cache file (file key -> entry), read once; entries naming a
+        backend by an old name are read as today's."""
+        return self._file.entries()
 
     def clear(self) -> None:
         """Forget the in-memory decisions (the file stays)."""
         self._memory.clear()
-        self._entries = None
+        self._file.clear()
 
     # -- deciding ---------------------------------------------------------------------
     def applies_to(self, device_type: str) -> bool:
         return self.enabled and device_type in self.device_types
 
-    def remembered(self, key: tuple) -> Optional[str]:
+    def remembered(self, key: TuneKey) -> Optional[str]:
         """The in-memory decision for `key` (a plain dict read: safe under tracing)."""
         return self._memory.get(key)
 
-    def choose(self, key: tuple, file_key: Callable[[], str], names: Sequence[str],
-               references: Sequence[str], make_trial: Callable[[], Trial],
-               default: str) -> str:
+    def choose(self, key: TuneKey, names: Sequence[str], references: Sequence[str],
+               make_trial: Callable[[], Trial], default: str,
+               screen: Optional[Callable[[list], list]] = None) -> str:
         """The backend for `key`: remembered, else read from the cache file, else measured.
 
         names: the candidates (backends available for the device and dtype); references:
         the backends to compare with, in order of preference (the first that runs);
         make_trial: builds the Trial on the call's inputs (only when measuring); default:
-        what to use when nothing can be measured."""
+        what to use when nothing can be measured; screen: the candidates that may run in
+        this process at all (`auto`'s self-test gate), applied before the file or a trial."""
         found = self._memory.get(key)
         if found is not None:
             return found
         if torch.compiler.is_compiling():
             return default
-        op, device_type, dtype = key[0], key[1], key[3]
         names = list(names)
         if self.candidates is not None:
-            names = list(self.candidates(op, device_type, dtype, names))
-        fkey = file_key()
+            names = list(self.candidates(key.op, key.device_type, key.dtype, names))
+        if screen is not None:
+            names = screen(names)
+        fkey = key.file_key()
         entry = self.entries().get(fkey)
         if entry is not None and entry["backend"] in names:
             self._memory[key] = entry["backend"]
@@ -289,7 +216,7 @@ class Autotuner:
         if entry is None:
             return default
         self._memory[key] = entry["backend"]
-        self._save(fkey, entry)
+        self._file.save(fkey, entry)
         return entry["backend"]
 
     def _measure(self, fkey: str, names, references, trial: Trial) -> Optional[dict]:
@@ -301,7 +228,7 @@ class Autotuner:
                 break
             except Exception as err:  # noqa: BLE001 (any failure excludes it)
                 warnings.warn(f"m2dino_kernels autotune: reference backend {ref!r} failed for "
-                              f"{fkey}: {_first_line(err)}", RuntimeWarning, stacklevel=5)
+                              f"{fkey}: {first_line(err)}", RuntimeWarning, stacklevel=5)
         if reference is None:
             return None
         times, excluded = {}, {}
@@ -313,7 +240,7 @@ class Autotuner:
                     raise AssertionError(f"disagrees with {reference!r}: {problem}")
                 times[name] = self._time(trial, name)
             except Exception as err:  # noqa: BLE001
-                excluded[name] = _first_line(err)
+                excluded[name] = first_line(err)
                 warnings.warn(f"m2dino_kernels autotune: backend {name!r} excluded for {fkey}: "
                               f"{excluded[name]}", RuntimeWarning, stacklevel=5)
         if not times:
@@ -335,10 +262,3 @@ class Autotuner:
 
 
 TUNER = Autotuner()
-
-
-def format_key(op: str, device: torch.device, dtype: torch.dtype, fields: dict) -> str:
-    """The cache file's key: op, device name, dtype and the fields, as readable text."""
-    parts = [op, device_name(device), str(dtype).replace("torch.", "")]
-    parts += [f"{k}={v}" for k, v in fields.items()]
-    return "|".join(parts)

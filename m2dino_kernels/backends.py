@@ -1,14 +1,5 @@
-"""The MoE kernel backend protocol: the values that travel through it and the backend modules.
-
-Backends (each a module exposing DESIGN.md's four protocol functions, imported lazily):
-  "reference"   m2dino_kernels.reference   plain PyTorch, the oracle; runs everywhere
-                                           ("torch" is its old name, still accepted)
-  "cpp"         m2dino_kernels.extension   the C++ extension m2dino_kernels._C, CPU tensors
-  "cuda"        m2dino_kernels.extension   the same extension's CUDA kernels (built with CUDA)
-  "triton"      m2dino_kernels.triton.moe  Triton kernels: CUDA tensors, or CPU tensors under
-                                           the Triton interpreter (slow; meant for tests)
-  "grouped_mm"  m2dino_kernels.grouped_mm  the reference's routing, expert GEMMs through
-                                           torch.nn.functional.grouped_mm: the library floor
+"""The MoE kernel backend protocol: the values that travel between m2dino_kernels.moe and a
+backend module.
 
 Protocol (the backend may assume valid, contiguous inputs; m2dino_kernels.moe checks them):
   route_forward(x, task_ids, gate_weight, gate_bias, top_k) -> Routing
@@ -18,42 +9,15 @@ Protocol (the backend may assume valid, contiguous inputs; m2dino_kernels.moe ch
   experts_backward(grad_y, x, routing, params, activation, h_pre, expert_out)
       -> (grad_x, grad_routing_weights, ExpertWeights of the weight and bias gradients)
 
-Which backend runs where, and which one `auto` picks, is m2dino_kernels.selection's job.
-If the extension fails to import, one warning is given when this module is imported.
+Which backends exist and where they run is m2dino_kernels.registry's (its names are also
+importable from here, as before); which one runs is m2dino_kernels.selection's.
 """
 from __future__ import annotations
 
-import importlib
-import warnings
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
-
-REFERENCE = "reference"
-# Old names still accepted wherever a backend is named (and read from autotune cache files).
-BACKEND_ALIASES = {"torch": REFERENCE}
-
-_BACKEND_MODULES = {
-    REFERENCE: "m2dino_kernels.reference",
-    "cpp": "m2dino_kernels.extension",
-    "cuda": "m2dino_kernels.extension",
-    "triton": "m2dino_kernels.triton.moe",
-    "grouped_mm": "m2dino_kernels.grouped_mm",
-}
-CONCRETE_BACKENDS = tuple(_BACKEND_MODULES)
-
-_HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
-# Input dtypes each concrete backend accepts (float64 for gradcheck). Kept here rather than in
-# the backend modules so that checking it never imports one (an import inside a
-# torch.compile'd call would be a graph break).
-BACKEND_DTYPES = {
-    REFERENCE: _HALF_AND_FLOAT + (torch.float64,),
-    "cpp": _HALF_AND_FLOAT + (torch.float64,),
-    "cuda": _HALF_AND_FLOAT,
-    "triton": _HALF_AND_FLOAT,
-    "grouped_mm": _HALF_AND_FLOAT,  # what torch.nn.functional.grouped_mm takes
-}
 
 
 class Routing(NamedTuple):
@@ -92,22 +56,6 @@ class ExpertWeights(NamedTuple):
     fc2_bias: Tensor    # [E, D]
 
 
-def _load_extension():
-    """Import m2dino_kernels._C once; on failure warn once and return None."""
-    try:
-        return importlib.import_module("m2dino_kernels._C")
-    except (ImportError, OSError) as err:
-        warnings.warn(
-            f"m2dino_kernels._C could not be imported ({err}); the C++/CUDA kernel backends "
-            f"are unavailable and the plain PyTorch backend {REFERENCE!r} is used instead. "
-            "Build the extension with `pip install -e .` (see README.md) to enable them.",
-            RuntimeWarning, stacklevel=3)
-        return None
-
-
-_C = _load_extension()
-
-
 def routing_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of logits, probs and weights: fp32, or float64 for float64 inputs (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -119,9 +67,13 @@ def no_autocast(tensor: Tensor):
     return torch.autocast(tensor.device.type, enabled=False)
 
 
-def backend_module(name: str):
-    """The module implementing concrete backend `name` (imported on first use)."""
-    if name not in _BACKEND_MODULES:
-        raise ValueError(f"unknown concrete kernel backend {name!r}; "
-                         f"expected one of {', '.join(_BACKEND_MODULES)}")
-    return importlib.import_module(_BACKEND_MODULES[name])
+# The registry's names, where callers have always found them (imported last: the registry
+# imports the backend modules, which import the protocol types above).
+from m2dino_kernels.registry import (  # noqa: E402, F401
+    _C,
+    BACKEND_ALIASES,
+    BACKEND_DTYPES,
+    CONCRETE_BACKENDS,
+    REFERENCE,
+    backend_module,
+)

@@ -12,13 +12,14 @@ offsets to the host once per call (one sync); routing itself never syncs.
 """
 from __future__ import annotations
 
-from m2dino_kernels.backends import _C, ExpertWeights, Routing
+from m2dino_kernels.backends import ExpertWeights, Routing
+from m2dino_kernels.registry import _C
 
 
 def _extension():
     if _C is None:
-        raise RuntimeError("m2dino_kernels._C is not built; build it with "
-                           "`pip install --no-build-isolation -e .` (see README.md)")
+        raise RuntimeError("m2dino_kernels._C is not built; build it in an m2dino checkout with "
+                           "`pip install --no-build-isolation -e .` (docs/troubleshooting.md there)")
     return _C
 
 

@@ -31,14 +31,13 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from m2dino_kernels.jsonfile import write_json
+from m2dino_kernels.shapes import PRESET_SHAPES, TRITON_HEAD_DIMS
 from m2dino_kernels.triton.target import SHARED_MEMORY_BY_ARCH as MAX_SHARED
 
 # --dtype names: the tensors' dtype; "tf32" is fp32 tensors with TF32 matmuls allowed
 # (torch.set_float32_matmul_precision("high")), which the kernels' fp32 dots then follow.
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "tf32": "float32"}
-
-# Attention head dims: every preset has 64; the kernels also accept 32 and 128.
-HEAD_DIMS = (32, 64, 128)
 
 
 @dataclass
@@ -77,21 +76,13 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-# The MoE shape classes of the official backbone presets (m2dino.models.backbone.PRESETS; this
-# package does not import m2dino, and a test keeps the two equal): (preset, embed dim D, FFN
-# hidden H, activation, head dim).
-PRESET_SHAPES = (
-    ("dinov3_vits16", 384, 1536, "gelu", 64),
-    ("dinov3_vits16plus", 384, 1536, "swiglu", 64),
-    ("dinov3_vitb16", 768, 3072, "gelu", 64),
-    ("dinov3_vitl16", 1024, 4096, "gelu", 64),
-    ("dinov3_vith16plus", 1280, 5120, "swiglu", 64),
-)
-
-
-def presets():
-    """[(name, D, H, activation, head_dim)] of the official backbone presets."""
-    return list(PRESET_SHAPES)
+def cuda_target_available() -> bool:
+    """Whether this Triton can compile for a CUDA target (its NVIDIA backend is installed)."""
+    try:
+        from triton.backends import backends  # noqa: PLC0415
+    except ImportError:
+        return False
+    return "nvidia" in backends
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,8 +215,8 @@ def _fp32_matmul_precision(precision):
 
 
 def _record_dtype(rec, dname, tokens, num_tasks, batch, seq):
-    """The launches of one --dtype: the MoE of every preset at top-k 1 and 2, attention at
-    every head dim with and without RoPE."""
+    """The launches of one --dtype: the MoE of every preset (m2dino_kernels.shapes) at top-k 1
+    and 2, attention at every head dim the kernels take, with and without RoPE."""
     import torch  # noqa: PLC0415
 
     from m2dino_kernels.backends import ExpertWeights  # noqa: PLC0415
@@ -233,7 +224,7 @@ def _record_dtype(rec, dname, tokens, num_tasks, batch, seq):
     dt = getattr(torch, DTYPES[dname])
     meta = torch.device("meta")
     E = 8
-    for preset, D, H, act, _hd in presets():
+    for preset, D, H, act, _head_dim in PRESET_SHAPES:
         H1 = 2 * H if act == "swiglu" else H
         for top_k in (1, 2):
             rec.shape = f"{preset} D={D} H={H} {act} k={top_k} {dname}"
@@ -253,7 +244,7 @@ def _record_dtype(rec, dname, tokens, num_tasks, batch, seq):
             gl = torch.empty(T, E, dtype=torch.float32, device=meta)
             gw = torch.empty(T, top_k, dtype=torch.float32, device=meta)
             moe.route_backward(gl, gl, gw, x, task_ids, gate_w, True, routed)
-    for hd in HEAD_DIMS:
+    for hd in TRITON_HEAD_DIMS:
         heads = 6
         for rope in (False, True):
             rec.shape = f"attention d={hd} rope={rope} {dname}"
@@ -478,6 +469,9 @@ def main(argv=None) -> int:
         parser.error(f"--json: {args.json} exists; not overwriting it")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers: must be at least 1, got {args.workers}")
+    if not cuda_target_available():
+        parser.error("this Triton cannot compile for CUDA (no triton package, or its NVIDIA "
+                     "backend is missing)")
     kernels = args.kernel.split(",") if args.kernel else None
     results = inspect_all(archs, dtypes, args.workers, kernels, args.all_configs)
     if not results:
@@ -487,11 +481,8 @@ def main(argv=None) -> int:
     print(f"\n{len(results)} variants, {sum(r['compiled'] for r in results)} compiled, {len(bad)} problems")
     for p in bad:
         print("  " + p)
-    if args.json:  # written whole or not at all
-        partial = args.json + ".partial"
-        with open(partial, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(partial, args.json)
+    if args.json:
+        write_json(args.json, results)
     return 1 if bad else 0
 
 

@@ -37,8 +37,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from m2dino_kernels import backends, selection
-from m2dino_kernels.backends import REFERENCE, ROUTING_TENSORS, ExpertWeights, Routing, no_autocast, routing_dtype
+from m2dino_kernels import registry, selection, trials
+from m2dino_kernels.backends import ROUTING_TENSORS, ExpertWeights, Routing, no_autocast, routing_dtype
+from m2dino_kernels.registry import REFERENCE
 
 __all__ = ["ACTIVATIONS", "ExpertWeights", "Routing", "expert_mlp", "task_topk_route"]
 
@@ -73,7 +74,7 @@ def _require_same(tensor, name, ref, ref_name):
 
 
 def _check_backend_dtype(backend, dtype):
-    supported = backends.BACKEND_DTYPES[backend]
+    supported = registry.BACKEND_DTYPES[backend]
     if dtype not in supported:
         raise TypeError(f"kernel backend {backend!r} does not support {dtype}; it supports "
                         f"{', '.join(str(d) for d in supported)} (backend {REFERENCE!r} supports "
@@ -234,7 +235,7 @@ def _route_op(x: Tensor, task_ids: Tensor, gate_weight: Tensor, gate_bias: Optio
     if check_task_ids:
         _check_task_range(task_ids, gate_weight.shape[0])
     with no_autocast(x):
-        routing = backends.backend_module(backend).route_forward(x, task_ids, gate_weight,
+        routing = registry.backend_module(backend).route_forward(x, task_ids, gate_weight,
                                                                  gate_bias, top_k)
     return tuple(routing.tensors())
 
@@ -260,7 +261,7 @@ def _route_backward_op(grad_logits: Tensor, grad_probs: Tensor, grad_weights: Te
                        x: Tensor, task_ids: Tensor, gate_weight: Tensor, has_bias: bool,
                        routing: list[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
     with no_autocast(x):
-        grad_x, grad_gw, grad_gb = backends.backend_module(backend).route_backward(
+        grad_x, grad_gw, grad_gb = registry.backend_module(backend).route_backward(
             grad_logits, grad_probs, grad_weights, x, task_ids, gate_weight, has_bias,
             Routing.from_tensors(routing))
     if grad_gb is None:  # custom ops cannot return None: a zero stand-in, dropped in autograd
@@ -304,7 +305,7 @@ def _experts_op(x: Tensor, routing: list[Tensor], weights: list[Tensor], activat
     if check_routing:
         _check_routing_values(routing, weights.fc1_weight.shape[0])
     with no_autocast(x):
-        y, h_pre, expert_out = backends.backend_module(backend).experts_forward(
+        y, h_pre, expert_out = registry.backend_module(backend).experts_forward(
             x, routing, weights, activation)
     return y, h_pre, expert_out
 
@@ -321,7 +322,7 @@ def _experts_backward_op(grad_y: Tensor, x: Tensor, routing: list[Tensor],
                          weights: list[Tensor], activation: str, h_pre: Tensor,
                          expert_out: Tensor, backend: str) -> list[Tensor]:
     with no_autocast(x):
-        grad_x, grad_routing_weights, grad_weights = backends.backend_module(
+        grad_x, grad_routing_weights, grad_weights = registry.backend_module(
             backend).experts_backward(grad_y, x, Routing.from_tensors(routing),
                                       ExpertWeights(*weights), activation, h_pre, expert_out)
     return [grad_x, grad_routing_weights, *grad_weights]
@@ -385,7 +386,7 @@ def task_topk_route(x, task_ids, gate_weight, gate_bias=None, top_k=2, *,
     def make_trial():
         if check_task_ids:  # no backend runs on ids out of range
             _check_task_range(task_ids, num_tasks)
-        return selection.route_trial(x, task_ids, gate_weight, gate_bias, top_k)
+        return trials.route_trial(x, task_ids, gate_weight, gate_bias, top_k)
 
     backend = selection.moe_backend(
         "task_topk_route", x, {"D": dim, "E": num_experts, "k": top_k, "tasks": num_tasks},
@@ -419,7 +420,7 @@ def expert_mlp(x, routing, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activatio
     def make_trial():
         if check_routing:  # no backend runs on a routing out of range
             _check_routing_values(routing, num_experts)
-        return selection.experts_trial(x, routing, weights, activation)
+        return trials.experts_trial(x, routing, weights, activation)
 
     backend = selection.moe_backend(
         "expert_mlp", x, {"activation": activation, "D": dim, "H": fc2_weight.shape[2],

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from m2dino.data.dataset import FMUIADataset, collate, raw_target
     from m2dino.data.fmuia import DataValidationError, FMUIAData, load_fmuia
     from m2dino.data.reader import Problem, Record, Scan, read_csvs
+    from m2dino.data.roots import resolve_data_root
     from m2dino.data.sampler import MultiTaskBatchSampler
     from m2dino.data.splits import apply_split, make_split, read_split, write_split
     from m2dino.data.synthetic import DIFFICULTY, ensure_synthetic, task_sizes, write_suite
@@ -42,6 +43,7 @@ _SOURCES = {
     "Record": "m2dino.data.reader",
     "Scan": "m2dino.data.reader",
     "read_csvs": "m2dino.data.reader",
+    "resolve_data_root": "m2dino.data.roots",
     "MultiTaskBatchSampler": "m2dino.data.sampler",
     "apply_split": "m2dino.data.splits",
     "make_split": "m2dino.data.splits",
@@ -80,6 +82,7 @@ __all__ = [
     "raw_target",
     "read_csvs",
     "read_split",
+    "resolve_data_root",
     "scan_dataset",
     "task_sizes",
     "write_split",

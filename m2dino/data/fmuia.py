@@ -11,13 +11,14 @@ from m2dino import io
 from m2dino.data.reader import Problem, Record
 from m2dino.data.splits import apply_split, make_split, read_split, write_split
 from m2dino.data.validate import scan_dataset
+from m2dino.errors import InputError
 from m2dino.tasks import TaskSpec
 
 SKIPPED_FILE = "skipped_rows.json"
 POLICIES = ("error", "skip")
 
 
-class DataValidationError(ValueError):
+class DataValidationError(InputError):
     """Raised under policy "error" when the data have problems; `.problems` lists them all."""
 
     def __init__(self, problems: list[Problem], root=None):

@@ -9,16 +9,26 @@ the root given by the user and the 0-based data row (header excluded, blank line
 A path that resolves outside the data root (through `../`, an absolute path or a symlink) is
 refused before anything is opened; nothing here opens an image (decoding checks:
 m2dino.data.validate; the split: m2dino.data.splits; the bad-row policy: m2dino.data.fmuia).
+
+An image's identity is the file its path resolves to, not the CSV's spelling: two rows of a
+task that reach one file (`../A/./b.png` and `../A/b.png`, or through a symlink) are
+duplicates, and one in train/ and val/ is a leak; `Record.image_key` spells the resolved file
+relative to csv_files/ (for the usual `../A/b.png` that is the CSV string itself), which the
+split hashes. CSV discovery reads regular files only (a FIFO named *.csv would block a reader
+forever) and reports every other *.csv entry it skipped.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from m2dino import io
+from m2dino.errors import InputError
 from m2dino.tasks import TASKS, TaskSpec, TaskTable, TaskType, make_task
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -83,6 +93,7 @@ class Record:
     label: int | None = None
     box: tuple | None = None  # (x_min, y_min, x_max, y_max) pixels
     points: tuple | None = None  # ((x, y), ...) pixels
+    image_key: str = ""  # the resolved image file relative to csv_files/ ("../A/b.png"): the split's key
 
     def __post_init__(self):
         object.__setattr__(self, "task_type", TaskType(self.task_type))
@@ -120,13 +131,50 @@ def _inside(path: Path, root_resolved: Path) -> bool:
 
 
 def resolve_inside(csv_dir: Path, rel: str, root_resolved: Path) -> Path | None:
-    """The real path of `rel` (relative to `csv_dir`) if it stays inside the root, else None.
+    """The real path of `rel` (relative to `csv_dir`) if it stays inside the root, else None;
+    ValueError saying why when it cannot be resolved at all (a NUL byte, a symlink loop, a name
+    too long).
 
     `Path.resolve` follows every symlink (it reads links, it opens no file), so a link inside
     the root that points outside is caught here, before any open."""
     rel = rel.replace("\\", "/")  # CSVs written on Windows use backslashes
-    candidate = (csv_dir / rel).resolve()
+    if "\0" in rel:
+        raise ValueError("holds a NUL byte")
+    try:
+        candidate = (csv_dir / rel).resolve()
+    except RuntimeError:  # Python < 3.13: "Symlink loop from ..."
+        raise ValueError("goes round a symlink loop") from None
+    except OSError as e:
+        raise ValueError(f"cannot be resolved ({e.strerror})") from None
     return candidate if _inside(candidate, root_resolved) else None
+
+
+def image_key(image_file: Path, csv_dir_resolved: Path) -> str:
+    """A resolved image file spelled relative to csv_files/, with forward slashes: the usual
+    CSV spelling ("../Classification/Six/x.png"), the same for every spelling of one file."""
+    return Path(os.path.relpath(image_file, csv_dir_resolved)).as_posix()
+
+
+def csv_files(csv_dir: Path, root_resolved: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(the *.csv files of csv_dir that are regular files inside the root, sorted; [(path, why)]
+    for the other *.csv entries, skipped unopened: resolving outside the root, a folder, a FIFO
+    (which would block a reader forever), a device...)."""
+    found, skipped = [], []
+    for path in sorted(p for p in csv_dir.iterdir() if p.suffix.lower() == ".csv"):
+        try:
+            inside = resolve_inside(csv_dir, path.name, root_resolved) is not None
+        except ValueError as e:
+            skipped.append((path, f"csv file {e}"))
+            continue
+        if not inside:
+            skipped.append((path, "csv file resolves outside the data root"))
+            continue
+        kind = io.file_kind(path)
+        if kind:
+            skipped.append((path, f"csv file is {kind}, not a regular file"))
+        else:
+            found.append(path)
+    return found, skipped
 
 
 def resolve_split_root(data_root, split: str | None = None) -> Path:
@@ -161,7 +209,10 @@ def _parse_int_label(text: str) -> int:
 
 def parse_point(text: str) -> tuple[float, float]:
     """A JSON "[x, y]" point string (NaN/Infinity allowed by JSON, caught by validation)."""
-    value = json.loads(text)
+    try:
+        value = json.loads(text)
+    except RecursionError:  # a cell of 100000 "[": not a point, and no stack overflow
+        raise ValueError(f"point {text[:40]!r}... is not a JSON [x, y] pair") from None
     if not isinstance(value, list) or len(value) != 2 or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
     ):
@@ -174,19 +225,27 @@ def _point_columns(fieldnames) -> list[str]:
     return sorted(cols, key=lambda c: int(c[len("point_"):-len("_xy")]) if c[6:-3].isdigit() else 10**9)
 
 
-def _read_csv_rows(csv_file: Path):
-    """(fieldnames, [(row_index, dict)]) with 0-based data rows, blank lines skipped."""
-    with open(csv_file, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            return [], []
-        header = [h.strip() for h in header]
-        rows = []
-        for values in reader:
-            if not values or all(not v.strip() for v in values):
-                continue
-            rows.append((len(rows), dict(zip(header, (v.strip() for v in values)))))
+def read_csv_rows(csv_file: Path):
+    """(fieldnames, [(row_index, dict)]) with 0-based data rows, blank lines skipped, headers and
+    values stripped. InputError saying why the file cannot be read (not UTF-8, not CSV, not a
+    regular file); the caller names the file."""
+    try:
+        with io.open_regular(csv_file, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                return [], []
+            header = [h.strip() for h in header]
+            rows = []
+            for values in reader:
+                if not values or all(not v.strip() for v in values):
+                    continue
+                rows.append((len(rows), dict(zip(header, (v.strip() for v in values)))))
+    except UnicodeDecodeError as e:
+        raise InputError(f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8 "
+                         f"(as the FM_UIA release is)") from None
+    except csv.Error as e:
+        raise InputError(f"not a readable CSV ({e})") from None
     return header, rows
 
 
@@ -223,12 +282,20 @@ def _extra_task_spec(task_id, task_type, rows, fieldnames, overrides) -> TaskSpe
     return make_task(task_id, task_type, **counts, **fields)
 
 
+# The most classes an extra task may declare in its CSV: a mask holds at most 16-bit class indices
+MAX_CSV_CLASSES = 65536
+
+
 def _class_count(rows, fieldnames) -> dict:
     text = Counter(_norm_count(r.get("num_classes", "")) for r in rows).most_common(1)[0][0]
     try:
-        return {"num_classes": int(text)}
+        count = int(text)
     except ValueError:
         raise ValueError(f"num_classes {text!r} is not an integer (set it in the task overrides)") from None
+    if count > MAX_CSV_CLASSES:
+        raise ValueError(f"num_classes {count} is more than {MAX_CSV_CLASSES} (a 16-bit mask's classes); "
+                         f"set the real count in the task overrides")
+    return {"num_classes": count}
 
 
 def _point_count(rows, fieldnames) -> dict:
@@ -269,16 +336,16 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
 
     for split, data_root in split_roots(root):
         csv_dir = data_root / "csv_files"
-        files = sorted(p for p in csv_dir.iterdir() if p.suffix.lower() == ".csv")
+        files, skipped = csv_files(csv_dir, root_resolved)
+        for csv_file, why in skipped:
+            scan.csv_files.append(csv_file.relative_to(root).as_posix())
+            scan.problems.append(Problem(csv_file.relative_to(root).as_posix(), -1, f"{why}; not read"))
         for csv_file in files:
             csv_rel = csv_file.relative_to(root).as_posix()
             scan.csv_files.append(csv_rel)
-            if resolve_inside(csv_dir, csv_file.name, root_resolved) is None:
-                scan.problems.append(Problem(csv_rel, -1, "csv file resolves outside the data root; not read"))
-                continue
             try:
-                fieldnames, rows = _read_csv_rows(csv_file)
-            except (OSError, UnicodeDecodeError, csv.Error) as e:
+                fieldnames, rows = read_csv_rows(csv_file)
+            except (OSError, InputError) as e:
                 scan.problems.append(Problem(csv_rel, -1, f"cannot read csv: {e}"))
                 continue
             missing = [c for c in ("image_path", "task_id", "task_name") if c not in fieldnames]
@@ -330,7 +397,7 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
         # num_classes must agree within the task (and with the spec for seg / cls).
         nc_counts = Counter(_norm_count(r.get("num_classes", "")) for *_, r in items)
         majority = nc_counts.most_common(1)[0][0] if nc_counts else ""
-        seen = {}
+        seen = {}  # resolved image file -> (split, csv, row, image_path) of its first row in this task
         for split, csv_rel, csv_dir, fieldnames, i, row in items:
             row_problems = []
             nc = _norm_count(row.get("num_classes", ""))
@@ -340,13 +407,12 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
                 ok = nc == str(spec.num_classes)
                 if not ok:
                     row_problems.append(f"num_classes {nc!r} disagrees with task {tid!r} ({spec.num_classes})")
-            dup_key = (split, tid, row["image_path"])
-            if dup_key in seen:
-                c0, r0 = seen[dup_key]
-                row_problems.append(f"duplicated row: same task and image_path as {c0} row {r0}")
-            else:
-                seen[dup_key] = (csv_rel, i)
-            rec, more = _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resolved)
+            rec, more, image_file = _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resolved)
+            if image_file is not None:
+                if image_file in seen:
+                    row_problems.append(_same_image(seen[image_file], split, row["image_path"]))
+                else:
+                    seen[image_file] = (split, csv_rel, i, row["image_path"])
             row_problems += more
             if row_problems:
                 scan.problems.extend(Problem(csv_rel, i, text, tid) for text in row_problems)
@@ -356,18 +422,35 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
     return scan
 
 
+def _same_image(first: tuple, split: str, image_path: str) -> str:
+    """The problem of a row whose image is the same file as an earlier row's of its task."""
+    split0, csv0, row0, path0 = first
+    spelled = "" if path0 == image_path else f" (the same file, spelled {path0!r} there)"
+    if split0 != split:
+        return (f"image {image_path!r} is also in {split0}/ ({csv0} row {row0}){spelled}: the same image in "
+                f"{split0} and {split} leaks into the validation")
+    if spelled:
+        return f"duplicated row: same task and image as {csv0} row {row0}{spelled}"
+    return f"duplicated row: same task and image_path as {csv0} row {row0}"
+
+
 def _file_problem(csv_dir, rel, what, root_resolved, suffixes=None):
     """(resolved path, None) or (None, problem). Containment is checked before anything else."""
     if not rel:
         return None, f"empty {what}"
-    resolved = resolve_inside(csv_dir, rel, root_resolved)
+    try:
+        resolved = resolve_inside(csv_dir, rel, root_resolved)
+    except ValueError as e:
+        return None, f"{what} {rel!r} {e}"
     if resolved is None:
         return None, f"{what} {rel!r} resolves outside the data root; refused, not read"
     if suffixes and resolved.suffix.lower() not in suffixes:
         return None, f"{what} {rel!r}: unsupported file type (expected one of {suffixes})"
-    if not resolved.is_file():
-        kind = "image" if what == "image_path" else "mask"
-        return None, f"{kind} file missing: {rel!r}"
+    kind = io.file_kind(resolved)
+    if kind == "missing":
+        return None, f"{'image' if what == 'image_path' else 'mask'} file missing: {rel!r}"
+    if kind:
+        return None, f"{what} {rel!r} is {kind}, not a regular file"
     return resolved, None
 
 
@@ -434,7 +517,8 @@ _ANNOTATIONS = TaskTable("CSV annotations", {
 
 
 def _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resolved):
-    """(Record, []) or (None, [problem texts]): every problem of the row; opens nothing."""
+    """(Record, [], image file) or (None, [problem texts], image file or None): every problem of
+    the row, and the file its image_path resolves to (for the duplicate check); opens nothing."""
     image_path = row.get("image_path", "")
     problems = []
     image_file, p = _file_problem(csv_dir, image_path, "image_path", root_resolved, IMAGE_SUFFIXES)
@@ -444,6 +528,7 @@ def _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resol
     if p:
         problems.append(p)
     if problems:
-        return None, problems
+        return None, problems, image_file
     return Record(task_id=spec.task_id, task_type=spec.task_type, image_path=image_path,
-                  image_file=str(image_file), csv=csv_rel, row=i, split=split, **fields), []
+                  image_file=str(image_file), csv=csv_rel, row=i, split=split,
+                  image_key=image_key(image_file, csv_dir.resolve()), **fields), [], image_file

@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from PIL import Image
-
-from m2dino.data.images import load_mask_array
+from m2dino.data.images import ImageError, decoded_size, load_mask_array
 from m2dino.data.reader import Problem, Record, Scan, read_csvs
 from m2dino.tasks import TaskSpec, TaskType
 
@@ -20,16 +18,14 @@ from m2dino.tasks import TaskSpec, TaskType
 def _check_pixels(rec: Record, spec: TaskSpec) -> str | None:
     """Decode the image (and mask) fully and check the annotation against the image size."""
     try:
-        with Image.open(rec.image_file) as im:
-            im.load()  # full decode: a truncated file raises here
-            w, h = im.size
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return f"image {rec.image_path!r} cannot be decoded: {type(e).__name__}: {e}"
+        w, h = decoded_size(rec.image_file)  # full decode: a truncated file raises here
+    except (ImageError, OSError) as e:
+        return f"image {rec.image_path!r} cannot be decoded: {e}"
     if rec.task_type is TaskType.SEGMENTATION:
         try:
             m = load_mask_array(rec.mask_file)
-        except Exception as e:
-            return f"mask {rec.mask_path!r} cannot be decoded: {type(e).__name__}: {e}"
+        except (ImageError, OSError) as e:
+            return f"mask {rec.mask_path!r} cannot be decoded: {e}"
         if m.shape != (h, w):
             return f"mask size {m.shape[1]}x{m.shape[0]} differs from image size {w}x{h}"
         top = int(m.max()) if m.size else 0

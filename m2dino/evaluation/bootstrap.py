@@ -16,8 +16,12 @@ Method, in words a report header can quote:
   positive is better) is computed on every resample and its interval is the percentile
   interval of these B changes (a paired bootstrap: what the two models share, the images,
   cancels out).
-* **Significance.** A change is flagged negative (positive) when it is below -threshold (above
-  +threshold) and its whole 95% interval lies below (above) 0; otherwise it is "n.s.".
+* **P-values.** `bootstrap_p_value`: a tail's share of the resampled values at or beyond the
+  null value, counted as (k + 1) / (B + 1); two-sided, twice the smaller tail, at most 1.
+  `paired_permutation_test`: each image's predictions swapped between the two models at random,
+  the metric recomputed (exact at any number of images). The report's flags (corrected for
+  multiplicity) are m2dino.evaluation.report.change's; `significance` is the interval rule
+  without a correction, kept for callers of one comparison.
 * **Several training seeds.** See `pooled`: the same image resamples are used for every
   seed, and each image resample is combined with a resample of the seeds.
 * **Seeds of the bootstrap.** Task t's resamples come from `task_seed(seed, t)` (a hash of the
@@ -364,15 +368,44 @@ def _entry(value, distribution: np.ndarray, level: float) -> dict:
     return {"value": float(value), "ci": ci, "distribution": distribution}
 
 
+def difference_vs_reference(value, reference, metric: str):
+    """value - ref in the metric's units, sign-flipped for HD and MRE (reference - value): positive
+    is better, and for HD and MRE it is the pixels saved. NaN where either is NaN/None. Scalars
+    give a float, arrays an array (elementwise)."""
+    value = np.asarray(value, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    return _scalar(reference - value if metric in LOWER_IS_BETTER else value - reference)
+
+
 def change_vs_reference(value, reference, metric: str):
     """(value - ref) / |ref|, sign-flipped for HD and MRE (positive = better); NaN when ref is 0
     or either is NaN/None. Scalars give a float, arrays an array (elementwise)."""
-    value = np.asarray(value, dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
-    delta = reference - value if metric in LOWER_IS_BETTER else value - reference
+    delta = np.asarray(difference_vs_reference(value, reference, metric))
     with np.errstate(divide="ignore", invalid="ignore"):
         change = np.where(reference == 0, np.nan, delta / np.abs(reference))
     return _scalar(change)
+
+
+def bootstrap_p_value(distribution, null: float = 0.0, alternative: str = "two-sided"):
+    """The p-value of a paired change from its B resampled values (over the last axis), by the
+    report's stated rule: a tail's share is (k + 1) / (B + 1), k the resamples at or beyond `null`
+    on the side of H0 (the +1 counts the observed sample, so p is never 0); "greater" (H1: the
+    change is above null) is the share at or below it, "less" the share at or above it, and
+    "two-sided" twice the smaller of the two, at most 1. NaN resamples are left out (NaN when
+    none is left)."""
+    dist = np.asarray(distribution, dtype=np.float64)
+    valid = np.isfinite(dist)
+    b = valid.sum(axis=-1)
+    below = ((dist <= null) & valid).sum(axis=-1)
+    above = ((dist >= null) & valid).sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share_below, share_above = (below + 1) / (b + 1), (above + 1) / (b + 1)
+        tails = {"greater": share_below, "less": share_above,
+                 "two-sided": np.minimum(1.0, 2 * np.minimum(share_below, share_above))}
+        if alternative not in tails:
+            raise ValueError(f"bootstrap_p_value: alternative must be one of {sorted(tails)}, got {alternative!r}")
+        return _scalar(np.where(b > 0, tails[alternative], np.nan))
 
 
 def significance(ci, change, threshold: float = DEFAULT_THRESHOLD) -> str:
@@ -387,6 +420,35 @@ def significance(ci, change, threshold: float = DEFAULT_THRESHOLD) -> str:
     if change > threshold and lo > 0:
         return "positive"
     return "n.s."
+
+
+def paired_permutation_test(task_type: str, num_classes: int, values: Mapping, reference_values: Mapping,
+                            metric: str, n_resamples: int = DEFAULT_RESAMPLES, seed=0) -> float:
+    """Two-sided p-value of "the two models score the task alike" on the same images: each image's
+    predictions are swapped between the two models at random (a paired permutation test, the
+    approximate randomisation test of Noreen 1989; scipy.stats.permutation_test with
+    permutation_type="samples", exact when 2^n <= n_resamples), and the metric difference is
+    recomputed on every permutation, so any metric works (macro-F1 from the mixed confusion
+    matrix too). Exact at every number of images, where a bootstrap test is liberal on small sets.
+    The two must list the same images in the same order."""
+    n = num_images(task_type, values)
+    if num_images(task_type, reference_values) != n:
+        raise ValueError(f"paired_permutation_test: {n} images against {num_images(task_type, reference_values)}")
+    # both models' values as one set of 2n images: a permutation picks, per image, one of its two rows
+    combined = {key: list(values[key]) + list(reference_values[key]) for key in values
+                if key != "image_path" and key in reference_values}
+
+    def difference(ours, theirs, axis=-1):
+        ours, theirs = np.asarray(ours), np.asarray(theirs)
+        shape = ours.shape[:-1]
+        a = metrics_from_values(task_type, num_classes, combined, ours.reshape(-1, n))[metric]
+        b = metrics_from_values(task_type, num_classes, combined, theirs.reshape(-1, n))[metric]
+        return (a - b).reshape(shape)
+
+    result = scipy.stats.permutation_test((np.arange(n), np.arange(n) + n), difference, vectorized=True,
+                                          permutation_type="samples", n_resamples=int(n_resamples),
+                                          rng=np.random.default_rng(seed))
+    return float(result.pvalue)
 
 
 def pooled(distributions_by_seed: Sequence, values_by_seed: Sequence[float], n_resamples_seeds: int = 1,

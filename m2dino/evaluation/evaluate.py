@@ -14,6 +14,7 @@ Metric conventions: see `m2dino.evaluation.metrics`.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -140,6 +141,42 @@ def format_results(results: dict) -> str:
 
 def _num(value: float) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+RESULT_KEYS = ("tasks", "task_types", "num_samples", "types")
+
+
+def is_results_file(path) -> bool:
+    """Whether `path` holds results written by `write_json` (a file evaluate may replace)."""
+    try:
+        data = io.read_json(path)
+    except (OSError, ValueError):
+        return False
+    return all(key in data for key in RESULT_KEYS)
+
+
+def check_results_path(path, data_root, predictions_dir=None, overwrite: bool = False) -> bool:
+    """Whether the results may be written to `path`: InputError when it lies inside the data root
+    or the predictions folder (evaluate writes over none of its inputs), is a folder, or is a file
+    evaluate did not write (unless `overwrite`). True when an existing file must move aside first."""
+    target = Path(path)
+    resolved = target.resolve()
+    for folder, what in ((data_root, "the data root"), (predictions_dir, "the predictions folder")):
+        if folder is None:
+            continue
+        inside = Path(folder).resolve()
+        if resolved == inside or inside in resolved.parents:
+            raise EvaluationError(f"--json {path} lies inside {what} {folder}: evaluate writes into none of its "
+                                  f"inputs. Choose a --json outside it")
+    if target.is_dir():
+        raise EvaluationError(f"--json {path} is a folder; give the results file to write")
+    if os.path.lexists(target) and not is_results_file(target):
+        if not overwrite:
+            raise EvaluationError(f"--json {path} exists and is not a results file written by m2dino.evaluate; it "
+                                  f"is not replaced. Choose another --json, or --overwrite to move it aside to "
+                                  f"{path}.old-<timestamp> (nothing is deleted)")
+        return True
+    return False
 
 
 def write_json(results: dict, path) -> None:

@@ -183,8 +183,16 @@ def classification_metrics(labels: Sequence[int], predicted: Sequence[int], prob
         "auc": classification_auc(labels, probs),
         "f1_macro": float(f1_score(labels, predicted, average="macro", zero_division=0)),
         "f1_weighted": float(f1_score(labels, predicted, average="weighted", zero_division=0)),
-        "mcc": float(matthews_corrcoef(labels, predicted)),
+        "mcc": matthews(labels, predicted),
     }
+
+
+def matthews(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """MCC; 0 when labels and predictions hold a single class between them (sklearn's value
+    there, without its warning about a one-class confusion matrix: small sets do this)."""
+    if np.union1d(labels, predicted).size < 2:
+        return 0.0
+    return float(matthews_corrcoef(labels, predicted))
 
 
 def classification_arrays(labels, predicted, probs, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -11,10 +11,17 @@ Rows of tasks the checkpoint has no head for are skipped, not fatal: a warning n
 ids and row counts and `missing_tasks.json` in out_dir lists the rows (csv, row, task_id,
 image_path). `tta=True` averages each flip-safe task over the image and its mirror
 (m2dino.evaluation.tta); `amp` autocasts on CUDA (bf16 / fp16; CPU always runs fp32).
+
+The output folder. It may not be the data root, lie inside it or hold it (a prediction's path
+mirrors its ground-truth mask_path). Predict holds its writer's lock while it writes
+(m2dino.io.lock_directory) and replaces only files it wrote itself: `.m2dino-predictions.json`
+lists them, and a file it would write that is not listed (a user's, another tool's) stops it,
+named, unless `overwrite=True` moves the old folder aside first (nothing is deleted). Other
+files in the folder are left alone.
 """
 from __future__ import annotations
 
-import csv
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -27,17 +34,21 @@ from torch.utils.data import DataLoader, Dataset
 
 from m2dino import io
 from m2dino.data import collate
-from m2dino.data.images import to_pil_image
+from m2dino.data.images import ImageError, to_pil_image
 from m2dino.data.reader import (
     COUNT_CHECKED_TYPES,
     IMAGE_SUFFIXES,
+    csv_files,
+    read_csv_rows,
     resolve_inside,
     resolve_split_root,
     task_type_from_name,
 )
 from m2dino.data.transforms import SampleTransform
+from m2dino.errors import InputError, run_command
 from m2dino.evaluation.metrics import resize_nearest
 from m2dino.evaluation.submission import (
+    PREDICTION_FILES,
     EvaluationError,
     PredictionError,
     prediction_mask_relpath,
@@ -51,9 +62,11 @@ from m2dino.models.weights import WeightsError
 from m2dino.tasks import TaskType
 
 MISSING_TASKS_FILE = "missing_tasks.json"
+# What predict leaves in its output folder: the files it wrote (it replaces only those)
+PREDICTIONS_MARKER = ".m2dino-predictions.json"
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 # What bad input raises (each names its file, row or task): a command prints it and exits 2.
-PREDICTION_ERRORS = (FileNotFoundError, EvaluationError, PredictionError, WeightsError)
+PREDICTION_ERRORS = (FileNotFoundError, InputError, EvaluationError, PredictionError, WeightsError)
 
 
 def default_device(device: str | None) -> torch.device:
@@ -90,23 +103,30 @@ def read_prediction_rows(split_root: Path, specs: dict, known=None) -> tuple[lis
     Only what prediction needs is read and checked, so unlabelled test CSVs work; errors name
     the csv and row. Rows of a task outside `known` (default: `specs`; the task ids the model
     has a head for) are skipped and returned as {csv, row, task_id, image_path}; rows of a
-    known task outside `specs` (not asked for) are ignored."""
+    known task outside `specs` (not asked for) are ignored. CSV files are found and read as
+    m2dino.data.check reads them (regular files only, UTF-8), and two rows of a task reaching
+    one image file (however spelled) are a problem."""
     known = set(specs if known is None else known)
     csv_dir = split_root / "csv_files"
     root_resolved = split_root.resolve()
-    csv_files = sorted(p for p in csv_dir.glob("*.csv"))
-    if not csv_files:
+    found, not_read = csv_files(csv_dir, root_resolved)
+    for path, why in not_read:
+        print(f"m2dino: warning: {path}: {why}; skipped, not read", file=sys.stderr)
+    if not found:
         raise FileNotFoundError(f"no CSV files in {csv_dir}")
     rows, skipped, problems, seen = [], [], [], {}
-    for csv_file in csv_files:
-        with open(csv_file, newline="", encoding="utf-8-sig") as f:
-            data_rows = [r for r in csv.DictReader(f) if any((v or "").strip() for v in r.values())]
-        for index, record in enumerate(data_rows):
+    for csv_file in found:
+        try:
+            _, data_rows = read_csv_rows(csv_file)
+        except (InputError, OSError) as e:
+            problems.append(f"{csv_file.name}: cannot read csv: {e}")
+            continue
+        for index, record in data_rows:
             where = f"{csv_file.name} row {index}"
-            task_id = (record.get("task_id") or "").strip()
+            task_id = record.get("task_id") or ""
             if task_id not in known:
                 skipped.append({"csv": csv_file.name, "row": index, "task_id": task_id,
-                                "image_path": (record.get("image_path") or "").strip()})
+                                "image_path": record.get("image_path") or ""})
                 continue
             if task_id not in specs:
                 continue
@@ -120,25 +140,29 @@ def read_prediction_rows(split_root: Path, specs: dict, known=None) -> tuple[lis
                 problems.append(f"{where}: task_name {record.get('task_name')!r} "
                                 f"but the model's {task_id!r} is {spec.task_type}")
                 continue
-            image_path = (record.get("image_path") or "").strip()
-            image_file = resolve_inside(csv_dir, image_path, root_resolved) if image_path else None
+            image_path = record.get("image_path") or ""
+            try:
+                image_file = resolve_inside(csv_dir, image_path, root_resolved) if image_path else None
+            except ValueError as e:
+                problems.append(f"{where}: image_path {image_path!r} {e}")
+                continue
             if image_file is None:
                 problems.append(f"{where}: image_path {image_path!r} is empty or resolves outside the data root")
                 continue
-            if image_file.suffix.lower() not in IMAGE_SUFFIXES or not image_file.is_file():
+            if image_file.suffix.lower() not in IMAGE_SUFFIXES or io.file_kind(image_file):
                 problems.append(f"{where}: image {image_path!r} is missing or not an image file {IMAGE_SUFFIXES}")
                 continue
-            num_classes = (record.get("num_classes") or "").strip()
+            num_classes = record.get("num_classes") or ""
             if task_type in COUNT_CHECKED_TYPES and num_classes:
                 try:
                     agrees = int(float(num_classes)) == spec.num_classes
-                except ValueError:
+                except (ValueError, OverflowError):  # not a number, or an infinite one
                     agrees = False
                 if not agrees:
                     problems.append(f"{where}: num_classes {num_classes!r} but the model's {task_id!r} head has "
                                     f"{spec.num_classes}")
                     continue
-            mask_path = (record.get("mask_path") or "").strip() or None
+            mask_path = record.get("mask_path") or None
             if task_type is TaskType.SEGMENTATION:
                 if mask_path is None:
                     problems.append(f"{where}: segmentation row without mask_path (where its prediction goes)")
@@ -148,9 +172,9 @@ def read_prediction_rows(split_root: Path, specs: dict, known=None) -> tuple[lis
                 except EvaluationError as e:
                     problems.append(f"{where}: {e}")
                     continue
-            key = (task_id, image_path)
+            key = (task_id, image_file)
             if key in seen:
-                problems.append(f"{where}: same task and image_path as {seen[key]}")
+                problems.append(f"{where}: same task and image as {seen[key]}")
                 continue
             seen[key] = where
             rows.append(PredictionRow(task_id, task_type, image_path, str(image_file), mask_path, csv_file.name, index))
@@ -161,18 +185,86 @@ def read_prediction_rows(split_root: Path, specs: dict, known=None) -> tuple[lis
     return rows, skipped
 
 
-def report_skipped(skipped: list[dict], out_dir: Path) -> None:
+def report_skipped(skipped: list[dict], out_dir: Path, ours: frozenset = frozenset({MISSING_TASKS_FILE})) -> None:
     """Warn about rows of tasks the checkpoint does not know (task ids and row counts) and
-    list them in out_dir/missing_tasks.json; a stale list from an earlier run is removed."""
+    list them in out_dir/missing_tasks.json; a stale list from an earlier run (one of `ours`,
+    the files predict wrote there) is removed."""
     listing = Path(out_dir) / MISSING_TASKS_FILE
     if not skipped:
-        listing.unlink(missing_ok=True)
+        if MISSING_TASKS_FILE in ours:
+            listing.unlink(missing_ok=True)
         return
     counts = Counter(r["task_id"] for r in skipped)
     named = ", ".join(f"{t or '<empty task_id>'} ({n} row{'s' if n > 1 else ''})" for t, n in sorted(counts.items()))
     print(f"m2dino: warning: skipped {len(skipped)} row(s) of task(s) the checkpoint has no head for: "
           f"{named}; listed in {listing}", file=sys.stderr)
     io.write_json(listing, skipped)
+
+
+# ------------------------------------------------------------------------------ the output folder
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_out_dir(out_dir, data_root, checkpoint=None, overwrite: bool = False) -> None:
+    """InputError when the output folder is the data root, lies inside it or holds it (the
+    predictions mirror the ground truth's paths), or (--overwrite) holds the checkpoint."""
+    out, root = Path(out_dir).resolve(), Path(data_root).resolve()
+    if _overlaps(out, root):
+        where = "is" if out == root else ("lies inside" if root in out.parents else "holds")
+        raise InputError(f"--out {out_dir} {where} the data root {data_root}: predictions are written at their "
+                         f"ground truth's paths (mask_path), and never into the input. Choose an --out outside "
+                         f"the data root")
+    if overwrite and isinstance(checkpoint, (str, Path)) and out in Path(checkpoint).resolve().parents:
+        raise InputError(f"the checkpoint {checkpoint} lies inside --out {out_dir}: --overwrite would move it aside "
+                         f"with the old predictions. Move it out first, or choose another --out")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise InputError(f"--out {out_dir} is a file, not a folder")
+
+
+def planned_files(rows: Sequence[PredictionRow], skipped: list[dict]) -> list[str]:
+    """The files (relative to the output folder) a prediction of `rows` writes."""
+    files = {PREDICTIONS_MARKER, *PREDICTION_FILES.values()}
+    if skipped:
+        files.add(MISSING_TASKS_FILE)
+    files.update(prediction_mask_relpath(r.mask_path).as_posix() for r in rows if r.task_type is TaskType.SEGMENTATION)
+    return sorted(files)
+
+
+def files_written_before(out_dir: Path) -> frozenset:
+    """What an earlier m2dino.predict wrote into `out_dir` (its marker's list; empty without one)."""
+    try:
+        marker = io.read_json(out_dir / PREDICTIONS_MARKER)
+    except (OSError, ValueError):
+        return frozenset()
+    files = marker.get("files") if marker.get("written_by") == "m2dino.predict" else None
+    if not isinstance(files, list):
+        return frozenset()
+    return frozenset(f for f in files if isinstance(f, str)) | {PREDICTIONS_MARKER}
+
+
+def claim_out_dir(out_dir: Path, planned: list[str], overwrite: bool) -> frozenset:
+    """Make sure writing `planned` into out_dir replaces only files an earlier predict wrote
+    there and nothing outside it (a symlink inside); returns those earlier files. A file it did
+    not write: InputError naming it, or (overwrite) the folder moves aside first."""
+    resolved = out_dir.resolve()
+    escaping = [f for f in planned if resolved not in (out_dir / f).resolve().parents]
+    if escaping:
+        raise InputError(f"--out {out_dir}: writing {escaping[0]!r} would go through a symlink out of the folder "
+                         f"({(out_dir / escaping[0]).resolve()}); choose another --out")
+    ours = files_written_before(out_dir)
+    foreign = [f for f in planned if f not in ours and os.path.lexists(out_dir / f)]
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise InputError(f"--out {out_dir} holds files that m2dino.predict would replace and did not write (its list, "
+                         f"{PREDICTIONS_MARKER}, does not name them; an older m2dino kept no list): {shown}. "
+                         f"Choose another --out, or --overwrite to move the folder aside to "
+                         f"{out_dir}.old-<timestamp> (nothing is deleted)")
+    if foreign:
+        moved = io.move_aside(out_dir)
+        print(f"m2dino: --overwrite: moved {out_dir} aside to {moved}", file=sys.stderr)
+        return frozenset()
+    return ours
 
 
 class PredictionImages(Dataset):
@@ -189,7 +281,7 @@ class PredictionImages(Dataset):
         row = self.rows[index]
         try:
             image = to_pil_image(row.image_file)
-        except OSError as e:
+        except (ImageError, FileNotFoundError) as e:
             raise PredictionError(f"{row.csv} row {row.row}: cannot read image {row.image_path!r} ({e})") from e
         tensor, _ = self.transform(image, {})
         return {"image": tensor, "task": row.task_id, "target": {}, "orig_size": (image.size[1], image.size[0]),
@@ -208,14 +300,18 @@ def prediction_loader(rows: Sequence[PredictionRow], task_order: Sequence[str], 
 # ------------------------------------------------------------------------------ the run
 def predict_folder(checkpoint, data_root, out_dir, split: str | None = None, batch_size: int = 16,
                    device: str | None = None, tasks: Sequence[str] | None = None, workers: int = 0,
-                   progress: bool = False, amp: str = "off", tta: bool = False) -> dict:
+                   progress: bool = False, amp: str = "off", tta: bool = False, overwrite: bool = False) -> dict:
     """Predict every row of every task the checkpoint knows under the data root; returns
     {"tasks": [task ids predicted], "counts": {task_id: rows}, "skipped": [rows of unknown
-    tasks], "out": out_dir}. `checkpoint`: a checkpoint path or a loaded M2DINO."""
+    tasks], "out": out_dir}. `checkpoint`: a checkpoint path or a loaded M2DINO. The output
+    folder's rules (see the module doc): `overwrite` moves a folder holding files predict did
+    not write aside first."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, data_root, checkpoint, overwrite)
     device = default_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PredictionError(f"device {device} was asked for, but torch sees no CUDA device (use cpu or auto)")
@@ -226,6 +322,9 @@ def predict_folder(checkpoint, data_root, out_dir, split: str | None = None, bat
     known = set(model_specs)
 
     split_root = resolve_split_root(data_root, split)
+    if split is None and split_root != Path(data_root):  # a release with train/ and val/: say which is predicted
+        print(f"m2dino: predicting {split_root} (the root holds train/ and val/; --split train predicts the other)",
+              file=sys.stderr)
     if tasks:
         unknown = [t for t in tasks if t not in model_specs]
         if unknown:
@@ -243,9 +342,21 @@ def predict_folder(checkpoint, data_root, out_dir, split: str | None = None, bat
         if empty:
             raise PredictionError(f"task(s) {empty} have no rows under {split_root / 'csv_files'}")
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report_skipped(skipped, out_dir)
+    planned = planned_files(rows, skipped)
+    with io.lock_directory(out_dir, "m2dino.predict"):  # no other writer from the check to the last file
+        ours = claim_out_dir(out_dir, planned, overwrite)
+        with io.lock_directory(out_dir, "m2dino.predict"):  # the same lock, or the new folder's after a move
+            io.write_json(out_dir / PREDICTIONS_MARKER, {"written_by": "m2dino.predict",
+                                                         "files": sorted(ours | set(planned))})
+            report_skipped(skipped, out_dir, ours)
+            counts = _predict_into(out_dir, model, model_specs, rows, wanted, device, batch_size, workers, progress,
+                                   amp, tta)
+    return {"tasks": wanted, "counts": dict(counts), "skipped": skipped, "out": str(out_dir)}
+
+
+def _predict_into(out_dir: Path, model, model_specs: dict, rows, wanted, device, batch_size: int, workers: int,
+                  progress: bool, amp: str, tta: bool) -> Counter:
+    """Run the model over `rows` and write the submission files; {task_id: rows predicted}."""
     entries = {}
     counts: Counter = Counter()
     loader = prediction_loader(rows, wanted, model.img_size, batch_size, workers)
@@ -276,20 +387,18 @@ def predict_folder(checkpoint, data_root, out_dir, split: str | None = None, bat
     missing = {t: sum(r.task_id == t for r in rows) - counts[t] for t in wanted}
     if any(missing.values()):
         raise PredictionError(f"rows without a prediction: { {t: n for t, n in missing.items() if n} }")
-    return {"tasks": wanted, "counts": dict(counts), "skipped": skipped, "out": str(out_dir)}
+    return counts
 
 
 def run_prediction(predict, prog: str) -> int:
     """The command-line end of a prediction: `predict()` (returning predict_folder's result),
     its rows per task and where they went printed; bad input printed as `prog: error: ...`
-    and exit status 2 (python -m m2dino.predict and the exported model.py)."""
-    try:
+    with exit status 2, a fault of the machine (a full or read-only disk) with 1
+    (m2dino.errors.run_command; python -m m2dino.predict and the exported model.py)."""
+    def body() -> None:
         result = predict()
-    except PREDICTION_ERRORS as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    for task_id, n in sorted(result["counts"].items()):
-        print(f"  {task_id:<24} {n:>6} rows")
-    print(f"predictions written to {result['out']}")
-    return 0
+        for task_id, n in sorted(result["counts"].items()):
+            print(f"  {task_id:<24} {n:>6} rows")
+        print(f"predictions written to {result['out']}")
 
+    return run_command(prog, body)

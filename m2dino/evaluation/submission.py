@@ -20,16 +20,16 @@ import numpy as np
 from PIL import Image
 
 from m2dino import io
+from m2dino.errors import InputError
 from m2dino.tasks import TaskSpec, TaskTable, TaskType
 
 
-class PredictionError(ValueError):
+class PredictionError(InputError):
     """The checkpoint and the data do not fit together, or the model produced unusable output."""
 
 
-class EvaluationError(ValueError):
+class EvaluationError(InputError):
     """Bad ground truth or predictions; the message names the file, row or image_path."""
-
 
 
 # ----------------------------------------------------------------------------- writing
@@ -109,8 +109,10 @@ def read_prediction_file(path: Path, task_type: str) -> dict[tuple[str, str], di
             raise EvaluationError(f"{path}: entry {i} is not an object")
         missing = [k for k in REQUIRED_FIELDS[task_type] if k not in entry]
         if missing:
-            raise EvaluationError(f"{path}: entry {i} ({entry.get('image_path', '?')}) lacks {missing}")
-        key = (str(entry["task_id"]), str(entry["image_path"]))
+            raise EvaluationError(f"{path}: entry {i} ({str(entry.get('image_path', '?'))[:200]}) lacks {missing}")
+        if not (isinstance(entry["task_id"], str) and isinstance(entry["image_path"], str)):
+            raise EvaluationError(f"{path}: entry {i}: task_id and image_path must be strings")
+        key = (entry["task_id"], entry["image_path"])
         if key in table:
             raise EvaluationError(f"{path}: entry {i} repeats task {key[0]!r} image {key[1]!r}")
         table[key] = entry
@@ -122,29 +124,39 @@ def parse_entry(entry: dict, spec: TaskSpec, path: Path) -> dict:
     (m2dino.evaluation.metrics.score_task); malformed values raise EvaluationError."""
     try:
         return SUBMISSION[spec.task_type].read(entry, spec)
-    except (TypeError, ValueError) as e:
-        raise EvaluationError(f"{path}: prediction for {entry.get('image_path')!r}: {e}") from e
+    except (TypeError, ValueError, OverflowError) as e:  # numbers too large for a float overflow
+        raise EvaluationError(f"{path}: prediction for {entry.get('image_path')!r}: {str(e)[:500]}") from e
+
+
+def _numbers(entry: dict, field: str) -> np.ndarray:
+    """An entry's list of numbers as float64; ValueError naming the field when it is not one."""
+    try:
+        return np.asarray(entry[field], dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as e:  # nested, text, or too large for a float
+        raise ValueError(f"{field} must be a list of finite numbers, got {str(entry[field])[:200]} ({e})") from None
 
 
 def _parse_classification(entry: dict, spec: TaskSpec) -> dict:
-    probs = np.asarray(entry["predicted_probs"], dtype=np.float64).reshape(-1)
+    probs = _numbers(entry, "predicted_probs")
     if probs.size != spec.num_classes or not np.isfinite(probs).all():
         raise ValueError(f"predicted_probs must be {spec.num_classes} finite numbers, got {entry['predicted_probs']!r}")
     predicted = entry["predicted_class"]
     if isinstance(predicted, bool) or not isinstance(predicted, (int, np.integer)):
         raise ValueError(f"predicted_class must be an integer, got {predicted!r}")
+    if not 0 <= predicted < spec.num_classes:
+        raise ValueError(f"predicted_class must be a class of the task, in [0, {spec.num_classes}), got {predicted}")
     return {"probs": probs, "predicted_class": int(predicted)}
 
 
 def _parse_detection(entry: dict, spec: TaskSpec) -> dict:
-    box = np.asarray(entry["bbox_pixels"], dtype=np.float64).reshape(-1)
+    box = _numbers(entry, "bbox_pixels")
     if box.size != 4 or not np.isfinite(box).all():
         raise ValueError(f"bbox_pixels must be 4 finite numbers, got {entry['bbox_pixels']!r}")
     return {"bbox_pixels": box.tolist()}
 
 
 def _parse_landmarks(entry: dict, spec: TaskSpec) -> dict:
-    points = np.asarray(entry["predicted_points_pixels"], dtype=np.float64).reshape(-1)
+    points = _numbers(entry, "predicted_points_pixels")
     if points.size != 2 * spec.num_points or not np.isfinite(points).all():
         raise ValueError(f"predicted_points_pixels must be {2 * spec.num_points} finite numbers "
                          f"(x1, y1, x2, y2, ...), got {entry['predicted_points_pixels']!r}")

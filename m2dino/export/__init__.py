@@ -18,9 +18,9 @@ settings; what differs between exports is in predictor.json, never in model.py.
 
 The wheel. By default it is built with `M2DINO_BUILD_EXT=0`: pure Python, independent of the
 torch ABI, which an image with its own torch needs (the extension compiled here against this
-machine's torch would not load against the image's). The image then runs the `torch` kernel
-backend (M2DINO_KERNELS_BACKEND=torch: the Triton backend needs a C compiler at run time, which
-PyTorch's runtime images lack). `build_ext=True` writes a two-stage Dockerfile instead that
+machine's torch would not load against the image's). The image then runs the `reference` kernel
+backend (M2DINO_KERNELS_BACKEND=reference: the Triton backend needs a C compiler at run time,
+which PyTorch's runtime images lack). `build_ext=True` writes a two-stage Dockerfile instead that
 compiles the C++/CUDA kernels inside the matching `-devel` image for `cuda_arches`.
 
 The modules, one job each: options (choices, defaults, ExportError), checkpoint (what may be

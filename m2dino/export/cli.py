@@ -7,7 +7,6 @@ The command line is parsed before torch is imported: --help answers at once."""
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 from m2dino.export.options import (
@@ -53,23 +52,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--measure-rows", type=int, default=MEASURE_ROWS,
                         help="synthetic rows per task to measure on (default: %(default)s)")
     args = parser.parse_args(argv)
-    from m2dino.evaluation.submission import EvaluationError, PredictionError
+    from m2dino.errors import run_command
     from m2dino.export.folder import export_predictor
-    from m2dino.export.options import ExportError
 
-    try:
+    def body() -> None:
         result = export_predictor(args.checkpoint, args.out, tta=args.tta, device=args.device,
                                   batch_size=args.batch_size, amp=args.amp, force=args.force, wheel=args.wheel,
                                   base_image=args.base_image, build_ext=args.build_ext, cuda_arches=args.cuda_arches,
                                   measure=None if args.no_measure else (args.measure or "synthetic"),
-                                  measure_rows=args.measure_rows)
-    except (FileNotFoundError, ExportError, EvaluationError, PredictionError) as e:
-        print(f"m2dino.export: error: {e}", file=sys.stderr)
-        return 2
-    measured = result["measured"]
-    if measured:
-        print(f"measured on {measured['rows']} images ({measured['device']}): "
-              f"{measured['seconds_per_image'] * 1000:.1f} ms per image, "
-              f"peak memory {measured['max_rss_kib'] / 1024:.0f} MiB")
-    print(f"predictor written to {result['out']} (docker build -t m2dino-fmuia {result['out']}; see its README.md)")
-    return 0
+                                  measure_rows=args.measure_rows,
+                                  progress=lambda message: print(f"m2dino.export: {message}", flush=True))
+        measured = result["measured"]
+        if measured:
+            print(f"measured on {measured['rows']} images ({measured['device']}): "
+                  f"{measured['seconds_per_image'] * 1000:.1f} ms per image (median of {len(measured['again_s'])} "
+                  f"passes after a warm-up; 1-minute load average {measured['load_average']:.1f} on "
+                  f"{measured['cores']} cores), peak memory {measured['max_rss_kib'] / 1024:.0f} MiB")
+        print(f"predictor written to {result['out']} (docker build -t m2dino-fmuia {result['out']}; see its "
+              f"README.md)")
+
+    return run_command("m2dino.export", body)

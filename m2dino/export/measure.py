@@ -1,11 +1,14 @@
 """Time per image and peak memory of an exported entry, measured at export: its model.py run in
 a fresh child process (measure_child.py) on a data root, by default a small synthetic FM_UIA
-folder of the checkpoint's tasks, with the machine described."""
+folder of the checkpoint's tasks, with the machine and its load described. The time quoted is
+the median of several passes after a warm-up pass: a shared machine makes single passes noisy,
+and the load average beside it says how busy the machine was."""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -15,7 +18,8 @@ from pathlib import Path
 from m2dino.export.options import ExportError
 from m2dino.tasks import TASKS
 
-MEASURE_PASSES = 3  # timed passes after the first; their best is reported (a shared machine is noisy)
+MEASURE_PASSES = 5  # timed passes after the warm-up pass; their median is quoted
+PURE_BACKEND = "reference"  # the kernel backend of a pure-Python wheel's image
 CHILD = Path(__file__).with_name("measure_child.py")
 
 
@@ -30,9 +34,28 @@ def synthetic_measure_root(tasks, scratch: Path, rows_per_task: int) -> Path | N
     return scratch / "val"
 
 
-def measure_run(folder: Path, data_root: Path, specs: dict, device: str = "cpu", backend: str | None = "torch") -> dict:
-    """Run the exported model.py in a child process on data_root: wall time per image and the
-    child's peak resident memory (its own getrusage), with the machine described."""
+def _run_child(folder: Path, data_root: Path, device: str, env: dict, progress) -> tuple[int, list[str]]:
+    """The child's exit code and its output lines, each pass reported to `progress` as it ends."""
+    with tempfile.TemporaryDirectory(prefix="m2dino-measure-") as scratch:
+        proc = subprocess.Popen([sys.executable, "-c", CHILD.read_text(encoding="utf-8"), str(data_root),
+                                 str(Path(scratch) / "out"), device, str(MEASURE_PASSES)],
+                                cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("M2DINO-PASS ") and progress is not None:
+                index, total, seconds = line.split()[1:]
+                what = "warm-up pass" if index == "0" else f"timed pass {index}/{total}"
+                progress(f"measure: {what}: {float(seconds):.1f} s")
+        return proc.wait(), lines
+
+
+def measure_run(folder: Path, data_root: Path, specs: dict, device: str = "cpu", backend: str | None = PURE_BACKEND,
+                progress=None) -> dict:
+    """Run the exported model.py in a child process on data_root: wall time per image (the
+    median of MEASURE_PASSES passes after a warm-up pass) and the child's peak resident memory
+    (its own getrusage), with the machine and its load described. progress: called with a
+    line of text after each pass (None: silent)."""
     import torch
 
     from m2dino.data.images import to_pil_image
@@ -44,17 +67,14 @@ def measure_run(folder: Path, data_root: Path, specs: dict, device: str = "cpu",
                                          + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     if backend:
         env["M2DINO_KERNELS_BACKEND"] = backend
-    with tempfile.TemporaryDirectory(prefix="m2dino-measure-") as scratch:
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CHILD.read_text(encoding="utf-8"), str(data_root),
-                               str(Path(scratch) / "out"), device, str(MEASURE_PASSES)],
-                              cwd=folder, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("M2DINO-MEASURE ")]
-    if proc.returncode != 0 or not lines:
-        raise ExportError(f"the exported model.py failed on {data_root} (exit {proc.returncode}):\n"
-                          f"{(proc.stdout + proc.stderr)[-3000:]}")
-    result = json.loads(lines[-1].split(" ", 1)[1])
+    start = time.perf_counter()
+    code, lines = _run_child(folder, data_root, device, env, progress)
+    wall = time.perf_counter() - start
+    results = [line for line in lines if line.startswith("M2DINO-MEASURE ")]
+    if code != 0 or not results:
+        raise ExportError(f"the exported model.py failed on {data_root} (exit {code}):\n"
+                          + "\n".join(lines)[-3000:])
+    result = json.loads(results[-1].split(" ", 1)[1])
     rows, _ = read_prediction_rows(resolve_split_root(data_root), {t: specs[t] for t in result["counts"]})
     sizes = [to_pil_image(r.image_file).size for r in rows]
     result.update(wall_s=wall, device=device,
@@ -62,10 +82,12 @@ def measure_run(folder: Path, data_root: Path, specs: dict, device: str = "cpu",
                   data_root=str(data_root), machine=machine_description(),
                   image_sizes=[min(sizes), max(sizes)] if sizes else None,
                   cuda_available=torch.cuda.is_available())
-    passes = sorted(result["again_s"])
-    result["seconds_per_image"] = passes[0] / max(1, result["rows"])
-    result["median_seconds_per_image"] = passes[len(passes) // 2] / max(1, result["rows"])
-    result["warmup_s"] = max(0.0, result["first_s"] - passes[0])
+    images = max(1, result["rows"])
+    median = statistics.median(result["again_s"])
+    result["seconds_per_image"] = median / images
+    result["fastest_seconds_per_image"] = min(result["again_s"]) / images
+    result["slowest_seconds_per_image"] = max(result["again_s"]) / images
+    result["warmup_s"] = max(0.0, result["first_s"] - median)
     return result
 
 

@@ -1,6 +1,8 @@
 """The exporter's choices and defaults, their checks, and the one error every part of it raises."""
 from __future__ import annotations
 
+from m2dino.errors import InputError
+
 # A current PyTorch CUDA runtime image (torch 2.14.1, the torch this project is developed
 # with). Docker Hub's tags read <torch>-cuda<major.minor>-cudnn<N>-runtime|devel.
 DEFAULT_BASE_IMAGE = "pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime"
@@ -10,7 +12,7 @@ AMP_CHOICES = ("bf16", "fp16", "off")  # m2dino.evaluation.predict.AMP_DTYPES' k
 MEASURE_ROWS = 4  # per task, on the synthetic folder
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """The checkpoint, the output folder or the wheel cannot be exported; names the culprit."""
 
 

@@ -17,7 +17,7 @@ find_unused_parameters=False.
 """
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
@@ -31,6 +31,7 @@ from m2dino import io
 from m2dino.models.backbone import PRESETS, M2DINOConfig
 from m2dino.models.heads import DPTNeck, build_head
 from m2dino.models.moe import AUX_NAMES, moe_modules, upcycle_backbone, validate_task_ids
+from m2dino.models.pretrained import pretrained_record
 from m2dino.models.weights import WeightsError, build_backbone
 from m2dino.tasks import TaskSpec, TaskTable, TaskType, get_task
 
@@ -78,13 +79,18 @@ class M2DINO(nn.Module):
                                     for t in self.tasks})
         self.img_size = config.img_size
         self._usage: dict[int, Tensor] = {}
+        # where the weights started (a checkpoint's `pretrained`): the DINOv3 file, or "none";
+        # None for a loaded checkpoint that does not say
+        self.pretrained = pretrained_record(pretrained, config.name)
 
     def checkpoint_config(self) -> dict:
         """What <stem>.json holds: the format version, the preset name, the tasks, then the
-        config's other fields (the key order of every checkpoint written so far)."""
+        config's other fields (the key order of every checkpoint written so far), then
+        `pretrained`, the weights the model started from (m2dino.models.pretrained), when known."""
         fields_ = self.config.to_dict()
+        known = {} if self.pretrained is None else {"pretrained": self.pretrained}
         return {"format_version": FORMAT_VERSION, "name": fields_.pop("name"),
-                "tasks": [asdict(t) for t in self.tasks], **fields_}
+                "tasks": [asdict(t) for t in self.tasks], **fields_, **known}
 
     # ----- tasks --------------------------------------------------------------------------
     @property
@@ -260,13 +266,165 @@ def save_model(model: M2DINO, path_stem, state_dict: Optional[dict] = None) -> t
     stem.parent.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()}
-    io.atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"format": "m2dino"}))
+    size = sum(v.numel() * v.element_size() for v in state.values())  # what a full disk's message names
+    io.atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"format": "m2dino"}), size=size)
     io.write_json(config_path, model.checkpoint_config(), indent=2)
     return weights_path, config_path
 
 
+# A checkpoint's <stem>.json is a few KB (the config and its tasks): a larger one is not one
+CONFIG_MAX_BYTES = 1 << 20
+_FLOATING = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What each field of a checkpoint config must be: (test, what it must be, may be null)
+_CONFIG_FIELDS = {
+    "name": (lambda v: isinstance(v, str) and v in PRESETS, f"one of the presets {sorted(PRESETS)}", False),
+    "num_experts": (_is_int, "an integer", False),
+    "top_k": (_is_int, "an integer", False),
+    "moe_layers": (_is_int, "an integer", False),
+    "img_size": (_is_int, "an integer", True),
+    "neck_channels": (_is_int, "an integer", False),
+    "neck_layers": (lambda v: isinstance(v, list) and all(_is_int(i) for i in v), "a list of block indices", True),
+    "router_init_std": (_is_number, "a finite number", False),
+    "rope_rescale_coords": (_is_number, "a finite number", True),
+    "backbone_overrides": (lambda v: isinstance(v, dict), "a mapping of DinoV3Config fields", False),
+}
+# What each field of a task in it must be (TaskSpec's fields)
+_TASK_FIELDS = {"task_id": (str,), "task_type": (str,), "num_classes": (int,), "num_points": (int,), "organ": (str,),
+                "group": (str,), "primary_metric": (str,), "train_size": (int,), "hflip": (bool,)}
+
+
+def check_pretrained_record(value) -> str | None:
+    """Why the optional `pretrained` provenance field of a checkpoint config is malformed (None
+    when it is fine): the string "none", or {"file": str, "sha256": 64 hex digits, "preset": str}."""
+    if value == "none":
+        return None
+    if not isinstance(value, dict):
+        return f'must be "none" or a mapping {{file, sha256, preset}}, got {type(value).__name__}'
+    if set(value) != {"file", "sha256", "preset"}:
+        return f"must hold exactly file, sha256 and preset, got {sorted(map(str, value))}"
+    if not all(isinstance(value[k], str) and value[k] for k in ("file", "preset")):
+        return "its file and preset must be non-empty strings"
+    digest = value["sha256"]
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdefABCDEF" for c in digest)):
+        return f"its sha256 must be 64 hexadecimal digits, got {digest!r}"
+    return None
+
+
+def check_checkpoint_config(config, config_path) -> tuple[M2DINOConfig, list[TaskSpec]]:
+    """The model config and tasks a checkpoint's <stem>.json describes, every field checked for
+    its shape (WeightsError naming the file and the field); sizes are checked against the
+    weights by `load_model`. Fields m2dino does not know are ignored (a newer writer's)."""
+    def bad(why: str):
+        return WeightsError(f"checkpoint config {config_path} does not describe a model: {why}")
+
+    if not isinstance(config, dict):
+        raise bad(f"expected a JSON object, got {type(config).__name__}")
+    if config.get("format_version") != FORMAT_VERSION or isinstance(config.get("format_version"), bool):
+        raise WeightsError(f"checkpoint config {config_path} has format_version "
+                           f"{config.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if "name" not in config:
+        raise bad("it has no 'name' (the backbone preset)")
+    for name, (test, what, nullable) in _CONFIG_FIELDS.items():
+        if name in config and not (config[name] is None and nullable) and not test(config[name]):
+            raise bad(f"{name} must be {what}, got {config[name]!r}")
+    presets = {f.name: getattr(PRESETS[config["name"]], f.name) for f in fields(PRESETS[config["name"]])}
+    for key, value in config.get("backbone_overrides", {}).items():
+        if key not in presets or key == "name":
+            raise bad(f"backbone_overrides: {key!r} is not a DinoV3Config field")
+        like = presets[key]
+        fits = (isinstance(value, bool) if isinstance(like, bool) else _is_int(value) if isinstance(like, int)
+                else _is_number(value) if isinstance(like, float) else isinstance(value, type(like)))
+        if not fits:
+            raise bad(f"backbone_overrides: {key} must be a {type(like).__name__}, got {value!r}")
+    if "pretrained" in config:
+        why = check_pretrained_record(config["pretrained"])
+        if why:
+            raise bad(f"pretrained {why}")
+    tasks = config.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise bad(f"tasks must be a non-empty list of task objects, got {tasks!r:.200}")
+    specs = []
+    for i, task in enumerate(tasks):
+        if not isinstance(task, dict):
+            raise bad(f"task {i} must be an object, got {task!r:.200}")
+        for key, kinds in _TASK_FIELDS.items():
+            value = task.get(key)
+            if key in task and not (isinstance(value, kinds) and (kinds != (int,) or not isinstance(value, bool))):
+                raise bad(f"task {i}: {key} must be a {kinds[0].__name__}, got {value!r:.200}")
+        try:
+            specs.append(TaskSpec.from_dict({k: v for k, v in task.items() if k in _TASK_FIELDS}))
+        except (TypeError, ValueError) as err:
+            raise bad(f"task {i}: {err}") from None
+    try:
+        model_config = M2DINOConfig.from_dict(config).validate()
+        _as_task_specs(specs)
+    except (TypeError, ValueError) as err:
+        raise bad(str(err)) from None
+    return model_config, specs
+
+
+def weight_shapes(weights_path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, dtype)} of a safetensors file, from its header alone (no tensor read)."""
+    from safetensors import SafetensorError, safe_open
+    kind = io.file_kind(weights_path)
+    if kind:
+        raise WeightsError(f"checkpoint weights {weights_path} are {kind}, not a safetensors file")
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            return {k: (tuple(handle.get_slice(k).get_shape()), handle.get_slice(k).get_dtype())
+                    for k in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"checkpoint weights {weights_path} are not readable (truncated or "
+                           f"corrupt?): {err}") from err
+
+
+def _check_against_weights(model_config: M2DINOConfig, tasks: list[TaskSpec], header: dict, weights_path,
+                           config_path) -> None:
+    """WeightsError unless the model the config describes has exactly the weights' names, shapes
+    and kinds of dtype. Checked on a model built on the meta device (nothing allocated), after
+    bounding what even that costs (its depth and task count) by the file."""
+    def mismatch(why: str):
+        return WeightsError(f"checkpoint weights {weights_path} do not match its config {config_path}: {why}")
+
+    blocks = {k.split(".")[2] for k in header if k.startswith("backbone.blocks.")}
+    depth = model_config.backbone_config().depth
+    if depth != len(blocks):
+        raise mismatch(f"the config's backbone has depth {depth}, the weights hold {len(blocks)} blocks")
+    heads = {k.split(".")[1] for k in header if k.startswith("heads.")}
+    if {t.task_id for t in tasks} != heads:
+        raise mismatch(f"the config's tasks {sorted(t.task_id for t in tasks)[:8]} are not the weights' heads "
+                       f"{sorted(heads)[:8]}")
+    with torch.device("meta"):
+        skeleton = M2DINO(model_config, tasks)
+    expected = {k: (tuple(v.shape), v.dtype.is_floating_point) for k, v in skeleton.state_dict().items()}
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    wrong = sorted(f"{k}: file {list(header[k][0])} vs config {list(expected[k][0])}"
+                   for k in set(header) & set(expected) if header[k][0] != expected[k][0])
+    kinds = sorted(f"{k}: {header[k][1]}" for k in set(header) & set(expected)
+                   if (header[k][1] in _FLOATING) != expected[k][1])
+    if missing or unexpected or wrong or kinds:
+        raise mismatch(f"missing {missing[:8]}, unexpected {unexpected[:8]}, wrong shapes {wrong[:8]}"
+                       + (f", wrong dtypes {kinds[:8]}" if kinds else ""))
+
+
 def load_model(path, map_location="cpu") -> M2DINO:
-    """Rebuild a model saved by save_model (path: the stem, .safetensors or .json)."""
+    """Rebuild a model saved by save_model (path: the stem, .safetensors or .json).
+
+    Nothing is trusted before it is checked: the config's every field (its shape), then its
+    sizes against the tensor shapes in the weights file's header, all before a model is built
+    or a weight read (a config claiming a huge embed_dim allocates nothing); WeightsError names
+    the file and the problem."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     stem = _stem(path)
@@ -275,31 +433,17 @@ def load_model(path, map_location="cpu") -> M2DINO:
         if not file.is_file():
             raise WeightsError(f"checkpoint file {file} does not exist")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"checkpoint config {config_path} is not valid JSON: {err}") from err
-    if config.get("format_version") != FORMAT_VERSION:
-        raise WeightsError(f"checkpoint config {config_path} has format_version "
-                           f"{config.get('format_version')!r}, expected {FORMAT_VERSION}")
-    known = {f.name for f in fields(TaskSpec)}
-    try:
-        tasks = [TaskSpec.from_dict({k: v for k, v in t.items() if k in known}) for t in config["tasks"]]
-        model = M2DINO(M2DINOConfig.from_dict(config), tasks)
-    except (KeyError, TypeError, ValueError) as err:
-        raise WeightsError(f"checkpoint config {config_path} does not describe a model: {err}") from err
+        config = io.read_json(config_path, expect=None, max_bytes=CONFIG_MAX_BYTES)
+    except ValueError as err:  # names the file: not UTF-8, not JSON, nested too deeply, too large
+        raise WeightsError(f"checkpoint config {err}") from err
+    model_config, tasks = check_checkpoint_config(config, config_path)
+    _check_against_weights(model_config, tasks, weight_shapes(weights_path), weights_path, config_path)
+    model = M2DINO(model_config, tasks)
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise WeightsError(f"checkpoint weights {weights_path} are not readable (truncated or "
                            f"corrupt?): {err}") from err
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k}: file {list(state[k].shape)} vs model {list(expected[k].shape)}"
-                   for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        raise WeightsError(f"checkpoint weights {weights_path} do not match its config "
-                           f"{config_path}: missing {missing[:8]}, unexpected {unexpected[:8]}, "
-                           f"wrong shapes {wrong[:8]}")
     model.load_state_dict(state, strict=True)
+    model.pretrained = config.get("pretrained")  # carried on when the model is saved again
     return model.to(map_location)

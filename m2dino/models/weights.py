@@ -17,10 +17,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from m2dino import io
+from m2dino.errors import InputError, is_environment_fault
 from m2dino.models.backbone import PRESETS, DinoV3Config, DinoV3ViT, RopePositionEmbedding
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """A weights file that cannot be loaded; the message names the file and the problem."""
 
 
@@ -29,8 +31,11 @@ def read_state_dict(path) -> dict[str, Tensor]:
     refuses pickles of arbitrary objects. Containers {"model"|"state_dict"|"teacher": sd}
     are unwrapped."""
     path = Path(path)
-    if not path.is_file():
+    kind = io.file_kind(path)
+    if kind == "missing":
         raise WeightsError(f"weights file {path} does not exist")
+    if kind:
+        raise WeightsError(f"weights file {path} is {kind}, not a file of weights")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -47,9 +52,15 @@ def read_state_dict(path) -> dict[str, Tensor]:
             f"code when loaded (torch.load(weights_only=True) rejected it). Save the weights "
             f"as a plain state dict of tensors or as .safetensors. Detail: "
             f"{str(err).splitlines()[0]}") from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+    except OSError as err:
+        if is_environment_fault(err):
+            raise
         raise WeightsError(f"weights file {path} could not be read (truncated or corrupt?): "
-                           f"{str(err).splitlines()[0]}") from err
+                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, MemoryError, OverflowError) as err:  # what torch.load's readers raise on garbage
+        raise WeightsError(f"weights file {path} could not be read (truncated or corrupt?): "
+                           f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}") from err
     if isinstance(state, dict):
         for key in ("model", "state_dict", "teacher"):
             if isinstance(state.get(key), dict) and not isinstance(state.get(key), Tensor):

@@ -2,21 +2,26 @@
 
 A training checkpoint is a directory `last/` holding
     model.safetensors + model.json   the weights (m2dino.save_model, stem "model")
-    train_state.pt                   optimizer, scheduler, sampler position, RNG states, step,
+    train_state.pt                   optimizer, sampler position, RNG states, step (the lr follows from it),
                                      counters; torch.save of tensors and plain types only,
                                      read back with weights_only=True (never runs code)
 
 Atomicity. The new checkpoint is written completely into a fresh temporary directory
-(`.last.tmp-*`) and fsynced; then `last` is renamed to `.last.old-*`, the temporary directory
-renamed to `last`, and the old one removed. A kill at any moment leaves either a complete
-`last/` or (between the two renames) a complete `.last.old-*`; `find_checkpoint` returns
-whichever is complete, newest step first, and temporary directories are never read.
+(`.last.tmp-<host>-<pid>-*`) and fsynced; then `last` is renamed to `.last.old-<host>-<pid>-*`,
+the temporary directory renamed to `last`, and the old one removed. A kill at any moment leaves
+either a complete `last/` or (between the two renames) a complete `.last.old-*`;
+`find_checkpoint` returns whichever is complete, newest step first, and temporary directories
+are never read. Temporary names carry their writer (host and PID): a cleanup removes only its
+own process's and those of writers on this host that are gone, never another live writer's.
+A write that fails for want of space says how much the checkpoint needs (DiskFullError) and
+leaves the last complete checkpoint as it was.
 """
 from __future__ import annotations
 
 import os
 import random
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 
 from m2dino import io
+from m2dino.errors import DiskFullError
 from m2dino.models.m2dino import save_model
 from m2dino.training.distributed import unwrap
 
@@ -89,7 +95,7 @@ def save_checkpoint(model_dir, model, train_state: dict[str, Any], model_state: 
     """
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=model_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX + writer_tag(), dir=model_dir))
     try:
         save_model(unwrap(model), tmp / MODEL_STEM, state_dict=model_state)
         delay = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
@@ -98,19 +104,71 @@ def save_checkpoint(model_dir, model, train_state: dict[str, Any], model_state: 
         torch.save(train_state, tmp / TRAIN_STATE)
         io.fsync_tree(tmp)
         final = io.replace_directory(tmp, model_dir / LAST)  # the old one becomes .last.old-*
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = error if isinstance(error, DiskFullError) else io.disk_full(tmp / TRAIN_STATE, error)
+        if full is not None:
+            kept = find_checkpoint(model_dir)
+            raise DiskFullError(model_dir / LAST, tensor_bytes(model_state or unwrap(model).state_dict(), train_state),
+                                io.free_space(model_dir), what=f"the training checkpoint {model_dir / LAST}",
+                                advice=(f"the last complete checkpoint {kept} is intact: free some space and "
+                                        f"continue with --resume" if kept else
+                                        "free some space (or choose another --out) and run again")) from error
         raise
     cleanup_stale(model_dir)
     return final
 
 
+def tensor_bytes(*values) -> int:
+    """The bytes of every tensor in nested dicts, lists and tuples: what a checkpoint of them needs."""
+    total, stack = 0, list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return total
+
+
+def writer_tag() -> str:
+    """`<host>-<pid>-`: what temporary names start with, so that each writer knows its own."""
+    return f"{socket.gethostname()}-{os.getpid()}-"
+
+
+def _writer_gone(name: str, prefix: str) -> bool:
+    """Whether the writer that named a temporary directory `name` is this process or a process
+    of this host that is gone (names without a writer, from older versions, count as gone)."""
+    host, _, rest = name[len(prefix):].rpartition("-")  # <host>-<pid>-<suffix>: drop the suffix
+    host, _, pid = host.rpartition("-")
+    if not pid.isdigit() or not host:
+        return True
+    if host != socket.gethostname():
+        return False  # another machine's writer (a shared file system): not ours to judge
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
 def cleanup_stale(model_dir) -> None:
-    """Remove temporary directories of interrupted writes (never the checkpoint in use)."""
+    """Remove temporary directories of interrupted writes: this process's and those whose writer
+    is gone; never the checkpoint in use, never a live writer's."""
     model_dir = Path(model_dir)
     keep = find_checkpoint(model_dir)
     for d in model_dir.glob(".last.*"):
-        if d.is_dir() and d != keep and (d.name.startswith(_TMP_PREFIX) or keep is not None):
+        if not d.is_dir() or d == keep:
+            continue
+        if d.name.startswith(_TMP_PREFIX) and _writer_gone(d.name, _TMP_PREFIX):
+            shutil.rmtree(d, ignore_errors=True)
+        elif d.name.startswith(_OLD_PREFIX) and keep is not None and _writer_gone(d.name, _OLD_PREFIX):
             shutil.rmtree(d, ignore_errors=True)
 
 

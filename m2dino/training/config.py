@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from m2dino import io
+from m2dino.data.roots import TRAINING_SCALE
 from m2dino.models.configs import DEFAULT_AUX_WEIGHTS, PRESETS, DinoV3Config, M2DINOConfig
 from m2dino.paradigms import CONTROL_PARADIGM, CONTROLS, PARADIGMS, plateau_rule_text  # noqa: F401 (re-exported)
 from m2dino.tasks import TASK_TYPES, TASKS
@@ -39,7 +40,7 @@ DEMO_MODEL = M2DINOConfig(name="dinov3_tiny", num_experts=4, top_k=2, moe_layers
 class TrainConfig:
     # data
     data: str = "synthetic"               # "synthetic" (the cached suite) or an FM_UIA root
-    synthetic_scale: float = 0.03         # fraction of the real FM_UIA sizes for the synthetic suite
+    synthetic_scale: float = TRAINING_SCALE  # fraction of the real FM_UIA sizes for the synthetic suite (0.03)
     on_bad_sample: str = "error"          # error | skip (bad rows are excluded and listed)
     val_fraction: float = 0.2             # per-task validation share when the root has no val/
     split_seed: int | None = None         # seed of that split (default: --seed; --seeds keeps one split)
@@ -51,6 +52,7 @@ class TrainConfig:
     # model: every hyperparameter in one M2DINOConfig (the flags --model, --num-experts, ... set its fields)
     model: M2DINOConfig = DEMO_MODEL
     pretrained: str | None = None
+    from_scratch: bool = False            # an official preset from random weights, on purpose (no --pretrained)
     # shortcuts for the model's fields, as keywords: TrainConfig(img_size=32) sets model.img_size, and
     # config.img_size reads it (see _model_field below)
     num_experts: InitVar[int | None] = None
@@ -348,6 +350,8 @@ def load_yaml_config(path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except OSError as e:
         raise FileNotFoundError(f"--config {path}: cannot read: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config {path}: not UTF-8 text ({e})") from None
     except yaml.YAMLError as e:
         raise ValueError(f"--config {path}: not valid YAML: {e}") from e
     if data is None:
@@ -357,6 +361,8 @@ def load_yaml_config(path) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        if name in RECORDED:
+            continue
         if name not in OPTION_NAMES:
             raise ValueError(f"--config {path}: unknown option {key!r}; known: {', '.join(OPTION_NAMES)}")
         try:
@@ -387,7 +393,9 @@ _HELP = {
     "min_steps": "every model trains at least N optimizer steps by repeating whole epochs (0: equal exposure, "
                  "--epochs for all; above N exposure stays equal)",
     "model": "backbone preset; an official one takes its recipe's architecture and image size",
-    "pretrained": "official DINOv3 weights (.pth or .safetensors) for the backbone",
+    "pretrained": "official DINOv3 weights (.pth or .safetensors) for the backbone; an official preset needs them "
+                  "(checked before anything runs)",
+    "from_scratch": "train an official preset from random weights, on purpose, instead of from --pretrained",
     "num_experts": "experts per MoE layer",
     "top_k": "experts per token",
     "moe_layers": "how many of the last blocks get a task-conditioned MoE MLP",
@@ -612,15 +620,29 @@ def _config_from_args(args: dict[str, Any]) -> TrainConfig:
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """A saved config.yaml mapping (nested `model:` or the older flat model options) -> TrainConfig."""
+    data = {k: v for k, v in data.items() if k not in RECORDED}
     unknown = set(data) - set(OPTION_NAMES)
     if unknown:
         raise ValueError(f"config: unknown option(s) {sorted(unknown)}")
     return resolve([{k: _coerce(k, v) for k, v in data.items()}])
 
 
-def save_config(config: TrainConfig, path) -> Path:
-    """Write the resolved config as YAML, atomically."""
-    return io.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+# The first line of every config.yaml m2dino writes: how a run directory is told from a folder
+# of someone else's files (m2dino.training.rundir)
+RUN_CONFIG_HEADER = "# m2dino.train run configuration: written by m2dino, read back by --resume\n"
+# Written into a run's config.yaml for its readers, not options: read back, they are ignored
+RECORDED = ("data_root",)
+
+
+def save_config(config: TrainConfig, path, data_root=None) -> Path:
+    """Write the resolved config as YAML (under RUN_CONFIG_HEADER), atomically; data_root: the
+    data's resolved path, recorded beside `data` (the synthetic cache's folder for `data: synthetic`)."""
+    values = config.to_dict()
+    if data_root is not None:
+        items = list(values.items())
+        after_data = list(values).index("data") + 1
+        values = dict(items[:after_data] + [("data_root", str(data_root))] + items[after_data:])
+    return io.write_text(path, RUN_CONFIG_HEADER + yaml.safe_dump(values, sort_keys=False))
 
 
 def read_config(path) -> TrainConfig:

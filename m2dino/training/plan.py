@@ -7,8 +7,11 @@ Nothing real is built or trained: the model lives on fake tensors (FakeTensorMod
 dtypes, no storage), torch.utils.flop_counter counts one training step's FLOPs, and the
 activations are the bytes autograd saves for the backward pass of one batch. The study's
 models share the backbone and differ in their heads and routers, so one step of the all-task
-model, with every task in the batch, gives each model's numbers: its backbone and neck FLOPs
-per image, and its tasks' heads weighted by their training images.
+model, with every task in the batch, gives each model's numbers: the neck and every head are
+counted on their own (forward + backward, from inputs that need gradients as in training), the
+backbone is the step less those, and a model is charged its backbone, the neck only when it has
+a spatial task, and its tasks' heads weighted by their training images (tested against a
+direct count of real training steps, loss included).
 
 The MoE counts what top-k uses: m2dino's fused ops get flop formulas here (each token through
 its k experts, its task's router), as attention's CPU kernel does (flop_counter has none).
@@ -114,9 +117,28 @@ def fake_model(model_config, tasks) -> tuple[M2DINO, FakeTensorMode]:
     return model.train(), mode
 
 
+def _loss_of(outputs) -> torch.Tensor:
+    """A scalar that every floating output feeds (nested dicts and lists), for the backward pass."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float().sum() if torch.is_floating_point(outputs) else 0.0
+    values = outputs.values() if isinstance(outputs, dict) else outputs if isinstance(outputs, (list, tuple)) else ()
+    return sum((_loss_of(v) for v in values), 0.0)
+
+
+def _count_flops(run, bf16: bool) -> int:
+    """Forward + backward FLOPs of `run()`: its outputs summed into a loss, backward outside
+    autocast as training does; bf16: the forward under bf16 autocast, as on a GPU."""
+    counter = flop_counter.FlopCounterMode(display=False)
+    with counter:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = _loss_of(run())
+        loss.backward()
+    return counter.get_total_flops()
+
+
 @dataclass
 class StepCount:
-    flops: dict[str, int]   # forward + backward FLOPs by module ("" the whole model)
+    flops: int              # forward + backward FLOPs of the whole step
     saved_bytes: int        # activations autograd keeps for backward (parameters excluded)
     images: Counter         # images of the batch per task index
 
@@ -143,30 +165,38 @@ def count_step(model: M2DINO, mode: FakeTensorMode, task_indices: list[int], bf1
         return t
 
     model.backbone.set_grad_checkpointing(checkpointing)
-    counter = flop_counter.FlopCounterMode(display=False)
     try:
-        with counter:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                outputs = model(images, task_ids)
-                loss = sum(value.float().sum() for out in outputs["tasks"].values() for key, value in out.items()
-                           if key != "indices" and torch.is_floating_point(value))
-                loss = loss + outputs.get("unused_anchor", 0.0)
-            loss.backward()  # outside autocast, as training does
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            flops = _count_flops(lambda: model(images, task_ids), bf16)
     finally:
         model.backbone.set_grad_checkpointing(False)
         model.zero_grad(set_to_none=True)
-    return StepCount(_flops_by_module(counter, type(model).__name__), saved, Counter(task_indices))
+    return StepCount(flops, saved, Counter(task_indices))
 
 
-def _flops_by_module(counter: flop_counter.FlopCounterMode, root: str) -> dict[str, int]:
-    out = {}
-    for name, by_op in counter.get_flop_counts().items():
-        if name == "Global":
-            out[""] = int(sum(by_op.values()))
-        elif name.startswith(root + "."):
-            out[name[len(root) + 1:]] = int(sum(by_op.values()))
-    return out
+def count_parts(model: M2DINO, mode: FakeTensorMode, bf16: bool = False) -> tuple[int, dict[str, int]]:
+    """(the neck's, {task: its head's}) forward + backward FLOPs for one image, each counted on
+    its own, from inputs that need gradients as the backbone's outputs do in training.
+
+    Counted apart because FlopCounterMode books a backward op under the module whose hooks saw
+    it last: much of the neck's backward lands outside `neck`, and a plan built on that would
+    charge the models without a spatial task for it."""
+    _register_flop_formulas()
+    grid = model.img_size // model.backbone.patch_size
+    dim = model.backbone.embed_dim
+    size = (model.img_size, model.img_size)
+    with mode:
+        layers = [torch.empty(1, dim, grid, grid, requires_grad=True) for _ in model.neck_layers]
+        cls_token = torch.empty(1, dim, requires_grad=True)
+        patch_tokens = torch.empty(1, grid * grid, dim, requires_grad=True)
+        maps = {s: f.detach().requires_grad_() for s, f in model.neck(layers).items()}
+    try:
+        neck = _count_flops(lambda: model.neck(layers), bf16)
+        heads = {t: _count_flops(lambda h=head: h(maps, cls_token, patch_tokens, size), bf16)
+                 for t, head in model.heads.items()}
+    finally:
+        model.zero_grad(set_to_none=True)
+    return neck, heads
 
 
 # ------------------------------------------------------------------ the study's plan
@@ -193,9 +223,9 @@ def measure_shapes(config: TrainConfig, task_ids: list[str]) -> ModelShapes:
     bf16 = config.amp == "bf16"
     plain = count_step(model, mode, batch, bf16=bf16)
     checkpointed = count_step(model, mode, batch, bf16=bf16, checkpointing=True)
-    heads = {t: plain.flops.get(f"heads.{t}", 0) / plain.images[i] for i, t in enumerate(task_ids)}
-    head_total = sum(plain.flops.get(f"heads.{t}", 0) for t in task_ids)
-    neck = plain.flops.get("neck", 0)
+    neck, heads = count_parts(model, mode, bf16=bf16)  # per image
+    # the all-task step runs the neck on the whole batch, and each head on its task's images
+    head_total = sum(heads[t] * plain.images[i] for i, t in enumerate(task_ids))
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     layers = moe_modules(model.backbone).values()
     routers = sum(m.gate_weight.numel() + m.gate_bias.numel() for m in layers)
@@ -203,8 +233,8 @@ def measure_shapes(config: TrainConfig, task_ids: list[str]) -> ModelShapes:
     inactive = sum(e * (m.num_experts - m.top_k) // m.num_experts for e, m in zip(experts, layers))
     backbone = count(model.backbone)
     return ModelShapes(
-        trunk_flops=(plain.flops[""] - neck - head_total) / len(batch), neck_flops=neck / len(batch),
-        head_flops=heads,
+        trunk_flops=(plain.flops - neck * len(batch) - head_total) / len(batch), neck_flops=float(neck),
+        head_flops={t: float(f) for t, f in heads.items()},
         activations={False: plain.saved_bytes / len(batch), True: checkpointed.saved_bytes / len(batch)},
         shared_params=backbone - routers, router_params=routers // n_tasks, inactive_expert_params=inactive,
         dense_backbone_params=backbone - routers - sum(experts), neck_params=count(model.neck),
@@ -303,28 +333,38 @@ def format_plan(plan: dict[str, Any]) -> str:
     options = ", ".join(f"{k} {v['total_gib']:.1f}" for k, v in largest["memory_per_gpu"].items())
     lines.append(f"memory per GPU of the largest model (GiB): {options}")
     lines.append(f"study: {plan['total_flops'] / 1e18:.3f} EFLOP ({plan['seeds']} seed(s)), "
-                 f"{plan['hours']:.2f} h on {plan['nproc']} GPU(s) at an assumed "
+                 f"{format_duration(plan['hours'] * 3600)} on {plan['nproc']} GPU(s) at an assumed "
                  f"{plan['assume_tflops_per_gpu']:g} TFLOP/s sustained per GPU")
     return "\n".join(lines)
 
 
-def dry_run(config: TrainConfig, options: PlanOptions) -> dict[str, Any]:
-    """Plan the study without building or training anything real: print the plan, write
-    OUT/plan.json, raise PlanError when a model does not fit the GPU memory."""
-    from m2dino.data import load_fmuia  # noqa: PLC0415
+def format_duration(seconds: float) -> str:
+    """A duration in the unit that reads best: 40 s, 12 min, 3.4 h, 2.5 days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def dry_run(checked, options: PlanOptions) -> dict[str, Any]:
+    """Plan the study that passed the run's checks (m2dino.training.study.preflight: `checked`)
+    without building or training anything real: print the plan, write OUT/plan.json, raise
+    PlanError when a model does not fit the GPU memory."""
     from m2dino.tasks import apply_groups, load_groups  # noqa: PLC0415
-    from m2dino.training.study import data_root  # noqa: PLC0415
 
     options.validate()
-    root = data_root(config)
-    data = load_fmuia(root, policy=config.on_bad_sample, run_dir=None, tasks=config.tasks,
-                      val_fraction=config.val_fraction,
-                      seed=config.seed if config.split_seed is None else config.split_seed, decode=False)
+    config, data = checked.config, checked.data
     groups = load_groups(config.groups)
     specs = {s.task_id: s for s in apply_groups(list(data.tasks.values()), groups)}
     plan = make_plan(config, options, data.task_counts("train"), specs, groups)
-    plan["data"] = str(root)
+    plan["data"] = str(checked.data_root)
+    plan["pretrained"] = config.pretrained and str(Path(config.pretrained).resolve())
     print(format_plan(plan), flush=True)
+    if config.pretrained:
+        print(f"weights: {config.pretrained} fits {config.model.name} (checked from the file's header)", flush=True)
     path = io.write_json(Path(config.out) / "plan.json", plan)
     print(f"plan: {path}", flush=True)
     check_fits(plan)

@@ -24,17 +24,21 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from m2dino import io
 from m2dino.data import ensure_synthetic, load_fmuia
+from m2dino.data.fmuia import DataValidationError, FMUIAData
 from m2dino.data.reader import csv_num_classes
+from m2dino.data.roots import TRAINING_SEED
+from m2dino.errors import InputError
 from m2dino.evaluation.baselines import trivial_baselines
 from m2dino.evaluation.metrics import as_float, higher_is_better
 from m2dino.evaluation.report import generate_report
+from m2dino.models.pretrained import OFFICIAL_FILES, check_weights_file, where_to_get
 from m2dino.paradigms import CONTROL_PARADIGM, PARADIGMS
 from m2dino.tasks import apply_groups, load_groups
 from m2dino.training import distributed as dist_utils
@@ -48,6 +52,7 @@ from m2dino.training.jobs import (
     threads_per_job,
     train_models,
 )
+from m2dino.training.rundir import check_run_dir, run_dir_lock
 
 EXCLUDED_FILE = "excluded_rows.json"
 
@@ -61,21 +66,87 @@ def log(message: str) -> None:
 def data_root(config: TrainConfig) -> Path:
     """The FM_UIA root of --data: the cached synthetic suite (written on first use) for 'synthetic'."""
     if config.data == "synthetic":
-        return ensure_synthetic(scale=config.synthetic_scale, seed=0)
+        return ensure_synthetic(scale=config.synthetic_scale, seed=TRAINING_SEED)
     root = Path(config.data)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root}: not a directory (an FM_UIA root or 'synthetic')")
     return root
 
 
-def load_data(config: TrainConfig, out: Path):
-    """The FM_UIA data for this run (the cached synthetic suite by default); the split and the
-    excluded rows are written into the run directory by rank 0."""
+def _split_seed(config: TrainConfig) -> int:
+    return config.seed if config.split_seed is None else config.split_seed
+
+
+# ------------------------------------------------------------------ the checks before anything runs
+
+@dataclass
+class Checked:
+    """What the checks before a run found: the config to run with (a resumed run's own), the
+    data's resolved root and the validated data (its split not yet written anywhere)."""
+    config: TrainConfig
+    data_root: Path
+    data: FMUIAData
+
+
+def check_pretrained(config: TrainConfig) -> None:
+    """The weights the run starts from: --pretrained fits the preset (read from the file's
+    header, m2dino.models.pretrained); an official preset without it needs --from-scratch."""
+    model = config.model
+    if config.pretrained is not None:
+        if config.from_scratch:
+            raise InputError("--pretrained and --from-scratch: choose one (start from the weights, or from "
+                             "random weights)")
+        check_weights_file(config.pretrained, model)
+    elif model.name in OFFICIAL_FILES and not config.from_scratch:
+        raise InputError(f"--model {model.name} starts from Meta's DINOv3 weights, and no --pretrained was given: "
+                         f"{where_to_get(model.name)}. Pass --pretrained PATH to that file, or --from-scratch to train "
+                         f"from random weights on purpose")
+
+
+def check_data(config: TrainConfig) -> tuple[Path, FMUIAData]:
+    """The data root resolved (the synthetic suite written into its cache on first use) and
+    every CSV row checked as the run will read it, but for decoding the images (the run
+    decodes them all in load_data, before it writes anything); nothing is written into the
+    run directory."""
+    root = data_root(config)
+    read = dict(policy=config.on_bad_sample, run_dir=None, tasks=config.tasks, val_fraction=config.val_fraction,
+                seed=_split_seed(config))
+    try:
+        data = load_fmuia(root, **read, decode=False)
+    except DataValidationError:
+        load_fmuia(root, **read)  # every problem at once, the images' too: decoded only when some row is bad
+        raise
+    missing_train = sorted(t for t, n in data.task_counts("train").items() if n == 0)
+    missing_val = sorted(t for t, n in data.task_counts("val").items() if n == 0)
+    if missing_train or missing_val:
+        raise InputError(f"{root}: task(s) without training rows {missing_train} or validation rows "
+                         f"{missing_val}; drop them with --tasks")
+    return root.resolve(), data
+
+
+def check_start(config: TrainConfig) -> Checked:
+    """The weights and the data, checked."""
+    check_pretrained(config)
+    root, data = check_data(config)
+    return Checked(config, root, data)
+
+
+def preflight(config: TrainConfig, given: set[str], overwrite: bool = False, demo: bool = False) -> Checked:
+    """Everything a run checks before it writes anything or touches a GPU, in the order of
+    their cost: the output directory's rules, the weights file, the data. Raises the first
+    problem (RunDirError, WeightsError, DataValidationError, ValueError, FileNotFoundError);
+    `python -m m2dino.train` runs it before the dry run's plan and before the real run."""
+    return check_start(check_run_dir(config, given, overwrite=overwrite, demo=demo).config)
+
+
+def load_data(config: TrainConfig, out: Path, root: Path | None = None):
+    """The FM_UIA data for this run (the cached synthetic suite by default), every image
+    decoded and checked; then (nothing is written before) the split and the excluded rows are
+    written into the run directory by rank 0."""
     with dist_utils.main_first():
-        root = data_root(config)
+        root = data_root(config) if root is None else root
         data = load_fmuia(root, policy=config.on_bad_sample, run_dir=out if dist_utils.is_main() else None,
-                          tasks=config.tasks, val_fraction=config.val_fraction,
-                          seed=config.seed if config.split_seed is None else config.split_seed)
+                          tasks=config.tasks, val_fraction=config.val_fraction, seed=_split_seed(config))
         if dist_utils.is_main() and config.on_bad_sample == "skip":
             io.write_json(out / EXCLUDED_FILE, [p.to_dict() for p in data.skipped])
     # every rank must train on rank 0's split (which may come from an earlier run's split.json)
@@ -170,31 +241,34 @@ def baseline_table(summary: dict) -> tuple[str, bool]:
     return "\n".join(lines), all_beat
 
 
-def run(config: TrainConfig) -> dict:
+def run(config: TrainConfig, checked: Checked | None = None) -> dict:
     """Run the study described by `config`; returns {paradigm: metrics.json content} (with
-    --seeds: {seed: that}, each seed in OUT/seed-N/, and the pooled report in OUT/report/)."""
+    --seeds: {seed: that}, each seed in OUT/seed-N/, and the pooled report in OUT/report/).
+    checked: what preflight found for this config; without it the weights and the data are
+    checked here first, before anything is written."""
+    checked = checked or check_start(config)
+    with run_dir_lock(config.out):  # one writer per run directory, from before its first write to its end
+        return _run(config, checked)
+
+
+def _run(config: TrainConfig, checked: Checked) -> dict:
     if config.seeds:
-        return run_seeds(config)
+        return run_seeds(config, checked)
     device = dist_utils.resolve_device(config.device)
     distributed = dist_utils.setup(device)
     if distributed and dist_utils.restart_count() > 0 and not config.resume:
         # torchrun restarted the job after a crashed rank: continue from the last checkpoints
         config.resume = True
     out = Path(config.out)
-    if dist_utils.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
     t_start = time.perf_counter()
     if config.jobs != 1 and config.paradigm != "au" and side_by_side_possible(device):
         start_fork_server()  # several models to train side by side: get the workers' server ready meanwhile
-    root, data = load_data(config, out)
+    root, data = load_data(config, out, checked.data_root)  # a bad image stops the run here: nothing written yet
+    if dist_utils.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml", data_root=root)
     groups = load_groups(config.groups)
     specs = {s.task_id: s for s in apply_groups(list(data.tasks.values()), groups)}
-    missing_train = sorted(t for t, n in data.task_counts("train").items() if n == 0)
-    missing_val = sorted(t for t, n in data.task_counts("val").items() if n == 0)
-    if missing_train or missing_val:
-        raise ValueError(f"{root}: task(s) without training rows {missing_train} or validation rows "
-                         f"{missing_val}; drop them with --tasks")
     log(f"data: {root} ({len(data.train)} train / {len(data.val)} val images, {len(specs)} tasks, "
         f"{len(data.skipped)} bad rows skipped); device {device}, world size {dist_utils.world_size()}")
     baselines = trivial_baselines(data.train, data.val, specs)
@@ -212,23 +286,41 @@ def run(config: TrainConfig) -> dict:
             generate_report([out], out / "report", n_resamples=config.bootstrap)
             log(f"report: {(out / 'report' / 'report.md').resolve()}")
         log(f"run directory: {out.resolve()} (total {time.perf_counter() - t_start:.1f} s)")
+        log(next_commands(out, results, root))
     dist_utils.barrier()
     return results
 
 
-def run_seeds(config: TrainConfig) -> dict:
+def next_commands(out: Path, results: dict[str, dict], root: Path) -> str:
+    """The closing lines: predict, score and export one model of this run (the AU model when
+    there is one), the commands filled in with this run's paths."""
+    paradigm = "au" if "au" in results else next(iter(results))
+    model = next(iter(results[paradigm]["models"]))
+    checkpoint = out / paradigm / model / "best.safetensors"
+    predictions, entry = out / "submission", out / "fmuia-entry"
+    return "\n".join([
+        f"next: predict, score and export the {paradigm.upper()} model {model!r} (data: {root}):",
+        f"  python -m m2dino.predict --checkpoint {checkpoint} --data-root {root} --out {predictions}",
+        f"  python -m m2dino.evaluate --data-root {root} --predictions {predictions}",
+        f"  python -m m2dino.export --checkpoint {checkpoint} --out {entry}"])
+
+
+def run_seeds(config: TrainConfig, checked: Checked | None = None) -> dict:
     """Every paradigm once per seed, each a complete run directory OUT/seed-N/ (model init,
     sampling and augmentation follow the seed; the data and, without a val/ split, the split
     stay those of --seed), then one report pooling the seeds."""
+    checked = checked or check_start(config)
     out = Path(config.out)
     if dist_utils.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
+        save_config(config, out / "config.yaml", data_root=checked.data_root)
     results, run_dirs = {}, []
     for seed in config.seeds:
         run_dir = out / f"seed-{seed}"
         log(f"=== seed {seed}: {run_dir}")
-        results[seed] = run(replace(config, seed=seed, seeds=None, out=str(run_dir), split_seed=config.seed))
+        # the same weights and data (the split stays that of --seed): checked once
+        seed_config = replace(config, seed=seed, seeds=None, out=str(run_dir), split_seed=config.seed)
+        results[seed] = run(seed_config, replace(checked, config=seed_config))
         run_dirs.append(run_dir)
     if dist_utils.is_main() and (config.paradigm == "all" or len(results) > 1):
         generate_report(run_dirs, out / "report", n_resamples=config.bootstrap)

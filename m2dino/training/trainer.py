@@ -126,6 +126,32 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
+class StepSchedule:
+    """The learning rate of each training step as a function of its index (0-based), written
+    into the optimizer's groups before the step: each group's own base rate x `factor(index)`.
+
+    Not a torch LRScheduler, which advances by one call after each optimizer.step(): a step
+    skipped for a non-finite loss or gradient has no optimizer step, yet keeps its place in the
+    schedule (the schedule follows the step count), and advancing a scheduler for it is the
+    "lr_scheduler.step() before optimizer.step()" misuse PyTorch warns about. Here each step's
+    rate depends on its index alone: the same rates as LambdaLR stepped once per step, skipped
+    or not, with nothing to keep in a checkpoint beyond the step count."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor):
+        self.optimizer = optimizer
+        self.factor = factor
+        # "initial_lr", as torch's schedulers keep it: a resumed optimizer's groups carry it
+        self.base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
+
+    def lr_at(self, index: int) -> float:
+        """The first group's (the backbone's) rate at step `index`."""
+        return self.base_lrs[0] * self.factor(index)
+
+    def apply(self, index: int) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.factor(index)
+
+
 def _to_device(value, device):
     if torch.is_tensor(value):
         return value.to(device, non_blocking=True)
@@ -303,25 +329,24 @@ class ModelTrainer:
 
     # ------------------------------------------------------------------ state
 
-    def train_state(self, optimizer_state: dict, scheduler, sampler, progress: Progress) -> dict[str, Any]:
+    def train_state(self, optimizer_state: dict, sampler, progress: Progress) -> dict[str, Any]:
         return {
             "format": 1,
             "model_name": self.name,
             "tasks": [t.task_id for t in self.tasks],
             "optimizer": optimizer_state,
-            "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(batches_done=progress.batches_done),
             "rng": ckpt.rng_state(),
             "progress": dict(progress.__dict__),
             "world_size": dist_utils.world_size(),
         }
 
-    def save_last(self, model, optimizer, scheduler, sampler, progress: Progress) -> None:
+    def save_last(self, model, optimizer, sampler, progress: Progress) -> None:
         """Write last/ (rank 0); under FSDP every rank takes part in gathering the state."""
         self._last_save = time.perf_counter()
         model_state, optimizer_state = dist_utils.full_state_dicts(model, optimizer)
         if self.is_main:
-            ckpt.save_checkpoint(self.model_dir, self.model, self.train_state(optimizer_state, scheduler, sampler,
+            ckpt.save_checkpoint(self.model_dir, self.model, self.train_state(optimizer_state, sampler,
                                                                               progress), model_state=model_state)
         dist_utils.barrier()
 
@@ -331,7 +356,7 @@ class ModelTrainer:
         due = time.perf_counter() - self._last_save >= self.config.checkpoint_seconds
         return bool(dist_utils.broadcast_object(due))
 
-    def restore(self, model, optimizer, scheduler, sampler) -> Progress | None:
+    def restore(self, model, optimizer, sampler) -> Progress | None:
         """Load the model directory's last checkpoint when there is one (else None)."""
         found = ckpt.find_checkpoint(self.model_dir)
         if found is None:
@@ -341,7 +366,6 @@ class ModelTrainer:
             raise ckpt.CheckpointError(f"{found}: trained on tasks {state.get('tasks')}, this model has "
                                        f"{[t.task_id for t in self.tasks]}")
         dist_utils.load_full_state_dicts(model, optimizer, tensors, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         try:
             sampler.load_state_dict(state["sampler"])
         except ValueError as e:
@@ -440,10 +464,10 @@ class ModelTrainer:
         dataset, sampler, loader = self.build_data()
         total = self.total_steps(sampler)
         warmup = int(c.warmup * total) if c.warmup < 1 else int(c.warmup)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
+        scheduler = StepSchedule(optimizer, warmup_cosine(total, warmup))
         scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and c.amp == "fp16")
 
-        progress = self.restore(model, optimizer, scheduler, sampler) if c.resume else None
+        progress = self.restore(model, optimizer, sampler) if c.resume else None
         if progress is None:
             progress = Progress()
             if self.is_main:
@@ -453,7 +477,7 @@ class ModelTrainer:
                            train_size=len(self.train_records), val_size=len(self.val_records),
                            world_size=dist_utils.world_size(), config=c.to_dict())
             # a loadable checkpoint exists from the first step on (a kill at any moment can resume)
-            self.save_last(model, optimizer, scheduler, sampler, progress)
+            self.save_last(model, optimizer, sampler, progress)
         else:
             changes = self._resume_changes()
             if progress.finished and progress.step < total and progress.stopped != "plateau":
@@ -530,9 +554,9 @@ class ModelTrainer:
                 epoch_ends = progress.batches_done > last_in_epoch or progress.step >= total
                 if progress.step % c.log_every == 0 or "bad" in outcome or epoch_ends:
                     self.log.write("train", step=progress.step, epoch=progress.epoch, images_per_s=round(rate, 2),
-                                   lr=scheduler.get_last_lr()[0], **self._logged(outcome))
+                                   lr=scheduler.lr_at(progress.step - 1), **self._logged(outcome))
                 if outcome.get("bad") and progress.bad_in_row >= c.max_bad_steps:
-                    self.save_last(model, optimizer, scheduler, sampler, progress)
+                    self.save_last(model, optimizer, sampler, progress)
                     if bar is not None:
                         bar.close()
                     raise TrainingDiverged(
@@ -541,7 +565,7 @@ class ModelTrainer:
                         f"The last good state is saved in {self.model_dir / ckpt.LAST}. Try a lower --lr, "
                         f"--amp off, or check the data (python -m m2dino.data.check).")
                 if c.checkpoint_every and progress.step % c.checkpoint_every == 0 and progress.step < total:
-                    self.save_last(model, optimizer, scheduler, sampler, progress)
+                    self.save_last(model, optimizer, sampler, progress)
             else:  # the epoch is complete
                 progress.epoch += 1
                 progress.batches_done = 0
@@ -552,7 +576,7 @@ class ModelTrainer:
                     progress.stopped = "plateau"
                     break
                 if progress.step < total and self._epoch_checkpoint_due():
-                    self.save_last(model, optimizer, scheduler, sampler, progress)
+                    self.save_last(model, optimizer, sampler, progress)
                 continue
             break  # --steps reached inside an epoch
         if bar is not None:
@@ -561,7 +585,7 @@ class ModelTrainer:
             progress.stopped = "cap"
         self._evaluate_and_keep_best(model, progress)
         progress.finished = True
-        self.save_last(model, optimizer, scheduler, sampler, progress)
+        self.save_last(model, optimizer, sampler, progress)
         self.log.write("finished", step=progress.step, bad_steps=progress.bad_total, best_step=progress.best_step,
                        best_score=_finite_or_none(progress.best_score))
 
@@ -575,6 +599,7 @@ class ModelTrainer:
         images = batch["images"].to(self.device, non_blocking=True)
         batch = {**batch, "targets": _to_device(batch["targets"], self.device)}
         optimizer.zero_grad(set_to_none=True)
+        scheduler.apply(progress.step)  # this step's rate, whether the step is taken or skipped
         with self.autocast():
             outputs = model(images, self.model.task_index(batch["tasks"]))
             loss, parts = self.compute_loss(model, outputs, batch)
@@ -597,7 +622,6 @@ class ModelTrainer:
             optimizer.zero_grad(set_to_none=True)
             progress.bad_in_row += 1
             progress.bad_total += 1
-            scheduler.step()  # the schedule follows the step count, skipped or not
             return {"bad": bad_reason, "bad_in_row": progress.bad_in_row, "bad_total": progress.bad_total,
                     "loss": _finite_or_none(loss_value), "local_loss": loss.detach()}
         if c.grad_clip > 0 and grads:
@@ -605,7 +629,6 @@ class ModelTrainer:
         scaler.step(optimizer)
         scaler.update()
         progress.bad_in_row = 0
-        scheduler.step()
         return {"loss": loss_value, "grad_norm": norm_value, "parts": parts, "local_loss": loss.detach()}
 
     def _logged(self, outcome: dict) -> dict[str, Any]:

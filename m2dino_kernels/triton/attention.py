@@ -38,17 +38,14 @@ interpreter gets one small config; CUDA gets autotuned configs per head_dim and 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from m2dino_kernels.triton.grouped_gemm import dot_mode
+from m2dino_kernels.triton.target import INTERPRETER, config_pruner
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
 _LOG2E = 1.4426950408889634
 
 # ---------------------------------------------------------------------------------------
@@ -103,7 +100,6 @@ _ROW_BLOCK = 16 if INTERPRETER else 64
 _TUNE_KEY = ["N", "HEAD_DIM", "HAS_ROPE", "PREC"]
 
 
-
 def _shared_bytes(config, kwargs, named_args, fixed, streamed):
     """Shared memory of a config: the tile the program keeps (`fixed` rows of HEAD_DIM) plus
     num_stages buffers of the tiles it streams (`streamed` rows each step), in q's dtype."""
@@ -116,21 +112,18 @@ def _shared_bytes(config, kwargs, named_args, fixed, streamed):
 
 
 def _pruner(by_head_dim, fixed, streamed):
-    """early_config_prune: the configs of the launch's head_dim and dtype that fit the
-    target's shared memory, else the small config."""
-    def prune(configs, named_args, **kwargs):
-        from m2dino_kernels.triton import target  # noqa: PLC0415 (import cycle)
-        if INTERPRETER:
-            return list(configs)
+    """early_config_prune: the configs of the launch's head_dim class (16-bit inputs) or the
+    small config (fp32) that fit the target's shared memory, else the small config."""
+    def candidates(named_args, kwargs):
         if named_args["q_ptr"].element_size() > 2:
             return [_GPU_SMALL_CONFIG]
         head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        tuned = by_head_dim[64 if head_dim <= 64 else 128]
-        limit = target.shared_memory_limit()
-        fits = [c for c in tuned
-                if limit is None or _shared_bytes(c, kwargs, named_args, fixed, streamed) <= limit]
-        return fits or [_GPU_SMALL_CONFIG]
-    return prune
+        return by_head_dim[64 if head_dim <= 64 else 128]
+
+    def shared_bytes(config, named_args, kwargs):
+        return _shared_bytes(config, kwargs, named_args, fixed, streamed)
+
+    return config_pruner(candidates, shared_bytes, fallback=_GPU_SMALL_CONFIG)
 
 
 # forward and dq keep the BLOCK_M query rows (forward: q; dq: q and dO) and stream keys and

@@ -21,13 +21,11 @@ gets autotuned configs chosen by input dtype and activation (below).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from m2dino_kernels.triton.target import INTERPRETER, config_pruner
 
 # Activation codes of the kernels' ACT constexpr; also the fc1 width factor (H1 = ACT * H).
 _ACTIVATIONS = {"gelu": 1, "swiglu": 2}
@@ -66,29 +64,20 @@ _WGRAD_CONFIGS = (_INTERPRETER_GEMM_CONFIGS if INTERPRETER
                   else _MMA_WGRAD_CONFIGS + _FP32_CONFIGS + _FEW_ROW_WGRAD_CONFIGS)
 
 
-def _gemm_stage_bytes(config, a_cols_factor=1, b_cols_factor=1, elem_bytes=2):
-    """Shared memory of one pipeline stage of a BM x BK by BK x BN tile pair (bytes)."""
+def _pipelined_bytes(config, a_cols_factor=1, b_cols_factor=1, elem_bytes=2):
+    """Shared memory of a BM x BK by BK x BN tile pair (bytes), times num_stages: Triton keeps
+    that many buffers of each tile."""
     bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    return (bm * bk * a_cols_factor + bk * bn * b_cols_factor) * elem_bytes
-
-
-def _fits_shared(configs, stage_bytes):
-    """Configs whose pipelined tiles fit the target's shared memory (all when it is unknown);
-    Triton keeps num_stages buffers of each tile."""
-    limit = _shared_memory_limit()
-    if limit is None:
-        return list(configs)
-    kept = [c for c in configs if c.num_stages * stage_bytes(c) <= limit]
-    return kept or [min(configs, key=lambda c: c.num_stages * stage_bytes(c))]
-
-
-def _shared_memory_limit():
-    from m2dino_kernels.triton import target  # noqa: PLC0415 (avoid a cycle at import)
-    return target.shared_memory_limit()
+    return config.num_stages * (bm * bk * a_cols_factor + bk * bn * b_cols_factor) * elem_bytes
 
 
 def _elem_bytes(ptr):
     return ptr.element_size() if hasattr(ptr, "element_size") else 2
+
+
+def _act(named_args, kwargs):
+    """The launch's ACT (dhidden's; the grouped scatter has none: 1)."""
+    return kwargs.get("ACT", named_args.get("ACT", 1))
 
 
 def _row_tiled_candidates(elem_bytes, act):
@@ -97,34 +86,35 @@ def _row_tiled_candidates(elem_bytes, act):
     return _MMA_CONFIGS + (_MMA_LARGE_CONFIGS if act != _ACTIVATIONS["swiglu"] else [])
 
 
-def _prune_fc1(configs, named_args, **kwargs):
-    """fc1 SwiGLU loads two weight tiles per stage."""
-    if INTERPRETER:
-        return list(configs)
-    act = kwargs.get("ACT", named_args.get("ACT", 1))
-    el = _elem_bytes(named_args["x_ptr"])
-    return _fits_shared(_row_tiled_candidates(el, act), lambda c: _gemm_stage_bytes(c, 1, act, el))
+def _gemm_elem_bytes(named_args):
+    return _elem_bytes(named_args.get("a_ptr", named_args.get("grad_y_ptr")))
 
 
-def _prune_gemm(configs, named_args, **kwargs):
-    if INTERPRETER:
-        return list(configs)
-    act = kwargs.get("ACT", named_args.get("ACT", 1))  # dhidden's; the grouped scatter has none
-    el = _elem_bytes(named_args.get("a_ptr", named_args.get("grad_y_ptr")))
-    return _fits_shared(_row_tiled_candidates(el, act), lambda c: _gemm_stage_bytes(c, 1, 1, el))
+# fc1: SwiGLU loads two weight tiles per stage.
+_prune_fc1 = config_pruner(
+    lambda named_args, kwargs: _row_tiled_candidates(_elem_bytes(named_args["x_ptr"]),
+                                                     _act(named_args, kwargs)),
+    lambda c, named_args, kwargs: _pipelined_bytes(c, 1, _act(named_args, kwargs),
+                                                   _elem_bytes(named_args["x_ptr"])))
+_prune_gemm = config_pruner(
+    lambda named_args, kwargs: _row_tiled_candidates(_gemm_elem_bytes(named_args),
+                                                     _act(named_args, kwargs)),
+    lambda c, named_args, kwargs: _pipelined_bytes(c, 1, 1, _gemm_elem_bytes(named_args)))
 
 
-def _prune_wgrad(configs, named_args, **kwargs):
+def _wgrad_candidates(named_args, kwargs):
     """Few-row outputs (M <= 16) take the 16-row tile, fp32 inputs the small tiles."""
-    if INTERPRETER:
-        return list(configs)
-    el = _elem_bytes(named_args["a_ptr"])
     if named_args["M"] <= _FEW_ROWS:
-        chosen = _FEW_ROW_WGRAD_CONFIGS
-    else:
-        chosen = _FP32_CONFIGS if el > 2 else _MMA_WGRAD_CONFIGS
-    dot_el = 4 if kwargs.get("DOT_FP32", named_args.get("DOT_FP32")) else el
-    return _fits_shared(chosen, lambda c: _gemm_stage_bytes(c, 1, 1, dot_el))
+        return _FEW_ROW_WGRAD_CONFIGS
+    return _FP32_CONFIGS if _elem_bytes(named_args["a_ptr"]) > 2 else _MMA_WGRAD_CONFIGS
+
+
+def _wgrad_shared_bytes(config, named_args, kwargs):
+    dot_fp32 = kwargs.get("DOT_FP32", named_args.get("DOT_FP32"))
+    return _pipelined_bytes(config, 1, 1, 4 if dot_fp32 else _elem_bytes(named_args["a_ptr"]))
+
+
+_prune_wgrad = config_pruner(_wgrad_candidates, _wgrad_shared_bytes)
 
 # The route-weight gradient is a row-wise dot over D: fixed small tiles.
 _ROW_DOT_BLOCK_M = 16

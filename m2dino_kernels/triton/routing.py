@@ -14,13 +14,11 @@ Inputs are validated and contiguous (m2dino_kernels.moe); nothing here re-checks
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from m2dino_kernels.triton.target import INTERPRETER
 
 # Routing kernels are elementwise over [tokens, experts, D-chunk]: fixed small tiles.
 _ROUTE_BLOCK_T = 16

@@ -2,20 +2,26 @@
 `Model().predict`, run in a fresh interpreter from the exported folder, writes exactly what
 `python -m m2dino.predict` writes; bad input is refused with nothing written; the Dockerfile
 holds what can be checked without a Docker engine; the entry's files are the package's own
-(model.py importable, the templates filled), and the wheel carries them."""
+(model.py importable, the templates filled), and the wheel carries them; the export writes over
+none of its inputs, one export per folder at a time, and a read-only or full disk is one line
+(exit 1) with nothing half-written."""
 import ast
 import csv
+import hashlib
 import inspect
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+from faults import disk_full, read_only
+from test_errors import hold_lock
 
 import m2dino
 from m2dino import export as export_cli
@@ -138,11 +144,16 @@ def test_exported_folder_contents_and_measurement(trained):
     assert json.loads((folder / "model.json").read_text()) == json.loads(checkpoint.with_suffix(".json").read_text())
 
     readme = (folder / "README.md").read_text()
-    per_image = re.search(r"time per image[^|]*\| ([0-9.]+) ms", readme)
+    per_image = re.search(r"time per image[^|]*the median of the 5 timed passes\) \| ([0-9.]+) ms", readme)
+    spread = re.search(r"the fastest and the slowest timed pass \| ([0-9.]+) ms, ([0-9.]+) ms", readme)
     memory = re.search(r"peak resident memory of the process \| ([0-9]+) MiB", readme)
     assert per_image and float(per_image.group(1)) > 0, readme
+    assert spread and float(spread.group(1)) <= float(per_image.group(1)) <= float(spread.group(2)), readme
     assert memory and int(memory.group(1)) > 100  # torch alone takes more
-    assert "logical cores" in readme and "kernel backend `torch`" in readme and "8 images" in readme
+    assert "logical cores" in readme and "kernel backend `reference`" in readme and "8 images" in readme
+    load = re.search(r"1-minute load average was ([0-9.]+) before the timed passes and ([0-9.]+) after",
+                     " ".join(readme.split()))
+    assert load, readme  # the machine's load, beside the times it explains
     requirements = [line for line in (folder / "requirements.txt").read_text().splitlines() if not line.startswith("#")]
     assert "numpy>=1.24" in requirements and not any(r.startswith("torch") for r in requirements)
 
@@ -160,11 +171,13 @@ def test_entry_files_are_the_package_data(trained):
     assert list(inspect.signature(entry_model.Model).parameters) == ["device"]
     assert list(inspect.signature(entry_model.Model.predict).parameters) == ["self", "data_root", "output_dir",
                                                                              "batch_size"]
-    for name in ("Dockerfile", "README.md"):
+    for name in ("Dockerfile", "README.md"):  # trained from random weights: the checkpoint says so
         text = (folder / name).read_text()
         assert "${" not in text, name
         text = " ".join(text.replace("#", " ").split())  # the words, whatever the line breaks
-        assert "DINOv3 License" in text and "your responsibility" in text and "Apache-2.0" in text, name
+        assert "trained from random weights" in text and "does not cover them" in text, name
+        assert "your responsibility" in text and "Apache License 2.0" in text, name
+    assert 'licenses="Apache-2.0"' in (folder / "Dockerfile").read_text()
     # `python model.py`, the image's command: /input/ into /output/ (absent here, so it stops naming it)
     if not Path("/input").exists():
         proc = subprocess.run([sys.executable, "model.py"], cwd=folder, env=child_env(), capture_output=True,
@@ -183,11 +196,32 @@ def test_the_two_dockerfiles_share_their_run_time_stage():
     runtime = ext[ext.index(("FROM", DEFAULT_BASE_IMAGE)):]
 
     def same_but_kernels(steps):
-        return [(op, args.replace("M2DINO_KERNELS_BACKEND=auto", "M2DINO_KERNELS_BACKEND=torch")
+        return [(op, args.replace("M2DINO_KERNELS_BACKEND=auto", "M2DINO_KERNELS_BACKEND=reference")
                  .replace("--from=kernels /wheels/", "wheels/")) for op, args in steps if "libgomp1" not in args]
 
     assert same_but_kernels(runtime) == same_but_kernels(plain)
     assert runtime != plain and len(runtime) == len(plain) + 1
+
+
+def test_licence_and_provenance_follow_the_pretrained_record():
+    """Fine-tuned from DINOv3 weights: the DINOv3 License, naming the file; from random weights:
+    not Meta's; not recorded (an older checkpoint): the DINOv3 License if it was fine-tuned."""
+    from m2dino.export.render import dockerfile_text, licence_text
+
+    record = {"file": "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth", "sha256": "ab" * 32, "preset": "dinov3_vitb16"}
+    dinov3 = "Apache-2.0 AND LicenseRef-DINOv3-License"
+    cases = [(record, ["fine-tuned from Meta's DINOv3 backbone", record["file"], "abababab",
+                       "are under the DINOv3 License", "not under Apache-2.0"], dinov3),
+             ("none", ["trained from random weights", "does not cover them"], "Apache-2.0"),
+             (None, ["does not record which weights", "If it was fine-tuned from Meta's DINOv3 weights"], dinov3)]
+    for pretrained, phrases, label in cases:
+        docker = dockerfile_text("w.whl", DEFAULT_BASE_IMAGE, False, "9.0", "1.0", pretrained=pretrained)
+        readme = " ".join(licence_text(pretrained).replace("[", "").replace("]", "").split())
+        words = " ".join(docker.replace("#", " ").split())
+        for phrase in phrases:
+            assert phrase in words and phrase in readme, (pretrained, phrase)
+        assert f'LABEL org.opencontainers.image.licenses="{label}"' in docker
+        assert "${" not in docker
 
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
@@ -211,7 +245,7 @@ def test_dockerfile_without_a_docker_engine(trained, tmp_path):
     runs = " ".join(args for op, args in steps if op == "RUN")
     assert f"pip install --no-deps /tmp/build/{wheel}" in runs
     env = " ".join(args for op, args in steps if op == "ENV")
-    assert "HOME=/home/predictor" in env and "M2DINO_KERNELS_BACKEND=torch" in env
+    assert "HOME=/home/predictor" in env and "M2DINO_KERNELS_BACKEND=reference" in env
     # at run time only CMD runs: python model.py, no entrypoint, no download step
     assert [op for op, _ in steps if op in ("CMD", "ENTRYPOINT")] == ["CMD"]
     assert steps[-1] == ("CMD", '["python", "model.py"]')
@@ -274,6 +308,8 @@ def test_bad_input_is_refused_and_nothing_written(trained, tmp_path, capsys):
     assert export_cli.main(["--checkpoint", str(checkpoint), "--out", str(out), "--wheel", str(wheel),
                             "--no-measure", "--force", "--tta", "--device", "cpu", "--amp", "bf16"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.py").is_file()
+    progress = capsys.readouterr().out  # each step says what it does as it starts
+    assert "m2dino.export: checkpoint" in progress and "m2dino.export: wheel" in progress, progress
     aside = list(tmp_path.glob(f"{out.name}.old-*"))  # --force moved the user's folder aside, never deleted it
     assert len(aside) == 1 and (aside[0] / "keep.txt").read_text() == "mine"
     settings = json.loads((out / "predictor.json").read_text())
@@ -336,3 +372,58 @@ def test_real_wheel_build_installs_and_predicts(trained, tmp_path, child_venv):
     for name in ("model.py", "Dockerfile", "requirements.txt"):
         assert (again / name).read_bytes() == (folder / name).read_bytes(), name
     assert "DINOv3 License" in (again / "README.md").read_text()
+
+
+# ------------------------------------------------ writing over no input, one export per folder, faults
+def export_into(checkpoint, out, wheel, *extra):
+    return export_cli.main(["--checkpoint", str(checkpoint), "--out", str(out), "--wheel", str(wheel), *extra])
+
+
+def checksums(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_export_writes_over_none_of_its_inputs(trained, tmp_path, capsys):
+    suite, checkpoint, folder = trained
+    wheel = next((folder / "wheels").iterdir())
+    run_dir = checkpoint.parent
+    before = checksums(run_dir)
+    for out, words in ((run_dir, "lies inside the output folder"), (run_dir.parent, "lies inside the output folder"),
+                       (suite / "val" / "entry", "overlap"), (suite, "overlap")):
+        assert export_into(checkpoint, out, wheel, "--force", "--measure", str(suite / "val")) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (out, err)
+    assert checksums(run_dir) == before and not (suite / "val" / "entry").exists()
+
+
+def test_one_export_per_folder(trained, tmp_path, capsys):
+    _, checkpoint, folder = trained
+    wheel = next((folder / "wheels").iterdir())
+    out = tmp_path / "entry"
+    holder = hold_lock(out)
+    try:
+        assert export_into(checkpoint, out, wheel, "--no-measure") == 2
+        assert f"is being written by another process (pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert [p.name for p in out.iterdir()] == [".m2dino.lock"]
+    assert export_into(checkpoint, out, wheel, "--no-measure") == 0  # the killed holder's lock went with it
+    assert (out / "model.py").is_file() and not (out / ".m2dino.lock").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".entry.")]
+
+
+@pytest.mark.parametrize("fault", ["read-only", "full"])
+def test_export_on_a_read_only_or_full_disk(trained, tmp_path, monkeypatch, capsys, fault):
+    _, checkpoint, folder = trained
+    wheel = next((folder / "wheels").iterdir())
+    disk = tmp_path / "disk"
+    (read_only if fault == "read-only" else disk_full)(monkeypatch, disk)
+    assert export_into(checkpoint, disk / "entry", wheel, "--no-measure") == 1
+    err = capsys.readouterr().err
+    words = "read-only file system" if fault == "read-only" else "the disk is full"
+    assert words in err and err.count("\n") == 1 and "Traceback" not in err, err
+    monkeypatch.undo()
+    assert not disk.exists() or not any(disk.rglob("*"))  # nothing half-written, no staging left
+

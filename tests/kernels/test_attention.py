@@ -1,6 +1,7 @@
 """attention(): the fp32 reference against independent float64 math and timm's RoPE; sdpa and
 triton (under TRITON_INTERPRET=1 on CPU) against the reference in forward and in the q, k, v
-gradients; validation errors; backend resolution; custom op registration and torch.compile.
+gradients (the attention contract of m2dino_kernels.contract, which the self-test also runs);
+validation errors; backend resolution; custom op registration and torch.compile.
 GPU tests (`gpu` marker): bf16/fp16 at larger shapes."""
 import math
 import os
@@ -8,63 +9,18 @@ import os
 import pytest
 import torch
 
-from m2dino_kernels import selection
+from m2dino_kernels import contract, registry, selection
 from m2dino_kernels.attention import ATTENTION_BACKENDS, apply_rope, attention, attention_reference
+from m2dino_kernels.contract import attention_forward_backward as forward_backward
+from m2dino_kernels.contract import check_attention_matches_reference as assert_matches_reference
+from m2dino_kernels.contract import dinov3_rope, make_qkv
 
 PREFIX = 5  # DINOv3: cls + 4 storage tokens
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-
-# ---------------------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------------------
-def dinov3_rope(n_patch_tokens, head_dim, batch=None, device="cpu"):
-    """sin/cos like DINOv3's axial RoPE on a near-square grid (coordinates jittered per image
-    when `batch` is given, like the training-time augmentation). [L, d] or [B, L, d]."""
-    side = max(1, math.isqrt(n_patch_tokens))
-    idx = torch.arange(n_patch_tokens, dtype=torch.float64)
-    coords = torch.stack(((idx // side + 0.5) / side, (idx % side + 0.5) / side), -1) * 2 - 1
-    if batch is not None:
-        coords = coords * torch.linspace(0.5, 2.0, batch, dtype=torch.float64)[:, None, None]
-    periods = 100 ** (2 * torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 2))
-    angles = 2 * math.pi * coords[..., None] / periods  # [..., L, 2, d/4]
-    angles = angles.flatten(-2).tile(2)  # y then x, then tiled twice to d
-    return angles.sin().float().to(device), angles.cos().float().to(device)
-
-
-def make_qkv(batch, heads, n, head_dim, dtype, device="cpu", contiguous=False):
-    """q, k, v leaves; non-contiguous ones are views of one [B, N, 3, heads, d] qkv tensor,
-    as a ViT block makes them."""
-    if contiguous:
-        return [torch.randn(batch, heads, n, head_dim, dtype=dtype, device=device,
-                            requires_grad=True) for _ in range(3)]
-    qkv = torch.randn(batch, n, 3, heads, head_dim, dtype=dtype, device=device)
-    views = qkv.permute(2, 0, 3, 1, 4)  # [3, B, heads, N, d], strided
-    return [views[i].detach().requires_grad_(True) for i in range(3)]
-
-
-def forward_backward(q, k, v, grad, **kwargs):
-    for t in (q, k, v):
-        t.grad = None
-    out = attention(q, k, v, **kwargs)
-    out.backward(grad)
-    return out.detach(), q.grad.clone(), k.grad.clone(), v.grad.clone()
-
-
-def assert_matches_reference(q, k, v, rope, prefix, backend, atol, rtol=1e-3):
-    # Gradient of the output w.r.t. a transposed (non-contiguous) upstream gradient.
-    grad = torch.randn(q.shape[:2] + q.shape[2:][::-1], dtype=q.dtype,
-                       device=q.device).transpose(-1, -2)
-    got = forward_backward(q, k, v, grad, rope=rope, num_prefix_tokens=prefix, backend=backend)
-    want = forward_backward(q, k, v, grad, rope=rope, num_prefix_tokens=prefix,
-                            backend="reference")
-    assert got[0].dtype == q.dtype and got[0].shape == q.shape
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        scale = w.float().abs().max().item() + 1e-6
-        err = (g.float() - w.float()).abs().max().item()
-        assert err <= atol * max(1.0, scale) + rtol * scale, (
-            f"{backend} {name}: max error {err:.3g} (reference max {scale:.3g})")
+# the GPU tests of the triton kernels: where triton runs on CUDA and is not left out
+TRITON_ON_CUDA = pytest.mark.skipif(not HAS_CUDA or "triton" not in registry.available_backends("cuda"),
+                                    reason="needs triton on a CUDA device")
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,6 +127,15 @@ def test_triton_fp16_head_dim_64_matches_reference(n, prefix):
     q, k, v = make_qkv(batch, heads, n, 64, torch.float16, DEVICE)
     rope = dinov3_rope(n - prefix, 64, device=DEVICE)
     assert_matches_reference(q, k, v, rope, prefix, "triton", atol=4e-3, rtol=4e-3)
+
+
+@pytest.mark.parametrize("backend,dtype", [
+    ("sdpa", torch.float32), pytest.param("triton", torch.float32, marks=pytest.mark.slow),
+    pytest.param("triton", torch.float16, marks=pytest.mark.slow)], ids=str)
+def test_the_attention_contract(backend, dtype):
+    """What the self-test holds an attention backend to: head dim 64, with and without RoPE
+    and prefix tokens, strided q/k/v, forward and gradients (m2dino_kernels.contract)."""
+    contract.check_attention(backend, dtype, DEVICE)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
@@ -417,6 +382,7 @@ def test_compiles_without_graph_breaks(backend):
 # GPU (run with a CUDA device: `pytest tests/kernels/test_attention.py -m gpu`)
 # ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
+@TRITON_ON_CUDA
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("n,prefix", [(201, PREFIX), (1029, PREFIX), (197, 0)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -440,6 +406,7 @@ def test_gpu_triton_low_precision_matches_reference(dtype, n, prefix, head_dim):
 
 
 @pytest.mark.gpu
+@TRITON_ON_CUDA
 @pytest.mark.parametrize("n", [1, 5, 70, 201])
 def test_gpu_triton_fp32_matches_reference(n):
     prefix = min(PREFIX, n)

@@ -4,7 +4,8 @@ tests install tuners that tune CPU over CPU backends. A
 deliberately wrong and a raising backend registered here are excluded with one warning each;
 decisions round-trip through the JSON cache file; a corrupt file is ignored with a warning;
 torch.compile tracing never measures; M2DINO_KERNELS_AUTOTUNE=0 and the CPU default keep the
-fixed rule. A GPU test measures on CUDA."""
+fixed rule. A GPU test measures on CUDA. The self-test gate in front of the trials is off
+here (conftest.py; tests/kernels/test_gate.py holds it)."""
 from __future__ import annotations
 
 import json
@@ -14,12 +15,12 @@ import warnings
 
 import pytest
 import torch
-from moe_inputs import random_moe_inputs
 
 import m2dino_kernels as mk
-from m2dino_kernels import autotune, backends, selection
+from m2dino_kernels import autotune, compare, registry, selection
 from m2dino_kernels import reference as ref
 from m2dino_kernels.attention import attention
+from m2dino_kernels.contract import moe_problem
 
 CPU_MOE = [b for b in ("reference", "cpp", "grouped_mm") if b in mk.available_backends("cpu")]
 
@@ -39,21 +40,32 @@ def install(monkeypatch, **options):
 
 
 def moe_call(p, activation="gelu", top_k=2):
-    leaves = {n: t.clone().requires_grad_(True) for n, t in p.items() if t.is_floating_point()}
+    leaves = {n: t.clone().requires_grad_(True) for n, t in p.params().items()}
     with mk.use_backend("auto"):
-        routing = mk.task_topk_route(leaves["x"], p["task_ids"], leaves["gate_weight"],
+        routing = mk.task_topk_route(leaves["x"], p.task_ids, leaves["gate_weight"],
                                      leaves["gate_bias"], top_k=top_k)
-        y = mk.expert_mlp(leaves["x"], routing, leaves["fc1_w"], leaves["fc1_b"],
-                          leaves["fc2_w"], leaves["fc2_b"], activation=activation)
+        y = mk.expert_mlp(leaves["x"], routing, leaves["fc1_weight"], leaves["fc1_bias"],
+                          leaves["fc2_weight"], leaves["fc2_bias"], activation=activation)
     y.square().sum().backward()
     return y.detach(), {n: t.grad for n, t in leaves.items()}
 
 
-def _register(monkeypatch, name, module):
-    """A backend `name` implemented by `module`, for the duration of a test."""
-    monkeypatch.setitem(sys.modules, f"m2dino_test_backend_{name}", module)
-    monkeypatch.setitem(backends._BACKEND_MODULES, name, f"m2dino_test_backend_{name}")
-    monkeypatch.setitem(backends.BACKEND_DTYPES, name, (torch.float32,))
+@pytest.fixture
+def register():
+    """register(name, module): a backend `name` implemented by `module` (not compiled: no
+    self-test), for the duration of a test."""
+    added = []
+
+    def add(name, module):
+        sys.modules[f"m2dino_test_backend_{name}"] = module
+        registry.register_backend(name, f"m2dino_test_backend_{name}", (torch.float32,),
+                                  ("cpu",), compiled=False)
+        added.append(name)
+
+    yield add
+    for name in added:
+        registry.unregister_backend(name)
+        sys.modules.pop(f"m2dino_test_backend_{name}", None)
 
 
 def _wrong_module():
@@ -109,7 +121,7 @@ def test_measures_once_per_key_and_uses_the_choice(cache, monkeypatch):
     measured = []
     original = tuner._measure
     monkeypatch.setattr(tuner, "_measure", lambda *a: measured.append(a[0]) or original(*a))
-    p = random_moe_inputs(40, 16, 12, 4, 5)
+    p = moe_problem(40, 16, 12, 4, 5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every CPU backend agrees: no warning
         y, grads = moe_call(p)
@@ -117,30 +129,26 @@ def test_measures_once_per_key_and_uses_the_choice(cache, monkeypatch):
     assert measured[0].startswith("task_topk_route|cpu|float32|D=16|E=4|k=2|tasks=5|T=64")
     assert measured[1] == "expert_mlp|cpu|float32|activation=gelu|D=16|H=12|E=4|k=2|T=64"
     # same key (40 and 50 tokens share the bucket 64): no new measurement
-    moe_call(random_moe_inputs(50, 16, 12, 4, 5, seed=1))
+    moe_call(moe_problem(50, 16, 12, 4, 5, seed=1))
     assert len(measured) == 2
-    moe_call(random_moe_inputs(40, 16, 12, 4, 5, activation="swiglu"), activation="swiglu")
+    moe_call(moe_problem(40, 16, 12, 4, 5, 2, "swiglu"), activation="swiglu")
     assert len(measured) == 3
     # the result is the chosen backend's, which agrees with the reference
     decisions = json.loads(cache.read_text())["decisions"]
     chosen = decisions[measured[1]]["backend"]
     assert chosen in mk.available_backends("cpu")
     assert set(decisions[measured[1]]["ms"]) == set(mk.available_backends("cpu"))  # all measured
-    leaves = {n: t.clone().requires_grad_(True) for n, t in p.items() if t.is_floating_point()}
     with mk.use_backend("reference"):
-        r = mk.task_topk_route(leaves["x"], p["task_ids"], leaves["gate_weight"],
-                               leaves["gate_bias"], top_k=2)
-        y_ref = mk.expert_mlp(leaves["x"], r, leaves["fc1_w"], leaves["fc1_b"],
-                              leaves["fc2_w"], leaves["fc2_b"])
+        r = mk.task_topk_route(p.x, p.task_ids, p.gate_weight, p.gate_bias, top_k=2)
+        y_ref = mk.expert_mlp(p.x, r, p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias)
     torch.testing.assert_close(y, y_ref.detach(), atol=1e-5, rtol=1e-4)
 
 
-def test_wrong_and_raising_backends_are_excluded_with_one_warning(cache, monkeypatch):
-    _register(monkeypatch, "wrong", _wrong_module())
-    _register(monkeypatch, "broken", _raising_module())
-    install(monkeypatch, candidates=lambda op, device_type, dtype, names: [
-        *names, "wrong", "broken"])
-    p = random_moe_inputs(40, 16, 12, 4, 5)
+def test_wrong_and_raising_backends_are_excluded_with_one_warning(cache, monkeypatch, register):
+    register("wrong", _wrong_module())
+    register("broken", _raising_module())
+    install(monkeypatch)  # registered on CPU: candidates like any other
+    p = moe_problem(40, 16, 12, 4, 5)
     key = "expert_mlp|cpu|float32|activation=gelu|D=16|H=12|E=4|k=2|T=64"
     reference = "grouped_mm" if "grouped_mm" in CPU_MOE else "reference"
     with pytest.warns(RuntimeWarning) as record:
@@ -161,7 +169,7 @@ def test_wrong_and_raising_backends_are_excluded_with_one_warning(cache, monkeyp
 
 def test_decisions_round_trip_through_the_cache_file(cache, monkeypatch):
     install(monkeypatch)
-    p = random_moe_inputs(40, 16, 12, 4, 5)
+    p = moe_problem(40, 16, 12, 4, 5)
     moe_call(p)
     payload = json.loads(cache.read_text())
     assert payload["format"] == autotune.FORMAT and payload["torch"] == torch.__version__
@@ -175,8 +183,8 @@ def test_decisions_round_trip_through_the_cache_file(cache, monkeypatch):
     tuner = install(monkeypatch)
     monkeypatch.setattr(tuner, "_measure", lambda *a: pytest.fail("measured again"))
     seen = []
-    real = backends.backend_module
-    monkeypatch.setattr(backends, "backend_module", lambda name: seen.append(name) or real(name))
+    real = registry.backend_module
+    monkeypatch.setattr(registry, "backend_module", lambda name: seen.append(name) or real(name))
     moe_call(p)
     assert set(seen) == {"reference"}
     # a file from another torch version is not trusted: measured again
@@ -192,7 +200,7 @@ def test_a_corrupt_cache_file_is_ignored_with_a_warning(cache, monkeypatch, cont
     cache.write_text(content)
     install(monkeypatch)
     with pytest.warns(RuntimeWarning, match="ignoring the corrupt cache file"):
-        moe_call(random_moe_inputs(40, 16, 12, 4, 5))
+        moe_call(moe_problem(40, 16, 12, 4, 5))
     assert json.loads(cache.read_text())["decisions"]  # rewritten, valid
 
 
@@ -201,32 +209,32 @@ def test_unwritable_cache_keeps_decisions_in_memory(tmp_path, monkeypatch):
     blocker.write_text("")
     monkeypatch.setenv("M2DINO_CACHE", str(blocker))
     tuner = install(monkeypatch)
-    with pytest.warns(RuntimeWarning, match="decisions are kept in memory only"):
-        moe_call(random_moe_inputs(40, 16, 12, 4, 5))
+    with pytest.warns(RuntimeWarning, match="m2dino_kernels autotune: cannot write .*; kept in memory only"):
+        moe_call(moe_problem(40, 16, 12, 4, 5))
     assert len(tuner._memory) == 2
 
 
 def test_disabled_tuner_and_other_selections_keep_the_fixed_rule(cache, monkeypatch):
     tuner = install(monkeypatch, enabled=False)
     monkeypatch.setattr(tuner, "_measure", lambda *a: pytest.fail("measured while off"))
-    moe_call(random_moe_inputs(40, 16, 12, 4, 5))
+    moe_call(moe_problem(40, 16, 12, 4, 5))
     tuner = install(monkeypatch)
     monkeypatch.setattr(tuner, "_measure", lambda *a: pytest.fail("measured a fixed backend"))
-    p = random_moe_inputs(40, 16, 12, 4, 5)
+    p = moe_problem(40, 16, 12, 4, 5)
     with mk.use_backend("reference"):
-        mk.task_topk_route(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], top_k=2)
+        mk.task_topk_route(*p.route_args())
     assert not cache.exists()
 
 
 def test_torch_compile_never_measures(cache, monkeypatch):
     tuner = install(monkeypatch)
     monkeypatch.setattr(tuner, "_measure", lambda *a: pytest.fail("measured while tracing"))
-    p = random_moe_inputs(12, 8, 6, 4, 3)
+    p = moe_problem(12, 8, 6, 4, 3)
     ops = []
 
     def block(x):
-        r = mk.task_topk_route(x, p["task_ids"], p["gate_weight"], p["gate_bias"], top_k=2)
-        return mk.expert_mlp(x, r, p["fc1_w"], p["fc1_b"], p["fc2_w"], p["fc2_b"])
+        r = mk.task_topk_route(x, p.task_ids, p.gate_weight, p.gate_bias, top_k=2)
+        return mk.expert_mlp(x, r, p.fc1_weight, p.fc1_bias, p.fc2_weight, p.fc2_bias)
 
     def spy(gm, example_inputs):
         ops.extend(node.args for node in gm.graph.nodes if "m2dino" in str(node.target))
@@ -234,33 +242,35 @@ def test_torch_compile_never_measures(cache, monkeypatch):
 
     torch._dynamo.reset()
     with mk.use_backend("auto"):
-        torch.compile(block, fullgraph=True, backend=spy)(p["x"])
+        torch.compile(block, fullgraph=True, backend=spy)(p.x)
     default = selection.resolve_backend("cpu", "auto")
     assert [args[-2] for args in ops] == [default, default]  # (backend, check flag) last
     # a decision already in memory is used under tracing
-    tuner._memory[("expert_mlp", "cpu", None, torch.float32, "gelu", 8, 6, 4, 2, 16)] = "reference"
+    key = autotune.TuneKey("expert_mlp", "cpu", None, torch.float32,
+                           (("activation", "gelu"), ("D", 8), ("H", 6), ("E", 4), ("k", 2), ("T", 16)))
+    tuner._memory[key] = "reference"
     ops.clear()
     torch._dynamo.reset()
     with mk.use_backend("auto"):
-        torch.compile(block, fullgraph=True, backend=spy)(p["x"])
+        torch.compile(block, fullgraph=True, backend=spy)(p.x)
     assert ops[-1][-2] == "reference"
     assert ops[0][-2] == default  # the routing key was never decided
 
 
 def test_routing_near_ties_are_not_disagreements():
     """A backend that breaks an exact tie the other way is still correct."""
-    p = random_moe_inputs(6, 4, 3, 4, 2)
-    gate = torch.zeros(2, 4, 4)  # every probability equal: any 2 experts are a top-2
-    out = ref.route_forward(p["x"], p["task_ids"], gate, None, 2)
+    p = moe_problem(6, 4, 3, 4, 2)
+    zero_gate = torch.zeros(2, 4, 4)  # every probability equal: any 2 experts are a top-2
+    out = ref.route_forward(p.x, p.task_ids, zero_gate, None, 2)
     experts = out.experts.flip(1).contiguous() + 2  # experts 2, 3 instead of 0, 1
     counts, sorted_slots, offsets = ref.sort_slots_by_expert(experts, 4)
     flipped = out._replace(experts=experts, counts=counts, sorted_slots=sorted_slots,
                            offsets=offsets)
     grads = ref.route_backward(torch.zeros(6, 4), torch.zeros(6, 4), torch.ones(6, 2),
-                               p["x"], p["task_ids"], gate, False, out)
-    assert selection.route_mismatch((flipped, grads), (out, grads), torch.float32) is None
+                               p.x, p.task_ids, zero_gate, False, out)
+    assert compare.route_mismatch((flipped, grads), (out, grads), torch.float32) is None
     bad = flipped._replace(sorted_slots=sorted_slots.flip(0))
-    assert "stable sort" in selection.route_mismatch((bad, grads), (out, grads), torch.float32)
+    assert "stable sort" in compare.route_mismatch((bad, grads), (out, grads), torch.float32)
 
 
 def test_attention_auto_measures_sdpa_against_triton(cache, monkeypatch):
@@ -282,12 +292,12 @@ def test_attention_auto_measures_sdpa_against_triton(cache, monkeypatch):
 def test_cuda_auto_measures_every_backend(cache, monkeypatch, dtype):
     tuner = autotune.Autotuner(repeats=2)
     monkeypatch.setattr(autotune, "TUNER", tuner)
-    p = {n: t.cuda() for n, t in random_moe_inputs(2048, 64, 128, 8, 27, dtype=dtype).items()}
+    p = moe_problem(2048, 64, 128, 8, 27, dtype=dtype, device="cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every CUDA backend agrees with grouped_mm
         moe_call(p)
     decisions = json.loads(cache.read_text())["decisions"]
     experts = next(e for k, e in decisions.items() if k.startswith("expert_mlp|"))
-    names = [b for b in mk.available_backends("cuda") if dtype in backends.BACKEND_DTYPES[b]]
+    names = [b for b in mk.available_backends("cuda") if dtype in registry.BACKEND_DTYPES[b]]
     assert set(experts["ms"]) == set(names) and not experts["excluded"]
     assert experts["reference"] == ("grouped_mm" if "grouped_mm" in names else "reference")

@@ -1,6 +1,7 @@
-"""Backend selection (m2dino_kernels.selection) and the registry (m2dino_kernels.backends):
-availability per device, the selected name and its alias, the environment override, the
-one-time warning when the extension is missing, and auto resolution."""
+"""Backend selection (m2dino_kernels.selection) and the registry (m2dino_kernels.registry):
+availability per device, registering a backend, the selected name and its alias, the
+environment override, the one-time warning when the extension is missing, and auto
+resolution."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import m2dino_kernels as mk
-from m2dino_kernels import backends, selection
+from m2dino_kernels import backends, contract, registry, selection
 
 HAS_C = importlib.util.find_spec("m2dino_kernels._C") is not None
 
@@ -34,14 +35,15 @@ def test_reference_is_always_available_and_first():
 
 def test_cpu_availability_matches_what_is_installed():
     names = mk.available_backends("cpu")
-    assert ("cpp" in names) == (backends._C is not None)
+    assert ("cpp" in names) == (registry._C is not None)
     assert "cuda" not in names  # CUDA kernels never run on CPU tensors
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     has_triton = importlib.util.find_spec("triton") is not None
     assert ("triton" in names) == (interpreted and has_triton)
     # the library floor: offered wherever this torch's grouped_mm runs (it does on CPU here)
     assert ("grouped_mm" in names) == hasattr(torch.nn.functional, "grouped_mm")
-    assert backends.BACKEND_DTYPES["grouped_mm"] == (torch.float32, torch.bfloat16, torch.float16)
+    assert registry.BACKEND_DTYPES["grouped_mm"] == (torch.float32, torch.bfloat16, torch.float16)
+    assert backends.BACKEND_DTYPES is registry.BACKEND_DTYPES  # where callers found it before
 
 
 def test_set_get_and_use_backend_restore():
@@ -61,11 +63,16 @@ def test_set_get_and_use_backend_restore():
 
 
 def test_torch_is_an_alias_shown_as_reference():
-    """The old name selects the reference wherever a name is taken; what is shown (get_backend,
-    available_backends) is the canonical name, each backend once."""
+    """The old name selects the reference wherever a name is taken and runs it; what is shown
+    (get_backend, available_backends) is the canonical name, each backend once."""
     start = mk.get_backend()
+    problem = contract.moe_problem(6, 4, 3, 3, 2, 2)
+    with mk.use_backend("reference"):
+        want = contract.run_public_ops(problem.params(), problem.task_ids, 2, "gelu")[0]
     with mk.use_backend("torch"):
         assert mk.get_backend() == "reference"
+        got = contract.run_public_ops(problem.params(), problem.task_ids, 2, "gelu")[0]
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
     mk.set_backend("torch")
     try:
         assert mk.get_backend() == "reference"
@@ -73,7 +80,7 @@ def test_torch_is_an_alias_shown_as_reference():
         mk.set_backend(start)
     assert selection.resolve_backend("cpu", "torch") == "reference"
     assert "torch" not in mk.available_backends("cpu")
-    assert selection.BACKEND_ALIASES == {"torch": "reference"}
+    assert registry.BACKEND_ALIASES == {"torch": "reference"}
 
 
 @pytest.mark.parametrize("bad", ["numpy", "", "Torch", None, 3])
@@ -97,7 +104,7 @@ def test_auto_rule_per_device_type(monkeypatch):
     measures (or with M2DINO_KERNELS_AUTOTUNE=0, or under torch.compile before any
     measurement), takes the library path grouped_mm, else reference."""
     def auto(device_type, available, dtype=None):
-        monkeypatch.setitem(selection._available_cache, device_type, tuple(available))
+        monkeypatch.setitem(registry._available_cache, device_type, tuple(available))
         return selection.resolve_backend(device_type, "auto", dtype)
 
     assert auto("cpu", ("reference", "cpp", "triton", "grouped_mm")) == "cpp"
@@ -118,13 +125,61 @@ def test_unrunnable_backend_lists_those_that_can():
 
 
 def test_backend_modules_expose_the_protocol():
-    assert selection.BACKEND_NAMES == ("auto",) + backends.CONCRETE_BACKENDS
+    assert selection.BACKEND_NAMES == ("auto",) + registry.CONCRETE_BACKENDS
+    assert registry.backend_names() == selection.BACKEND_NAMES  # nothing registered
     for name in mk.available_backends("cpu"):
-        module = backends.backend_module(name)
+        module = registry.backend_module(name)
         for fn in ("route_forward", "route_backward", "experts_forward", "experts_backward"):
             assert callable(getattr(module, fn)), f"{name} lacks {fn}"
     with pytest.raises(ValueError, match="unknown concrete kernel backend 'auto'"):
-        backends.backend_module("auto")
+        registry.backend_module("auto")
+    assert registry.compiled_backends() == ("cpp", "cuda", "triton")
+
+
+def test_a_registered_backend_is_named_listed_and_runs():
+    """register_backend: the name is accepted wherever a backend is named, listed where its
+    devices are, runs through the public ops, may come first in CPU's `auto`; unregistering
+    takes it back out."""
+    import sys
+    import types
+
+    from m2dino_kernels import reference as ref
+
+    module = types.ModuleType("m2dino_test_registered_backend")
+    calls = []
+    def counted(name):
+        def call(*args):
+            calls.append(name)
+            return getattr(ref, name)(*args)
+        return call
+
+    for fn in ("route_forward", "route_backward", "experts_forward", "experts_backward"):
+        setattr(module, fn, counted(fn))
+    sys.modules[module.__name__] = module
+    registry.register_backend("mine", module.__name__, (torch.float32,), ("cpu",),
+                              compiled=False, preferred_on=("cpu",))
+    try:
+        assert "mine" in mk.available_backends("cpu") and "mine" in registry.backend_names()
+        assert registry.preferred_backends("cpu")[0] == "mine"
+        assert selection.resolve_backend("cpu", "auto", torch.float32) == "mine"
+        assert selection.resolve_backend("cpu", "auto", torch.float64) != "mine"  # its dtypes
+        problem = contract.moe_problem(6, 4, 3, 3, 2, 2)
+        with mk.use_backend("mine"):
+            contract.forward_backward(contract.run_public_ops, problem.params(), problem.task_ids,
+                                      2, "gelu")
+        assert set(calls) == {"route_forward", "route_backward", "experts_forward",
+                              "experts_backward"}
+        with pytest.raises(ValueError, match="is a built-in backend"):
+            registry.register_backend("cpp", module.__name__, (torch.float32,), ("cpu",))
+        with pytest.raises(ValueError, match="cannot name a backend"):
+            registry.register_backend("torch", module.__name__, (torch.float32,), ("cpu",))
+    finally:
+        registry.unregister_backend("mine")
+        sys.modules.pop(module.__name__)
+    assert "mine" not in mk.available_backends("cpu")
+    assert "mine" not in registry.preferred_backends("cpu")
+    with pytest.raises(ValueError, match="unknown kernel backend 'mine'"):
+        mk.set_backend("mine")
 
 
 def test_environment_variable_sets_the_default_and_is_validated():
@@ -136,6 +191,19 @@ def test_environment_variable_sets_the_default_and_is_validated():
     run = _python("import m2dino_kernels", M2DINO_KERNELS_BACKEND="fastest")
     assert run.returncode != 0
     assert "environment variable M2DINO_KERNELS_BACKEND: unknown kernel backend 'fastest'" in run.stderr
+
+
+def test_excluded_backends_are_left_out_everywhere():
+    code = ("import m2dino_kernels as mk\n"
+            "from m2dino_kernels.selection import resolve_backend\n"
+            "print(','.join(mk.available_backends('cpu')), resolve_backend('cpu', 'auto'))\n"
+            "mk.set_backend('cpp')\n"
+            "import torch; mk.task_topk_route(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), "
+            "torch.zeros(1, 2, 3), top_k=1)")
+    run = _python(code, M2DINO_KERNELS_EXCLUDE="cpp, grouped_mm", M2DINO_KERNELS_SELFTEST="0")
+    assert run.stdout.split() == ["reference", "reference"]
+    assert ("kernel backend 'cpp' cannot run on cpu tensors (left out by M2DINO_KERNELS_EXCLUDE); "
+            "available there: reference") in run.stderr
 
 
 def test_triton_on_cpu_needs_the_interpreter():

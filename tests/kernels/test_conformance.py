@@ -1,35 +1,25 @@
 """The backend conformance suite: every MoE kernel backend held to the same contract.
 
-Each backend is one parameter of BACKENDS per device it may run on (CPU; CUDA, skipped
-without a GPU; a backend that cannot run on a device here is skipped there). Held against
-the reference backend: the public ops forward and every gradient at edge-case shapes (one
-token, one expert, k = E, idle experts, tasks with no tokens, every token on one expert, 27
-tasks), the four protocol functions themselves (Routing fields exactly, saved activations,
-gradients), ties to the lower expert, the NaN policy, the empty batch, half precision,
-non-contiguous inputs, autocast, the torch.library registration (opcheck), a float64
-gradcheck where the backend takes float64 (its refusal where it does not), and every misuse
-of the public API raising a clear error before a kernel runs. A new backend is one entry in
-m2dino_kernels.backends' registry, and so one more parameter here.
+The contract itself is m2dino_kernels.contract (its check functions are what the self-test,
+`python -m m2dino_kernels.selftest`, runs in a child process per backend); this suite runs
+every check for every backend on every device it may run on (CPU; CUDA, skipped without a
+GPU; a backend that cannot run on a device here is skipped there): the public ops forward and
+every gradient at the edge cases (one token, one expert, k = E, idle experts, tasks with no
+tokens, every token on one expert, 27 tasks), the four protocol functions themselves (Routing
+fields exactly, saved activations, gradients), missing upstream gradients, ties to the lower
+expert, the NaN policy, the empty batch, half precision, non-contiguous inputs, autocast, the
+torch.library registration (opcheck), a float64 gradcheck where the backend takes float64
+(its refusal where it does not); and every misuse of the public API raising a clear error
+before a kernel runs. A new backend is one registry entry (m2dino_kernels.registry.
+register_backend), and so one more parameter here.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from moe_inputs import (
-    CASES,
-    GRAD_NAMES,
-    assert_close_all,
-    case_problem,
-    forward_backward,
-    make_problem,
-    random_moe_inputs,
-    run_api,
-)
 
 import m2dino_kernels as mk
-from m2dino_kernels import backends, selection
-from m2dino_kernels import reference as ref
-from m2dino_kernels.backends import ExpertWeights, Routing
+from m2dino_kernels import contract, registry
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -37,7 +27,7 @@ HAS_CUDA = torch.cuda.is_available()
 def _runs(name: str, device: str) -> bool:
     if device == "cuda" and not HAS_CUDA:
         return False
-    return name in selection.available_backends(device)
+    return name in registry.available_backends(device)
 
 
 def _param(name: str, device: str):
@@ -48,301 +38,107 @@ def _param(name: str, device: str):
     return pytest.param(name, device, marks=marks, id=f"{name}-{device}")
 
 
-# every concrete backend on every device it may run on (the GPU ones skipped without a GPU)
+# every registered backend on every device it may run on (the GPU ones skipped without a GPU)
 BACKENDS = [_param(name, device) for device in ("cpu", "cuda")
-            for name in backends.CONCRETE_BACKENDS]
-CPU_BACKENDS = [_param(name, "cpu") for name in backends.CONCRETE_BACKENDS]
-ACTIVATIONS = ["gelu", "swiglu"]
+            for name in registry.concrete_backends()]
+CPU_BACKENDS = [_param(name, "cpu") for name in registry.concrete_backends()]
+ACTIVATIONS = list(contract.ACTIVATIONS)
 
 
-def on(device, params):
-    return {n: t.to(device) for n, t in params.items()}
-
-
-def interpreter_bf16(backend: str, device: str) -> bool:
-    """The Triton interpreter's bf16 dot is wrong: bf16 triton is checked on GPU only."""
-    return backend == "triton" and device == "cpu"
-
-
-# ---------------------------------------------------------------------------------------
-# The public ops against the reference
-# ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(contract.CASES))
 def test_public_ops_match_reference(backend, device, case, activation):
-    params, task_ids, k = case_problem(case, activation)
-    params, task_ids = on(device, params), task_ids.to(device)
-    with mk.use_backend(backend):
-        got, got_grads = forward_backward(run_api, params, task_ids, k, activation)
-    with mk.use_backend("reference"):
-        want, want_grads = forward_backward(run_api, params, task_ids, k, activation)
-    assert_close_all(got, want, 1e-5, 1e-4, f"{backend} {case}/{activation}")
-    assert_close_all(got_grads, want_grads, 1e-4, 1e-4, f"{backend} grads {case}/{activation}")
-
-
-# ---------------------------------------------------------------------------------------
-# The four protocol functions against the reference's
-# ---------------------------------------------------------------------------------------
-def _random_like(tensors, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype).to(t.device)
-            for t in tensors]
-
-
-def _protocol_inputs(p):
-    return ExpertWeights(p["fc1_w"], p["fc1_b"], p["fc2_w"], p["fc2_b"])
+    contract.check_public_ops(backend, case, activation, device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("case", ["odd_dims", "idle_experts", "idle_tasks", "all_on_one_expert",
-                                  "27_tasks"])
+@pytest.mark.parametrize("case", contract.PROTOCOL_CASES)
 def test_protocol_functions_match_reference(backend, device, case, activation):
-    impl = backends.backend_module(backend)
-    T, D, H, E, NT, k, extra = CASES[case]
-    p = on(device, random_moe_inputs(T, D, H, E, NT, extra.get("bias_boost"),
-                                     extra.get("task_pool"), activation))
-    route_args = (p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], k)
-    got_route = impl.route_forward(*route_args)
-    want_route = ref.route_forward(*route_args)
-    assert isinstance(got_route, Routing) and got_route.top_k == k
-    for name in Routing._fields[:-1]:
-        got, want = getattr(got_route, name), getattr(want_route, name)
-        assert got.dtype == want.dtype and got.shape == want.shape, name
-        if got.dtype == torch.int64:
-            assert torch.equal(got, want), f"{case}: {name} differs"
-        else:
-            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
-    if case == "idle_experts":
-        assert (got_route.counts[3:] == 0).all()
-    if case == "all_on_one_expert":
-        assert got_route.counts.tolist() == [0, 0, T, 0]
-
-    # routing backward with random upstream gradients (the same routing on both sides)
-    grads = _random_like([got_route.logits, got_route.probs, got_route.weights], seed=1)
-    back = (*grads, p["x"], p["task_ids"], p["gate_weight"])
-    for got, want in zip(impl.route_backward(*back, True, got_route),
-                         ref.route_backward(*back, True, got_route)):
-        assert got.dtype == want.dtype
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert impl.route_backward(*back, False, got_route)[2] is None
-
-    weights = _protocol_inputs(p)
-    got_fwd = impl.experts_forward(p["x"], got_route, weights, activation)
-    want_fwd = ref.experts_forward(p["x"], got_route, weights, activation)
-    for name, got, want in zip(("y", "h_pre", "expert_out"), got_fwd, want_fwd):
-        assert got.dtype == want.dtype and got.shape == want.shape, name
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
-    (grad_y,) = _random_like([got_fwd[0]], seed=2)
-    got_x, got_rw, got_w = impl.experts_backward(grad_y, p["x"], got_route, weights, activation,
-                                                 *got_fwd[1:])
-    want_x, want_rw, want_w = ref.experts_backward(grad_y, p["x"], got_route, weights,
-                                                   activation, *want_fwd[1:])
-    assert isinstance(got_w, ExpertWeights)
-    for name, got, want in [("grad_x", got_x, want_x), ("grad_weights", got_rw, want_rw),
-                            *zip(ExpertWeights._fields, got_w, want_w)]:
-        assert got.dtype == want.dtype and got.shape == want.shape, name
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    contract.check_routing(backend, case, activation, device)
+    contract.check_experts(backend, case, activation, device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_missing_upstream_gradients_count_as_zero(backend, device):
-    """Only y (or only the routing weights) reaching the loss: the other gradients are zeros
-    the op makes, equal to the reference's."""
-    params, task_ids = make_problem(9, 8, 6, 4, 3, 2)
-    params, task_ids = on(device, params), task_ids.to(device)
-    results = {}
-    for name in ("reference", backend):
-        leaves = {n: t.clone().requires_grad_(True) for n, t in params.items()}
-        with mk.use_backend(name):
-            y, _, _, weights, _, _ = run_api(leaves, task_ids, 2, "gelu")
-            (y.square().sum() + weights[:, 0].sum()).backward()
-        results[name] = {n: leaves[n].grad for n in GRAD_NAMES}
-    assert_close_all(results[backend], results["reference"], 1e-4, 1e-4, backend)
+    contract.check_missing_upstream_gradients(backend, device)
 
 
-# ---------------------------------------------------------------------------------------
-# Ties, NaN, the empty batch
-# ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_ties_go_to_the_lower_expert(backend, device):
-    # zero gate: every expert has probability 1/E, so the top-k must be experts 0..k-1
-    x = torch.randn(5, 4, device=device)
-    with mk.use_backend(backend):
-        r = mk.task_topk_route(x, torch.tensor([0, 1, 0, 1, 1], device=device),
-                               torch.zeros(2, 6, 4, device=device), None, top_k=3)
-    assert r.experts.tolist() == [[0, 1, 2]] * 5
-    torch.testing.assert_close(r.weights.cpu(), torch.full((5, 3), 1 / 3))
-    # identical router rows for experts 1 and 3 of every task: they tie pairwise
-    p = on(device, random_moe_inputs(50, 6, 4, 5, 3))
-    p["gate_weight"][:, 3] = p["gate_weight"][:, 1]
-    p["gate_bias"][:, 3] = p["gate_bias"][:, 1]
-    with mk.use_backend(backend):
-        r = mk.task_topk_route(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], top_k=2)
-    experts = r.experts.cpu()
-    tied = (experts == 1).any(dim=1) & (experts == 3).any(dim=1)
-    only_one = (experts == 1).any(dim=1) ^ (experts == 3).any(dim=1)
-    assert tied.any() and only_one.any()
-    for t in tied.nonzero().flatten().tolist():  # both picked: 1 must come first
-        assert experts[t].tolist().index(1) < experts[t].tolist().index(3)
-    assert not (experts[only_one] == 3).any(), "a tie went to the higher expert index"
-    flat = experts.reshape(-1)
-    assert torch.equal(r.sorted_slots.cpu(), torch.sort(flat, stable=True).indices)
-    assert torch.equal(r.offsets.cpu()[1:], torch.cumsum(torch.bincount(flat, minlength=5), 0))
+    contract.check_ties(backend, device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_nan_propagates_and_experts_stay_in_range(backend, device):
-    params, task_ids = make_problem(8, 6, 5, 4, 2, 2)
-    params["x"][3, 2] = float("nan")
-    params["gate_weight"][task_ids[5], 1, 0] = float("inf")
-    params, task_ids = on(device, params), task_ids.to(device)
-    with mk.use_backend(backend):
-        y, _, probs, _, experts, routing = run_api(params, task_ids, 2, "gelu")
-    y, probs, experts, task_ids = y.cpu(), probs.cpu(), experts.cpu(), task_ids.cpu()
-    assert ((experts >= 0) & (experts < 4)).all()
-    assert routing.offsets[-1] == 16 and routing.counts.sum() == 16
-    assert torch.isnan(probs[3]).all() and torch.isnan(y[3]).all()
-    # the inf router row only touches tokens of its task; others stay finite
-    clean = (task_ids != task_ids[5]) & (torch.arange(8) != 3)
-    assert clean.any() and torch.isfinite(y[clean]).all(), "a bad token leaked into others"
+    contract.check_nan_policy(backend, device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_empty_batch(backend, device):
-    params, task_ids = make_problem(0, 6, 5, 3, 2, 2)
-    params, task_ids = on(device, params), task_ids.to(device)
-    leaves = {n: t.clone().requires_grad_(True) for n, t in params.items()}
-    with mk.use_backend(backend):
-        y, logits, _, _, _, routing = run_api(leaves, task_ids, 2, "gelu")
-        (y.sum() + logits.sum()).backward()
-    assert y.shape == (0, 6) and routing.offsets.tolist() == [0, 0, 0, 0]
-    assert routing.sorted_slots.numel() == 0
-    for name in GRAD_NAMES:
-        grad = leaves[name].grad
-        assert grad is not None and grad.shape == params[name].shape and (grad == 0).all(), name
+    contract.check_empty_batch(backend, device)
 
 
-# ---------------------------------------------------------------------------------------
-# Dtypes, layouts, autocast
-# ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_within_tolerance(backend, device, dtype):
-    if dtype == torch.bfloat16 and interpreter_bf16(backend, device):
+    if registry.interpreter_bf16(backend, device, dtype):
         pytest.skip("the Triton interpreter's bf16 dot is wrong: bf16 triton is GPU-only")
-    params, task_ids = make_problem(300, 40, 24, 8, 27, 2, dtype=dtype)
-    params, task_ids = on(device, params), task_ids.to(device)
-    params32 = {name: t.float() for name, t in params.items()}
-    with mk.use_backend(backend):
-        y, _, probs, weights, experts, _ = run_api(params, task_ids, 2, "gelu")
-    with mk.use_backend("reference"):
-        y32, _, probs32, _, experts32, _ = run_api(params32, task_ids, 2, "gelu")
-    assert y.dtype == dtype and probs.dtype == torch.float32 and weights.dtype == torch.float32
-    assert torch.equal(experts, experts32)  # the same inputs upcast exactly: the same choices
-    torch.testing.assert_close(probs, probs32, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(y.float(), y32, atol=3e-2, rtol=3e-2)
-    # the backward keeps the dtypes and stays within a few percent of the fp32 gradients
-    grads = {}
-    for name, p, backend_name in (("half", params, backend), ("fp32", params32, "reference")):
-        leaves = {n: t.clone().requires_grad_(True) for n, t in p.items()}
-        with mk.use_backend(backend_name):
-            run_api(leaves, task_ids, 2, "gelu")[0].float().square().sum().backward()
-        grads[name] = {n: leaves[n].grad for n in GRAD_NAMES}
-    for name in GRAD_NAMES:
-        got, want = grads["half"][name], grads["fp32"][name]
-        assert got.dtype == dtype, name
-        err = (got.float() - want).abs().max().item() / (want.abs().max().item() + 1e-6)
-        assert err < 3e-2, f"{name}: max error {err:.3g} of the gradient's scale"
+    contract.check_half_precision(backend, dtype, device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_non_contiguous_inputs(backend, device):
-    params, task_ids = make_problem(9, 6, 5, 4, 3, 2)
-    params, task_ids = on(device, params), task_ids.to(device)
-
-    def run_with_views(p, tids, k, act):
-        # leaf copies are contiguous; re-stride them so the API sees non-contiguous tensors
-        p = dict(p)
-        p["x"] = torch.stack([p["x"], p["x"]], dim=2)[:, :, 0]
-        p["fc1_weight"] = p["fc1_weight"].transpose(1, 2).contiguous().transpose(1, 2)
-        assert not p["x"].is_contiguous() and not p["fc1_weight"].is_contiguous()
-        return run_api(p, tids, k, act)
-
-    with mk.use_backend(backend):
-        got, got_grads = forward_backward(run_api, params, task_ids, 2, "gelu")
-        strided, strided_grads = forward_backward(run_with_views, params, task_ids, 2, "gelu")
-    assert_close_all(strided, got, 1e-6, 1e-5, f"{backend} non-contiguous")
-    assert_close_all(strided_grads, got_grads, 1e-6, 1e-5, f"{backend} non-contiguous grads")
+    contract.check_non_contiguous(backend, device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_autocast_does_not_recast_inside_the_ops(backend, device):
-    """Under a caller's autocast (the model's) the ops keep their dtypes: fp32 routing
-    outputs, fp32 accumulation, results equal to the same call without autocast."""
-    if interpreter_bf16(backend, device):
+    if registry.interpreter_bf16(backend, device, torch.bfloat16):
         pytest.skip("the Triton interpreter's bf16 dot is wrong: bf16 triton is GPU-only")
-    params, task_ids = make_problem(24, 16, 12, 4, 3, 2, dtype=torch.bfloat16)
-    params, task_ids = on(device, params), task_ids.to(device)
-    results = []
-    for enabled in (False, True):
-        leaves = {n: t.clone().requires_grad_(True) for n, t in params.items()}
-        with mk.use_backend(backend), torch.autocast(device, dtype=torch.bfloat16,
-                                                     enabled=enabled):
-            y, logits, probs, weights, _, _ = run_api(leaves, task_ids, 2, "gelu")
-            (y.float().square().sum() + probs.sum()).backward()
-        assert logits.dtype == probs.dtype == weights.dtype == torch.float32
-        assert y.dtype == torch.bfloat16
-        results.append((y.detach(), logits.detach(), {n: t.grad for n, t in leaves.items()}))
-    (y0, l0, g0), (y1, l1, g1) = results
-    torch.testing.assert_close(y1, y0, atol=0, rtol=0)
-    torch.testing.assert_close(l1, l0, atol=0, rtol=0)
-    for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], atol=0, rtol=0, msg=name)
+    contract.check_autocast(backend, device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gradcheck_float64_or_a_clear_refusal(backend, device, activation):
-    """float64 gradcheck of the whole public chain (routing + experts) through the custom ops
-    and their autograd; a backend without float64 refuses it, naming itself."""
-    params, task_ids = make_problem(6, 5, 3, 3, 2, 2, activation, dtype=torch.float64)
-    params, task_ids = on(device, params), task_ids.to(device)
-    if torch.float64 not in backends.BACKEND_DTYPES[backend]:
-        with mk.use_backend(backend), pytest.raises(
-                TypeError, match=f"backend {backend!r} does not support torch.float64"):
-            run_api(params, task_ids, 2, activation)
-        return
-    names = list(params)
-
-    def fn(*tensors):
-        y, logits, probs, weights, _, _ = run_api(dict(zip(names, tensors)), task_ids, 2,
-                                                  activation)
-        return y, logits, probs, weights
-
-    inputs = tuple(t.clone().requires_grad_(True) for t in params.values())
-    with mk.use_backend(backend):
-        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+    contract.check_gradcheck(backend, activation, device)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_opcheck_custom_ops(backend, device):
-    """Schema, fake (meta) implementation, autograd registration and AOT dispatch, on the
-    real outputs of each backend (which must match the fake shapes/dtypes and not alias)."""
-    for activation in ACTIVATIONS:
-        params, task_ids = make_problem(7, 6, 5, 3, 2, 2, activation)
-        p = {n: t.to(device).requires_grad_(True) for n, t in params.items()}
-        task_ids = task_ids.to(device)
-        route_args = (p["x"], task_ids, p["gate_weight"], p["gate_bias"], 2, backend)
-        torch.library.opcheck(torch.ops.m2dino.task_topk_route.default, route_args)
-        torch.library.opcheck(torch.ops.m2dino.task_topk_route.default,
-                              (p["x"], task_ids, p["gate_weight"], None, 1, backend))
-        routing = Routing.from_tensors(torch.ops.m2dino.task_topk_route.default(*route_args))
-        routing = routing._replace(weights=routing.weights.detach().requires_grad_(True))
-        weights = [p["fc1_weight"], p["fc1_bias"], p["fc2_weight"], p["fc2_bias"]]
-        torch.library.opcheck(torch.ops.m2dino.expert_mlp.default,
-                              (p["x"], routing.tensors(), weights, activation, backend))
+    contract.check_custom_ops(backend, device)
+
+
+def test_a_broken_backend_breaks_the_contract(monkeypatch):
+    """The checks can fail: the reference with y 10% off breaks check_public_ops and
+    check_experts, naming y and its error; one that drops a gradient breaks the gradient
+    checks."""
+    import sys
+    import types
+
+    from m2dino_kernels import reference as ref
+
+    wrong = types.ModuleType("m2dino_test_wrong_backend")
+    wrong.__dict__.update({n: getattr(ref, n) for n in ("route_forward", "route_backward",
+                                                        "experts_backward")})
+
+    def experts_forward(*args):
+        y, h_pre, expert_out = ref.experts_forward(*args)
+        return y * 1.1, h_pre, expert_out
+
+    wrong.experts_forward = experts_forward
+    monkeypatch.setitem(sys.modules, wrong.__name__, wrong)
+    registry.register_backend("wrong", wrong.__name__, (torch.float32,), ("cpu",), compiled=False)
+    try:
+        with pytest.raises(contract.ContractViolation, match=r"y: max \|difference\|"):
+            contract.check_public_ops("wrong", "odd_dims", "gelu")
+        with pytest.raises(contract.ContractViolation, match=r"experts odd_dims/gelu float32: y"):
+            contract.check_experts("wrong", "odd_dims", "gelu")
+        contract.check_routing("wrong", "odd_dims")  # its routing is the reference's
+    finally:
+        registry.unregister_backend("wrong")
 
 
 # ---------------------------------------------------------------------------------------
@@ -350,7 +146,8 @@ def test_opcheck_custom_ops(backend, device):
 # tensors: the validation runs before any kernel, the same for every device)
 # ---------------------------------------------------------------------------------------
 def _good():
-    return make_problem(6, 4, 3, 3, 2, 2)
+    problem = contract.moe_problem(6, 4, 3, 3, 2, 2)
+    return problem.params(), problem.task_ids
 
 
 def _route(params, good_task_ids, **override):

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_inputs import random_moe_inputs
 
-from m2dino_kernels import backends, selection
 from m2dino_kernels import reference as ref
-from m2dino_kernels.backends import ExpertWeights, Routing
+from m2dino_kernels import registry
+from m2dino_kernels.backends import Routing
+from m2dino_kernels.contract import moe_problem
 
-_C = backends._C
+_C = registry._C
 HAS_CUDA = torch.cuda.is_available()
-HAS_CUDA_EXT = (_C is not None and bool(getattr(_C, "with_cuda", False)) and HAS_CUDA)
+HAS_CUDA_EXT = HAS_CUDA and "cuda" in registry.available_backends("cuda")  # (not left out)
 NEEDS_EXT = pytest.mark.skipif(not HAS_CUDA_EXT, reason="needs a GPU and _C built with CUDA")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
 if HAS_CUDA_EXT:
@@ -30,7 +30,7 @@ if HAS_CUDA_EXT:
 PROTOCOL = [pytest.param("cuda", "1", id="cuda-grouped", marks=NEEDS_EXT),
             pytest.param("cuda", "0", id="cuda-loop", marks=NEEDS_EXT),
             pytest.param("grouped_mm", "1", id="grouped_mm", marks=pytest.mark.skipif(
-                not HAS_CUDA or "grouped_mm" not in selection.available_backends("cuda"),
+                not HAS_CUDA or "grouped_mm" not in registry.available_backends("cuda"),
                 reason="torch's grouped_mm does not run on this GPU"))]
 
 
@@ -56,15 +56,6 @@ CASES = {
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 6e-2)}
 
 
-def to(p, device, dtype=None):
-    return {n: (t.to(device, dtype) if (dtype is not None and t.is_floating_point())
-                else t.to(device)) for n, t in p.items()}
-
-
-def expert_weights(p):
-    return ExpertWeights(p["fc1_w"], p["fc1_b"], p["fc2_w"], p["fc2_b"])
-
-
 def close(got, want, dtype, what):
     atol, rtol = TOL[dtype]
     scale = want.abs().max().item() if want.numel() else 0.0
@@ -78,18 +69,19 @@ def close(got, want, dtype, what):
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_protocol_matches_reference(case, dtype, activation, backend, grouped, monkeypatch):
     monkeypatch.setenv("M2DINO_CUDA_GROUPED_MM", grouped)
-    ext = backends.backend_module(backend)
+    ext = registry.backend_module(backend)
     T, D, H, E, NT, k, boost, pool = CASES[case]
-    p_cpu = random_moe_inputs(T, D, H, E, NT, boost, pool, activation, dtype)
-    p = to(p_cpu, "cuda")
-    p64 = to(p_cpu, "cpu", torch.float64)
+    p_cpu = moe_problem(T, D, H, E, NT, k, activation, dtype=dtype, bias_boost=boost,
+                        task_pool=pool)
+    p = p_cpu.to("cuda")
+    p64 = p_cpu.to("cpu", torch.float64)
 
     # routing: logits/probs/weights vs the reference in float64; the permutation must be
     # the stable sort of the kernel's own expert choices, which must be a top-k of probs
-    route = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], k)
+    route = ext.route_forward(*p.route_args())
     route_cpu = Routing.from_tensors([t.cpu() for t in route.tensors()])
     logits, probs, weights, experts, counts, sorted_slots, offsets, _ = route_cpu
-    want = ref.route_forward(p64["x"], p64["task_ids"], p64["gate_weight"], p64["gate_bias"], k)
+    want = ref.route_forward(*p64.route_args())
     assert logits.dtype == probs.dtype == weights.dtype == torch.float32
     torch.testing.assert_close(logits.double(), want.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(probs.double(), want.probs, atol=1e-5, rtol=1e-4)
@@ -109,19 +101,19 @@ def test_cuda_protocol_matches_reference(case, dtype, activation, backend, group
     gen = torch.Generator().manual_seed(1)
     g_logits, g_probs = (torch.randn(T, E, generator=gen) for _ in range(2))
     g_weights = torch.randn(T, k, generator=gen)
-    got = ext.route_backward(g_logits.cuda(), g_probs.cuda(), g_weights.cuda(), p["x"],
-                             p["task_ids"], p["gate_weight"], True, route)
+    got = ext.route_backward(g_logits.cuda(), g_probs.cuda(), g_weights.cuda(), p.x,
+                             p.task_ids, p.gate_weight, True, route)
     route64 = route_cpu._replace(logits=logits.double(), probs=probs.double(),
                                  weights=weights.double())
-    want = ref.route_backward(g_logits.double(), g_probs.double(), g_weights.double(), p64["x"],
-                              p64["task_ids"], p64["gate_weight"], True, route64)
+    want = ref.route_backward(g_logits.double(), g_probs.double(), g_weights.double(), p64.x,
+                              p64.task_ids, p64.gate_weight, True, route64)
     for name, g, w in zip(("grad_x", "grad_gate_weight", "grad_gate_bias"), got, want):
         assert g.dtype == dtype, name
         close(g, w, dtype, f"route_backward {name}")
 
     # experts forward/backward with the kernel's routing
-    args = (p["x"], route, expert_weights(p), activation)
-    args64 = (p64["x"], route64, expert_weights(p64), activation)
+    args = (p.x, route, p.expert_weights(), activation)
+    args64 = (p64.x, route64, p64.expert_weights(), activation)
     fwd = ext.experts_forward(*args)
     fwd64 = ref.experts_forward(*args64)
     for name, g, w in zip(("y", "h_pre", "expert_out"), fwd, fwd64):
@@ -146,12 +138,12 @@ def test_grouped_expert_gemms_make_no_host_sync(backend, grouped, activation, mo
     if not grouped_mm_on_device():
         pytest.skip("grouped_mm takes device offsets on sm90/sm100 only")
     monkeypatch.setenv("M2DINO_CUDA_GROUPED_MM", grouped)
-    module = backends.backend_module(backend)
-    p = to(random_moe_inputs(512, 64, 128, 8, 27, [0] * 7 + [-30], None, activation,
-                             torch.bfloat16), "cuda")
-    route = module.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
-    args = (p["x"], route, expert_weights(p), activation)
-    grad_y = torch.randn_like(p["x"])
+    module = registry.backend_module(backend)
+    p = moe_problem(512, 64, 128, 8, 27, 2, activation, dtype=torch.bfloat16, device="cuda",
+                    bias_boost=[0] * 7 + [-30])
+    route = module.route_forward(*p.route_args())
+    args = (p.x, route, p.expert_weights(), activation)
+    grad_y = torch.randn_like(p.x)
 
     def run():
         fwd = module.experts_forward(*args)
@@ -177,15 +169,15 @@ def test_grouped_expert_gemms_make_no_host_sync(backend, grouped, activation, mo
 
 @NEEDS_EXT
 def test_cuda_routing_reads_nothing_out_of_bounds_on_bad_task_ids():
-    p = to(random_moe_inputs(64, 32, 24, 8, 5, None, None, "gelu", torch.float32), "cuda")
+    p = moe_problem(64, 32, 24, 8, 5, 2, device="cuda")
     # Straight into the extension (bypassing moe.py's range check): an out-of-range task id
     # must not read out of bounds; that token gets NaN routing and valid experts.
-    bad = p["task_ids"].clone()
+    bad = p.task_ids.clone()
     bad[3] = 1000
-    route = ext.route_forward(p["x"], bad, p["gate_weight"], p["gate_bias"], 2)
+    route = ext.route_forward(p.x, bad, p.gate_weight, p.gate_bias, 2)
     torch.cuda.synchronize()
     experts = route.experts.cpu()
     assert ((experts >= 0) & (experts < 8)).all()
     assert torch.isnan(route.probs[3]).all() and torch.isfinite(route.probs[torch.arange(64) != 3]).all()
     with pytest.raises(RuntimeError, match="is on"):
-        ext.route_forward(p["x"], p["task_ids"].cpu(), p["gate_weight"], p["gate_bias"], 2)
+        ext.route_forward(p.x, p.task_ids.cpu(), p.gate_weight, p.gate_bias, 2)

@@ -7,34 +7,34 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_inputs import random_moe_inputs
 
-from m2dino_kernels import backends, selection
+from m2dino_kernels import registry
+from m2dino_kernels.contract import moe_problem
 
-_C = backends._C
+_C = registry._C
 NEEDS_C = pytest.mark.skipif(_C is None, reason="m2dino_kernels._C is not built")
 if _C is not None:
     from m2dino_kernels import extension as ext
 # the backends whose public API runs with a frozen input and under checkpointing here
 PROTOCOL_BACKENDS = [pytest.param("cpp", marks=NEEDS_C),
                      pytest.param("grouped_mm", marks=pytest.mark.skipif(
-                         "grouped_mm" not in selection.available_backends("cpu"),
+                         "grouped_mm" not in registry.available_backends("cpu"),
                          reason="this torch's grouped_mm does not run on CPU"))]
 
 
 def expert_args(p, route, activation):
     """The extension's flat experts_forward arguments for a Routing."""
-    return (p["x"], route.weights, route.experts, route.sorted_slots, route.offsets, p["fc1_w"],
-            p["fc1_b"], p["fc2_w"], p["fc2_b"], activation)
+    return (p.x, route.weights, route.experts, route.sorted_slots, route.offsets, *p.expert_weights(),
+            activation)
 
 
 # ---------------------------------------------------------------------------------------
 # Misuse raises RuntimeError (never a crash)
 # ---------------------------------------------------------------------------------------
 def _route_args(**override):
-    p = random_moe_inputs(6, 4, 3, 3, 2)
-    args = dict(x=p["x"], task_ids=p["task_ids"], gate_weight=p["gate_weight"],
-                gate_bias=p["gate_bias"], top_k=2)
+    p = moe_problem(6, 4, 3, 3, 2)
+    args = dict(x=p.x, task_ids=p.task_ids, gate_weight=p.gate_weight, gate_bias=p.gate_bias,
+                top_k=2)
     args.update(override)
     return args
 
@@ -64,8 +64,8 @@ def test_route_forward_misuse_raises(override, message):
 
 
 def _expert_args(activation="gelu", **override):
-    p = random_moe_inputs(6, 4, 3, 3, 2, activation=activation)
-    route = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
+    p = moe_problem(6, 4, 3, 3, 2, 2, activation)
+    route = ext.route_forward(*p.route_args())
     names = ("x", "weights", "experts", "sorted_slots", "offsets", "fc1_w", "fc1_b", "fc2_w",
              "fc2_b", "activation")
     args = dict(zip(names, expert_args(p, route, activation)))
@@ -113,18 +113,18 @@ def test_backward_misuse_raises():
         _C.experts_backward(torch.ones_like(y), *args.values(), h_pre[:-1].contiguous(), expert_out)
     with pytest.raises(RuntimeError, match="grad_y must have shape"):
         _C.experts_backward(torch.ones(5, 4), *args.values(), h_pre, expert_out)
-    p = random_moe_inputs(6, 4, 3, 3, 2)
-    route = ext.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
+    p = moe_problem(6, 4, 3, 3, 2)
+    route = ext.route_forward(*p.route_args())
     logits, probs, weights, experts = route.logits, route.probs, route.weights, route.experts
     bad_experts = experts.clone()
     bad_experts[2, 1] = 7
     with pytest.raises(RuntimeError, match=r"experts.view\(-1\)\[5\] = 7 is out of range"):
         _C.route_backward(torch.zeros_like(logits), torch.zeros_like(probs),
-                          torch.zeros_like(weights), p["x"], p["task_ids"], p["gate_weight"],
+                          torch.zeros_like(weights), p.x, p.task_ids, p.gate_weight,
                           True, probs, weights, bad_experts)
     with pytest.raises(RuntimeError, match="grad_probs must have shape"):
         _C.route_backward(torch.zeros_like(logits), torch.zeros(6, 2), torch.zeros_like(weights),
-                          p["x"], p["task_ids"], p["gate_weight"], True, probs, weights, experts)
+                          p.x, p.task_ids, p.gate_weight, True, probs, weights, experts)
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,16 +140,16 @@ def test_public_api_frozen_input_and_checkpointing(checkpointed, backend):
 
     import m2dino_kernels as mk
 
-    p = random_moe_inputs(40, 16, 12, 4, 3)
+    p = moe_problem(40, 16, 12, 4, 3)
     results = {}
     for name in ("reference", backend):
-        experts = {n: p[n].clone().requires_grad_(True) for n in ("fc1_w", "fc1_b", "fc2_w", "fc2_b")}
-        x = p["x"].clone().requires_grad_(checkpointed)
+        experts = {n: getattr(p, n).clone().requires_grad_(True)
+                   for n in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")}
+        x = p.x.clone().requires_grad_(checkpointed)
 
         def block(x, experts=experts):
-            r = mk.task_topk_route(x, p["task_ids"], p["gate_weight"], p["gate_bias"], top_k=2)
-            return mk.expert_mlp(x, r, experts["fc1_w"], experts["fc1_b"], experts["fc2_w"],
-                                 experts["fc2_b"])
+            r = mk.task_topk_route(x, p.task_ids, p.gate_weight, p.gate_bias, top_k=2)
+            return mk.expert_mlp(x, r, **experts)
 
         with mk.use_backend(name):
             y = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)

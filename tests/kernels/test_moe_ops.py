@@ -1,84 +1,49 @@
-"""MoE ops: the reference against an independent per-token loop, the routing's permutation
-fields, the naive baseline, the library floor's host reads, backend availability errors,
-optional biases, torch.compile tracing, the auxiliary losses and the CUDA-only properties.
-What every backend must satisfy (matching the reference, ties, NaN, the empty batch, dtypes,
-gradcheck, opcheck, misuse errors) is tests/kernels/test_conformance.py."""
+"""MoE ops: the reference against the independent loop oracle (conftest.py), the routing's
+permutation fields, the naive baseline, the library floor's host reads, backend availability
+errors, optional biases, torch.compile tracing, the auxiliary losses and the CUDA-only
+properties. What every backend must satisfy (matching the reference, ties, NaN, the empty
+batch, dtypes, gradcheck, opcheck, misuse errors) is tests/kernels/test_conformance.py."""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from moe_inputs import CASES, assert_close_all, case_problem, forward_backward, make_problem, random_moe_inputs, run_api
 
 import m2dino_kernels as mk
-from m2dino_kernels import backends, selection
-from m2dino_kernels.backends import ExpertWeights
+from m2dino_kernels import contract, registry, selection
+from m2dino_kernels.contract import forward_backward, require_all_close, run_public_ops
 from m2dino_kernels.reference import naive_task_moe
 
 CPU_BACKENDS = mk.available_backends("cpu")
 
 
 # ---------------------------------------------------------------------------------------
-# Problem construction and the independent oracle
-# ---------------------------------------------------------------------------------------
-def loop_oracle(p, task_ids, k, activation):
-    """Token by token, in the input dtype, with Python-level top-k (ties to the lower
-    index). Returns y, logits, probs, weights, experts; differentiable by autograd."""
-    T, _ = p["x"].shape
-    E = p["gate_weight"].shape[1]
-    ys, logits_rows, probs_rows, weight_rows, expert_rows = [], [], [], [], []
-    for t in range(T):
-        task = int(task_ids[t])
-        logits = p["gate_weight"][task] @ p["x"][t] + p["gate_bias"][task]
-        probs = torch.softmax(logits, dim=0)
-        values = probs.tolist()
-        chosen = sorted(range(E), key=lambda e: (-values[e], e))[:k]
-        top = probs[chosen]
-        weights = top / top.sum()
-        y = 0
-        for j, e in enumerate(chosen):
-            h = p["fc1_weight"][e] @ p["x"][t] + p["fc1_bias"][e]
-            if activation == "gelu":
-                act = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
-            else:
-                a, b = h.chunk(2)
-                act = a * torch.sigmoid(a) * b
-            y = y + weights[j] * (p["fc2_weight"][e] @ act + p["fc2_bias"][e])
-        ys.append(y)
-        logits_rows.append(logits)
-        probs_rows.append(probs)
-        weight_rows.append(weights)
-        expert_rows.append(torch.tensor(chosen))
-    return (torch.stack(ys), torch.stack(logits_rows), torch.stack(probs_rows),
-            torch.stack(weight_rows), torch.stack(expert_rows))
-
-
-# ---------------------------------------------------------------------------------------
 # The reference itself
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_reference_matches_per_token_loop(case, activation):
-    params, task_ids, k = case_problem(case, activation, dtype=torch.float64)
+@pytest.mark.parametrize("case", list(contract.CASES))
+def test_reference_matches_the_loop_oracle(case, activation, loop_oracle):
+    problem = contract.case_problem(case, activation, dtype=torch.float64)
+    params, task_ids, k = problem.params(), problem.task_ids, problem.top_k
     with mk.use_backend("reference"):
-        got, got_grads = forward_backward(run_api, params, task_ids, k, activation)
+        got, got_grads = forward_backward(run_public_ops, params, task_ids, k, activation)
     want, want_grads = forward_backward(loop_oracle, params, task_ids, k, activation)
-    assert_close_all(got, want, 1e-10, 1e-10, f"reference {case}/{activation}")
-    assert_close_all(got_grads, want_grads, 1e-10, 1e-10, f"reference grads {case}/{activation}")
+    require_all_close(got, want, 1e-10, 1e-10, f"reference {case}/{activation}")
+    require_all_close(got_grads, want_grads, 1e-10, 1e-10, f"reference grads {case}/{activation}")
 
 
 def test_edge_case_routing_is_what_the_case_says():
-    params, task_ids, k = case_problem("idle_experts", "gelu")
-    routing = run_api(params, task_ids, k, "gelu")[-1]
-    assert routing.counts[3:].sum() == 0 and routing.counts.sum() == task_ids.numel() * k
-    params, task_ids, k = case_problem("all_on_one_expert", "gelu")
-    routing = run_api(params, task_ids, k, "gelu")[-1]
-    assert routing.counts.tolist() == [0, 0, task_ids.numel(), 0]
+    for case, expect in (("idle_experts", lambda c, n: c[3:].sum() == 0 and c.sum() == n * 2),
+                         ("all_on_one_expert", lambda c, n: c.tolist() == [0, 0, n, 0])):
+        problem = contract.case_problem(case)
+        routing = run_public_ops(problem.params(), problem.task_ids, problem.top_k, "gelu")[-1]
+        assert expect(routing.counts, problem.task_ids.numel()), (case, routing.counts)
 
 
-def test_routing_permutation_fields():
-    params, task_ids = make_problem(13, 8, 6, 5, 3, 2)
+def test_routing_permutation_fields(moe_problem):
+    problem = moe_problem(13, 8, 6, 5, 3, 2)
+    params, task_ids = problem.params(), problem.task_ids
     with mk.use_backend("reference"):
         r = mk.task_topk_route(params["x"], task_ids, params["gate_weight"], params["gate_bias"],
                                top_k=2)
@@ -93,11 +58,12 @@ def test_routing_permutation_fields():
 
 
 @pytest.mark.parametrize("split_experts", [False, True])
-def test_naive_baseline_matches_reference(split_experts):
-    params, task_ids = make_problem(20, 8, 6, 4, 5, 2)
+def test_naive_baseline_matches_reference(split_experts, moe_problem):
+    problem = moe_problem(20, 8, 6, 4, 5, 2)
+    params, task_ids = problem.params(), problem.task_ids
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     with mk.use_backend("reference"):
-        y_ref = run_api(leaves, task_ids, 2, "gelu")[0]
+        y_ref = run_public_ops(leaves, task_ids, 2, "gelu")[0]
     y_ref.square().sum().backward()
     expected = {k: v.grad for k, v in leaves.items()}
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
@@ -127,59 +93,51 @@ class _HostReads(torch.overrides.TorchFunctionMode):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_grouped_mm_backend_reads_nothing_on_the_host(activation):
+def test_grouped_mm_backend_reads_nothing_on_the_host(activation, moe_problem):
     """The library floor's four protocol functions, called directly (inside the custom ops a
     TorchFunctionMode sees nothing), read no tensor value on the host, idle experts included."""
     if "grouped_mm" not in CPU_BACKENDS:
         pytest.skip("this torch's grouped_mm does not run on CPU")
     from m2dino_kernels import grouped_mm as gmm
 
-    p = random_moe_inputs(37, 7, 5, 6, 4, [0, 0, 0, -30, -30, -30], None, activation)
-    params = ExpertWeights(p["fc1_w"], p["fc1_b"], p["fc2_w"], p["fc2_b"])
+    p = moe_problem(37, 7, 5, 6, 4, 2, activation, bias_boost=[0, 0, 0, -30, -30, -30])
+    params = p.expert_weights()
     with _HostReads() as reads:
-        routing = gmm.route_forward(p["x"], p["task_ids"], p["gate_weight"], p["gate_bias"], 2)
+        routing = gmm.route_forward(*p.route_args())
         gmm.route_backward(torch.ones_like(routing.logits), torch.ones_like(routing.probs),
-                           torch.ones_like(routing.weights), p["x"], p["task_ids"],
-                           p["gate_weight"], True, routing)
-        y, h_pre, expert_out = gmm.experts_forward(p["x"], routing, params, activation)
-        _, _, grads = gmm.experts_backward(torch.ones_like(y), p["x"], routing, params,
+                           torch.ones_like(routing.weights), p.x, p.task_ids,
+                           p.gate_weight, True, routing)
+        y, h_pre, expert_out = gmm.experts_forward(p.x, routing, params, activation)
+        _, _, grads = gmm.experts_backward(torch.ones_like(y), p.x, routing, params,
                                            activation, h_pre, expert_out)
     assert reads.seen == []
     assert (grads.fc1_weight[3:] == 0).all() and (grads.fc2_weight[3:] == 0).all()  # idle experts
 
 
-def test_unavailable_backend_names_the_ones_that_can_run():
-    params, task_ids = make_problem(6, 4, 3, 3, 2, 2)
+def test_unavailable_backend_names_the_ones_that_can_run(moe_problem):
+    problem = moe_problem(6, 4, 3, 3, 2, 2)
+    params, task_ids = problem.params(), problem.task_ids
     with mk.use_backend("cuda"), pytest.raises(
             ValueError, match=r"'cuda' cannot run on cpu tensors; available there: reference"):
         mk.task_topk_route(params["x"], task_ids, params["gate_weight"], None, top_k=2)
 
 
-def test_torch_is_an_alias_of_reference():
-    """The old name of the plain-PyTorch backend selects it and is shown by its new name."""
-    params, task_ids = make_problem(6, 4, 3, 3, 2, 2)
-    with mk.use_backend("reference"):
-        want = run_api(params, task_ids, 2, "gelu")[0]
-    with mk.use_backend("torch"):
-        assert mk.get_backend() == "reference"
-        torch.testing.assert_close(run_api(params, task_ids, 2, "gelu")[0], want, atol=0, rtol=0)
-    assert "torch" not in mk.available_backends("cpu") and mk.available_backends("cpu")[0] == "reference"
-
-
-def test_biases_may_be_none():
-    params, task_ids = make_problem(7, 6, 5, 3, 2, 2)
+def test_biases_may_be_none(moe_problem):
+    problem = moe_problem(7, 6, 5, 3, 2, 2)
+    params, task_ids = problem.params(), problem.task_ids
     with mk.use_backend("reference"):
         routing = mk.task_topk_route(params["x"], task_ids, params["gate_weight"], None, top_k=2)
         y = mk.expert_mlp(params["x"], routing, params["fc1_weight"], None, params["fc2_weight"], None)
         zero_bias = {**params, "gate_bias": torch.zeros(2, 3), "fc1_bias": torch.zeros(3, 5),
                      "fc2_bias": torch.zeros(3, 6)}
-        y_zero = run_api(zero_bias, task_ids, 2, "gelu")[0]
+        y_zero = run_public_ops(zero_bias, task_ids, 2, "gelu")[0]
     torch.testing.assert_close(y, y_zero)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+def test_torch_compile_fullgraph_matches_eager(moe_problem):
     torch._dynamo.reset()
-    params, task_ids = make_problem(12, 8, 6, 4, 3, 2)
+    problem = moe_problem(12, 8, 6, 4, 3, 2)
+    params, task_ids = problem.params(), problem.task_ids
 
     def moe_block(x, gate_weight, gate_bias, fc1_w, fc1_b, fc2_w, fc2_b):
         routing = mk.task_topk_route(x, task_ids, gate_weight, gate_bias, top_k=2)
@@ -259,8 +217,9 @@ def test_aux_losses_extremes():
     assert aux.z_loss.item() == pytest.approx(math.log(2) ** 2, rel=1e-6)
 
 
-def test_aux_losses_gradients_finite_with_idle_tasks():
-    params, task_ids = make_problem(10, 6, 5, 4, 6, 2, task_pool=[1, 4])
+def test_aux_losses_gradients_finite_with_idle_tasks(moe_problem):
+    problem = moe_problem(10, 6, 5, 4, 6, 2, task_pool=[1, 4])
+    params, task_ids = problem.params(), problem.task_ids
     leaves = {n: t.clone().requires_grad_(True) for n, t in params.items()}
     with mk.use_backend("reference"):
         routing = mk.task_topk_route(leaves["x"], task_ids, leaves["gate_weight"],
@@ -301,20 +260,16 @@ def test_aux_losses_reject_bad_arguments():
 CUDA_BACKENDS = mk.available_backends("cuda") if torch.cuda.is_available() else []
 
 
-def _to_cuda(params, task_ids, dtype=None):
-    return ({n: t.to("cuda", dtype or t.dtype) for n, t in params.items()}, task_ids.cuda())
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
-def test_cuda_routing_has_no_host_sync(backend):
-    params, task_ids = _to_cuda(*make_problem(128, 32, 16, 8, 27, 2))
-    module = backends.backend_module(backend)
-    module.route_forward(params["x"], task_ids, params["gate_weight"], params["gate_bias"], 2)
+def test_cuda_routing_has_no_host_sync(backend, moe_problem):
+    problem = moe_problem(128, 32, 16, 8, 27, 2, device="cuda")
+    module = registry.backend_module(backend)
+    module.route_forward(*problem.route_args())
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        module.route_forward(params["x"], task_ids, params["gate_weight"], params["gate_bias"], 2)
+        module.route_forward(*problem.route_args())
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -326,10 +281,11 @@ def test_cuda_auto_resolution():
     assert selection.resolve_backend("cuda", "auto") == expected
 
 
-def test_compiled_function_follows_a_backend_change():
+def test_compiled_function_follows_a_backend_change(moe_problem):
     # the selected backend is read at trace time: changing it must re-trace, not reuse
     torch._dynamo.reset()
-    params, task_ids = make_problem(5, 4, 3, 3, 2, 2)
+    problem = moe_problem(5, 4, 3, 3, 2, 2)
+    params, task_ids = problem.params(), problem.task_ids
 
     def route(x):
         return mk.task_topk_route(x, task_ids, params["gate_weight"], None, top_k=2).weights
@@ -342,10 +298,11 @@ def test_compiled_function_follows_a_backend_change():
         compiled(params["x"])
 
 
-def test_numpy_integer_top_k_is_accepted():
+def test_numpy_integer_top_k_is_accepted(moe_problem):
     import numpy as np
 
-    params, task_ids = make_problem(4, 4, 3, 3, 2, 2)
+    problem = moe_problem(4, 4, 3, 3, 2, 2)
+    params, task_ids = problem.params(), problem.task_ids
     with mk.use_backend("reference"):
         routing = mk.task_topk_route(params["x"], task_ids, params["gate_weight"], None,
                                      top_k=np.int64(2))

@@ -7,9 +7,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_moe_ops import assert_close_all, forward_backward, loop_oracle, run_api
 
 import m2dino_kernels as mk
+from m2dino_kernels.contract import forward_backward, moe_problem, require_all_close, run_public_ops
 
 OTHER_CPU_BACKENDS = [b for b in mk.available_backends("cpu") if b != "reference"]
 SKEWS = ("none", "one_hot_expert", "idle_experts", "exact_ties", "sharp")
@@ -30,33 +30,20 @@ def moe_problems(draw, max_tokens=24, max_dim=12, max_hidden=10):
 
 
 def build(spec, dtype):
-    """Tensors for a drawn spec. Skews: one expert favoured by a big bias, half the experts
-    starved, an all-zero router (every probability equal: exact ties), or sharp logits."""
-    gen = torch.Generator().manual_seed(spec["seed"])
-    T, D, H, E, NT = spec["T"], spec["D"], spec["H"], spec["E"], spec["NT"]
-    H1 = 2 * H if spec["activation"] == "swiglu" else H
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
-
-    pool = torch.tensor(spec["used_tasks"])
-    task_ids = pool[torch.randint(0, len(pool), (T,), generator=gen)]
-    gate_weight = rand(NT, E, D, scale=D ** -0.5)
-    gate_bias = rand(NT, E, scale=0.5)
-    skew = spec["skew"]
+    """The drawn spec's problem (params, task_ids). Skews: one expert favoured by a big bias,
+    half the experts starved, an all-zero router (every probability equal: exact ties), or
+    sharp logits."""
+    E, skew = spec["E"], spec["skew"]
+    boost = None
     if skew == "one_hot_expert":
-        gate_bias[:, int(torch.randint(0, E, (1,), generator=gen))] += 25
+        boost = [25.0 if e == spec["seed"] % E else 0.0 for e in range(E)]
     elif skew == "idle_experts":
-        gate_bias[:, E // 2:] -= 25
-    elif skew == "exact_ties":
-        gate_weight.zero_()
-        gate_bias.zero_()
-    elif skew == "sharp":
-        gate_weight *= 8
-    params = dict(x=rand(T, D), gate_weight=gate_weight, gate_bias=gate_bias,
-                  fc1_weight=rand(E, H1, D, scale=D ** -0.5), fc1_bias=rand(E, H1, scale=0.1),
-                  fc2_weight=rand(E, D, H, scale=H ** -0.5), fc2_bias=rand(E, D, scale=0.1))
-    return params, task_ids
+        boost = [0.0 if e < E // 2 else -25.0 for e in range(E)]
+    scale = {"exact_ties": 0.0, "sharp": 8.0}.get(skew, 1.0)
+    problem = moe_problem(spec["T"], spec["D"], spec["H"], E, spec["NT"], spec["k"],
+                          spec["activation"], dtype=dtype, task_pool=spec["used_tasks"],
+                          bias_boost=boost, gate_scale=scale, seed=spec["seed"])
+    return problem.params(), problem.task_ids
 
 
 def no_near_ties(params, task_ids, k):
@@ -74,20 +61,21 @@ def no_near_ties(params, task_ids, k):
     return not bool(((gaps > 0) & (gaps < 1e-4)).any())
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(spec=moe_problems())
-def test_reference_matches_loop_oracle(spec):
+def test_reference_matches_loop_oracle(spec, loop_oracle):
     params, task_ids = build(spec, torch.float64)
     k, act = spec["k"], spec["activation"]
     with mk.use_backend("reference"):
-        got, got_grads = forward_backward(run_api, params, task_ids, k, act)
+        got, got_grads = forward_backward(run_public_ops, params, task_ids, k, act)
     if spec["T"] == 0:
         assert got["y"].shape == (0, spec["D"])
         assert all(g is None or g.abs().sum() == 0 for g in got_grads.values())
         return
     want, want_grads = forward_backward(loop_oracle, params, task_ids, k, act)
-    assert_close_all(got, want, 1e-9, 1e-9, f"reference {spec}")
-    assert_close_all(got_grads, want_grads, 1e-9, 1e-9, f"reference grads {spec}")
+    require_all_close(got, want, 1e-9, 1e-9, f"reference {spec}")
+    require_all_close(got_grads, want_grads, 1e-9, 1e-9, f"reference grads {spec}")
 
 
 @pytest.mark.parametrize("backend", OTHER_CPU_BACKENDS)
@@ -99,13 +87,13 @@ def test_backend_matches_reference(backend, spec):
     k, act = spec["k"], spec["activation"]
     assume(no_near_ties(params, task_ids, k))
     with mk.use_backend(backend):
-        got, got_grads = forward_backward(run_api, params, task_ids, k, act)
+        got, got_grads = forward_backward(run_public_ops, params, task_ids, k, act)
     with mk.use_backend("reference"):
-        want, want_grads = forward_backward(run_api, params, task_ids, k, act)
-    assert_close_all(got, want, 1e-5, 1e-4, f"{backend} {spec}")
+        want, want_grads = forward_backward(run_public_ops, params, task_ids, k, act)
+    require_all_close(got, want, 1e-5, 1e-4, f"{backend} {spec}")
     if spec["T"] == 0:
         return
-    assert_close_all(got_grads, want_grads, 1e-4, 1e-4, f"{backend} grads {spec}")
+    require_all_close(got_grads, want_grads, 1e-4, 1e-4, f"{backend} grads {spec}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import pytest
-from triton_targets import has_triton_cuda_backend
 
 pytest.importorskip("triton")
 
@@ -26,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module", params=[90, 80, 86], ids=["sm_90", "sm_80", "sm_86"])
 def compiled(request, tmp_path_factory):
-    if not has_triton_cuda_backend():
+    if not kernel_inspect.cuda_target_available():
         pytest.skip("triton has no CUDA backend")
     out = tmp_path_factory.mktemp(f"inspect{request.param}") / "inspect.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -56,7 +55,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def launches():
     """{"<arch> <dtype>": [[shape, kernel, configs, pruned], ...]}: every launch the host code makes."""
-    if not has_triton_cuda_backend():
+    if not kernel_inspect.cuda_target_available():
         pytest.skip("triton has no CUDA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

@@ -276,7 +276,7 @@ def test_the_model_is_built_from_one_config(tmp_path):
     # the key layout of every checkpoint written before the config was a dataclass
     assert list(saved) == ["format_version", "name", "tasks", "num_experts", "top_k", "moe_layers", "img_size",
                            "neck_channels", "neck_layers", "router_init_std", "rope_rescale_coords",
-                           "backbone_overrides"]
+                           "backbone_overrides", "pretrained"]  # then where the weights started
     assert load_model(tmp_path / "m").config == direct.config
     with pytest.raises(TypeError, match="neck_channel"):
         create_model("dinov3_tiny", ["fetal_head"], neck_channel=8)

@@ -102,3 +102,88 @@ def python_blocks():
 def test_the_python_blocks_of_the_docs_run(block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # what a block writes lands here
     exec(compile(block, "<docs>", "exec"), {"__name__": "__docs__"})
+
+
+# ------------------------------------------------------------------ the pages agree with the code and each other
+
+ENTRY = ROOT / "m2dino" / "export" / "entry"
+TEXTS = PAGES + sorted(ENTRY.glob("*.md")) + sorted(ENTRY.glob("Dockerfile*"))
+
+
+def test_one_install_command_everywhere():
+    """Every install of this checkout is `pip install --no-build-isolation -e ...` (an isolated
+    build compiles the kernels against another torch)."""
+    seen = 0
+    for page in PAGES:
+        for line in page.read_text().splitlines():
+            for command in re.findall(r"pip install[^`&|\n]*", line):
+                if re.search(r"\s-e\s|\s-e$|\s\.(\s|$)|'\.\[", command + " "):
+                    seen += 1
+                    assert "--no-build-isolation" in command, f"{page.name}: {command}"
+    assert seen >= 6
+
+
+def test_the_kernel_backend_has_one_name():
+    """`reference` is the plain-PyTorch backend; `torch` appears only as its old alias."""
+    old_name = re.compile(r"`torch` (kernel )?backend|BACKEND=torch|backend=\"torch\"|backend='torch'")
+    for page in TEXTS:
+        text = page.read_text()
+        assert not old_name.search(text), f"{page.name}: {old_name.search(text).group(0)}"
+
+
+def test_every_section_starts_with_a_sentence():
+    """No section opens mid-sentence (a paragraph's start lost in an edit)."""
+    for page in PAGES:
+        lines = page.read_text().splitlines()
+        in_code = False
+        for i, line in enumerate(lines):
+            in_code ^= line.startswith("```")
+            if in_code or not line.startswith("#") or page.name == "README.md" and i == 0:
+                continue
+            following = next((n for n in lines[i + 1:] if n.strip()), "")
+            assert re.match(r"[A-Z0-9`|\[<*\-(\"]|```", following), f"{page.name}: {line!r}, then {following!r}"
+
+
+def test_relative_links_lead_to_files():
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name}: link to {target}"
+
+
+DATE = re.compile(r"20\d\d-\d\d-\d\d|\d{1,2} (January|February|March|April|May|June|July|August|September|October|"
+                  r"November|December) 20\d\d")
+COMMIT = re.compile(r"commit [0-9a-f]{7,40}\b")
+
+
+def sections(text: str) -> list[str]:
+    return re.split(r"\n(?=#{2,3} )", text)
+
+
+def quotes_measurements(block: str) -> bool:
+    """A table or an output block of measured numbers: several decimal numbers."""
+    return len(re.findall(r"(?<![\w.])[+-]?\d+\.\d{1,4}(?![\w.])", block)) >= 6
+
+
+def test_measured_numbers_state_their_commit_and_date():
+    """A number quoted from a run names the commit and the date of that run: a table or an
+    output block of numbers in its section, a bullet of README's results in the bullet."""
+    checked = 0
+    for page in PAGES:
+        for section in sections(page.read_text()):
+            blocks = re.findall(r"```\n.*?```", section, re.S) + re.findall(r"(?:^\|.*\n)+", section, re.M)
+            if any(quotes_measurements(b) for b in blocks):
+                checked += 1
+                assert COMMIT.search(section) and DATE.search(section), f"{page.name}: {section[:80]!r}"
+    assert checked >= 3
+    results = sections((ROOT / "README.md").read_text())
+    bullets = next(s for s in results if s.startswith("## Results so far")).split("\n- ")[1:]
+    for bullet in bullets:
+        if re.search(r"\d+(\.\d+)? ?(ms|s|min|%|x)\b", bullet):
+            assert COMMIT.search(bullet) and DATE.search(bullet), f"README results: {bullet[:80]!r}"
+
+
+def test_no_message_sends_a_user_to_a_file_they_may_not_have():
+    """The exported image holds no README or docs: the messages m2dino prints name none."""
+    for source in sorted((ROOT / "m2dino_kernels").rglob("*.py")) + sorted((ROOT / "m2dino").rglob("*.py")):
+        text = source.read_text()
+        assert "(see README.md)" not in text and "see the README" not in text, source.name

@@ -19,7 +19,8 @@ from m2dino.training.config import (
 # own config: the demo (model, data, schedule) must not change by a single value.
 DEMO_RUN = dict(
     data="synthetic", synthetic_scale=0.03, on_bad_sample="error", val_fraction=0.2, split_seed=None, tasks=None,
-    groups=None, paradigm="all", control="none", model="dinov3_tiny", pretrained=None, num_experts=4, top_k=2,
+    groups=None, paradigm="all", control="none", model="dinov3_tiny", pretrained=None, from_scratch=False,
+    num_experts=4, top_k=2,
     moe_layers=2,
     img_size=64, neck_channels=64, epochs=7, steps=None, min_steps=0, batch_size=16, lr=1.5e-3, head_lr_mult=3.0,
     weight_decay=0.05, warmup=0.05, grad_clip=1.0, batching="mixed", task_alpha=1.0, loss_weights={},

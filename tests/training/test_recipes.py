@@ -89,3 +89,22 @@ def test_every_recipe_says_what_it_is_for_and_needs():
     for name in PAPER_RECIPES:
         text = (RECIPES_DIR / f"{name}.yaml").read_text()
         assert "paper" in text and "ours" in text and "--pretrained" in text and "80 GB" in text
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_paper_recipe_says_which_weights_it_needs_and_refuses_to_start_without_them(name):
+    """The header names the official file of its preset and where Meta publishes it; the run's
+    check stops without --pretrained unless --from-scratch, naming the same."""
+    from m2dino.models.pretrained import OFFICIAL_FILES, RELEASE_PAGE
+    from m2dino.training.study import check_pretrained
+
+    config = parse_args(["--config", name])
+    header = "".join(line for line in find_config(name).read_text().splitlines(keepends=True)
+                     if line.startswith("#"))
+    official = OFFICIAL_FILES[config.model.name]
+    assert official in header and RELEASE_PAGE in header and "--from-scratch" in header
+    with pytest.raises(ValueError, match=official) as err:
+        check_pretrained(config)
+    assert RELEASE_PAGE in str(err.value) and "--from-scratch" in str(err.value)
+    check_pretrained(parse_args(["--config", name, "--from-scratch"]))  # random weights on purpose: allowed
+    check_pretrained(parse_args([]))  # the demo's own preset has no release: nothing needed

@@ -2,10 +2,11 @@
 data scale, with the MoE routing of every multi-task model.
 
 `generate_report(run_dirs, out_dir)` (and `python -m m2dino.report RUN_DIR... --out DIR`)
-reads each run directory's `<paradigm>/metrics.json` (and `<paradigm>/<model>/routing.json`
-where present; runs.py), computes every number (compute.py, where the definitions are) and the
-answers to the study's questions from them (answers.py), and writes `report.md`, `report.csv`
-(render.py), `report.json` and PNG plots (plots.py) into DIR.
+reads each run directory's `<paradigm>/metrics.json` (and `<paradigm>/<model>/routing.json`,
+per-image values and best.json where present; runs.py), computes every number (compute.py, where
+the definitions are; the per-task tests in change.py, the claims over tasks in tasklevel.py) and
+the answers to the study's questions from them (answers.py), and writes `report.md`,
+`report.csv` (render.py), `report.json` and PNG plots (plots.py) into DIR.
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from typing import Sequence
 
 from m2dino import io
 from m2dino.evaluation.report.answers import answers
+from m2dino.evaluation.report.change import DEFAULT_MARGINS
 from m2dino.evaluation.report.compute import DEFAULT_NEGATIVE_THRESHOLD, compute_report
 from m2dino.evaluation.report.plots import write_plots
 from m2dino.evaluation.report.render import render_csv, render_markdown
+from m2dino.evaluation.report.tasklevel import DEFAULT_CORRECTION
 
 
 def write_report(report: dict, out_dir: os.PathLike) -> dict[str, Path]:
@@ -33,21 +36,25 @@ def write_report(report: dict, out_dir: os.PathLike) -> dict[str, Path]:
 
 
 def build_report(run_dirs: Sequence[os.PathLike], scale_threshold: float | None = None,
-                 negative_threshold: float = DEFAULT_NEGATIVE_THRESHOLD, n_resamples: int = 1000) -> dict:
-    """Every number of the report (compute_report) and the answers computed from them."""
+                 negative_threshold: float = DEFAULT_NEGATIVE_THRESHOLD, n_resamples: int = 1000,
+                 correction: str = DEFAULT_CORRECTION, margins: dict | None = None) -> dict:
+    """Every number of the report (compute_report) and the answers computed from them.
+    correction: "bh" (Benjamini-Hochberg, the default), "holm" or "none", over every per-task test;
+    margins: non-inferiority margins in metric units ({"dice": 0.02, ...}; DEFAULT_MARGINS otherwise)."""
     report = compute_report(run_dirs, scale_threshold=scale_threshold, negative_threshold=negative_threshold,
-                            n_resamples=n_resamples)
+                            n_resamples=n_resamples, correction=correction, margins=margins)
     report["answers"] = answers(report)
     return report
 
 
 def generate_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, scale_threshold: float | None = None,
-                    negative_threshold: float = DEFAULT_NEGATIVE_THRESHOLD, n_resamples: int = 1000) -> dict:
+                    negative_threshold: float = DEFAULT_NEGATIVE_THRESHOLD, n_resamples: int = 1000,
+                    correction: str = DEFAULT_CORRECTION, margins: dict | None = None) -> dict:
     """Build and write the report (what `m2dino.train --paradigm all` calls); returns the report dict."""
-    report = build_report(run_dirs, scale_threshold, negative_threshold, n_resamples)
+    report = build_report(run_dirs, scale_threshold, negative_threshold, n_resamples, correction, margins)
     write_report(report, out_dir)
     return report
 
 
-__all__ = ["DEFAULT_NEGATIVE_THRESHOLD", "answers", "build_report", "compute_report", "generate_report",
-           "render_markdown", "write_report"]
+__all__ = ["DEFAULT_CORRECTION", "DEFAULT_MARGINS", "DEFAULT_NEGATIVE_THRESHOLD", "answers", "build_report",
+           "compute_report", "generate_report", "render_markdown", "write_report"]
