@@ -15,6 +15,11 @@ directory, predict's and export's --out): an flock on `folder/.m2dino.lock`, whi
 releases when the process dies, so a killed run never leaves a stale lock. A second writer
 stops at once (DirectoryBusyError naming the folder and the PID holding it).
 
+`claim_files(folder, planned, writer, overwrite)`: a command that writes named files into a
+user's folder (predict's and report's --out) replaces only files it wrote there itself, as
+listed in its marker file (`.m2dino-predictions.json`, `.m2dino-report.json`); a file at a planned name that it did not
+write stops it (InputError naming the file), or with the explicit flag the folder moves aside.
+
 Reading: `open_regular` opens regular files only (a FIFO named *.csv or *.json would block a
 plain open forever) and `file_kind` says what a path is when it is not one; `read_json` names
 the file in every error (missing, not UTF-8, invalid, nested too deeply, not the type asked for).
@@ -161,6 +166,56 @@ def move_aside(path) -> Path:
         n += 1
     path.rename(target)
     return target
+
+
+def files_written_by(folder: Path, writer: str, marker: str) -> frozenset:
+    """What an earlier `writer` wrote into `folder` (the list in its marker file; empty without one)."""
+    marker = Path(folder) / marker
+    try:
+        data = read_json(marker)
+    except (OSError, ValueError):
+        return frozenset()
+    files = data.get("files") if data.get("written_by") == writer else None
+    if not isinstance(files, list):
+        return frozenset()
+    return frozenset(f for f in files if isinstance(f, str)) | {marker.name}
+
+
+def claim_files(folder, planned, writer: str, marker: str, overwrite: bool, flag: str = "--out",
+                also_ours=frozenset()) -> frozenset:
+    """Make sure writing the `planned` files (relative names) into `folder` replaces only files
+    an earlier `writer` wrote there and nothing outside it (through a symlink).
+    Returns the files the earlier run wrote. A file it did not write: InputError naming it, or
+    (overwrite) the folder moves aside first. Call it under the folder's lock (lock_directory),
+    then record_files under the lock of the folder that is there now. also_ours: files known to
+    be the writer's without its list (what an older m2dino wrote, recognised by their content)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{flag} {folder} is a file, not a folder")
+    planned = sorted(set(planned) | {marker})
+    resolved = folder.resolve()
+    escaping = [f for f in planned if resolved not in (folder / f).resolve().parents]
+    if escaping:
+        raise InputError(f"{flag} {folder}: writing {escaping[0]!r} would go through a symlink out of the folder "
+                         f"({(folder / escaping[0]).resolve()}); choose another {flag}")
+    ours = files_written_by(folder, writer, marker) | frozenset(also_ours)
+    foreign = [f for f in planned if f not in ours and os.path.lexists(folder / f)]
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise InputError(f"{flag} {folder} holds files that {writer} would replace and did not write (its list, "
+                         f"{marker}, does not name them; an older m2dino kept no list): {shown}. "
+                         f"Choose another {flag}, or --overwrite to move the folder aside to "
+                         f"{folder}.old-<timestamp> (nothing is deleted)")
+    if foreign:
+        moved = move_aside(folder)
+        print(f"m2dino: --overwrite: moved {folder} aside to {moved}", file=sys.stderr)
+        return frozenset()
+    return ours
+
+
+def record_files(folder, writer: str, marker: str, files) -> None:
+    """Write the writer's marker: the files it writes into `folder` (claim_files reads it)."""
+    write_json(Path(folder) / marker, {"written_by": writer, "files": sorted(set(files) | {marker})})
 
 
 def write_bytes(path, data: bytes) -> Path:

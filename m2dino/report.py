@@ -25,7 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m2dino.report", description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by m2dino.train")
-    parser.add_argument("--out", required=True, help="folder for report.md, report.csv, report.json and plots")
+    parser.add_argument("--out", required=True,
+                        help="folder for report.md, report.csv, report.json and plots (other files there are kept)")
     parser.add_argument("--scale-threshold", type=float, default=None,
                         metavar="N", help="training size from which a task counts as data-rich (default: the median)")
     parser.add_argument("--negative-threshold", type=float, default=DEFAULT_NEGATIVE_THRESHOLD, metavar="T",
@@ -42,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="non-inferiority margins in the metric's units (pixels for mre and hd), e.g. "
                              "dice=0.05,mre=2 (default: " + ",".join(f"{k}={v:g}" for k, v in DEFAULT_MARGINS.items())
                              + ")")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="move --out aside (to OUT.old-<timestamp>) when it holds files at the report's names "
+                             "that no m2dino report wrote; nothing is deleted")
     args = parser.parse_args(argv)
     import yaml
 
@@ -50,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> None:
         report = generate_report(args.run_dirs, args.out, args.scale_threshold, args.negative_threshold,
-                                 args.bootstrap, correction=args.correction, margins=args.non_inferiority_margin)
+                                 args.bootstrap, correction=args.correction, margins=args.non_inferiority_margin,
+                                 overwrite=args.overwrite)
         print(render_markdown(report))
         print(f"report written to {Path(args.out) / 'report.md'}")
 

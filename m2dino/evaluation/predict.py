@@ -21,7 +21,6 @@ files in the folder are left alone.
 """
 from __future__ import annotations
 
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -231,42 +230,6 @@ def planned_files(rows: Sequence[PredictionRow], skipped: list[dict]) -> list[st
     return sorted(files)
 
 
-def files_written_before(out_dir: Path) -> frozenset:
-    """What an earlier m2dino.predict wrote into `out_dir` (its marker's list; empty without one)."""
-    try:
-        marker = io.read_json(out_dir / PREDICTIONS_MARKER)
-    except (OSError, ValueError):
-        return frozenset()
-    files = marker.get("files") if marker.get("written_by") == "m2dino.predict" else None
-    if not isinstance(files, list):
-        return frozenset()
-    return frozenset(f for f in files if isinstance(f, str)) | {PREDICTIONS_MARKER}
-
-
-def claim_out_dir(out_dir: Path, planned: list[str], overwrite: bool) -> frozenset:
-    """Make sure writing `planned` into out_dir replaces only files an earlier predict wrote
-    there and nothing outside it (a symlink inside); returns those earlier files. A file it did
-    not write: InputError naming it, or (overwrite) the folder moves aside first."""
-    resolved = out_dir.resolve()
-    escaping = [f for f in planned if resolved not in (out_dir / f).resolve().parents]
-    if escaping:
-        raise InputError(f"--out {out_dir}: writing {escaping[0]!r} would go through a symlink out of the folder "
-                         f"({(out_dir / escaping[0]).resolve()}); choose another --out")
-    ours = files_written_before(out_dir)
-    foreign = [f for f in planned if f not in ours and os.path.lexists(out_dir / f)]
-    if foreign and not overwrite:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise InputError(f"--out {out_dir} holds files that m2dino.predict would replace and did not write (its list, "
-                         f"{PREDICTIONS_MARKER}, does not name them; an older m2dino kept no list): {shown}. "
-                         f"Choose another --out, or --overwrite to move the folder aside to "
-                         f"{out_dir}.old-<timestamp> (nothing is deleted)")
-    if foreign:
-        moved = io.move_aside(out_dir)
-        print(f"m2dino: --overwrite: moved {out_dir} aside to {moved}", file=sys.stderr)
-        return frozenset()
-    return ours
-
-
 class PredictionImages(Dataset):
     """PredictionRows -> dataset items of DESIGN.md's shape (empty target), validation transform."""
 
@@ -344,10 +307,9 @@ def predict_folder(checkpoint, data_root, out_dir, split: str | None = None, bat
 
     planned = planned_files(rows, skipped)
     with io.lock_directory(out_dir, "m2dino.predict"):  # no other writer from the check to the last file
-        ours = claim_out_dir(out_dir, planned, overwrite)
+        ours = io.claim_files(out_dir, planned, "m2dino.predict", PREDICTIONS_MARKER, overwrite)
         with io.lock_directory(out_dir, "m2dino.predict"):  # the same lock, or the new folder's after a move
-            io.write_json(out_dir / PREDICTIONS_MARKER, {"written_by": "m2dino.predict",
-                                                         "files": sorted(ours | set(planned))})
+            io.record_files(out_dir, "m2dino.predict", PREDICTIONS_MARKER, ours | set(planned))
             report_skipped(skipped, out_dir, ours)
             counts = _predict_into(out_dir, model, model_specs, rows, wanted, device, batch_size, workers, progress,
                                    amp, tta)

@@ -335,3 +335,30 @@ def test_plots_grow_to_show_long_task_names(tmp_path):
             return image.size[0]
 
     assert width("s", "short") < width("fetal_abdomen_multi_with_a_very_long_name_indeed", "long")
+
+
+def test_report_out_replaces_only_its_own_files(run_dir, tmp_path, capsys):
+    """--out may hold anything; a file at one of the report's names that no m2dino report wrote
+    stops the command (exit 2, named, untouched) unless --overwrite, which moves the folder aside."""
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "report.md").write_text("my own notes")
+    (out / "keep.txt").write_text("mine too")
+    argv = [str(run_dir), "--out", str(out), "--bootstrap", "0"]
+    assert report_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "report.md" in err and "--overwrite" in err and "did not write" in err
+    assert (out / "report.md").read_text() == "my own notes" and sorted(p.name for p in out.iterdir()) == [
+        "keep.txt", "report.md"]
+    assert not list(tmp_path.glob(".notes.tmp-*"))  # the staging folder went
+    assert report_cli.main(argv + ["--overwrite"]) == 0
+    moved, = tmp_path.glob("notes.old-*")
+    assert (moved / "report.md").read_text() == "my own notes" and (moved / "keep.txt").is_file()
+    first = json.loads((out / R.REPORT_MARKER).read_text())["files"]
+    assert {"report.md", "report.csv", "report.json", R.REPORT_MARKER} <= set(first)
+    (out / "keep.txt").write_text("a user's file beside a report")
+    capsys.readouterr()
+    assert report_cli.main(argv) == 0  # its own files: replaced without a flag, the user's kept
+    assert (out / "keep.txt").read_text() == "a user's file beside a report"
+    (out / R.REPORT_MARKER).unlink()  # a report written by an m2dino that kept no list: recognised
+    assert report_cli.main(argv) == 0
