@@ -123,6 +123,8 @@ def test_report_has_the_section_only_on_the_synthetic_suite(simulate, tmp_path):
     assert "8 tests of the designed relations" in correction["families"]  # 2 pairs x 2 paradigms x 2 directions
     assert all("designed_truth" in item for item in report["answers"].values())
     assert "the designed conflict t01 / t05" in report["answers"]["RQ1"]["designed_truth"]
+    assert "agrees: a loss is shown" in report["answers"]["RQ1"]["designed_truth"]
+    assert "G1 holds a designed conflict" in report["answers"]["RQ5"]["designed_truth"]
     paths = write_report(report, tmp_path / "out")
     markdown = paths["markdown"].read_text()
     assert "## Designed vs measured transfer" in markdown and "**recovered**" in markdown

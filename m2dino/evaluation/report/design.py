@@ -231,14 +231,17 @@ def read_answers(report: dict) -> dict:
                   f"({tally('positive', 'au', cross_group=True)} under AU), and every conflict CG holds "
                   f"(under CG: {tally('conflict', 'cg')}; under AU: {tally('conflict', 'au')}); the design says "
                   f"nothing of stability itself.")
-    answer = ((report.get("answers") or {}).get("RQ5") or {}).get("answer", "")
+    guideline = (report.get("answers") or {}).get("RQ5") or {}
     rq5 = []
     for name in sorted({r["group"] for r, _, _ in conflicts if r["group"]}):
         # answers.py words a recommendation to aggregate as "<group>: train <paradigm> (..."
-        recommends = f"{name}: train " in answer
-        rq5.append(f"{name} holds a designed conflict and the guideline "
-                   + ("recommends aggregating it: disagrees with the design" if recommends
-                      else "does not recommend aggregating it: agrees with the design"))
+        if f"{name}: train " in guideline.get("answer", ""):
+            reading = "recommends aggregating it: disagrees with the design"
+        elif guideline.get("verdict") == "answered":
+            reading = "does not recommend aggregating it: agrees with the design"
+        else:
+            reading = "is inconclusive, so the design has nothing to check it against"
+        rq5.append(f"{name} holds a designed conflict and the guideline {reading}")
     out["RQ5"] = ("Read against the design: " + "; ".join(rq5) + "." if rq5 else
                   "Read against the design: no group with a designed conflict is in the run, so the design has no "
                   "guideline to check.")
