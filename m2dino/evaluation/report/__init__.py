@@ -20,6 +20,7 @@ from m2dino import io
 from m2dino.evaluation.report.answers import answers
 from m2dino.evaluation.report.change import DEFAULT_MARGINS
 from m2dino.evaluation.report.compute import DEFAULT_NEGATIVE_THRESHOLD, compute_report
+from m2dino.evaluation.report.design import read_answers
 from m2dino.evaluation.report.plots import write_plots
 from m2dino.evaluation.report.render import render_csv, render_markdown
 from m2dino.evaluation.report.tasklevel import DEFAULT_CORRECTION
@@ -76,6 +77,8 @@ def build_report(run_dirs: Sequence[os.PathLike], scale_threshold: float | None 
     report = compute_report(run_dirs, scale_threshold=scale_threshold, negative_threshold=negative_threshold,
                             n_resamples=n_resamples, correction=correction, margins=margins)
     report["answers"] = answers(report)
+    for rq, sentence in read_answers(report).items():  # on the synthetic suite: does its design agree?
+        report["answers"][rq]["designed_truth"] = sentence
     return report
 
 

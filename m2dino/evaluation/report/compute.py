@@ -46,6 +46,7 @@ from m2dino.evaluation.bootstrap import (
     task_seed,
 )
 from m2dino.evaluation.metrics import LOWER_IS_BETTER, METRIC_NAMES, as_float, nanmean
+from m2dino.evaluation.report import design as designed
 from m2dino.evaluation.report import tasklevel
 from m2dino.evaluation.report.change import (
     BOOTSTRAP_OVER_IMAGES,
@@ -203,7 +204,10 @@ def analyse(runs: Runs, scale_threshold: float | None = None,
                                       {p: {r: v for r, (v, _) in reps.items()} for p, reps in images.items()},
                                       fact["task_type"], num_classes)
 
-    against, family = per_task_tests(task_runs, paradigms, margins, level, correction, negative_threshold)
+    design = designed.find_design(runs.configs)  # the synthetic suite's design.json, None for real data
+    relations = designed.DesignedTransfer(design, tasks_out) if design else None
+    against, family = per_task_tests(task_runs, paradigms, margins, level, correction, negative_threshold,
+                                     relations.tests if relations else None)
     for view in against.values():
         _summaries(view, tasks_out, paradigms, n_resamples, level, correction, alpha)
 
@@ -228,16 +232,20 @@ def analyse(runs: Runs, scale_threshold: float | None = None,
     report["task_level_tests"] = [e for v in report["against"].values() for e in v["task_level_tests"]]
     report["group_table"] = group_table(tasks_out, paradigms, training)
     _compat_views(report)
+    if relations:  # the synthetic suite: its designed transfer read against the measured
+        report["designed_transfer"] = relations.to_json(alpha)
+        report["settings"]["designed_transfer"] = designed.settings(len(replicates))
     return report
 
 
 def per_task_tests(task_runs: dict, paradigms: list[str], margins: dict, level: float = DEFAULT_LEVEL,
                    correction: str = DEFAULT_CORRECTION,
-                   threshold: float = DEFAULT_NEGATIVE_THRESHOLD) -> tuple[dict, dict]:
+                   threshold: float = DEFAULT_NEGATIVE_THRESHOLD, more_tests=None) -> tuple[dict, dict]:
     """Every per-task test of the report: per reference, whether it is at chance on each task
     and every other paradigm's change against it, tested in one batch, adjusted as one family and
     flagged. ({reference: {"reference", "compared", "chance", "changes": {task: {paradigm:
-    Change}}}}, {"n_tests", "method"}); task_runs: {task_id: TaskRuns}."""
+    Change}}}}, {"n_tests", "method"}); task_runs: {task_id: TaskRuns}. more_tests(against): more
+    p-values of the family made from the changes (objects with p, given p_adjusted; design.py)."""
     references = [r for r in REFERENCES if r in paradigms]
     against, items, keys = {}, [], []
     for i, reference in enumerate(references):
@@ -252,22 +260,27 @@ def per_task_tests(task_runs: dict, paradigms: list[str], margins: dict, level: 
     for (reference, t, paradigm), change in zip(keys, compare_all(items, level)):
         view = against[reference]
         view["changes"].setdefault(t, {})[paradigm] = with_gap_share(change, view["chance"][t])
-    return against, _correct_per_task(against, correction, 1 - level, threshold)
+    extra = more_tests(against) if more_tests else []
+    return against, _correct_per_task(against, correction, 1 - level, threshold, extra)
 
 
 # ------------------------------------------------------------------------------ multiplicity
-def _correct_per_task(against: dict, correction: str, alpha: float, threshold: float) -> dict:
+def _correct_per_task(against: dict, correction: str, alpha: float, threshold: float, extra=()) -> dict:
     """Adjust every per-task p-value of every reference together, then flag (change.decide).
     One-sided (non-inferiority) p-values enter doubled: each test is then at alpha / 2 per side,
-    the lower bound of the two-sided 95% interval above -margin."""
+    the lower bound of the two-sided 95% interval above -margin. extra: more tests of the family
+    (p, and p_adjusted set here)."""
     changes = [c for view in against.values() for per_task in view["changes"].values() for c in per_task.values()]
     p_values = [c.p for c in changes] + [None if c.non_inferiority_p is None else min(1.0, 2 * c.non_inferiority_p)
-                                         for c in changes]
+                                         for c in changes] + [t.p for t in extra]
     adjusted = tasklevel.adjust(p_values, correction, alpha)
+    for test, p in zip(extra, adjusted[2 * len(changes):]):
+        test.p_adjusted = p
     for i, change in enumerate(changes):
         change.p_adjusted, change.non_inferiority_p_adjusted = adjusted[i], adjusted[len(changes) + i]
         decide(change, alpha, threshold)
-    return {"n_tests": sum(p is not None for p in p_values), "method": CORRECTION_NAMES[correction]}
+    return {"n_tests": sum(p is not None for p in p_values), "method": CORRECTION_NAMES[correction],
+            "n_design_tests": sum(t.p is not None for t in extra)}
 
 
 def _summaries(view: dict, tasks_out: dict, paradigms: list[str], n_resamples: int, level: float,
@@ -357,8 +370,10 @@ def _settings(scale: dict, threshold: float, n_resamples: int, level: float, cor
         "p_value_rule": P_VALUE_RULE,
         "correction": {"method": correction, "name": family["method"], "n_per_task_tests": family["n_tests"],
                        "families": "every per-task p-value of the report (changes and non-inferiority, every task, "
-                                   "paradigm and reference: one family); every test over tasks (RQ2-RQ4) of a "
-                                   "reference: a second family"},
+                                   "paradigm and reference: one family"
+                                   + (f", with the {family['n_design_tests']} tests of the designed relations"
+                                      if family.get("n_design_tests") else "")
+                                   + "); every test over tasks (RQ2-RQ4) of a reference: a second family"},
         "non_inferiority_margins": {m: float(v) for m, v in sorted(margins.items())},
         "non_inferiority_rule": ("non-inferior: H0 'effect <= -margin' rejected one-sided (its p doubled into the "
                                  "family, i.e. at alpha/2: the lower bound of the two-sided 95% interval above "

@@ -434,6 +434,37 @@ def _routing_section(report: dict) -> list[str]:
     return lines
 
 
+def _designed_section(report: dict) -> list[str]:
+    """On the synthetic suite: per group and designed pair, the designed relation next to CG's and
+    AU's measured change against TS, and the verdict per pair (design.py)."""
+    relations = report.get("designed_transfer")
+    if not relations:
+        return []
+    rule = report["settings"]["designed_transfer"]
+
+    def cell(entry: dict, paradigm: str) -> str:
+        measured = entry["paradigms"][paradigm]
+        if not measured.get("together"):
+            return "not trained together"
+        changes = "; ".join(f"{t} {_units(c['effect_units'], c['metric'])}{_units_interval(c['ci'], c['metric'])} "
+                            f"(p adj. {_p(c['p_adjusted'])})" for t, c in measured["tasks"].items())
+        if entry["level"] == "group":
+            return changes
+        return (f"**{measured['verdict']}** ({entry['expected']}: p adj. {_p(measured['p_designed_adjusted'])}; "
+                f"opposite: {_p(measured['p_opposite_adjusted'])}): {changes}")
+
+    rows = [[r["group"] or "across groups", "group" if r["level"] == "group" else " / ".join(r["tasks"]),
+             r["relation"], r["factor"] or "-", cell(r, "cg"), cell(r, "au")] for r in relations]
+    return (["", "## Designed vs measured transfer", "",
+             "The data is the synthetic suite, whose design.json declares which tasks transfer (docs/data.md). Per "
+             "clinical group (its tasks' changes) and per designed pair, the designed relation next to CG's and AU's "
+             "measured change against TS in the metric's units (95% interval; p adjusted with the per-task family), "
+             "and the verdict.", "", f"_Verdict rule: {rule['verdict_rule']}._", ""]
+            + ([f"**Caveat**: {rule['caveat']}.", ""] if rule.get("caveat") else [])
+            + _table(["group", "pair", "designed", "factor", "CG vs TS", "AU vs TS"], rows)
+            + ["", "Each answer at the end says whether the design agrees with it."])
+
+
 def _answers_section(report: dict) -> list[str]:
     if not report.get("answers"):
         return []
@@ -441,6 +472,8 @@ def _answers_section(report: dict) -> list[str]:
     for rq, item in report["answers"].items():
         lines += [f"**{rq}. {item['question']}** ({item['verdict']}) {item['answer']}", "", f"_Rule: {item['rule']}._",
                   ""]
+        if "designed_truth" in item:
+            lines += [item["designed_truth"], ""]
         if "control" in item:
             lines += [f"Against {label(CONTROL)}: **{item['control']}**. {item['control_answer']}", ""]
     if any("control" in item for item in report["answers"].values()):
@@ -455,7 +488,7 @@ def _against_references(section):
 
 SECTIONS = (_primary_table, _against_references(_effects_section), _against_references(_summaries_section),
             _task_level_section, _group_table_section, _type_metrics_section, _training_section, _capacity_section,
-            _all_metrics_section, _losses_section, _routing_section)
+            _all_metrics_section, _losses_section, _routing_section, _designed_section)
 
 
 def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
