@@ -59,6 +59,7 @@ def test_update_rule_first_copies_then_averages():
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
+@pytest.mark.slow
 def test_resume_mid_way_gives_the_uninterrupted_ema_bit_for_bit():
     batches = _batches()
     model = _model()
