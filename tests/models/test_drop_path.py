@@ -2,8 +2,8 @@
 per sample, identity at eval, bit-identical and RNG-silent at rate 0, checkpointing-safe."""
 import pytest
 import torch
+from test_moe_block import _randomised_tiny
 
-from m2dino.models import weights
 from m2dino.models.backbone import drop_path_rates
 from m2dino.models.m2dino import create_model
 from m2dino.models.moe import upcycle_backbone
@@ -11,16 +11,11 @@ from m2dino.models.moe import upcycle_backbone
 NUM_TASKS = 3
 
 
-def _backbone(moe_layers=2, **overrides):
-    """dinov3_tiny with non-trivial LayerScale and biases (init 1e-5 would hide every block)."""
+def _backbone(moe_layers=2):
+    """dinov3_tiny with non-trivial LayerScale and biases (init 1e-5 would hide every block),
+    MoE in its last `moe_layers` blocks with routers that spread the tokens."""
     torch.manual_seed(0)
-    model = weights.build_backbone("dinov3_tiny", **overrides)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "gamma" in name:
-                param.uniform_(0.3, 1.0)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.1)
+    model = _randomised_tiny()
     upcycle_backbone(model, NUM_TASKS, num_experts=4, top_k=2, moe_layers=moe_layers, router_init_std=0.5)
     return model
 
