@@ -41,9 +41,10 @@ def _train(model, optimizer, ema, batches):
         ema.update(model)
 
 
-def test_update_rule_first_copies_then_averages():
+@pytest.mark.parametrize("warmup", [False, True])
+def test_update_rule_first_copies_then_averages(warmup):
     model = torch.nn.Linear(3, 2).double()
-    ema = ModelEMA(model, DECAY)
+    ema = ModelEMA(model, DECAY, warmup=warmup)
     assert ema.updates == 0
     expected = None
     for step in range(4):
@@ -52,11 +53,20 @@ def test_update_rule_first_copies_then_averages():
             model.bias.fill_(-2.0 * step)
         ema.update(model)
         current = torch.cat([model.weight.flatten(), model.bias])
-        expected = current.clone() if expected is None else DECAY * expected + (1 - DECAY) * current
+        decay = min(DECAY, (1 + step) / (10 + step)) if warmup else DECAY
+        expected = current.clone() if expected is None else decay * expected + (1 - decay) * current
         got = torch.cat([ema.module.weight.flatten(), ema.module.bias])
         torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-14)
     assert ema.updates == 4
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_warmup_decay_spans_a_tenth_of_the_steps_until_the_decay_caps_it():
+    ema = ModelEMA(torch.nn.Linear(2, 2), 0.999, warmup=True)
+    assert ema.decay_at(1) == pytest.approx(2 / 11)
+    assert ema.decay_at(90) == pytest.approx(0.91)          # about 1 / (1 - 0.91) = 11 steps
+    assert ema.decay_at(10 ** 6) == 0.999                   # capped by the decay
+    assert ModelEMA(torch.nn.Linear(2, 2), 0.999).decay_at(1) == 0.999
 
 
 @pytest.mark.slow
@@ -64,12 +74,12 @@ def test_resume_mid_way_gives_the_uninterrupted_ema_bit_for_bit():
     batches = _batches()
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ema = ModelEMA(model, DECAY)
+    ema = ModelEMA(model, DECAY, warmup=True)
     _train(model, optimizer, ema, batches)
 
     first = _model()
     optimizer = torch.optim.AdamW(first.parameters(), lr=1e-3)
-    ema_first = ModelEMA(first, DECAY)
+    ema_first = ModelEMA(first, DECAY, warmup=True)
     _train(first, optimizer, ema_first, batches[:2])
     buffer = io.BytesIO()
     torch.save({"model": first.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema_first.state_dict()},
@@ -81,9 +91,9 @@ def test_resume_mid_way_gives_the_uninterrupted_ema_bit_for_bit():
     resumed.load_state_dict(saved["model"])
     optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-3)
     optimizer.load_state_dict(saved["optimizer"])
-    ema_resumed = ModelEMA(resumed, DECAY)
+    ema_resumed = ModelEMA(resumed, DECAY, warmup=True)
     ema_resumed.load_state_dict(saved["ema"])
-    assert saved["ema"]["decay"] == DECAY and ema_resumed.updates == 2
+    assert saved["ema"]["decay"] == DECAY and saved["ema"]["warmup"] and ema_resumed.updates == 2
     _train(resumed, optimizer, ema_resumed, batches[2:])
 
     assert ema_resumed.updates == ema.updates == 4
@@ -120,7 +130,7 @@ def test_evaluate_and_save_with_the_averaged_weights(tmp_path):
 
 def test_bad_decay_and_bad_state():
     model = torch.nn.Linear(2, 2)
-    for bad in (0.0, 1.0, 1.5, -0.1, "0.9"):
+    for bad in (0.0, 1.0, 1.5, -0.1, "0.9", True):
         with pytest.raises(ValueError, match=r"EMA decay must be in \(0, 1\)"):
             ModelEMA(model, bad)
     ema = ModelEMA(model, 0.99)
