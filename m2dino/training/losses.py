@@ -366,3 +366,23 @@ def accumulation_scales(micro_batch_tasks: Sequence[Sequence[str]], step_counts:
         scales.append(MicroBatchScales({t: float(n / counts[t]) * world_size for t, n in local.items()},
                                        len(tasks) / images))
     return scales
+
+
+def merge_logged(logged: Sequence[dict], micro_batch_tasks: Sequence[Sequence[str]]) -> dict:
+    """The step's {task_id: L_t, "aux/<name>": value} from its micro-batches' total_loss dicts:
+    each L_t the mean over the task's images of the step (its micro-batch values weighted by
+    their shares of the task's images), each aux value weighted by the micro-batch's share of
+    the images (as accumulation_scales weights it). One micro-batch returns its dict as is."""
+    if len(logged) != len(micro_batch_tasks):
+        raise ValueError(f"{len(logged)} logged dicts for {len(micro_batch_tasks)} micro-batches")
+    if len(logged) == 1:
+        return dict(logged[0])
+    counts = task_counts(micro_batch_tasks)
+    images = sum(len(tasks) for tasks in micro_batch_tasks)
+    merged: dict = {}
+    for values, tasks in zip(logged, micro_batch_tasks):
+        local = task_counts([tasks])
+        for key, value in values.items():
+            weight = len(tasks) / images if key.startswith("aux/") else local[key] / counts[key]
+            merged[key] = merged[key] + weight * value if key in merged else weight * value
+    return merged

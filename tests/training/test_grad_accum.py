@@ -7,7 +7,7 @@ import torch
 
 from m2dino.models.m2dino import create_model
 from m2dino.tasks import get_task
-from m2dino.training.losses import accumulation_scales, split_batch, task_counts, total_loss
+from m2dino.training.losses import accumulation_scales, merge_logged, split_batch, task_counts, total_loss
 
 # a batch of 7 in 3 micro-batches (3, 2, 2): IUGC only in the first, breast_3cls in all
 TASK_ORDER = ["breast_3cls", "IUGC", "cardiac_multi", "breast_3cls", "cardiac_multi", "breast_3cls",
@@ -71,6 +71,9 @@ def test_scales_by_hand_and_the_single_batch_case():
     assert task_counts(micro) == {"a": 3.0, "b": 1.0, "c": 2.0}
     with pytest.raises(ValueError, match=r"step_counts has no images of tasks \['c'\]"):
         accumulation_scales(micro, step_counts={"a": 3.0, "b": 1.0})
+    assert merge_logged([{"a": 0.5, "aux/z_loss": 2.0}], [["a"]]) == {"a": 0.5, "aux/z_loss": 2.0}
+    with pytest.raises(ValueError, match="1 logged dicts for 3 micro-batches"):
+        merge_logged([{"a": 0.5}], micro)
 
 
 def _head_leaves(g):
@@ -118,26 +121,32 @@ def test_accumulated_gradient_is_the_whole_batch_gradient_in_float64():
     specs = [get_task(t) for t in TASKS]
     weights = {"z_loss": 0.3, "load_balance": 0.0}
 
-    whole, _ = total_loss(_outputs(rows, leaves, aux, 0, len(TASK_ORDER)), targets, specs,
-                          loss_weights=LOSS_WEIGHTS, aux_weights=weights)
+    whole, whole_logged = total_loss(_outputs(rows, leaves, aux, 0, len(TASK_ORDER)), targets, specs,
+                                     loss_weights=LOSS_WEIGHTS, aux_weights=weights)
     expected = torch.autograd.grad(whole, params)
 
     parts = split_batch({"tasks": TASK_ORDER, "targets": targets}, 3)
     accumulated = [torch.zeros_like(p) for p in params]
     start = 0
     total = 0.0
+    logged = []
     for part, scales in zip(parts, accumulation_scales([p["tasks"] for p in parts])):
         end = start + len(part["tasks"])
-        loss, _ = total_loss(_outputs(rows, leaves, aux, start, end), part["targets"], specs,
+        loss, part_logged = total_loss(_outputs(rows, leaves, aux, start, end), part["targets"], specs,
                              loss_weights=LOSS_WEIGHTS, aux_weights=weights, task_scales=scales.task_scales,
                              aux_scale=scales.aux_scale)
         assert loss.dtype == torch.float64
+        logged.append(part_logged)
         total += loss.item()
         for acc, grad in zip(accumulated, torch.autograd.grad(loss, params, allow_unused=True)):
             if grad is not None:
                 acc += grad
         start = end
     assert total == pytest.approx(whole.item(), rel=1e-12)
+    merged = merge_logged(logged, [p["tasks"] for p in parts])  # the step's per-task losses, for the log
+    assert merged.keys() == whole_logged.keys()
+    for key, value in whole_logged.items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-12, atol=1e-14, msg=key)
     for got, want in zip(accumulated, expected):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
