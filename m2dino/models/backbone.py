@@ -17,6 +17,15 @@ mode only, by a random log-uniform factor in [1/R, R] (R = 2). Here it is an opt
 `rope_rescale_coords`, OFF by default: fine-tuning on fixed-size ultrasound images wants the
 same geometry in training and evaluation, and the augmentation was there to make the
 pretrained features scale-robust, which they already are. eval() is always deterministic.
+
+Stochastic depth (`drop_path_rate`, off by default), as the official blocks do it: in train()
+mode each residual branch (attention, then MLP) runs on a random subset of the batch's samples,
+`max(int(B * (1 - p)), 1)` of them drawn by `torch.randperm(B)`, and is added back to those rows
+only, scaled by B / subset (the dropped samples keep their input: per-sample stochastic depth
+that also skips the dropped samples' compute). The official backbone gives every block the same
+rate ("uniform"); "linear" ramps it from 0 at the first block to the rate at the last (DINOv2's
+and timm's fine-tuning rule). eval() is the identity; a rate of 0 runs the plain forward and
+draws no random number.
 """
 from __future__ import annotations
 
@@ -146,7 +155,7 @@ class Block(nn.Module):
     so with `task_conditioned = True` and receives the per-image task ids.
     """
 
-    def __init__(self, config: DinoV3Config):
+    def __init__(self, config: DinoV3Config, drop_path: float = 0.0):
         super().__init__()
         dim = config.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps)
@@ -156,19 +165,36 @@ class Block(nn.Module):
         ffn = SwiGLUFFN if config.ffn == "swiglu" else Mlp
         self.mlp = ffn(dim, config.mlp_hidden)
         self.ls2 = LayerScale(dim, config.layerscale_init)
+        self.sample_drop_ratio = drop_path  # the official name: stochastic depth's rate
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor],
-                task_ids: Optional[Tensor] = None, check_task_ids: bool = True) -> Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x), rope))
-        hidden = self.norm2(x)
+    def _mlp(self, hidden: Tensor, task_ids: Optional[Tensor], check_task_ids: bool) -> Tensor:
         if getattr(self.mlp, "task_conditioned", False):
             if task_ids is None:
                 raise ValueError("this block's MLP is a task-conditioned MoE: pass task_ids "
                                  "(LongTensor[B], one task index per image)")
-            hidden = self.mlp(hidden, task_ids, check_task_ids)
-        else:
-            hidden = self.mlp(hidden)
-        return x + self.ls2(hidden)
+            return self.mlp(hidden, task_ids, check_task_ids)
+        return self.mlp(hidden)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor],
+                task_ids: Optional[Tensor] = None, check_task_ids: bool = True) -> Tensor:
+        if self.training and self.sample_drop_ratio > 0.0:
+            return self._forward_drop_path(x, rope, task_ids, check_task_ids)
+        x = x + self.ls1(self.attn(self.norm1(x), rope))
+        return x + self.ls2(self._mlp(self.norm2(x), task_ids, check_task_ids))
+
+    def _forward_drop_path(self, x: Tensor, rope: tuple[Tensor, Tensor], task_ids: Optional[Tensor],
+                           check_task_ids: bool) -> Tensor:
+        """Each branch on a random subset of the samples, added back to them scaled by B / subset
+        (see the module doc). The RoPE tables have no batch dimension: every subset shares them."""
+        batch = x.shape[0]
+        kept = max(int(batch * (1 - self.sample_drop_ratio)), 1)
+        scale = batch / kept
+        rows = torch.randperm(batch, device=x.device)[:kept]
+        x = torch.index_add(x, 0, rows, self.ls1(self.attn(self.norm1(x[rows]), rope)), alpha=scale)
+        rows = torch.randperm(batch, device=x.device)[:kept]
+        subset_tasks = None if task_ids is None else task_ids[rows.to(task_ids.device)]
+        hidden = self._mlp(self.norm2(x[rows]), subset_tasks, check_task_ids)
+        return torch.index_add(x, 0, rows, self.ls2(hidden), alpha=scale)
 
 
 class PatchEmbed(nn.Module):
@@ -184,8 +210,24 @@ class PatchEmbed(nn.Module):
 # ---------------------------------------------------------------------------------------
 # The ViT
 # ---------------------------------------------------------------------------------------
+DROP_PATH_SCHEDULES = ("uniform", "linear")
+
+
+def drop_path_rates(rate: float, depth: int, schedule: str = "uniform") -> list[float]:
+    """Stochastic depth's rate of each of `depth` blocks: "uniform" (the official DINOv3 rule,
+    every block at `rate`) or "linear" (0 at the first block up to `rate` at the last)."""
+    if not (isinstance(rate, (int, float)) and 0.0 <= rate < 1.0):
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate!r}")
+    if schedule not in DROP_PATH_SCHEDULES:
+        raise ValueError(f"drop_path_schedule must be one of {DROP_PATH_SCHEDULES}, got {schedule!r}")
+    if schedule == "uniform" or depth == 1:
+        return [float(rate)] * depth
+    return [float(rate) * i / (depth - 1) for i in range(depth)]
+
+
 class DinoV3ViT(nn.Module):
-    def __init__(self, config: DinoV3Config, rope_rescale_coords: Optional[float] = None):
+    def __init__(self, config: DinoV3Config, rope_rescale_coords: Optional[float] = None,
+                 drop_path_rate: float = 0.0, drop_path_schedule: str = "uniform"):
         super().__init__()
         if config.ffn not in ("mlp", "swiglu"):
             raise ValueError(f"config.ffn must be 'mlp' or 'swiglu', got {config.ffn!r}")
@@ -207,7 +249,14 @@ class DinoV3ViT(nn.Module):
                                                 rope_rescale_coords)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.set_drop_path(drop_path_rate, drop_path_schedule)
         self._init_weights()
+
+    def set_drop_path(self, rate: float, schedule: str = "uniform") -> None:
+        """Stochastic depth at `rate` over the blocks by `schedule` (drop_path_rates); 0 turns
+        it off. A training setting, not part of the weights: set it on a loaded model too."""
+        for block, block_rate in zip(self.blocks, drop_path_rates(rate, len(self.blocks), schedule)):
+            block.sample_drop_ratio = block_rate
 
     def _init_weights(self):
         nn.init.normal_(self.cls_token, std=0.02)

@@ -58,9 +58,12 @@ def _as_task_specs(tasks) -> list[TaskSpec]:
 class M2DINO(nn.Module):
     """M2DINO for `tasks` with the hyperparameters of `config` (an M2DINOConfig); `pretrained`:
     a DINOv3 weights file for the dense backbone, loaded strictly before upcycling.
-    `model.config` is the resolved config (image size and neck layers filled in)."""
+    `model.config` is the resolved config (image size and neck layers filled in).
+    drop_path_rate / drop_path_schedule: the backbone's stochastic depth in training
+    (DinoV3ViT.set_drop_path; 0 = off), a training setting that checkpoints do not store."""
 
-    def __init__(self, config: M2DINOConfig, tasks, pretrained=None):
+    def __init__(self, config: M2DINOConfig, tasks, pretrained=None, drop_path_rate: float = 0.0,
+                 drop_path_schedule: str = "uniform"):
         super().__init__()
         if not isinstance(config, M2DINOConfig):
             raise TypeError(f"M2DINO(config, tasks): config must be an M2DINOConfig, got {type(config).__name__} "
@@ -70,6 +73,7 @@ class M2DINO(nn.Module):
         self.backbone = build_backbone(config.name, weights=pretrained,
                                        rope_rescale_coords=config.rope_rescale_coords,
                                        **config.backbone_overrides)
+        self.backbone.set_drop_path(drop_path_rate, drop_path_schedule)
         self.moe_layer_indices = upcycle_backbone(self.backbone, len(self.tasks), config.num_experts,
                                                   config.top_k, config.moe_layers, config.router_init_std)
         self.neck_layers = list(config.neck_layers)
@@ -232,12 +236,13 @@ POSTPROCESS = TaskTable("postprocess", {
 
 
 def create_model(name: str, tasks, pretrained=None, num_experts: int = 8, top_k: int = 2,
-                 moe_layers: int = 6, img_size: Optional[int] = None, **kwargs) -> M2DINO:
+                 moe_layers: int = 6, img_size: Optional[int] = None, drop_path_rate: float = 0.0,
+                 drop_path_schedule: str = "uniform", **kwargs) -> M2DINO:
     """M2DINO over backbone preset `name` (m2dino.models.backbone.PRESETS) for `tasks` (TaskSpecs or
     task ids of the registry). `pretrained`: a DINOv3 weights file for the dense backbone,
     loaded strictly before upcycling. Other keyword arguments are M2DINOConfig fields:
     neck_channels, neck_layers, router_init_std, rope_rescale_coords, backbone_overrides
-    (e.g. {"depth": 4})."""
+    (e.g. {"depth": 4}). drop_path_rate / drop_path_schedule: stochastic depth (see M2DINO)."""
     if name not in PRESETS:
         raise ValueError(f"unknown backbone preset {name!r}; choose one of {sorted(PRESETS)}")
     known = {f.name for f in fields(M2DINOConfig)} - {"name", "num_experts", "top_k", "moe_layers", "img_size"}
@@ -246,7 +251,8 @@ def create_model(name: str, tasks, pretrained=None, num_experts: int = 8, top_k:
         raise TypeError(f"create_model: unknown argument(s) {unknown}; M2DINOConfig fields: {sorted(known)}")
     config = M2DINOConfig(name=name, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers,
                           img_size=img_size, **kwargs)
-    return M2DINO(config, tasks, pretrained=pretrained)
+    return M2DINO(config, tasks, pretrained=pretrained, drop_path_rate=drop_path_rate,
+                  drop_path_schedule=drop_path_schedule)
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,10 +21,27 @@ normaliser (`task_scales`, default 1: the trainer's data-parallel share of the g
 and w_a from `aux_weights` (DEFAULT_AUX_WEIGHTS otherwise; the names are the MoE layers'
 AUX_NAMES). Aux terms of weight 0 are left out, not multiplied by 0 (a non-finite aux value
 then cannot poison the loss).
+
+Gradient accumulation: a step's batch of b images is cut into N consecutive micro-batches
+(`split_batch`), each forwarded and backpropagated on its own, the gradients adding up before
+one optimizer step. It is the step over the whole batch when micro-batch m's loss is
+total_loss(..., task_scales=s_m, aux_scale=a_m) with (`accumulation_scales`):
+- s_{t,m} = (n_{t,m} / N_t) * W. L_t is a mean over task t's samples, so over the whole batch
+  L_t = sum_m (n_{t,m} / n_t) L_t(m); a task absent from a micro-batch adds nothing there. N_t
+  counts task t over the whole step (every micro-batch of every rank) and W is the number of
+  ranks whose gradients DDP averages (1 alone): the normaliser the trainer already uses across
+  ranks, extended over the micro-batches. lambda_t multiplies as before.
+- a_m = b_m / b, the micro-batch's share of the rank's images. The router z-loss is a mean
+  over tokens (a fixed number per image), so it is exact. The load balance and the
+  mutual information are functions of the batch's routing statistics (products of per-expert
+  means, entropies) that no per-micro-batch weight reproduces: accumulated, they are the
+  size-weighted mean of the micro-batches' values, the estimate data parallelism already makes
+  (each rank's over its own batch, averaged over ranks). N micro-batches on one device are
+  exactly N data-parallel ranks with one micro-batch each.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,14 +55,20 @@ from m2dino.tasks import TaskTable, TaskType
 FOCAL_ALPHA, FOCAL_BETA = 2.0, 4.0
 
 
+def _wide(x: Tensor) -> Tensor:
+    """Losses run in fp32 at least: half-precision outputs (autocast) are upcast, float64 ones
+    (gradient checks) kept."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 # ---------------------------------------------------------------------------------------
 # Segmentation
 # ---------------------------------------------------------------------------------------
 def dice_loss(logits: Tensor, masks: Tensor, smooth: float = 1.0) -> Tensor:
     """1 - mean over (image, class) of (2|P∩G| + s) / (|P| + |G| + s), P = softmax."""
     num_classes = logits.shape[1]
-    probs = logits.float().softmax(dim=1)
-    onehot = F.one_hot(masks, num_classes).permute(0, 3, 1, 2).float()
+    probs = _wide(logits).softmax(dim=1)
+    onehot = F.one_hot(masks, num_classes).permute(0, 3, 1, 2).to(probs.dtype)
     intersection = (probs * onehot).sum(dim=(2, 3))
     total = probs.sum(dim=(2, 3)) + onehot.sum(dim=(2, 3))
     return 1.0 - ((2 * intersection + smooth) / (total + smooth)).mean()
@@ -57,14 +80,14 @@ def segmentation_loss(logits: Tensor, masks: Tensor) -> Tensor:
         raise ValueError(f"segmentation masks {list(masks.shape)} do not match logits "
                          f"{list(logits.shape)} (expected [n, H, W])")
     masks = masks.long()
-    return F.cross_entropy(logits.float(), masks) + dice_loss(logits, masks)
+    return F.cross_entropy(_wide(logits), masks) + dice_loss(logits, masks)
 
 
 # ---------------------------------------------------------------------------------------
 # Classification and landmarks
 # ---------------------------------------------------------------------------------------
 def classification_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    return F.cross_entropy(logits.float(), labels.long(), label_smoothing=label_smoothing)
+    return F.cross_entropy(_wide(logits), labels.long(), label_smoothing=label_smoothing)
 
 
 HEATMAP_KL_WEIGHT = 0.1
@@ -80,7 +103,7 @@ def heatmap_kl_loss(heatmaps: Tensor, target_points: Tensor, sigma_cells: float 
     dx = ((xs.view(1, 1, 1, w) - t[..., 0].view(n, k, 1, 1)) * w) ** 2
     dy = ((ys.view(1, 1, h, 1) - t[..., 1].view(n, k, 1, 1)) * h) ** 2
     target = (-(dx + dy) / (2 * sigma_cells ** 2)).flatten(2).softmax(-1)
-    log_p = heatmaps.float().flatten(2).log_softmax(-1)
+    log_p = _wide(heatmaps).flatten(2).log_softmax(-1)
     kl = (target * (target.clamp_min(1e-12).log() - log_p)).sum(-1)
     return kl.mean()
 
@@ -89,7 +112,8 @@ def landmark_loss(points: Tensor, target_points: Tensor) -> Tensor:
     if points.shape != target_points.shape:
         raise ValueError(f"target points {list(target_points.shape)} do not match predicted "
                          f"{list(points.shape)} (expected [n, K, 2])")
-    return F.l1_loss(points.float(), target_points.float())
+    points = _wide(points)
+    return F.l1_loss(points, target_points.to(points.dtype))
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,7 +153,7 @@ def centre_targets(boxes: Tensor, height: int, width: int):
 
 def focal_loss(heatmap_logits: Tensor, target: Tensor) -> Tensor:
     """CenterNet focal loss; positives are the cells where target == 1; / number of them."""
-    logits = heatmap_logits.float()
+    logits = _wide(heatmap_logits)
     log_p, log_not_p = F.logsigmoid(logits), F.logsigmoid(-logits)
     p = logits.sigmoid()
     positive = target == 1
@@ -145,16 +169,17 @@ def detection_loss(heatmap: Tensor, size: Tensor, offset: Tensor, boxes: Tensor,
     if boxes.shape != (heatmap.shape[0], 4):
         raise ValueError(f"target boxes must have shape [n, 4] = [{heatmap.shape[0]}, 4], "
                          f"got {list(boxes.shape)}")
-    boxes = boxes.float()
+    size, offset = _wide(size), _wide(offset)
+    boxes = boxes.to(size.dtype)
     height, width = heatmap.shape[-2:]
     target_heat, rows, cols, target_offset = centre_targets(boxes, height, width)
     batch = torch.arange(boxes.shape[0], device=boxes.device)
     target_size = boxes[:, 2:] - boxes[:, :2]
     parts = {
         "focal": focal_loss(heatmap, target_heat),
-        "size": F.l1_loss(size[batch, :, rows, cols].float(), target_size),
-        "offset": F.l1_loss(offset[batch, :, rows, cols].float(), target_offset),
-        "giou": (1 - generalized_iou(boxes_from_maps(size.float(), offset.float(), rows, cols),
+        "size": F.l1_loss(size[batch, :, rows, cols], target_size),
+        "offset": F.l1_loss(offset[batch, :, rows, cols], target_offset),
+        "giou": (1 - generalized_iou(boxes_from_maps(size, offset, rows, cols),
                                      boxes)).mean(),
     }
     loss = sum(parts.values())
@@ -236,7 +261,7 @@ def check_aux_weights(aux_weights: Optional[dict]) -> dict:
 
 def total_loss(outputs: dict, targets: list, tasks, loss_weights: Optional[dict] = None,
                aux_weights: Optional[dict] = None, label_smoothing: float = 0.0,
-               task_scales: Optional[dict] = None, anchor_unused: bool = True):
+               task_scales: Optional[dict] = None, anchor_unused: bool = True, aux_scale: float = 1.0):
     """(loss, {task_id: L_t, "aux/<name>": aux value}) for a model forward's outputs.
 
     targets: the batch's target dicts in batch order (collate's "targets"); tasks: the
@@ -245,7 +270,9 @@ def total_loss(outputs: dict, targets: list, tasks, loss_weights: Optional[dict]
     `unused_anchor` (0 x the parameters of heads absent from the batch), so that every
     parameter gets a gradient, zeros for those, as DistributedDataParallel without
     find_unused_parameters needs; False leaves them without a gradient (AdamW then leaves them
-    untouched). The returned loss carries every gradient; the dict is detached, for logging.
+    untouched). aux_scale multiplies the aux terms (a micro-batch's share of the step, see
+    `accumulation_scales`). The returned loss carries every gradient; the dict is detached,
+    for logging.
     """
     specs = {getattr(t, "task_id", None): t for t in tasks}
     weights = check_aux_weights(aux_weights)
@@ -259,11 +286,11 @@ def total_loss(outputs: dict, targets: list, tasks, loss_weights: Optional[dict]
             raise ValueError(f"outputs have task {task_id!r}, which is not in `tasks`")
         value = task_loss(specs[task_id], head_outputs, targets, label_smoothing)
         scale = task_weight(specs[task_id], loss_weights) * float(task_scales.get(task_id, 1.0))
-        loss = loss + scale * value.float()
+        loss = loss + scale * _wide(value)
         logged[task_id] = value.detach()
     for name, value in outputs.get("aux", {}).items():
         if weights.get(name, 0.0):
-            loss = loss + weights[name] * value.float()
+            loss = loss + weights[name] * aux_scale * _wide(value)
         logged[f"aux/{name}"] = value.detach()
     return loss, logged
 
@@ -275,3 +302,87 @@ def _zero_like_outputs(outputs: dict) -> Tensor:
     for value in outputs.get("aux", {}).values():
         return torch.zeros((), device=value.device)
     return torch.zeros(())
+
+
+# ---------------------------------------------------------------------------------------
+# Gradient accumulation (see the module docstring)
+# ---------------------------------------------------------------------------------------
+def split_batch(batch: dict, micro_batches: int) -> list[dict]:
+    """A batch (collate's dict: tensors and lists with one entry per image) cut into
+    `micro_batches` consecutive micro-batches whose sizes differ by at most one, larger first
+    (torch.tensor_split's rule). One micro-batch returns the batch itself."""
+    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
+        raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+    if micro_batches == 1:
+        return [batch]
+    size = len(batch["tasks"])
+    if micro_batches > size:
+        raise ValueError(f"cannot cut a batch of {size} images into {micro_batches} micro-batches "
+                         f"(each needs at least one image): lower the accumulation or raise the batch size")
+    for key, value in batch.items():
+        if isinstance(value, Tensor):
+            length = value.shape[0] if value.dim() else None
+        else:
+            length = len(value) if isinstance(value, (list, tuple)) else None
+        if length != size:
+            raise ValueError(f"batch[{key!r}] has {length} entries, not one per image ({size}): cannot split it")
+    bounds = [0]
+    for m in range(micro_batches):
+        bounds.append(bounds[-1] + size // micro_batches + (1 if m < size % micro_batches else 0))
+    return [{key: value[start:end] for key, value in batch.items()} for start, end in zip(bounds, bounds[1:])]
+
+
+class MicroBatchScales(NamedTuple):
+    """total_loss's task_scales and aux_scale for one micro-batch."""
+    task_scales: dict[str, float]
+    aux_scale: float
+
+
+def task_counts(micro_batch_tasks: Sequence[Sequence[str]]) -> dict[str, float]:
+    """How many images of each task the micro-batches hold together (a rank's share of N_t)."""
+    counts: dict[str, float] = {}
+    for tasks in micro_batch_tasks:
+        for task in tasks:
+            counts[task] = counts.get(task, 0.0) + 1.0
+    return counts
+
+
+def accumulation_scales(micro_batch_tasks: Sequence[Sequence[str]], step_counts: Optional[dict] = None,
+                        world_size: int = 1) -> list[MicroBatchScales]:
+    """The scales that make the micro-batches' accumulated gradients the step's (module docstring).
+
+    micro_batch_tasks: each micro-batch's task ids, one per image (a batch's "tasks"); step_counts:
+    {task_id: N_t} over the whole step on every rank (the all-reduced sum of each rank's
+    `task_counts`), this rank's own counts when None; world_size: the ranks DDP averages over.
+    One micro-batch on one process gives task scales of 1 and an aux scale of 1."""
+    counts = task_counts(micro_batch_tasks) if step_counts is None else step_counts
+    images = sum(len(tasks) for tasks in micro_batch_tasks)
+    scales = []
+    for tasks in micro_batch_tasks:
+        local = task_counts([tasks])
+        missing = sorted(t for t in local if not counts.get(t))
+        if missing:
+            raise ValueError(f"step_counts has no images of tasks {missing}, which this micro-batch holds")
+        scales.append(MicroBatchScales({t: float(n / counts[t]) * world_size for t, n in local.items()},
+                                       len(tasks) / images))
+    return scales
+
+
+def merge_logged(logged: Sequence[dict], micro_batch_tasks: Sequence[Sequence[str]]) -> dict:
+    """The step's {task_id: L_t, "aux/<name>": value} from its micro-batches' total_loss dicts:
+    each L_t the mean over the task's images of the step (its micro-batch values weighted by
+    their shares of the task's images), each aux value weighted by the micro-batch's share of
+    the images (as accumulation_scales weights it). One micro-batch returns its dict as is."""
+    if len(logged) != len(micro_batch_tasks):
+        raise ValueError(f"{len(logged)} logged dicts for {len(micro_batch_tasks)} micro-batches")
+    if len(logged) == 1:
+        return dict(logged[0])
+    counts = task_counts(micro_batch_tasks)
+    images = sum(len(tasks) for tasks in micro_batch_tasks)
+    merged: dict = {}
+    for values, tasks in zip(logged, micro_batch_tasks):
+        local = task_counts([tasks])
+        for key, value in values.items():
+            weight = len(tasks) / images if key.startswith("aux/") else local[key] / counts[key]
+            merged[key] = merged[key] + weight * value if key in merged else weight * value
+    return merged
