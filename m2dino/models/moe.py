@@ -33,10 +33,10 @@ with find_unused_parameters=False.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
-
-from typing import NamedTuple
 
 from m2dino_kernels import expert_mlp, moe_aux_losses, task_topk_route
 

@@ -165,7 +165,8 @@ class AffinityProbe:
         self.shared_count = 0
 
     def due(self, step: int) -> bool:
-        return step >= self.start and (self.until is None or step < self.until) and (step - self.start) % self.every == 0
+        within = step >= self.start and (self.until is None or step < self.until)
+        return within and (step - self.start) % self.every == 0
 
     def measure(self, step: int, model: nn.Module, inputs: tuple, task_losses: TaskLosses, lr: float,
                 autocast=contextlib.nullcontext) -> StepAffinity:

@@ -6,9 +6,17 @@ import scipy.stats
 
 from m2dino.evaluation.affinity import AffinityAccumulator, StepAffinity
 from m2dino.evaluation.grouping import best_grouping, grouping_confidence
-from m2dino.evaluation.report.affinity import (against_random, compare_groupings, design_agreement, format_matrix,
-                                               format_recommendation, mean_gap_share, pairwise_prediction,
-                                               plot_heatmap, transfer_prediction)
+from m2dino.evaluation.report.affinity import (
+    against_random,
+    compare_groupings,
+    design_agreement,
+    format_matrix,
+    format_recommendation,
+    mean_gap_share,
+    pairwise_prediction,
+    plot_heatmap,
+    transfer_prediction,
+)
 from m2dino.evaluation.report.change import Change
 
 TASKS = ["a", "b", "c", "d", "e", "f"]

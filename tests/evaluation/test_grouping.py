@@ -7,9 +7,21 @@ import pytest
 
 from m2dino.errors import InputError
 from m2dino.evaluation.affinity import AffinityAccumulator, StepAffinity
-from m2dino.evaluation.grouping import (best_grouping, canonical, exact_grouping, group_scores, grouping_confidence,
-                                        grouping_score, groups_from_labels, labels_from_groups,
-                                        local_search_grouping, move_gains, partitions, stirling2, write_groups_file)
+from m2dino.evaluation.grouping import (
+    best_grouping,
+    canonical,
+    exact_grouping,
+    group_scores,
+    grouping_confidence,
+    grouping_score,
+    groups_from_labels,
+    labels_from_groups,
+    local_search_grouping,
+    move_gains,
+    partitions,
+    stirling2,
+    write_groups_file,
+)
 from m2dino.tasks import load_groups
 
 

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from m2dino.errors import InputError
-from m2dino.evaluation.affinity import (AFFINITY_FILE, AffinityAccumulator, StepAffinity, read_affinity,
-                                        write_affinity)
+from m2dino.evaluation.affinity import AFFINITY_FILE, AffinityAccumulator, StepAffinity, read_affinity, write_affinity
 from m2dino.models.m2dino import create_model
 from m2dino.training.affinity import AffinityProbe, measure_step, shared_parameters, trainer_task_losses
 
