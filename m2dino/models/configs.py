@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
 # The MoE auxiliary losses' weights when none are given (training's defaults too; the names are
-# m2dino_kernels.MoEAuxLosses' fields): the Switch load balance and the router z-loss on,
-# Mod-Squad's task-expert mutual information off.
-DEFAULT_AUX_WEIGHTS = {"load_balance": 0.01, "z_loss": 0.001, "mutual_information": 0.0}
+# m2dino.models.moe.AUX_NAMES): the per-task Switch load balance and the router z-loss on,
+# Mod-Squad's task-expert mutual information and the all-token (global) balance off.
+DEFAULT_AUX_WEIGHTS = {"load_balance": 0.01, "z_loss": 0.001, "mutual_information": 0.0, "global_load_balance": 0.0}
 
 
 def default_neck_layers(depth: int) -> list[int]:

@@ -19,7 +19,11 @@ below run with the kernels' checks off and read nothing back to the host.
 
 Bookkeeping per forward (read by M2DINO after the backbone pass, so that gradient
 checkpointing's recomputation cannot double count):
-- `last_aux`: MoEAuxLosses(load_balance, z_loss, mutual_information) of this layer;
+- `last_aux`: LayerAuxLosses(load_balance, z_loss, mutual_information, global_load_balance) of
+  this layer: the kernels' three (m2dino_kernels.moe_aux_losses) and the Switch loss over ALL
+  tokens (`global_load_balance`). The per-task balance pushes every task's router toward
+  uniform use, which erases task structure from routing; the global one only asks the
+  experts to be evenly used overall, so tasks may specialise (Mod-Squad's setting).
 - `last_counts`: LongTensor[num_tasks, E], top-k assignments of each task's tokens.
 
 DDP: all experts live in four tensors and all routers in two, and the kernels' backward
@@ -29,13 +33,39 @@ with find_unused_parameters=False.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
-from m2dino_kernels import MoEAuxLosses, expert_mlp, moe_aux_losses, task_topk_route
+from m2dino_kernels import expert_mlp, moe_aux_losses, task_topk_route
+
+
+class LayerAuxLosses(NamedTuple):
+    load_balance: Tensor
+    z_loss: Tensor
+    mutual_information: Tensor
+    global_load_balance: Tensor
+
 
 # The auxiliary losses every MoE layer reports (their weights live in m2dino.training.losses).
-AUX_NAMES = MoEAuxLosses._fields
+AUX_NAMES = LayerAuxLosses._fields
+
+
+def global_load_balance(routing) -> Tensor:
+    """The Switch Transformer balance loss over all tokens, whatever their task:
+    E * sum_e f[e] * P[e], f[e] the share of the top-k assignments that went to expert e,
+    P[e] the mean router probability of e. 1 when balanced, E when one expert takes all;
+    gradient through P only (fp32; 0 for no token)."""
+    probs = routing.probs.float()
+    num_tokens, num_experts = probs.shape
+    if num_tokens == 0:
+        return probs.sum()
+    assigned = torch.zeros(num_experts, dtype=torch.float32, device=probs.device)
+    assigned.index_add_(0, routing.experts.reshape(-1),
+                        torch.ones(routing.experts.numel(), dtype=torch.float32, device=probs.device))
+    share = assigned / routing.experts.numel()
+    return num_experts * (share * probs.mean(dim=0)).sum()
 
 
 def validate_task_ids(task_ids: Tensor, batch: int, num_tasks: int) -> None:
@@ -130,7 +160,8 @@ class TaskMoE(nn.Module):
         out = expert_mlp(flat, routing, self.fc1_weight.to(dtype), self.fc1_bias.to(dtype),
                          self.fc2_weight.to(dtype), self.fc2_bias.to(dtype),
                          activation=self.activation, check_routing=False)
-        self.last_aux = moe_aux_losses(routing, token_tasks, self.num_tasks, check_task_ids=False)
+        self.last_aux = LayerAuxLosses(*moe_aux_losses(routing, token_tasks, self.num_tasks, check_task_ids=False),
+                                       global_load_balance(routing))
         with torch.no_grad():
             counts = torch.zeros(self.num_tasks, self.num_experts, dtype=torch.int64,
                                  device=x.device)

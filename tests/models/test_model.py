@@ -57,7 +57,7 @@ def test_mixed_batch_outputs_follow_design(model):
     with torch.no_grad():
         out = model(images, task_ids)
     assert set(out) == {"tasks", "aux"}
-    assert set(out["aux"]) == {"load_balance", "z_loss", "mutual_information"}
+    assert set(out["aux"]) == {"load_balance", "z_loss", "mutual_information", "global_load_balance"}
     seg, cls, reg, det = (out["tasks"][t] for t in TASK_IDS)
     assert torch.equal(seg["indices"], torch.tensor([0, 4]))
     assert seg["logits"].shape == (2, 4, SIZE, SIZE)
@@ -83,7 +83,7 @@ def test_mixed_batch_backward_reaches_every_parameter(model):
     loss, logs = losses.total_loss(out, targets, model.tasks)
     assert torch.isfinite(loss)
     assert set(logs) == set(TASK_IDS) | {"aux/load_balance", "aux/z_loss",
-                                         "aux/mutual_information"}
+                                         "aux/mutual_information", "aux/global_load_balance"}
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []

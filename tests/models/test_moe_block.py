@@ -105,6 +105,23 @@ def test_usage_counts_by_hand_and_aux_losses():
     assert torch.isfinite(aux.z_loss) and torch.isfinite(aux.mutual_information)
 
 
+def test_global_balance_sees_the_experts_use_over_all_tasks():
+    """Two tasks, each on its own expert: per-task balance is at its worst (E x p), the global
+    one is balanced over the tasks' union (f = 1/2 each); the gradient reaches the routers."""
+    moe = TaskMoE(dim=4, hidden=8, num_tasks=2, num_experts=2, top_k=1, router_init_std=0.0)
+    with torch.no_grad():
+        moe.gate_bias.copy_(torch.tensor([[5.0, 0.0], [0.0, 5.0]]))
+    moe(torch.randn(2, 3, 4), torch.tensor([0, 1]))
+    p_top = torch.softmax(torch.tensor([5.0, 0.0]), 0)[0]
+    torch.testing.assert_close(moe.last_aux.load_balance, 2 * p_top)
+    # f = [1/2, 1/2], P = [1/2, 1/2] (the two tasks' probabilities mirror each other)
+    torch.testing.assert_close(moe.last_aux.global_load_balance, torch.tensor(1.0))
+    moe(torch.randn(2, 3, 4), torch.tensor([0, 0]))  # one task: global = per-task
+    torch.testing.assert_close(moe.last_aux.global_load_balance, moe.last_aux.load_balance)
+    moe.last_aux.global_load_balance.backward()
+    assert moe.gate_bias.grad[0].abs().sum() > 0
+
+
 def test_every_moe_parameter_gets_a_gradient_even_unused_experts():
     moe = TaskMoE(dim=4, hidden=8, num_tasks=2, num_experts=4, top_k=1, router_init_std=0.0)
     with torch.no_grad():
