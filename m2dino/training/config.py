@@ -624,9 +624,17 @@ def build_parser(sections: dict[str, type] = COMMAND_SECTIONS) -> argparse.Argum
     for name, cls in sections.items():
         title = cls.title if name != "model" else "model"
         group = groups.setdefault(title, p.add_argument_group(title))
-        for opt in options_of(cls):
+        for opt in command_options(name, cls):
             _add_option(group, opt)
     return p
+
+
+def command_options(section: str, cls: type) -> tuple[Option, ...]:
+    """A section's options as the command line offers them: the model's with the defaults of the
+    no-argument run (DEMO_MODEL), not M2DINOConfig's own."""
+    if section != "model":
+        return options_of(cls)
+    return tuple(replace(opt, default=getattr(DEMO_MODEL, opt.field)) for opt in options_of(cls))
 
 
 def help_text(opt: Option) -> str:
@@ -685,11 +693,18 @@ def option_table(sections: dict[str, type] = COMMAND_SECTIONS) -> str:
         title = cls.title if name != "model" else "model"
         if title not in titles:
             titles.add(title)
-            rows.append(f"| **{title}** | | |")
-        for opt in options_of(cls):
-            value = opt.metavar or ("" if opt.kind is bool else "{" + "\\|".join(opt.choices) + "}" if opt.choices
-                                    and len(opt.choices) < 6 else opt.name.upper())
-            flag = f"`{opt.flag}{' ' + value if value else ''}`"
-            meaning = help_text(opt).replace("|", "\\|")
-            rows.append(f"| {flag} | {meaning} | {'may change' if opt.resumable else ''} |")
+            rows.append(f"| **{_markdown(title)}** | | |")
+        for opt in command_options(name, cls):
+            if opt.kind is bool:
+                flag = f"`{opt.flag}`, `--no-{opt.flag[2:]}`"
+            else:
+                few = opt.choices and not opt.metavar
+                flag = f"`{opt.flag} {'{' + ','.join(opt.choices) + '}' if few else opt.metavar or opt.name.upper()}`"
+            rows.append(f"| {_markdown(flag)} | {_markdown(help_text(opt))} | "
+                        f"{'may change' if opt.resumable else ''} |")
     return "\n".join(rows) + "\n"
+
+
+def _markdown(text: str) -> str:
+    """Text in a table cell: no column break, emphasis or HTML tag read into it."""
+    return text.replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;")

@@ -141,7 +141,8 @@ ALLOWED = {
 }
 ENTRY_POINTS = {"m2dino.train", "m2dino.predict", "m2dino.evaluate", "m2dino.report", "m2dino.export",
                 "m2dino.export.cli", "m2dino.export.__main__"}
-FOUNDATION = {"m2dino", "m2dino.tasks", "m2dino.paradigms", "m2dino.options", "m2dino.io", "m2dino.errors", "m2dino._lazy"}
+FOUNDATION = {"m2dino", "m2dino.tasks", "m2dino.paradigms", "m2dino.options", "m2dino.io", "m2dino.errors",
+              "m2dino._lazy"}
 
 
 def _folder(module: str) -> str:
