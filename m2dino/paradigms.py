@@ -16,6 +16,8 @@ PARADIGMS = ("ts", "cg", "au")
 # --control ts-converged adds this paradigm: the TS models trained until their training loss plateaus
 CONTROL_PARADIGM = "ts_converged"
 CONTROLS = ("none", "ts-converged")
+# What each paradigm trains, in words (the command line's help)
+PARADIGM_MEANINGS = {"ts": "one model per task", "cg": "one per clinical group", "au": "one for all"}
 # How the report and the plots name each paradigm
 PARADIGM_LABELS = {"ts": "TS", "cg": "CG", "au": "AU", CONTROL_PARADIGM: "TS*"}
 

@@ -1,12 +1,17 @@
 """The model's hyperparameters as plain dataclasses, with no torch: the backbone presets
 (DinoV3Config, PRESETS), M2DINOConfig, and the MoE auxiliary losses' default weights. The
 command lines read them to build and check their options before torch is imported; backbone.py,
-heads.py and the losses re-export them."""
+heads.py and the losses re-export them. M2DINOConfig's fields are declared as options here (their
+help, type and parsing: m2dino.options), and the training command line is generated from them."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Optional
+from dataclasses import MISSING, asdict, dataclass, fields, replace
+from typing import Any, Literal, Optional
+
+import yaml
+
+from m2dino.options import as_number, option, split_words
 
 # The MoE auxiliary losses' weights when none are given (training's defaults too; the names are
 # m2dino.models.moe.AUX_NAMES): the per-task Switch load balance and the router z-loss on,
@@ -69,6 +74,45 @@ PRESETS: dict[str, DinoV3Config] = {
 }
 
 
+def _parse_neck_layers(value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in split_words(value))
+    except (TypeError, ValueError):
+        raise ValueError(f"--neck-layers: expected 4 block indices separated by commas (2,5,8,11), "
+                         f"got {value!r}") from None
+
+
+def _parse_overrides(value) -> dict[str, Any]:
+    """`depth=4,embed_dim=64` (values read as YAML scalars) or a mapping from YAML."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        items = [(str(k), v) for k, v in value.items()]
+    else:
+        items = []
+        for part in (p.strip() for p in str(value).split(",")):
+            if not part:
+                continue
+            if "=" not in part:
+                raise ValueError(f"--backbone-overrides: expected field=value pairs separated by commas, "
+                                 f"got {part!r}")
+            k, v = part.split("=", 1)
+            items.append((k.strip(), yaml.safe_load(v.strip())))
+    kinds = {f.name: type(f.default) for f in fields(DinoV3Config) if f.default is not MISSING}
+    out = {}
+    for k, v in items:  # typed as the DinoV3Config field (YAML reads 1e-4 as a string)
+        kind = kinds.get(k)
+        if kind in (int, float) and not isinstance(v, bool):
+            v = as_number("backbone_overrides", v, kind)
+        out[k] = v
+    return out
+
+
+PresetName = Literal[tuple(PRESETS)]
+
+
 @dataclass(frozen=True)
 class M2DINOConfig:
     """Every hyperparameter of an M2DINO model, in one place: what create_model takes, what
@@ -76,16 +120,23 @@ class M2DINOConfig:
     options. Defaults: M2DINO's own (8 experts, top-2, MoE in the last 6 blocks); the CPU demo's
     smaller model is m2dino.training.config's default. `img_size` and `neck_layers` left None
     follow the preset (64 px for dinov3_tiny, else 224; four blocks spread over the depth)."""
-    name: str = "dinov3_tiny"                  # backbone preset (PRESETS)
-    num_experts: int = 8
-    top_k: int = 2
-    moe_layers: int = 6                        # the last N blocks get a task-conditioned MoE MLP
-    img_size: Optional[int] = None
-    neck_channels: int = 64
-    neck_layers: Optional[tuple[int, ...]] = None
-    router_init_std: float = 0.02
-    rope_rescale_coords: Optional[float] = None
-    backbone_overrides: dict[str, Any] = field(default_factory=dict)  # DinoV3Config fields, e.g. {"depth": 4}
+    name: PresetName = option("dinov3_tiny", "backbone preset; an official one takes its recipe's architecture and "
+                                             "image size", name="model", metavar="PRESET")
+    num_experts: int = option(8, "experts per MoE layer")
+    top_k: int = option(2, "experts per token")
+    moe_layers: int = option(6, "how many of the last blocks get a task-conditioned MoE MLP")
+    img_size: Optional[int] = option(None, "input resolution (images are resized to S x S)",
+                                     unset="the preset's: 64 for dinov3_tiny, else 224")
+    neck_channels: int = option(64, "channels of the shared spatial neck and of the heads' conv blocks")
+    neck_layers: Optional[tuple[int, ...]] = option(None, "the 4 blocks the neck reads, comma separated",
+                                                    parse=_parse_neck_layers,
+                                                    unset="4 spread over the depth, ending at the last")
+    router_init_std: float = option(0.02, "standard deviation of the routers' initial weights")
+    rope_rescale_coords: Optional[float] = option(None, "RoPE coordinate rescale R in training (log-uniform in "
+                                                        "[1/R, R])", unset="off")
+    backbone_overrides: dict[str, Any] = option(help="DinoV3Config fields to change on the preset, "
+                                                     "field=value,field=value (e.g. depth=4)",
+                                                factory=dict, parse=_parse_overrides)
 
     def __post_init__(self):
         if self.neck_layers is not None:  # a list from JSON/YAML: stored as a tuple (frozen)

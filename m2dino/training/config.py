@@ -1,11 +1,33 @@
-"""Training configuration: defaults, YAML config files, command-line parsing, the resolved
-config saved in the run.
+"""Training configuration: every option declared once, in its section; defaults, YAML config
+files, the command line and the resolved config saved in the run, all generated from those
+declarations.
+
+To add an option, declare it once, in the section it belongs to, with `option(default, help)`
+(m2dino.options; `resumable=True` if it may change on --resume), then use it. The flag
+(`--name-with-dashes`), the YAML key (`_` or `-`), its parsing from the annotation, --help, the
+resume check, config.yaml and docs/training.md's option table (`option_table()`) follow from
+that one declaration. A model hyperparameter is declared in M2DINOConfig (m2dino.models.configs).
+
+Sections (TrainConfig's fields; YAML and the command line stay flat):
+    dataset  DataOptions       --data, --tasks, ...
+    study    StudyOptions      --paradigm, --control, --seed, --seeds
+    model    M2DINOConfig      --model (its `name`), --num-experts, ... (one `model:` mapping in YAML)
+    weights  WeightsOptions    --pretrained, --from-scratch
+    schedule ScheduleOptions   --epochs, --lr, ...
+    hardware HardwareOptions   --amp, --device, --jobs, ...
+    output   OutputOptions     --out, --resume, --eval-every, ...
+
+The flat rule: every option is read and written by its own name on the TrainConfig, whatever
+its section: `config.epochs` is `config.schedule.epochs`, `config.img_size` is
+`config.model.img_size`, and `config.epochs = 3` sets it (the model, frozen, is replaced). The
+constructor takes sections and options alike: `TrainConfig(epochs=2, img_size=32,
+model="dinov3_vits16")` (a `model` string is a preset: the defaults of a run of that preset),
+so `dataclasses.replace(config, epochs=3)` works as before. Only `model` is not flat: it is the
+section (M2DINOConfig); the preset is `config.model.name`.
 
 Precedence: built-in defaults < `--config FILE` (YAML mapping, keys are the option names with
-`_` or `-`) < options given on the command line. The model's hyperparameters are one
-M2DINOConfig (`model`): `--model` names its preset and its other fields are options of their
-own (`--num-experts`, ...), or one `model:` mapping in YAML. The resolved config (every option)
-is saved as OUT/config.yaml.
+`_` or `-`) < options given on the command line. The resolved config (every option) is saved
+as OUT/config.yaml, flat, with the model as one `model:` mapping.
 
 The defaults are the embedded default run: the cached synthetic suite, the `dinov3_tiny`
 preset (patch 8) at 64 px with 4 experts, top-2, MoE in the last 2 of 6 blocks, 7 epochs, two
@@ -16,18 +38,26 @@ enough epochs that the AU model beats every task's trivial baseline.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import copy
 import math
-from dataclasses import MISSING, InitVar, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, NamedTuple, Optional
 
 import yaml
 
 from m2dino import io
 from m2dino.data.roots import TRAINING_SCALE
-from m2dino.models.configs import DEFAULT_AUX_WEIGHTS, PRESETS, DinoV3Config, M2DINOConfig
-from m2dino.paradigms import CONTROL_PARADIGM, CONTROLS, PARADIGMS, plateau_rule_text  # noqa: F401 (re-exported)
+from m2dino.models.configs import DEFAULT_AUX_WEIGHTS, M2DINOConfig
+from m2dino.options import Option, option, options_of, problem, split_words
+from m2dino.paradigms import (
+    CONTROL_PARADIGM,
+    CONTROLS,
+    PARADIGM_LABELS,
+    PARADIGM_MEANINGS,
+    PARADIGMS,
+    plateau_rule_text,  # noqa: F401 (re-exported)
+)
 from m2dino.tasks import TASK_TYPES, TASKS
 
 # The recipes: the repository's configs/, which m2dino/configs links to (and installs with the package)
@@ -36,158 +66,7 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEMO_MODEL = M2DINOConfig(name="dinov3_tiny", num_experts=4, top_k=2, moe_layers=2, img_size=64, neck_channels=64)
 
 
-@dataclass
-class TrainConfig:
-    # data
-    data: str = "synthetic"               # "synthetic" (the cached suite) or an FM_UIA root
-    synthetic_scale: float = TRAINING_SCALE  # fraction of the real FM_UIA sizes for the synthetic suite (0.03)
-    on_bad_sample: str = "error"          # error | skip (bad rows are excluded and listed)
-    val_fraction: float = 0.2             # per-task validation share when the root has no val/
-    split_seed: int | None = None         # seed of that split (default: --seed; --seeds keeps one split)
-    tasks: list[str] | None = None        # task ids to train (default: every task in the data)
-    groups: str | None = None             # clinical groups file (YAML/JSON); default: the built-in groups
-    # study
-    paradigm: str = "all"                 # ts | cg | au | all
-    control: str = "none"                 # none | ts-converged (also TS models trained until their loss plateaus)
-    # model: every hyperparameter in one M2DINOConfig (the flags --model, --num-experts, ... set its fields)
-    model: M2DINOConfig = DEMO_MODEL
-    pretrained: str | None = None
-    from_scratch: bool = False            # an official preset from random weights, on purpose (no --pretrained)
-    # shortcuts for the model's fields, as keywords: TrainConfig(img_size=32) sets model.img_size, and
-    # config.img_size reads it (see _model_field below)
-    num_experts: InitVar[int | None] = None
-    top_k: InitVar[int | None] = None
-    moe_layers: InitVar[int | None] = None
-    img_size: InitVar[int | None] = None
-    neck_channels: InitVar[int | None] = None
-    # schedule
-    epochs: int = 7
-    steps: int | None = None              # overrides epochs (then exposure is not equal across paradigms)
-    min_steps: int = 0                    # every model trains at least this many steps (whole epochs repeated)
-    batch_size: int = 16                  # per process
-    lr: float = 1.5e-3
-    head_lr_mult: float = 3.0             # heads (and neck) learn at lr * head_lr_mult
-    weight_decay: float = 0.05
-    warmup: float = 0.05                  # fraction of the total steps (< 1) or a number of steps (>= 1)
-    grad_clip: float = 1.0                # max global gradient norm (0 disables)
-    batching: str = "mixed"               # mixed | single
-    task_alpha: float = 1.0               # task sampling weight n_t ** alpha (1 = every sample once per epoch)
-    loss_weights: dict[str, float] = field(default_factory=dict)
-    aux_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_AUX_WEIGHTS))
-    # numerics / hardware
-    amp: str = "bf16"                     # bf16 | fp16 | off (autocast is used on GPU only)
-    grad_checkpointing: bool = False
-    freeze_backbone: bool = False
-    fsdp: bool = False                    # under torchrun: FSDP2 (shard weights, grads, optimizer state) instead of DDP
-    seed: int = 0
-    seeds: list[int] | None = None        # train everything once per seed (OUT/seed-N/), one pooled report
-    device: str = "auto"                  # auto | cpu | cuda | cuda:N
-    workers: int = 0
-    jobs: int = 0                         # models trained side by side on the CPU (0: one per core)
-    max_bad_steps: int = 5                # stop after this many non-finite steps in a row
-    # output
-    out: str = "runs/default"
-    resume: bool = False
-    eval_every: int = 0                   # validate every N epochs (0: only at the end of training)
-    log_every: int = 10                   # metrics.jsonl line every N steps
-    checkpoint_every: int = 0             # also a training checkpoint every N steps (0: only at epoch ends)
-    checkpoint_seconds: float = 60.0      # an epoch's end saves when the last save is at least this old
-    bootstrap: int = 1000                 # bootstrap resamples for the confidence intervals (0: none)
-    progress: bool = True                 # tqdm progress bar
-
-    def __post_init__(self, *shortcuts):
-        if isinstance(self.model, str):
-            self.model = model_defaults(self.model)
-        given = {name: v for name, v in zip(_SHORTCUTS, shortcuts) if v is not None}
-        if given:
-            self.model = replace(self.model, **given)
-
-    def validate(self) -> "TrainConfig":
-        """Raise ValueError naming the option for any impossible value."""
-        def bad(name, why):
-            raise ValueError(f"--{name.replace('_', '-')}: {why}")
-
-        if self.paradigm not in (*PARADIGMS, "all"):
-            bad("paradigm", f"must be one of ts, cg, au, all, got {self.paradigm!r}")
-        if self.control not in CONTROLS:
-            bad("control", f"must be one of {', '.join(CONTROLS)}, got {self.control!r}")
-        if self.control != "none" and self.paradigm != "all":
-            bad("control", f"compares with the study's paradigms: needs --paradigm all, got {self.paradigm!r}")
-        if self.control != "none" and self.steps is not None:
-            bad("control", "trains TS models until their loss plateaus: it cannot be combined with --steps")
-        if self.batching not in ("mixed", "single"):
-            bad("batching", f"must be mixed or single, got {self.batching!r}")
-        if self.amp not in ("bf16", "fp16", "off"):
-            bad("amp", f"must be bf16, fp16 or off, got {self.amp!r}")
-        if self.on_bad_sample not in ("error", "skip"):
-            bad("on_bad_sample", f"must be error or skip, got {self.on_bad_sample!r}")
-        for name, why in self.model.problems():
-            bad(MODEL_FLAGS[name], why)
-        for name in ("epochs", "batch_size", "max_bad_steps", "log_every"):
-            if int(getattr(self, name)) < 1:
-                bad(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            bad("steps", f"must be >= 1, got {self.steps}")
-        for name in ("lr", "head_lr_mult"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                bad(name, f"must be a positive number, got {getattr(self, name)}")
-        for name in ("weight_decay", "warmup", "grad_clip", "task_alpha", "checkpoint_seconds"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                bad(name, f"must be a number >= 0, got {getattr(self, name)}")
-        if not 0 < self.val_fraction < 1:
-            bad("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
-        if self.synthetic_scale <= 0:
-            bad("synthetic_scale", f"must be > 0, got {self.synthetic_scale}")
-        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)
-                                       or any(s < 0 for s in self.seeds)):
-            bad("seeds", f"must be distinct integers >= 0, got {self.seeds}")
-        for name in ("workers", "jobs", "eval_every", "checkpoint_every", "bootstrap", "min_steps"):
-            if int(getattr(self, name)) < 0:
-                bad(name, f"must be >= 0, got {getattr(self, name)}")
-        unknown = set(self.aux_weights) - set(DEFAULT_AUX_WEIGHTS)
-        if unknown:
-            bad("aux_weights", f"unknown aux loss(es) {sorted(unknown)}; known: {list(DEFAULT_AUX_WEIGHTS)}")
-        unknown = set(self.loss_weights) - set(loss_weight_keys(self.tasks))
-        if unknown:
-            bad("loss_weights", f"unknown key(s) {sorted(unknown)}: a key is a task type "
-                                f"({', '.join(t.value for t in TASK_TYPES)}) or a task id ({', '.join(sorted(TASKS))}"
-                                f"{', or one of --tasks' if self.tasks else ''})")
-        for name in ("loss_weights", "aux_weights"):
-            for k, v in getattr(self, name).items():
-                if not (math.isfinite(v) and v >= 0):
-                    bad(name, f"weight of {k!r} must be a finite number >= 0, got {v}")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["model"] = self.model.to_dict()
-        return data
-
-
-def loss_weight_keys(tasks=None) -> list[str]:
-    """The keys --loss-weights accepts: the task types, the registry's task ids and any of `tasks`
-    (extra tasks of a dataset); a task id's weight wins over its type's."""
-    return [t.value for t in TASK_TYPES] + sorted(set(TASKS) | set(tasks or ()))
-
-
-_SHORTCUTS = ("num_experts", "top_k", "moe_layers", "img_size", "neck_channels")
-
-
-def _model_field(name: str) -> property:
-    return property(lambda self: getattr(self.model, name), doc=f"config.model.{name} (read-only here)")
-
-
-# Reading a shortcut reads the model's field: an init-only variable would otherwise read as its class default, None.
-for _name in _SHORTCUTS:
-    setattr(TrainConfig, _name, _model_field(_name))
-FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
-# The model's fields as options: --model is the preset name, the others keep their names
-MODEL_FLAGS = {f.name: ("model" if f.name == "name" else f.name) for f in fields(M2DINOConfig)}
-MODEL_OPTIONS = tuple(n for n in MODEL_FLAGS.values() if n != "model")
-OPTION_NAMES = FIELD_NAMES + MODEL_OPTIONS
-
-
-# ------------------------------------------------------------------ value parsing
+# ------------------------------------------------------------------ values the annotation cannot read
 
 
 def parse_weights(text, option: str) -> dict[str, float]:
@@ -218,9 +97,8 @@ def parse_weights(text, option: str) -> dict[str, float]:
 def _parse_seeds(value) -> list[int] | None:
     if value is None:
         return None
-    items = value if isinstance(value, (list, tuple)) else [v for v in str(value).replace(",", " ").split() if v]
     try:
-        return [int(v) for v in items]
+        return [int(v) for v in split_words(value)]
     except (TypeError, ValueError):
         raise ValueError(f"--seeds: expected integers separated by commas (0,1,2), got {value!r}") from None
 
@@ -229,107 +107,316 @@ def _parse_tasks(value) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        value = [v for v in value.replace(",", " ").split() if v]
+        value = split_words(value)
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"--tasks: expected task ids (a list or a comma-separated string), got {value!r}")
     return list(value) or None
 
 
-def _parse_neck_layers(value) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    items = value if isinstance(value, (list, tuple)) else [v for v in str(value).replace(",", " ").split() if v]
-    try:
-        return tuple(int(v) for v in items)
-    except (TypeError, ValueError):
-        raise ValueError(f"--neck-layers: expected 4 block indices separated by commas (2,5,8,11), "
-                         f"got {value!r}") from None
+def loss_weight_keys(tasks=None) -> list[str]:
+    """The keys --loss-weights accepts: the task types, the registry's task ids and any of `tasks`
+    (extra tasks of a dataset); a task id's weight wins over its type's."""
+    return [t.value for t in TASK_TYPES] + sorted(set(TASKS) | set(tasks or ()))
 
 
-def _parse_overrides(value) -> dict[str, Any]:
-    """`depth=4,embed_dim=64` (values read as YAML scalars) or a mapping from YAML."""
-    if value is None:
-        return {}
-    if isinstance(value, dict):
-        items = [(str(k), v) for k, v in value.items()]
-    else:
-        items = []
-        for part in (p.strip() for p in str(value).split(",")):
-            if not part:
-                continue
-            if "=" not in part:
-                raise ValueError(f"--backbone-overrides: expected field=value pairs separated by commas, "
-                                 f"got {part!r}")
-            k, v = part.split("=", 1)
-            items.append((k.strip(), yaml.safe_load(v.strip())))
-    kinds = {f.name: type(f.default) for f in fields(DinoV3Config) if f.default is not MISSING}
-    out = {}
-    for k, v in items:  # typed as the DinoV3Config field (YAML reads 1e-4 as a string)
-        kind = kinds.get(k)
-        if kind in (int, float) and not isinstance(v, bool):
-            v = _as_number("backbone_overrides", v, kind)
-        out[k] = v
-    return out
+# ------------------------------------------------------------------ checks a section's validate uses
 
 
-def _optional(cast):
-    return lambda v: None if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null")) \
-        else cast(v)
+def check_choices(section) -> None:
+    """Every option of `section` with a Literal type holds one of its values."""
+    for opt in options_of(type(section)):
+        value = getattr(section, opt.field)
+        if opt.choices is not None and value not in opt.choices:
+            raise problem(opt.name, f"must be one of {', '.join(opt.choices)}, got {value!r}")
 
 
-_CASTS = {
-    "tasks": _parse_tasks,
-    "seeds": _parse_seeds,
-    "loss_weights": lambda v: parse_weights(v, "loss-weights"),
-    "aux_weights": lambda v: parse_weights(v, "aux-weights"),
-    "model": lambda v: v if isinstance(v, dict) else str(v),  # a preset name, or a whole model mapping (YAML)
-    "neck_layers": _parse_neck_layers,
-    "backbone_overrides": _parse_overrides,
-    "img_size": _optional(lambda v: _as_number("img_size", v, int)),
-    "rope_rescale_coords": _optional(lambda v: _as_number("rope_rescale_coords", v, float)),
-}
+def check_at_least(section, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and int(value) < minimum:
+            raise problem(name, f"must be >= {minimum}, got {value}")
 
 
-def _as_number(name: str, value, kind):
-    try:
-        if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
-            raise ValueError(value)
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"--{name.replace('_', '-')}: cannot use {value!r} (expected {kind.__name__})") from None
+def check_positive(section, *names: str, zero_ok: bool = False) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+            raise problem(name, f"must be a number >= 0, got {value}" if zero_ok
+                          else f"must be a positive number, got {value}")
 
 
-def _default_of(name: str):
-    if name in MODEL_OPTIONS:
-        return getattr(M2DINOConfig(), name)
-    return getattr(TrainConfig(), name)
+# ------------------------------------------------------------------ the sections
+
+Paradigm = Literal[(*PARADIGMS, "all")]
+_CONTROL_LABEL = PARADIGM_LABELS[CONTROL_PARADIGM]
+Control = Literal[CONTROLS]
 
 
-def _coerce(name: str, value):
-    """A YAML or CLI value -> the field's type, with an error naming the option."""
-    if name in _CASTS:
-        return _CASTS[name](value)
-    default = _default_of(name)
-    if value is None:
-        return None
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-                    raise ValueError(value)
-                return low in ("true", "yes", "1", "on")
-            return bool(value)
-        if name == "steps":
-            return int(value)
-        if isinstance(default, int):
-            return _as_number(name, value, int)
-        if isinstance(default, float):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"--{name.replace('_', '-')}: cannot use {value!r} "
-                         f"(expected {type(default).__name__})") from None
+@dataclass
+class DataOptions:
+    title: ClassVar[str] = "data"
+    data: str = option("synthetic", "'synthetic' (the cached synthetic suite) or an FM_UIA root (CSV layout, "
+                                    "train/ and val/ or one split)")
+    synthetic_scale: float = option(TRAINING_SCALE, "size of the synthetic suite as a fraction of the real FM_UIA "
+                                                    "sizes")
+    on_bad_sample: Literal["error", "skip"] = option("error", "bad rows: 'error' refuses to train and lists them "
+                                                              "all, 'skip' trains without them")
+    val_fraction: float = option(0.2, "per-task validation share when the root has no val/ split")
+    split_seed: Optional[int] = option(None, "seed of the train/val split of a root without val/",
+                                       unset="--seed; with --seeds every seed is validated on the same split, "
+                                             "that of --seed")
+    tasks: Optional[list[str]] = option(None, "task ids to train (space or comma separated)", parse=_parse_tasks,
+                                        unset="every task in the data", metavar="TASK", many=True)
+    groups: Optional[str] = option(None, "clinical groups file (YAML/JSON {group: [task ids]}) for the CG paradigm",
+                                   unset="the built-in groups")
+
+    def validate(self) -> None:
+        check_choices(self)
+        if not 0 < self.val_fraction < 1:
+            raise problem("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        if self.synthetic_scale <= 0:
+            raise problem("synthetic_scale", f"must be > 0, got {self.synthetic_scale}")
+
+
+@dataclass
+class StudyOptions:
+    title: ClassVar[str] = "study"
+    paradigm: Paradigm = option("all", "; ".join(f"{p}: {m}" for p, m in PARADIGM_MEANINGS.items())
+                                + "; all: the three + report")
+    control: Control = option(CONTROLS[0], f"'{CONTROLS[1]}': also train every TS model until its training loss "
+                                           f"plateaus ({plateau_rule_text()}; no validation images) into "
+                                           f"OUT/{CONTROL_PARADIGM}/; the report adds {_CONTROL_LABEL} and "
+                                           f"changes vs {_CONTROL_LABEL}", resumable=True)
+    seed: int = option(0, "seed of the model init, the split, the sampler and the augmentation")
+    seeds: Optional[list[int]] = option(None, "train every paradigm once per seed (comma separated, e.g. 0,1,2) "
+                                              "into OUT/seed-N/, then one report pooling the seeds",
+                                        parse=_parse_seeds)
+
+    def validate(self) -> None:
+        check_choices(self)
+        if self.control != CONTROLS[0] and self.paradigm != "all":
+            raise problem("control", f"compares with the study's paradigms: needs --paradigm all, "
+                                     f"got {self.paradigm!r}")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)
+                                       or any(s < 0 for s in self.seeds)):
+            raise problem("seeds", f"must be distinct integers >= 0, got {self.seeds}")
+
+
+@dataclass
+class WeightsOptions:
+    title: ClassVar[str] = "the backbone's weights"
+    pretrained: Optional[str] = option(None, "official DINOv3 weights (.pth or .safetensors) for the backbone; an "
+                                             "official preset needs them (checked before anything runs)")
+    from_scratch: bool = option(False, "train an official preset from random weights, on purpose, instead of from "
+                                       "--pretrained")
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class ScheduleOptions:
+    title: ClassVar[str] = "schedule and optimizer"
+    epochs: int = option(7, "training epochs per model (each sample is seen epochs times in every paradigm)",
+                         resumable=True)
+    steps: Optional[int] = option(None, "training steps per model instead of epochs (exposure then differs "
+                                        "across paradigms)", unset="--epochs")
+    min_steps: int = option(0, "every model trains at least N optimizer steps by repeating whole epochs (0: equal "
+                               "exposure, --epochs for all; above N exposure stays equal)", resumable=True)
+    batch_size: int = option(16, "images per step per process")
+    lr: float = option(1.5e-3, "peak learning rate of the backbone (AdamW)")
+    head_lr_mult: float = option(3.0, "heads (and the neck) learn at lr x this")
+    weight_decay: float = option(0.05, "AdamW weight decay (not applied to biases, norms and tokens)")
+    warmup: float = option(0.05, "linear warmup: a fraction of the total steps (< 1) or a number of steps (>= 1)")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
+    batching: Literal["mixed", "single"] = option("mixed", "mixed: batches mix tasks, single: one task per batch")
+    task_alpha: float = option(1.0, "task sampling weights n_t^alpha (1: every sample exactly once per epoch)")
+    loss_weights: dict[str, float] = option(
+        help="loss weights, key=w,key=w; a key is a task id or a task type (segmentation, classification, "
+             "detection, regression); a task id wins over its type; unset keys weigh 1",
+        factory=dict, parse=lambda v: parse_weights(v, "loss-weights"))
+    aux_weights: dict[str, float] = option(help="MoE auxiliary loss weights, load_balance=w,z_loss=w,"
+                                                "mutual_information=w",
+                                           factory=lambda: dict(DEFAULT_AUX_WEIGHTS),
+                                           parse=lambda v: parse_weights(v, "aux-weights"))
+    freeze_backbone: bool = option(False, "train only the MoE layers' routers/experts, neck and heads")
+
+    def validate(self) -> None:
+        check_choices(self)
+        check_at_least(self, 1, "epochs", "batch_size", "steps")
+        check_at_least(self, 0, "min_steps")
+        check_positive(self, "lr", "head_lr_mult")
+        check_positive(self, "weight_decay", "warmup", "grad_clip", "task_alpha", zero_ok=True)
+        unknown = set(self.aux_weights) - set(DEFAULT_AUX_WEIGHTS)
+        if unknown:
+            raise problem("aux_weights", f"unknown aux loss(es) {sorted(unknown)}; known: {list(DEFAULT_AUX_WEIGHTS)}")
+        for name in ("loss_weights", "aux_weights"):
+            for k, v in getattr(self, name).items():
+                if not (math.isfinite(v) and v >= 0):
+                    raise problem(name, f"weight of {k!r} must be a finite number >= 0, got {v}")
+
+
+@dataclass
+class HardwareOptions:
+    title: ClassVar[str] = "numerics and hardware"
+    amp: Literal["bf16", "fp16", "off"] = option("bf16", "autocast dtype on GPU (CPU always runs fp32)")
+    grad_checkpointing: bool = option(False, "recompute block activations in the backward pass (less memory)")
+    fsdp: bool = option(False, "under torchrun, shard the model with FSDP2 (fully_shard per block) instead of "
+                               "replicating it with DDP: for the large presets")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N (under torchrun each process takes cuda:LOCAL_RANK)",
+                         resumable=True)
+    workers: int = option(0, "DataLoader worker processes", resumable=True)
+    jobs: int = option(0, "models trained at a time, each in its own process with cores/N threads (CPU only; 0: "
+                          "one per CPU core; 1: one after another in this process)", resumable=True)
+    max_bad_steps: int = option(5, "stop after this many non-finite (NaN/Inf) steps in a row")
+
+    def validate(self) -> None:
+        check_choices(self)
+        check_at_least(self, 1, "max_bad_steps")
+        check_at_least(self, 0, "workers", "jobs")
+
+
+@dataclass
+class OutputOptions:
+    title: ClassVar[str] = "output, resume and evaluation"
+    out: str = option("runs/default", "run directory")
+    resume: bool = option(False, "continue from the run directory's last checkpoints (finished models are kept)")
+    eval_every: int = option(0, "validate every N epochs and keep the best checkpoint (0: validate once at the "
+                                "end, so best is the last)")
+    log_every: int = option(10, "write a metrics.jsonl line every N steps")
+    checkpoint_every: int = option(0, "also write a training checkpoint every N steps (0: only at the ends of "
+                                      "epochs)", resumable=True)
+    checkpoint_seconds: float = option(60.0, "the end of an epoch writes a training checkpoint when the last one is "
+                                             "at least this many seconds old (0: every epoch), so short epochs do "
+                                             "not each pay a write; a kill loses at most this long plus one epoch "
+                                             "of training", resumable=True)
+    bootstrap: int = option(1000, "bootstrap resamples of the validation images for the 95% confidence intervals "
+                                  "(0: none)")
+    progress: bool = option(True, "show a progress bar (loss and images/s of one model; images/s over all under "
+                                  "--jobs > 1)", resumable=True)
+
+    def validate(self) -> None:
+        check_at_least(self, 1, "log_every")
+        check_at_least(self, 0, "eval_every", "checkpoint_every", "bootstrap")
+        check_positive(self, "checkpoint_seconds", zero_ok=True)
+
+
+# TrainConfig's sections, in the order of --help, config.yaml and the docs' table
+SECTIONS: dict[str, type] = {"dataset": DataOptions, "study": StudyOptions, "model": M2DINOConfig,
+                             "weights": WeightsOptions, "schedule": ScheduleOptions, "hardware": HardwareOptions,
+                             "output": OutputOptions}
+
+
+class Place(NamedTuple):
+    """Where a flat option lives: TrainConfig.<section>.<field>, and its declaration."""
+
+    section: str
+    option: Option
+
+
+def option_places(sections: dict[str, type] = SECTIONS) -> dict[str, Place]:
+    """{option name: its Place}, in declaration order, for every option of the sections."""
+    return {opt.name: Place(section, opt) for section, cls in sections.items() for opt in options_of(cls)}
+
+
+OPTIONS = option_places()
+
+
+@dataclass(init=False)
+class TrainConfig:
+    """Every option of a training run, by section; read and set flat by the option's name (the
+    module's docstring)."""
+
+    dataset: DataOptions
+    study: StudyOptions
+    model: M2DINOConfig
+    weights: WeightsOptions
+    schedule: ScheduleOptions
+    hardware: HardwareOptions
+    output: OutputOptions
+
+    def __init__(self, dataset: DataOptions | None = None, study: StudyOptions | None = None,
+                 model: M2DINOConfig | str | None = None, weights: WeightsOptions | None = None,
+                 schedule: ScheduleOptions | None = None, hardware: HardwareOptions | None = None,
+                 output: OutputOptions | None = None, **options):
+        given = dict(dataset=dataset, study=study, weights=weights, schedule=schedule, hardware=hardware,
+                     output=output)
+        for name, cls in SECTIONS.items():
+            if name == "model":  # a preset's name: the model a run of that preset starts from
+                section = model_defaults(model) if isinstance(model, str) else DEMO_MODEL if model is None else model
+            else:  # each config owns its sections (a copy), so that setting one option changes no other config
+                section = cls() if given[name] is None else replace(given[name])
+            object.__setattr__(self, name, section)
+        for name, value in options.items():
+            if name not in OPTIONS or name in SECTIONS:
+                raise TypeError(f"TrainConfig: unknown option {name!r}")
+            setattr(self, name, value)
+
+    def __getattr__(self, name: str):  # only for names that are not attributes: the flat options
+        place = OPTIONS.get(name)
+        section = self.__dict__.get(place.section) if place is not None else None
+        if section is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(section, place.option.field)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in SECTIONS:
+            object.__setattr__(self, name, value)
+        elif name in OPTIONS:
+            section, opt = OPTIONS[name]
+            if section == "model":  # frozen: replaced
+                object.__setattr__(self, "model", replace(self.model, **{opt.field: value}))
+            else:
+                setattr(getattr(self, section), opt.field, value)
+        else:
+            raise AttributeError(f"TrainConfig has no option {name!r}")
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the option for any impossible value: each section's own checks,
+        then those across sections."""
+        for name in SECTIONS:
+            if name != "model":
+                getattr(self, name).validate()
+        for name, why in self.model.problems():
+            raise problem(MODEL_FLAGS[name], why)
+        if self.control != CONTROLS[0] and self.steps is not None:
+            raise problem("control", "trains TS models until their loss plateaus: it cannot be combined with --steps")
+        unknown = set(self.loss_weights) - set(loss_weight_keys(self.tasks))
+        if unknown:
+            raise problem("loss_weights", f"unknown key(s) {sorted(unknown)}: a key is a task type "
+                                          f"({', '.join(t.value for t in TASK_TYPES)}) or a task id "
+                                          f"({', '.join(sorted(TASKS))}{', or one of --tasks' if self.tasks else ''})")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option by its name, flat, the model as one mapping (config.yaml's layout)."""
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            if name == "model":
+                out["model"] = self.model.to_dict()
+            else:
+                out.update({opt.name: copy.deepcopy(getattr(self, opt.name)) for opt in options_of(SECTIONS[name])})
+        return out
+
+
+# The model's fields as options: --model is the preset name, the others keep their names
+MODEL_FLAGS = {opt.field: opt.name for opt in options_of(M2DINOConfig)}
+MODEL_OPTIONS = tuple(n for n in MODEL_FLAGS.values() if n != "model")
+OPTION_NAMES = tuple(OPTIONS)
+# Options that may change when a run resumes: a longer schedule (or the control's extra models),
+# and how the run is executed
+RESUMABLE = tuple(name for name, place in OPTIONS.items() if place.option.resumable)
+
+
+# ------------------------------------------------------------------ reading values
+
+
+def _read(name: str, value):
+    """A YAML or CLI value -> the option's type, with an error naming the option; `model` is a
+    preset name, or a whole model mapping (YAML)."""
+    if name == "model":
+        return value if isinstance(value, dict) else str(value)
+    return OPTIONS[name].option.read(value)
 
 
 def _model_mapping(mapping: dict) -> dict[str, Any]:
@@ -339,12 +426,12 @@ def _model_mapping(mapping: dict) -> dict[str, Any]:
         name = str(key).replace("-", "_")
         if name not in MODEL_FLAGS:
             raise ValueError(f"model: unknown field {key!r}; known: {', '.join(MODEL_FLAGS)}")
-        out[MODEL_FLAGS[name]] = _coerce(MODEL_FLAGS[name], value)
+        out[MODEL_FLAGS[name]] = _read(MODEL_FLAGS[name], value)
     return out
 
 
 def load_yaml_config(path) -> dict[str, Any]:
-    """A YAML config file -> {field: value}; unknown keys raise an error naming the file."""
+    """A YAML config file -> {option: value}; unknown keys raise an error naming the file."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -363,10 +450,10 @@ def load_yaml_config(path) -> dict[str, Any]:
         name = str(key).replace("-", "_")
         if name in RECORDED:
             continue
-        if name not in OPTION_NAMES:
+        if name not in OPTIONS:
             raise ValueError(f"--config {path}: unknown option {key!r}; known: {', '.join(OPTION_NAMES)}")
         try:
-            value = _coerce(name, value)
+            value = _read(name, value)
             if isinstance(value, dict) and name == "model":
                 _model_mapping(value)  # checked here, so that the error names this file
         except ValueError as e:
@@ -375,157 +462,7 @@ def load_yaml_config(path) -> dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------ the command line
-
-_HELP = {
-    "data": "'synthetic' (the cached synthetic suite) or an FM_UIA root (CSV layout, train/ and val/ or one split)",
-    "synthetic_scale": "size of the synthetic suite as a fraction of the real FM_UIA sizes",
-    "on_bad_sample": "bad rows: 'error' refuses to train and lists them all, 'skip' trains without them",
-    "val_fraction": "per-task validation share when the root has no val/ split",
-    "split_seed": "seed of the train/val split of a root without val/ (default: --seed; with --seeds every "
-                  "seed is validated on the same split, that of --seed)",
-    "tasks": "task ids to train (space or comma separated; default every task in the data)",
-    "groups": "clinical groups file (YAML/JSON {group: [task ids]}) for the CG paradigm",
-    "paradigm": "ts: one model per task, cg: one per clinical group, au: one for all, all: the three + report",
-    "control": "'ts-converged': also train every TS model until its training loss plateaus ("
-               + plateau_rule_text().replace("%", "%%") + "; no validation images) into OUT/ts_converged/; the "
-               "report adds TS* and changes vs TS*",
-    "min_steps": "every model trains at least N optimizer steps by repeating whole epochs (0: equal exposure, "
-                 "--epochs for all; above N exposure stays equal)",
-    "model": "backbone preset; an official one takes its recipe's architecture and image size",
-    "pretrained": "official DINOv3 weights (.pth or .safetensors) for the backbone; an official preset needs them "
-                  "(checked before anything runs)",
-    "from_scratch": "train an official preset from random weights, on purpose, instead of from --pretrained",
-    "num_experts": "experts per MoE layer",
-    "top_k": "experts per token",
-    "moe_layers": "how many of the last blocks get a task-conditioned MoE MLP",
-    "img_size": "input resolution (images are resized to S x S)",
-    "neck_channels": "channels of the shared spatial neck and of the heads' conv blocks",
-    "neck_layers": "the 4 blocks the neck reads, comma separated (none: 4 spread over the depth, ending at the last)",
-    "router_init_std": "standard deviation of the routers' initial weights",
-    "rope_rescale_coords": "RoPE coordinate rescale R in training (log-uniform in [1/R, R]; default off)",
-    "backbone_overrides": "DinoV3Config fields to change on the preset, field=value,field=value (e.g. depth=4)",
-    "epochs": "training epochs per model (each sample is seen epochs times in every paradigm)",
-    "steps": "training steps per model instead of epochs (exposure then differs across paradigms)",
-    "batch_size": "images per step per process",
-    "lr": "peak learning rate of the backbone (AdamW)",
-    "head_lr_mult": "heads learn at lr x this",
-    "weight_decay": "AdamW weight decay (not applied to biases, norms and tokens)",
-    "warmup": "linear warmup: a fraction of the total steps (< 1) or a number of steps (>= 1)",
-    "grad_clip": "clip the global gradient norm to this (0: off)",
-    "batching": "mixed: batches mix tasks, single: one task per batch",
-    "task_alpha": "task sampling weights n_t^alpha (1: every sample exactly once per epoch)",
-    "loss_weights": "loss weights, key=w,key=w; a key is a task id or a task type (segmentation, classification, "
-                    "detection, regression); a task id wins over its type; unset keys weigh 1",
-    "aux_weights": "MoE auxiliary loss weights, load_balance=w,z_loss=w,mutual_information=w",
-    "amp": "autocast dtype on GPU (CPU always runs fp32)",
-    "grad_checkpointing": "recompute block activations in the backward pass (less memory)",
-    "freeze_backbone": "train only the MoE layers' routers/experts, neck and heads",
-    "fsdp": "under torchrun, shard the model with FSDP2 (fully_shard per block) instead of replicating it "
-            "with DDP: for the large presets",
-    "seed": "seed of the model init, the split, the sampler and the augmentation",
-    "seeds": "train every paradigm once per seed (comma separated, e.g. 0,1,2) into OUT/seed-N/, then one "
-             "report pooling the seeds",
-    "device": "auto, cpu, cuda or cuda:N (under torchrun each process takes cuda:LOCAL_RANK)",
-    "workers": "DataLoader worker processes",
-    "jobs": "models trained at a time, each in its own process with cores/N threads (CPU only; 0: one per CPU "
-            "core; 1: one after another in this process)",
-    "max_bad_steps": "stop after this many non-finite (NaN/Inf) steps in a row",
-    "out": "run directory",
-    "resume": "continue from the run directory's last checkpoints (finished models are kept)",
-    "eval_every": "validate every N epochs and keep the best checkpoint (0: validate once at the end, so best is "
-                  "the last)",
-    "log_every": "write a metrics.jsonl line every N steps",
-    "checkpoint_every": "also write a training checkpoint every N steps (0: only at the ends of epochs)",
-    "checkpoint_seconds": "the end of an epoch writes a training checkpoint when the last one is at least this many "
-                          "seconds old (0: every epoch), so short epochs do not each pay a write; a kill loses at most "
-                          "this long plus one epoch of training",
-    "bootstrap": "bootstrap resamples of the validation images for the 95%% confidence intervals (0: none)",
-    "progress": "show a progress bar (loss and images/s of one model; images/s over all under --jobs > 1)",
-}
-
-
-# The option groups of --help, after TrainConfig's sections: each group opens with the field
-# named here, and a field not named follows the group of the field declared before it.
-_GROUP_STARTS = {
-    "data": "data", "paradigm": "study", "model": "model", "epochs": "schedule and optimizer",
-    "amp": "numerics and hardware", "out": "output, resume and evaluation",
-}
-_CHOICES = {
-    "paradigm": (*PARADIGMS, "all"), "batching": ("mixed", "single"), "amp": ("bf16", "fp16", "off"),
-    "on_bad_sample": ("error", "skip"), "model": tuple(PRESETS), "control": CONTROLS,
-}
-_EXAMPLES = """examples:
-  python -m m2dino.train                                  the CPU demo (synthetic suite, TS/CG/AU, report)
-  python -m m2dino.train --data /data/FM_UIA --paradigm au --tasks fetal_head,IUGC --epochs 20
-  python -m m2dino.train --config m2dino_vitb16_fmuia --data /data/FM_UIA --pretrained W.pth --dry-run --nproc 8
-  torchrun --nproc-per-node 8 -m m2dino.train --config m2dino_vitb16_fmuia --data /data/FM_UIA --pretrained W.pth
-  python -m m2dino.train --out runs/x --resume            continue a killed run
-docs: docs/training.md"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m m2dino.train",
-        description="Train M2DINO under the TS / CG / AU paradigms, evaluate, and write the transfer report. "
-                    "With no arguments: the embedded default run on the cached synthetic suite.",
-        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS)  # only options actually given override the config file
-    p.add_argument("--config", help="YAML file of options (names as below, with - or _), or the name of a recipe "
-                                    f"in configs/ ({', '.join(recipe_names())})")
-    run = p.add_argument_group("planning and the run directory (not saved in config.yaml)")
-    run.add_argument("--dry-run", dest="dry_run", action="store_true",
-                     help="build and train nothing: print the plan of every model (steps, parameters, FLOPs, memory "
-                          "per GPU, the study's time) and write OUT/plan.json")
-    run.add_argument("--nproc", type=int, metavar="N", help="with --dry-run: the GPUs the run will use (default: 1)")
-    run.add_argument("--assume-tflops", dest="assume_tflops", type=float, metavar="TFLOPS",
-                     help="with --dry-run: sustained TFLOP/s per GPU for the time estimate (default: 300, about 30%% "
-                          "of an H100's dense bf16 peak)")
-    run.add_argument("--gpu-memory-gb", dest="gpu_memory_gb", type=float, metavar="GB",
-                     help="with --dry-run: memory of one GPU in GiB; the plan stops when a model does not fit 90%% of "
-                          "it (default: 80)")
-    run.add_argument("--overwrite", dest="overwrite", action="store_true",
-                     help="start over in an OUT that holds a trained run: the old run is moved aside to "
-                          "OUT.old-<timestamp>, never deleted")
-    defaults = TrainConfig()
-    group = p
-    for f in fields(TrainConfig):
-        if f.name in _GROUP_STARTS:
-            group = p.add_argument_group(_GROUP_STARTS[f.name])
-        if f.name == "model":  # the preset name, then the model's other fields, each its own option
-            for field_name, option in MODEL_FLAGS.items():
-                _add_option(group, option, getattr(defaults.model, field_name))
-            continue
-        _add_option(group, f.name, getattr(defaults, f.name))
-    return p
-
-
-def _show(default) -> str:
-    if isinstance(default, dict):
-        return ",".join(f"{k}={v}" for k, v in default.items())
-    if isinstance(default, (list, tuple)):
-        return ",".join(str(v) for v in default)
-    return str(default)
-
-
-def _add_option(p, name: str, default) -> None:
-    """One option; its help shows the default once (none when the help text already says it or
-    the default is unset), and the choices where there are few."""
-    flag = "--" + name.replace("_", "-")
-    help_text = _HELP[name].replace("%", "%%") if "%%" not in _HELP[name] else _HELP[name]
-    if default not in (None, {}, ()) and "default" not in help_text:
-        help_text += f" (default: {_show(default)})"
-    choices = _CHOICES.get(name)
-    if isinstance(default, bool):
-        p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
-    elif name == "tasks":
-        p.add_argument(flag, dest=name, nargs="+", metavar="TASK", help=help_text)
-    elif choices and name != "model":
-        p.add_argument(flag, dest=name, metavar="{" + ",".join(choices) + "}", help=help_text)
-    elif choices:  # the presets are many: listed in the help, checked with the other values
-        p.add_argument(flag, dest=name, metavar="PRESET", help=f"{help_text}; one of {', '.join(choices)}")
-    else:
-        p.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
+# ------------------------------------------------------------------ recipes and presets
 
 
 def recipe_names() -> list[str]:
@@ -569,8 +506,11 @@ def describe_model(model: M2DINOConfig) -> str:
     return ", ".join(f"{k}={v}" for k, v in model.resolved().to_dict().items())
 
 
+# ------------------------------------------------------------------ resolving layers of options
+
+
 def resolve(layers: list[dict[str, Any]]) -> TrainConfig:
-    """Option layers ({option: coerced value}), lowest first (a config file, then the command
+    """Option layers ({option: read value}), lowest first (a config file, then the command
     line), over the defaults -> a validated TrainConfig. The model's options gather into its
     M2DINOConfig, over the defaults of the preset it ends up with."""
     train_values: dict[str, Any] = {}
@@ -588,43 +528,13 @@ def resolve(layers: list[dict[str, Any]]) -> TrainConfig:
     return TrainConfig(**train_values, model=model).validate()
 
 
-RUN_OPTIONS = ("dry_run", "nproc", "assume_tflops", "gpu_memory_gb", "overwrite")
-
-
-def parse_command(argv=None) -> tuple[TrainConfig, dict[str, Any], set[str]]:
-    """Command line -> (the validated TrainConfig, {run option: value} of the RUN_OPTIONS given,
-    the names of the options the command line or its --config file set)."""
-    args = vars(build_parser().parse_args(argv))
-    run_options = {name: args.pop(name) for name in RUN_OPTIONS if name in args}
-    given = {name for name in args if name != "config"}
-    if args.get("config"):
-        given |= set(load_yaml_config(find_config(args["config"])))
-    return _config_from_args(args), run_options, given
-
-
-def parse_args(argv=None) -> TrainConfig:
-    """Command line (+ --config YAML) -> a validated TrainConfig."""
-    return parse_command(argv)[0]
-
-
-def _config_from_args(args: dict[str, Any]) -> TrainConfig:
-    config_file = args.pop("config", None)
-    layers = [load_yaml_config(find_config(config_file))] if config_file else []
-    cli = {}
-    for name, value in args.items():
-        if name == "tasks":
-            value = " ".join(value)
-        cli[name] = _coerce(name, value)
-    return resolve(layers + [cli])
-
-
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """A saved config.yaml mapping (nested `model:` or the older flat model options) -> TrainConfig."""
     data = {k: v for k, v in data.items() if k not in RECORDED}
     unknown = set(data) - set(OPTION_NAMES)
     if unknown:
         raise ValueError(f"config: unknown option(s) {sorted(unknown)}")
-    return resolve([{k: _coerce(k, v) for k, v in data.items()}])
+    return resolve([{k: _read(k, v) for k, v in data.items()}])
 
 
 # The first line of every config.yaml m2dino writes: how a run directory is told from a folder
@@ -647,3 +557,154 @@ def save_config(config: TrainConfig, path, data_root=None) -> Path:
 
 def read_config(path) -> TrainConfig:
     return resolve([load_yaml_config(path)])
+
+
+# ------------------------------------------------------------------ the command line
+
+
+@dataclass
+class RunOptions:
+    """How this command runs: not options of the training, not saved in config.yaml."""
+
+    title: ClassVar[str] = "planning and the run directory (not saved in config.yaml)"
+    dry_run: bool = option(False, "build and train nothing: print the plan of every model (steps, parameters, "
+                                  "FLOPs, memory per GPU, the study's time) and write OUT/plan.json")
+    overwrite: bool = option(False, "start over in an OUT that holds a trained run: the old run is moved aside to "
+                                    "OUT.old-<timestamp>, never deleted")
+
+
+# A sustained rate that a well-fed H100 reaches in bf16 training: about 30% of its 989 dense TFLOP/s
+DEFAULT_TFLOPS = 300.0
+
+
+@dataclass
+class PlanOptions:
+    """The --dry-run plan's assumptions (m2dino.training.plan)."""
+
+    title: ClassVar[str] = RunOptions.title
+    nproc: int = option(1, "with --dry-run: the GPUs (torchrun processes) the run will use", metavar="N")
+    assume_tflops: float = option(DEFAULT_TFLOPS, "with --dry-run: sustained TFLOP/s per GPU for the time estimate "
+                                                  "(about 30% of an H100's dense bf16 peak)", metavar="TFLOPS")
+    gpu_memory_gb: float = option(80.0, "with --dry-run: memory of one GPU in GiB; the plan stops when a model does "
+                                        "not fit 90% of it", metavar="GB")
+
+    def validate(self) -> "PlanOptions":
+        check_at_least(self, 1, "nproc")
+        check_positive(self, "assume_tflops", "gpu_memory_gb")
+        return self
+
+
+PLAN_OPTIONS = tuple(opt.name for opt in options_of(PlanOptions))  # the command line's planning options
+_RUN_DECLARED = {opt.name: opt for cls in (RunOptions, PlanOptions) for opt in options_of(cls)}
+RUN_OPTIONS = tuple(_RUN_DECLARED)
+# The command line's sections: those of the run, then TrainConfig's
+COMMAND_SECTIONS = {"run": RunOptions, "plan": PlanOptions, **SECTIONS}
+
+_EXAMPLES = """examples:
+  python -m m2dino.train                                  the CPU demo (synthetic suite, TS/CG/AU, report)
+  python -m m2dino.train --data /data/FM_UIA --paradigm au --tasks fetal_head,IUGC --epochs 20
+  python -m m2dino.train --config m2dino_vitb16_fmuia --data /data/FM_UIA --pretrained W.pth --dry-run --nproc 8
+  torchrun --nproc-per-node 8 -m m2dino.train --config m2dino_vitb16_fmuia --data /data/FM_UIA --pretrained W.pth
+  python -m m2dino.train --out runs/x --resume            continue a killed run
+docs: docs/training.md"""
+
+
+def build_parser(sections: dict[str, type] = COMMAND_SECTIONS) -> argparse.ArgumentParser:
+    """The command line, generated from the sections' declarations: one group per section title,
+    an option per declaration; only options given appear in the parsed namespace."""
+    p = argparse.ArgumentParser(
+        prog="python -m m2dino.train",
+        description="Train M2DINO under the TS / CG / AU paradigms, evaluate, and write the transfer report. "
+                    "With no arguments: the embedded default run on the cached synthetic suite.",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS)  # only options actually given override the config file
+    p.add_argument("--config", help="YAML file of options (names as below, with - or _), or the name of a recipe "
+                                    f"in configs/ ({', '.join(recipe_names())})")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, cls in sections.items():
+        title = cls.title if name != "model" else "model"
+        group = groups.setdefault(title, p.add_argument_group(title))
+        for opt in command_options(name, cls):
+            _add_option(group, opt)
+    return p
+
+
+def command_options(section: str, cls: type) -> tuple[Option, ...]:
+    """A section's options as the command line offers them: the model's with the defaults of the
+    no-argument run (DEMO_MODEL), not M2DINOConfig's own."""
+    if section != "model":
+        return options_of(cls)
+    return tuple(replace(opt, default=getattr(DEMO_MODEL, opt.field)) for opt in options_of(cls))
+
+
+def help_text(opt: Option) -> str:
+    """The option's help with its default, as --help and the docs show it."""
+    shown = opt.shown_default()
+    return opt.help + (f" (default: {shown})" if shown is not None else "")
+
+
+def _add_option(group, opt: Option) -> None:
+    """One option: a switch (--x / --no-x) for a bool, several words where it takes many, the
+    choices in the metavar where there are few, listed in the help where they are many."""
+    text = help_text(opt).replace("%", "%%")
+    if opt.kind is bool:
+        group.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction, help=text)
+    elif opt.choices and opt.metavar:  # many (the presets): listed in the help, checked with the other values
+        group.add_argument(opt.flag, dest=opt.name, metavar=opt.metavar,
+                           help=f"{text}; one of {', '.join(opt.choices)}")
+    elif opt.choices:
+        group.add_argument(opt.flag, dest=opt.name, metavar="{" + ",".join(opt.choices) + "}", help=text)
+    else:
+        group.add_argument(opt.flag, dest=opt.name, nargs="+" if opt.many else None,
+                           metavar=opt.metavar or opt.name.upper(), help=text)
+
+
+def parse_command(argv=None) -> tuple[TrainConfig, dict[str, Any], set[str]]:
+    """Command line -> (the validated TrainConfig, {run option: value} of the RUN_OPTIONS given,
+    the names of the options the command line or its --config file set)."""
+    args = vars(build_parser().parse_args(argv))
+    run_options = {name: _RUN_DECLARED[name].read(args.pop(name)) for name in RUN_OPTIONS if name in args}
+    given = {name for name in args if name != "config"}
+    if args.get("config"):
+        given |= set(load_yaml_config(find_config(args["config"])))
+    return _config_from_args(args), run_options, given
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Command line (+ --config YAML) -> a validated TrainConfig."""
+    return parse_command(argv)[0]
+
+
+def _config_from_args(args: dict[str, Any]) -> TrainConfig:
+    config_file = args.pop("config", None)
+    layers = [load_yaml_config(find_config(config_file))] if config_file else []
+    cli = {name: _read(name, " ".join(value) if isinstance(value, list) else value) for name, value in args.items()}
+    return resolve(layers + [cli])
+
+
+# ------------------------------------------------------------------ the docs' option table
+
+
+def option_table(sections: dict[str, type] = COMMAND_SECTIONS) -> str:
+    """docs/training.md's option table (markdown), one row per declared option, by section."""
+    rows = ["| option | meaning (default) | on `--resume` |", "|---|---|---|"]
+    titles = set()
+    for name, cls in sections.items():
+        title = cls.title if name != "model" else "model"
+        if title not in titles:
+            titles.add(title)
+            rows.append(f"| **{_markdown(title)}** | | |")
+        for opt in command_options(name, cls):
+            if opt.kind is bool:
+                flag = f"`{opt.flag}`, `--no-{opt.flag[2:]}`"
+            else:
+                few = opt.choices and not opt.metavar
+                flag = f"`{opt.flag} {'{' + ','.join(opt.choices) + '}' if few else opt.metavar or opt.name.upper()}`"
+            rows.append(f"| {_markdown(flag)} | {_markdown(help_text(opt))} | "
+                        f"{'may change' if opt.resumable else ''} |")
+    return "\n".join(rows) + "\n"
+
+
+def _markdown(text: str) -> str:
+    """Text in a table cell: no column break, emphasis or HTML tag read into it."""
+    return text.replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;")

@@ -32,36 +32,17 @@ from m2dino import io
 from m2dino.models.m2dino import M2DINO, SPATIAL_TYPES
 from m2dino.models.moe import moe_modules
 from m2dino.paradigms import PARADIGMS
-from m2dino.training.config import TrainConfig
+
+# the plan's options are declared with the command line's (torch-free): re-exported here
+from m2dino.training.config import DEFAULT_TFLOPS, PLAN_OPTIONS, PlanOptions, TrainConfig  # noqa: F401
 from m2dino_kernels import ExpertWeights, Routing
 
-# A sustained rate that a well-fed H100 reaches in bf16 training: about 30% of its 989 dense TFLOP/s
-DEFAULT_TFLOPS = 300.0
 GIB = 2 ** 30
 ADAMW_BYTES = 8   # exp_avg + exp_avg_sq, fp32, per trainable parameter
 
 
-PLAN_OPTIONS = ("nproc", "assume_tflops", "gpu_memory_gb")  # the command line's planning options
-
-
 class PlanError(ValueError):
     """The study cannot run as stated (a model does not fit the GPU memory)."""
-
-
-@dataclass
-class PlanOptions:
-    nproc: int = 1                        # GPUs (torchrun processes) the run will use
-    assume_tflops: float = DEFAULT_TFLOPS  # sustained TFLOP/s per GPU for the time estimate
-    gpu_memory_gb: float = 80.0           # memory of one GPU
-
-    def validate(self) -> "PlanOptions":
-        if self.nproc < 1:
-            raise ValueError(f"--nproc: must be >= 1, got {self.nproc}")
-        for name in ("assume_tflops", "gpu_memory_gb"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"--{name.replace('_', '-')}: must be a positive number, got {value}")
-        return self
 
 
 # ------------------------------------------------------------------ FLOP formulas of the fused ops

@@ -36,12 +36,10 @@ import yaml
 from m2dino import io
 from m2dino.errors import InputError
 from m2dino.training import distributed as dist_utils
-from m2dino.training.config import MODEL_OPTIONS, RUN_CONFIG_HEADER, TrainConfig, read_config
+from m2dino.training.config import MODEL_OPTIONS, RESUMABLE, RUN_CONFIG_HEADER, TrainConfig, read_config
 
-# Options that may change when a run resumes: a longer schedule (or the control's extra models),
-# and how the run is executed
-RESUMABLE = ("epochs", "min_steps", "control", "workers", "jobs", "device", "progress", "checkpoint_every",
-             "checkpoint_seconds")
+# RESUMABLE (re-exported): the options that may change when a run resumes, declared with
+# `resumable=True` where each option is declared (m2dino.training.config)
 # Given on every resume, never a difference
 _ALWAYS = ("resume", "out")
 # m2dino's own traces at the top of an OUT that holds no run yet: never a user's files

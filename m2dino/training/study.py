@@ -39,7 +39,7 @@ from m2dino.evaluation.baselines import trivial_baselines
 from m2dino.evaluation.metrics import as_float, higher_is_better
 from m2dino.evaluation.report import generate_report
 from m2dino.models.pretrained import OFFICIAL_FILES, check_weights_file, where_to_get
-from m2dino.paradigms import CONTROL_PARADIGM, PARADIGMS
+from m2dino.paradigms import CONTROL_PARADIGM, CONTROLS, PARADIGMS
 from m2dino.tasks import apply_groups, load_groups
 from m2dino.training import distributed as dist_utils
 from m2dino.training.config import TrainConfig, save_config
@@ -273,7 +273,7 @@ def _run(config: TrainConfig, checked: Checked) -> dict:
         f"{len(data.skipped)} bad rows skipped); device {device}, world size {dist_utils.world_size()}")
     baselines = trivial_baselines(data.train, data.val, specs)
     paradigms = list(PARADIGMS) if config.paradigm == "all" else [config.paradigm]
-    if config.control == "ts-converged":
+    if config.control != CONTROLS[0]:  # a control: its models train as one more paradigm
         paradigms.append(CONTROL_PARADIGM)
     results = run_paradigms(config, paradigms, data, specs, groups, baselines, device, out)
     if dist_utils.is_main():

@@ -124,8 +124,8 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-# Which folders of m2dino each may import (besides itself, m2dino.tasks, m2dino.io, m2dino.errors,
-# m2dino._lazy): the
+# Which folders of m2dino each may import (besides itself, m2dino.tasks, m2dino.paradigms,
+# m2dino.options, m2dino.io, m2dino.errors, m2dino._lazy): the
 # data flow tasks -> data -> models -> training -> evaluation, with evaluation reading
 # checkpoints through models and the data through data, and training validating with
 # evaluation's metrics; export packages a checkpoint into a challenge entry, through models,
@@ -141,7 +141,8 @@ ALLOWED = {
 }
 ENTRY_POINTS = {"m2dino.train", "m2dino.predict", "m2dino.evaluate", "m2dino.report", "m2dino.export",
                 "m2dino.export.cli", "m2dino.export.__main__"}
-FOUNDATION = {"m2dino", "m2dino.tasks", "m2dino.paradigms", "m2dino.io", "m2dino.errors", "m2dino._lazy"}
+FOUNDATION = {"m2dino", "m2dino.tasks", "m2dino.paradigms", "m2dino.options", "m2dino.io", "m2dino.errors",
+              "m2dino._lazy"}
 
 
 def _folder(module: str) -> str:
