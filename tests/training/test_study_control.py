@@ -8,7 +8,7 @@ import pytest
 from m2dino.paradigms import PLATEAU_CAP_FACTOR, PLATEAU_WINDOW
 from m2dino.train import main
 from m2dino.training.config import TrainConfig
-from m2dino.training.trainer import plateaued
+from m2dino.training.stopping import plateaued
 
 TASKS = ["breast_2cls", "lung"]
 SUITE = dict(tasks=TASKS, min_train=8, min_val=3)
