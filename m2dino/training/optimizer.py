@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from m2dino.models.moe import moe_modules
+from m2dino.models.moe import TaskMoE
 
 
 def param_groups(model, config) -> list[dict]:
@@ -13,7 +13,7 @@ def param_groups(model, config) -> list[dict]:
     backbone; its MoE layers (routers and experts: every TaskMoE's parameters) keep training.
     Each group has a "name" (backbone, head, with _no_decay); the order is fixed."""
     backbone = {id(p) for p in model.backbone.parameters()}
-    moe = {id(p) for m in moe_modules(model.backbone).values() for p in m.parameters()}
+    moe = {id(p) for m in model.backbone.modules() if isinstance(m, TaskMoE) for p in m.parameters()}
     groups = {}
     for name, p in model.named_parameters():
         in_backbone = id(p) in backbone
