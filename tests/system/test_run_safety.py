@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 import yaml
 from faults import child_env, disk_full, read_only
-from test_errors import hold_lock
+from locks import hold_lock
 
 from m2dino import io
 from m2dino.errors import DiskFullError, format_bytes
