@@ -11,74 +11,11 @@ The names below are imported on first use (PEP 562), so that importing a torch-f
 submodule (the configs the command lines read) does not import torch."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from m2dino import models as _models  # torch-free: its names are lazy too
 from m2dino._lazy import lazy_exports
 
-if TYPE_CHECKING:
-    from m2dino.models import (
-        M2DINO,
-        PRESETS,
-        DinoV3Config,
-        DinoV3ViT,
-        M2DINOConfig,
-        TaskMoE,
-        WeightsError,
-        build_backbone,
-        create_model,
-        dinov3_tiny,
-        dinov3_vitb16,
-        dinov3_vith16plus,
-        dinov3_vitl16,
-        dinov3_vits16,
-        dinov3_vits16plus,
-        dinov3_vitt16,
-        load_model,
-        save_model,
-    )
-    from m2dino.training.losses import total_loss
-
-_SOURCES = {
-    "M2DINO": "m2dino.models",
-    "PRESETS": "m2dino.models",
-    "DinoV3Config": "m2dino.models",
-    "DinoV3ViT": "m2dino.models",
-    "M2DINOConfig": "m2dino.models",
-    "TaskMoE": "m2dino.models",
-    "WeightsError": "m2dino.models",
-    "build_backbone": "m2dino.models",
-    "create_model": "m2dino.models",
-    "dinov3_tiny": "m2dino.models",
-    "dinov3_vitb16": "m2dino.models",
-    "dinov3_vith16plus": "m2dino.models",
-    "dinov3_vitl16": "m2dino.models",
-    "dinov3_vits16": "m2dino.models",
-    "dinov3_vits16plus": "m2dino.models",
-    "dinov3_vitt16": "m2dino.models",
-    "load_model": "m2dino.models",
-    "save_model": "m2dino.models",
-    "total_loss": "m2dino.training.losses",
-}
-__all__ = [
-    "DinoV3Config",
-    "DinoV3ViT",
-    "M2DINO",
-    "M2DINOConfig",
-    "PRESETS",
-    "TaskMoE",
-    "WeightsError",
-    "build_backbone",
-    "create_model",
-    "dinov3_tiny",
-    "dinov3_vitb16",
-    "dinov3_vith16plus",
-    "dinov3_vitl16",
-    "dinov3_vits16",
-    "dinov3_vits16plus",
-    "dinov3_vitt16",
-    "load_model",
-    "save_model",
-    "total_loss",
-]
+# every public name of m2dino.models but its internals' (aux loss names, the raw weight loader)
+_SOURCES = {**{name: "m2dino.models" for name in _models.__all__ if name not in ("AUX_NAMES", "load_weights")},
+            "total_loss": "m2dino.training.losses"}
+__all__ = sorted(_SOURCES)
 __getattr__, __dir__ = lazy_exports(__name__, _SOURCES)
-

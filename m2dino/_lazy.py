@@ -1,6 +1,8 @@
 """Package names imported on first use, so that `import m2dino` (and a CLI's --help) does not
 import torch: a package's __init__ lists where each public name lives and gets its
-`__getattr__` and `__dir__` from `lazy_exports`."""
+`__getattr__` and `__dir__` from `lazy_exports`. Its `_SOURCES` table ({name: module}) is the one
+list of its public names: `__all__ = sorted(_SOURCES)`, and the layering test reads the modules
+named there as the package's imports."""
 from __future__ import annotations
 
 import importlib

@@ -97,3 +97,31 @@ def disk_full(monkeypatch, *folders, free: int = 0) -> None:
     monkeypatch.setattr(safetensors.torch, "save_file", guard(safetensors.torch.save_file))
     real_free = io.free_space
     monkeypatch.setattr(io, "free_space", lambda folder: free if _under(folder, roots) else real_free(folder))
+
+
+# ------------------------------------------------------------------ faults in child processes
+
+PLUGIN = Path(__file__).parent / "fault_plugin"
+
+
+def child_env(crash_rank_at_step: str | None = None, checkpoint_sleep: float = 0.0, base=None) -> dict:
+    """The environment of a child process (a training command, torchrun and its ranks) with
+    fault_plugin/sitecustomize.py on its PYTHONPATH: `crash_rank_at_step` "RANK:STEP" makes that
+    rank exit after step STEP on torchrun's first attempt; `checkpoint_sleep` seconds pass in the
+    middle of every checkpoint write (after the weights)."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PLUGIN), env.get("PYTHONPATH", "")) if p)
+    for name in ("M2DINO_TEST_CRASH_RANK_AT_STEP", "M2DINO_TEST_CHECKPOINT_SLEEP"):
+        env.pop(name, None)
+    if crash_rank_at_step:
+        env["M2DINO_TEST_CRASH_RANK_AT_STEP"] = crash_rank_at_step
+    if checkpoint_sleep:
+        env["M2DINO_TEST_CHECKPOINT_SLEEP"] = str(checkpoint_sleep)
+    return env
+
+
+def crash_at_step(step: int, event) -> None:
+    """A step callback (functools.partial(crash_at_step, STEP)) that ends its process after
+    training step STEP, as a machine fault would: picklable, so it reaches --jobs workers."""
+    if event.step == step:
+        os._exit(1)

@@ -5,12 +5,10 @@ import errno
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from locks import hold_lock
 
 from m2dino import io
 from m2dino.errors import (
@@ -126,23 +124,6 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
         signal.alarm(0)
     assert io.file_kind(tmp_path) == "a folder" and io.file_kind(tmp_path / "no") == "missing"
     assert "NUL" in io.file_kind("a\0b") and "too long" in io.file_kind(tmp_path / ("x" * 300))
-
-
-HOLD = textwrap.dedent("""
-    import sys, time
-    from m2dino import io
-    lock = io.lock_directory(sys.argv[1], "a test holder")
-    print("locked", flush=True)
-    time.sleep(120)
-""")
-
-
-def hold_lock(folder: Path) -> subprocess.Popen:
-    """A process holding `folder`'s writer lock (killed by the caller)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
 
 
 def test_one_writer_per_folder_and_a_killed_holder_leaves_no_stale_lock(tmp_path):

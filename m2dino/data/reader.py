@@ -26,6 +26,7 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from m2dino import io
 from m2dino.errors import InputError
@@ -322,6 +323,16 @@ def _norm_count(text: str) -> str:
     return str(int(value)) if math.isfinite(value) and value == int(value) else str(text)
 
 
+class CsvRow(NamedTuple):
+    """One row of a CSV as read, before it becomes a Record: where it is and its cells."""
+    split: str            # "train" or "val"
+    csv: str              # the CSV's path relative to the data root
+    csv_dir: Path         # the folder its relative paths start from
+    fieldnames: list      # the CSV's columns
+    index: int            # the row's number in its CSV (as Problem rows count)
+    cells: dict           # {column: text}
+
+
 def read_csvs(root, task_overrides: dict | None = None) -> Scan:
     """Parse every csv_files/*.csv under `root` into records, with every problem found
     without opening images (columns, values, paths, duplicates, task consistency).
@@ -332,7 +343,7 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
     root_resolved = root.resolve()
     task_overrides = task_overrides or {}
     scan = Scan(root=root)
-    parsed = []  # (split, csv_rel, csv_dir, fieldnames, row_index, row)
+    parsed: list[CsvRow] = []
 
     for split, data_root in split_roots(root):
         csv_dir = data_root / "csv_files"
@@ -353,14 +364,15 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
                 scan.problems.append(Problem(csv_rel, -1, f"csv lacks column(s) {missing}"))
                 continue
             for i, row in rows:
-                parsed.append((split, csv_rel, csv_dir, fieldnames, i, row))
+                parsed.append(CsvRow(split, csv_rel, csv_dir, fieldnames, i, row))
                 if row.get("task_id"):
                     scan.row_counts[row["task_id"]] += 1
 
     # Task types and specs: registry first, then extra tasks from their CSV rows.
     rows_by_task = defaultdict(list)
     type_by_task = {}
-    for split, csv_rel, csv_dir, fieldnames, i, row in parsed:
+    for parsed_row in parsed:
+        csv_rel, i, row = parsed_row.csv, parsed_row.index, parsed_row.cells
         try:
             ttype = task_type_from_name(row.get("task_name", ""))
         except ValueError as e:
@@ -377,7 +389,7 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
                 Problem(csv_rel, i, f"task_name {row['task_name']!r} disagrees with task {tid!r} ({expected})", tid)
             )
             continue
-        rows_by_task[tid].append((split, csv_rel, csv_dir, fieldnames, i, row))
+        rows_by_task[tid].append(parsed_row)
 
     for tid, items in rows_by_task.items():
         if tid in TASKS:
@@ -387,18 +399,19 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
         else:
             try:
                 spec = _extra_task_spec(
-                    tid, type_by_task[tid], [r for *_, r in items], items[0][3], task_overrides.get(tid)
+                    tid, type_by_task[tid], [it.cells for it in items], items[0].fieldnames, task_overrides.get(tid)
                 )
             except (ValueError, TypeError) as e:  # every row of the task is unusable: say so for each
-                scan.problems.extend(Problem(it[1], it[4], f"cannot define extra task {tid!r}: {e}", tid)
+                scan.problems.extend(Problem(it.csv, it.index, f"cannot define extra task {tid!r}: {e}", tid)
                                      for it in items)
                 continue
         scan.tasks[tid] = spec
         # num_classes must agree within the task (and with the spec for seg / cls).
-        nc_counts = Counter(_norm_count(r.get("num_classes", "")) for *_, r in items)
+        nc_counts = Counter(_norm_count(it.cells.get("num_classes", "")) for it in items)
         majority = nc_counts.most_common(1)[0][0] if nc_counts else ""
-        seen = {}  # resolved image file -> (split, csv, row, image_path) of its first row in this task
-        for split, csv_rel, csv_dir, fieldnames, i, row in items:
+        seen: dict[Path, CsvRow] = {}  # resolved image file -> the first row of this task with it
+        for item in items:
+            csv_rel, i, row = item.csv, item.index, item.cells
             row_problems = []
             nc = _norm_count(row.get("num_classes", ""))
             if nc != majority:
@@ -407,12 +420,12 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
                 ok = nc == str(spec.num_classes)
                 if not ok:
                     row_problems.append(f"num_classes {nc!r} disagrees with task {tid!r} ({spec.num_classes})")
-            rec, more, image_file = _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resolved)
+            rec, more, image_file = _row_to_record(spec, item, root_resolved)
             if image_file is not None:
                 if image_file in seen:
-                    row_problems.append(_same_image(seen[image_file], split, row["image_path"]))
+                    row_problems.append(_same_image(seen[image_file], item))
                 else:
-                    seen[image_file] = (split, csv_rel, i, row["image_path"])
+                    seen[image_file] = item
             row_problems += more
             if row_problems:
                 scan.problems.extend(Problem(csv_rel, i, text, tid) for text in row_problems)
@@ -422,9 +435,10 @@ def read_csvs(root, task_overrides: dict | None = None) -> Scan:
     return scan
 
 
-def _same_image(first: tuple, split: str, image_path: str) -> str:
+def _same_image(first: CsvRow, later: CsvRow) -> str:
     """The problem of a row whose image is the same file as an earlier row's of its task."""
-    split0, csv0, row0, path0 = first
+    split0, csv0, row0, path0 = first.split, first.csv, first.index, first.cells["image_path"]
+    split, image_path = later.split, later.cells["image_path"]
     spelled = "" if path0 == image_path else f" (the same file, spelled {path0!r} there)"
     if split0 != split:
         return (f"image {image_path!r} is also in {split0}/ ({csv0} row {row0}){spelled}: the same image in "
@@ -516,9 +530,10 @@ _ANNOTATIONS = TaskTable("CSV annotations", {
 })
 
 
-def _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resolved):
+def _row_to_record(spec, item: CsvRow, root_resolved):
     """(Record, [], image file) or (None, [problem texts], image file or None): every problem of
     the row, and the file its image_path resolves to (for the duplicate check); opens nothing."""
+    row, csv_dir = item.cells, item.csv_dir
     image_path = row.get("image_path", "")
     problems = []
     image_file, p = _file_problem(csv_dir, image_path, "image_path", root_resolved, IMAGE_SUFFIXES)
@@ -530,5 +545,5 @@ def _row_to_record(spec, split, csv_rel, csv_dir, fieldnames, i, row, root_resol
     if problems:
         return None, problems, image_file
     return Record(task_id=spec.task_id, task_type=spec.task_type, image_path=image_path,
-                  image_file=str(image_file), csv=csv_rel, row=i, split=split,
+                  image_file=str(image_file), csv=item.csv, row=item.index, split=item.split,
                   image_key=image_key(image_file, csv_dir.resolve()), **fields), [], image_file

@@ -6,27 +6,7 @@ The names below are imported on first use (PEP 562), so that importing a torch-f
 submodule (the configs the command lines read) does not import torch."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from m2dino._lazy import lazy_exports
-
-if TYPE_CHECKING:
-    from m2dino.models.backbone import DinoV3ViT
-    from m2dino.models.configs import PRESETS, DinoV3Config, M2DINOConfig
-    from m2dino.models.m2dino import M2DINO, create_model, load_model, save_model
-    from m2dino.models.moe import AUX_NAMES, TaskMoE
-    from m2dino.models.weights import (
-        WeightsError,
-        build_backbone,
-        dinov3_tiny,
-        dinov3_vitb16,
-        dinov3_vith16plus,
-        dinov3_vitl16,
-        dinov3_vits16,
-        dinov3_vits16plus,
-        dinov3_vitt16,
-        load_weights,
-    )
 
 _SOURCES = {
     "PRESETS": "m2dino.models.configs",
@@ -50,27 +30,6 @@ _SOURCES = {
     "dinov3_vitt16": "m2dino.models.weights",
     "load_weights": "m2dino.models.weights",
 }
-__all__ = [
-    "AUX_NAMES",
-    "DinoV3Config",
-    "DinoV3ViT",
-    "M2DINO",
-    "M2DINOConfig",
-    "PRESETS",
-    "TaskMoE",
-    "WeightsError",
-    "build_backbone",
-    "create_model",
-    "dinov3_tiny",
-    "dinov3_vitb16",
-    "dinov3_vith16plus",
-    "dinov3_vitl16",
-    "dinov3_vits16",
-    "dinov3_vits16plus",
-    "dinov3_vitt16",
-    "load_model",
-    "load_weights",
-    "save_model",
-]
+__all__ = sorted(_SOURCES)
 __getattr__, __dir__ = lazy_exports(__name__, _SOURCES)
 

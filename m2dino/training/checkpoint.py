@@ -23,7 +23,6 @@ import random
 import shutil
 import socket
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +39,6 @@ MODEL_STEM = "model"
 LAST = "last"
 _TMP_PREFIX = ".last.tmp-"
 _OLD_PREFIX = ".last.old-"
-# Test hook: seconds to sleep in the middle of a checkpoint write (after the weights, before
-# the training state), so a test can SIGKILL a run while a checkpoint is being written.
-SLOW_WRITE_ENV = "M2DINO_TEST_CHECKPOINT_SLEEP"
 
 
 class CheckpointError(RuntimeError):
@@ -98,9 +94,6 @@ def save_checkpoint(model_dir, model, train_state: dict[str, Any], model_state: 
     tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX + writer_tag(), dir=model_dir))
     try:
         save_model(unwrap(model), tmp / MODEL_STEM, state_dict=model_state)
-        delay = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
-        if delay > 0:
-            time.sleep(delay)
         torch.save(train_state, tmp / TRAIN_STATE)
         io.fsync_tree(tmp)
         final = io.replace_directory(tmp, model_dir / LAST)  # the old one becomes .last.old-*

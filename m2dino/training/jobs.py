@@ -59,6 +59,9 @@ class StudyContext:
     baselines: dict
     device: torch.device
     out: Path
+    # called after every training step of every model (m2dino.training.loop.StepEvent); picklable,
+    # since they travel to the worker processes with the context
+    step_callbacks: tuple = ()
 
 
 def cpu_cores() -> int:
@@ -89,11 +92,12 @@ def threads_per_job(jobs: int) -> int:
     return max(1, cpu_cores() // jobs)
 
 
-def train_model(context: StudyContext, job: ModelJob, on_step=None) -> dict[str, Any]:
+def train_model(context: StudyContext, job: ModelJob, step_callbacks=()) -> dict[str, Any]:
     """Train (or resume) one model into OUT/<paradigm>/<name>/; ModelTrainer.run's result."""
     specs = [context.specs[t] for t in job.task_ids]
     trainer = ModelTrainer(context.config, job.name, specs, context.train_records, context.val_records,
-                           context.out / job.paradigm / job.name, context.device, context.baselines, on_step=on_step,
+                           context.out / job.paradigm / job.name, context.device, context.baselines,
+                           step_callbacks=[*context.step_callbacks, *step_callbacks],
                            until_plateau=job.paradigm == CONTROL_PARADIGM)
     return trainer.run()
 
@@ -133,20 +137,20 @@ def _study_is_gone() -> bool:
     return False
 
 
-def _count_images(n: int) -> None:
+def _count_images(event) -> None:
     if _study_is_gone():
         # the study process was killed: stop rather than train on unobserved (a later
         # --resume would write the same model directory); the last checkpoint is intact
         os._exit(1)
     counter = _worker["images_done"]
     with counter.get_lock():
-        counter.value += n
+        counter.value += event.images
 
 
 def _train_in_worker(job: ModelJob) -> tuple[dict, float]:
     t0 = time.perf_counter()
     try:
-        result = train_model(_worker["context"], job, on_step=_count_images)
+        result = train_model(_worker["context"], job, step_callbacks=[_count_images])
     except Exception as e:  # sent back as text: not every exception survives pickling
         raise _WorkerError(job.label, type(e).__name__, str(e), isinstance(e, TrainingError | ValueError | OSError),
                            traceback.format_exc()) from None

@@ -11,7 +11,7 @@ and, with --task-alpha 1 (the default), the sampler shows every training sample 
 per epoch, so each sample is seen --epochs times in every paradigm (--steps, or alpha != 1,
 give up that equality on purpose). --min-steps N repeats a model's epochs until it trains at
 least N steps (equal exposure then holds only among models above N). --control ts-converged
-also trains every TS model until its training loss plateaus (trainer.plateaued; no validation
+also trains every TS model until its training loss plateaus (stopping.plateaued; no validation
 images in that choice) into OUT/ts_converged/, the reference TS* of the report.
 
 Run directory (the contract with predict / evaluate / report):

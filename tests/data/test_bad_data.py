@@ -152,32 +152,16 @@ def bad_root(tmp_path_factory):
 def opened(monkeypatch):
     """Every path any open() / PIL.Image.open receives during the test."""
     seen = []
-    real_open, real_io_open, real_os_open, real_pil_open = builtins.open, io.open, os.open, PIL.Image.open
 
-    def rec(path):
-        if isinstance(path, (str, bytes, os.PathLike)):
-            seen.append(Path(os.fsdecode(path)))
+    def recording(real):
+        def call(path, *args, **kwargs):
+            if isinstance(path, (str, bytes, os.PathLike)):
+                seen.append(Path(os.fsdecode(path)))
+            return real(path, *args, **kwargs)
+        return call
 
-    def b_open(file, *a, **k):
-        rec(file)
-        return real_open(file, *a, **k)
-
-    def i_open(file, *a, **k):
-        rec(file)
-        return real_io_open(file, *a, **k)
-
-    def o_open(path, *a, **k):
-        rec(path)
-        return real_os_open(path, *a, **k)
-
-    def p_open(fp, *a, **k):
-        rec(fp)
-        return real_pil_open(fp, *a, **k)
-
-    monkeypatch.setattr(builtins, "open", b_open)
-    monkeypatch.setattr(io, "open", i_open)
-    monkeypatch.setattr(os, "open", o_open)
-    monkeypatch.setattr(PIL.Image, "open", p_open)
+    for owner in (builtins, io, os, PIL.Image):
+        monkeypatch.setattr(owner, "open", recording(owner.open))
     return seen
 
 

@@ -10,8 +10,8 @@ import signal
 
 import numpy as np
 import pytest
+from hand_data import hand_root, save, write_csv
 from PIL import Image
-from test_reader import hand_root, save, write_csv
 
 from m2dino.data import check as check_cli
 from m2dino.data import load_fmuia, make_split, read_csvs, scan_dataset

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from hand_predictions import write_hand_root, write_suite_and_checkpoint
 
 from m2dino.evaluation import metrics as M
 from m2dino.evaluation.bootstrap import resample_indices, task_seed
@@ -157,3 +158,15 @@ def simulate_study(rng, n_tasks=12, n_groups=4, seeds=(0, 1, 2), effect=None, si
 @pytest.fixture(scope="session")
 def simulate():
     return simulate_study
+
+
+@pytest.fixture
+def hand_root(tmp_path):
+    """hand_predictions.write_hand_root in a fresh folder."""
+    return write_hand_root(tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def suite_and_checkpoint(tmp_path_factory):
+    """(data root, checkpoint) of hand_predictions.write_suite_and_checkpoint, once per module."""
+    return write_suite_and_checkpoint(tmp_path_factory.mktemp("suite"))

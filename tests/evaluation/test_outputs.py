@@ -8,9 +8,9 @@ import signal
 
 import pytest
 from faults import disk_full, read_only
+from hand_predictions import write_hand_predictions
+from locks import hold_lock
 from PIL import Image
-from test_errors import hold_lock
-from test_predict_evaluate import hand_root, suite_and_checkpoint, write_hand_predictions  # noqa: F401 (fixtures)
 
 from m2dino import evaluate as evaluate_cli
 from m2dino import predict as predict_cli
@@ -28,7 +28,7 @@ def predict(checkpoint, root, out, *extra):
 
 
 @pytest.mark.parametrize("where", ["the root", "its split", "inside", "holding"])
-def test_predict_never_writes_into_the_data(suite_and_checkpoint, capsys, where):  # noqa: F811
+def test_predict_never_writes_into_the_data(suite_and_checkpoint, capsys, where):
     root, checkpoint = suite_and_checkpoint
     out = {"the root": root, "its split": root / "val", "inside": root / "val" / "preds",
            "holding": root.parent}[where]
@@ -39,7 +39,7 @@ def test_predict_never_writes_into_the_data(suite_and_checkpoint, capsys, where)
     assert checksums(root) == before
 
 
-def test_predict_replaces_only_its_own_files(suite_and_checkpoint, tmp_path, capsys):  # noqa: F811
+def test_predict_replaces_only_its_own_files(suite_and_checkpoint, tmp_path, capsys):
     root, checkpoint = suite_and_checkpoint
     out = tmp_path / "preds"
     assert predict(checkpoint, root, out) == 0
@@ -64,7 +64,7 @@ def test_predict_replaces_only_its_own_files(suite_and_checkpoint, tmp_path, cap
     assert json.loads((theirs / "regression_predictions.json").read_text())
 
 
-def test_predict_never_follows_a_symlink_out_of_its_folder(suite_and_checkpoint, tmp_path, capsys):  # noqa: F811
+def test_predict_never_follows_a_symlink_out_of_its_folder(suite_and_checkpoint, tmp_path, capsys):
     root, checkpoint = suite_and_checkpoint
     out = tmp_path / "preds"
     out.mkdir()
@@ -75,7 +75,7 @@ def test_predict_never_follows_a_symlink_out_of_its_folder(suite_and_checkpoint,
     assert checksums(root) == before
 
 
-def test_a_second_predict_into_one_folder_stops_naming_the_holder(suite_and_checkpoint, tmp_path, capsys):  # noqa: F811
+def test_a_second_predict_into_one_folder_stops_naming_the_holder(suite_and_checkpoint, tmp_path, capsys):
     root, checkpoint = suite_and_checkpoint
     out = tmp_path / "preds"
     holder = hold_lock(out)
@@ -88,7 +88,7 @@ def test_a_second_predict_into_one_folder_stops_naming_the_holder(suite_and_chec
     assert sorted(p.name for p in out.iterdir()) == [".m2dino.lock"]
 
 
-def test_predict_on_a_read_only_or_full_disk(suite_and_checkpoint, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_predict_on_a_read_only_or_full_disk(suite_and_checkpoint, tmp_path, monkeypatch, capsys):
     root, checkpoint = suite_and_checkpoint
     with monkeypatch.context() as patch:
         read_only(patch, tmp_path / "ro")
@@ -104,7 +104,7 @@ def test_predict_on_a_read_only_or_full_disk(suite_and_checkpoint, tmp_path, mon
     assert not full.exists()  # the folder it made for nothing is gone again: nothing half-written
 
 
-def test_predict_names_a_latin1_csv_and_skips_a_fifo(suite_and_checkpoint, tmp_path, capsys):  # noqa: F811
+def test_predict_names_a_latin1_csv_and_skips_a_fifo(suite_and_checkpoint, tmp_path, capsys):
     import shutil
 
     root, checkpoint = suite_and_checkpoint
@@ -127,7 +127,7 @@ def test_predict_names_a_latin1_csv_and_skips_a_fifo(suite_and_checkpoint, tmp_p
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-def test_an_image_over_the_bomb_limit_stops_predict_and_evaluate(hand_root, suite_and_checkpoint, tmp_path,  # noqa: F811
+def test_an_image_over_the_bomb_limit_stops_predict_and_evaluate(hand_root, suite_and_checkpoint, tmp_path,
                                                                  monkeypatch, capsys):
     root, checkpoint = suite_and_checkpoint
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)
@@ -141,7 +141,7 @@ def test_an_image_over_the_bomb_limit_stops_predict_and_evaluate(hand_root, suit
     assert "mask" in err and "decompression" in err and "Traceback" not in err
 
 
-def test_evaluate_json_never_lands_on_an_input_or_a_users_file(hand_root, tmp_path, capsys):  # noqa: F811
+def test_evaluate_json_never_lands_on_an_input_or_a_users_file(hand_root, tmp_path, capsys):
     out = tmp_path / "pred"
     write_hand_predictions(out)
     before, predicted = checksums(hand_root), checksums(out)
@@ -174,7 +174,7 @@ def test_evaluate_json_never_lands_on_an_input_or_a_users_file(hand_root, tmp_pa
     ({"predicted_probs": [10 ** 400, 0]}, "predicted_probs"),
     ({"task_id": ["lung_2cls"]}, "task_id and image_path must be strings"),
 ])
-def test_evaluate_refuses_numbers_out_of_range(hand_root, tmp_path, capsys, entry, words):  # noqa: F811
+def test_evaluate_refuses_numbers_out_of_range(hand_root, tmp_path, capsys, entry, words):
     out = tmp_path / "pred"
     write_hand_predictions(out)
     path = out / "classification_predictions.json"
@@ -186,7 +186,7 @@ def test_evaluate_refuses_numbers_out_of_range(hand_root, tmp_path, capsys, entr
     assert words in err and "Traceback" not in err and err.count("\n") == 1, err
 
 
-def test_evaluate_json_on_a_read_only_disk(hand_root, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_evaluate_json_on_a_read_only_disk(hand_root, tmp_path, monkeypatch, capsys):
     out = tmp_path / "pred"
     write_hand_predictions(out)
     read_only(monkeypatch, tmp_path / "ro")
@@ -202,7 +202,7 @@ def test_evaluate_json_on_a_read_only_disk(hand_root, tmp_path, monkeypatch, cap
     (b"[" * 50_000, "nested more than"),
     (None, "task 0: task_type must be a str, got 7"),
 ])
-def test_predict_names_a_damaged_checkpoint_config(suite_and_checkpoint, tmp_path, capsys, config,  # noqa: F811
+def test_predict_names_a_damaged_checkpoint_config(suite_and_checkpoint, tmp_path, capsys, config,
                                                    words):
     import shutil
 
@@ -225,7 +225,7 @@ def test_predict_names_a_damaged_checkpoint_config(suite_and_checkpoint, tmp_pat
     ("../loop/x.png", "symlink loop"),
     ("../" + "x" * 300 + ".png", "missing or not an image file"),
 ])
-def test_predict_names_a_path_it_cannot_look_at(suite_and_checkpoint, tmp_path, capsys, image_path,  # noqa: F811
+def test_predict_names_a_path_it_cannot_look_at(suite_and_checkpoint, tmp_path, capsys, image_path,
                                                 words):
     import csv
     import shutil

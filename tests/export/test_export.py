@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from faults import disk_full, read_only
-from test_errors import hold_lock
+from locks import hold_lock
 
 import m2dino
 from m2dino import export as export_cli

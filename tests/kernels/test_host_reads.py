@@ -131,17 +131,17 @@ def test_the_backbone_compiles_with_fullgraph(model):
 
 
 def test_a_training_step_reads_once_and_logs_read_at_log_steps(tiny_suite, tiny_config, tmp_path, monkeypatch):
-    from m2dino.training import trainer as trainer_module
+    from m2dino.training import loop as loop_module
     from m2dino.training.study import run
 
     calls = []
-    original = trainer_module.host_values
+    original = loop_module.host_values
 
     def counted(*tensors):
         calls.append(len(tensors))
         return original(*tensors)
 
-    monkeypatch.setattr(trainer_module, "host_values", counted)
+    monkeypatch.setattr(loop_module, "host_values", counted)
     suite = tiny_suite(["breast_2cls", "lung"], min_train=8, min_val=4)
     run(tiny_config(suite, tmp_path / "run", steps=6, log_every=3, warmup=0))
     # 6 steps: one read of (loss, grad norm) each; the parts read at steps 3 and 6 (3 and 6 are

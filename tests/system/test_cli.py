@@ -2,42 +2,18 @@
 takes commas or spaces everywhere, impossible values stop before any data is read naming the
 option and the valid values, and the defaults the fast parsers spell out equal the code's."""
 import argparse
-import importlib
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from parsers import parser_of
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ("m2dino.train", "m2dino.predict", "m2dino.evaluate", "m2dino.report", "m2dino.export",
             "m2dino.data.check", "m2dino.data.synthetic")
 HELP_SECONDS = 3.0  # generous: importing torch alone takes longer than this on a small VM
-
-
-class _Parsed(Exception):
-    def __init__(self, parser):
-        self.parser = parser
-
-
-def parser_of(command: str) -> argparse.ArgumentParser:
-    """The parser that `python -m command` builds, caught as it parses (some build it in main)."""
-    module = importlib.import_module(command + ".__main__" if command in ("m2dino.export", "m2dino.data.synthetic")
-                                     else command)
-    original = argparse.ArgumentParser.parse_args
-
-    def catch(self, *args, **kwargs):
-        raise _Parsed(self)
-
-    argparse.ArgumentParser.parse_args = catch
-    try:
-        module.main([])
-    except _Parsed as caught:
-        return caught.parser
-    finally:
-        argparse.ArgumentParser.parse_args = original
-    raise AssertionError(f"{command} did not parse")
 
 
 HELP_AND_NO_TORCH = """

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from faults import child_env
 from run_logs import step_losses
 
 from m2dino.training import checkpoint as ckpt
-from m2dino.training.trainer import CRASH_ENV
 
 TASKS = ["breast_2cls", "fetal_femur"]
 SUITE = dict(tasks=TASKS, min_train=12, min_val=4)
@@ -22,8 +22,8 @@ ARGS = ["--paradigm", "au", "--img-size", "32", "--batch-size", "4", "--epochs",
         "--checkpoint-every", "1", "--warmup", "2", "--no-progress"]
 
 
-def start(suite, out, resume: bool, env_extra=None) -> subprocess.Popen:
-    env = {**os.environ, ckpt.SLOW_WRITE_ENV: "0.4", "PYTHONWARNINGS": "ignore", **(env_extra or {})}
+def start(suite, out, resume: bool, checkpoint_sleep: float = 0.4) -> subprocess.Popen:
+    env = {**child_env(checkpoint_sleep=checkpoint_sleep), "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "m2dino.train", "--data", str(suite), "--out", str(out), *ARGS]
     if resume:
         cmd.append("--resume")
@@ -58,7 +58,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(suite, tmp_path):
     # the uninterrupted reference is the same command in the same kind of process: a run inside
     # this pytest process would share whatever state earlier tests left in it
     reference = tmp_path / "ref"
-    proc = start(suite, reference, resume=False, env_extra={ckpt.SLOW_WRITE_ENV: "0"})
+    proc = start(suite, reference, resume=False, checkpoint_sleep=0)
     log = proc.communicate(timeout=600)[0].decode()
     assert proc.returncode == 0, log[-3000:]
     ref = step_losses(reference / "au" / "all")
@@ -96,7 +96,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(suite, tmp_path):
 @pytest.mark.slow
 def test_crashed_rank_restarts_from_last_checkpoint(suite, tmp_path):
     out = tmp_path / "elastic"
-    env = {**os.environ, CRASH_ENV: "1:5", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+    env = {**child_env(crash_rank_at_step="1:5"), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
            "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "--max-restarts=1", "-m", "m2dino.train", "--data", str(suite), "--out", str(out),

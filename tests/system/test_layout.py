@@ -52,12 +52,16 @@ BOUND = {name: bound_names(path) for name, path in MODULES.items() if path.name 
 
 
 def imports_of(name: str, path: Path) -> set[str]:
-    """The modules of both packages that `name` imports anywhere in its source."""
+    """The modules of both packages that `name` imports anywhere in its source (a lazy
+    package's `_SOURCES` table included)."""
     is_package = path.name == "__init__.py"
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["_SOURCES"]:
+            # a lazy package's {name: module} table (m2dino._lazy): it imports those modules
+            targets = [c.value for c in ast.walk(node.value) if isinstance(c, ast.Constant) and c.value in MODULES]
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: resolve against this module's package
                 base = name.split(".") if is_package else name.split(".")[:-1]

@@ -13,8 +13,8 @@ from dataclasses import replace
 
 import pytest
 import yaml
-from faults import disk_full, read_only
-from test_errors import hold_lock
+from faults import child_env, disk_full, read_only
+from locks import hold_lock
 
 from m2dino import io
 from m2dino.errors import DiskFullError, format_bytes
@@ -201,7 +201,7 @@ def test_a_second_writer_stops_at_once_naming_the_directory_and_the_pid(suite, f
 @pytest.mark.slow
 def test_two_trainings_started_into_one_out_never_mix(suite, tmp_path):
     out = tmp_path / "R"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", ckpt.SLOW_WRITE_ENV: "0.3"}
+    env = {**child_env(checkpoint_sleep=0.3), "PYTHONWARNINGS": "ignore"}
     procs = [subprocess.Popen([sys.executable, "-m", "m2dino.train", *argv(suite, out, "--seed", str(seed))],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for seed in (1, 2)]

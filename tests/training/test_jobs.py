@@ -1,6 +1,7 @@
 """Models trained side by side (--jobs): the same results as one after another, errors that
 name the model, the choice of the job count, and no worker left training after the study
 process is killed."""
+import functools
 import json
 import os
 import shutil
@@ -10,15 +11,17 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import pytest
 import torch
 
 from m2dino.evaluation.bootstrap import PER_IMAGE_FILE
 from m2dino.tasks import apply_groups, load_groups
+from m2dino.training import study
 from m2dino.training.config import TrainConfig
 from m2dino.training.jobs import ModelJob, StudyContext, cpu_cores, resolve_jobs, threads_per_job, train_models
 from m2dino.training.study import load_data, run
-from m2dino.training.trainer import CRASH_ENV, TrainingError
+from m2dino.training.trainer import TrainingError
 
 TASKS = ["breast_2cls", "fetal_femur", "lung"]
 SUITE = dict(tasks=TASKS, min_train=8, min_val=3)
@@ -54,10 +57,12 @@ def test_side_by_side_gives_the_sequential_results_exactly(suite, tmp_path):
 
 def test_a_worker_that_dies_is_named_and_resume_finishes(suite, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setenv(CRASH_ENV, "0:3")  # every model's process exits at its step 3
-    with pytest.raises(TrainingError, match=r"a worker process died.*--resume"):
-        run(TrainConfig(data=str(suite), out=str(out), jobs=2, **RUN).validate())
-    monkeypatch.delenv(CRASH_ENV)
+    # every model's worker process exits after its step 3 (the callback travels with the context)
+    with monkeypatch.context() as patched:
+        patched.setattr(study, "StudyContext", functools.partial(
+            StudyContext, step_callbacks=(functools.partial(faults.crash_at_step, 3),)))
+        with pytest.raises(TrainingError, match=r"a worker process died.*--resume"):
+            run(TrainConfig(data=str(suite), out=str(out), jobs=2, **RUN).validate())
     results = run(TrainConfig(data=str(suite), out=str(out), jobs=2, resume=True, **RUN).validate())
     assert set(results) == {"ts", "cg", "au"}
     resumed = 0

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from m2dino.train import main
 from m2dino.training import checkpoint as ckpt
+from m2dino.training.loop import TrainingLoop
 from m2dino.training.study import run
 from m2dino.training.trainer import ModelTrainer, TrainingDiverged, TrainingOOM
 
@@ -48,15 +49,15 @@ def poison(monkeypatch, bad_steps: dict):
 def test_bad_steps_are_skipped_counted_and_logged(suite, tmp_path, monkeypatch, tiny_config):
     poison(monkeypatch, {2: "loss", 4: "grad", 5: "grad"})
     params_seen = []
-    original_step = ModelTrainer._step
+    original_step = TrainingLoop.step
 
-    def step(self, model, *a, **k):
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        out = original_step(self, model, *a, **k)
-        changed = any(not torch.equal(before[n], p) for n, p in model.named_parameters())
-        params_seen.append((out.get("bad"), changed))
+    def step(self, batch, progress):
+        before = {n: p.detach().clone() for n, p in self.forward.named_parameters()}
+        out = original_step(self, batch, progress)
+        changed = any(not torch.equal(before[n], p) for n, p in self.forward.named_parameters())
+        params_seen.append((out.bad, changed))
         return out
-    monkeypatch.setattr(ModelTrainer, "_step", step)
+    monkeypatch.setattr(TrainingLoop, "step", step)
     run(tiny_config(suite, tmp_path / "run"))
     # a skipped step leaves every weight untouched; a good step changes them
     assert params_seen == [(None, True), ("non-finite loss", False), (None, True),
@@ -71,14 +72,14 @@ def test_bad_steps_are_skipped_counted_and_logged(suite, tmp_path, monkeypatch, 
 def test_too_many_bad_steps_stop_with_last_good_state(suite, tmp_path, monkeypatch, tiny_config):
     poison(monkeypatch, {3: "loss", 4: "grad", 5: "loss"})
     good = {}
-    original_step = ModelTrainer._step
+    original_step = TrainingLoop.step
 
-    def step(self, model, optimizer, scheduler, scaler, params, batch, progress):
-        out = original_step(self, model, optimizer, scheduler, scaler, params, batch, progress)
+    def step(self, batch, progress):
+        out = original_step(self, batch, progress)
         if progress.step == 1:  # after the 2nd (last good) step
-            good.update({n: p.detach().clone() for n, p in model.state_dict().items()})
+            good.update({n: p.detach().clone() for n, p in self.forward.state_dict().items()})
         return out
-    monkeypatch.setattr(ModelTrainer, "_step", step)
+    monkeypatch.setattr(TrainingLoop, "step", step)
     with pytest.raises(TrainingDiverged, match=r"3 training steps in a row.*non-finite.*last good state"):
         run(tiny_config(suite, tmp_path / "run", steps=10))
     model_dir = tmp_path / "run" / "au" / "all"
@@ -100,13 +101,13 @@ def test_cli_reports_divergence_as_an_error(suite, tmp_path, monkeypatch, capsys
 
 
 def test_out_of_memory_suggests_smaller_batch_and_keeps_checkpoints_complete(suite, tmp_path, monkeypatch, tiny_config):
-    original_step = ModelTrainer._step
+    original_step = TrainingLoop.step
 
-    def step(self, model, optimizer, scheduler, scaler, params, batch, progress):
+    def step(self, batch, progress):
         if progress.step == 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original_step(self, model, optimizer, scheduler, scaler, params, batch, progress)
-    monkeypatch.setattr(ModelTrainer, "_step", step)
+        return original_step(self, batch, progress)
+    monkeypatch.setattr(TrainingLoop, "step", step)
     with pytest.raises(TrainingOOM, match=r"--batch-size.*--grad-checkpointing"):
         run(tiny_config(suite, tmp_path / "run", checkpoint_every=2))
     model_dir = tmp_path / "run" / "au" / "all"

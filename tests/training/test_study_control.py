@@ -1,14 +1,12 @@
 """The training-length options of the study: --min-steps (every model at least N steps, whole
 epochs repeated) and --control ts-converged (TS models trained until their loss plateaus)."""
 import json
-import math
 
 import pytest
 
-from m2dino.paradigms import PLATEAU_CAP_FACTOR, PLATEAU_WINDOW
+from m2dino.paradigms import PLATEAU_CAP_FACTOR
 from m2dino.train import main
 from m2dino.training.config import TrainConfig
-from m2dino.training.trainer import plateaued
 
 TASKS = ["breast_2cls", "lung"]
 SUITE = dict(tasks=TASKS, min_train=8, min_val=3)
@@ -19,23 +17,6 @@ OPTIONS = ["--img-size", "32", "--batch-size", "4", "--epochs", "1", "--no-progr
 
 def _training(out, paradigm):
     return json.loads((out / paradigm / "metrics.json").read_text())["training"]
-
-
-def test_plateau_rule_on_synthetic_loss_curves():
-    w = PLATEAU_WINDOW
-    assert not plateaued([1.0] * (2 * w - 1))  # too short to judge
-    assert plateaued([1.0] * (2 * w))  # flat
-    decaying = [math.exp(-i / 10) for i in range(2 * w)]
-    assert not plateaued(decaying)  # still falling fast
-    # an exponential approach to a floor: falling early, plateaued once the last windows are flat
-    curve = [0.5 + math.exp(-i / 15) for i in range(400)]
-    first = next(n for n in range(2 * w, len(curve)) if plateaued(curve[:n]))
-    assert 2 * w < first < 200
-    before, recent = sum(curve[first - 2 * w:first - w]) / w, sum(curve[first - w:first]) / w
-    assert (before - recent) / before < 0.01
-    # noise without a trend is a plateau; a rising loss too
-    assert plateaued([1.0 + 0.05 * ((-1) ** i) for i in range(2 * w)])
-    assert plateaued([1.0 + 0.01 * i for i in range(2 * w)])
 
 
 def test_min_steps_gives_every_model_at_least_n_steps(suite, tmp_path):
