@@ -1,5 +1,6 @@
 """--resume continues exactly: the resumed run's losses and final weights equal the uninterrupted
 run's, bit for bit, on CPU (model, optimizer, scheduler, sampler position, RNG, step)."""
+import functools
 import json
 
 import pytest
@@ -8,8 +9,10 @@ from run_logs import step_losses
 from safetensors.torch import load_file
 
 from m2dino.training import checkpoint as ckpt
+from m2dino.training import study
+from m2dino.training.jobs import StudyContext
+from m2dino.training.loop import TrainingLoop
 from m2dino.training.study import run
-from m2dino.training.trainer import ModelTrainer
 
 TASKS = ["breast_2cls", "fetal_femur"]
 SUITE = dict(tasks=TASKS, min_train=12, min_val=4)
@@ -21,10 +24,11 @@ class Interrupt(Exception):
 
 
 def interrupt_at(monkeypatch, step):
-    def hook(self, s):
-        if s == step:
-            raise Interrupt(f"interrupted at step {s}")
-    monkeypatch.setattr(ModelTrainer, "_crash_hook", hook)
+    """Every model of the study stops (Interrupt) right after its training step `step`."""
+    def callback(event):
+        if event.step == step:
+            raise Interrupt(f"interrupted at step {event.step}")
+    monkeypatch.setattr(study, "StudyContext", functools.partial(StudyContext, step_callbacks=(callback,)))
 
 
 @pytest.mark.slow
@@ -68,7 +72,7 @@ def test_resume_skips_finished_models(suite, tmp_path, monkeypatch, tiny_config)
 
     def fail(*a, **k):
         raise AssertionError("a finished model must not train again")
-    monkeypatch.setattr(ModelTrainer, "_train", fail)
+    monkeypatch.setattr(TrainingLoop, "run", fail)
     result = run(tiny_config(suite, tmp_path / "run", epochs=1, resume=True))
     assert set(result["au"]["tasks"]) == set(TASKS)
     assert (model_dir / "metrics.jsonl").read_text().startswith(before)
