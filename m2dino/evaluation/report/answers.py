@@ -120,6 +120,12 @@ def _margins(context: _Context) -> str:
     return ", ".join(f"{m} {margins[m]:g}" for m in used if m in margins)
 
 
+
+def _answer(rule: str, decided: bool, text: str, undecided: str = "inconclusive: ") -> dict:
+    """An answer: answered when some test decided it, else inconclusive (and its text says so)."""
+    return {"rule": rule, "verdict": "answered" if decided else "inconclusive",
+            "answer": ("" if decided else undecided) + text}
+
 def _rq1(context: _Context) -> dict:
     rule = (f"a task trains together with others without loss under a paradigm when non-inferiority to "
             f"{context.reference} is shown: the effect (metric units) is significantly above -margin (margins: "
@@ -146,8 +152,7 @@ def _rq1(context: _Context) -> dict:
     if not tested:
         return {"rule": rule, "verdict": "inconclusive",
                 "answer": "inconclusive: no change could be tested (no intervals). " + answer}
-    return {"rule": rule, "verdict": "answered" if decided else "inconclusive",
-            "answer": ("" if decided else "inconclusive: nothing shown either way. ") + answer}
+    return _answer(rule, decided, answer, undecided="inconclusive: nothing shown either way. ")
 
 
 def _rq2(context: _Context) -> dict:
@@ -178,8 +183,7 @@ def _rq2(context: _Context) -> dict:
                       if group and group.get("statistic") is not None else "")
         parts.append(f"{label(paradigm)}: rho {rho['statistic']:+.2f} over {rho['n_tasks']} tasks ({_p(rho)}), "
                      f"{slope_text}: {verdict}{group_text}{described}")
-    return {"rule": rule, "verdict": "answered" if decided else "inconclusive",
-            "answer": ("" if decided else "inconclusive: ") + ". ".join(parts) + "."}
+    return _answer(rule, decided, ". ".join(parts) + ".")
 
 
 def _rq3(context: _Context) -> dict:
@@ -197,8 +201,7 @@ def _rq3(context: _Context) -> dict:
         parts.append(f"{label(paradigm)}: median gap share {medians}; H = {test['statistic']:.2f} over "
                      f"{test['n_tasks']} tasks ({_p(test)}): "
                      + ("the type matters" if _significant(test) else "no difference between types shown"))
-    return {"rule": rule, "verdict": "answered" if decided else "inconclusive",
-            "answer": ("" if decided else "inconclusive: ") + ". ".join(parts) + "."}
+    return _answer(rule, decided, ". ".join(parts) + ".")
 
 
 def _rq4(context: _Context) -> dict:
@@ -264,5 +267,4 @@ def _rq5(context: _Context, scale: dict) -> dict:
         return {"rule": rule, "verdict": "inconclusive", "answer": f"{ONE_SEED} (the guidelines rest on per-task "
                 f"non-inferiority). {text}"}
     decided |= bool(keep_ts)
-    return {"rule": rule, "verdict": "answered" if decided else "inconclusive",
-            "answer": ("" if decided else "inconclusive: ") + text}
+    return _answer(rule, decided, text)
