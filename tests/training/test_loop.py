@@ -137,5 +137,5 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_the_last_good_stat
 
 def test_settings_come_from_the_config():
     config = SimpleNamespace(grad_clip=1.0, log_every=5, max_bad_steps=2, checkpoint_every=0, eval_every=1,
-                             progress=False)
-    assert LoopSettings.from_config(config) == LoopSettings(1.0, 5, 2, 0, 1, False)
+                             progress=False, grad_accum=3)
+    assert LoopSettings.from_config(config) == LoopSettings(1.0, 5, 2, 0, 1, False, 3)
