@@ -37,6 +37,7 @@ def _train_losses(model_dir):
     return [x for x in lines if x["event"] == "train"]
 
 
+@pytest.mark.slow
 def test_grad_accum_micro_batches_give_the_whole_batch_step(suite, tmp_path):
     # the batch-statistics aux losses (load balance, mutual information) are estimated per
     # micro-batch, as data parallelism estimates them per rank: off here; the z-loss is exact
@@ -63,6 +64,7 @@ def test_grad_accum_micro_batches_give_the_whole_batch_step(suite, tmp_path):
     assert worst < 0.1 * steps * LR, f"3 micro-batches drift from the whole batch by {worst}"
 
 
+@pytest.mark.slow
 def test_ema_is_validated_kept_as_best_and_resumes_exactly(suite, tmp_path):
     options = dict(steps=5, ema=0.8, checkpoint_every=2)
     ref = _trainer(suite, tmp_path / "ref", **options)

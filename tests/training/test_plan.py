@@ -139,6 +139,7 @@ def test_vitl16_recipe_plans_in_seconds_on_meta(suite, tmp_path):
     assert plan["model"]["name"] == "dinov3_vitl16" and plan["models"]["au/all"]["parameters"]["total"] > 3e8
 
 
+@pytest.mark.slow
 def test_plan_counts_the_fine_tuning_options(suite, tmp_path, capsys):
     """--grad-accum keeps the step's images and cuts the activations to a micro-batch's; --ema
     adds an fp32 copy of the weights; --drop-path lowers the backbone's FLOPs (the kept samples);
