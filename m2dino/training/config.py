@@ -240,6 +240,20 @@ class ScheduleOptions:
                                            factory=lambda: dict(DEFAULT_AUX_WEIGHTS),
                                            parse=lambda v: parse_weights(v, "aux-weights"))
     freeze_backbone: bool = option(False, "train only the MoE layers' routers/experts, neck and heads")
+    grad_accum: int = option(1, "cut each step's --batch-size images into N micro-batches, forwarded and "
+                                "backpropagated one at a time before one optimizer step: the same step in 1/N "
+                                "of the activation memory", resumable=True)
+    layer_decay: float = option(1.0, "layer-wise learning-rate decay R: backbone block i learns at lr x "
+                                     "R^(depth - i), the embeddings at lr x R^(depth + 1), the heads at lr x "
+                                     "head_lr_mult (1: off)")
+    drop_path: float = option(0.0, "stochastic depth: the rate at which a block's residual branches are dropped "
+                                   "per sample in training (0: off)", resumable=True)
+    drop_path_schedule: Literal["uniform", "linear"] = option(
+        "uniform", "uniform: every block at --drop-path (the official DINOv3 code); linear: 0 at the first block "
+                   "rising to --drop-path at the last (timm/BEiT)", resumable=True)
+    ema: Optional[float] = option(None, "keep an exponential moving average of the weights with this decay "
+                                        "(e.g. 0.999; warmed up over the first steps): it is what is validated "
+                                        "and kept as best/ (unset: off)", resumable=True)
 
     def validate(self) -> None:
         check_choices(self)
@@ -247,6 +261,16 @@ class ScheduleOptions:
         check_at_least(self, 0, "min_steps")
         check_positive(self, "lr", "head_lr_mult")
         check_positive(self, "weight_decay", "warmup", "grad_clip", "task_alpha", zero_ok=True)
+        check_at_least(self, 1, "grad_accum")
+        if self.grad_accum > self.batch_size:
+            raise problem("grad_accum", f"cuts each step's {self.batch_size} images (--batch-size) into micro-"
+                                        f"batches of at least one image: it can be at most {self.batch_size}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise problem("layer_decay", f"must be in (0, 1] (1: off), got {self.layer_decay}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise problem("drop_path", f"must be in [0, 1), got {self.drop_path}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise problem("ema", f"the decay must be in (0, 1), got {self.ema}")
         unknown = set(self.aux_weights) - set(DEFAULT_AUX_WEIGHTS)
         if unknown:
             raise problem("aux_weights", f"unknown aux loss(es) {sorted(unknown)}; known: {list(DEFAULT_AUX_WEIGHTS)}")
@@ -269,6 +293,8 @@ class HardwareOptions:
     jobs: int = option(0, "models trained at a time, each in its own process with cores/N threads (CPU only; 0: "
                           "one per CPU core; 1: one after another in this process)", resumable=True)
     max_bad_steps: int = option(5, "stop after this many non-finite (NaN/Inf) steps in a row")
+    compile: bool = option(False, "torch.compile each backbone block (regional compilation; the first steps pay "
+                                  "the compile time)", resumable=True)
 
     def validate(self) -> None:
         check_choices(self)
@@ -379,6 +405,9 @@ class TrainConfig:
                 getattr(self, name).validate()
         for name, why in self.model.problems():
             raise problem(MODEL_FLAGS[name], why)
+        if self.ema is not None and self.fsdp:
+            raise problem("ema", "keeps a full-size copy of the weights, which FSDP2's sharded parameters cannot be "
+                                 "averaged into: use --ema without --fsdp (DDP), or drop --ema")
         if self.control != CONTROLS[0] and self.steps is not None:
             raise problem("control", "trains TS models until their loss plateaus: it cannot be combined with --steps")
         unknown = set(self.loss_weights) - set(loss_weight_keys(self.tasks))

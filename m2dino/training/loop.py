@@ -11,12 +11,13 @@ Extension points:
   argument fills it) are called after every step, skipped or not, with a `StepEvent` (the
   step count, its batch, its `StepResult`, the loop: model, optimizer...). The study's progress
   bar counts images through one; tests inject faults through one.
-- gradient accumulation: `backward` is the one place that runs forward and backward; N
-  micro-batches per optimizer step split the batch there and sum their scaled losses'
-  gradients before `apply_gradients` (the loss normalisation of compute_loss then counts the
-  samples of the whole step).
-- an EMA of the weights: an update after `self.scaler.update()` in `apply_gradients` (a step
-  that is not skipped), or a step callback that skips events whose `result.bad` is set.
+- gradient accumulation (`LoopSettings.grad_accum` N > 1): `backward` cuts the step's batch
+  into N micro-batches (losses.split_batch), forwards and backpropagates each with the loss
+  function told the whole step's tasks (`loss_fn(forward, outputs, micro_batch, step_tasks)`,
+  which normalises each task by its count over the step), the gradients adding up; under
+  DDP/FSDP2 only the last micro-batch's backward synchronises them (`gradient_sync`). The
+  step's loss is the micro-batches' sum, its logged parts merged (losses.merge_logged).
+- an EMA of the weights (`ema`, a training.ema.ModelEMA): updated after every taken step.
 
 Host reads: a step reads its loss and gradient norm back once (whether to apply the step), and
 the per-task losses only when it logs (every --log-every steps and at the end of an epoch)."""
@@ -31,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from m2dino.training import distributed as dist_utils
+from m2dino.training.losses import merge_logged, split_batch
 from m2dino.training.metrics_log import MetricsLog, finite_or_none
 from m2dino.training.schedule import StepSchedule
 from m2dino.training.stopping import StoppingRule
@@ -61,6 +63,25 @@ def total_norm(grads: list, device) -> torch.Tensor:
         return torch.zeros((), device=device)
     norm = torch.nn.utils.get_total_norm(grads)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+@contextlib.contextmanager
+def gradient_sync(forward, enabled: bool):
+    """Whether the backward passes inside synchronise gradients across ranks: DDP's `no_sync`,
+    FSDP2's `set_requires_gradient_sync`; a model that is not distributed always "syncs"."""
+    if enabled:
+        yield
+    elif hasattr(forward, "no_sync"):
+        with forward.no_sync():
+            yield
+    elif hasattr(forward, "set_requires_gradient_sync"):
+        forward.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            forward.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def to_device(value, device):
@@ -170,11 +191,12 @@ class LoopSettings:
     checkpoint_every: int
     eval_every: int
     progress_bar: bool
+    grad_accum: int = 1
 
     @classmethod
     def from_config(cls, config) -> LoopSettings:
         return cls(config.grad_clip, config.log_every, config.max_bad_steps, config.checkpoint_every,
-                   config.eval_every, config.progress)
+                   config.eval_every, config.progress, config.grad_accum)
 
 
 class TrainingLoop:
@@ -188,7 +210,7 @@ class TrainingLoop:
                  scaler, stopping: StoppingRule, loss_fn, device: torch.device, autocast, settings: LoopSettings,
                  log: MetricsLog, save: Callable[[Progress], None], evaluate: Callable[[Progress], None],
                  checkpoint_due: Callable[[], bool], diverged_advice: str,
-                 step_callbacks: list[StepCallback] | None = None):
+                 step_callbacks: list[StepCallback] | None = None, ema=None):
         self.name = name
         self.model = model
         self.forward = forward
@@ -206,6 +228,7 @@ class TrainingLoop:
         self.checkpoint_due = checkpoint_due
         self.diverged_advice = diverged_advice
         self.step_callbacks: list[StepCallback] = list(step_callbacks or [])
+        self.ema = ema
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
     # ------------------------------------------------------------------ epochs
@@ -308,12 +331,28 @@ class TrainingLoop:
         return self.apply_gradients(loss, parts, progress)
 
     def backward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward and backward of the step's batch: its loss and the loss's parts."""
+        """Forward and backward of the step's batch, in --grad-accum micro-batches (at most one
+        per image): its loss and the loss's parts."""
+        micro_batches = split_batch(batch, min(self.settings.grad_accum, len(batch["tasks"])))
+        if len(micro_batches) == 1:
+            return self._backward(batch)
+        losses, logged = [], []
+        for m, micro_batch in enumerate(micro_batches):
+            with gradient_sync(self.forward, enabled=m == len(micro_batches) - 1):
+                loss, parts = self._backward(micro_batch, step_tasks=batch["tasks"])
+            losses.append(loss.detach())
+            logged.append(parts)
+        return torch.stack(losses).sum(), merge_logged(logged, [b["tasks"] for b in micro_batches])
+
+    def _backward(self, batch: dict, step_tasks=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch["images"].to(self.device, non_blocking=True)
         batch = {**batch, "targets": to_device(batch["targets"], self.device)}
         with self.autocast():
             outputs = self.forward(images, self.model.task_index(batch["tasks"]))
-            loss, parts = self.loss_fn(self.forward, outputs, batch)
+            if step_tasks is None:
+                loss, parts = self.loss_fn(self.forward, outputs, batch)
+            else:
+                loss, parts = self.loss_fn(self.forward, outputs, batch, step_tasks)
         # A non-finite loss gives non-finite gradients, which every rank then sees after the
         # all-reduce: the skip decision agrees across ranks without another collective.
         self.scaler.scale(loss).backward()
@@ -341,5 +380,7 @@ class TrainingLoop:
             torch.nn.utils.clip_grads_with_norm_(with_grad, self.settings.grad_clip, grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
         progress.bad_in_row = 0
         return StepResult(loss_value, loss.detach(), grad_norm=norm_value, parts=parts)

@@ -13,6 +13,13 @@ backbone is the step less those, and a model is charged its backbone, the neck o
 a spatial task, and its tasks' heads weighted by their training images (tested against a
 direct count of real training steps, loss included).
 
+The fine-tuning options: --grad-accum N runs a step's batch as N micro-batches, so the step's
+images stay --batch-size while activations are those of one micro-batch (the step is measured
+at the micro-batch); --drop-path runs each block's branches on the kept samples only, which the
+fake step (the model in training mode at the run's rate) counts as it runs; --ema keeps an fp32
+copy of the weights (+4 bytes per parameter); --compile changes neither FLOPs nor the plan's
+memory, only adds a one-time compile at the first steps (noted).
+
 The MoE counts what top-k uses: m2dino's fused ops get flop formulas here (each token through
 its k experts, its task's router), as attention's CPU kernel does (flop_counter has none).
 """
@@ -199,8 +206,9 @@ class ModelShapes:
 
 def measure_shapes(config: TrainConfig, task_ids: list[str]) -> ModelShapes:
     model, mode = fake_model(config.model, task_ids)
+    model.backbone.set_drop_path(config.drop_path, config.drop_path_schedule)
     n_tasks = len(task_ids)
-    batch = [i % n_tasks for i in range(max(config.batch_size, n_tasks))]  # every task in the batch
+    batch = [i % n_tasks for i in range(max(micro_batch(config), n_tasks))]  # every task in the batch
     bf16 = config.amp == "bf16"
     plain = count_step(model, mode, batch, bf16=bf16)
     checkpointed = count_step(model, mode, batch, bf16=bf16, checkpointing=True)
@@ -222,6 +230,11 @@ def measure_shapes(config: TrainConfig, task_ids: list[str]) -> ModelShapes:
         head_params={t: count(model.heads[t]) for t in task_ids})
 
 
+def micro_batch(config: TrainConfig) -> int:
+    """Images per forward pass on one GPU: --batch-size cut by --grad-accum (the largest part)."""
+    return math.ceil(config.batch_size / config.grad_accum)
+
+
 def plan_model(config: TrainConfig, options: PlanOptions, shapes: ModelShapes, task_ids: list[str],
                train_sizes: dict[str, int], spatial: bool) -> dict[str, Any]:
     """One model's entry of plan.json."""
@@ -236,21 +249,25 @@ def plan_model(config: TrainConfig, options: PlanOptions, shapes: ModelShapes, t
     active = (shapes.shared_params + shapes.router_params - shapes.inactive_expert_params
               + (shapes.neck_params if spatial else 0) + max(shapes.head_params[t] for t in task_ids))
     trainable = total - (shapes.dense_backbone_params if config.freeze_backbone else 0)
+    ema = 4 * total if config.ema is not None else 0  # the average's fp32 copy, never sharded (no --fsdp)
     memory = {}
     for fsdp in (False, True):
         for checkpointing in (False, True):
             state = 4 * total + (4 + ADAMW_BYTES) * trainable  # fp32 weights, grads, AdamW moments
             if fsdp:
                 state /= options.nproc
-            activations = shapes.activations[checkpointing] * config.batch_size
+            state += ema
+            activations = shapes.activations[checkpointing] * micro_batch(config)
             key = "+".join(["fsdp"] * fsdp + ["grad_checkpointing"] * checkpointing) or "plain"
             memory[key] = {"params_gib": 4 * total / (options.nproc if fsdp else 1) / GIB,
                            "grads_gib": 4 * trainable / (options.nproc if fsdp else 1) / GIB,
                            "adamw_gib": ADAMW_BYTES * trainable / (options.nproc if fsdp else 1) / GIB,
+                           "ema_gib": ema / GIB,
                            "activations_gib": activations / GIB, "total_gib": (state + activations) / GIB}
     chosen = "+".join(["fsdp"] * (config.fsdp and options.nproc > 1)
                       + ["grad_checkpointing"] * config.grad_checkpointing) or "plain"
     return {"tasks": list(task_ids), "train_images": images, "steps": int(steps), "images_per_step": per_step,
+            "micro_batch": micro_batch(config),
             "parameters": {"total": int(total), "active_per_token": int(active), "trainable": int(trainable)},
             "flops_per_image": flops_per_image, "flops": flops_per_image * steps * per_step,
             "memory_per_gpu": memory, "memory_setting": chosen}
@@ -274,10 +291,24 @@ def make_plan(config: TrainConfig, options: PlanOptions, train_sizes: dict[str, 
     seconds = total / (options.assume_tflops * 1e12 * options.nproc)
     limit = options.gpu_memory_gb * 0.9
     return {"model": config.model.resolved().to_dict(), "nproc": options.nproc, "batch_size": config.batch_size,
-            "amp": config.amp, "seeds": runs, "assume_tflops_per_gpu": options.assume_tflops,
+            "amp": config.amp, "grad_accum": config.grad_accum, "drop_path": config.drop_path,
+            "drop_path_schedule": config.drop_path_schedule, "ema": config.ema, "compile": config.compile,
+            "seeds": runs, "assume_tflops_per_gpu": options.assume_tflops,
             "gpu_memory_gib": options.gpu_memory_gb, "usable_memory_gib": limit, "models": models,
             "total_flops": total, "hours": seconds / 3600,
             "fits": all(m["memory_per_gpu"][m["memory_setting"]]["total_gib"] <= limit for m in models.values())}
+
+
+def fitting_grad_accum(model: dict[str, Any], batch_size: int, grad_accum: int, limit: float) -> int | None:
+    """The smallest --grad-accum (micro-batches per step) with which `model` (a plan entry) fits
+    `limit` GiB in its memory setting, the step's batch unchanged; None when none does."""
+    memory = model["memory_per_gpu"][model["memory_setting"]]
+    state = memory["total_gib"] - memory["activations_gib"]
+    per_image = memory["activations_gib"] / math.ceil(batch_size / grad_accum)
+    for accum in range(1, batch_size + 1):
+        if state + per_image * math.ceil(batch_size / accum) <= limit:
+            return accum
+    return None
 
 
 def check_fits(plan: dict[str, Any]) -> None:
@@ -289,8 +320,11 @@ def check_fits(plan: dict[str, Any]) -> None:
         if need > limit:
             fitting = [k for k, v in m["memory_per_gpu"].items() if v["total_gib"] <= limit
                        and ("fsdp" not in k or plan["nproc"] > 1)]
+            accum = fitting_grad_accum(m, plan["batch_size"], plan["grad_accum"], limit)
+            ways = fitting + ([f"--grad-accum {accum}"] if accum else [])
+            none = "none of fsdp / grad_checkpointing / --grad-accum: lower --batch-size"
             problems.append(f"{name} needs {need:.1f} GiB per GPU with {m['memory_setting']}; fits with: "
-                            f"{', '.join(fitting) or 'none of fsdp / grad_checkpointing: lower --batch-size'}")
+                            f"{', '.join(ways) or none}")
     if problems:
         raise PlanError(f"the study does not fit {plan['gpu_memory_gib']:g} GiB GPUs (90% usable, the rest for the "
                         f"CUDA context and the allocator): " + "; ".join(problems))
@@ -316,6 +350,18 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines.append(f"study: {plan['total_flops'] / 1e18:.3f} EFLOP ({plan['seeds']} seed(s)), "
                  f"{format_duration(plan['hours'] * 3600)} on {plan['nproc']} GPU(s) at an assumed "
                  f"{plan['assume_tflops_per_gpu']:g} TFLOP/s sustained per GPU")
+    if plan["grad_accum"] > 1:
+        micro = math.ceil(plan["batch_size"] / plan["grad_accum"])
+        lines.append(f"--grad-accum {plan['grad_accum']}: each step's {plan['batch_size']} images per GPU in "
+                     f"micro-batches of at most {micro} (the memory above)")
+    if plan["drop_path"]:
+        lines.append(f"--drop-path {plan['drop_path']:g} ({plan['drop_path_schedule']}): the backbone FLOPs above "
+                     f"count the kept samples only")
+    if plan["ema"] is not None:
+        lines.append(f"--ema {plan['ema']:g}: +4 bytes per parameter for the average (in the memory above)")
+    if plan["compile"]:
+        lines.append("--compile: the first steps of each model pay a one-time compile of its blocks (minutes), "
+                     "not in the time above")
     return "\n".join(lines)
 
 

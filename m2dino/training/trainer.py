@@ -38,7 +38,9 @@ from m2dino.tasks import TaskSpec, TaskType
 from m2dino.training import checkpoint as ckpt
 from m2dino.training import distributed as dist_utils
 from m2dino.training.artifacts import EVAL_FILE, write_best
+from m2dino.training.compile import compile_blocks
 from m2dino.training.config import TrainConfig
+from m2dino.training.ema import ModelEMA
 from m2dino.training.loop import (
     LoopSettings,
     Progress,
@@ -49,7 +51,7 @@ from m2dino.training.loop import (
     TrainingLoop,
     TrainingOOM,
 )
-from m2dino.training.losses import total_loss
+from m2dino.training.losses import accumulation_scales, total_loss
 from m2dino.training.metrics_log import MetricsLog
 from m2dino.training.optimizer import build_optimizer
 from m2dino.training.rundir import RESUMABLE
@@ -102,6 +104,7 @@ class ModelTrainer:
         self.model: M2DINO | None = None
         self.train_model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.ema: ModelEMA | None = None  # --ema: the averaged weights, validated and kept as best
         self.sampler: MultiTaskBatchSampler | None = None
 
     # ------------------------------------------------------------------ building
@@ -109,7 +112,8 @@ class ModelTrainer:
     def build_model(self) -> M2DINO:
         c = self.config
         torch.manual_seed(c.seed)  # the same initial weights in every paradigm and on every rank
-        model = M2DINO(c.model, self.tasks, pretrained=c.pretrained)
+        model = M2DINO(c.model, self.tasks, pretrained=c.pretrained, drop_path_rate=c.drop_path,
+                       drop_path_schedule=c.drop_path_schedule)
         if c.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
         self.start_landmarks_at_training_mean(model)
@@ -140,21 +144,24 @@ class ModelTrainer:
 
     # ------------------------------------------------------------------ the loss
 
-    def compute_loss(self, model, outputs, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute_loss(self, model, outputs, batch, step_tasks=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The step's loss (m2dino.training.losses.total_loss), each task normalised by its
-        GLOBAL sample count (see the module docstring), and its parts (detached tensors)."""
+        GLOBAL sample count over the step (see the module docstring), and its parts (detached
+        tensors). `step_tasks`: the whole step's task ids on this rank when `batch` is one of
+        its --grad-accum micro-batches (losses.accumulation_scales)."""
         c = self.config
-        local = torch.tensor([float(len(outputs["tasks"][t]["indices"])) if t in outputs["tasks"] else 0.0
-                              for t in self.task_table], dtype=torch.float64)
+        step_tasks = batch["tasks"] if step_tasks is None else step_tasks
+        local = torch.tensor([float(sum(1 for s in step_tasks if s == t)) for t in self.task_table],
+                             dtype=torch.float64)
         global_counts = (dist_utils.all_reduce_sum(local.to(self.device)).cpu() if dist_utils.is_distributed()
                          else local)
-        world = dist_utils.world_size()
-        scales = {t: float(local[i] / global_counts[i]) * world
-                  for i, t in enumerate(self.task_table) if t in outputs["tasks"]}
+        counts = {t: float(global_counts[i]) for i, t in enumerate(self.task_table)}
+        scales = accumulation_scales([batch["tasks"]], counts, dist_utils.world_size())[0].task_scales
         # the unused-head anchor: heads absent from this batch get zero gradients, so every
         # parameter is in every step's graph on every rank (DDP without find_unused_parameters)
         return total_loss(outputs, batch["targets"], self.tasks, loss_weights=c.loss_weights,
-                          aux_weights=c.aux_weights, task_scales=scales, anchor_unused=True)
+                          aux_weights=c.aux_weights, task_scales=scales, anchor_unused=True,
+                          aux_scale=len(batch["tasks"]) / len(step_tasks))
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -168,6 +175,7 @@ class ModelTrainer:
             "rng": ckpt.rng_state(),
             "progress": dict(progress.__dict__),
             "world_size": dist_utils.world_size(),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     def save_last(self, progress: Progress) -> None:
@@ -197,6 +205,8 @@ class ModelTrainer:
         dist_utils.load_full_state_dicts(self.train_model, self.optimizer, tensors, state["optimizer"])
         try:
             self.sampler.load_state_dict(state["sampler"])
+            if self.ema is not None and "ema" in state:  # --ema turned on at resume starts afresh
+                self.ema.load_state_dict(state["ema"])
         except ValueError as e:
             raise ckpt.CheckpointError(f"{found}: {e}") from None
         ckpt.set_rng_state(state["rng"])
@@ -215,8 +225,9 @@ class ModelTrainer:
         # rows) and rank 0 keeps the numbers; otherwise rank 0 validates alone.
         sharded = dist_utils.is_sharded(self.train_model)
         improved, score, validation = False, None, None
+        validated = self.model if self.ema is None else self.ema.module  # --ema: the average is what is kept
         if self.is_main or sharded:
-            validation = self.validator.validate(self.train_model if sharded else self.model, self.model,
+            validation = self.validator.validate(self.train_model if sharded else validated, validated,
                                                  self.device, self.autocast)
             score = primary_score(validation.metrics, self.task_table, self.baselines)
             improved = score > progress.best_score or progress.best_step < 0
@@ -226,7 +237,7 @@ class ModelTrainer:
             self.log.write("eval", step=progress.step, epoch=progress.epoch, score=score, improved=improved,
                            tasks=validation.metrics)
             if improved:
-                write_best(self.model_dir, self.model, validation,
+                write_best(self.model_dir, validated, validation,
                            intervals(validation.values, self.task_table, self.config.bootstrap), progress.step,
                            score, self.config.bootstrap, list(self.task_table), self.config.model.num_experts,
                            model_state=model_state)
@@ -241,6 +252,10 @@ class ModelTrainer:
         "training": training_length()}."""
         c = self.config
         self.model = self.build_model()
+        # the EMA copies the model before compilation wraps its blocks; compiled blocks before DDP/FSDP
+        self.ema = ModelEMA(self.model, c.ema, warmup=True) if c.ema is not None else None
+        if c.compile:
+            compile_blocks(self.model)
         self.train_model = dist_utils.parallelize(self.model, self.device, fsdp=c.fsdp)
         try:
             self.optimizer = build_optimizer(self.model, c)
@@ -277,7 +292,7 @@ class ModelTrainer:
                 evaluate=self.evaluate_and_keep_best, checkpoint_due=self.epoch_checkpoint_due,
                 diverged_advice=(f"The last good state is saved in {self.model_dir / ckpt.LAST}. Try a lower --lr, "
                                  f"--amp off, or check the data (python -m m2dino.data.check)."),
-                step_callbacks=self.step_callbacks)
+                step_callbacks=self.step_callbacks, ema=self.ema)
             try:
                 loop.run(progress, data)
             except torch.OutOfMemoryError as e:

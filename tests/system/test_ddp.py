@@ -21,15 +21,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(suite, out, batch_size, fsdp=False) -> TrainConfig:
+def _config(suite, out, batch_size, fsdp=False, grad_accum=1) -> TrainConfig:
     # aux losses off: they are computed per process (the load-balance loss is not a mean over
     # samples), so only the task losses can equal the single-process ones
     return TrainConfig(data=str(suite), out=str(out), paradigm="au", img_size=32, batch_size=batch_size,
-                       steps=3, log_every=1, progress=False, warmup=0, lr=1e-3, fsdp=fsdp,
+                       steps=3, log_every=1, progress=False, warmup=0, lr=1e-3, fsdp=fsdp, grad_accum=grad_accum,
                        aux_weights={"load_balance": 0.0, "z_loss": 0.0, "mutual_information": 0.0}).validate()
 
 
-def _train(rank, world, port, suite, out, batch_size, fsdp=False):
+def _train(rank, world, port, suite, out, batch_size, fsdp=False, grad_accum=1):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -39,7 +39,7 @@ def _train(rank, world, port, suite, out, batch_size, fsdp=False):
     from m2dino.training.study import load_data
     from m2dino.training.trainer import ModelTrainer
 
-    config = _config(suite, out, batch_size, fsdp)
+    config = _config(suite, out, batch_size, fsdp, grad_accum)
     device = torch.device("cpu")
     dist_utils.setup(device)
     try:
@@ -64,10 +64,12 @@ def _losses(model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path, tiny_suite, fsdp):
+@pytest.mark.parametrize("fsdp,grad_accum", [(False, 1), (True, 1), (False, 2), (True, 2)],
+                         ids=["ddp", "fsdp2", "ddp-grad-accum", "fsdp2-grad-accum"])
+def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path, tiny_suite, fsdp, grad_accum):
+    # with --grad-accum 2 each rank's 4 images go in two micro-batches of 2, synchronised once
     suite = tiny_suite(TASKS, min_train=8, min_val=3)
-    mp.spawn(_train, args=(2, _free_port(), suite, tmp_path / "ddp", 4, fsdp), nprocs=2, join=True)
+    mp.spawn(_train, args=(2, _free_port(), suite, tmp_path / "ddp", 4, fsdp, grad_accum), nprocs=2, join=True)
     mp.spawn(_train, args=(1, _free_port(), suite, tmp_path / "one", 8), nprocs=1, join=True)
 
     r0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)

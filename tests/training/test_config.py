@@ -40,7 +40,9 @@ DEMO_RUN = dict(
     amp="bf16",
     grad_checkpointing=False, freeze_backbone=False, fsdp=False, seed=0, seeds=None, device="auto", workers=0,
     jobs=0, max_bad_steps=5, out="runs/default", resume=False, eval_every=0, log_every=10, checkpoint_every=0,
-    checkpoint_seconds=60.0, bootstrap=1000, progress=True)
+    checkpoint_seconds=60.0, bootstrap=1000, progress=True,
+    # the fine-tuning options, added off
+    grad_accum=1, layer_decay=1.0, drop_path=0.0, drop_path_schedule="uniform", ema=None, compile=False)
 
 
 def test_no_arguments_is_the_embedded_default():
@@ -260,7 +262,8 @@ def test_one_declaration_adds_an_option_everywhere(probe, tmp_path):
 def test_the_resume_rule_is_the_declarations():
     assert rundir.RESUMABLE is RESUMABLE
     assert set(RESUMABLE) == {"epochs", "min_steps", "control", "workers", "jobs", "device", "progress",
-                              "checkpoint_every", "checkpoint_seconds"}
+                              "checkpoint_every", "checkpoint_seconds", "grad_accum", "drop_path",
+                              "drop_path_schedule", "ema", "compile"}
 
 
 def test_flat_reads_and_writes_reach_the_sections():

@@ -22,6 +22,13 @@ DEFAULT = BEFORE["default"]["changes"]  # the default, whole
 FIXED = {"split_seed": {"split_seed": 3}}
 # Added since the capture, default off: the global (all-token) balance loss's weight
 ADDED_AUX = {"global_load_balance": 0.0}
+# Options added since the capture, off by default: compared as absent at their default
+ADDED_OPTIONS = {"grad_accum": 1, "layer_decay": 1.0, "drop_path": 0.0, "drop_path_schedule": "uniform",
+                 "ema": None, "compile": False}
+
+# The fine-tuning options the paper recipes took since the capture (their sources in the recipes)
+RECIPE_ADDED = {f"m2dino_{size}_fmuia": {"layer_decay": 0.9, "drop_path": drop_path, "ema": 0.999}
+                for size, drop_path in (("vits16", 0.1), ("vitb16", 0.1), ("vitl16", 0.2))}
 
 
 def expected(case: dict, name: str | None = None) -> dict:
@@ -36,6 +43,9 @@ def resolved(config) -> dict:
     for key, default in ADDED_AUX.items():  # at its default it changes nothing: compared as absent
         if weights.get(key) == default:
             weights.pop(key)
+    for key, default in ADDED_OPTIONS.items():
+        if key in values and values[key] == default:
+            values.pop(key)
     return values
 
 
@@ -86,6 +96,9 @@ def test_every_run_option_reads_as_before(name):
 @pytest.mark.parametrize("name", sorted(BEFORE["recipes"]))
 def test_every_recipe_resolves_as_before(name):
     case = BEFORE["recipes"][name]
+    added = RECIPE_ADDED.get(name.split(".yaml")[0], {})
+    case = {**case, "changes": {**case["changes"], **added}, "given": sorted({*case["given"], *added, "compile"})
+            if added else case["given"]}
     argv = case["argv"]
     if argv[1].startswith("configs/"):  # by its path
         argv = ["--config", str(Path(__file__).resolve().parents[2] / argv[1])]

@@ -137,5 +137,33 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_the_last_good_stat
 
 def test_settings_come_from_the_config():
     config = SimpleNamespace(grad_clip=1.0, log_every=5, max_bad_steps=2, checkpoint_every=0, eval_every=1,
-                             progress=False)
-    assert LoopSettings.from_config(config) == LoopSettings(1.0, 5, 2, 0, 1, False)
+                             progress=False, grad_accum=3)
+    assert LoopSettings.from_config(config) == LoopSettings(1.0, 5, 2, 0, 1, False, 3)
+
+
+def test_gradient_sync_is_off_inside_for_ddp_and_fsdp2_and_restored():
+    import contextlib
+
+    from m2dino.training.loop import gradient_sync
+
+    calls = []
+
+    class DDPLike:
+        @contextlib.contextmanager
+        def no_sync(self):
+            calls.append("no_sync in")
+            yield
+            calls.append("no_sync out")
+
+    class FSDP2Like:
+        def set_requires_gradient_sync(self, flag):
+            calls.append(f"sync {flag}")
+
+    for forward in (DDPLike(), FSDP2Like(), torch.nn.Linear(1, 1)):
+        with gradient_sync(forward, enabled=True):
+            calls.append("last")
+        with gradient_sync(forward, enabled=False):
+            calls.append("inner")
+    assert calls == ["last", "no_sync in", "inner", "no_sync out",
+                     "last", "sync False", "inner", "sync True",
+                     "last", "inner"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from m2dino.models.m2dino import create_model
-from m2dino.training.optim import param_groups
+from m2dino.training.optimizer import param_groups
 
 TASKS = ["breast_3cls", "IUGC", "cardiac_multi"]
 LR, WD, HEAD_MULT = 1e-3, 0.05, 3.0

@@ -31,12 +31,17 @@ class Model(torch.nn.Module):
 
 
 def config(**kw):
-    return SimpleNamespace(**{"lr": 1e-3, "head_lr_mult": 10.0, "weight_decay": 0.05, "freeze_backbone": False, **kw})
+    return SimpleNamespace(**{"lr": 1e-3, "head_lr_mult": 10.0, "weight_decay": 0.05, "freeze_backbone": False,
+                              "layer_decay": 1.0, **kw})
+
+
+def groups_of(model, c):
+    return param_groups(model, c.lr, c.weight_decay, c.head_lr_mult, c.layer_decay, c.freeze_backbone)
 
 
 def test_groups_rates_and_decay():
     model = Model()
-    groups = {g["name"]: g for g in param_groups(model, config())}
+    groups = {g["name"]: g for g in groups_of(model, config())}
     assert list(groups) == ["backbone", "backbone_no_decay", "head", "head_no_decay"]
     assert groups["backbone"]["lr"] == 1e-3 and groups["head"]["lr"] == pytest.approx(1e-2)
     assert groups["backbone"]["weight_decay"] == 0.05 and groups["head_no_decay"]["weight_decay"] == 0.0
@@ -51,7 +56,7 @@ def test_a_frozen_backbone_keeps_its_moe_layers_training_by_module_type():
     # the MoE's parameters are found by the module's type: a name of its own changes nothing
     model.backbone.blocks[1].add_module("experts_renamed", model.backbone.blocks[1].mlp)
     del model.backbone.blocks[1].mlp
-    groups = param_groups(model, config(freeze_backbone=True))
+    groups = groups_of(model, config(freeze_backbone=True))
     trained = {id(p) for g in groups for p in g["params"]}
     moe = model.backbone.blocks[1].experts_renamed
     assert trained == {id(p) for p in [*moe.parameters(), *model.head.parameters()]}

@@ -137,3 +137,34 @@ def test_vitl16_recipe_plans_in_seconds_on_meta(suite, tmp_path):
     assert rc == 0
     plan = json.loads((tmp_path / "l" / "plan.json").read_text())
     assert plan["model"]["name"] == "dinov3_vitl16" and plan["models"]["au/all"]["parameters"]["total"] > 3e8
+
+
+@pytest.mark.slow
+def test_plan_counts_the_fine_tuning_options(suite, tmp_path, capsys):
+    """--grad-accum keeps the step's images and cuts the activations to a micro-batch's; --ema
+    adds an fp32 copy of the weights; --drop-path lowers the backbone's FLOPs (the kept samples);
+    a study that does not fit is told the --grad-accum with which it would."""
+    def plan_of(name, *flags):
+        rc = main(["--data", str(suite), "--out", str(tmp_path / name), "--dry-run", "--paradigm", "au",
+                   "--batch-size", "8", "--no-progress", *flags])
+        assert rc == 0
+        return json.loads((tmp_path / name / "plan.json").read_text())["models"]["au/all"]
+    base = plan_of("base")
+    accum = plan_of("accum", "--grad-accum", "4")
+    assert accum["images_per_step"] == base["images_per_step"] == 8 and accum["micro_batch"] == 2
+    assert accum["steps"] == base["steps"]
+    plain, cut = base["memory_per_gpu"]["plain"], accum["memory_per_gpu"]["plain"]
+    # a quarter of the images; the per-pass tensors (RoPE tables, routing plans) do not shrink
+    assert plain["activations_gib"] / 4 < cut["activations_gib"] < plain["activations_gib"] / 2
+    ema = plan_of("ema", "--ema", "0.999")["memory_per_gpu"]["plain"]
+    assert ema["ema_gib"] == pytest.approx(4 * base["parameters"]["total"] / 2**30) and plain["ema_gib"] == 0
+    assert ema["total_gib"] == pytest.approx(plain["total_gib"] + ema["ema_gib"])
+    dropped = plan_of("drop", "--drop-path", "0.5")
+    assert dropped["flops_per_image"] < 0.8 * base["flops_per_image"]
+    assert "--drop-path 0.5" in capsys.readouterr().out
+    # a limit between one micro-batch of 2 and the whole batch of 8: --grad-accum 4 fits it
+    limit = (plain["total_gib"] - plain["activations_gib"] * 0.7) / 0.9
+    rc = main(["--data", str(suite), "--out", str(tmp_path / "tight"), "--dry-run", "--paradigm", "au",
+               "--batch-size", "8", "--gpu-memory-gb", str(limit), "--no-progress"])
+    assert rc == 1
+    assert "--grad-accum" in capsys.readouterr().err
