@@ -169,7 +169,9 @@ def test_measured_numbers_state_their_commit_and_date():
     output block of numbers in its section, a bullet of README's results in the bullet."""
     checked = 0
     for page in PAGES:
-        for section in sections(page.read_text()):
+        # the option table is generated from the declarations: defaults, not measurements
+        text = re.sub(r"<!-- option table: .*?<!-- end of the option table -->", "", page.read_text(), flags=re.S)
+        for section in sections(text):
             blocks = re.findall(r"```\n.*?```", section, re.S) + re.findall(r"(?:^\|.*\n)+", section, re.M)
             if any(quotes_measurements(b) for b in blocks):
                 checked += 1
