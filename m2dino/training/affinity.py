@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from m2dino.evaluation.affinity import AffinityAccumulator, StepAffinity
 from m2dino.models.backbone import DinoV3ViT
+from m2dino.training.loop import to_device
 from m2dino.training.losses import task_loss, task_weight
 
 SHARED_MODULE_TYPES: tuple[type[nn.Module], ...] = (DinoV3ViT,)
@@ -185,3 +186,26 @@ class AffinityProbe:
                 "shared_modules": [t.__name__ for t in self.shared_types],
                 "shared_parameters": self.shared_count, "every": self.every, "start": self.start,
                 "until": self.until, "seconds": round(self.seconds, 3)}
+
+
+class ProbeCallback:
+    """The probe as a training loop step callback (m2dino.training.loop.StepEvent): after a
+    taken step whose index (0-based) the probe finds due, it measures on that step's batch at
+    the model's new parameters, with the rate the next step takes. A skipped (non-finite)
+    step is not measured. `loss_weights`: the run's --loss-weights (the losses as trained)."""
+
+    def __init__(self, probe: AffinityProbe, loss_weights: Mapping | None = None):
+        self.probe = probe
+        self.loss_weights = loss_weights
+
+    def __call__(self, event) -> None:
+        index = event.step - 1
+        if event.result.bad is not None or not self.probe.due(index):
+            return
+        loop = event.loop
+        model = loop.model
+        images = event.batch["images"].to(loop.device)
+        targets = to_device(event.batch["targets"], loop.device)
+        losses = trainer_task_losses(model.tasks, targets, self.loss_weights)
+        self.probe.measure(index, model, (images, model.task_index(event.batch["tasks"])), losses,
+                           loop.schedule.lr_at(event.step), loop.autocast)
