@@ -22,6 +22,8 @@ DEFAULT = BEFORE["default"]["changes"]  # the default, whole
 FIXED = {"split_seed": {"split_seed": 3}}
 # Added since the capture, default off: the global (all-token) balance loss's weight
 ADDED_AUX = {"global_load_balance": 0.0}
+# Added since the capture: options that, at their default, change nothing an old run did
+ADDED_OPTIONS = {"affinity_steps": 10}
 
 
 def expected(case: dict, name: str | None = None) -> dict:
@@ -36,6 +38,9 @@ def resolved(config) -> dict:
     for key, default in ADDED_AUX.items():  # at its default it changes nothing: compared as absent
         if weights.get(key) == default:
             weights.pop(key)
+    for key, default in ADDED_OPTIONS.items():
+        if values.get(key) == default:
+            values.pop(key)
     return values
 
 
