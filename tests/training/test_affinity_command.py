@@ -66,3 +66,14 @@ def test_an_existing_groups_file_is_kept_without_overwrite(suite, recipe, tmp_pa
     err = capsys.readouterr().err
     assert str(mine) in err and "--overwrite" in err
     assert mine.read_text() == "mine: [lung]\n" and sorted(p.name for p in out.iterdir()) == ["groups.yaml"]
+
+
+def test_overwrite_moves_the_old_outputs_aside(tmp_path):
+    from m2dino.affinity import clear_outputs, outputs
+
+    paths = outputs(tmp_path)
+    paths["groups.yaml"].write_text("mine: [lung]\n")
+    clear_outputs(paths, overwrite=True)
+    assert not paths["groups.yaml"].exists()
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("groups.yaml.old-")]
+    assert len(kept) == 1 and kept[0].read_text() == "mine: [lung]\n"
