@@ -194,7 +194,8 @@ class ProbeCallback:
     """The probe as a training loop step callback (m2dino.training.loop.StepEvent): after a
     taken step whose index (0-based) the probe finds due, it measures on that step's batch at
     the model's new parameters, with the rate the next step takes. A skipped (non-finite)
-    step is not measured. `loss_weights`: the run's --loss-weights (the losses as trained).
+    step is not measured, nor one after which the rate is 0 (the schedule's end).
+    `loss_weights`: the run's --loss-weights (the losses as trained).
     With `path`, the record is written there (affinity.json) after the probe's last due step,
     or at the run's last step when that comes first; on the main rank only (it alone measures).
     A run resumed inside the probe's window records the steps measured after the restart."""
@@ -209,14 +210,15 @@ class ProbeCallback:
         if not dist_utils.is_main():
             return
         index = event.step - 1
-        if event.result.bad is None and self.probe.due(index):
-            loop = event.loop
+        loop = event.loop
+        lr = loop.schedule.lr_at(event.step)  # 0 after the schedule's last step: no lookahead step to take
+        if event.result.bad is None and self.probe.due(index) and lr > 0:
             model = loop.model
             images = event.batch["images"].to(loop.device)
             targets = to_device(event.batch["targets"], loop.device)
             losses = trainer_task_losses(model.tasks, targets, self.loss_weights)
-            self.probe.measure(index, model, (images, model.task_index(event.batch["tasks"])), losses,
-                               loop.schedule.lr_at(event.step), loop.autocast)
+            self.probe.measure(index, model, (images, model.task_index(event.batch["tasks"])), losses, lr,
+                               loop.autocast)
         window_ends = self.probe.until is not None and index == self.probe.until - 1
         if self.path is not None and (window_ends or event.step >= event.loop.stopping.total_steps) \
                 and self.probe.accumulator.steps and not self.written:
