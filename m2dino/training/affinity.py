@@ -33,14 +33,17 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from m2dino.evaluation.affinity import AffinityAccumulator, StepAffinity
+from m2dino.evaluation.affinity import AFFINITY_FILE, AffinityAccumulator, StepAffinity, write_affinity
 from m2dino.models.backbone import DinoV3ViT
+from m2dino.training import distributed as dist_utils
+from m2dino.training.loop import to_device
 from m2dino.training.losses import task_loss, task_weight
 
 SHARED_MODULE_TYPES: tuple[type[nn.Module], ...] = (DinoV3ViT,)
@@ -185,3 +188,54 @@ class AffinityProbe:
                 "shared_modules": [t.__name__ for t in self.shared_types],
                 "shared_parameters": self.shared_count, "every": self.every, "start": self.start,
                 "until": self.until, "seconds": round(self.seconds, 3)}
+
+
+class ProbeCallback:
+    """The probe as a training loop step callback (m2dino.training.loop.StepEvent): after a
+    taken step whose index (0-based) the probe finds due, it measures on that step's batch at
+    the model's new parameters, with the rate the next step takes. A skipped (non-finite)
+    step is not measured, nor one after which the rate is 0 (the schedule's end).
+    `loss_weights`: the run's --loss-weights (the losses as trained).
+    With `path`, the record is written there (affinity.json) after the probe's last due step,
+    or at the run's last step when that comes first; on the main rank only (it alone measures).
+    A run resumed inside the probe's window records the steps measured after the restart."""
+
+    def __init__(self, probe: AffinityProbe, loss_weights: Mapping | None = None, path=None):
+        self.probe = probe
+        self.loss_weights = loss_weights
+        self.path = path
+        self.written = False
+
+    def __call__(self, event) -> None:
+        if not dist_utils.is_main():
+            return
+        index = event.step - 1
+        loop = event.loop
+        lr = loop.schedule.lr_at(event.step)  # 0 after the schedule's last step: no lookahead step to take
+        if event.result.bad is None and self.probe.due(index) and lr > 0:
+            model = loop.model
+            images = event.batch["images"].to(loop.device)
+            targets = to_device(event.batch["targets"], loop.device)
+            losses = trainer_task_losses(model.tasks, targets, self.loss_weights)
+            self.probe.measure(index, model, (images, model.task_index(event.batch["tasks"])), losses, lr,
+                               loop.autocast)
+        window_ends = self.probe.until is not None and index == self.probe.until - 1
+        if self.path is not None and (window_ends or event.step >= event.loop.stopping.total_steps) \
+                and self.probe.accumulator.steps and not self.written:
+            write_affinity(self.path, self.probe.accumulator.record(self.probe.how()))
+            self.written = True
+
+
+# The study's AU run measures every PROBE_EVERY-th step from its first, --affinity-steps times
+PROBE_EVERY = 10
+
+
+def study_probe(config, paradigm: str, task_ids: Sequence[str], model_dir) -> list[ProbeCallback]:
+    """The step callback that records the AU model's affinity.json in `model_dir` (the first
+    config.affinity_steps x PROBE_EVERY steps, every PROBE_EVERY-th measured); none for
+    another paradigm, a single task or --affinity-steps 0."""
+    steps = config.affinity_steps
+    if paradigm != "au" or steps == 0 or len(task_ids) < 2:
+        return []
+    probe = AffinityProbe(tasks=list(task_ids), every=PROBE_EVERY, until=PROBE_EVERY * (steps - 1) + 1)
+    return [ProbeCallback(probe, config.loss_weights, Path(model_dir) / AFFINITY_FILE)]

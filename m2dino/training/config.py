@@ -191,9 +191,13 @@ class StudyOptions:
     seeds: Optional[list[int]] = option(None, "train every paradigm once per seed (comma separated, e.g. 0,1,2) "
                                               "into OUT/seed-N/, then one report pooling the seeds",
                                         parse=_parse_seeds)
+    affinity_steps: int = option(0, "the AU model measures inter-task affinity at this many steps, every 10th from "
+                                    "its first (affinity.json in its folder; each costs about 7 training steps on "
+                                    "a CPU; 0: off)")
 
     def validate(self) -> None:
         check_choices(self)
+        check_at_least(self, 0, "affinity_steps")
         if self.control != CONTROLS[0] and self.paradigm != "all":
             raise problem("control", f"compares with the study's paradigms: needs --paradigm all, "
                                      f"got {self.paradigm!r}")

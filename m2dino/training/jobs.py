@@ -32,6 +32,7 @@ import torch
 import m2dino_kernels
 from m2dino.paradigms import CONTROL_PARADIGM, PLATEAU_CAP_FACTOR
 from m2dino.training import distributed as dist_utils
+from m2dino.training.affinity import study_probe
 from m2dino.training.config import TrainConfig
 from m2dino.training.trainer import ModelTrainer, TrainingError
 
@@ -95,9 +96,11 @@ def threads_per_job(jobs: int) -> int:
 def train_model(context: StudyContext, job: ModelJob, step_callbacks=()) -> dict[str, Any]:
     """Train (or resume) one model into OUT/<paradigm>/<name>/; ModelTrainer.run's result."""
     specs = [context.specs[t] for t in job.task_ids]
+    model_dir = context.out / job.paradigm / job.name
+    probe = study_probe(context.config, job.paradigm, job.task_ids, model_dir)
     trainer = ModelTrainer(context.config, job.name, specs, context.train_records, context.val_records,
-                           context.out / job.paradigm / job.name, context.device, context.baselines,
-                           step_callbacks=[*context.step_callbacks, *step_callbacks],
+                           model_dir, context.device, context.baselines,
+                           step_callbacks=[*context.step_callbacks, *probe, *step_callbacks],
                            until_plateau=job.paradigm == CONTROL_PARADIGM)
     return trainer.run()
 

@@ -12,7 +12,7 @@ from parsers import parser_of
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ("m2dino.train", "m2dino.predict", "m2dino.evaluate", "m2dino.report", "m2dino.export",
-            "m2dino.data.check", "m2dino.data.synthetic")
+            "m2dino.data.check", "m2dino.data.synthetic", "m2dino.affinity")
 HELP_SECONDS = 3.0  # generous: importing torch alone takes longer than this on a small VM
 
 

@@ -144,7 +144,7 @@ ALLOWED = {
     "m2dino.export": {"m2dino.data", "m2dino.models", "m2dino.evaluation"},
 }
 ENTRY_POINTS = {"m2dino.train", "m2dino.predict", "m2dino.evaluate", "m2dino.report", "m2dino.export",
-                "m2dino.export.cli", "m2dino.export.__main__"}
+                "m2dino.export.cli", "m2dino.export.__main__", "m2dino.affinity"}
 FOUNDATION = {"m2dino", "m2dino.tasks", "m2dino.paradigms", "m2dino.options", "m2dino.io", "m2dino.errors",
               "m2dino._lazy"}
 

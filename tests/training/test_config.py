@@ -38,7 +38,8 @@ DEMO_RUN = dict(
     weight_decay=0.05, warmup=0.05, grad_clip=1.0, batching="mixed", task_alpha=1.0, loss_weights={},
     aux_weights={"load_balance": 0.01, "z_loss": 0.001, "mutual_information": 0.0, "global_load_balance": 0.0},
     amp="bf16",
-    grad_checkpointing=False, freeze_backbone=False, fsdp=False, seed=0, seeds=None, device="auto", workers=0,
+    grad_checkpointing=False, freeze_backbone=False, fsdp=False, seed=0, seeds=None,
+    affinity_steps=0, device="auto", workers=0,
     jobs=0, max_bad_steps=5, out="runs/default", resume=False, eval_every=0, log_every=10, checkpoint_every=0,
     checkpoint_seconds=60.0, bootstrap=1000, progress=True,
     # the fine-tuning options, added off

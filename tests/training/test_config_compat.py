@@ -24,7 +24,8 @@ FIXED = {"split_seed": {"split_seed": 3}}
 ADDED_AUX = {"global_load_balance": 0.0}
 # Options added since the capture, off by default: compared as absent at their default
 ADDED_OPTIONS = {"grad_accum": 1, "layer_decay": 1.0, "drop_path": 0.0, "drop_path_schedule": "uniform",
-                 "ema": None, "compile": False}
+                 "ema": None, "compile": False,
+                 "affinity_steps": 0}
 
 # The fine-tuning options the paper recipes took since the capture (their sources in the recipes)
 RECIPE_ADDED = {f"m2dino_{size}_fmuia": {"layer_decay": 0.9, "drop_path": drop_path, "ema": 0.999}
