@@ -51,8 +51,11 @@ from m2dino.data.roots import TRAINING_SCALE
 from m2dino.models.configs import DEFAULT_AUX_WEIGHTS, M2DINOConfig
 from m2dino.options import Option, option, options_of, problem, split_words
 from m2dino.paradigms import (
+    BUDGETS,
     CONTROL_PARADIGM,
     CONTROLS,
+    CORRECTIONS,
+    DEFAULT_CORRECTION,
     PARADIGM_LABELS,
     PARADIGM_MEANINGS,
     PARADIGMS,
@@ -150,6 +153,8 @@ def check_positive(section, *names: str, zero_ok: bool = False) -> None:
 Paradigm = Literal[(*PARADIGMS, "all")]
 _CONTROL_LABEL = PARADIGM_LABELS[CONTROL_PARADIGM]
 Control = Literal[CONTROLS]
+Budget = Literal[BUDGETS]
+Correction = Literal[CORRECTIONS]
 
 
 @dataclass
@@ -191,6 +196,11 @@ class StudyOptions:
     seeds: Optional[list[int]] = option(None, "train every paradigm once per seed (comma separated, e.g. 0,1,2) "
                                               "into OUT/seed-N/, then one report pooling the seeds",
                                         parse=_parse_seeds)
+    budget: Budget = option(BUDGETS[0], f"how long each model trains; {BUDGETS[0]}: --epochs over its own data in "
+                                        f"every paradigm; {BUDGETS[1]}: every model until its loss plateaus on an "
+                                        f"inner split of its training rows, or a cap ({plateau_rule_text()})")
+    correction: Correction = option(DEFAULT_CORRECTION, "the report's multiplicity correction over its tests: holm, bh "
+                                                        "(Benjamini-Hochberg) or none", resumable=True)
 
     def validate(self) -> None:
         check_choices(self)

@@ -222,13 +222,19 @@ def measure_shapes(config: TrainConfig, task_ids: list[str]) -> ModelShapes:
         head_params={t: count(model.heads[t]) for t in task_ids})
 
 
+def image_flops(shapes: ModelShapes, task_ids: list[str], train_sizes: dict[str, int], spatial: bool) -> float:
+    """Forward + backward FLOPs of one training image of the model: the trunk, the neck when the
+    model has a spatial task, and its tasks' heads weighted by their share of the training images."""
+    images = sum(train_sizes[t] for t in task_ids)
+    return (shapes.trunk_flops + (shapes.neck_flops if spatial else 0.0)
+            + sum(train_sizes[t] / max(1, images) * shapes.head_flops[t] for t in task_ids))
+
+
 def plan_model(config: TrainConfig, options: PlanOptions, shapes: ModelShapes, task_ids: list[str],
                train_sizes: dict[str, int], spatial: bool) -> dict[str, Any]:
     """One model's entry of plan.json."""
     images = sum(train_sizes[t] for t in task_ids)
-    share = {t: train_sizes[t] / images for t in task_ids}
-    flops_per_image = (shapes.trunk_flops + (shapes.neck_flops if spatial else 0.0)
-                       + sum(share[t] * shapes.head_flops[t] for t in task_ids))
+    flops_per_image = image_flops(shapes, task_ids, train_sizes, spatial)
     per_step = config.batch_size * options.nproc
     steps = config.steps if config.steps is not None else config.epochs * math.ceil(images / per_step)
     heads = sum(shapes.head_params[t] for t in task_ids)
