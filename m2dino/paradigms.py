@@ -55,8 +55,8 @@ def label(paradigm: str) -> str:
 def plateau_rule_text() -> str:
     """The plateau rule in words, for help texts and the report."""
     return (f"loss on an inner split ({INNER_FRACTION:.0%} of each task's training rows, held out of training, "
-            f"fixed by the split seed; never the validation images) measured at epoch ends from the "
-            f"equal-exposure steps on; plateau: the mean of the last {PLATEAU_WINDOW} measurements < "
+            f"fixed by the split seed; never the validation images) measured at epoch ends from its "
+            f"equal exposure steps on; plateau: the mean of the last {PLATEAU_WINDOW} measurements < "
             f"{PLATEAU_REL_TOL:.0%} below the {PLATEAU_WINDOW} before; then the learning rate decays linearly to 0 "
-            f"over {WSD_DECAY_FRACTION:.0%} of the model's steps (warmup-stable-decay) and training stops; cap "
-            f"{PLATEAU_CAP_FACTOR}x the equal-exposure steps, its last {WSD_DECAY_FRACTION:.0%} the decay")
+            f"over {WSD_DECAY_FRACTION:.0%} of the model's steps (WSD: warmup, stable, decay) and training stops; "
+            f"cap {PLATEAU_CAP_FACTOR}x the equal exposure steps, its last {WSD_DECAY_FRACTION:.0%} the decay")

@@ -199,8 +199,9 @@ class StudyOptions:
     budget: Budget = option(BUDGETS[0], f"how long each model trains; {BUDGETS[0]}: --epochs over its own data in "
                                         f"every paradigm; {BUDGETS[1]}: every model until its loss plateaus on an "
                                         f"inner split of its training rows, or a cap ({plateau_rule_text()})")
-    correction: Correction = option(DEFAULT_CORRECTION, "the report's multiplicity correction over its tests: holm, bh "
-                                                        "(Benjamini-Hochberg) or none", resumable=True)
+    correction: Correction = option(DEFAULT_CORRECTION, "the study report's multiplicity correction over its tests: "
+                                                        "holm, bh (Benjamini-Hochberg) or none (python -m "
+                                                        "m2dino.report --correction redoes a report with another)")
 
     def validate(self) -> None:
         check_choices(self)

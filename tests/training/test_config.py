@@ -40,7 +40,7 @@ DEMO_RUN = dict(
     amp="bf16",
     grad_checkpointing=False, freeze_backbone=False, fsdp=False, seed=0, seeds=None, device="auto", workers=0,
     jobs=0, max_bad_steps=5, out="runs/default", resume=False, eval_every=0, log_every=10, checkpoint_every=0,
-    checkpoint_seconds=60.0, bootstrap=1000, progress=True)
+    checkpoint_seconds=60.0, bootstrap=1000, progress=True, budget="equal-exposure", correction="bh")
 
 
 def test_no_arguments_is_the_embedded_default():

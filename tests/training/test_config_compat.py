@@ -22,6 +22,9 @@ DEFAULT = BEFORE["default"]["changes"]  # the default, whole
 FIXED = {"split_seed": {"split_seed": 3}}
 # Added since the capture, default off: the global (all-token) balance loss's weight
 ADDED_AUX = {"global_load_balance": 0.0}
+# Options added since the capture, at the default that is what a run did before them: the training
+# budget (equal exposure) and the report's multiplicity correction
+ADDED = {"budget": "equal-exposure", "correction": "bh"}
 
 
 def expected(case: dict, name: str | None = None) -> dict:
@@ -36,6 +39,9 @@ def resolved(config) -> dict:
     for key, default in ADDED_AUX.items():  # at its default it changes nothing: compared as absent
         if weights.get(key) == default:
             weights.pop(key)
+    for key, default in ADDED.items():
+        if values.get(key) == default:
+            values.pop(key)
     return values
 
 
