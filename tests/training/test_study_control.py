@@ -83,6 +83,7 @@ def test_control_options_are_checked():
         TrainConfig(min_steps=-1).validate()
 
 
+@pytest.mark.slow
 def test_converged_budget_trains_every_model_to_its_inner_split_plateau(suite, tmp_path):
     """--budget converged: TS, CG and AU models all train past their equal-exposure steps until
     their inner-split loss plateaus (a learning rate of 1e-12 keeps it flat), then decay and stop;
