@@ -260,7 +260,7 @@ class ModelTrainer:
             validation = choice if chooser is self.validator else None
         improved, score = dist_utils.broadcast_object((improved, score) if self.is_main else None)
         model_state = dist_utils.full_state_dicts(self.train_model, self.optimizer)[0] if improved and sharded else None
-        if improved and validation is None:
+        if improved and validation is None and (self.is_main or sharded):
             validation = self.validator.validate(forward, self.model, self.device, self.autocast)
         if self.is_main:
             self.log.write("eval", step=progress.step, epoch=progress.epoch, score=score, improved=improved,
@@ -352,7 +352,7 @@ class ModelTrainer:
     def training_length(self, progress: Progress, schedule: StepSchedule) -> dict[str, Any]:
         """How much training this model had: what tells transfer from training length apart;
         why it stopped, its last learning rate, and its capacity (parameters, and training FLOPs
-        of the images it saw: the plan's FLOP counter, m2dino.training.plan)."""
+        of the images it saw: the plan's FLOP counter, m2dino.training.flops)."""
         images = len(self.train_records)
         counts = parameter_counts(self.model)
         return {"train_images": images, "inner_images": len(self.inner_records),
@@ -365,8 +365,8 @@ class ModelTrainer:
 
     def train_flops(self, samples_seen: int) -> float:
         """Forward + backward FLOPs of `samples_seen` training images, each task's share of them
-        as its share of the training rows (the plan's count, m2dino.training.plan)."""
-        from m2dino.training.plan import image_flops, measure_shapes  # fake tensors: only when a model is done
+        as its share of the training rows (the plan's count, m2dino.training.flops)."""
+        from m2dino.training.flops import image_flops, measure_shapes  # fake tensors: only when a model is done
 
         task_ids = list(self.task_table)
         sizes = {t: sum(r.task_id == t for r in self.train_records) for t in task_ids}
