@@ -7,13 +7,14 @@ Paradigms (the question a user asks: which tasks should share a model?):
 - `cg`: one model per clinical group;
 - `au`: one model for all tasks (all-in-one);
 - `ts_converged` (the control, `--control ts-converged`): the TS models again, each trained
-  until its training loss plateaus; the report's second reference, TS*.
+  until its loss on an inner split of its training rows plateaus (the converged budget's TS
+  part); the report's second reference, TS*.
 """
 from __future__ import annotations
 
 # The study's paradigms, in the report's order (TS, the reference, first)
 PARADIGMS = ("ts", "cg", "au")
-# --control ts-converged adds this paradigm: the TS models trained until their training loss plateaus
+# --control ts-converged adds this paradigm: the TS models trained until their inner-split loss plateaus
 CONTROL_PARADIGM = "ts_converged"
 CONTROLS = ("none", "ts-converged")
 # What each paradigm trains, in words (the command line's help)
@@ -21,14 +22,29 @@ PARADIGM_MEANINGS = {"ts": "one model per task", "cg": "one per clinical group",
 # How the report and the plots name each paradigm
 PARADIGM_LABELS = {"ts": "TS", "cg": "CG", "au": "AU", CONTROL_PARADIGM: "TS*"}
 
-# The plateau rule of the converged-TS control, on training loss only: at the end of every epoch,
-# once a model has trained at least its equal-exposure steps, it stops when the mean training loss
-# of the last PLATEAU_WINDOW steps improved on the mean of the PLATEAU_WINDOW steps before by less
-# than PLATEAU_REL_TOL (relative); otherwise it trains on up to PLATEAU_CAP_FACTOR times its
-# equal-exposure steps (whole epochs).
-PLATEAU_WINDOW = 20
+# --budget: how long each model trains. equal-exposure: --epochs over each model's own data (every
+# sample seen as often in every paradigm); converged: every model (TS, CG, AU alike) until its loss
+# on an inner split of its own training rows plateaus, or a cap (the plateau rule below)
+BUDGETS = ("equal-exposure", "converged")
+# --correction: the multiplicity correction over the report's tests (Holm, Benjamini-Hochberg, none)
+CORRECTIONS = ("holm", "bh", "none")
+DEFAULT_CORRECTION = "bh"
+
+# The plateau rule of a converged model (--budget converged, and the TS* control). The inner split:
+# INNER_FRACTION of each task's training rows (at least one; none of a task with a single row), the
+# same rows in every paradigm and seed (drawn from the split seed and the task id), held out of
+# training; the reported validation images are never used. At the end of every epoch, once a model
+# has trained at least its equal-exposure steps, its mean loss on the inner split is measured; it has
+# plateaued when the mean of the last PLATEAU_WINDOW measurements improved on the mean of the
+# PLATEAU_WINDOW before by less than PLATEAU_REL_TOL (relative). The schedule then decays
+# (warmup-stable-decay, m2dino.training.schedule) over WSD_DECAY_FRACTION of the model's total steps
+# and stops; without a plateau the decay is the last WSD_DECAY_FRACTION of the cap, PLATEAU_CAP_FACTOR
+# times the equal-exposure steps.
+INNER_FRACTION = 0.1
+PLATEAU_WINDOW = 3
 PLATEAU_REL_TOL = 0.01
 PLATEAU_CAP_FACTOR = 5
+WSD_DECAY_FRACTION = 0.2
 
 
 def label(paradigm: str) -> str:
@@ -38,6 +54,9 @@ def label(paradigm: str) -> str:
 
 def plateau_rule_text() -> str:
     """The plateau rule in words, for help texts and the report."""
-    return (f"mean of the last {PLATEAU_WINDOW} steps' training loss < {PLATEAU_REL_TOL:.0%} below the "
-            f"{PLATEAU_WINDOW} before, checked at epoch ends from its equal-exposure steps on; cap "
-            f"{PLATEAU_CAP_FACTOR}x those steps")
+    return (f"loss on an inner split ({INNER_FRACTION:.0%} of each task's training rows, held out of training, "
+            f"fixed by the split seed; never the validation images) measured at epoch ends from its "
+            f"equal exposure steps on; plateau: the mean of the last {PLATEAU_WINDOW} measurements < "
+            f"{PLATEAU_REL_TOL:.0%} below the {PLATEAU_WINDOW} before; then the learning rate decays linearly to 0 "
+            f"over {WSD_DECAY_FRACTION:.0%} of the model's steps (WSD: warmup, stable, decay) and training stops; "
+            f"cap {PLATEAU_CAP_FACTOR}x the equal exposure steps, its last {WSD_DECAY_FRACTION:.0%} the decay")

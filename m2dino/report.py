@@ -8,10 +8,10 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
+from m2dino.paradigms import CORRECTIONS, DEFAULT_CORRECTION
+
 # m2dino.evaluation.report's defaults, spelled here so that --help needs no import (a test holds them equal)
 DEFAULT_NEGATIVE_THRESHOLD = 0.05
-DEFAULT_CORRECTION = "bh"
-CORRECTIONS = ("holm", "bh", "none")
 DEFAULT_MARGINS = {"dice": 0.02, "iou": 0.02, "f1_macro": 0.02, "mre": 1.0, "hd": 1.0}
 EXAMPLES = """examples:
   python -m m2dino.report runs/default --out runs/default/report

@@ -51,8 +51,11 @@ from m2dino.data.roots import TRAINING_SCALE
 from m2dino.models.configs import DEFAULT_AUX_WEIGHTS, M2DINOConfig
 from m2dino.options import Option, option, options_of, problem, split_words
 from m2dino.paradigms import (
+    BUDGETS,
     CONTROL_PARADIGM,
     CONTROLS,
+    CORRECTIONS,
+    DEFAULT_CORRECTION,
     PARADIGM_LABELS,
     PARADIGM_MEANINGS,
     PARADIGMS,
@@ -150,6 +153,8 @@ def check_positive(section, *names: str, zero_ok: bool = False) -> None:
 Paradigm = Literal[(*PARADIGMS, "all")]
 _CONTROL_LABEL = PARADIGM_LABELS[CONTROL_PARADIGM]
 Control = Literal[CONTROLS]
+Budget = Literal[BUDGETS]
+Correction = Literal[CORRECTIONS]
 
 
 @dataclass
@@ -194,6 +199,12 @@ class StudyOptions:
     affinity_steps: int = option(0, "the AU model measures inter-task affinity at this many steps, every 10th from "
                                     "its first (affinity.json in its folder; each costs about 7 training steps on "
                                     "a CPU; 0: off)")
+    budget: Budget = option(BUDGETS[0], f"how long each model trains; {BUDGETS[0]}: --epochs over its own data in "
+                                        f"every paradigm; {BUDGETS[1]}: every model until its loss plateaus on an "
+                                        f"inner split of its training rows, or a cap ({plateau_rule_text()})")
+    correction: Correction = option(DEFAULT_CORRECTION, "the study report's multiplicity correction over its tests: "
+                                                        "holm, bh (Benjamini-Hochberg) or none (python -m "
+                                                        "m2dino.report --correction redoes a report with another)")
 
     def validate(self) -> None:
         check_choices(self)

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import torch
 
 import m2dino_kernels
-from m2dino.paradigms import CONTROL_PARADIGM, PLATEAU_CAP_FACTOR
+from m2dino.paradigms import BUDGETS, CONTROL_PARADIGM, PLATEAU_CAP_FACTOR
 from m2dino.training import distributed as dist_utils
 from m2dino.training.affinity import study_probe
 from m2dino.training.config import TrainConfig
@@ -93,6 +93,12 @@ def threads_per_job(jobs: int) -> int:
     return max(1, cpu_cores() // jobs)
 
 
+def converged(config: TrainConfig, job: ModelJob) -> bool:
+    """Whether the job's model trains to its plateau: every model under --budget converged, the
+    TS* control's always."""
+    return config.budget == BUDGETS[1] or job.paradigm == CONTROL_PARADIGM
+
+
 def train_model(context: StudyContext, job: ModelJob, step_callbacks=()) -> dict[str, Any]:
     """Train (or resume) one model into OUT/<paradigm>/<name>/; ModelTrainer.run's result."""
     specs = [context.specs[t] for t in job.task_ids]
@@ -101,7 +107,7 @@ def train_model(context: StudyContext, job: ModelJob, step_callbacks=()) -> dict
     trainer = ModelTrainer(context.config, job.name, specs, context.train_records, context.val_records,
                            model_dir, context.device, context.baselines,
                            step_callbacks=[*context.step_callbacks, *probe, *step_callbacks],
-                           until_plateau=job.paradigm == CONTROL_PARADIGM)
+                           until_plateau=converged(context.config, job))
     return trainer.run()
 
 
@@ -196,7 +202,7 @@ def _side_by_side(context: StudyContext, jobs: list[ModelJob], n_jobs: int):
     # images the bar expects: every training image `epochs` times (the sampler's exposure with
     # --task-alpha 1), or `steps` batches per model; a until-plateau model at most its cap
     expected = sum((config.steps * config.batch_size if config.steps is not None else config.epochs * job.train_images)
-                   * (PLATEAU_CAP_FACTOR if job.paradigm == CONTROL_PARADIGM else 1) for job in jobs)
+                   * (PLATEAU_CAP_FACTOR if converged(config, job) else 1) for job in jobs)
     bar = None
     if config.progress:
         from tqdm import tqdm

@@ -109,6 +109,7 @@ class Progress:
     train_seconds: float = 0.0     # wall time of the training loop, validations included, over resumes
     recent_losses: list = field(default_factory=list)  # the last training losses a stopping rule keeps
     stopped: str = ""              # why training ended (m2dino.training.stopping's reasons); "" before
+    decay_start: int = -1          # the step a converged model's learning-rate decay began at (-1: not yet)
 
 
 @dataclass
@@ -237,6 +238,7 @@ class TrainingLoop:
         """Train from `progress` until the stopping rule ends training, then validate a last
         time, mark it finished and checkpoint."""
         self.forward.train()
+        self.stopping.bind(progress)
         pace = Pace()
         with self._progress_bar(progress) as bar:
             while progress.step < self.stopping.total_steps:

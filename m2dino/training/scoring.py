@@ -1,6 +1,8 @@
 """Scoring a model on the validation rows: the challenge metrics per task (at each image's
 original resolution), the routing counts, one number to keep the best checkpoint by
-(`primary_score`), and per-task bootstrap intervals over the validation images."""
+(`primary_score`), per-task bootstrap intervals over the validation images, and the inner split
+(`inner_split`): the rows of a model's training data held out to choose its best checkpoint and
+to see its loss plateau, so that neither choice looks at the reported validation images."""
 from __future__ import annotations
 
 import math
@@ -14,7 +16,27 @@ from m2dino.data import FMUIADataset, collate
 from m2dino.evaluation.bootstrap import BOOTSTRAP_SEED, bootstrap_task, task_seed
 from m2dino.evaluation.ground_truth import ground_truth_from_record
 from m2dino.evaluation.metrics import higher_is_better, metrics_by_task, values_by_task
+from m2dino.paradigms import INNER_FRACTION
 from m2dino.tasks import TaskSpec
+
+
+def inner_split(records: list, seed: int) -> tuple[list, list]:
+    """(training rows, inner rows) of a model's training rows: INNER_FRACTION of each task's rows
+    (rounded, at least one; none of a task with a single row), drawn from `seed` (the split seed)
+    and the task id alone, so a task holds out the same rows in every paradigm and every training
+    seed. Both lists keep the given order."""
+    by_task: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        by_task.setdefault(record.task_id, []).append(i)
+    held = set()
+    for task_id, indices in by_task.items():
+        if len(indices) < 2:
+            continue
+        n_inner = min(len(indices) - 1, max(1, round(INNER_FRACTION * len(indices))))
+        order = sorted(indices, key=lambda i: (records[i].csv, records[i].row, records[i].image_path))
+        chosen = np.random.default_rng(task_seed(seed, task_id)).permutation(len(order))[:n_inner]
+        held.update(order[j] for j in chosen)
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
 
 def primary_score(task_metrics: dict[str, dict[str, float]], tasks: dict[str, TaskSpec],

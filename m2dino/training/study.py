@@ -11,8 +11,9 @@ and, with --task-alpha 1 (the default), the sampler shows every training sample 
 per epoch, so each sample is seen --epochs times in every paradigm (--steps, or alpha != 1,
 give up that equality on purpose). --min-steps N repeats a model's epochs until it trains at
 least N steps (equal exposure then holds only among models above N). --control ts-converged
-also trains every TS model until its training loss plateaus (stopping.plateaued; no validation
-images in that choice) into OUT/ts_converged/, the reference TS* of the report.
+also trains every TS model until its loss on an inner split of its training rows plateaus
+(stopping.InnerSplitPlateau; no validation images in that choice) into OUT/ts_converged/, the
+reference TS* of the report. --budget converged trains every model of every paradigm so.
 
 Run directory (the contract with predict / evaluate / report):
     OUT/config.yaml, split.json, excluded_rows.json,
@@ -283,7 +284,7 @@ def _run(config: TrainConfig, checked: Checked) -> dict:
         log(table)
         log(f"every task beats its trivial baseline: {'yes' if all_beat else 'NO'}")
         if len(paradigms) > 1:
-            generate_report([out], out / "report", n_resamples=config.bootstrap)
+            generate_report([out], out / "report", n_resamples=config.bootstrap, correction=config.correction)
             log(f"report: {(out / 'report' / 'report.md').resolve()}")
         log(f"run directory: {out.resolve()} (total {time.perf_counter() - t_start:.1f} s)")
         log(next_commands(out, results, root))
@@ -323,6 +324,7 @@ def run_seeds(config: TrainConfig, checked: Checked | None = None) -> dict:
         results[seed] = run(seed_config, replace(checked, config=seed_config))
         run_dirs.append(run_dir)
     if dist_utils.is_main() and (config.paradigm == "all" or len(results) > 1):
-        generate_report(run_dirs, out / "report", n_resamples=config.bootstrap)
+        generate_report(run_dirs, out / "report", n_resamples=config.bootstrap,
+                        correction=config.correction)
         log(f"pooled report over seeds {config.seeds}: {(out / 'report' / 'report.md').resolve()}")
     return results

@@ -3,12 +3,14 @@
 `ModelTrainer(config, name, tasks, train_records, val_records, model_dir, ...).run()` builds the
 model and its data, then trains with AdamW (optimizer.py: backbone lr, heads lr x head_lr_mult;
 no decay on biases, norms and tokens), the learning-rate schedule (schedule.py: linear warmup
-then cosine decay), gradient clipping, bf16/fp16 autocast on GPU, optional gradient
-checkpointing and frozen backbone, for as long as its stopping rule says (stopping.py); the
-loop itself is loop.py. It validates on the challenge metrics (scoring.py), keeps the best
-checkpoint by the primary metrics with its eval.json (artifacts.py), logs to metrics.jsonl
-(metrics_log.py), and writes `last/` training checkpoints atomically (checkpoint.py) so that
-`--resume` continues exactly.
+then cosine decay; warmup-stable-decay for a converged model), gradient clipping, bf16/fp16
+autocast on GPU, optional gradient checkpointing and frozen backbone, for as long as its
+stopping rule says (stopping.py); the loop itself is loop.py. It validates on the challenge
+metrics (scoring.py), keeps the best checkpoint by the primary metrics with its eval.json
+(artifacts.py; with --eval-every, or for a converged model, the best is chosen on an inner split
+of its training rows, scoring.inner_split, held out of training: never on the reported
+validation images), logs to metrics.jsonl (metrics_log.py), and writes `last/` training
+checkpoints atomically (checkpoint.py) so that `--resume` continues exactly.
 
 Guarantees:
 - a non-finite loss or gradient norm skips the step (loop.py); `max_bad_steps` in a row end
@@ -33,7 +35,8 @@ from m2dino import io
 from m2dino.data import FMUIADataset, MultiTaskBatchSampler, collate
 from m2dino.evaluation.baselines import training_mean
 from m2dino.evaluation.ground_truth import ground_truth_from_record
-from m2dino.models.m2dino import M2DINO
+from m2dino.models.capacity import parameter_counts
+from m2dino.models.m2dino import M2DINO, SPATIAL_TYPES
 from m2dino.tasks import TaskSpec, TaskType
 from m2dino.training import checkpoint as ckpt
 from m2dino.training import distributed as dist_utils
@@ -50,13 +53,14 @@ from m2dino.training.loop import (
     TrainingError,
     TrainingLoop,
     TrainingOOM,
+    to_device,
 )
 from m2dino.training.losses import accumulation_scales, total_loss
 from m2dino.training.metrics_log import MetricsLog
 from m2dino.training.optimizer import build_optimizer
 from m2dino.training.rundir import RESUMABLE
 from m2dino.training.schedule import StepSchedule, lr_factor
-from m2dino.training.scoring import Validator, intervals, primary_score
+from m2dino.training.scoring import Validator, inner_split, intervals, primary_score
 from m2dino.training.stopping import STOP_PLATEAU, StoppingRule, stopping_rule
 
 __all__ = ["ModelTrainer", "Progress", "TrainingDiverged", "TrainingError", "TrainingOOM"]
@@ -71,7 +75,8 @@ class ModelTrainer:
 
     `step_callbacks`: functions called after every training step with a loop.StepEvent (see
     m2dino.training.loop); they may also be appended to `self.step_callbacks` before `run`.
-    `until_plateau`: the converged-TS control (stopping.TrainingLossPlateau)."""
+    `until_plateau`: a converged model (--budget converged, or the TS* control): it trains until
+    its inner-split loss plateaus (stopping.InnerSplitPlateau)."""
 
     def __init__(self, config: TrainConfig, name: str, tasks: list[TaskSpec], train_records, val_records,
                  model_dir, device: torch.device, baselines: dict[str, dict[str, float]] | None = None,
@@ -86,6 +91,11 @@ class ModelTrainer:
         # a fixed order (the sampler's indices) whatever order the reader returned
         order = lambda r: (r.task_id, r.csv, r.row)  # noqa: E731
         self.train_records = sorted((r for r in train_records if r.task_id in self.task_table), key=order)
+        # the inner split: held out of training to choose the best checkpoint and to see a plateau
+        self.inner_records = []
+        if until_plateau or config.eval_every:
+            split_seed = config.seed if config.split_seed is None else config.split_seed
+            self.train_records, self.inner_records = inner_split(self.train_records, split_seed)
         self.val_records = sorted((r for r in val_records if r.task_id in self.task_table), key=order)
         empty = sorted(t for t in self.task_table if not any(r.task_id == t for r in self.train_records))
         if empty:
@@ -97,6 +107,8 @@ class ModelTrainer:
         self.log = MetricsLog(self.model_dir, self.is_main)
         self.validator = Validator(self.val_records, self.task_table, self.img_size, config.batch_size,
                                    config.workers)
+        self.inner_validator = Validator(self.inner_records, self.task_table, self.img_size, config.batch_size,
+                                         config.workers) if self.inner_records else None
         self.step_callbacks: list[StepCallback] = list(step_callbacks or [])
         self.until_plateau = until_plateau
         self.last_save = -math.inf  # perf_counter of the last checkpoint write (--checkpoint-seconds)
@@ -140,7 +152,29 @@ class ModelTrainer:
 
     def stopping(self, sampler) -> StoppingRule:
         """This model's stopping rule (its budget from the batches per epoch)."""
-        return stopping_rule(self.config, len(sampler), self.until_plateau)
+        return stopping_rule(self.config, len(sampler), self.inner_loss if self.until_plateau else None)
+
+    @torch.no_grad()
+    def inner_loss(self) -> float:
+        """The model's mean training loss over the inner split (eval mode, no augmentation; every
+        rank computes it on the same rows, and rank 0's value decides)."""
+        forward = self.train_model if dist_utils.is_sharded(self.train_model) else self.model
+        was_training = forward.training
+        forward.eval()
+        dataset = FMUIADataset(self.inner_records, self.task_table, image_size=self.img_size, train=False)
+        loader = DataLoader(dataset, batch_size=max(1, self.config.batch_size), shuffle=False, collate_fn=collate,
+                            num_workers=self.config.workers)
+        total, count = 0.0, 0
+        for batch in loader:
+            images = batch["images"].to(self.device)
+            batch = {**batch, "targets": to_device(batch["targets"], self.device)}
+            with self.autocast():
+                outputs = forward(images, self.model.task_index(batch["tasks"]))
+                loss, _ = self.compute_loss(forward, outputs, batch)
+            total += float(loss) * len(batch["tasks"])
+            count += len(batch["tasks"])
+        forward.train(was_training)
+        return float(dist_utils.broadcast_object(total / max(1, count)))
 
     # ------------------------------------------------------------------ the loss
 
@@ -226,16 +260,23 @@ class ModelTrainer:
         sharded = dist_utils.is_sharded(self.train_model)
         improved, score, validation = False, None, None
         validated = self.model if self.ema is None else self.ema.module  # --ema: the average is what is kept
+        forward = self.train_model if sharded else validated
         if self.is_main or sharded:
-            validation = self.validator.validate(self.train_model if sharded else validated, validated,
-                                                 self.device, self.autocast)
-            score = primary_score(validation.metrics, self.task_table, self.baselines)
+            # the choice is made on the inner split when there is one; the validation images are
+            # scored for the checkpoint kept, never to choose it
+            chooser = self.inner_validator or self.validator
+            choice = chooser.validate(forward, validated, self.device, self.autocast)
+            score = primary_score(choice.metrics, self.task_table, self.baselines)
             improved = score > progress.best_score or progress.best_step < 0
+            validation = choice if chooser is self.validator else None
         improved, score = dist_utils.broadcast_object((improved, score) if self.is_main else None)
         model_state = dist_utils.full_state_dicts(self.train_model, self.optimizer)[0] if improved and sharded else None
+        if improved and validation is None and (self.is_main or sharded):
+            validation = self.validator.validate(forward, validated, self.device, self.autocast)
         if self.is_main:
             self.log.write("eval", step=progress.step, epoch=progress.epoch, score=score, improved=improved,
-                           tasks=validation.metrics)
+                           chosen_on="inner split" if self.inner_validator else "validation",
+                           **({"tasks": validation.metrics} if validation is not None else {}))
             if improved:
                 write_best(self.model_dir, validated, validation,
                            intervals(validation.values, self.task_table, self.config.bootstrap), progress.step,
@@ -264,16 +305,19 @@ class ModelTrainer:
         data = self.build_data()
         self.sampler = data.sampler
         stopping = self.stopping(data.sampler)
-        total = stopping.total_steps
-        schedule = StepSchedule(self.optimizer, lr_factor(c, total))
+        schedule = StepSchedule(self.optimizer, lr_factor(c, stopping))
         scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and c.amp == "fp16")
 
         progress = self.restore() if c.resume else None
-        if progress is None:
-            progress = Progress()
+        fresh = progress is None
+        progress = progress or Progress()
+        stopping.bind(progress)
+        total = stopping.total_steps
+        if fresh:
             self.log.clear()
             self.log.write("start", model=self.name, tasks=list(self.task_table), total_steps=total,
                            train_size=len(self.train_records), val_size=len(self.val_records),
+                           inner_size=len(self.inner_records),
                            world_size=dist_utils.world_size(), config=c.to_dict())
             # a loadable checkpoint exists from the first step on (a kill at any moment can resume)
             self.save_last(progress)
@@ -302,7 +346,7 @@ class ModelTrainer:
                     f"at --img-size {self.img_size}: try a smaller --batch-size or --grad-checkpointing "
                     f"(or --amp bf16 on GPU). The last complete checkpoint in {self.model_dir / ckpt.LAST} is "
                     f"intact; --resume continues from it.") from e
-        return self._final_eval(progress)
+        return self._final_eval(progress, schedule)
 
     def _resume_changes(self) -> dict[str, list]:
         """{option: [before, now]} between the config this model last started or resumed with
@@ -313,19 +357,34 @@ class ModelTrainer:
             return {}
         return {k: [before.get(k), now[k]] for k in RESUMABLE if before.get(k) != now[k]}
 
-    def _final_eval(self, progress: Progress) -> dict[str, Any]:
+    def _final_eval(self, progress: Progress, schedule: StepSchedule) -> dict[str, Any]:
         result = io.read_json(self.model_dir / EVAL_FILE) if self.is_main else {}
         result = dist_utils.broadcast_object(result)
         self.log.close()
         return {"tasks": result.get("tasks", {}), "ci": result.get("ci", {}), "best_step": progress.best_step,
-                "training": self.training_length(progress)}
+                "training": self.training_length(progress, schedule)}
 
-    def training_length(self, progress: Progress) -> dict[str, Any]:
-        """How much training this model had: what tells transfer from training length apart."""
+    def training_length(self, progress: Progress, schedule: StepSchedule) -> dict[str, Any]:
+        """How much training this model had: what tells transfer from training length apart;
+        why it stopped, its last learning rate, and its capacity (parameters, and training FLOPs
+        of the images it saw: the plan's FLOP counter, m2dino.training.flops)."""
         images = len(self.train_records)
-        out = {"train_images": images, "epochs": round(progress.samples_seen / max(1, images), 3),
-               "steps": progress.step, "samples_seen": progress.samples_seen,
-               "seconds": round(progress.train_seconds, 1)}
-        if self.until_plateau:
-            out["stopped"] = progress.stopped
-        return out
+        counts = parameter_counts(self.model)
+        return {"train_images": images, "inner_images": len(self.inner_records),
+                "epochs": round(progress.samples_seen / max(1, images), 3),
+                "steps": progress.step, "samples_seen": progress.samples_seen,
+                "seconds": round(progress.train_seconds, 1), "stop_reason": progress.stopped or None,
+                "final_lr": schedule.lr_at(max(0, progress.step - 1)),
+                "capacity": {"params_total": counts["total"], "params_active_per_token": counts["active_per_token"],
+                             "train_flops": self.train_flops(progress.samples_seen)}}
+
+    def train_flops(self, samples_seen: int) -> float:
+        """Forward + backward FLOPs of `samples_seen` training images, each task's share of them
+        as its share of the training rows (the plan's count, m2dino.training.flops)."""
+        from m2dino.training.flops import image_flops, measure_shapes  # fake tensors: only when a model is done
+
+        task_ids = list(self.task_table)
+        sizes = {t: sum(r.task_id == t for r in self.train_records) for t in task_ids}
+        spatial = any(spec.task_type in SPATIAL_TYPES for spec in self.tasks)
+        per_image = image_flops(measure_shapes(self.config, task_ids), task_ids, sizes, spatial)
+        return float(per_image * samples_seen)

@@ -109,3 +109,50 @@ def test_epoch_checkpoints_follow_checkpoint_seconds(suite, tmp_path, monkeypatc
     assert len(steps) == saves and steps[0] == 0 and steps[-1] == 18  # 6 steps per epoch
     if seconds == 0:
         assert steps == [0, 6, 12, 18]
+
+
+@pytest.mark.slow
+def test_a_converged_run_resumes_exactly_through_its_plateau_and_decay(suite, tmp_path, monkeypatch, tiny_config):
+    """--budget converged keeps its rule's state (inner-split losses, the decay's start) in the
+    checkpoint: a run cut before its plateau resumes to the same plateau, decay, rates, losses and
+    weights as the uninterrupted run."""
+    from run_logs import events
+
+    from m2dino.training.loop import TrainingLoop
+
+    # a learning rate of 1e-12 keeps the inner-split loss flat: a plateau at the sixth epoch end
+    options = dict(budget="converged", lr=1e-12, checkpoint_every=2)
+    run(tiny_config(suite, tmp_path / "ref", **options))
+    ref_dir = tmp_path / "ref" / "au" / "all"
+    ref_events = events(ref_dir)
+    finished = ref_events[-1]
+    assert finished["event"] == "finished" and finished["stopped"] == "plateau"
+
+    account = TrainingLoop._account
+
+    def cut(self, batch, result, progress, *args, **kwargs):
+        account(self, batch, result, progress, *args, **kwargs)
+        if progress.step == 15:
+            raise Interrupt("interrupted at step 15")
+
+    monkeypatch.setattr(TrainingLoop, "_account", cut)
+    with pytest.raises(Interrupt):
+        run(tiny_config(suite, tmp_path / "cut", **options))
+    cut_dir = tmp_path / "cut" / "au" / "all"
+    state = ckpt.read_train_state(ckpt.find_checkpoint(cut_dir))
+    assert state["progress"]["step"] == 14 and state["progress"]["decay_start"] == -1
+    assert state["progress"]["recent_losses"]  # the inner-split measurements so far travel with it
+    monkeypatch.undo()
+    run(tiny_config(suite, tmp_path / "cut", resume=True, **options))
+    cut_events = events(cut_dir)
+    train = lambda evs: {e["step"]: (e["loss"], e["lr"]) for e in evs if e["event"] == "train"}  # noqa: E731
+    assert train(cut_events) == train(ref_events)
+    assert {k: cut_events[-1][k] for k in ("step", "stopped", "final_lr")} == \
+        {k: finished[k] for k in ("step", "stopped", "final_lr")}
+    a = load_file(str(ref_dir / "last" / "model.safetensors"))
+    b = load_file(str(cut_dir / "last" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ref_state = ckpt.read_train_state(ckpt.find_checkpoint(ref_dir))["progress"]
+    cut_state = ckpt.read_train_state(ckpt.find_checkpoint(cut_dir))["progress"]
+    assert cut_state["decay_start"] == ref_state["decay_start"] > 14

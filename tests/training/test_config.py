@@ -41,7 +41,7 @@ DEMO_RUN = dict(
     grad_checkpointing=False, freeze_backbone=False, fsdp=False, seed=0, seeds=None,
     affinity_steps=0, device="auto", workers=0,
     jobs=0, max_bad_steps=5, out="runs/default", resume=False, eval_every=0, log_every=10, checkpoint_every=0,
-    checkpoint_seconds=60.0, bootstrap=1000, progress=True,
+    checkpoint_seconds=60.0, bootstrap=1000, progress=True, budget="equal-exposure", correction="bh",
     # the fine-tuning options, added off
     grad_accum=1, layer_decay=1.0, drop_path=0.0, drop_path_schedule="uniform", ema=None, compile=False)
 

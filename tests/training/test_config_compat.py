@@ -25,7 +25,9 @@ ADDED_AUX = {"global_load_balance": 0.0}
 # Options added since the capture, off by default: compared as absent at their default
 ADDED_OPTIONS = {"grad_accum": 1, "layer_decay": 1.0, "drop_path": 0.0, "drop_path_schedule": "uniform",
                  "ema": None, "compile": False,
-                 "affinity_steps": 0}
+                 "affinity_steps": 0,
+                 # the training budget (equal exposure) and the report's multiplicity correction
+                 "budget": "equal-exposure", "correction": "bh"}
 
 # The fine-tuning options the paper recipes took since the capture (their sources in the recipes)
 RECIPE_ADDED = {f"m2dino_{size}_fmuia": {"layer_decay": 0.9, "drop_path": drop_path, "ema": 0.999}

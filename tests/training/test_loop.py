@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from m2dino.paradigms import PLATEAU_CAP_FACTOR, PLATEAU_WINDOW
+from m2dino.paradigms import PLATEAU_CAP_FACTOR, PLATEAU_WINDOW, WSD_DECAY_FRACTION
 from m2dino.training.loop import LoopSettings, Progress, TrainData, TrainingDiverged, TrainingLoop
 from m2dino.training.metrics_log import MetricsLog
-from m2dino.training.schedule import StepSchedule, warmup_cosine
-from m2dino.training.stopping import StoppingRule, TrainingLossPlateau
+from m2dino.training.schedule import StepSchedule, lr_factor, warmup_cosine
+from m2dino.training.stopping import InnerSplitPlateau, StoppingRule
 
 
 class Scale(torch.nn.Module):
@@ -54,7 +54,7 @@ def make_loop(tmp_path, stopping, loss_fn=None, calls=None, **settings):
     calls = [] if calls is None else calls
     loop = TrainingLoop(
         name="m", model=model, forward=model, optimizer=optimizer,
-        schedule=StepSchedule(optimizer, warmup_cosine(stopping.total_steps, 0)),
+        schedule=StepSchedule(optimizer, lr_factor(SimpleNamespace(warmup=0), stopping)),
         scaler=torch.amp.GradScaler("cuda", enabled=False), stopping=stopping,
         loss_fn=loss_fn or (lambda forward, outputs, batch: ((outputs - 0.5).pow(2).mean(), {})),
         device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False),
@@ -97,22 +97,25 @@ def test_a_budget_ending_inside_an_epoch_skips_that_epoch_end(tmp_path):
     assert calls == [("eval", 4), ("save", 4), ("save", 5), ("eval", 6), ("save", 6)]
 
 
-def test_the_plateau_rule_stops_at_the_first_epoch_end_past_the_budget(tmp_path):
-    budget = 2 * PLATEAU_WINDOW  # whole epochs of 4 steps
+def test_a_converged_rule_decays_after_its_plateau_and_stops_at_the_decay_end(tmp_path):
+    budget = 8  # two epochs of 4 steps; a flat inner loss plateaus at the first epoch end past 2 x window
     flat = lambda forward, outputs, batch: (outputs.sum() * 0 + 1.0, {})  # noqa: E731
-    loop, data, calls = make_loop(tmp_path, TrainingLossPlateau(budget), loss_fn=flat, eval_every=0)
+    loop, data, calls = make_loop(tmp_path, InnerSplitPlateau(budget, measure=lambda: 1.0), loss_fn=flat,
+                                  eval_every=0)
     progress = Progress()
     loop.run(progress, data)
-    assert progress.step == budget and progress.stopped == "plateau"
-    assert events(tmp_path)[-1]["stopped"] == "plateau"
-    # a falling loss never plateaus: the run goes to the cap
-    falling = lambda forward, outputs, batch: (outputs.sum() * 0 + math.exp(-loop.steps / 8), {})  # noqa: E731
-    loop, data, _ = make_loop(tmp_path / "cap", TrainingLossPlateau(2), loss_fn=falling, eval_every=0)
-    loop.steps = 0
-    loop.step_callbacks.append(lambda e: setattr(loop, "steps", e.step))
+    start = 4 * 2 * PLATEAU_WINDOW
+    decay = math.ceil(start * WSD_DECAY_FRACTION / (1 - WSD_DECAY_FRACTION))
+    assert progress.decay_start == start and progress.step == start + decay and progress.stopped == "plateau"
+    finished = events(tmp_path)[-1]
+    assert finished["stopped"] == "plateau" and finished["final_lr"] == pytest.approx(0.1 / (decay + 1))
+    # a falling inner loss never plateaus: the run goes to the cap, its last 20% the decay
+    falling = iter(math.exp(-i) for i in range(1000))
+    loop, data, _ = make_loop(tmp_path / "cap", InnerSplitPlateau(2, measure=lambda: next(falling)), loss_fn=flat,
+                              eval_every=0)
     progress = Progress()
     loop.run(progress, data)
-    assert progress.step == PLATEAU_CAP_FACTOR * 2 and progress.stopped == "cap"
+    assert progress.step == PLATEAU_CAP_FACTOR * 2 and progress.stopped == "cap" and progress.decay_start == -1
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops_with_the_last_good_state(tmp_path):

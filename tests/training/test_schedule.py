@@ -1,12 +1,14 @@
-"""The learning-rate schedule alone: warmup then cosine, the per-group rates written before
-each step by index, the same rates as torch's LambdaLR stepped once per step."""
+"""The learning-rate schedule alone: warmup then cosine, warmup-stable-decay, the per-group rates
+written before each step by index, the same rates as torch's LambdaLR stepped once per step."""
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from m2dino.training.schedule import StepSchedule, lr_factor, warmup_cosine, warmup_steps
+from m2dino.training.loop import Progress
+from m2dino.training.schedule import StepSchedule, lr_factor, warmup_cosine, warmup_stable_decay, warmup_steps
+from m2dino.training.stopping import InnerSplitPlateau, StoppingRule
 
 
 def test_warmup_cosine_shape():
@@ -22,8 +24,38 @@ def test_warmup_cosine_shape():
 def test_warmup_is_a_share_below_one_else_steps():
     assert warmup_steps(0.1, 200) == 20
     assert warmup_steps(7, 200) == 7
-    f = lr_factor(SimpleNamespace(warmup=0.1), 200)
+    f = lr_factor(SimpleNamespace(warmup=0.1), StoppingRule(200))
     assert f(19) < 1.0 and f(20) == pytest.approx(1.0)
+
+
+def test_every_model_warms_up_at_least_one_step():
+    # a tiny model's 5% of 14 steps rounds to 0: it still gets one step of warmup
+    assert warmup_steps(0.05, 14) == 1 and warmup_steps(0.05, 1) == 1
+    assert warmup_steps(0, 14) == 0  # --warmup 0 turns it off on purpose
+    f = lr_factor(SimpleNamespace(warmup=0.05), StoppingRule(14))
+    assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)
+
+
+def test_warmup_stable_decay_shape():
+    f = warmup_stable_decay(warmup_steps=4, decay_start=20, decay_steps=9)
+    assert [f(i) for i in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert all(f(i) == 1.0 for i in range(4, 20))  # stable
+    assert [f(i) for i in range(20, 30)] == pytest.approx([(29 - i) / 10 for i in range(20, 30)])
+    assert f(28) == pytest.approx(0.1)  # the last trained step: the lowest positive rate
+    assert f(29) == 0.0 and f(100) == 0.0  # the floor at the stop and after
+    assert warmup_stable_decay(1, 1, 1)(0) == pytest.approx(0.5)
+
+
+def test_a_converged_rule_gets_warmup_stable_decay_that_follows_its_plateau():
+    rule = InnerSplitPlateau(budget=40, measure=lambda: 1.0)
+    progress = Progress()
+    rule.bind(progress)
+    f = lr_factor(SimpleNamespace(warmup=0.1), rule)  # warmup: 10% of the equal-exposure budget
+    assert f(3) < 1.0 and f(4) == 1.0
+    assert f(150) == 1.0 and f(rule.cap - 1) > 0.0 and f(rule.cap) == 0.0  # no plateau: the decay ends at the cap
+    progress.decay_start = 80  # a plateau at step 80: decay over 20 steps, 20% of the 100
+    assert f(79) == 1.0 and f(80) < 1.0 and f(99) == pytest.approx(1 / 21) and f(100) == 0.0
+    assert rule.total_steps == 100
 
 
 def optimizer():

@@ -1,16 +1,16 @@
-"""The stopping rules alone: the plateau test on loss curves, the step budget, and the reasons
-a model's training ends (epochs, plateau, cap)."""
+"""The stopping rules alone: the plateau test on loss curves, the step budget, the converged
+rule's decay phase, and the reasons a model's training ends (epochs, plateau, cap)."""
 import math
 from types import SimpleNamespace
 
-from m2dino.paradigms import PLATEAU_CAP_FACTOR, PLATEAU_WINDOW
+from m2dino.paradigms import PLATEAU_CAP_FACTOR, PLATEAU_WINDOW, WSD_DECAY_FRACTION
 from m2dino.training.loop import Progress
 from m2dino.training.stopping import (
     STOP_CAP,
     STOP_EPOCHS,
     STOP_PLATEAU,
+    InnerSplitPlateau,
     StoppingRule,
-    TrainingLossPlateau,
     budget_steps,
     plateaued,
     stopping_rule,
@@ -24,13 +24,13 @@ def test_plateau_rule_on_synthetic_loss_curves():
     decaying = [math.exp(-i / 10) for i in range(2 * w)]
     assert not plateaued(decaying)  # still falling fast
     # an exponential approach to a floor: falling early, plateaued once the last windows are flat
-    curve = [0.5 + math.exp(-i / 15) for i in range(400)]
+    curve = [0.5 + math.exp(-i / 3) for i in range(100)]
     first = next(n for n in range(2 * w, len(curve)) if plateaued(curve[:n]))
-    assert 2 * w < first < 200
+    assert 2 * w < first < 40
     before, recent = sum(curve[first - 2 * w:first - w]) / w, sum(curve[first - w:first]) / w
     assert (before - recent) / before < 0.01
     # noise without a trend is a plateau; a rising loss too
-    assert plateaued([1.0 + 0.05 * ((-1) ** i) for i in range(2 * w)])
+    assert plateaued([1.0 + 0.05 * math.sin(2 * math.pi * i / w) for i in range(2 * w)])
     assert plateaued([1.0 + 0.01 * i for i in range(2 * w)])
 
 
@@ -46,7 +46,7 @@ def test_the_budget_is_steps_or_whole_epochs_up_to_min_steps():
 
 
 def test_the_budget_rule_never_stops_early_and_says_epochs():
-    rule = stopping_rule(config(epochs=2), steps_per_epoch=4, until_plateau=False)
+    rule = stopping_rule(config(epochs=2), steps_per_epoch=4)
     assert type(rule) is StoppingRule and rule.total_steps == 8
     progress = Progress(step=8)
     for _ in range(4 * PLATEAU_WINDOW):
@@ -55,18 +55,47 @@ def test_the_budget_rule_never_stops_early_and_says_epochs():
     assert rule.stop_now(progress) is None and rule.ran_out() == STOP_EPOCHS
 
 
-def test_the_plateau_rule_stops_after_the_budget_before_the_cap():
-    rule = stopping_rule(config(epochs=2), steps_per_epoch=4, until_plateau=True)
-    assert isinstance(rule, TrainingLossPlateau) and rule.total_steps == PLATEAU_CAP_FACTOR * 8
+def test_the_converged_rule_measures_every_epoch_and_decays_after_a_plateau_past_the_budget():
+    measured = iter([2.0, 1.5] + [1.0] * 20)
+    rule = stopping_rule(config(epochs=4), steps_per_epoch=4, measure=lambda: next(measured))
+    assert isinstance(rule, InnerSplitPlateau) and rule.cap == PLATEAU_CAP_FACTOR * 16
     progress = Progress()
-    for loss in [None] + [1.0] * (3 * PLATEAU_WINDOW):  # a skipped step's loss is not kept
-        rule.observe(progress, loss)
-    assert progress.recent_losses == [1.0] * (2 * PLATEAU_WINDOW)  # the window it needs, no more
-    progress.step = 7
-    assert rule.stop_now(progress) is None  # a flat loss, but inside the budget
-    progress.step = 8
-    assert rule.stop_now(progress) == STOP_PLATEAU
-    progress.step = rule.total_steps
-    assert rule.stop_now(progress) is None and rule.ran_out() == STOP_CAP  # at the cap the run just ends
-    falling = Progress(step=8, recent_losses=[math.exp(-i / 5) for i in range(2 * PLATEAU_WINDOW)])
-    assert rule.stop_now(falling) is None
+    rule.bind(progress)
+    cap_decay = math.ceil(WSD_DECAY_FRACTION * rule.cap)
+    assert rule.decay_phase() == (rule.cap - cap_decay, cap_decay) and rule.total_steps == rule.cap
+    rule.observe(progress, 0.0)  # training losses play no part
+    assert progress.recent_losses == []
+    for epoch_end in range(4, 4 * (2 * PLATEAU_WINDOW + 4), 4):
+        progress.step = epoch_end
+        assert rule.stop_now(progress) is None  # never stops at an epoch end: the decay ends the run
+        if progress.decay_start >= 0:
+            break
+    # the first window with a 2 or a 1.5 in it still falls by more than 1%: the plateau is the
+    # first epoch end whose two windows are both flat
+    assert progress.decay_start == 4 * (2 * PLATEAU_WINDOW + 2)
+    assert len(progress.recent_losses) == 2 * PLATEAU_WINDOW
+    start = progress.decay_start
+    decay = math.ceil(start * WSD_DECAY_FRACTION / (1 - WSD_DECAY_FRACTION))
+    assert rule.decay_phase() == (start, decay) and rule.total_steps == start + decay
+    assert rule.ran_out() == STOP_PLATEAU
+    progress.step += 4
+    before = list(progress.recent_losses)
+    assert rule.stop_now(progress) is None and progress.recent_losses == before  # no more measurements
+
+
+def test_the_converged_rule_waits_for_the_budget_and_without_a_plateau_decays_before_the_cap():
+    rule = stopping_rule(config(epochs=2), steps_per_epoch=4, measure=lambda: 1.0)  # flat from the start
+    progress = Progress()
+    rule.bind(progress)
+    for epoch_end in (4,):
+        progress.step = epoch_end
+        rule.stop_now(progress)
+    assert progress.decay_start == -1  # flat, but inside the budget of 8 steps
+    falling = iter(math.exp(-i) for i in range(1000))
+    rule = stopping_rule(config(epochs=2), steps_per_epoch=4, measure=lambda: next(falling))
+    progress = Progress()
+    rule.bind(progress)
+    for epoch_end in range(4, rule.cap + 1, 4):
+        progress.step = epoch_end
+        rule.stop_now(progress)
+    assert progress.decay_start == -1 and rule.total_steps == rule.cap and rule.ran_out() == STOP_CAP

@@ -1,6 +1,7 @@
 """The training-length options of the study: --min-steps (every model at least N steps, whole
 epochs repeated) and --control ts-converged (TS models trained until their loss plateaus)."""
 import json
+import math
 
 import pytest
 
@@ -54,7 +55,11 @@ def test_control_trains_ts_until_plateau_or_cap_and_reports_ts_star(suite, tmp_p
     for model in TASKS:
         # never shorter than TS, at most the cap; 2 steps an epoch never fill the rule's two windows: the cap
         assert ts[model]["steps"] <= star[model]["steps"] <= PLATEAU_CAP_FACTOR * ts[model]["steps"]
-        assert star[model]["stopped"] == "cap" and star[model]["steps"] == PLATEAU_CAP_FACTOR * ts[model]["steps"]
+        assert star[model]["stop_reason"] == "cap" and star[model]["steps"] == PLATEAU_CAP_FACTOR * ts[model]["steps"]
+        assert ts[model]["stop_reason"] == "epochs"
+        # the control holds out its inner split (one of 8 rows); equal exposure without --eval-every does not
+        assert star[model]["inner_images"] == 1 and ts[model]["inner_images"] == 0
+        assert star[model]["train_images"] == ts[model]["train_images"] - 1
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["control"]["reference"] == "ts_converged"
     for task in TASKS:
@@ -76,3 +81,27 @@ def test_control_options_are_checked():
         TrainConfig(control="ts-converged", paradigm="ts").validate()
     with pytest.raises(ValueError, match="--min-steps"):
         TrainConfig(min_steps=-1).validate()
+
+
+@pytest.mark.slow
+def test_converged_budget_trains_every_model_to_its_inner_split_plateau(suite, tmp_path):
+    """--budget converged: TS, CG and AU models all train past their equal-exposure steps until
+    their inner-split loss plateaus (a learning rate of 1e-12 keeps it flat), then decay and stop;
+    each model's metrics.json entry says why, its last rate and its capacity; the report reads them
+    and the --correction it was given."""
+    out = tmp_path / "run"
+    options = [o if o != "1" or i != OPTIONS.index("--epochs") + 1 else "3" for i, o in enumerate(OPTIONS)]
+    assert main(["--data", str(suite), "--out", str(out), *options, "--budget", "converged", "--lr", "1e-12",
+                 "--correction", "holm"]) == 0
+    for paradigm in ("ts", "cg", "au"):
+        for model, length in _training(out, paradigm).items():
+            assert length["stop_reason"] == "plateau", (paradigm, model, length)
+            per_epoch = math.ceil(length["train_images"] / 4)
+            assert length["steps"] > 3 * per_epoch  # past its equal-exposure budget
+            assert 0 < length["final_lr"] < 1e-12
+            capacity = length["capacity"]
+            assert capacity["params_total"] >= capacity["params_active_per_token"] > 0 and capacity["train_flops"] > 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["budget"] == "converged" and report["correction"] == "holm"
+    assert report["training"]["au"]["all"]["stop_reason"] == "plateau"
+    assert report["capacity"]["au"]["train_flops"] == _training(out, "au")["all"]["capacity"]["train_flops"]

@@ -21,12 +21,12 @@ import scipy.stats
 from m2dino.evaluation.bootstrap import BOOTSTRAP_SEED, DEFAULT_LEVEL, task_seed
 from m2dino.evaluation.metrics import as_float, nanmean
 from m2dino.evaluation.report.change import Change
+from m2dino.paradigms import DEFAULT_CORRECTION  # noqa: F401 (re-exported; the choices are spelled there)
 
 # --correction: statsmodels.stats.multitest.multipletests' method per choice
 CORRECTIONS = {"holm": "holm", "bh": "fdr_bh", "none": None}
 CORRECTION_NAMES = {"holm": "Holm (family-wise error rate)", "bh": "Benjamini-Hochberg (false discovery rate)",
                     "none": "none"}
-DEFAULT_CORRECTION = "bh"
 PERMUTATIONS = 9999           # random permutations of the tasks per permutation test
 MIN_TASKS = 5                 # fewer tasks: no test over tasks
 MIN_GROUPS_MIXED = 3          # the mixed model needs this many clinical groups
