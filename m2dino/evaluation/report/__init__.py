@@ -87,8 +87,11 @@ def generate_report(run_dirs: Sequence[os.PathLike], out_dir: os.PathLike, scale
                     correction: str = DEFAULT_CORRECTION, margins: dict | None = None,
                     overwrite: bool = False) -> dict:
     """Build and write the report (what `m2dino.train --paradigm all` calls); returns the report dict."""
-    report = build_report(run_dirs, scale_threshold, negative_threshold, n_resamples, correction, margins)
-    write_report(report, out_dir, overwrite)
+    # the folder's writer lock from the first read to the last rename: a second report into the
+    # same folder stops at once instead of replacing this one's files when it ends
+    with io.lock_directory(out_dir, "m2dino.report"):
+        report = build_report(run_dirs, scale_threshold, negative_threshold, n_resamples, correction, margins)
+        write_report(report, out_dir, overwrite)
     return report
 
 
