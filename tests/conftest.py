@@ -70,7 +70,7 @@ def tiny_config(request):
 
     def make(suite, out, **options):
         base = dict(data=str(suite), out=str(out), paradigm="au", img_size=32, batch_size=4, log_every=1,
-                    progress=False)
+                    progress=False, seeds=None)  # one seed, `seed`
         return TrainConfig(**{**base, **module_options, **options}).validate()
 
     return make

@@ -97,6 +97,11 @@ def parse_weights(text, option: str) -> dict[str, float]:
     return out
 
 
+# Every model of a study trains under these seeds unless told otherwise: the spread between
+# seeds enters every interval of the report (docs/study.md)
+DEFAULT_SEEDS = (0, 1, 2)
+
+
 def _parse_seeds(value) -> list[int] | None:
     if value is None:
         return None
@@ -168,8 +173,7 @@ class DataOptions:
                                                               "all, 'skip' trains without them")
     val_fraction: float = option(0.2, "per-task validation share when the root has no val/ split")
     split_seed: Optional[int] = option(None, "seed of the train/val split of a root without val/",
-                                       unset="--seed; with --seeds every seed is validated on the same split, "
-                                             "that of --seed")
+                                       unset="--seed; every training seed is validated on the same split")
     tasks: Optional[list[str]] = option(None, "task ids to train (space or comma separated)", parse=_parse_tasks,
                                         unset="every task in the data", metavar="TASK", many=True)
     groups: Optional[str] = option(None, "clinical groups file (YAML/JSON {group: [task ids]}) for the CG paradigm",
@@ -192,10 +196,13 @@ class StudyOptions:
                                            f"plateaus ({plateau_rule_text()}; no validation images) into "
                                            f"OUT/{CONTROL_PARADIGM}/; the report adds {_CONTROL_LABEL} and "
                                            f"changes vs {_CONTROL_LABEL}", resumable=True)
-    seed: int = option(0, "seed of the model init, the split, the sampler and the augmentation")
-    seeds: Optional[list[int]] = option(None, "train every paradigm once per seed (comma separated, e.g. 0,1,2) "
-                                              "into OUT/seed-N/, then one report pooling the seeds",
-                                        parse=_parse_seeds)
+    seed: int = option(0, "seed of the split; given without --seeds, the one training seed (model init, sampler, "
+                          "augmentation), as --seeds N")
+    seeds: Optional[list[int]] = option(help="training seeds (model init, sampler, augmentation; comma separated): "
+                                             "every paradigm trains once per seed into OUT/seed-N/, then one report "
+                                             "pools the seeds; one seed trains into OUT/ itself and the report "
+                                             "says which answers need more",
+                                        factory=lambda: list(DEFAULT_SEEDS), parse=_parse_seeds)
     affinity_steps: int = option(0, "the AU model measures inter-task affinity at this many steps, every 10th from "
                                     "its first (affinity.json in its folder; each costs about 7 training steps on "
                                     "a CPU; 0: off)")
@@ -217,16 +224,37 @@ class StudyOptions:
             raise problem("seeds", f"must be distinct integers >= 0, got {self.seeds}")
 
 
+# --pretrained's keyword for the dinov3_tiny backbone pretrained on the synthetic suite's unlabeled
+# pool, shipped with m2dino (m2dino.data.synthetic.PRETRAINED_WEIGHTS): the default run's start
+SYNTHETIC_START = "synthetic"
+
+
 @dataclass
 class WeightsOptions:
     title: ClassVar[str] = "the backbone's weights"
-    pretrained: Optional[str] = option(None, "official DINOv3 weights (.pth or .safetensors) for the backbone; an "
-                                             "official preset needs them (checked before anything runs)")
-    from_scratch: bool = option(False, "train an official preset from random weights, on purpose, instead of from "
-                                       "--pretrained")
+    pretrained: Optional[str] = option(SYNTHETIC_START, f"the backbone's weights: official DINOv3 weights (.pth or "
+                                                        f".safetensors; an official preset needs them) or "
+                                                        f"'{SYNTHETIC_START}', the dinov3_tiny backbone m2dino ships, "
+                                                        f"pretrained (SimMIM) on the synthetic suite's unlabeled pool "
+                                                        f"(docs/data.md); checked before anything runs",
+                                       unset="random weights")
+    from_scratch: bool = option(False, f"start from random weights, on purpose, instead of --pretrained (which may "
+                                       f"then only be its default, '{SYNTHETIC_START}')")
 
     def validate(self) -> None:
         pass
+
+
+def weights_file(config) -> str | None:
+    """The file the backbone's weights come from: --pretrained with its keyword resolved; None for
+    random weights (--from-scratch, or no --pretrained in a run saved before the synthetic start)."""
+    if config.pretrained is None or (config.from_scratch and config.pretrained == SYNTHETIC_START):
+        return None
+    if config.pretrained == SYNTHETIC_START:
+        from m2dino.data.synthetic import PRETRAINED_WEIGHTS  # numpy and the generator: only when asked
+
+        return str(PRETRAINED_WEIGHTS)
+    return config.pretrained
 
 
 @dataclass
@@ -569,7 +597,29 @@ def resolve(layers: list[dict[str, Any]]) -> TrainConfig:
                 train_values[name] = value
     preset = model_values.pop("model", DEMO_MODEL.name)
     model = M2DINOConfig(**{**model_defaults(preset).to_dict(), **model_values, "name": preset})
-    return TrainConfig(**train_values, model=model).validate()
+    return TrainConfig(**_one_seed_as_a_run(train_values), model=model).validate()
+
+
+def _one_seed_as_a_run(values: dict[str, Any]) -> dict[str, Any]:
+    """One training seed trains into OUT/ itself (`seed`, no `seeds`), several into OUT/seed-N/.
+    `--seed N` without `--seeds` (and a config.yaml saved before `--seeds` existed) is the one
+    seed N, as it always was. The split stays --split-seed, else --seed, however the seeds are given."""
+    values = dict(values)
+    if "seed" in values and "seeds" not in values:
+        values["seeds"] = [values["seed"]]
+    seeds = values.get("seeds", DEFAULT_SEEDS)
+    if seeds is not None and len(seeds) == 1:
+        base = values.get("seed", 0)
+        if seeds[0] != base and values.get("split_seed") is None:
+            values["split_seed"] = base
+        values["seed"], values["seeds"] = seeds[0], None
+    return values
+
+
+def as_one_run(config: TrainConfig) -> TrainConfig:
+    """`config` with one training seed (however it was built) as the run into OUT/ itself."""
+    values = _one_seed_as_a_run({"seed": config.seed, "seeds": config.seeds, "split_seed": config.split_seed})
+    return replace(config, **values)
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:

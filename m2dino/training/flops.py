@@ -183,6 +183,19 @@ def micro_batch(config: TrainConfig) -> int:
     return math.ceil(config.batch_size / config.grad_accum)
 
 
+_measured: dict[str, ModelShapes] = {}
+
+
+def study_shapes(config: TrainConfig, task_ids: list[str]) -> ModelShapes:
+    """measure_shapes of the all-task model of `task_ids`, once per process for one model config:
+    every model of a study is charged from it (its tasks' heads, the one trunk), as the plan does."""
+    key = repr((config.model, config.drop_path, config.drop_path_schedule, micro_batch(config), config.amp,
+                sorted(task_ids)))
+    if key not in _measured:
+        _measured[key] = measure_shapes(config, sorted(task_ids))
+    return _measured[key]
+
+
 def measure_shapes(config: TrainConfig, task_ids: list[str]) -> ModelShapes:
     model, mode = fake_model(config.model, task_ids)
     model.backbone.set_drop_path(config.drop_path, config.drop_path_schedule)

@@ -34,7 +34,7 @@ from m2dino.models.m2dino import SPATIAL_TYPES
 from m2dino.paradigms import PARADIGMS
 
 # the plan's options are declared with the command line's (torch-free): re-exported here
-from m2dino.training.config import DEFAULT_TFLOPS, PLAN_OPTIONS, PlanOptions, TrainConfig  # noqa: F401
+from m2dino.training.config import DEFAULT_TFLOPS, PLAN_OPTIONS, PlanOptions, TrainConfig, weights_file  # noqa: F401
 from m2dino.training.flops import (  # noqa: F401 (the counter's names, re-exported)
     ModelShapes,
     count_parts,
@@ -204,10 +204,11 @@ def dry_run(checked, options: PlanOptions) -> dict[str, Any]:
     specs = {s.task_id: s for s in apply_groups(list(data.tasks.values()), groups)}
     plan = make_plan(config, options, data.task_counts("train"), specs, groups)
     plan["data"] = str(checked.data_root)
-    plan["pretrained"] = config.pretrained and str(Path(config.pretrained).resolve())
+    weights = weights_file(config)
+    plan["pretrained"] = weights and str(Path(weights).resolve())
     print(format_plan(plan), flush=True)
-    if config.pretrained:
-        print(f"weights: {config.pretrained} fits {config.model.name} (checked from the file's header)", flush=True)
+    if weights:
+        print(f"weights: {weights} fits {config.model.name} (checked from the file's header)", flush=True)
     path = io.write_json(Path(config.out) / "plan.json", plan)
     print(f"plan: {path}", flush=True)
     check_fits(plan)

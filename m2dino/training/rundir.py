@@ -36,7 +36,7 @@ import yaml
 from m2dino import io
 from m2dino.errors import InputError
 from m2dino.training import distributed as dist_utils
-from m2dino.training.config import MODEL_OPTIONS, RESUMABLE, RUN_CONFIG_HEADER, TrainConfig, read_config
+from m2dino.training.config import MODEL_OPTIONS, RESUMABLE, RUN_CONFIG_HEADER, TrainConfig, read_config, weights_file
 
 # RESUMABLE (re-exported): the options that may change when a run resumes, declared with
 # `resumable=True` where each option is declared (m2dino.training.config)
@@ -142,7 +142,7 @@ def check_inputs_outside(config: TrainConfig, out: Path, overwrite: bool) -> Non
                               f"into its input. Choose an --out outside the data")
     if not overwrite:
         return
-    inputs = {"--data": root, "--pretrained": config.pretrained, "--groups": config.groups}
+    inputs = {"--data": root, "--pretrained": weights_file(config), "--groups": config.groups}
     for option, value in inputs.items():
         if value and _inside(Path(value).resolve(), here):
             raise RunDirError(f"{option} {value} lies inside --out {out}: --overwrite would move it aside with the "

@@ -43,7 +43,7 @@ from m2dino.models.pretrained import OFFICIAL_FILES, check_weights_file, where_t
 from m2dino.paradigms import CONTROL_PARADIGM, CONTROLS, PARADIGMS
 from m2dino.tasks import apply_groups, load_groups
 from m2dino.training import distributed as dist_utils
-from m2dino.training.config import TrainConfig, save_config
+from m2dino.training.config import SYNTHETIC_START, TrainConfig, as_one_run, save_config, weights_file
 from m2dino.training.jobs import (
     ModelJob,
     StudyContext,
@@ -91,17 +91,20 @@ class Checked:
 
 def check_pretrained(config: TrainConfig) -> None:
     """The weights the run starts from: --pretrained fits the preset (read from the file's
-    header, m2dino.models.pretrained); an official preset without it needs --from-scratch."""
+    header, m2dino.models.pretrained); an official preset without a file of its own needs
+    --from-scratch."""
     model = config.model
-    if config.pretrained is not None:
-        if config.from_scratch:
-            raise InputError("--pretrained and --from-scratch: choose one (start from the weights, or from "
-                             "random weights)")
-        check_weights_file(config.pretrained, model)
-    elif model.name in OFFICIAL_FILES and not config.from_scratch:
-        raise InputError(f"--model {model.name} starts from Meta's DINOv3 weights, and no --pretrained was given: "
-                         f"{where_to_get(model.name)}. Pass --pretrained PATH to that file, or --from-scratch to train "
-                         f"from random weights on purpose")
+    if config.from_scratch and config.pretrained not in (None, SYNTHETIC_START):
+        raise InputError("--pretrained and --from-scratch: choose one (start from the weights, or from "
+                         "random weights)")
+    weights = weights_file(config)
+    if model.name in OFFICIAL_FILES and not config.from_scratch and config.pretrained in (None, SYNTHETIC_START):
+        given = "" if config.pretrained is None else f" ('{SYNTHETIC_START}', the default, is a dinov3_tiny start)"
+        raise InputError(f"--model {model.name} starts from Meta's DINOv3 weights, and no --pretrained file was "
+                         f"given{given}: {where_to_get(model.name)}. Pass --pretrained PATH to that file, or "
+                         f"--from-scratch to train from random weights on purpose")
+    if weights is not None:
+        check_weights_file(weights, model)
 
 
 def check_data(config: TrainConfig) -> tuple[Path, FMUIAData]:
@@ -253,8 +256,9 @@ def run(config: TrainConfig, checked: Checked | None = None) -> dict:
 
 
 def _run(config: TrainConfig, checked: Checked) -> dict:
-    if config.seeds:
+    if config.seeds is not None and len(config.seeds) > 1:
         return run_seeds(config, checked)
+    config = as_one_run(config)
     device = dist_utils.resolve_device(config.device)
     distributed = dist_utils.setup(device)
     if distributed and dist_utils.restart_count() > 0 and not config.resume:

@@ -42,7 +42,7 @@ from m2dino.training import checkpoint as ckpt
 from m2dino.training import distributed as dist_utils
 from m2dino.training.artifacts import EVAL_FILE, write_best
 from m2dino.training.compile import compile_blocks
-from m2dino.training.config import TrainConfig
+from m2dino.training.config import TrainConfig, weights_file
 from m2dino.training.ema import ModelEMA
 from m2dino.training.loop import (
     LoopSettings,
@@ -90,6 +90,8 @@ class ModelTrainer:
         self.task_table = {t.task_id: t for t in self.tasks}
         # a fixed order (the sampler's indices) whatever order the reader returned
         order = lambda r: (r.task_id, r.csv, r.row)  # noqa: E731
+        # every task of the study: its models' FLOPs are counted once, on the all-task model
+        self.study_tasks = sorted({r.task_id for r in train_records} | set(self.task_table))
         self.train_records = sorted((r for r in train_records if r.task_id in self.task_table), key=order)
         # the inner split: held out of training to choose the best checkpoint and to see a plateau
         self.inner_records = []
@@ -124,7 +126,7 @@ class ModelTrainer:
     def build_model(self) -> M2DINO:
         c = self.config
         torch.manual_seed(c.seed)  # the same initial weights in every paradigm and on every rank
-        model = M2DINO(c.model, self.tasks, pretrained=c.pretrained, drop_path_rate=c.drop_path,
+        model = M2DINO(c.model, self.tasks, pretrained=weights_file(c), drop_path_rate=c.drop_path,
                        drop_path_schedule=c.drop_path_schedule)
         if c.grad_checkpointing:
             model.backbone.set_grad_checkpointing(True)
@@ -381,10 +383,10 @@ class ModelTrainer:
     def train_flops(self, samples_seen: int) -> float:
         """Forward + backward FLOPs of `samples_seen` training images, each task's share of them
         as its share of the training rows (the plan's count, m2dino.training.flops)."""
-        from m2dino.training.flops import image_flops, measure_shapes  # fake tensors: only when a model is done
+        from m2dino.training.flops import image_flops, study_shapes  # fake tensors: only when a model is done
 
         task_ids = list(self.task_table)
         sizes = {t: sum(r.task_id == t for r in self.train_records) for t in task_ids}
         spatial = any(spec.task_type in SPATIAL_TYPES for spec in self.tasks)
-        per_image = image_flops(measure_shapes(self.config, task_ids), task_ids, sizes, spatial)
+        per_image = image_flops(study_shapes(self.config, self.study_tasks), task_ids, sizes, spatial)
         return float(per_image * samples_seen)

@@ -13,7 +13,7 @@ from m2dino.data.synthetic.design import SCHEMA_VERSION, Design
 from m2dino.evaluation.report import build_report, write_report
 from m2dino.evaluation.report.change import DEFAULT_MARGINS, Change
 from m2dino.evaluation.report.compute import analyse, per_task_tests
-from m2dino.evaluation.report.design import DesignedTransfer, one_sided_p
+from m2dino.evaluation.report.design import DesignedTransfer, OneSided, RelationTest, one_sided_p
 
 ALPHA = 0.05
 PARADIGMS = ["ts", "cg", "au"]
@@ -83,6 +83,26 @@ def test_an_effect_against_the_design_is_contradicted_never_recovered(simulate):
     for pair in (POSITIVE, CONFLICT):
         seen = [f[pair, "au"] for f in found]
         assert "recovered" not in seen and seen.count("contradicted") >= 8, seen
+
+
+def test_a_pair_whose_tasks_move_apart_is_contradicted_never_recovered(simulate):
+    """One task of the designed positive pair gains and the other loses, both clearly: the design
+    (both gain) is not what happened, so the pair is contradicted, not recovered by its gaining task."""
+    def apart(paradigm, i, size, task_type):
+        if paradigm == "ts":
+            return 0.0
+        return {POSITIVE[0]: 0.3, POSITIVE[1]: -0.3}.get(f"t{i:02d}", 0.0)
+
+    rng = np.random.default_rng(14)
+    found = [verdicts(simulate(rng, n_tasks=N_TASKS, seeds=FIVE_SEEDS, effect=apart)) for _ in range(10)]
+    for paradigm in ("cg", "au"):
+        seen = [f[POSITIVE, paradigm] for f in found]
+        assert seen.count("contradicted") >= 9, seen
+    # the rule itself: both directions significant is contradicted, whichever p is smaller
+    relation = RelationTest("au", +1, {}, OneSided(0.01, 0.001), OneSided(0.04, 0.04))
+    assert relation.verdict(ALPHA) == "contradicted"
+    relation.opposite = OneSided(0.2, 0.2)
+    assert relation.verdict(ALPHA) == "recovered"
 
 
 @pytest.mark.parametrize("seeds, sigma_seed, n_resamples, n_studies", [((0, 1, 2), 0.04, 0, 200),

@@ -19,7 +19,7 @@ from m2dino.training import checkpoint as ckpt
 TASKS = ["breast_2cls", "fetal_femur"]
 SUITE = dict(tasks=TASKS, min_train=12, min_val=4)
 ARGS = ["--paradigm", "au", "--img-size", "32", "--batch-size", "4", "--epochs", "2", "--log-every", "1",
-        "--checkpoint-every", "1", "--warmup", "2", "--no-progress"]
+        "--checkpoint-every", "1", "--warmup", "2", "--no-progress", "--seeds", "0"]
 
 
 def start(suite, out, resume: bool, checkpoint_sleep: float = 0.4) -> subprocess.Popen:
@@ -101,7 +101,7 @@ def test_crashed_rank_restarts_from_last_checkpoint(suite, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "--max-restarts=1", "-m", "m2dino.train", "--data", str(suite), "--out", str(out),
            "--paradigm", "au", "--img-size", "32", "--batch-size", "2", "--epochs", "1", "--log-every", "1",
-           "--checkpoint-every", "2", "--no-progress"]
+           "--checkpoint-every", "2", "--no-progress", "--seeds", "0"]
     # own session: on a timeout the agent AND its workers are killed, nothing is left behind
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

@@ -29,7 +29,8 @@ EPOCHS = 1
 
 
 def argv(suite, out, *extra, epochs=EPOCHS):
-    return ["--data", str(suite), "--out", str(out), "--paradigm", "au", "--img-size", "32", "--batch-size", "4",
+    return ["--data", str(suite), "--out", str(out), "--seed", "0", "--paradigm", "au", "--img-size", "32",
+            "--batch-size", "4",
             "--epochs", str(epochs), "--bootstrap", "0", "--jobs", "1", "--log-every", "1", "--no-progress", *extra]
 
 

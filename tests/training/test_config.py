@@ -31,14 +31,14 @@ from m2dino.training.config import (
 # own config: the demo (model, data, schedule) must not change by a single value.
 DEMO_RUN = dict(
     data="synthetic", synthetic_scale=0.03, on_bad_sample="error", val_fraction=0.2, split_seed=None, tasks=None,
-    groups=None, paradigm="all", control="none", model="dinov3_tiny", pretrained=None, from_scratch=False,
+    groups=None, paradigm="all", control="none", model="dinov3_tiny", pretrained="synthetic", from_scratch=False,
     num_experts=4, top_k=2,
     moe_layers=2,
     img_size=64, neck_channels=64, epochs=7, steps=None, min_steps=0, batch_size=16, lr=1.5e-3, head_lr_mult=3.0,
     weight_decay=0.05, warmup=0.05, grad_clip=1.0, batching="mixed", task_alpha=1.0, loss_weights={},
     aux_weights={"load_balance": 0.01, "z_loss": 0.001, "mutual_information": 0.0, "global_load_balance": 0.0},
     amp="bf16",
-    grad_checkpointing=False, freeze_backbone=False, fsdp=False, seed=0, seeds=None,
+    grad_checkpointing=False, freeze_backbone=False, fsdp=False, seed=0, seeds=[0, 1, 2],
     affinity_steps=0, device="auto", workers=0,
     jobs=0, max_bad_steps=5, out="runs/default", resume=False, eval_every=0, log_every=10, checkpoint_every=0,
     checkpoint_seconds=60.0, bootstrap=1000, progress=True, budget="equal-exposure", correction="bh",

@@ -25,7 +25,8 @@ from m2dino.training.trainer import TrainingError
 
 TASKS = ["breast_2cls", "fetal_femur", "lung"]
 SUITE = dict(tasks=TASKS, min_train=8, min_val=3)
-RUN = dict(paradigm="all", img_size=32, batch_size=4, epochs=2, log_every=1, progress=False, bootstrap=50)
+RUN = dict(paradigm="all", img_size=32, batch_size=4, epochs=2, log_every=1, progress=False, bootstrap=50,
+           seeds=None)
 
 
 def without_wall_times(summary: dict) -> dict:
@@ -109,7 +110,7 @@ def test_job_count_rules():
 def test_no_worker_trains_on_after_the_study_is_killed(suite, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "m2dino.train", "--data", str(suite), "--out", str(out), "--paradigm", "ts",
-           "--img-size", "32", "--batch-size", "2", "--epochs", "30", "--jobs", "2", "--no-progress"]
+           "--img-size", "32", "--batch-size", "2", "--epochs", "30", "--jobs", "2", "--no-progress", "--seeds", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     logs = [out / "ts" / t / "metrics.jsonl" for t in TASKS]

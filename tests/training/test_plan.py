@@ -119,7 +119,8 @@ def test_dry_run_plans_the_study_and_writes_only_plan_json(suite, tmp_path, caps
     memory = au["memory_per_gpu"]
     assert memory["grad_checkpointing"]["activations_gib"] < memory["plain"]["activations_gib"]
     assert memory["fsdp"]["total_gib"] < memory["plain"]["total_gib"]
-    assert plan["total_flops"] == pytest.approx(sum(m["flops"] for m in plan["models"].values()))
+    assert plan["seeds"] == 3  # --seeds 0,1,2 by default: every model three times
+    assert plan["total_flops"] == pytest.approx(3 * sum(m["flops"] for m in plan["models"].values()))
     assert plan["hours"] == pytest.approx(plan["total_flops"] / (100e12 * 2) / 3600)
 
 

@@ -17,7 +17,8 @@ from m2dino.training.config import parse_command, read_config, save_config
 
 TASKS = ["breast_2cls", "lung"]
 SUITE = dict(tasks=TASKS, min_train=8, min_val=3)
-TINY = ["--paradigm", "au", "--img-size", "32", "--batch-size", "4", "--no-progress", "--bootstrap", "0"]
+TINY = ["--paradigm", "au", "--img-size", "32", "--batch-size", "4", "--no-progress", "--bootstrap", "0",
+        "--seeds", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +135,24 @@ def test_the_run_records_its_data_root_and_weights_and_ends_with_the_next_comman
 
 def test_a_run_from_random_weights_records_none(suite, tmp_path, capsys):
     out = tmp_path / "run"
-    rc, _, err = run_main(["--data", suite, "--out", out, *TINY, "--steps", "1"], capsys)
+    rc, _, err = run_main(["--data", suite, "--out", out, *TINY, "--steps", "1", "--from-scratch"], capsys)
     assert rc == 0, err
     assert json.loads((out / "au" / "all" / "best.json").read_text())["pretrained"] == "none"
+
+
+def test_the_default_start_is_the_shipped_synthetic_backbone(suite, tmp_path, capsys):
+    """No --pretrained: dinov3_tiny starts from the backbone m2dino ships (the same path a file given
+    with --pretrained takes), recorded with its hash; --pretrained with a file and --from-scratch refuse."""
+    import hashlib
+
+    from m2dino.data.synthetic import PRETRAINED_WEIGHTS
+
+    out = tmp_path / "run"
+    rc, _, err = run_main(["--data", suite, "--out", out, *TINY, "--steps", "1"], capsys)
+    assert rc == 0, err
+    record = json.loads((out / "au" / "all" / "best.json").read_text())["pretrained"]
+    assert record["file"] == PRETRAINED_WEIGHTS.name and record["preset"] == "dinov3_tiny"
+    assert record["sha256"] == hashlib.sha256(PRETRAINED_WEIGHTS.read_bytes()).hexdigest()
+    rc, _, err = run_main(["--data", suite, "--out", tmp_path / "both", *TINY, "--steps", "1", "--from-scratch",
+                           "--pretrained", PRETRAINED_WEIGHTS], capsys)
+    assert rc == 2 and "--from-scratch" in err and not (tmp_path / "both").exists()

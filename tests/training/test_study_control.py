@@ -13,7 +13,7 @@ TASKS = ["breast_2cls", "lung"]
 SUITE = dict(tasks=TASKS, min_train=8, min_val=3)
 # 8 images per task at batch 4: a TS model has 2 steps an epoch, the AU model 4
 OPTIONS = ["--img-size", "32", "--batch-size", "4", "--epochs", "1", "--no-progress", "--bootstrap", "50",
-           "--jobs", "1"]
+           "--jobs", "1", "--seeds", "0"]
 
 
 def _training(out, paradigm):

@@ -31,7 +31,8 @@ def test_paradigm_all_writes_the_run_directory_contract(suite, tmp_path, capsys)
     groups.write_text(yaml.safe_dump({"Chest": ["breast_2cls", "lung"]}))
     out = tmp_path / "run"
     rc = main(["--data", str(suite), "--out", str(out), "--paradigm", "all", "--groups", str(groups),
-               "--img-size", "32", "--batch-size", "4", "--steps", "2", "--log-every", "1", "--no-progress"])
+               "--img-size", "32", "--batch-size", "4", "--steps", "2", "--log-every", "1", "--no-progress",
+               "--seeds", "0"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "every task beats its trivial baseline" in printed and "report:" in printed
@@ -116,7 +117,7 @@ def test_bad_sample_policy(tmp_path):
     root = tmp_path / "bad"
     write_suite(root, scale=0.001, tasks=TASKS, min_train=8, min_val=3, workers=1)
     _break_suite(root)
-    base = dict(data=str(root), paradigm="au", img_size=32, batch_size=4, steps=1, progress=False)
+    base = dict(data=str(root), paradigm="au", img_size=32, batch_size=4, steps=1, progress=False, seeds=None)
     with pytest.raises(DataValidationError) as info:
         run(TrainConfig(out=str(tmp_path / "refused"), **base).validate())
     message = str(info.value)
@@ -147,7 +148,7 @@ def test_options_freeze_checkpointing_single_batching(suite, tmp_path, GC):
     out = tmp_path / "run"
     # the default kernel backend (cpp when built): a frozen backbone hands the MoE an x that
     # needs no grad while the experts do, which once broke the extension
-    run(TrainConfig(data=str(suite), out=str(out), paradigm="au", img_size=32, batch_size=4, steps=2,
+    run(TrainConfig(data=str(suite), out=str(out), paradigm="au", img_size=32, batch_size=4, steps=2, seeds=None,
                     progress=False, freeze_backbone=True, grad_checkpointing=GC, batching="single",
                     task_alpha=0.5, warmup=0, checkpoint_every=1).validate())
     model_dir = out / "au" / "all"

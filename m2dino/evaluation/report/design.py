@@ -15,10 +15,12 @@ a permutation over images):
   them: min(1, k * the smallest one-sided p). A data-rich task whose TS is saturated cannot gain,
   so requiring both tasks would test saturation, not transfer.
 * Both directions' p-values join the report's per-task family and are adjusted with it.
-* Verdict: `recovered` when the designed direction's adjusted p is at most alpha;
-  `contradicted` when instead the opposite direction's is; `missed` otherwise; `untested` when
-  a task's change had no test. Under CG the change of a task is that of training with its whole
-  group, so a pair's verdict is the pair's alone only where its group is the pair.
+* Verdict: `contradicted` when the opposite direction's adjusted p is at most alpha (a task
+  moved against the design, whatever the other did); else `recovered` when the designed
+  direction's is; `missed` otherwise; `untested` when a task's change had no test. So a pair
+  where one task gains and the other loses significantly is never called recovered. Under CG
+  the change of a task is that of training with its whole group, so a pair's verdict is the
+  pair's alone only where its group is the pair.
 
 Groups are rows too (their designed relation and their tasks' changes), with no test of their
 own: a group's verdicts are its pairs'.
@@ -43,8 +45,9 @@ VERDICT_RULE = (
     "its two-sided p when the effect points that way, else 1 minus half; the pair moves in a direction when at least "
     "one of its tasks does, Bonferroni over its tasks (min(1, k x the smallest one-sided p)); both directions' "
     "p-values join the per-task family of the correction. recovered: the designed direction (positive: gain, "
-    "conflict: loss) is significant after the correction; contradicted: the opposite direction is and the designed "
-    "one is not; missed: neither; untested: a task's change had no test. Under CG a task's change is that of "
+    "conflict: loss) is significant after the correction and the opposite is not; contradicted: the opposite "
+    "direction is significant (a task moved against the design, whatever the other did); missed: neither; "
+    "untested: a task's change had no test. Under CG a task's change is that of "
     "training with its whole clinical group, so a pair's verdict is the pair's alone only where the group is the pair")
 ONE_SEED_CAVEAT = (
     "one training seed: the tests cover the validation images only, so a verdict says what these trained models do "
@@ -80,10 +83,10 @@ class RelationTest:
     def verdict(self, alpha: float) -> str:
         if self.designed.p_adjusted is None:
             return "untested"
+        if self.opposite.p_adjusted is not None and self.opposite.p_adjusted <= alpha:
+            return "contradicted"  # against the design, even when the other task moved its way
         if self.designed.p_adjusted <= alpha:
             return "recovered"
-        if self.opposite.p_adjusted is not None and self.opposite.p_adjusted <= alpha:
-            return "contradicted"
         return "missed"
 
     def to_json(self, alpha: float) -> dict:
