@@ -66,7 +66,7 @@ from m2dino.tasks import TASK_TYPES, TASKS
 # The recipes: the repository's configs/, which m2dino/configs links to (and installs with the package)
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
 # The CPU demo's model (the no-argument run): dinov3_tiny at 64 px, 4 experts, top-2, MoE in the last 2 blocks
-DEMO_MODEL = M2DINOConfig(name="dinov3_tiny", num_experts=4, top_k=2, moe_layers=2, img_size=64, neck_channels=64)
+DEMO_MODEL = M2DINOConfig(name="dinov3_tiny", num_experts=4, top_k=2, moe_layers=2, img_size=48, neck_channels=64)
 
 
 # ------------------------------------------------------------------ values the annotation cannot read
@@ -192,8 +192,8 @@ class StudyOptions:
     title: ClassVar[str] = "study"
     paradigm: Paradigm = option("all", "; ".join(f"{p}: {m}" for p, m in PARADIGM_MEANINGS.items())
                                 + "; all: the three + report")
-    control: Control = option(CONTROLS[0], f"'{CONTROLS[1]}': also train every TS model until its training loss "
-                                           f"plateaus ({plateau_rule_text()}; no validation images) into "
+    control: Control = option(CONTROLS[0], f"'{CONTROLS[1]}': also train every TS model until it plateaus "
+                                           f"({plateau_rule_text()}) into "
                                            f"OUT/{CONTROL_PARADIGM}/; the report adds {_CONTROL_LABEL} and "
                                            f"changes vs {_CONTROL_LABEL}", resumable=True)
     seed: int = option(0, "seed of the split; given without --seeds, the one training seed (model init, sampler, "
@@ -267,8 +267,8 @@ class ScheduleOptions:
     min_steps: int = option(0, "every model trains at least N optimizer steps by repeating whole epochs (0: equal "
                                "exposure, --epochs for all; above N exposure stays equal)", resumable=True)
     batch_size: int = option(16, "images per step per process")
-    lr: float = option(1.5e-3, "peak learning rate of the backbone (AdamW)")
-    head_lr_mult: float = option(3.0, "heads (and the neck) learn at lr x this")
+    lr: float = option(1e-3, "peak learning rate of the backbone (AdamW)")
+    head_lr_mult: float = option(10.0, "heads (and the neck) learn at lr x this")
     weight_decay: float = option(0.05, "AdamW weight decay (not applied to biases, norms and tokens)")
     warmup: float = option(0.05, "linear warmup: a fraction of the total steps (< 1) or a number of steps (>= 1)")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")

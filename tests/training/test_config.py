@@ -34,7 +34,7 @@ DEMO_RUN = dict(
     groups=None, paradigm="all", control="none", model="dinov3_tiny", pretrained="synthetic", from_scratch=False,
     num_experts=4, top_k=2,
     moe_layers=2,
-    img_size=64, neck_channels=64, epochs=7, steps=None, min_steps=0, batch_size=16, lr=1.5e-3, head_lr_mult=3.0,
+    img_size=48, neck_channels=64, epochs=7, steps=None, min_steps=0, batch_size=16, lr=1e-3, head_lr_mult=10.0,
     weight_decay=0.05, warmup=0.05, grad_clip=1.0, batching="mixed", task_alpha=1.0, loss_weights={},
     aux_weights={"load_balance": 0.01, "z_loss": 0.001, "mutual_information": 0.0, "global_load_balance": 0.0},
     amp="bf16",
@@ -49,7 +49,7 @@ DEMO_RUN = dict(
 def test_no_arguments_is_the_embedded_default():
     c = parse_args([])
     assert c == TrainConfig()
-    assert c.model == M2DINOConfig(name="dinov3_tiny", num_experts=4, top_k=2, moe_layers=2, img_size=64,
+    assert c.model == M2DINOConfig(name="dinov3_tiny", num_experts=4, top_k=2, moe_layers=2, img_size=48,
                                    neck_channels=64)
     assert c.paradigm == "all" and c.data == "synthetic" and c.task_alpha == 1.0 and c.steps is None
 

@@ -32,11 +32,18 @@ ADDED_OPTIONS = {"grad_accum": 1, "layer_decay": 1.0, "drop_path": 0.0, "drop_pa
 # Defaults changed on purpose since the capture (old, new): every study trains three seeds, and
 # starts from the shipped synthetic pretrained backbone (random weights: --from-scratch). A value
 # at its new default is compared as the old one; a config.yaml saved before still reads as it was.
-CHANGED_DEFAULTS = {"seeds": (None, [0, 1, 2]), "pretrained": (None, "synthetic")}
+CHANGED_DEFAULTS = {"seeds": (None, [0, 1, 2]), "pretrained": (None, "synthetic"), "lr": (1.5e-3, 1e-3),
+                    "head_lr_mult": (3.0, 10.0)}
+# ... and the demo model's image size (48 px, to fit the three seeds in the default run's 15 minutes)
+CHANGED_DEMO_MODEL = {"img_size": (64, 48)}
 
 # The fine-tuning options the paper recipes took since the capture (their sources in the recipes)
 RECIPE_ADDED = {f"m2dino_{size}_fmuia": {"layer_decay": 0.9, "drop_path": drop_path, "ema": 0.999}
                 for size, drop_path in (("vits16", 0.1), ("vitb16", 0.1), ("vitl16", 0.2))}
+PAPER_RECIPES = set(RECIPE_ADDED)
+# The demo's own changes since (the default run's three seeds in 15 minutes from the pretrained start)
+RECIPE_ADDED["demo_cpu"] = {"seeds": [0, 1, 2], "pretrained": "synthetic", "lr": 1e-3, "head_lr_mult": 10.0,
+                            "model": {"img_size": 48}}
 
 
 def expected(case: dict, name: str | None = None) -> dict:
@@ -57,6 +64,10 @@ def resolved(config, case: dict) -> dict:
     for key, (before, now) in CHANGED_DEFAULTS.items():
         if case["changes"].get(key, before) == before and values.get(key) == now:
             values[key] = before
+    model, asked = values.get("model", {}), case["changes"].get("model", {})
+    for key, (before, now) in CHANGED_DEMO_MODEL.items():
+        if model.get("name") == "dinov3_tiny" and asked.get(key, before) == before and model.get(key) == now:
+            model[key] = before
     return values
 
 
@@ -107,9 +118,13 @@ def test_every_run_option_reads_as_before(name):
 @pytest.mark.parametrize("name", sorted(BEFORE["recipes"]))
 def test_every_recipe_resolves_as_before(name):
     case = BEFORE["recipes"][name]
-    added = RECIPE_ADDED.get(name.split(".yaml")[0], {})
-    case = {**case, "changes": {**case["changes"], **added}, "given": sorted({*case["given"], *added, "compile"})
-            if added else case["given"]}
+    recipe = name.split(".yaml")[0]
+    added = RECIPE_ADDED.get(recipe, {})
+    changes = {**case["changes"], **added}
+    if "model" in added:
+        changes["model"] = {**case["changes"].get("model", {}), **added["model"]}
+    given = {*case["given"], *(k for k in added if k != "model"), *(("compile",) if recipe in PAPER_RECIPES else ())}
+    case = {**case, "changes": changes, "given": sorted(given) if added else case["given"]}
     argv = case["argv"]
     if argv[1].startswith("configs/"):  # by its path
         argv = ["--config", str(Path(__file__).resolve().parents[2] / argv[1])]
