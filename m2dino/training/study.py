@@ -245,6 +245,17 @@ def baseline_table(summary: dict) -> tuple[str, bool]:
     return "\n".join(lines), all_beat
 
 
+def mean_over_seeds(summaries: list[dict]) -> dict:
+    """One paradigm's metrics.json summaries, one per seed -> a summary whose primary metric per
+    task is the mean over the seeds (what the pooled report shows), for baseline_table."""
+    pooled = {"tasks": {}}
+    for task_id, entry in summaries[0]["tasks"].items():
+        metric = entry["primary_metric"]
+        values = [as_float(s["tasks"][task_id]["metrics"].get(metric)) for s in summaries]
+        pooled["tasks"][task_id] = {**entry, "metrics": {metric: sum(values) / len(values)}}
+    return pooled
+
+
 def run(config: TrainConfig, checked: Checked | None = None) -> dict:
     """Run the study described by `config`; returns {paradigm: metrics.json content} (with
     --seeds: {seed: that}, each seed in OUT/seed-N/, and the pooled report in OUT/report/).
@@ -327,6 +338,13 @@ def run_seeds(config: TrainConfig, checked: Checked | None = None) -> dict:
         seed_config = replace(config, seed=seed, seeds=None, out=str(run_dir), split_seed=config.seed)
         results[seed] = run(seed_config, replace(checked, config=seed_config))
         run_dirs.append(run_dir)
+    if dist_utils.is_main():
+        check = "au" if "au" in results[config.seeds[0]] else next(iter(results[config.seeds[0]]))
+        table, all_beat = baseline_table(mean_over_seeds([r[check] for r in results.values()]))
+        log(f"\n{check.upper()} model vs trivial baselines, the mean over seeds {config.seeds} (the pooled "
+            f"report's value):")
+        log(table)
+        log(f"every task beats its trivial baseline (mean over the seeds): {'yes' if all_beat else 'NO'}")
     if dist_utils.is_main() and (config.paradigm == "all" or len(results) > 1):
         generate_report(run_dirs, out / "report", n_resamples=config.bootstrap,
                         correction=config.correction)

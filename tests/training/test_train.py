@@ -190,12 +190,32 @@ def test_landmark_heads_start_at_the_training_mean_points(tmp_path, tiny_suite):
         assert (col, row) == tuple(np.floor(mean[k] * grid).astype(int)), (k, mean[k])
 
 
+def test_the_pooled_baseline_check_reads_the_mean_over_the_seeds():
+    from m2dino.training.study import baseline_table, mean_over_seeds
+
+    def summary(dice, mre):
+        return {"tasks": {"lung": {"primary_metric": "dice", "task_type": "segmentation", "metrics": {"dice": dice},
+                                   "baseline": {"dice": 0.0}},
+                          "IUGC": {"primary_metric": "mre", "task_type": "regression", "metrics": {"mre": mre},
+                                   "baseline": {"mre": 10.0}}}}
+    pooled = mean_over_seeds([summary(0.5, 9.0), summary(0.7, 12.0)])
+    assert pooled["tasks"]["lung"]["metrics"]["dice"] == pytest.approx(0.6)
+    assert pooled["tasks"]["IUGC"]["metrics"]["mre"] == pytest.approx(10.5)
+    table, all_beat = baseline_table(pooled)
+    rows = {line.split()[0]: line.split()[-1] for line in table.splitlines()[1:]}
+    assert not all_beat and rows == {"lung": "yes", "IUGC": "NO"}  # IUGC: 10.5 px is worse than the baseline's 10
+
+
 @pytest.mark.slow
-def test_seeds_train_every_paradigm_per_seed_and_pool_them(suite, tmp_path):
+def test_seeds_train_every_paradigm_per_seed_and_pool_them(suite, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["--data", str(suite), "--out", str(out), "--seeds", "0,1", "--img-size", "32", "--batch-size", "4",
                "--steps", "1", "--bootstrap", "200", "--no-progress"])
     assert rc == 0
+    # the closing check is the pooled value's: the mean over the seeds against the baseline
+    printed = capsys.readouterr().out
+    assert "AU model vs trivial baselines, the mean over seeds [0, 1]" in printed
+    assert "every task beats its trivial baseline (mean over the seeds):" in printed
     for seed in (0, 1):
         config = yaml.safe_load((out / f"seed-{seed}" / "config.yaml").read_text())
         assert config["seed"] == seed and config["seeds"] is None
