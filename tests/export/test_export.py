@@ -50,7 +50,8 @@ def trained(tiny_suite, tmp_path_factory):
     suite = tiny_suite(**SUITE)
     base = tmp_path_factory.mktemp("export")
     run(TrainConfig(data=str(suite), out=str(base / "run"), paradigm="au", tasks=TRAINED, img_size=32,
-                    batch_size=4, steps=3, num_experts=2, top_k=1, log_every=1, progress=False, seeds=None).validate())
+                    batch_size=4, steps=3, num_experts=2, top_k=1, log_every=1, progress=False, seeds=None,
+                    from_scratch=True).validate())  # the entry then says: trained from random weights
     checkpoint = base / "run" / "au" / "all" / "best.safetensors"
     out = base / "predictor"
     assert export_cli.main(["--checkpoint", str(checkpoint), "--out", str(out), "--batch-size", "3",

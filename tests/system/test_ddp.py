@@ -89,9 +89,11 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path, ti
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
     worst = max(float((r0[k].float() - one[k].float()).abs().max()) for k in r0)
     # Adam normalises each gradient, so fp32 summation-order noise in a near-zero gradient can
-    # move a weight by a visible part of one step (lr): bound the drift at a tenth of the
-    # largest possible total update (3 steps x lr 1e-3); a wrong reduction moves weights by ~lr.
-    assert worst < 0.1 * 3 * 1e-3, f"two processes drift from one process by {worst}"
+    # move a weight by a visible part of one step: bound the drift at a tenth of the largest
+    # possible total update (3 steps x the heads' rate, lr 1e-3 x head_lr_mult); a wrong
+    # reduction moves weights by about that.
+    largest = 1e-3 * TrainConfig().head_lr_mult
+    assert worst < 0.1 * 3 * largest, f"two processes drift from one process by {worst}"
 
 
 def _fsdp_resume(rank, world, port, out):

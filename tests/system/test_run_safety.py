@@ -63,7 +63,7 @@ def test_resume_with_a_different_value_names_it_and_changes_nothing(suite, finis
     before = checksums(finished)
     assert main(argv(suite, finished, "--resume", "--lr", "1")) == 2
     err = capsys.readouterr().err
-    assert "--lr 1.0 (the run has 0.0015)" in err and "--epochs" in err  # and what may change
+    assert "--lr 1.0 (the run has 0.001)" in err and "--epochs" in err  # and what may change
     assert checksums(finished) == before
     assert main(argv(suite, finished, "--resume", "--top-k", "1")) == 2
     assert "--top-k 1 (the run has 2)" in capsys.readouterr().err

@@ -148,8 +148,9 @@ def test_options_freeze_checkpointing_single_batching(suite, tmp_path, GC):
     out = tmp_path / "run"
     # the default kernel backend (cpp when built): a frozen backbone hands the MoE an x that
     # needs no grad while the experts do, which once broke the extension
+    # from random weights (--from-scratch): the initial weights are rebuilt below from the seed
     run(TrainConfig(data=str(suite), out=str(out), paradigm="au", img_size=32, batch_size=4, steps=2, seeds=None,
-                    progress=False, freeze_backbone=True, grad_checkpointing=GC, batching="single",
+                    from_scratch=True, progress=False, freeze_backbone=True, grad_checkpointing=GC, batching="single",
                     task_alpha=0.5, warmup=0, checkpoint_every=1).validate())
     model_dir = out / "au" / "all"
     # the trainer builds the model after torch.manual_seed(seed): rebuild the initial weights
