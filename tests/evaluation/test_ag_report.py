@@ -3,6 +3,8 @@ groupings, each seed's affinity.json planted): AG stands beside TS and CG in the
 random groupings only in its section; the predictor's rank correlation, AG vs CG and AG vs the
 random groupings come out as planted."""
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,3 +118,13 @@ def test_report_md_has_the_section(report):
     assert "## Affinity groups (AG)" in text
     assert "- seed-0: affinity_1: t0, t1, t3; affinity_2: t2, t4, t5" in text
     assert "AG vs 3 random groupings" in text and "AG vs CG (Wilcoxon" in text
+
+
+def test_without_random_groupings_ag_vs_chance_is_not_tested(report, tmp_path):
+    source = Path(report["affinity_groupings"]["affinity_files"]["seed-0"]).parents[1]
+    run_dir = tmp_path / "seed-0"
+    shutil.copytree(source, run_dir, ignore=lambda folder, names: [n for n in names if n.startswith("random_")])
+    section = build_report([run_dir], n_resamples=50)["affinity_groupings"]
+    assert section["random_groupings"] == [] and section["ag_vs_random"] is None
+    assert section["ag_vs_cg"]["n"] == 6
+    assert "no random groupings trained" in render_markdown(build_report([run_dir], n_resamples=0))
