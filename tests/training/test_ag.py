@@ -91,8 +91,10 @@ def test_every_seed_groups_from_its_own_probe(suite, tiny_config, tmp_path):
             drawn = load_groups(folder / f"random_{index}" / "groups.yaml")
             assert sorted(map(len, drawn.values())) == sorted(map(len, ag.values()))
             assert drawn == random_partition(ag, seed, index)
-    report = json.loads((out / "report" / "report.json").read_text())
-    assert set(report["affinity_groupings"]["groups"]) == {"seed-0", "seed-1"}
+    section = json.loads((out / "report" / "report.json").read_text())["affinity_groupings"]
+    assert set(section["groups"]) == {"seed-0", "seed-1"} and section["random_groupings"] == ["random_1", "random_2"]
+    assert section["groups"]["seed-1"]["ag"] == load_groups(out / "seed-1" / "ag" / "groups.yaml")
+    assert section["ag_vs_cg"] is None and section["ag_vs_random"] is None  # no TS: no change to compare
 
 
 def test_random_partitions_have_ags_sizes_and_follow_the_seed():

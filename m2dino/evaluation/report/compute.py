@@ -226,11 +226,12 @@ def analyse(runs: Runs, scale_threshold: float | None = None,
     if relations:  # the synthetic suite: its designed transfer read against the measured
         report["designed_transfer"] = relations.to_json(alpha)
         report["settings"]["designed_transfer"] = designed.settings(len(replicates))
-    if AG_PARADIGM in results and "ts" in against:
-        chance = against["ts"]["chance"]
+    if AG_PARADIGM in results:  # AG's groups per seed; without TS, no change to predict or compare
+        ts = against.get("ts")
         report["affinity_groupings"] = groupings.affinity_groupings(
-            runs, nulls.results, against["ts"]["changes"],
-            null_changes(nulls.results, results["ts"], facts, chance, margins, n_resamples, level), design)
+            runs, nulls.results, ts["changes"] if ts else {},
+            null_changes(nulls.results, results["ts"], facts, ts["chance"], margins, n_resamples, level) if ts
+            else {p: {} for p in nulls.results}, design)
     return report
 
 
