@@ -51,6 +51,7 @@ from m2dino.data.roots import TRAINING_SCALE
 from m2dino.models.configs import DEFAULT_AUX_WEIGHTS, M2DINOConfig
 from m2dino.options import Option, option, options_of, problem, split_words
 from m2dino.paradigms import (
+    AFFINITY_PROBE_STEPS,
     AG_PARADIGM,
     AU_PROBE_STEPS,
     BUDGETS,
@@ -207,7 +208,8 @@ class StudyOptions:
                                         factory=lambda: list(DEFAULT_SEEDS), parse=_parse_seeds)
     affinity_steps: int = option(0, "the AU model measures inter-task affinity at this many steps, every 10th from "
                                     "its first (affinity.json in its folder; each costs about 7 training steps on "
-                                    "a CPU; 0: off)")
+                                    f"a CPU; 0: off, or {AU_PROBE_STEPS} when AG is trained; --paradigm ag "
+                                    f"alone: its own probe's steps, each measured, 0: {AFFINITY_PROBE_STEPS})")
     budget: Budget = option(BUDGETS[0], f"how long each model trains; {BUDGETS[0]}: --epochs over its own data in "
                                         f"every paradigm; {BUDGETS[1]}: every model until its loss plateaus on an "
                                         f"inner split of its training rows, or a cap ({plateau_rule_text()})")
@@ -218,10 +220,10 @@ class StudyOptions:
                                        unset="as many as the clinical groups of the tasks")
     with_ag: bool = option(False, "--paradigm all also trains AG (one model per affinity group; the AU model "
                                   f"measures affinity first, --affinity-steps or {AU_PROBE_STEPS}); measured cost: "
-                                  "the study's time x 1.4 on a tiny suite (docs/study.md)", resumable=True)
+                                  "the study's time x 1.4 on a tiny suite (docs/study.md)")
     random_groupings: int = option(0, "AG's null: this many random partitions of the tasks with AG's group sizes "
                                       "(drawn from the seed), each trained like CG into OUT/random_N/; the report "
-                                      "tests AG against them", resumable=True)
+                                      "tests AG against them")
 
     def validate(self) -> None:
         check_choices(self)
