@@ -9,8 +9,7 @@ Where the affinity comes from (the first that exists, in OUT, the run directory 
 2. OUT/ag/affinity.json: a short probe of its own, the AU model's first --affinity-steps (0:
    AFFINITY_PROBE_STEPS) steps, each measured (`run_probe`, what `python -m m2dino.affinity`
    runs), the probe's model trained in a temporary folder and not kept. `--paradigm ag` alone
-   starts so; so does a study whose AU model was trained without the probe (--with-ag given on
-   --resume).
+   starts so; so does a study whose AU model left no affinity.json.
 
 The groups: m2dino.evaluation.grouping.best_grouping on the lookahead affinity, as many groups as
 the tasks' clinical groups (--num-groups K), written ONCE as OUT/ag/groups.yaml (the format
