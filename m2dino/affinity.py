@@ -21,10 +21,11 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
+from m2dino.paradigms import AFFINITY_PROBE_STEPS
 from m2dino.predict import positive_int
 
 PROG = "m2dino.affinity"
-DEFAULT_STEPS = 30
+DEFAULT_STEPS = AFFINITY_PROBE_STEPS
 DEFAULT_RESAMPLES = 50
 MEASURE = "lookahead"
 GROUPS_FILE = "groups.yaml"
@@ -107,6 +108,7 @@ def probe_command(args) -> None:
     from m2dino.io import write_json
     from m2dino.tasks import apply_groups, load_groups
     from m2dino.training import distributed as dist_utils
+    from m2dino.training.ag import run_probe
     from m2dino.training.study import check_start, load_data
 
     config = probe_config(args)
@@ -150,32 +152,6 @@ def probe_command(args) -> None:
     print(format_recommendation(groups, grouping, confidence, reference=reference))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
     print(f"next: python -m m2dino.train --data {args.data} --paradigm cg --groups {paths[GROUPS_FILE]}")
-
-
-def run_probe(config, specs, data, scratch: Path, steps: int, device):
-    """Train the AU model's first `steps` steps (the run's own schedule) into `scratch`,
-    measuring each; the AffinityProbe with what it measured."""
-    from m2dino.training.affinity import AffinityProbe, ProbeCallback
-    from m2dino.training.trainer import ModelTrainer
-
-    probe = AffinityProbe(tasks=[s.task_id for s in specs], every=1, until=steps)
-
-    class Enough(Exception):
-        """Raised by the last measured step's callback: the rest of the run is not needed."""
-
-    def stop_after(event) -> None:
-        if event.step >= steps:
-            raise Enough
-
-    trainer = ModelTrainer(config, "all", list(specs), data.train, data.val, scratch / "au", device,
-                           step_callbacks=[ProbeCallback(probe, config.loss_weights), stop_after])
-    try:
-        trainer.run()
-    except Enough:
-        pass
-    finally:
-        trainer.log.close()
-    return probe
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ Paradigms (the question a user asks: which tasks should share a model?):
 - `ts_converged` (the control, `--control ts-converged`): the TS models again, each trained
   until its loss on an inner split of its training rows plateaus (the converged budget's TS
   part); the report's second reference, TS*.
+- `ag` (`--paradigm ag`, or `--paradigm all --with-ag`): one model per affinity group, the groups
+  chosen from inter-task affinity measured early in AU training (m2dino.training.ag); trained
+  like CG.
+- `random_1`..`random_N` (`--random-groupings N`): random partitions of the tasks with AG's group
+  sizes, trained like CG: the null of "AG beats chance", not a paradigm of the report's tables.
 """
 from __future__ import annotations
 
@@ -17,10 +22,21 @@ PARADIGMS = ("ts", "cg", "au")
 # --control ts-converged adds this paradigm: the TS models trained until their inner-split loss plateaus
 CONTROL_PARADIGM = "ts_converged"
 CONTROLS = ("none", "ts-converged")
+# One model per affinity group (groups from the AU model's early inter-task affinity)
+AG_PARADIGM = "ag"
+# --random-groupings N trains random_1..random_N: random partitions with AG's group sizes (AG's null)
+RANDOM_PREFIX = "random_"
+# AG's affinity probe (m2dino.training.ag): when AG is asked and --affinity-steps is 0, the study's
+# AU model measures this many steps (every 10th of its first); without an AU model (--paradigm ag
+# alone), or from `python -m m2dino.affinity`, the AU model's first AFFINITY_PROBE_STEPS steps are
+# trained and each measured (docs/study.md: the measured cost)
+AU_PROBE_STEPS = 10
+AFFINITY_PROBE_STEPS = 12
 # What each paradigm trains, in words (the command line's help)
-PARADIGM_MEANINGS = {"ts": "one model per task", "cg": "one per clinical group", "au": "one for all"}
+PARADIGM_MEANINGS = {"ts": "one model per task", "cg": "one per clinical group", "au": "one for all",
+                     AG_PARADIGM: "one per affinity group"}
 # How the report and the plots name each paradigm
-PARADIGM_LABELS = {"ts": "TS", "cg": "CG", "au": "AU", CONTROL_PARADIGM: "TS*"}
+PARADIGM_LABELS = {"ts": "TS", "cg": "CG", "au": "AU", CONTROL_PARADIGM: "TS*", AG_PARADIGM: "AG"}
 
 # --budget: how long each model trains. equal-exposure: --epochs over each model's own data (every
 # sample seen as often in every paradigm); converged: every model (TS, CG, AU alike) until its loss
@@ -50,6 +66,16 @@ WSD_DECAY_FRACTION = 0.2
 def label(paradigm: str) -> str:
     """The paradigm's name in the report (TS, CG, AU, TS*); an unknown one as it is spelled."""
     return PARADIGM_LABELS.get(paradigm, paradigm)
+
+
+def random_grouping(index: int) -> str:
+    """The paradigm name of the index-th random grouping (from 1): random_1, random_2, ..."""
+    return f"{RANDOM_PREFIX}{index}"
+
+
+def is_random_grouping(paradigm: str) -> bool:
+    """Whether a paradigm is one of --random-groupings' random partitions (AG's null)."""
+    return paradigm.startswith(RANDOM_PREFIX) and paradigm[len(RANDOM_PREFIX):].isdigit()
 
 
 def plateau_rule_text() -> str:

@@ -51,6 +51,9 @@ from m2dino.data.roots import TRAINING_SCALE
 from m2dino.models.configs import DEFAULT_AUX_WEIGHTS, M2DINOConfig
 from m2dino.options import Option, option, options_of, problem, split_words
 from m2dino.paradigms import (
+    AFFINITY_PROBE_STEPS,
+    AG_PARADIGM,
+    AU_PROBE_STEPS,
     BUDGETS,
     CONTROL_PARADIGM,
     CONTROLS,
@@ -155,7 +158,7 @@ def check_positive(section, *names: str, zero_ok: bool = False) -> None:
 
 # ------------------------------------------------------------------ the sections
 
-Paradigm = Literal[(*PARADIGMS, "all")]
+Paradigm = Literal[(*PARADIGMS, AG_PARADIGM, "all")]
 _CONTROL_LABEL = PARADIGM_LABELS[CONTROL_PARADIGM]
 Control = Literal[CONTROLS]
 Budget = Literal[BUDGETS]
@@ -191,7 +194,7 @@ class DataOptions:
 class StudyOptions:
     title: ClassVar[str] = "study"
     paradigm: Paradigm = option("all", "; ".join(f"{p}: {m}" for p, m in PARADIGM_MEANINGS.items())
-                                + "; all: the three + report")
+                                + "; all: ts, cg, au + report (--with-ag adds ag)")
     control: Control = option(CONTROLS[0], f"'{CONTROLS[1]}': also train every TS model until it plateaus "
                                            f"({plateau_rule_text()}) into "
                                            f"OUT/{CONTROL_PARADIGM}/; the report adds {_CONTROL_LABEL} and "
@@ -205,17 +208,37 @@ class StudyOptions:
                                         factory=lambda: list(DEFAULT_SEEDS), parse=_parse_seeds)
     affinity_steps: int = option(0, "the AU model measures inter-task affinity at this many steps, every 10th from "
                                     "its first (affinity.json in its folder; each costs about 7 training steps on "
-                                    "a CPU; 0: off)")
+                                    f"a CPU; 0: off, or {AU_PROBE_STEPS} when AG is trained; --paradigm ag "
+                                    f"alone: its own probe's steps, each measured, 0: {AFFINITY_PROBE_STEPS})")
     budget: Budget = option(BUDGETS[0], f"how long each model trains; {BUDGETS[0]}: --epochs over its own data in "
                                         f"every paradigm; {BUDGETS[1]}: every model until its loss plateaus on an "
                                         f"inner split of its training rows, or a cap ({plateau_rule_text()})")
     correction: Correction = option(DEFAULT_CORRECTION, "the study report's multiplicity correction over its tests: "
                                                         "holm, bh (Benjamini-Hochberg) or none (python -m "
                                                         "m2dino.report --correction redoes a report with another)")
+    num_groups: Optional[int] = option(None, "how many affinity groups AG trains (ag, --with-ag)",
+                                       unset="as many as the clinical groups of the tasks")
+    with_ag: bool = option(False, "--paradigm all also trains AG (one model per affinity group; the AU model "
+                                  f"measures affinity first, --affinity-steps or {AU_PROBE_STEPS}); cost, measured: "
+                                  "AG's models train about as long as CG's, the probe about 70 AU steps more: "
+                                  "about 1.3x the default study's training time (docs/study.md)")
+    random_groupings: int = option(0, "AG's null: this many random partitions of the tasks with AG's group sizes "
+                                      "(drawn from the seed), each trained like CG into OUT/random_N/; the report "
+                                      "tests AG against them")
 
     def validate(self) -> None:
         check_choices(self)
         check_at_least(self, 0, "affinity_steps")
+        check_at_least(self, 0, "random_groupings")
+        trains_ag = self.paradigm == AG_PARADIGM or (self.paradigm == "all" and self.with_ag)
+        if self.with_ag and self.paradigm != "all":
+            raise problem("with_ag", f"adds AG to --paradigm all (for AG alone: --paradigm {AG_PARADIGM}), "
+                                     f"got --paradigm {self.paradigm!r}")
+        if self.random_groupings and not trains_ag:
+            raise problem("random_groupings", f"are AG's null: needs --paradigm {AG_PARADIGM} or --with-ag")
+        if self.num_groups is not None and (self.num_groups < 1 or not trains_ag):
+            raise problem("num_groups", f"the number of AG's groups: an integer >= 1 with --paradigm {AG_PARADIGM} "
+                                        f"or --with-ag, got {self.num_groups}")
         if self.control != CONTROLS[0] and self.paradigm != "all":
             raise problem("control", f"compares with the study's paradigms: needs --paradigm all, "
                                      f"got {self.paradigm!r}")

@@ -40,8 +40,9 @@ from m2dino.evaluation.baselines import trivial_baselines
 from m2dino.evaluation.metrics import as_float, higher_is_better
 from m2dino.evaluation.report import generate_report
 from m2dino.models.pretrained import OFFICIAL_FILES, check_weights_file, where_to_get
-from m2dino.paradigms import CONTROL_PARADIGM, CONTROLS, PARADIGMS
+from m2dino.paradigms import AG_PARADIGM, CONTROL_PARADIGM, CONTROLS, PARADIGMS, is_random_grouping
 from m2dino.tasks import apply_groups, load_groups
+from m2dino.training import ag
 from m2dino.training import distributed as dist_utils
 from m2dino.training.config import SYNTHETIC_START, TrainConfig, as_one_run, save_config, weights_file
 from m2dino.training.jobs import (
@@ -165,12 +166,12 @@ def load_data(config: TrainConfig, out: Path, root: Path | None = None):
 
 def plan_models(paradigm: str, task_ids: list[str], groups: dict[str, list[str]]) -> dict[str, list[str]]:
     """{model_name: [task ids]}: a model per task (ts, and ts_converged, the control), per
-    clinical group (cg), one (au)."""
+    group of `groups` (cg: the clinical groups; ag and the random groupings: theirs), one (au)."""
     if paradigm in ("ts", CONTROL_PARADIGM):
         return {t: [t] for t in task_ids}
     if paradigm == "au":
         return {"all": list(task_ids)}
-    if paradigm == "cg":
+    if paradigm in ("cg", AG_PARADIGM) or is_random_grouping(paradigm):
         plan: dict[str, list[str]] = {}
         wanted = set(task_ids)
         for group, members in groups.items():
@@ -203,10 +204,11 @@ def paradigm_summary(paradigm: str, plan: dict[str, list[str]], results: dict[st
 
 
 def run_paradigms(config: TrainConfig, paradigms: list[str], data, specs: dict, groups, baselines, device,
-                  out: Path) -> dict[str, dict]:
+                  out: Path, groups_of: dict | None = None) -> dict[str, dict]:
     """Train every model of the paradigms (--jobs at a time on the CPU); each paradigm's
-    OUT/<paradigm>/metrics.json is written as soon as its last model is done."""
-    plans = {p: plan_models(p, sorted(specs), groups) for p in paradigms}
+    OUT/<paradigm>/metrics.json is written as soon as its last model is done. groups_of: the
+    groups of a paradigm that does not train the clinical ones ({paradigm: groups})."""
+    plans = {p: plan_models(p, sorted(specs), (groups_of or {}).get(p, groups)) for p in paradigms}
     train_sizes = data.task_counts("train")
     models = [ModelJob(p, name, tuple(task_ids), sum(train_sizes.get(t, 0) for t in task_ids))
               for p, plan in plans.items() for name, task_ids in plan.items()]
@@ -291,14 +293,21 @@ def _run(config: TrainConfig, checked: Checked) -> dict:
     paradigms = list(PARADIGMS) if config.paradigm == "all" else [config.paradigm]
     if config.control != CONTROLS[0]:  # a control: its models train as one more paradigm
         paradigms.append(CONTROL_PARADIGM)
-    results = run_paradigms(config, paradigms, data, specs, groups, baselines, device, out)
+    first = [p for p in paradigms if p != AG_PARADIGM]  # AG's groups come from the AU model's probe: after it
+    results = run_paradigms(ag.with_au_probe(config), first, data, specs, groups, baselines, device,
+                            out) if first else {}
+    if ag.trains_ag(config):
+        grouped = ag.grouped_paradigms(config, out, specs, data, device)
+        log("AG groups: " + "; ".join(f"{g}: {', '.join(m)}" for g, m in grouped[AG_PARADIGM].items()))
+        results.update(run_paradigms(config, list(grouped), data, specs, groups, baselines, device, out, grouped))
+        paradigms = first + list(grouped)
     if dist_utils.is_main():
-        check = "au" if "au" in results else paradigms[-1]
+        check = "au" if "au" in results else paradigms[0]
         table, all_beat = baseline_table(results[check])
         log(f"\n{check.upper()} model vs trivial baselines (primary metric; dice/f1_macro/iou higher, mre lower):")
         log(table)
         log(f"every task beats its trivial baseline: {'yes' if all_beat else 'NO'}")
-        if len(paradigms) > 1:
+        if sum(not is_random_grouping(p) for p in paradigms) > 1:
             generate_report([out], out / "report", n_resamples=config.bootstrap, correction=config.correction)
             log(f"report: {(out / 'report' / 'report.md').resolve()}")
         log(f"run directory: {out.resolve()} (total {time.perf_counter() - t_start:.1f} s)")

@@ -39,7 +39,7 @@ DEMO_RUN = dict(
     aux_weights={"load_balance": 0.01, "z_loss": 0.001, "mutual_information": 0.0, "global_load_balance": 0.0},
     amp="bf16",
     grad_checkpointing=False, freeze_backbone=False, fsdp=False, seed=0, seeds=[0, 1, 2],
-    affinity_steps=0, device="auto", workers=0,
+    affinity_steps=0, num_groups=None, with_ag=False, random_groupings=0, device="auto", workers=0,
     jobs=0, max_bad_steps=5, out="runs/default", resume=False, eval_every=0, log_every=10, checkpoint_every=0,
     checkpoint_seconds=60.0, bootstrap=1000, progress=True, budget="equal-exposure", correction="bh",
     # the fine-tuning options, added off

@@ -26,6 +26,8 @@ ADDED_AUX = {"global_load_balance": 0.0}
 ADDED_OPTIONS = {"grad_accum": 1, "layer_decay": 1.0, "drop_path": 0.0, "drop_path_schedule": "uniform",
                  "ema": None, "compile": False,
                  "affinity_steps": 0,
+                 # AG, the affinity-grouping paradigm, and its null
+                 "num_groups": None, "with_ag": False, "random_groupings": 0,
                  # the training budget (equal exposure) and the report's multiplicity correction
                  "budget": "equal-exposure", "correction": "bh"}
 

@@ -47,7 +47,7 @@ from m2dino.evaluation.bootstrap import (
 )
 from m2dino.evaluation.metrics import LOWER_IS_BETTER, METRIC_NAMES, as_float, nanmean
 from m2dino.evaluation.report import design as designed
-from m2dino.evaluation.report import tasklevel
+from m2dino.evaluation.report import groupings, tasklevel
 from m2dino.evaluation.report.change import (
     BOOTSTRAP_OVER_IMAGES,
     DEFAULT_MARGINS,
@@ -61,7 +61,7 @@ from m2dino.evaluation.report.change import (
 )
 from m2dino.evaluation.report.runs import TRAINING_KEYS, Runs, load_runs, read_checkpoint_config
 from m2dino.evaluation.report.tasklevel import CORRECTION_NAMES, CORRECTIONS, DEFAULT_CORRECTION
-from m2dino.paradigms import CONTROL_PARADIGM, PARADIGMS, plateau_rule_text
+from m2dino.paradigms import AG_PARADIGM, CONTROL_PARADIGM, PARADIGMS, plateau_rule_text
 from m2dino.tasks import TaskTable, TaskType
 
 # The converged-TS control (--control ts-converged): its models are the second reference
@@ -167,6 +167,7 @@ def analyse(runs: Runs, scale_threshold: float | None = None,
     """The report of runs already read (load_runs); what compute_report does after reading."""
     margins = {**DEFAULT_MARGINS, **(margins or {})}
     alpha = 1 - level
+    runs, nulls = groupings.split_nulls(runs)  # the random groupings: AG's null, in its section only
     results = runs.results
     paradigms = [p for p in PARADIGMS if p in results] + sorted(set(results) - set(PARADIGMS))
     if CONTROL in paradigms:  # the control reads after the paradigms it controls
@@ -187,22 +188,12 @@ def analyse(runs: Runs, scale_threshold: float | None = None,
     for task_id in task_ids:
         fact = facts[task_id]
         by_paradigm = {p: results[p][task_id] for p in paradigms if task_id in results[p]}
-        images = _aligned_images(fact, by_paradigm) if n_resamples else {}
-        scored = {p: {rep: bootstrap_task(fact["task_type"], num_classes, values, n_resamples=n_resamples,
-                                          seed=task_seed(BOOTSTRAP_SEED, task_id), level=level)
-                      for rep, (values, num_classes) in reps.items()} for p, reps in images.items()}
-        entry = {**fact, "scale": "data-rich" if fact["train_size"] >= scale["threshold"] else "data-scarce",
-                 "paradigms": {p: _paradigm_result(task_id, reps, scored.get(p), runs.training.get(p, {}), level)
-                               for p, reps in by_paradigm.items()}}
-        tasks_out[task_id] = entry
-        metric = fact["primary_metric"]
-        baseline = nanmean([as_float(e.get("baseline", {}).get(metric)) for reps in by_paradigm.values()
-                            for e in reps.values()])
-        points = {p: {r: e["metrics"] for r, e in reps.items()} for p, reps in by_paradigm.items()}
-        num_classes = next((c for reps in images.values() for _, c in reps.values()), 0)
-        task_runs[task_id] = TaskRuns(task_id, metric, baseline, points, scored,
-                                      {p: {r: v for r, (v, _) in reps.items()} for p, reps in images.items()},
-                                      fact["task_type"], num_classes)
+        task_runs[task_id] = scored_runs(task_id, fact, by_paradigm, n_resamples, level)
+        tasks_out[task_id] = {
+            **fact, "scale": "data-rich" if fact["train_size"] >= scale["threshold"] else "data-scarce",
+            "paradigms": {p: _paradigm_result(task_id, reps, task_runs[task_id].scored.get(p),
+                                              runs.training.get(p, {}), level)
+                          for p, reps in by_paradigm.items()}}
 
     design = designed.find_design(runs.configs)  # the synthetic suite's design.json, None for real data
     relations = designed.DesignedTransfer(design, tasks_out) if design else None
@@ -235,7 +226,47 @@ def analyse(runs: Runs, scale_threshold: float | None = None,
     if relations:  # the synthetic suite: its designed transfer read against the measured
         report["designed_transfer"] = relations.to_json(alpha)
         report["settings"]["designed_transfer"] = designed.settings(len(replicates))
+    if AG_PARADIGM in results:  # AG's groups per seed; without TS, no change to predict or compare
+        ts = against.get("ts")
+        report["affinity_groupings"] = groupings.affinity_groupings(
+            runs, nulls.results, ts["changes"] if ts else {},
+            null_changes(nulls.results, results["ts"], facts, ts["chance"], margins, n_resamples, level) if ts
+            else {p: {} for p in nulls.results}, design)
     return report
+
+
+def null_changes(null_results: dict, ts_results: dict, facts: dict, chance: dict, margins: dict, n_resamples: int,
+                 level: float) -> dict:
+    """{random grouping: {task: Change vs TS}}, each with its gap share (the tests as for every
+    paradigm, outside the report's families: only the null's summary is used)."""
+    items = []
+    for task_id, fact in facts.items():
+        by_paradigm = {p: tasks[task_id] for p, tasks in null_results.items() if task_id in tasks}
+        if not by_paradigm or task_id not in ts_results or task_id not in chance:
+            continue
+        task = scored_runs(task_id, fact, {"ts": ts_results[task_id], **by_paradigm}, n_resamples, level)
+        items += [(task, p, "ts", margins.get(task.metric, 0.0)) for p in by_paradigm]
+    out: dict = {p: {} for p in null_results}
+    for (task, paradigm, _, _), change in zip(items, compare_all(items, level)):
+        out[paradigm][task.task_id] = with_gap_share(change, chance[task.task_id])
+    return out
+
+
+def scored_runs(task_id: str, fact: dict, by_paradigm: dict, n_resamples: int, level: float) -> TaskRuns:
+    """A task's runs ({paradigm: {replicate: entry}}) with every value bootstrapped over its
+    validation images (the same resamples under every paradigm and seed)."""
+    images = _aligned_images(fact, by_paradigm) if n_resamples else {}
+    scored = {p: {rep: bootstrap_task(fact["task_type"], num_classes, values, n_resamples=n_resamples,
+                                      seed=task_seed(BOOTSTRAP_SEED, task_id), level=level)
+                  for rep, (values, num_classes) in reps.items()} for p, reps in images.items()}
+    metric = fact["primary_metric"]
+    baseline = nanmean([as_float(e.get("baseline", {}).get(metric)) for reps in by_paradigm.values()
+                        for e in reps.values()])
+    points = {p: {r: e["metrics"] for r, e in reps.items()} for p, reps in by_paradigm.items()}
+    num_classes = next((c for reps in images.values() for _, c in reps.values()), 0)
+    return TaskRuns(task_id, metric, baseline, points, scored,
+                    {p: {r: v for r, (v, _) in reps.items()} for p, reps in images.items()},
+                    fact["task_type"], num_classes)
 
 
 def per_task_tests(task_runs: dict, paradigms: list[str], margins: dict, level: float = DEFAULT_LEVEL,

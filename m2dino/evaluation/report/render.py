@@ -465,6 +465,53 @@ def _designed_section(report: dict) -> list[str]:
             + ["", "Each answer at the end says whether the design agrees with it."])
 
 
+def _correlation(result: dict | None) -> str:
+    if not result or result.get("spearman") is None:
+        return f"n = {(result or {}).get('n', 0)}: too few to rank"
+    return (f"Spearman {result['spearman']:+.2f} (p {_p(result['spearman_p'])}), Kendall {result['kendall']:+.2f} "
+            f"(p {_p(result['kendall_p'])}), n = {result['n']}")
+
+
+def _affinity_groups_section(report: dict) -> list[str]:
+    """AG (groups from early inter-task affinity): its groups per seed, whether the affinity
+    predicts the measured transfer, AG vs CG and AG vs the random groupings (groupings.py)."""
+    section = report.get("affinity_groupings")
+    if not section:
+        return []
+    lines = ["", "## Affinity groups (AG)", "",
+             f"AG trains one model per group chosen to maximise the {section['measure']} affinity measured early in "
+             f"the AU model's training (each seed from its own probe); its changes against TS are in every table "
+             f"above. Unit: {section['unit']}. These tests are outside the report's multiplicity families.", ""]
+    for rep, by_paradigm in section["groups"].items():
+        groups = by_paradigm.get("ag", {})
+        lines.append(f"- {rep}: " + "; ".join(f"{g}: {', '.join(m)}" for g, m in groups.items())
+                     + f" (affinity: {section['affinity_files'].get(rep) or 'not found'})")
+    lines += ["", "Does the affinity predict the transfer? (predicted: the mean affinity onto a task from its group; "
+                  "measured: its change against TS)", ""]
+    for rep, per_paradigm in section["prediction"].items():
+        for paradigm, result in per_paradigm.items():
+            lines.append(f"- {rep}, {label(paradigm)} groups: {_correlation(result)}")
+    pairwise = section.get("pairwise") or {}
+    lines.append(f"- task pairs trained as a two-task group: {pairwise.get('note') or _correlation(pairwise)}")
+    for measure, result in (section.get("design") or {}).items():
+        lines.append(f"- designed relations (design.json), {measure}: AUC of the {result['pairs']['positive']} "
+                     f"positive pairs over the {result['pairs']['none']} unrelated ones "
+                     f"{_fmt(result['auc_positive_vs_none'])} (permutation p over tasks {_p(result['p'])})")
+    versus = section.get("ag_vs_cg")
+    if versus:
+        lines.append(f"- AG vs CG (Wilcoxon signed-rank over {versus['n']} tasks of AG's change minus CG's, metric "
+                     f"units): median {_fmt(versus['median_difference'])}, AG better on {versus['better']}, worse on "
+                     f"{versus['worse']}, p {_p(versus['p'])}")
+    null = section.get("ag_vs_random")
+    if null and null.get("p") is not None:
+        lines.append(f"- AG vs {len(null['random'])} random groupings of AG's sizes ({null['statistic']}): AG "
+                     f"{_fmt(null['observed'])}, random mean {_fmt(null['random_mean'])}; Monte-Carlo p "
+                     f"{_p(null['p'])} ({null['rule']})")
+    elif not section["random_groupings"]:
+        lines.append("- AG vs chance: no random groupings trained (--random-groupings N)")
+    return lines
+
+
 def _answers_section(report: dict) -> list[str]:
     if not report.get("answers"):
         return []
@@ -488,7 +535,7 @@ def _against_references(section):
 
 SECTIONS = (_primary_table, _against_references(_effects_section), _against_references(_summaries_section),
             _task_level_section, _group_table_section, _type_metrics_section, _training_section, _capacity_section,
-            _all_metrics_section, _losses_section, _routing_section, _designed_section)
+            _all_metrics_section, _losses_section, _routing_section, _designed_section, _affinity_groups_section)
 
 
 def render_markdown(report: dict, plots: Sequence[str] = ()) -> str:
