@@ -63,7 +63,7 @@ def test_train_options_are_grouped_like_the_config_with_choices():
     assert {"data", "tasks"} <= groups["data"] and {"model", "num_experts"} <= groups["model"]
     assert {"epochs", "lr"} <= groups["schedule and optimizer"] and "resume" in groups["output, resume and evaluation"]
     text = parser.format_help()
-    assert "--paradigm {ts,cg,au,all}" in text and "--amp {bf16,fp16,off}" in text and "dinov3_vitb16" in text
+    assert "--paradigm {ts,cg,au,ag,all}" in text and "--amp {bf16,fp16,off}" in text and "dinov3_vitb16" in text
 
 
 def test_tasks_take_commas_or_spaces_in_every_command():
@@ -86,7 +86,7 @@ IMPOSSIBLE = [
     (["--model", "dinov3_vitx"], "--model", "dinov3_vitb16"),
     (["--loss-weights", "fetal_hed=2"], "--loss-weights", "fetal_head"),
     (["--loss-weights", "segmentaton=2"], "--loss-weights", "segmentation"),
-    (["--paradigm", "tss"], "--paradigm", "ts, cg, au, all"),
+    (["--paradigm", "tss"], "--paradigm", "ts, cg, au, ag, all"),
     (["--amp", "fp8"], "--amp", "bf16"),
     (["--top-k", "9"], "--top-k", "num_experts"),
 ]
