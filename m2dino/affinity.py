@@ -21,15 +21,13 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from m2dino.paradigms import AFFINITY_PROBE_STEPS
+from m2dino.paradigms import AFFINITY_PROBE_STEPS, GROUPING_FILE, GROUPS_FILE
+from m2dino.paradigms import GROUPING_MEASURE as MEASURE
 from m2dino.predict import positive_int
 
 PROG = "m2dino.affinity"
 DEFAULT_STEPS = AFFINITY_PROBE_STEPS
 DEFAULT_RESAMPLES = 50
-MEASURE = "lookahead"
-GROUPS_FILE = "groups.yaml"
-GROUPING_FILE = "grouping.json"
 HEATMAP_FILE = "affinity.png"
 
 EXAMPLES = """examples:
@@ -103,9 +101,8 @@ def probe_command(args) -> None:
 
     from m2dino.errors import InputError
     from m2dino.evaluation.affinity import AFFINITY_FILE, write_affinity
-    from m2dino.evaluation.grouping import best_grouping, grouping_confidence, write_groups_file
+    from m2dino.evaluation.grouping import group_and_write
     from m2dino.evaluation.report.affinity import format_matrix, format_recommendation, plot_heatmap
-    from m2dino.io import write_json
     from m2dino.tasks import apply_groups, load_groups
     from m2dino.training import distributed as dist_utils
     from m2dino.training.ag import run_probe
@@ -138,14 +135,8 @@ def probe_command(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_affinity(paths[AFFINITY_FILE], record)
     plot_heatmap(record, paths[HEATMAP_FILE], MEASURE)
-    matrix = record.measure(MEASURE).mean
-    grouping = best_grouping(matrix, k)
-    confidence = grouping_confidence(record, grouping, k, MEASURE, resamples=args.resamples)
-    groups = grouping.groups(record.tasks)
-    write_json(paths[GROUPING_FILE], {"measure": MEASURE, "num_groups": k, "groups": groups,
-                                      "score": grouping.score, "method": grouping.method,
-                                      "confidence": confidence.to_json()})
-    write_groups_file(paths[GROUPS_FILE], groups)
+    grouping, confidence, groups = group_and_write(record, k, MEASURE, paths[GROUPING_FILE], paths[GROUPS_FILE],
+                                                   args.resamples)
     reference = {g: [s.task_id for s in specs if s.group == g] for g in sorted({s.group for s in specs})}
     print(format_matrix(record, MEASURE))
     print(f"\n{len(record.steps)} steps measured in {seconds:.1f} s (probe {probe.seconds:.1f} s of it)\n")

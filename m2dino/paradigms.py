@@ -32,6 +32,11 @@ RANDOM_PREFIX = "random_"
 # trained and each measured (docs/study.md: the measured cost)
 AU_PROBE_STEPS = 10
 AFFINITY_PROBE_STEPS = 12
+# The affinity that chooses groups, and the files a grouping is written to (the probe command's
+# --out, and OUT/ag/ of a study)
+GROUPING_MEASURE = "lookahead"
+GROUPS_FILE = "groups.yaml"
+GROUPING_FILE = "grouping.json"
 # What each paradigm trains, in words (the command line's help)
 PARADIGM_MEANINGS = {"ts": "one model per task", "cg": "one per clinical group", "au": "one for all",
                      AG_PARADIGM: "one per affinity group"}

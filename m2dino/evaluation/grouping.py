@@ -294,6 +294,22 @@ def grouping_confidence(record, chosen: Grouping, k: int, measure: str = "lookah
                       (float(np.percentile(ari, 2.5)), float(np.percentile(ari, 97.5))), together / resamples)
 
 
+def group_and_write(record, k: int, measure: str, grouping_path, groups_path, resamples: int,
+                    **recorded) -> tuple[Grouping, Confidence | None, dict[str, list[str]]]:
+    """The best grouping of an AffinityRecord's mean `measure` into k groups, its confidence over
+    `resamples` resamples of the measured steps (None with fewer than 2), written as the
+    grouping's JSON (with `recorded` beside it) and the groups file --groups reads."""
+    grouping = best_grouping(record.measure(measure).mean, k)
+    confidence = (grouping_confidence(record, grouping, k, measure, resamples=resamples)
+                  if len(record.steps) >= 2 else None)
+    groups = grouping.groups(record.tasks)
+    io.write_json(grouping_path, {"measure": measure, "num_groups": k, "groups": groups, "score": grouping.score,
+                                  "method": grouping.method,
+                                  "confidence": confidence.to_json() if confidence else None, **recorded})
+    write_groups_file(groups_path, groups)
+    return grouping, confidence, groups
+
+
 def write_groups_file(path, groups: dict[str, list[str]], overwrite: bool = False) -> Path:
     """A groups file that --groups reads (m2dino.tasks.load_groups): YAML for .yaml/.yml, JSON
     otherwise, written atomically. An existing file is kept unless `overwrite`, and then moved

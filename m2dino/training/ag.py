@@ -29,18 +29,21 @@ from pathlib import Path
 
 import numpy as np
 
-from m2dino import io
 from m2dino.errors import InputError
 from m2dino.evaluation.affinity import AFFINITY_FILE, read_affinity, write_affinity
-from m2dino.evaluation.grouping import best_grouping, grouping_confidence, groups_from_labels, write_groups_file
-from m2dino.paradigms import AFFINITY_PROBE_STEPS, AG_PARADIGM, AU_PROBE_STEPS, random_grouping
+from m2dino.evaluation.grouping import group_and_write, groups_from_labels, write_groups_file
+from m2dino.paradigms import (
+    AFFINITY_PROBE_STEPS,
+    AG_PARADIGM,
+    AU_PROBE_STEPS,
+    GROUPING_FILE,
+    GROUPING_MEASURE,
+    GROUPS_FILE,
+    random_grouping,
+)
 from m2dino.tasks import load_groups
 from m2dino.training import distributed as dist_utils
 
-# The affinity that chooses the groups
-MEASURE = "lookahead"
-GROUPS_FILE = "groups.yaml"
-GROUPING_FILE = "grouping.json"
 # Bootstrap resamples of the measured steps behind grouping.json's confidence
 CONFIDENCE_RESAMPLES = 20
 
@@ -117,17 +120,11 @@ def choose_groups(source: Path, out: Path, num_groups: int) -> dict[str, list[st
     grouping.json."""
     record = read_affinity(source)
     k = min(num_groups, len(record.tasks))
-    grouping = best_grouping(record.measure(MEASURE).mean, k)
-    confidence = (grouping_confidence(record, grouping, k, MEASURE, resamples=CONFIDENCE_RESAMPLES).to_json()
-                  if len(record.steps) >= 2 else None)
-    groups = grouping.groups(record.tasks)
     folder = out / AG_PARADIGM
-    io.write_json(folder / GROUPING_FILE, {
-        "measure": MEASURE, "num_groups": k, "groups": groups, "score": grouping.score, "method": grouping.method,
-        "confidence": confidence, "affinity": str(Path(source).resolve().relative_to(out.resolve())),
-        "measured_steps": len(record.steps)})
-    write_groups_file(folder / GROUPS_FILE, groups)
-    return groups
+    return group_and_write(record, k, GROUPING_MEASURE, folder / GROUPING_FILE, folder / GROUPS_FILE,
+                           CONFIDENCE_RESAMPLES,
+                           affinity=str(Path(source).resolve().relative_to(out.resolve())),
+                           measured_steps=len(record.steps))[2]
 
 
 def random_partition(groups: dict[str, list[str]], seed: int, index: int) -> dict[str, list[str]]:

@@ -247,6 +247,19 @@ def baseline_table(summary: dict) -> tuple[str, bool]:
     return "\n".join(lines), all_beat
 
 
+def log_baseline_check(results: dict[str, dict], pooled_over: list[int] | None = None) -> None:
+    """The run's closing check: the AU model (else the first paradigm) against every task's
+    trivial baseline; `pooled_over`: results hold lists of per-seed summaries, checked on their mean."""
+    check = "au" if "au" in results else next(iter(results))
+    summary = mean_over_seeds(results[check]) if pooled_over else results[check]
+    over = f", the mean over seeds {pooled_over} (the pooled report's value)" if pooled_over else ""
+    table, all_beat = baseline_table(summary)
+    log(f"\n{check.upper()} model vs trivial baselines{over} (primary metric; dice/f1_macro/iou higher, mre lower):")
+    log(table)
+    log(f"every task beats its trivial baseline{' (mean over the seeds)' if pooled_over else ''}: "
+        f"{'yes' if all_beat else 'NO'}")
+
+
 def mean_over_seeds(summaries: list[dict]) -> dict:
     """One paradigm's metrics.json summaries, one per seed -> a summary whose primary metric per
     task is the mean over the seeds (what the pooled report shows), for baseline_table."""
@@ -302,11 +315,7 @@ def _run(config: TrainConfig, checked: Checked) -> dict:
         results.update(run_paradigms(config, list(grouped), data, specs, groups, baselines, device, out, grouped))
         paradigms = first + list(grouped)
     if dist_utils.is_main():
-        check = "au" if "au" in results else paradigms[0]
-        table, all_beat = baseline_table(results[check])
-        log(f"\n{check.upper()} model vs trivial baselines (primary metric; dice/f1_macro/iou higher, mre lower):")
-        log(table)
-        log(f"every task beats its trivial baseline: {'yes' if all_beat else 'NO'}")
+        log_baseline_check({p: results[p] for p in paradigms})
         if sum(not is_random_grouping(p) for p in paradigms) > 1:
             generate_report([out], out / "report", n_resamples=config.bootstrap, correction=config.correction)
             log(f"report: {(out / 'report' / 'report.md').resolve()}")
@@ -348,12 +357,8 @@ def run_seeds(config: TrainConfig, checked: Checked | None = None) -> dict:
         results[seed] = run(seed_config, replace(checked, config=seed_config))
         run_dirs.append(run_dir)
     if dist_utils.is_main():
-        check = "au" if "au" in results[config.seeds[0]] else next(iter(results[config.seeds[0]]))
-        table, all_beat = baseline_table(mean_over_seeds([r[check] for r in results.values()]))
-        log(f"\n{check.upper()} model vs trivial baselines, the mean over seeds {config.seeds} (the pooled "
-            f"report's value):")
-        log(table)
-        log(f"every task beats its trivial baseline (mean over the seeds): {'yes' if all_beat else 'NO'}")
+        per_paradigm = {p: [r[p] for r in results.values()] for p in results[config.seeds[0]]}
+        log_baseline_check(per_paradigm, pooled_over=config.seeds)
     if dist_utils.is_main() and (config.paradigm == "all" or len(results) > 1):
         generate_report(run_dirs, out / "report", n_resamples=config.bootstrap,
                         correction=config.correction)

@@ -38,10 +38,8 @@ from m2dino.evaluation.report.affinity import (
     transfer_prediction,
 )
 from m2dino.evaluation.report.runs import Runs
-from m2dino.paradigms import AG_PARADIGM, is_random_grouping
-
-MEASURE = "lookahead"
-GROUPING_FILE = "grouping.json"
+from m2dino.paradigms import AG_PARADIGM, GROUPING_FILE, is_random_grouping
+from m2dino.paradigms import GROUPING_MEASURE as MEASURE
 
 
 def split_nulls(runs: Runs) -> tuple[Runs, Runs]:
