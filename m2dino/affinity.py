@@ -103,15 +103,18 @@ def probe_command(args) -> None:
     from m2dino.evaluation.affinity import AFFINITY_FILE, write_affinity
     from m2dino.evaluation.grouping import group_and_write
     from m2dino.evaluation.report.affinity import format_matrix, format_recommendation, plot_heatmap
+    from m2dino.io import lock_directory
     from m2dino.tasks import apply_groups, load_groups
     from m2dino.training import distributed as dist_utils
     from m2dino.training.ag import run_probe
+    from m2dino.training.rundir import check_inputs_outside
     from m2dino.training.study import check_start, load_data
 
     config = probe_config(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: not a folder")
+    check_inputs_outside(config, out, overwrite=False)  # the outputs never land in the data
     paths = outputs(out)
     clear_outputs(paths, args.overwrite)  # before anything runs: a refusal costs nothing
     checked = check_start(config)
@@ -132,11 +135,12 @@ def probe_command(args) -> None:
     if len(record.steps) < 2:
         raise InputError(f"only {len(record.steps)} step(s) could be measured (non-finite losses?): "
                          f"the probe needs at least 2; try more --steps")
-    out.mkdir(parents=True, exist_ok=True)
-    write_affinity(paths[AFFINITY_FILE], record)
-    plot_heatmap(record, paths[HEATMAP_FILE], MEASURE)
-    grouping, confidence, groups = group_and_write(record, k, MEASURE, paths[GROUPING_FILE], paths[GROUPS_FILE],
-                                                   args.resamples)
+    with lock_directory(out, PROG):  # one writer; a copy that finished meanwhile is checked for again
+        clear_outputs(paths, args.overwrite)
+        write_affinity(paths[AFFINITY_FILE], record)
+        plot_heatmap(record, paths[HEATMAP_FILE], MEASURE)
+        grouping, confidence, groups = group_and_write(record, k, MEASURE, paths[GROUPING_FILE],
+                                                       paths[GROUPS_FILE], args.resamples)
     reference = {g: [s.task_id for s in specs if s.group == g] for g in sorted({s.group for s in specs})}
     print(format_matrix(record, MEASURE))
     print(f"\n{len(record.steps)} steps measured in {seconds:.1f} s (probe {probe.seconds:.1f} s of it)\n")

@@ -138,7 +138,7 @@ def check_inputs_outside(config: TrainConfig, out: Path, overwrite: bool) -> Non
         data = root.resolve()
         if _inside(here, data) or _inside(data, here):
             where = "is" if here == data else ("lies inside" if _inside(here, data) else "holds")
-            raise RunDirError(f"--out {out} {where} the data root {root}: training writes into --out, and never "
+            raise RunDirError(f"--out {out} {where} the data root {root}: m2dino writes into --out, and never "
                               f"into its input. Choose an --out outside the data")
     if not overwrite:
         return

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import yaml
+from locks import hold_lock
 
 from m2dino.affinity import main
 from m2dino.evaluation.affinity import read_affinity
@@ -47,6 +48,31 @@ def test_a_missing_data_root_is_a_clear_error(tmp_path, capsys):
     assert rc == 2
     assert "nowhere" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_inside_the_data_is_refused_and_writes_nothing(suite, recipe, capsys):
+    before = sorted(p.relative_to(suite) for p in suite.rglob("*"))
+    rc = main(["--data", str(suite), "--config", str(recipe), "--out", str(suite / "affinity")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "inside the data root" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(suite) for p in suite.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_a_second_copy_writing_the_same_out_stops_and_changes_nothing(suite, recipe, tmp_path, capsys):
+    out = tmp_path / "affinity"
+    holder = hold_lock(out)  # another m2dino command is writing there
+    try:
+        rc = main(["--data", str(suite), "--config", str(recipe), "--steps", "2", "--resamples", "2",
+                   "--out", str(out)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "a test holder" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == [".m2dino.lock"]
 
 
 def test_more_groups_than_tasks_is_refused_before_training(suite, recipe, tmp_path, capsys):
