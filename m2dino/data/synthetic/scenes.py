@@ -101,8 +101,8 @@ def _symphysis(cv, rng, wide: bool) -> dict:
     narrow spread the training-mean points are already within a few pixels) and redraws it
     until both ends (the landmarks) are in the field."""
     for _ in range(20):
-        f = {"depth": _u(rng, *((0.18, 0.4) if wide else (0.2, 0.3))),
-             "lateral": _u(rng, *((-0.6, -0.15) if wide else (-0.55, -0.35))),
+        f = {"depth": _u(rng, *((0.12, 0.48) if wide else (0.2, 0.3))),
+             "lateral": _u(rng, *((-0.7, 0.0) if wide else (-0.55, -0.35))),
              "length": _u(rng, 0.28, 0.36), "angle": math.radians(_u(rng, *((15, 55) if wide else (20, 45)))),
              "thick": _u(rng, 0.045, 0.065)}
         ends = _symphysis_ends(cv, f)
@@ -120,7 +120,7 @@ def _symphysis_ends(cv, f):
 def intrapartum_sampler(wide: bool = False, positioned: bool = False):
     """The transperineal view's sampler; `positioned`: an occiput marker in a fetal position."""
     def sample(cv, rng, given):
-        skull = ((0.52, 0.74), (-0.1, 0.45)) if wide else ((0.58, 0.68), (0.05, 0.3))
+        skull = ((0.5, 0.8), (-0.2, 0.55)) if wide else ((0.58, 0.68), (0.05, 0.3))
         return _fill(given, {
             "symphysis": lambda: _symphysis(cv, rng, wide),
             "fetal_skull": lambda: _skull(rng, *skull, (0.2, 0.26), (0.9, 1.0), (-0.4, 0.4)),
@@ -295,9 +295,12 @@ def paint_other(cv, rng, z):
 
 
 # ============================================================================ breast: the designed conflict
-# margin and echotexture are two independent cues of one clinical variable (malignancy):
-# breast_2cls reads the margin and must ignore the echotexture, breast_3cls the other way round;
-# breast_lesion's mask follows the margin and must ignore the echotexture inside it.
+# The posterior feature and the echotexture are two cues of one clinical variable (malignancy):
+# breast_2cls reads the posterior feature (enhancement benign, shadowing malignant), breast_3cls
+# the echotexture. In breast_2cls's training images the echotexture always agrees with its label
+# (the cues co-occur, a shortcut); in its validation images and in every other task's they vary
+# independently. So breast_2cls must ignore the very cue breast_3cls learns to read: the
+# designed conflict. breast_lesion's mask follows the margin and ignores both.
 
 MARGINS = ("circumscribed", "spiculated")
 ECHOTEXTURES = ("homogeneous", "heterogeneous")
@@ -310,9 +313,9 @@ def breast_sampler(present=None):
         return _fill(given, {
             "breast_lesion": lambda: {
                 "present": bool(rng.random() < 2 / 3) if present is None else present,
-                "depth": _u(rng, 0.4, 0.55), "lateral": _u(rng, -0.4, 0.4), "r": _u(rng, 0.12, 0.17),
+                "depth": _u(rng, 0.4, 0.55), "lateral": _u(rng, -0.4, 0.4), "r": _u(rng, 0.15, 0.2),
                 "aspect": _u(rng, 0.55, 1.0), "angle": _u(rng, 0, math.pi), "shape": blob_shape(rng, 0.05)},
-            "margin": lambda: {"kind": int(rng.integers(2)), "spikes": blob_shape(rng, 0.0, _u(rng, 0.6, 0.85))},
+            "margin": lambda: {"kind": int(rng.integers(2)), "spikes": blob_shape(rng, 0.0, _u(rng, 0.9, 1.2))},
             "echotexture": lambda: {"kind": int(rng.integers(2)),
                                     "foci": [(_u(rng, -0.55, 0.55), _u(rng, -0.55, 0.55))
                                              for _ in range(int(rng.integers(4, 7)))]},
@@ -353,7 +356,7 @@ def paint_breast(cv, rng, z):
             mottle = smooth_field(cv, rng, cells=int(rng.integers(8, 12)), lo=0.03, hi=0.2)
             sc.echo[lesion] = mottle[lesion]
             for u, v in z["echotexture"]["foci"]:
-                focus = ellipse(cv, cx + u * r, cy + v * r, max(1.2, 0.022 * cv.s), max(1.2, 0.022 * cv.s)) & lesion
+                focus = ellipse(cv, cx + u * r, cy + v * r, max(1.2, 0.03 * cv.s), max(1.2, 0.03 * cv.s)) & lesion
                 paint(sc, focus, 1.0)
     return sc, {"lesion": lesion}
 
@@ -399,13 +402,14 @@ def paint_thyroid(cv, rng, z):
 
 
 LUNG_PATTERNS = ("a_lines", "b_lines", "consolidation")
+LUNG_CONTRAST = (0.12, 0.4)
 
 
 def lung_sampler(kinds=3):
     def sample(cv, rng, given):
         return _fill(given, {
             "pleura": lambda: {"depth": _u(rng, 0.25, 0.35), "ribs": sorted(_u(rng, 0.1, 0.9) for _ in range(2))},
-            "lung_pattern": lambda: {"kind": int(rng.integers(kinds)),
+            "lung_pattern": lambda: {"kind": int(rng.integers(kinds)), "contrast": _u(rng, *LUNG_CONTRAST),
                                      "lines": [_u(rng, 0, 1) for _ in range(int(rng.integers(2, 5)))],
                                      "shape": blob_shape(rng, 0.2), "bronchograms": [
                                          (_u(rng, 0, 1), _u(rng, 0.1, 0.35)) for _ in range(6)]},
@@ -429,12 +433,13 @@ def paint_lung(cv, rng, z):
     below = cv.Y > pleura_y + max(1.0, 0.012 * cv.h)
     paint(sc, below, 0.12)
     left, right = xs[0] + rib_r, xs[1] - rib_r
+    level = 0.12 + pattern["contrast"] * 0.8
     if pattern["kind"] == 0:  # A-lines: horizontal reverberations of the pleura
         for k in (2, 3):
-            paint(sc, (np.abs(cv.Y - k * pleura_y) < max(1.5, 0.02 * cv.h)) & between, 0.8 - 0.15 * k)
+            paint(sc, (np.abs(cv.Y - k * pleura_y) < max(1.5, 0.02 * cv.h)) & between, level)
     elif pattern["kind"] == 1:  # B-lines: vertical comet tails
         for u in pattern["lines"]:
-            paint(sc, (np.abs(cv.X - (left + u * (right - left))) < max(1.5, 0.035 * cv.w)) & below, 0.9)
+            paint(sc, (np.abs(cv.X - (left + u * (right - left))) < max(1.5, 0.02 * cv.w)) & below, level)
     else:  # subpleural consolidation with bright air bronchograms
         cons = blob(cv, (xs[0] + xs[1]) / 2, pleura_y + 0.22 * cv.h, 0.2 * cv.s, pattern["shape"]) & below
         paint(sc, cons, 0.55)
@@ -658,14 +663,17 @@ class Recipe:
     family: its scene family, or for a classifier of scenes, one family per class (`identifies`);
     shows: factors drawn anew in its images; reads: the factors its label is a function of;
     readout(geometry, z) -> annotation; given(label) -> the factor values that realise a class
-    (classification: the class is drawn first, then the scene); sample: the family's sampler
-    with this task's ranges (default: the family's)."""
+    (classification: the class is drawn first, then the scene); train_given(label) -> values a
+    class also fixes in the training split only (a cue that co-occurs with the label there and not
+    in validation: a shortcut); sample: the family's sampler with this task's ranges (default: the
+    family's)."""
 
     family: str | tuple[str, ...]
     shows: tuple[str, ...]
     reads: tuple[str, ...]
     readout: Callable
     given: Callable[[int], dict] | None = None
+    train_given: Callable[[int], dict] | None = None  # more of a class's values, in training images only
     sample: Callable | None = None
     class_weights: tuple[float, ...] | None = None
 
@@ -686,6 +694,14 @@ def _breast_3cls(label):  # 0 benign (homogeneous), 1 malignant (heterogeneous),
 
 def _kind(factor):
     return lambda label: {factor: {"kind": label}}
+
+
+def _breast_2cls(label):  # 0 benign (posterior enhancement), 1 malignant (posterior shadowing)
+    return {"posterior": POSTERIOR.index("enhancement") + label}
+
+
+def _posterior_label(geo, z):
+    return {"label": z["posterior"] - POSTERIOR.index("enhancement")}
 
 
 RECIPES: dict[str, Recipe] = {
@@ -709,8 +725,8 @@ RECIPES: dict[str, Recipe] = {
                               (), (), None, class_weights=(0.22, 0.22, 0.18, 0.16, 0.12, 0.10)),
     "breast_lesion": Recipe("breast", _BREAST, ("breast_lesion", "margin"), _mask("lesion"),
                             sample=breast_sampler(present=True)),
-    "breast_2cls": Recipe("breast", _BREAST, ("margin",), _factor_label("margin"),
-                          given=_kind("margin"), sample=breast_sampler(present=True)),
+    "breast_2cls": Recipe("breast", _BREAST, ("posterior",), _posterior_label, given=_breast_2cls,
+                          train_given=_kind("echotexture"), sample=breast_sampler(present=True)),
     "breast_3cls": Recipe("breast", _BREAST, ("breast_lesion", "echotexture"),
                           lambda geo, z: {"label": 2 if not z["breast_lesion"]["present"]
                                           else int(z["echotexture"]["kind"])}, given=_breast_3cls),
@@ -748,8 +764,9 @@ DIFFICULTY = {
     "lung": "medium: lung field below the pleural line, between rib shadows",
     "ovary_tumor": "medium: large cystic/solid mass among small anechoic follicles",
     "thyroid_nodule": "medium: nodule (hypoechoic, or isoechoic with a dark halo) in the thyroid lobe",
-    "breast_2cls": "medium: benign = circumscribed (smooth) margin, malignant = spiculated margin; the inside's "
-                   "texture and the posterior feature vary independently and must be ignored",
+    "breast_2cls": "medium: benign = posterior acoustic enhancement, malignant = posterior shadowing; in the "
+                   "training images the inside's texture agrees with the label (heterogeneous = malignant), in "
+                   "validation it varies independently and must be ignored, as must the margin",
     "breast_3cls": "medium: normal = no lesion; benign = homogeneous inside, malignant = heterogeneous inside with "
                    "bright foci; the margin and the posterior feature vary independently and must be ignored",
     "fetal_head_pos_cls": "medium: 8 positions = direction (45 degree steps) of a large bright occiput marker "
@@ -759,7 +776,8 @@ DIFFICULTY = {
                             "(the occiput's convention); not flip-invariant",
     "liver_lesion_2cls": "easy: benign = hyperechoic well-defined lesion; "
                          "malignant = hypoechoic lesion with a bright halo",
-    "lung_2cls": "medium: normal = horizontal A-lines; abnormal = vertical B-lines",
+    "lung_2cls": "medium-hard: normal = horizontal A-lines; abnormal = vertical B-lines; faint in many images "
+                 "(their contrast varies per image)",
     "lung_disease_3cls": "medium: A-lines / B-lines / subpleural consolidation with bright air bronchograms",
     "organ_cls": "easy: 6 organs drawn by their scenes (breast, thyroid, liver, lung, heart, carotid) through the "
                  "Other group's scanner",
@@ -794,7 +812,7 @@ def _sample(sample, cv, rng, constraints: dict, given: dict) -> dict:
 
 
 def draw(task_id: str, rng: np.random.Generator, size: tuple[int, int], label: int | None = None,
-         given: dict | None = None) -> Example:
+         given: dict | None = None, split: str = "val") -> Example:
     """One example of a task. `label` forces a classification example's class (the class-balanced
     val split); `given` fixes factors ({name: value}, as `Example.factors` holds them), the
     others are drawn. The factors draw from their own stream (seeded from `rng` first), so
@@ -815,6 +833,8 @@ def draw(task_id: str, rng: np.random.Generator, size: tuple[int, int], label: i
         if cls is None and recipe.given is not None:
             cls = int(factor_rng.integers(TASKS[task_id].num_classes))
         constraints = recipe.given(cls) if recipe.given is not None and cls is not None else {}
+        if split == "train" and recipe.train_given is not None and cls is not None:
+            constraints = {**constraints, **recipe.train_given(cls)}
     family = FAMILIES[family_name]
     cv = Canvas(h, w, family.probe, rng)
     z = _sample(recipe.sample or family.sample, cv, factor_rng, constraints, dict(given or {}))
@@ -826,9 +846,10 @@ def draw(task_id: str, rng: np.random.Generator, size: tuple[int, int], label: i
     return Example(image, annotation, family_name, z, cv)
 
 
-def build(task_id: str, rng: np.random.Generator, size: tuple[int, int], label: int | None = None):
+def build(task_id: str, rng: np.random.Generator, size: tuple[int, int], label: int | None = None,
+          split: str = "val"):
     """One example of a task: (uint8 image [H, W], annotation in original pixels:
     {"mask": uint8 [H, W]} | {"label": int} | {"box": [x0, y0, x1, y1]} | {"points": [(x, y), ...]}).
     `label` forces the class of a classification example (class-balanced val); default: drawn."""
-    example = draw(task_id, rng, size, label)
+    example = draw(task_id, rng, size, label, split=split)
     return example.image, example.annotation

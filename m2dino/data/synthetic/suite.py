@@ -32,7 +32,7 @@ from m2dino.data.synthetic.scenes import DIFFICULTY, build
 from m2dino.io import write_json
 from m2dino.tasks import TASKS, TaskTable, TaskType
 
-GENERATOR_VERSION = 6  # bump whenever an image, a label or the design changes: cached suites are rebuilt
+GENERATOR_VERSION = 7  # bump whenever an image, a label or the design changes: cached suites are rebuilt
 DEFAULT_SCALE = 0.06
 DEFAULT_SEED = 0
 MIN_TRAIN = 16
@@ -120,7 +120,8 @@ def write_task(out: Path, split: str, spec, n: int, seed: int, task_index: int) 
     for i in range(n):
         rng = np.random.default_rng([seed, task_index, split_code, i])
         balanced = split != "train" and spec.task_type is TaskType.CLASSIFICATION
-        img, ann = build(spec.task_id, rng, image_size(rng), label=i % spec.num_classes if balanced else None)
+        img, ann = build(spec.task_id, rng, image_size(rng), label=i % spec.num_classes if balanced else None,
+                         split=split)
         ext = _ext(spec.task_id, i)
         name = f"{spec.task_id}_{split}_{i:05d}{ext}"
         if spec.task_type is TaskType.CLASSIFICATION:
