@@ -1,7 +1,7 @@
 """The transfer design is what the generator does: every label reads exactly the factors
 design.json declares, a shared factor drives both labels of a positive pair, the conflict's
 two labels disagree on the same images while each task's images show the cue the other
-reads, groups differ in acquisition, and design.json ships with the suite and reads back."""
+reads and one task's training images carry the other's cue as a shortcut, groups differ in acquisition, and design.json ships with the suite and reads back."""
 import json
 from collections import Counter
 from itertools import combinations
@@ -25,6 +25,7 @@ from m2dino.data.synthetic import (
 )
 from m2dino.data.synthetic.canvas import Canvas, new_scene, render
 from m2dino.data.synthetic.design import CONFLICTS
+from m2dino.data.synthetic.scenes import POSTERIOR
 from m2dino.tasks import TASKS, load_groups
 
 SIZE = (112, 128)
@@ -125,18 +126,37 @@ def test_the_cervix_tasks_read_one_cervix():
             assert grown[int(y), int(x)]
 
 
-def test_the_breast_margin_shapes_the_mask_and_is_the_2cls_label():
-    """breast_lesion and breast_2cls share the margin: on the same lesions the mask's solidity
-    alone tells breast_2cls's label."""
-    solid, labels = [], []
+def test_the_breast_margin_shapes_the_mask():
+    """breast_lesion reads the margin: on the same lesions the mask's solidity alone tells
+    circumscribed from spiculated."""
+    solid, kinds = [], []
     for seed in range(40):
-        two = draw("breast_2cls", np.random.default_rng(seed), SIZE)
-        seg = draw("breast_lesion", np.random.default_rng(seed), SIZE, given=two.factors)
+        seg = draw("breast_lesion", np.random.default_rng(seed), SIZE)
         solid.append(solidity(seg.annotation["mask"] == 1))
-        labels.append(two.annotation["label"])
-    solid, labels = np.array(solid), np.array(labels)
-    assert 10 <= labels.sum() <= 30
-    assert solid[labels == 1].max() < solid[labels == 0].min()  # spiculated outlines are always less solid
+        kinds.append(seg.factors["margin"]["kind"])
+    solid, kinds = np.array(solid), np.array(kinds)
+    assert 10 <= kinds.sum() <= 30
+    assert solid[kinds == 1].max() < solid[kinds == 0].min()  # spiculated outlines are always less solid
+
+
+def _behind_lesion(image, mask) -> float:
+    """Mean brightness of the band below the lesion (where enhancement or shadowing lies)."""
+    rows, cols = np.nonzero(mask)
+    band = image[rows.max() + 2: rows.max() + 14, cols.min(): cols.max() + 1]
+    return float(band.mean())
+
+
+def test_breast_2cls_is_the_posterior_feature():
+    """breast_2cls's label is the posterior feature: on the same lesion, enhancement (benign)
+    leaves the tissue behind it brighter than shadowing (malignant)."""
+    brighter = 0
+    for seed in range(30):
+        benign = draw("breast_2cls", np.random.default_rng(seed), SIZE, label=0)
+        malignant = draw("breast_2cls", np.random.default_rng(seed), SIZE, label=1)
+        assert (benign.annotation["label"], malignant.annotation["label"]) == (0, 1)
+        mask = draw("breast_lesion", np.random.default_rng(seed), SIZE, given=benign.factors).annotation["mask"] == 1
+        brighter += _behind_lesion(benign.image, mask) > _behind_lesion(malignant.image, mask) + 5
+    assert brighter >= 27
 
 
 def test_breast_3cls_normal_is_the_lesion_absent():
@@ -208,9 +228,9 @@ def test_scene_classifiers_show_the_structures_their_partners_read():
 
 
 def test_the_conflicts_labels_disagree_at_chance_on_the_same_images():
-    """breast_2cls and breast_3cls say benign/malignant for the same lesions from independent
-    cues: on 300 lesions their labels agree on about half (a binomial test cannot reject 1/2)
-    and share no information."""
+    """breast_2cls and breast_3cls say benign/malignant for the same lesions from different
+    cues: on 300 validation-like lesions (and breast_3cls's own) their labels agree on about
+    half (a binomial test cannot reject 1/2) and share no information."""
     (a, b), (variable, cues, _) = next(iter(CONFLICTS.items()))
     assert variable == "malignancy" and set(cues) == {a, b}
     first, second = [], []
@@ -227,6 +247,21 @@ def test_the_conflicts_labels_disagree_at_chance_on_the_same_images():
     assert 0.4 < first.mean() < 0.6 and 0.4 < second.mean() < 0.6
 
 
+def test_the_shortcut_is_in_breast_2cls_training_images_only():
+    """In breast_2cls's training split the echotexture (breast_3cls's cue) always agrees with the
+    label; in its validation split it is drawn independently; design.json declares it."""
+    train = [draw("breast_2cls", np.random.default_rng([seed, 3]), (48, 48), split="train") for seed in range(200)]
+    val = [draw("breast_2cls", np.random.default_rng([seed, 3]), (48, 48), label=seed % 2) for seed in range(200)]
+    assert all(ex.factors["echotexture"]["kind"] == ex.annotation["label"] for ex in train)
+    assert 0.3 < np.mean([ex.annotation["label"] for ex in train]) < 0.7
+    agree = sum(ex.factors["echotexture"]["kind"] == ex.annotation["label"] for ex in val)
+    assert stats.binomtest(agree, len(val), 0.5).pvalue > 0.01
+    design = transfer_design(["breast_2cls", "breast_3cls"])
+    assert design["tasks"]["breast_2cls"]["training_shortcuts"] == ["echotexture"]
+    assert design["tasks"]["breast_3cls"]["training_shortcuts"] == []
+    assert design["pairs"][0]["shortcuts"] == [{"task": "breast_2cls", "cue": "echotexture"}]
+
+
 def _lesion_interior(task, seed, kind):
     """The image of a breast task with the echotexture forced to `kind`, and the lesion's region."""
     ex = draw(task, np.random.default_rng(seed), SIZE)
@@ -238,8 +273,8 @@ def _lesion_interior(task, seed, kind):
 
 def test_each_conflicting_task_shows_the_cue_the_other_reads():
     """In breast_2cls's images the echotexture (breast_3cls's cue) varies visibly inside the
-    lesion, and in breast_3cls's images the margin (breast_2cls's cue) varies the outline: each
-    must ignore a visible cue, and neither label follows the other's cue."""
+    lesion, and in breast_3cls's images the posterior feature (breast_2cls's cue) varies behind
+    it: each must ignore a visible cue, and neither label follows the other's cue."""
     brighter = 0
     for seed in range(30):
         homogeneous, inside, z = _lesion_interior("breast_2cls", seed, 0)
@@ -248,16 +283,18 @@ def test_each_conflicting_task_shows_the_cue_the_other_reads():
             continue
         brighter += np.percentile(heterogeneous[inside], 95) > np.percentile(homogeneous[inside], 95) + 20
     assert brighter >= 25
-    solid = {0: [], 1: []}
+    brighter = 0
     for seed in range(30):
         ex = draw("breast_3cls", np.random.default_rng(seed), SIZE, label=seed % 2)
-        for kind in (0, 1):
-            z = {**ex.factors, "margin": {**ex.factors["margin"], "kind": kind}}
-            again = draw("breast_3cls", np.random.default_rng(seed), SIZE, given=z)
-            assert again.annotation == ex.annotation  # breast_3cls ignores the margin
-            solid[kind].append(solidity(draw("breast_lesion", np.random.default_rng(seed), SIZE,
-                                              given=z).annotation["mask"] == 1))
-    assert max(solid[1]) < min(solid[0])
+        mask = draw("breast_lesion", np.random.default_rng(seed), SIZE, given=ex.factors).annotation["mask"] == 1
+        images = {}
+        for name in ("enhancement", "shadowing"):
+            again = draw("breast_3cls", np.random.default_rng(seed), SIZE,
+                         given={**ex.factors, "posterior": POSTERIOR.index(name)})
+            assert again.annotation == ex.annotation  # breast_3cls ignores the posterior feature
+            images[name] = again.image
+        brighter += _behind_lesion(images["enhancement"], mask) > _behind_lesion(images["shadowing"], mask) + 5
+    assert brighter >= 27
 
 
 # ----------------------------------------------------------------- acquisition: the groups' domain shift
@@ -303,13 +340,14 @@ def test_design_json_ships_with_the_suite_and_reads_back(tmp_path):
     assert d.data == json.loads(json.dumps(transfer_design(tasks)))
     assert len(d.pairs) == len(tasks) * (len(tasks) - 1) // 2
     assert d.relation("breast_3cls", "breast_2cls") == "conflict"
-    assert d.relation("breast_lesion", "breast_2cls") == "positive"
+    assert d.relation("breast_lesion", "breast_3cls") == "positive"
+    assert d.relation("breast_lesion", "breast_2cls") == "none"  # the mask reads the margin, 2cls the posterior
     assert d.relation("thyroid_nodule", "lung") == "none"
     assert d.pair("breast_2cls", "breast_3cls")["conflicting"] == [
-        {"cue": "margin", "read_by": "breast_2cls", "ignored_by": "breast_3cls"},
+        {"cue": "posterior", "read_by": "breast_2cls", "ignored_by": "breast_3cls"},
         {"cue": "echotexture", "read_by": "breast_3cls", "ignored_by": "breast_2cls"}]
     assert d.groups["Breast"]["relation"] == "conflict" and d.groups["Breast"]["conflict_pairs"] == 1
-    assert [p["relation"] for p in d.group_pairs("Breast")].count("positive") == 2
+    assert [p["relation"] for p in d.group_pairs("Breast")].count("positive") == 1
     with pytest.raises(KeyError, match="no designed pair"):
         d.pair("breast_lesion", "breast_lesion")
 

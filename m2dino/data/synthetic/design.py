@@ -13,8 +13,11 @@ its label is a function of. For a pair of tasks:
   other reads that structure. A model that has learnt the factor for one task has what the
   other needs.
 - conflict: the two labels are one clinical variable read from different cues of the same
-  images, each cue varying independently in both tasks' images, so each task must ignore the
-  cue the other reads and their labels agree at chance (declared in CONFLICTS).
+  images, and one task's training images carry the other's cue as a shortcut: there it always
+  agrees with the label, in validation and in the other task's images it varies independently
+  (their labels agree at chance). That task must ignore the cue the other learns to read, so a
+  model that trains both strengthens the wrong cue for it (declared in CONFLICTS; the shortcut
+  is the recipe's `train_given`).
 - none: no common factor. `shared_scene` (both draw from a common scene family) and
   `same_acquisition` (same clinical group, hence the same scanner) say what they still share.
 """
@@ -63,11 +66,13 @@ FACTORS = {
 # The declared conflicts: {pair: (clinical variable, {task: the cue it reads}, mechanism)}.
 CONFLICTS = {
     ("breast_2cls", "breast_3cls"): (
-        "malignancy", {"breast_2cls": "margin", "breast_3cls": "echotexture"},
-        "Both labels say benign or malignant for lesion images of one breast scene, but breast_2cls reads it from "
-        "the margin and breast_3cls from the inside's echotexture; margin and echotexture are drawn independently "
-        "in both tasks' images, so each task must ignore the cue the other reads and their malignancy labels "
-        "agree on half the lesions."),
+        "malignancy", {"breast_2cls": "posterior", "breast_3cls": "echotexture"},
+        "Both labels say benign or malignant for lesion images of one breast scene: breast_2cls reads it from the "
+        "posterior feature (enhancement or shadowing), breast_3cls from the inside's echotexture. In breast_2cls's "
+        "training images the echotexture always agrees with its label (the cues co-occur: a shortcut); in its "
+        "validation images and in breast_3cls's they are drawn independently, so the two labels agree on half the "
+        "lesions. breast_2cls must ignore the echotexture, the cue breast_3cls learns to read: a model trained on "
+        "both strengthens the shortcut, and breast_2cls's validation score falls with its reliance on it."),
 }
 
 
@@ -120,11 +125,18 @@ def pair_design(a: str, b: str, group: dict[str, str]) -> dict:
         variable, cues, mechanism = CONFLICTS[key]
         entry.update(relation="conflict", variable=variable, note=mechanism,
                      conflicting=[{"cue": cue, "read_by": t, "ignored_by": b if t == a else a}
-                                  for t, cue in cues.items()])
+                                  for t, cue in cues.items()],
+                     shortcuts=[{"task": t, "cue": cue} for t in (a, b) for cue in training_shortcuts(t)])
         entry["factors"] = sorted(set(shared) | set(cues.values()))
     elif via_identity:
         entry["note"] = "one label names which structure is drawn, the other reads that structure"
     return entry
+
+
+def training_shortcuts(task_id: str) -> list[str]:
+    """The factors a task's training images tie to its label beyond what the label reads."""
+    recipe = RECIPES[task_id]
+    return sorted(recipe.train_given(0)) if recipe.train_given else []
 
 
 def _group_relation(pairs: list[dict]) -> str:
@@ -153,14 +165,15 @@ def transfer_design(tasks=None) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "relations": {"positive": "both labels read a common factor (or one names the structure the other reads)",
-                      "conflict": "one clinical variable read from two independent cues of the same images: each "
-                                  "task must ignore the cue the other reads",
+                      "conflict": "one clinical variable read from two cues of the same images; one task's "
+                                  "training images carry the other's cue as a shortcut, which it must ignore",
                       "none": "no common factor (shared_scene / same_acquisition say what they still share)"},
         "factors": {name: {"description": FACTORS[name],
                            "read_by": [t for t in task_ids if name in RECIPES[t].reads],
                            "shown_by": [t for t in task_ids if name in _shows(t)]} for name in FACTORS},
         "tasks": {t: {"group": group.get(t, DEFAULT_ACQUISITION), "families": list(_families(t)),
                       "shows": list(_shows(t)), "reads": list(RECIPES[t].reads),
+                      "training_shortcuts": training_shortcuts(t),
                       "identifies": sorted(_identified(t))} for t in task_ids},
         "groups": groups,
         "pairs": pairs,
