@@ -1,7 +1,8 @@
 """The transfer design is what the generator does: every label reads exactly the factors
 design.json declares, a shared factor drives both labels of a positive pair, the conflict's
 two labels disagree on the same images while each task's images show the cue the other
-reads and one task's training images carry the other's cue as a shortcut, groups differ in acquisition, and design.json ships with the suite and reads back."""
+reads and one task's training images carry the other's cue as a shortcut, groups differ in
+acquisition, and design.json ships with the suite and reads back."""
 import json
 from collections import Counter
 from itertools import combinations
