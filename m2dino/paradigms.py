@@ -78,9 +78,21 @@ def random_grouping(index: int) -> str:
     return f"{RANDOM_PREFIX}{index}"
 
 
+def random_grouping_index(paradigm: str) -> int | None:
+    """The index of a --random-groupings paradigm (random_3 -> 3); None for any other paradigm."""
+    rest = paradigm[len(RANDOM_PREFIX):] if paradigm.startswith(RANDOM_PREFIX) else ""
+    return int(rest) if rest.isdigit() else None
+
+
 def is_random_grouping(paradigm: str) -> bool:
     """Whether a paradigm is one of --random-groupings' random partitions (AG's null)."""
-    return paradigm.startswith(RANDOM_PREFIX) and paradigm[len(RANDOM_PREFIX):].isdigit()
+    return random_grouping_index(paradigm) is not None
+
+
+def trains_ag(study) -> bool:
+    """Whether a study (its config, or its StudyOptions section) trains AG: --paradigm ag, or
+    --paradigm all --with-ag."""
+    return study.paradigm == AG_PARADIGM or (study.paradigm == "all" and study.with_ag)
 
 
 def plateau_rule_text() -> str:

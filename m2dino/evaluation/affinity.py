@@ -28,6 +28,7 @@ import numpy as np
 
 from m2dino import io
 from m2dino.errors import InputError
+from m2dino.paradigms import AG_PARADIGM
 
 AFFINITY_FILE = "affinity.json"
 FORMAT = 1
@@ -141,6 +142,13 @@ class AffinityAccumulator:
         return AffinityRecord(list(self.tasks), list(self.steps), list(self.lr),
                               np.array(self._losses).reshape(s, n), Measure(stack["lookahead"]),
                               Measure(stack["cosine"]), dict(measured or {}))
+
+
+def ag_affinity_candidates(run_dir) -> list[Path]:
+    """Where a run's AG groups take their affinity from, in order: the study's AU model's record,
+    else AG's own probe's (m2dino.training.ag)."""
+    run_dir = Path(run_dir)
+    return [run_dir / "au" / "all" / AFFINITY_FILE, run_dir / AG_PARADIGM / AFFINITY_FILE]
 
 
 def write_affinity(path, record: AffinityRecord) -> Path:

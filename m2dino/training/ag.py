@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from m2dino.errors import InputError
-from m2dino.evaluation.affinity import AFFINITY_FILE, read_affinity, write_affinity
+from m2dino.evaluation.affinity import ag_affinity_candidates, read_affinity, write_affinity
 from m2dino.evaluation.grouping import group_and_write, groups_from_labels, write_groups_file
 from m2dino.paradigms import (
     AFFINITY_PROBE_STEPS,
@@ -40,17 +40,13 @@ from m2dino.paradigms import (
     GROUPING_MEASURE,
     GROUPS_FILE,
     random_grouping,
+    trains_ag,
 )
 from m2dino.tasks import load_groups
 from m2dino.training import distributed as dist_utils
 
 # Bootstrap resamples of the measured steps behind grouping.json's confidence
 CONFIDENCE_RESAMPLES = 20
-
-
-def trains_ag(config) -> bool:
-    """Whether the study trains AG (--paradigm ag, or --paradigm all --with-ag)."""
-    return config.paradigm == AG_PARADIGM or (config.paradigm == "all" and config.with_ag)
 
 
 def with_au_probe(config):
@@ -91,10 +87,11 @@ def affinity_source(config, out: Path, specs: list, data, device) -> Path:
     """The affinity.json AG's groups come from (module docstring); runs the probe when there is none."""
     import tempfile
 
-    for path in (out / "au" / "all" / AFFINITY_FILE, out / AG_PARADIGM / AFFINITY_FILE):
-        if path.is_file():
-            return path
-    path = out / AG_PARADIGM / AFFINITY_FILE
+    candidates = ag_affinity_candidates(out)
+    found = next((path for path in candidates if path.is_file()), None)
+    if found:
+        return found
+    path = candidates[-1]  # AG's own probe's record
     steps = config.affinity_steps or AFFINITY_PROBE_STEPS
     with tempfile.TemporaryDirectory(prefix="m2dino-ag-probe-") as scratch:
         probe = run_probe(config, specs, data, Path(scratch), steps, device)

@@ -62,7 +62,8 @@ from m2dino.paradigms import (
     PARADIGM_LABELS,
     PARADIGM_MEANINGS,
     PARADIGMS,
-    plateau_rule_text,  # noqa: F401 (re-exported)
+    plateau_rule_text,
+    trains_ag,  # noqa: F401 (re-exported)
 )
 from m2dino.tasks import TASK_TYPES, TASKS
 
@@ -230,13 +231,13 @@ class StudyOptions:
         check_choices(self)
         check_at_least(self, 0, "affinity_steps")
         check_at_least(self, 0, "random_groupings")
-        trains_ag = self.paradigm == AG_PARADIGM or (self.paradigm == "all" and self.with_ag)
+        ag = trains_ag(self)
         if self.with_ag and self.paradigm != "all":
             raise problem("with_ag", f"adds AG to --paradigm all (for AG alone: --paradigm {AG_PARADIGM}), "
                                      f"got --paradigm {self.paradigm!r}")
-        if self.random_groupings and not trains_ag:
+        if self.random_groupings and not ag:
             raise problem("random_groupings", f"are AG's null: needs --paradigm {AG_PARADIGM} or --with-ag")
-        if self.num_groups is not None and (self.num_groups < 1 or not trains_ag):
+        if self.num_groups is not None and (self.num_groups < 1 or not ag):
             raise problem("num_groups", f"the number of AG's groups: an integer >= 1 with --paradigm {AG_PARADIGM} "
                                         f"or --with-ag, got {self.num_groups}")
         if self.control != CONTROLS[0] and self.paradigm != "all":

@@ -40,7 +40,7 @@ from m2dino.evaluation.baselines import trivial_baselines
 from m2dino.evaluation.metrics import as_float, higher_is_better
 from m2dino.evaluation.report import generate_report
 from m2dino.models.pretrained import OFFICIAL_FILES, check_weights_file, where_to_get
-from m2dino.paradigms import AG_PARADIGM, CONTROL_PARADIGM, CONTROLS, PARADIGMS, is_random_grouping
+from m2dino.paradigms import AG_PARADIGM, CONTROL_PARADIGM, CONTROLS, PARADIGMS, is_random_grouping, trains_ag
 from m2dino.tasks import apply_groups, load_groups
 from m2dino.training import ag
 from m2dino.training import distributed as dist_utils
@@ -309,7 +309,7 @@ def _run(config: TrainConfig, checked: Checked) -> dict:
     first = [p for p in paradigms if p != AG_PARADIGM]  # AG's groups come from the AU model's probe: after it
     results = run_paradigms(ag.with_au_probe(config), first, data, specs, groups, baselines, device,
                             out) if first else {}
-    if ag.trains_ag(config):
+    if trains_ag(config):
         grouped = ag.grouped_paradigms(config, out, specs, data, device)
         log("AG groups: " + "; ".join(f"{g}: {', '.join(m)}" for g, m in grouped[AG_PARADIGM].items()))
         results.update(run_paradigms(config, list(grouped), data, specs, groups, baselines, device, out, grouped))

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from m2dino import io
-from m2dino.evaluation.affinity import AFFINITY_FILE, read_affinity
+from m2dino.evaluation.affinity import ag_affinity_candidates, read_affinity
 from m2dino.evaluation.report.affinity import (
     against_random,
     compare_groupings,
@@ -38,7 +38,7 @@ from m2dino.evaluation.report.affinity import (
     transfer_prediction,
 )
 from m2dino.evaluation.report.runs import Runs
-from m2dino.paradigms import AG_PARADIGM, GROUPING_FILE, is_random_grouping
+from m2dino.paradigms import AG_PARADIGM, GROUPING_FILE, is_random_grouping, random_grouping_index
 from m2dino.paradigms import GROUPING_MEASURE as MEASURE
 
 
@@ -65,8 +65,7 @@ def affinity_file(folder: Path) -> Path | None:
     run_dir = folder.parent
     grouping = folder / GROUPING_FILE
     named = io.read_json(grouping).get("affinity") if grouping.is_file() else None
-    for path in ([run_dir / named] if named else []) + [run_dir / "au" / "all" / AFFINITY_FILE,
-                                                         folder / AFFINITY_FILE]:
+    for path in ([run_dir / named] if named else []) + ag_affinity_candidates(run_dir):
         if path.is_file():
             return path
     return None
@@ -120,7 +119,7 @@ def affinity_groupings(runs: Runs, null_results: dict, changes: dict, null_chang
     folders = runs.folders.get(AG_PARADIGM, {})
     replicates = sorted(folders)
     grouped = [p for p in ("cg", AG_PARADIGM) if p in results]
-    nulls = sorted(null_changes, key=lambda p: int(p.rsplit("_", 1)[1]))
+    nulls = sorted(null_changes, key=random_grouping_index)
     out = {"measure": MEASURE, "random_groupings": nulls, "groups": {}, "affinity_files": {}, "prediction": {},
            "unit": "tasks (the change vs TS pooled over the seeds; each seed's AG from its own probe)"}
     records = {}
@@ -141,8 +140,8 @@ def affinity_groupings(runs: Runs, null_results: dict, changes: dict, null_chang
         out["prediction"][rep] = per_paradigm
     pooled = MeanRecord(list(records.values())) if records and len({tuple(r.tasks) for r in records.values()}) == 1 \
         else None
-    every_change = {t: {**changes.get(t, {}), **_by_task(null_changes).get(t, {})}
-                    for t in set(changes) | set(_by_task(null_changes))}
+    null_by_task = _by_task(null_changes)
+    every_change = {t: {**changes.get(t, {}), **null_by_task.get(t, {})} for t in set(changes) | set(null_by_task)}
     transfers = _pair_transfers({**results, **null_results}, grouped + nulls, replicates, every_change)
     out["pairwise"] = (pairwise_prediction(pooled, transfers, MEASURE) if pooled and transfers
                        else {"n": len(transfers), "note": "no task pair trained as a two-task group in every seed"})
