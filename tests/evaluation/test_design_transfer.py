@@ -169,3 +169,27 @@ def test_one_seed_says_what_the_design_cannot_support(simulate, tmp_path):
     assert "one training seed" in report["settings"]["designed_transfer"]["caveat"]
     markdown = write_report(report, tmp_path / "out")["markdown"].read_text()
     assert "**Caveat**: one training seed" in markdown
+
+
+@pytest.mark.parametrize("answer, verdict, reading", [
+    ("G1: train AU (every task non-inferior, 1 of 2 gain significantly, median gap share +3.0%).", "answered",
+     "recommends aggregating it: disagrees"),
+    ("G1: no loss under CG or AU and no significant gain: either, or TS.", "answered", "finds no loss in aggregating "
+     "it: disagrees"),
+    ("G1: undecided (non-inferiority not shown: CG t01). Keep a task-specific model for: t01, t09.", "answered",
+     "keeps a task-specific model for t01 (a loss shown): agrees"),
+    ("G1: undecided (non-inferiority not shown: CG t01); G0: train AU (...).", "answered",
+     "only for want of evidence (undecided: no loss and no non-inferiority shown): neither agrees nor disagrees"),
+    ("G1: undecided (non-inferiority not shown: CG t01).", "inconclusive", "is inconclusive"),
+])
+def test_rq5_is_read_against_a_designed_conflict_for_what_it_shows(answer, verdict, reading):
+    """A guideline that does not aggregate a conflicting group agrees with the design only when a
+    loss is shown; undecided for want of evidence is no evidence either way."""
+    from m2dino.evaluation.report.design import read_answers
+
+    pair = {"level": "pair", "relation": "conflict", "tasks": list(CONFLICT), "group": "G1", "factor": "x",
+            "paradigms": {p: {"together": True, "verdict": "missed"} for p in ("cg", "au")}}
+    report = {"designed_transfer": [pair], "answers": {"RQ5": {"verdict": verdict, "answer": answer}},
+              "tasks": {t: {"paradigms": {p: {"non_inferiority": {"shown": False}} for p in ("cg", "au")}}
+                        for t in CONFLICT}}
+    assert reading in read_answers(report)["RQ5"]

@@ -20,6 +20,7 @@ import re
 
 from m2dino.evaluation.report.change import UNTESTED, Change
 from m2dino.evaluation.report.compute import CONTROL, REFERENCES
+from m2dino.evaluation.report.design import KEEP_TS
 from m2dino.evaluation.report.tasklevel import find_test
 from m2dino.paradigms import label
 
@@ -260,7 +261,7 @@ def _rq5(context: _Context, scale: dict) -> dict:
                if per_task and all(p in per_task and _tested_loss(per_task[p]) for p in context.aggregated)]
     text = "; ".join(lines) + "."
     if keep_ts:
-        text += f" Keep a task-specific model for: {', '.join(keep_ts)}."
+        text += f" {KEEP_TS}{', '.join(keep_ts)}."
     text += (f" Data scale: {scale['answer']}" if scale["verdict"] == "answered"
              else " Data scale: no guideline (RQ2 is inconclusive).")
     if context.one_seed:

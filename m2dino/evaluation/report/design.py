@@ -198,6 +198,27 @@ def settings(n_seeds: int) -> dict:
 
 
 # ------------------------------------------------------------------------------ the answers read against it
+KEEP_TS = "Keep a task-specific model for: "  # RQ5's tasks that keep TS (answers.py writes it)
+
+
+def _guideline_reading(group: str, tasks: list[str], guideline: dict) -> str:
+    """What RQ5's guideline for a group holding a designed conflict (a predicted loss) says of
+    the design, from answers.py's wording: "<group>: train <paradigm>", "<group>: no loss
+    under ...", "<group>: undecided", and the tasks it keeps on TS. Not recommending aggregation
+    agrees with the design only when a loss is shown; for want of evidence it is no evidence."""
+    answer = guideline.get("answer", "")
+    kept = answer.split(KEEP_TS, 1)[1].split(".", 1)[0].split(", ") if KEEP_TS in answer else []
+    if f"{group}: train " in answer:
+        return "recommends aggregating it: disagrees with the design"
+    if guideline.get("verdict") != "answered":
+        return "is inconclusive, so the design has nothing to check it against"
+    if set(tasks) & set(kept):
+        return (f"keeps a task-specific model for {', '.join(sorted(set(tasks) & set(kept)))} (a loss shown): "
+                f"agrees with the design")
+    if f"{group}: no loss under " in answer:
+        return "finds no loss in aggregating it: disagrees with the design, which predicts one"
+    return ("does not recommend aggregating it, but only for want of evidence (undecided: no loss and no "
+            "non-inferiority shown): neither agrees nor disagrees with the design")
 def read_answers(report: dict) -> dict:
     """{RQ: one sentence saying whether the designed truth agrees with the answer}; {} when the
     report has no designed relations."""
@@ -237,14 +258,9 @@ def read_answers(report: dict) -> dict:
     guideline = (report.get("answers") or {}).get("RQ5") or {}
     rq5 = []
     for name in sorted({r["group"] for r, _, _ in conflicts if r["group"]}):
-        # answers.py words a recommendation to aggregate as "<group>: train <paradigm> (..."
-        if f"{name}: train " in guideline.get("answer", ""):
-            reading = "recommends aggregating it: disagrees with the design"
-        elif guideline.get("verdict") == "answered":
-            reading = "does not recommend aggregating it: agrees with the design"
-        else:
-            reading = "is inconclusive, so the design has nothing to check it against"
-        rq5.append(f"{name} holds a designed conflict and the guideline {reading}")
+        tasks = sorted({t for r, _, _ in conflicts if r["group"] == name for t in r["tasks"]})
+        rq5.append(f"{name} holds a designed conflict and the guideline "
+                   f"{_guideline_reading(name, tasks, guideline)}")
     out["RQ5"] = ("Read against the design: " + "; ".join(rq5) + "." if rq5 else
                   "Read against the design: no group with a designed conflict is in the run, so the design has no "
                   "guideline to check.")
